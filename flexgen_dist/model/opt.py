@@ -1,0 +1,107 @@
+"""OPT: learned positions (offset 2), LayerNorm, ReLU, biases; also the opt-350m shape
+(post-LayerNorm, `word_embed_proj_dim != hidden_size` with project_in/project_out)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..planning.spec import ModelSpec
+from .layers import attention, layer_norm, linear
+from .units import Step, Unit, WeightSpec
+
+
+def _has_projection(spec: ModelSpec) -> bool:
+    return spec.word_embed_proj_dim != spec.hidden_size
+
+
+def _has_final_norm(spec: ModelSpec) -> bool:
+    return spec.do_layer_norm_before and not spec.raw.get("_remove_final_layer_norm", False)
+
+
+def units(spec: ModelSpec) -> list[Unit]:
+    C, I, V, E = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.word_embed_proj_dim
+    P = spec.max_positions + spec.position_offset
+    d = "model.decoder."
+    embed = [
+        WeightSpec("embed_tokens.weight", d + "embed_tokens.weight", (V, E)),
+        WeightSpec("embed_positions.weight", d + "embed_positions.weight", (P, C)),
+    ]
+    if _has_projection(spec):
+        embed.append(WeightSpec("project_in.weight", d + "project_in.weight", (C, E)))
+    blocks = []
+    for i in range(spec.num_layers):
+        p = f"{d}layers.{i}."
+        w = []
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            w.append(WeightSpec(norm + ".weight", p + norm + ".weight", (C,), "ones"))
+            w.append(WeightSpec(norm + ".bias", p + norm + ".bias", (C,), "zeros"))
+        for name, shape in (
+            ("self_attn.q_proj", (C, C)),
+            ("self_attn.k_proj", (C, C)),
+            ("self_attn.v_proj", (C, C)),
+            ("self_attn.out_proj", (C, C)),
+            ("fc1", (I, C)),
+            ("fc2", (C, I)),
+        ):
+            w.append(WeightSpec(name + ".weight", p + name + ".weight", shape))
+            if spec.attention_bias:
+                w.append(WeightSpec(name + ".bias", p + name + ".bias", (shape[0],), "zeros"))
+        blocks.append(Unit("block", i + 1, tuple(w)))
+    head = []
+    if _has_final_norm(spec):
+        head.append(WeightSpec("final_layer_norm.weight", d + "final_layer_norm.weight", (C,), "ones"))
+        head.append(WeightSpec("final_layer_norm.bias", d + "final_layer_norm.bias", (C,), "zeros"))
+    if _has_projection(spec):
+        head.append(WeightSpec("project_out.weight", d + "project_out.weight", (E, C)))
+    head_key = d + "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+    head.append(WeightSpec("lm_head.weight", head_key, (V, E)))
+    return [Unit("embed", 0, tuple(embed)), *blocks, Unit("head", spec.num_layers + 1, tuple(head))]
+
+
+class OptMath:
+    def __init__(self, spec: ModelSpec, device: torch.device):
+        self.spec = spec
+        self.scale = spec.head_dim**-0.5
+
+    def embed(self, w, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
+        x = F.embedding(input_ids, w["embed_tokens.weight"])  # (B, T, E)
+        if "project_in.weight" in w:
+            x = linear(x, w["project_in.weight"])  # (B, T, C)
+        return x + F.embedding(step.positions + self.spec.position_offset, w["embed_positions.weight"])
+
+    def block(self, w, x: torch.Tensor, step: Step, past_k, past_v):
+        s = self.spec
+        B, T, C = x.shape
+        nh, hd = s.num_heads, s.head_dim
+        pre = s.do_layer_norm_before
+        norm1 = (w["self_attn_layer_norm.weight"], w["self_attn_layer_norm.bias"], s.norm_eps)
+        norm2 = (w["final_layer_norm.weight"], w["final_layer_norm.bias"], s.norm_eps)
+        h = layer_norm(x, *norm1) if pre else x
+        q = linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
+        k = linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
+        v = linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
+        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, nh, hd).transpose(1, 2)
+        v = v.view(B, T, nh, hd).transpose(1, 2)
+        k_all = k if past_k is None else torch.cat((past_k, k), dim=2)  # (B, nh, S, hd)
+        v_all = v if past_v is None else torch.cat((past_v, v), dim=2)
+        a = attention(q, k_all, v_all, step.mask, self.scale)  # (B, T, C)
+        x = x + linear(a, w["self_attn.out_proj.weight"], w.get("self_attn.out_proj.bias"))
+        if not pre:
+            x = layer_norm(x, *norm1)
+        h = layer_norm(x, *norm2) if pre else x
+        h = linear(h, w["fc1.weight"], w.get("fc1.bias")).relu_()
+        x = x + linear(h, w["fc2.weight"], w.get("fc2.bias"))
+        if not pre:
+            x = layer_norm(x, *norm2)
+        return x, k, v
+
+    def head(self, w, x: torch.Tensor, step: Step) -> torch.Tensor:
+        if step.last_only:
+            x = x[:, -1:]
+        if "final_layer_norm.weight" in w:
+            x = layer_norm(x, w["final_layer_norm.weight"], w["final_layer_norm.bias"], self.spec.norm_eps)
+        if "project_out.weight" in w:
+            x = linear(x, w["project_out.weight"])
+        return linear(x, w["lm_head.weight"]).float()  # (B, T, V)

@@ -1,0 +1,144 @@
+"""One tensor type per tier and one copy primitive.
+
+- `MemoryTensor`: a torch tensor on the gpu tier (the compute device) or the cpu tier (host
+  memory, pinned where a CUDA device makes that pay). On a machine with no GPU both tiers are
+  host memory.
+- `DiskTensor`: a raw little-endian file in the offload folder, read with large sequential
+  reads into a reusable host buffer.
+
+Indexing: `read(rows)` / `write(rows, value)` take a slice of the LEADING dimension only. That
+is the access pattern of every tensor we tier (a KV cache is laid out (seq, batch, heads, dim),
+so a decode step appends one contiguous row and reads one contiguous prefix), and it keeps every
+disk access a single sequential read or write.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+_ALL = slice(None)
+
+
+def _rows(index: slice, length: int) -> tuple[int, int]:
+    start, stop, step = index.indices(length)
+    if step != 1:
+        raise ValueError("tier tensors are indexed by a contiguous slice of the leading dimension")
+    return start, max(start, stop)
+
+
+class MemoryTensor:
+    def __init__(self, data: torch.Tensor, tier: str):
+        self.data = data
+        self.tier = tier
+
+    @classmethod
+    def empty(cls, shape, dtype, device: torch.device, tier: str, pin: bool = False) -> "MemoryTensor":
+        data = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin and device.type == "cpu")
+        return cls(data, tier)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def read(self, index: slice = _ALL) -> torch.Tensor:
+        return self.data[index]  # a view: no copy
+
+    def write(self, index: slice, value: torch.Tensor) -> None:
+        self.data[index].copy_(value, non_blocking=True)
+
+
+class DiskTensor:
+    """A tensor stored as a raw file; the file is created (or reused) at construction."""
+
+    tier = "disk"
+
+    def __init__(self, path: str | Path, shape, dtype: torch.dtype, create: bool = True):
+        self.path = Path(path)
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = dtype
+        self._row_bytes = torch.Size(self.shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
+        self._buffers = threading.local()  # one reusable read buffer per thread
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "wb") as f:
+                f.truncate(self.nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self._row_bytes
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            self._buffers.buf = buf
+        return buf[:nbytes]
+
+    def read(self, index: slice = _ALL) -> torch.Tensor:
+        """Rows `index` as a host tensor. It lives in a per-thread buffer that the next read on
+        this thread overwrites, so copy it (e.g. to the compute device / dtype) before then."""
+        start, stop = _rows(index, self.shape[0])
+        nbytes = (stop - start) * self._row_bytes
+        buf = self._buffer(nbytes)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(start * self._row_bytes)
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < nbytes:  # readinto may return short counts for large reads
+                n = f.readinto(view[got:])
+                if not n:
+                    raise IOError(f"{self.path} is shorter than expected ({got} of {nbytes} bytes)")
+                got += n
+        return buf.view(self.dtype).view((stop - start, *self.shape[1:]))
+
+    def write(self, index: slice, value: torch.Tensor) -> None:
+        start, stop = _rows(index, self.shape[0])
+        data = value.detach().to("cpu", self.dtype).contiguous()
+        if tuple(data.shape) != (stop - start, *self.shape[1:]):
+            raise ValueError(f"write of shape {tuple(data.shape)} into rows {start}:{stop} of {self.shape}")
+        raw = data.view(-1).view(torch.uint8).numpy()
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, memoryview(raw), start * self._row_bytes)
+        finally:
+            os.close(fd)
+
+
+TierTensor = MemoryTensor | DiskTensor
+
+
+def copy(dst, dst_index: slice, src, src_index: slice = _ALL) -> None:
+    """The one copy primitive: equivalent to `dst[dst_index] = src[src_index]`.
+
+    `dst` and `src` are each a `MemoryTensor`, a `DiskTensor` or a plain torch tensor; indices
+    are slices of the leading dimension. Dtype and device are converted to the destination's.
+    """
+    value = src.read(src_index) if isinstance(src, (MemoryTensor, DiskTensor)) else src[src_index]
+    if isinstance(dst, (MemoryTensor, DiskTensor)):
+        dst.write(dst_index, value)
+    else:
+        dst[dst_index].copy_(value)
+
+
+def to_compute(src, index: slice, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a tier tensor as a tensor on the compute device in the compute dtype.
+
+    No copy when the rows already live there in that dtype (the gpu tier)."""
+    value = src.read(index)
+    if value.device == device and value.dtype == dtype and isinstance(src, MemoryTensor):
+        return value
+    out = torch.empty(value.shape, dtype=dtype, device=device)
+    copy(out, _ALL, value)
+    return out

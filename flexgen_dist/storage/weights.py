@@ -1,0 +1,129 @@
+"""Every unit's weights placed on the tiers a policy asks for.
+
+Within a unit, weights are split by cumulative size (FlexGen's rule): the first `w_gpu_percent`
+of its bytes on the gpu tier in the compute dtype, ready to use; the next `w_cpu_percent` in host
+memory in the storage dtype; the rest as files in the offload folder, written once from the
+checkpoint, one tensor at a time, and reused by the next run when the checkpoint is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..model.units import Unit, WeightSpec
+from ..planning.policy import Policy, choose_tiers
+from .tiers import DiskTensor, MemoryTensor, to_compute
+
+log = logging.getLogger(__name__)
+
+_ALL = slice(None)
+MANIFEST = "manifest.json"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class DiskWeightDir:
+    """The folder of weight files for one (source, storage dtype), with a manifest of what is complete."""
+
+    def __init__(self, offload_dir: str | Path, fingerprint: str, storage_dtype: torch.dtype):
+        tag = hashlib.sha256(f"{fingerprint}|{_dtype_name(storage_dtype)}".encode()).hexdigest()[:16]
+        self.path = Path(offload_dir) / f"weights-{tag}"
+        self.fingerprint = fingerprint
+        self.storage_dtype = storage_dtype
+        self._manifest = self._read_manifest()
+
+    def _read_manifest(self) -> dict:
+        try:
+            manifest = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        if manifest.get("fingerprint") != self.fingerprint:
+            return {}
+        return manifest.get("tensors", {})
+
+    def file(self, ws: WeightSpec) -> Path:
+        return self.path / f"{ws.key}.bin"
+
+    def is_complete(self, ws: WeightSpec) -> bool:
+        entry = self._manifest.get(ws.key)
+        path = self.file(ws)
+        if entry is None or entry["shape"] != list(ws.shape) or not path.is_file():
+            return False
+        return path.stat().st_size == ws.numel * torch.empty((), dtype=self.storage_dtype).element_size()
+
+    def write(self, ws: WeightSpec, tensor: torch.Tensor) -> None:
+        """Atomically: a crash leaves either no file or a complete one, never a torn one in the manifest."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.file(ws).with_suffix(".tmp")
+        DiskTensor(tmp, ws.shape, self.storage_dtype).write(_ALL, tensor)
+        os.replace(tmp, self.file(ws))
+        self._manifest[ws.key] = {"shape": list(ws.shape), "dtype": _dtype_name(self.storage_dtype)}
+
+    def save_manifest(self) -> None:
+        tmp = self.path / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "tensors": self._manifest}, indent=1))
+        os.replace(tmp, self.path / MANIFEST)
+
+
+class WeightStore:
+    def __init__(
+        self,
+        units: list[Unit],
+        source,
+        policy: Policy,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        storage_dtype: torch.dtype,
+        offload_dir: str | Path | None,
+    ):
+        self.device = device
+        self.compute_dtype = compute_dtype
+        self.tensors: dict[int, dict[str, MemoryTensor | DiskTensor]] = {}
+        pin = policy.pin_weight and device.type == "cuda"
+        disk: DiskWeightDir | None = None
+        written = 0
+        for unit in units:
+            tiers = choose_tiers([ws.numel for ws in unit.weights], policy.percents("w"))
+            placed = {}
+            for ws, tier in zip(unit.weights, tiers):
+                if tier == "disk":
+                    if offload_dir is None:
+                        raise UserError("the policy puts weights on disk but no offload_dir was given; pass --offload-dir DIR")
+                    if disk is None:
+                        disk = DiskWeightDir(offload_dir, source.fingerprint(), storage_dtype)
+                    if not disk.is_complete(ws):
+                        disk.write(ws, source.get(ws))
+                        written += 1
+                    placed[ws.name] = DiskTensor(disk.file(ws), ws.shape, storage_dtype, create=False)
+                elif tier == "cpu":
+                    data = source.get(ws).to(storage_dtype)
+                    placed[ws.name] = MemoryTensor(data.pin_memory() if pin else data, "cpu")
+                else:
+                    placed[ws.name] = MemoryTensor(source.get(ws).to(device, compute_dtype), "gpu")
+            self.tensors[unit.layer_idx] = placed
+        if disk is not None:
+            disk.save_manifest()
+            log.info("disk weights in %s (%d tensors written, the rest reused)", disk.path, written)
+        self.disk_dir = disk.path if disk is not None else None
+
+    def load(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """One unit's weights on the compute device in the compute dtype."""
+        return {
+            name: to_compute(t, _ALL, self.device, self.compute_dtype) for name, t in self.tensors[layer_idx].items()
+        }
+
+    def bytes_per_tier(self) -> dict[str, int]:
+        out = {"gpu": 0, "cpu": 0, "disk": 0}
+        for placed in self.tensors.values():
+            for t in placed.values():
+                out[t.tier] += t.nbytes
+        return out
