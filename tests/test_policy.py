@@ -1,0 +1,49 @@
+import pytest
+
+from flexgen_dist import NotSupportedYet, Policy, UserError
+from flexgen_dist.planning.policy import choose_tiers
+
+
+def test_defaults_keep_everything_on_the_compute_device():
+    p = Policy()
+    assert p.percents("w") == (100.0, 0.0, 0.0)
+    assert p.block_size == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"w_gpu_percent": 80, "w_cpu_percent": 30}, "over 100"),
+        ({"cache_cpu_percent": -5}, "cache_cpu_percent must be a number from 0 to 100"),
+        ({"act_gpu_percent": 101}, "act_gpu_percent"),
+        ({"gpu_batch_size": 0}, "gpu_batch_size"),
+        ({"num_gpu_batches": 1.5}, "num_gpu_batches"),
+    ],
+)
+def test_invalid_policy_is_refused_with_what_to_change(kwargs, fragment):
+    with pytest.raises(UserError, match=fragment):
+        Policy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("cpu_cache_compute", True), ("attn_sparsity", 0.5), ("compress_weight", True), ("compress_cache", True)],
+)
+def test_unimplemented_fields_raise_not_supported_instead_of_being_ignored(field, value):
+    with pytest.raises(NotSupportedYet, match="not supported yet"):
+        Policy(**{field: value})
+
+
+def test_policy_is_frozen():
+    with pytest.raises(Exception):
+        Policy().gpu_batch_size = 3
+
+
+def test_choose_tiers_splits_by_cumulative_size():
+    sizes = [10] * 10
+    tiers = choose_tiers(sizes, (30, 30, 40))
+    assert tiers == ["gpu"] * 3 + ["cpu"] * 3 + ["disk"] * 4
+    assert choose_tiers(sizes, (100, 0, 0)) == ["gpu"] * 10
+    assert choose_tiers(sizes, (0, 0, 100)) == ["disk"] * 10
+    # one big tensor goes where its midpoint falls
+    assert choose_tiers([1, 98, 1], (40, 60, 0)) == ["gpu", "cpu", "cpu"]
