@@ -12,7 +12,7 @@ import sys
 
 from . import DEFAULT_MODEL
 from .frontend.api import LLM
-from .frontend.cli import add_model_args, policy_from_args, run_command, setup_logging
+from .frontend.cli import add_model_args, dist_from_args, llm_kwargs_from_args, run_command
 from .frontend.jobfiles import check_writable, read_jsonl, write_jsonl
 
 EXAMPLE_PROMPTS = [
@@ -44,16 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return run_command(lambda: _run(args))
+    contexts = []
+
+    def body() -> int:
+        contexts.append(dist_from_args(args))
+        try:
+            return _run(args, contexts[0])
+        finally:
+            contexts[0].destroy()
+
+    return run_command(body, rank_of=lambda: contexts[0].rank if contexts else 0)
 
 
-def _run(args: argparse.Namespace) -> int:
-    policy = policy_from_args(args)
-    if args.output:
+def _run(args: argparse.Namespace, ctx) -> int:
+    kwargs = llm_kwargs_from_args(args, ctx)
+    policy = kwargs["policy"]
+    if args.output and ctx.rank == 0:
         check_writable(args.output)
     lines = read_jsonl(args.input) if args.input else None
-    llm = LLM(args.model, policy=policy, offload_dir=args.offload_dir, device=args.device)
+    llm = LLM(args.model, **kwargs)
     try:
         if lines is not None:
             prompts = [line.prompt for line in lines]
@@ -78,6 +87,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     finally:
         llm.close()
+    if ctx.rank != 0:
+        return 0  # rank 0 alone writes results and prints the summary
     if args.output:
         rows = []
         for line, out in zip(lines or [None] * len(result.outputs), result.outputs):

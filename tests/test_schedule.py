@@ -38,13 +38,13 @@ def test_weights_loaded_once_per_token_per_layer_and_freed_after_last_batch(shap
     loads = [(op.token_idx, op.layer_idx) for op in ops if isinstance(op, LoadWeight)]
     assert sorted(loads) == list(itertools.product(range(shape.num_tokens), range(shape.num_layers)))
     for t, j in loads:
-        free_at = ops.index(FreeWeight(t, j))
-        last_use = max(i for i, op in enumerate(ops) if op == Compute(t, j, shape.num_batches - 1))
+        free_at = ops.index(FreeWeight(0, t, j))
+        last_use = max(i for i, op in enumerate(ops) if op == Compute(0, t, j, shape.num_batches - 1))
         assert free_at > last_use
         # every batch of the layer computes between the load and the free: loaded once, shared by all
         uses = [i for i, op in enumerate(ops) if isinstance(op, Compute) and (op.token_idx, op.layer_idx) == (t, j)]
         assert len(uses) == shape.num_batches
-        assert ops.index(LoadWeight(t, j)) < min(uses) and max(uses) < free_at
+        assert ops.index(LoadWeight(0, t, j)) < min(uses) and max(uses) < free_at
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -56,30 +56,30 @@ def test_every_load_before_its_use_and_stores_after(shape):
         if not isinstance(op, Compute):
             continue
         t, j, k = op.token_idx, op.layer_idx, op.batch_idx
-        assert pos[LoadWeight(t, j)] < pos[op]
+        assert pos[LoadWeight(0, t, j)] < pos[op]
         if t > 0 and j in shape.cache_layers:
-            assert pos[LoadCache(t, j, k)] < pos[op]
+            assert pos[LoadCache(0, t, j, k)] < pos[op]
             # the cache it reads was stored by the previous token
-            assert pos[StoreCache(t - 1, j, k)] < pos[LoadCache(t, j, k)]
+            assert pos[StoreCache(0, t - 1, j, k)] < pos[LoadCache(0, t, j, k)]
         else:
-            assert LoadCache(t, j, k) not in pos
+            assert LoadCache(0, t, j, k) not in pos
         if j in shape.cache_layers:
-            assert pos[op] < pos[StoreCache(t, j, k)]
+            assert pos[op] < pos[StoreCache(0, t, j, k)]
         if j > 0:
-            assert pos[StoreActivation(t, j - 1, k)] < pos[LoadActivation(t, j, k)] < pos[op]
+            assert pos[StoreActivation(0, t, j - 1, k)] < pos[LoadActivation(0, t, j, k)] < pos[op]
         if j + 1 < shape.num_layers:
-            assert pos[op] < pos[StoreActivation(t, j, k)]
+            assert pos[op] < pos[StoreActivation(0, t, j, k)]
 
 
 def test_prefetch_overlaps_next_layer_and_next_batch():
     shape = BlockShape(num_tokens=2, num_layers=4, num_batches=2, cache_layers=frozenset({1, 2}))
     ops = block_schedule(shape)
     # layer 2's weights are requested before layer 1's first batch computes
-    assert ops.index(LoadWeight(0, 2)) < ops.index(Compute(0, 1, 0))
+    assert ops.index(LoadWeight(0, 0, 2)) < ops.index(Compute(0, 0, 1, 0))
     # the next token's embedding weights are requested while the head computes
-    assert ops.index(LoadWeight(1, 0)) < ops.index(Compute(0, 3, 0))
+    assert ops.index(LoadWeight(0, 1, 0)) < ops.index(Compute(0, 0, 3, 0))
     # batch 1's cache is requested before batch 0 computes
-    assert ops.index(LoadCache(1, 1, 1)) < ops.index(Compute(1, 1, 0))
+    assert ops.index(LoadCache(0, 1, 1, 1)) < ops.index(Compute(0, 1, 1, 0))
 
 
 def test_schedule_module_does_not_import_torch():

@@ -1,8 +1,10 @@
-"""The engine: walks a block's schedule, the one place where tiers, model math and I/O meet.
+"""The engine: walks this rank's schedule, the one place where tiers, model math and
+communication meet.
 
 Loads (weights, KV cache) run on a small thread pool when `policy.overlap` is on, so the next
 layer's weights and the next batch's cache arrive while the current batch computes; with
-`overlap=False` every op runs inline in schedule order. Both give identical tokens.
+`overlap=False` every load runs inline in schedule order. Both give identical tokens. With
+several ranks, hidden states and sampled tokens move through `comm` (see dist/comm.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,20 +21,13 @@ import torch
 from ..model import Step, Unit
 from ..planning.policy import Policy, choose_tiers
 from ..planning.spec import ModelSpec
-from ..schedule.block import (
-    BlockShape,
-    Compute,
-    FreeWeight,
-    LoadActivation,
-    LoadCache,
-    LoadWeight,
-    StoreActivation,
-    StoreCache,
-    block_schedule,
-)
+from ..schedule import block as ops_
+from ..schedule.pipeline import pipeline_groups, remaining_groups
 from ..storage.tiers import DiskTensor, MemoryTensor, to_compute
 from ..storage.weights import WeightStore
 from .sampling import Sampler
+
+TAG_ACTIVATION, TAG_TOKENS = 1, 2
 
 
 @dataclass
@@ -49,13 +44,17 @@ class Block:
 @dataclass
 class BlockResult:
     tokens: list[list[int]]  # per row: generated ids, up to and including a stop id
-    prefill_s: float
+
+
+@dataclass
+class RunResult:
+    blocks: list[BlockResult]  # meaningful on the first stage only
+    prefill_s: float  # wall time in prefill tasks (token 0), waits included
     decode_s: float
-    steps: int  # decode steps run (may stop early when every row has stopped)
 
 
-class _Done:
-    """Immediately available value with a Future's `result()`."""
+class _Ready:
+    """An already available value with a Future's `result()`."""
 
     def __init__(self, value):
         self._value = value
@@ -71,11 +70,12 @@ class _BlockState:
     positions: torch.Tensor  # (B, S) long
     tokens: torch.Tensor  # (B, T) long, generated ids
     done: torch.Tensor  # (B,) bool
-    caches: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (layer, batch) -> (k, v) tier tensors
-    acts: dict[int, object] = field(default_factory=dict)  # batch -> hidden (tensor or DiskTensor)
+    scratch: Path | None = None  # this block's disk-tier cache and activation files
+    caches: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (layer, batch) -> (k, v)
+    act_homes: dict[int, object] = field(default_factory=dict)  # batch -> tier name or DiskTensor
     act_len: dict[int, int] = field(default_factory=dict)
     new_kv: dict[tuple[int, int], tuple] = field(default_factory=dict)
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: dict[int, object] = field(default_factory=dict)  # batch -> tensor or pending receive
     steps: dict[tuple[int, int], Step] = field(default_factory=dict)
 
 
@@ -90,15 +90,19 @@ class Engine:
         device: torch.device,
         compute_dtype: torch.dtype,
         offload_dir: str | Path | None,
+        comm=None,
     ):
         self.spec = spec
-        self.units = units
+        self.units = units  # this rank's schedule layers, in order
         self.weights = weights
         self.math = math
         self.policy = policy
         self.device = device
         self.dtype = compute_dtype
         self.offload_dir = offload_dir
+        self.comm = comm
+        self.rank = comm.rank if comm is not None else 0
+        self.num_ranks = comm.world_size if comm is not None else 1
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexgen-io") if policy.overlap else None
 
     def close(self) -> None:
@@ -108,45 +112,65 @@ class Engine:
 
     def _submit(self, fn, *args):
         if self.pool is None:
-            return _Done(fn(*args))
+            return _Ready(fn(*args))
         return self.pool.submit(fn, *args)
 
-    # --- block set-up -------------------------------------------------------------------------
     def _rows(self, batch_idx: int) -> slice:
         gbs = self.policy.gpu_batch_size
         return slice(batch_idx * gbs, (batch_idx + 1) * gbs)
 
-    def _allocate(self, state: _BlockState, cache_dir: Path | None) -> None:
+    # --- block set-up and tear-down ------------------------------------------------------------
+    def _open_block(self, block: Block) -> _BlockState:
+        B, P = block.input_ids.shape
+        S = P + block.max_new_tokens
+        valid = torch.ones(B, S, dtype=torch.bool)
+        valid[:, :P] = block.prompt_mask
+        state = _BlockState(
+            block=block,
+            valid=valid,
+            positions=(valid.long().cumsum(-1) - 1).clamp(min=0),
+            tokens=torch.zeros(B, block.max_new_tokens, dtype=torch.long),
+            done=torch.tensor([seq_id < 0 for seq_id in block.seq_ids], dtype=torch.bool),
+        )
         s, p = self.spec, self.policy
-        S = state.valid.shape[1]
-        P = state.block.input_ids.shape[1]
+        if p.percents("cache")[2] > 0 or p.percents("act")[2] > 0:
+            Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
+            state.scratch = Path(tempfile.mkdtemp(prefix=f"cache-rank{self.rank}-", dir=self.offload_dir))
         shape = (S, p.gpu_batch_size, s.num_kv_heads, s.head_dim)  # (seq, batch, kv heads, head dim)
         cache_tiers = choose_tiers([1] * (2 * p.num_gpu_batches), p.percents("cache"))
-        for unit in self.units:
+        for j, unit in enumerate(self.units):
             if not unit.has_cache:
                 continue
             for k in range(p.num_gpu_batches):
                 pair = []
                 for which, tier in zip("kv", cache_tiers[2 * k : 2 * k + 2]):
                     if tier == "disk":
-                        path = cache_dir / f"layer{unit.layer_idx}_batch{k}_{which}.bin"
-                        pair.append(DiskTensor(path, shape, self.dtype))
+                        pair.append(DiskTensor(state.scratch / f"layer{unit.layer_idx}_batch{k}_{which}.bin", shape, self.dtype))
                     else:
                         dev = self.device if tier == "gpu" else torch.device("cpu")
                         pair.append(MemoryTensor.empty(shape, self.dtype, dev, tier))
-                state.caches[(unit.layer_idx, k)] = tuple(pair)
-        act_tiers = choose_tiers([1] * p.num_gpu_batches, p.percents("act"))
-        for k, tier in enumerate(act_tiers):
+                state.caches[(j, k)] = tuple(pair)
+        for k, tier in enumerate(choose_tiers([1] * p.num_gpu_batches, p.percents("act"))):
             if tier == "disk":
-                path = cache_dir / f"act_batch{k}.bin"
-                state.acts[k] = DiskTensor(path, (P, p.gpu_batch_size, s.hidden_size), self.dtype)
+                state.act_homes[k] = DiskTensor(state.scratch / f"act_batch{k}.bin", (P, p.gpu_batch_size, s.hidden_size), self.dtype)
             else:
-                state.acts[k] = tier  # filled with the hidden state itself, on its tier's device
+                state.act_homes[k] = tier
+        return state
 
-    def _needs_disk(self) -> bool:
-        return self.policy.percents("cache")[2] > 0 or self.policy.percents("act")[2] > 0
+    def _close_block(self, state: _BlockState) -> BlockResult:
+        if state.scratch is not None:
+            shutil.rmtree(state.scratch, ignore_errors=True)
+        tokens = []
+        for row in range(state.tokens.shape[0]):
+            out = []
+            for tok in state.tokens[row].tolist():
+                out.append(tok)
+                if tok in state.block.stop_ids:
+                    break
+            tokens.append(out)
+        return BlockResult(tokens)
 
-    # --- per-step inputs ----------------------------------------------------------------------
+    # --- per-step inputs ------------------------------------------------------------------------
     def _query_slots(self, state: _BlockState, token_idx: int) -> slice:
         P = state.block.input_ids.shape[1]
         return slice(0, P) if token_idx == 0 else slice(P + token_idx - 1, P + token_idx)
@@ -155,39 +179,31 @@ class Engine:
         key = (token_idx, batch_idx)
         if key not in state.steps:
             rows, q = self._rows(batch_idx), self._query_slots(state, token_idx)
-            end = q.stop
             q_idx = torch.arange(q.start, q.stop)[:, None]  # (T, 1)
-            k_idx = torch.arange(0, end)[None, :]  # (1, S)
+            k_idx = torch.arange(0, q.stop)[None, :]  # (1, S)
             allowed = k_idx <= q_idx
             if self.spec.sliding_window:
                 allowed &= (q_idx - k_idx) < self.spec.sliding_window
-            mask = state.valid[rows, None, None, :end] & allowed  # (B, 1, T, S)
-            # A padding slot attends to itself, so no row is fully masked (which would give NaN).
-            mask |= k_idx == q_idx
-            state.steps[key] = Step(
-                positions=state.positions[rows, q].to(self.device),
-                mask=mask.to(self.device),
-            )
+            mask = state.valid[rows, None, None, : q.stop] & allowed  # (B, 1, T, S)
+            mask |= k_idx == q_idx  # a padding slot attends to itself: no fully masked row, no NaN
+            state.steps[key] = Step(positions=state.positions[rows, q].to(self.device), mask=mask.to(self.device))
         return state.steps[key]
 
-    # --- ops ----------------------------------------------------------------------------------
+    # --- loads and stores -----------------------------------------------------------------------
     def _load_cache(self, state: _BlockState, token_idx: int, layer_idx: int, batch_idx: int):
         past = slice(0, self._query_slots(state, token_idx).start)
-        out = []
-        for t in state.caches[(layer_idx, batch_idx)]:
-            x = to_compute(t, past, self.device, self.dtype)  # (S, B, nkv, hd)
-            out.append(x.permute(1, 2, 0, 3))  # (B, nkv, S, hd)
-        return tuple(out)
+        # (S, B, nkv, hd) -> (B, nkv, S, hd)
+        return tuple(to_compute(t, past, self.device, self.dtype).permute(1, 2, 0, 3) for t in state.caches[(layer_idx, batch_idx)])
 
-    def _store_cache(self, state: _BlockState, token_idx: int, layer_idx: int, batch_idx: int) -> None:
-        q = self._query_slots(state, token_idx)
-        new = state.new_kv.pop((layer_idx, batch_idx))
-        for t, x in zip(state.caches[(layer_idx, batch_idx)], new):
+    def _store_cache(self, state: _BlockState, op: ops_.StoreCache) -> None:
+        q = self._query_slots(state, op.token_idx)
+        new = state.new_kv.pop((op.layer_idx, op.batch_idx))
+        for t, x in zip(state.caches[(op.layer_idx, op.batch_idx)], new):
             t.write(q, x.permute(2, 0, 1, 3))  # (B, nkv, T, hd) -> (T, B, nkv, hd)
 
     def _store_act(self, state: _BlockState, batch_idx: int) -> None:
         x = state.hidden.pop(batch_idx)  # (B, T, C)
-        home = state.acts[batch_idx]
+        home = state.act_homes[batch_idx]
         if isinstance(home, DiskTensor):
             home.write(slice(0, x.shape[1]), x.transpose(0, 1))  # (T, B, C)
             state.act_len[batch_idx] = x.shape[1]
@@ -196,14 +212,24 @@ class Engine:
         else:
             state.hidden[batch_idx] = x
 
-    def _load_act(self, state: _BlockState, batch_idx: int) -> torch.Tensor:
-        home = state.acts[batch_idx]
+    def _load_act(self, state: _BlockState, batch_idx: int) -> None:
+        home = state.act_homes[batch_idx]
         if isinstance(home, DiskTensor):
             x = to_compute(home, slice(0, state.act_len[batch_idx]), self.device, self.dtype)
-            return x.transpose(0, 1)  # (B, T, C)
-        return state.hidden.pop(batch_idx).to(self.device)
+            state.hidden[batch_idx] = x.transpose(0, 1)  # (B, T, C)
+        else:
+            state.hidden[batch_idx] = state.hidden[batch_idx].to(self.device)
 
-    def _compute(self, state, op: Compute, weights, past, x) -> None:
+    def _record_tokens(self, state: _BlockState, token_idx: int, batch_idx: int, ids: torch.Tensor) -> None:
+        rows = self._rows(batch_idx)
+        done = state.done[rows]
+        ids = torch.where(done, torch.zeros_like(ids), ids)
+        state.tokens[rows, token_idx] = ids
+        stop = torch.tensor([int(i) in state.block.stop_ids for i in ids.tolist()], dtype=torch.bool)
+        state.done[rows] = done | stop
+
+    # --- compute --------------------------------------------------------------------------------
+    def _compute(self, state: _BlockState, op: ops_.Compute, weights, past) -> None:
         t, j, k = op.token_idx, op.layer_idx, op.batch_idx
         unit = self.units[j]
         step = self._step(state, t, k)
@@ -211,103 +237,125 @@ class Engine:
         if unit.kind == "embed":
             ids = state.block.input_ids[rows] if t == 0 else state.tokens[rows, t - 1 : t]
             state.hidden[k] = self.math.embed(weights, ids.to(self.device), step)
-        elif unit.kind == "block":
+            return
+        x = state.hidden.pop(k)
+        if not isinstance(x, torch.Tensor):  # a pending receive from the previous stage
+            x = x.result().to(self.device, self.dtype)
+        if unit.kind == "block":
             past_k, past_v = past if past is not None else (None, None)
             h, k_new, v_new = self.math.block(weights, x, step, past_k, past_v)
             state.hidden[k] = h
             state.new_kv[(j, k)] = (k_new, v_new)
         else:
             logits = self.math.head(weights, x, step)[:, -1]  # (B, V)
-            seq_ids = state.block.seq_ids[rows]
-            next_ids = self.sampler(logits, seq_ids)
-            done = state.done[rows]
-            next_ids = torch.where(done, torch.zeros_like(next_ids), next_ids)
-            state.tokens[rows, t] = next_ids
-            stop = torch.tensor([int(i) in state.block.stop_ids for i in next_ids.tolist()], dtype=torch.bool)
-            state.done[rows] = done | stop
-            # Drop this token's step inputs: they are not needed again.
-            state.steps.pop((t, k), None)
+            self._record_tokens(state, t, k, self.sampler(logits, state.block.seq_ids[rows]))
+        if j == len(self.units) - 1:
+            state.steps.pop((t, k), None)  # this token's step inputs are not needed again
 
-    # --- one block ----------------------------------------------------------------------------
-    def run_block(self, block: Block, sampler: Sampler) -> BlockResult:
+    # --- the walk -------------------------------------------------------------------------------
+    def run(self, blocks: list[Block], sampler: Sampler) -> RunResult:
+        """Run every block through this rank's layers; blocks must be the same on every rank."""
         self.sampler = sampler
-        B, P = block.input_ids.shape
-        T = block.max_new_tokens
-        S = P + T
-        valid = torch.ones(B, S, dtype=torch.bool)
-        valid[:, :P] = block.prompt_mask
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        state = _BlockState(
-            block=block,
-            valid=valid,
-            positions=positions,
-            tokens=torch.zeros(B, T, dtype=torch.long),
-            done=torch.tensor([seq_id < 0 for seq_id in block.seq_ids], dtype=torch.bool),
-        )
-        cache_dir = None
-        if self._needs_disk():
-            Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
-            cache_dir = Path(tempfile.mkdtemp(prefix="cache-", dir=self.offload_dir))
-        shape = BlockShape(
-            num_tokens=T,
+        stage = ops_.StageShape(
             num_layers=len(self.units),
             num_batches=self.policy.num_gpu_batches,
-            cache_layers=frozenset(u.layer_idx for u in self.units if u.has_cache),
+            cache_layers=frozenset(j for j, u in enumerate(self.units) if u.has_cache),
+            rank=self.rank,
+            num_ranks=self.num_ranks,
         )
-        weight_futures: dict[tuple[int, int], Future] = {}
-        cache_futures: dict[tuple[int, int, int], Future] = {}
-        start = time.perf_counter()
-        prefill_s = None
-        steps_run = T
+        groups = pipeline_groups(len(blocks), blocks[0].max_new_tokens, self.num_ranks)
+        last_task = {b: (b, t) for group in groups for b, t in group}
+        states: dict[int, _BlockState] = {}
+        results: dict[int, BlockResult] = {}
+        futures: dict[object, object] = {}
+        pending_sends: list = []
+        phase_s = [0.0, 0.0]  # prefill, decode
         try:
-            self._allocate(state, cache_dir)
-            current_token = 0
-            for op in block_schedule(shape):
-                if isinstance(op, Compute) and op.token_idx != current_token:
-                    current_token = op.token_idx
-                    if prefill_s is None:
-                        self._sync()
-                        prefill_s = time.perf_counter() - start
-                    if bool(state.done.all()):
-                        steps_run = current_token
-                        break
-                if isinstance(op, LoadWeight):
-                    weight_futures[(op.token_idx, op.layer_idx)] = self._submit(self.weights.load, op.layer_idx)
-                elif isinstance(op, FreeWeight):
-                    weight_futures.pop((op.token_idx, op.layer_idx))
-                elif isinstance(op, LoadCache):
-                    key = (op.token_idx, op.layer_idx, op.batch_idx)
-                    cache_futures[key] = self._submit(self._load_cache, state, *key)
-                elif isinstance(op, StoreCache):
-                    self._store_cache(state, op.token_idx, op.layer_idx, op.batch_idx)
-                elif isinstance(op, StoreActivation):
-                    self._store_act(state, op.batch_idx)
-                elif isinstance(op, LoadActivation):
-                    state.hidden[op.batch_idx] = self._load_act(state, op.batch_idx)
-                elif isinstance(op, Compute):
-                    weights = weight_futures[(op.token_idx, op.layer_idx)].result()
-                    past_future = cache_futures.pop((op.token_idx, op.layer_idx, op.batch_idx), None)
-                    past = past_future.result() if past_future is not None else None
-                    x = state.hidden.pop(op.batch_idx, None)
-                    self._compute(state, op, weights, past, x)
-            self._sync()
+            plan = ops_.rank_schedule(groups, stage)
+            while plan:
+                plan = self._walk(plan, blocks, groups, stage, states, results, futures, pending_sends, last_task, phase_s)
+            for handle in pending_sends:
+                handle.wait()
         finally:
-            for fut in list(weight_futures.values()) + list(cache_futures.values()):
-                fut.result()  # let in-flight reads finish before their files go away
-            if cache_dir is not None:
-                shutil.rmtree(cache_dir, ignore_errors=True)
-        total = time.perf_counter() - start
-        if prefill_s is None:
-            prefill_s = total
-        tokens = []
-        for row in range(B):
-            out = []
-            for tok in state.tokens[row, :steps_run].tolist():
-                out.append(tok)
-                if tok in block.stop_ids:
-                    break
-            tokens.append(out)
-        return BlockResult(tokens=tokens, prefill_s=prefill_s, decode_s=total - prefill_s, steps=steps_run)
+            for fut in list(futures.values()):
+                if hasattr(fut, "done"):
+                    try:
+                        fut.result()  # let in-flight reads finish before their files go away
+                    except Exception:
+                        pass
+            for b, state in states.items():
+                if b not in results:
+                    self._close_block(state)
+        return RunResult([results.get(b, BlockResult([])) for b in range(len(blocks))], phase_s[0], phase_s[1])
+
+    def _walk(self, plan, blocks, groups, stage, states, results, futures, pending_sends, last_task, phase_s):
+        """Execute ops in order; returns a new plan when blocks finished early (single rank), else []."""
+        current = None
+        started = time.perf_counter()
+        for op in plan:
+            if isinstance(op, ops_.Compute) and (op.block_idx, op.token_idx) != current:
+                now = time.perf_counter()
+                if current is not None:
+                    phase_s[current[1] > 0] += now - started
+                started = now
+                current = (op.block_idx, op.token_idx)
+                if op.block_idx not in states:
+                    states[op.block_idx] = self._open_block(blocks[op.block_idx])
+                state = states[op.block_idx]
+                if self.num_ranks == 1 and op.token_idx > 0 and bool(state.done.all()):
+                    # Every row stopped: drop the rest of this block and re-plan what remains.
+                    for key in [k for k in futures if k.block_idx == op.block_idx]:
+                        futures.pop(key).result()
+                    results[op.block_idx] = self._close_block(states.pop(op.block_idx))
+                    return ops_.rank_schedule(remaining_groups(groups, {op.block_idx}, current), stage)
+            self._execute(op, blocks, states, futures, pending_sends)
+            if isinstance(op, ops_.FreeWeight) and last_task[op.block_idx] == (op.block_idx, op.token_idx):
+                if op.layer_idx == len(self.units) - 1 and (self.num_ranks == 1 or not stage.is_first):
+                    results[op.block_idx] = self._close_block(states.pop(op.block_idx))
+            if isinstance(op, ops_.RecvTokens) and last_task[op.block_idx] == (op.block_idx, op.token_idx):
+                if op.batch_idx == self.policy.num_gpu_batches - 1:
+                    results[op.block_idx] = self._close_block(states.pop(op.block_idx))
+        if current is not None:
+            self._sync()
+            phase_s[current[1] > 0] += time.perf_counter() - started
+        return []
+
+    def _execute(self, op, blocks, states, futures, pending_sends) -> None:
+        if isinstance(op, ops_.LoadWeight):
+            futures[op] = self._submit(self.weights.load, self.units[op.layer_idx].layer_idx)
+            return
+        if isinstance(op, ops_.FreeWeight):
+            futures.pop(ops_.LoadWeight(op.block_idx, op.token_idx, op.layer_idx))
+            return
+        state = states.get(op.block_idx)
+        if state is None:
+            state = states[op.block_idx] = self._open_block(blocks[op.block_idx])
+        if isinstance(op, ops_.LoadCache):
+            futures[op] = self._submit(self._load_cache, state, op.token_idx, op.layer_idx, op.batch_idx)
+        elif isinstance(op, ops_.Compute):
+            weights = futures[ops_.LoadWeight(op.block_idx, op.token_idx, op.layer_idx)].result()
+            past = futures.pop(ops_.LoadCache(op.block_idx, op.token_idx, op.layer_idx, op.batch_idx), None)
+            self._compute(state, op, weights, past.result() if past is not None else None)
+        elif isinstance(op, ops_.StoreCache):
+            self._store_cache(state, op)
+        elif isinstance(op, ops_.StoreActivation):
+            self._store_act(state, op.batch_idx)
+        elif isinstance(op, ops_.LoadActivation):
+            self._load_act(state, op.batch_idx)
+        elif isinstance(op, ops_.SendActivation):
+            pending_sends.append(self.comm.send(state.hidden.pop(op.batch_idx), op.dst, TAG_ACTIVATION))
+        elif isinstance(op, ops_.RecvActivation):
+            width = state.block.input_ids.shape[1] if op.token_idx == 0 else 1
+            shape = (self.policy.gpu_batch_size, width, self.spec.hidden_size)
+            state.hidden[op.batch_idx] = self.comm.recv(shape, self.dtype, op.src, TAG_ACTIVATION)
+        elif isinstance(op, ops_.SendTokens):
+            ids = state.tokens[self._rows(op.batch_idx), op.token_idx].clone()
+            pending_sends.append(self.comm.send(ids, op.dst, TAG_TOKENS))
+        elif isinstance(op, ops_.RecvTokens):
+            ids = self.comm.recv((self.policy.gpu_batch_size,), torch.long, op.src, TAG_TOKENS).result()
+            self._record_tokens(state, op.token_idx, op.batch_idx, ids)
+        else:
+            raise TypeError(f"unknown op {op!r}")
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

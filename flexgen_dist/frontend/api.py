@@ -9,10 +9,13 @@ from typing import Sequence
 
 import torch
 
+from ..dist.comm import PipeComm
+from ..dist.context import DistContext
+from ..dist.partition import partition_layers
 from ..engine.engine import Block, Engine
 from ..engine.sampling import Sampler, SamplingParams
 from ..errors import UserError
-from ..model import make_math, model_units
+from ..model import Unit, make_math, model_units
 from ..model.checkpoint import CheckpointSource, RandomSource
 from ..planning.policy import Policy
 from ..planning.spec import ModelSpec
@@ -90,6 +93,24 @@ def _load_tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
+def _stage_units(units: list[Unit], num_ranks: int, rank: int, stage_layers) -> list[Unit]:
+    """This rank's contiguous slice: the embedding on the first stage, the head on the last.
+
+    Stages are balanced by parameter count (a proxy for both load time and compute time); the
+    embedding counts at a tenth of its size, since its compute is a row lookup."""
+    embed, blocks, head = units[0], units[1:-1], units[-1]
+    costs = [sum(w.numel for w in u.weights) for u in blocks]
+    ranges = partition_layers(
+        costs,
+        num_ranks,
+        first_extra=sum(w.numel for w in embed.weights) / 10,
+        last_extra=sum(w.numel for w in head.weights),
+        override=list(stage_layers) if stage_layers is not None else None,
+    )
+    mine = [blocks[i] for i in ranges[rank]]
+    return ([embed] if rank == 0 else []) + mine + ([head] if rank == num_ranks - 1 else [])
+
+
 class LLM:
     """A model placed across gpu / cpu / disk by a policy, ready to generate.
 
@@ -110,6 +131,9 @@ class LLM:
         device: str | torch.device | None = None,
         compute_dtype: str | torch.dtype | None = None,
         storage_dtype: str | torch.dtype | None = None,
+        dist: DistContext | None = None,
+        stage_layers: Sequence[int] | None = None,
+        comm_timeout_s: float = 300.0,
         _spec: ModelSpec | None = None,
         _source=None,
         _tokenizer=None,
@@ -129,7 +153,16 @@ class LLM:
         self._check_policy()
         source = _source if _source is not None else CheckpointSource(model)
         self.tokenizer = _tokenizer if _tokenizer is not None else (_load_tokenizer(self.model_dir) if _source is None else None)
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
         self.units = model_units(self.spec)
+        comm = None
+        if self.dist is not None:
+            self.units = _stage_units(self.units, self.dist.world_size, self.dist.rank, stage_layers)
+            if not torch.distributed.is_initialized():
+                self.dist.init_process_group(comm_timeout_s)
+            comm = PipeComm(self.dist.rank, self.dist.world_size, self.dist.backend, self.device, comm_timeout_s)
+        elif stage_layers is not None and list(stage_layers) != [self.spec.num_layers]:
+            raise UserError("--stage-layers needs one entry per rank; with one process, drop it")
         self.weights = WeightStore(
             self.units, source, self.policy, self.device, self.compute_dtype, self.storage_dtype, self.offload_dir
         )
@@ -142,11 +175,14 @@ class LLM:
             self.device,
             self.compute_dtype,
             self.offload_dir,
+            comm,
         )
         log.info(
-            "%s: %d layers on %s (%s compute); weights per tier (bytes): %s",
+            "%s: schedule layers %d..%d of %d on %s (%s compute); weights per tier (bytes): %s",
             self.spec.model_type,
-            self.spec.num_layers,
+            self.units[0].layer_idx,
+            self.units[-1].layer_idx,
+            self.spec.num_layers + 2,
             self.device,
             str(self.compute_dtype).removeprefix("torch."),
             self.weights.bytes_per_tier(),
@@ -204,21 +240,19 @@ class LLM:
         prepared: PreparedPrompts = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens)
         stop_ids = frozenset(self.spec.eos_token_ids) | frozenset(int(i) for i in (stop_token_ids or ()))
         pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
+        blocks = [
+            Block(rows.input_ids, rows.prompt_mask, rows.seq_ids, max_new_tokens, stop_ids)
+            for rows in make_blocks(prepared.ids, self.policy.gpu_batch_size, self.policy.num_gpu_batches, pad_id)
+        ]
+        run = self.engine.run(blocks, sampler)
+        prefill_s, decode_s = run.prefill_s, run.decode_s
+        if self.dist is not None and self.dist.rank != 0:
+            # Results live on rank 0, which received every sampled token round the ring.
+            stats = Stats(prefill_s, decode_s, 0, 0, len(blocks), 0)
+            return GenerationResult(outputs=[], stats=stats)
         results: dict[int, list[int]] = {}
-        prefill_s = decode_s = 0.0
-        blocks = make_blocks(prepared.ids, self.policy.gpu_batch_size, self.policy.num_gpu_batches, pad_id)
-        for block_rows in blocks:
-            block = Block(
-                input_ids=block_rows.input_ids,
-                prompt_mask=block_rows.prompt_mask,
-                seq_ids=block_rows.seq_ids,
-                max_new_tokens=max_new_tokens,
-                stop_ids=stop_ids,
-            )
-            res = self.engine.run_block(block, sampler)
-            prefill_s += res.prefill_s
-            decode_s += res.decode_s
-            for seq_id, toks in zip(block_rows.seq_ids, res.tokens):
+        for block, res in zip(blocks, run.blocks):
+            for seq_id, toks in zip(block.seq_ids, res.tokens):
                 if seq_id >= 0:
                     results[seq_id] = toks
         outputs = []
@@ -237,7 +271,10 @@ class LLM:
         return GenerationResult(outputs=outputs, stats=stats)
 
     def close(self) -> None:
+        """Stop the I/O threads and, with several ranks, destroy the process group."""
         self.engine.close()
+        if self.dist is not None:
+            self.dist.destroy()
 
     def __enter__(self) -> "LLM":
         return self

@@ -8,6 +8,10 @@ import logging
 import sys
 from typing import Callable
 
+from ..dist.comm import PeerError
+from ..dist.context import DistContext
+from ..dist.context import setup_logging as dist_setup_logging
+from ..dist.partition import parse_stage_layers
 from ..errors import UserError
 from ..planning.policy import Policy
 
@@ -27,7 +31,13 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--offload-dir", default=None, help="folder for disk-tier weights (reused) and KV cache")
     parser.add_argument("--no-overlap", action="store_true", help="run loads serially (for debugging)")
     parser.add_argument("--device", default=None, help="compute device (default: cuda when available, else cpu)")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log placement and progress")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log placement and progress (every rank)")
+    parser.add_argument("--stage-layers", default=None,
+                        help="with several ranks: decoder layers per rank, e.g. 10,12,10 (default: balanced by cost)")
+    parser.add_argument("--comm-backend", choices=("gloo", "nccl"), default=None,
+                        help="override the backend (default: nccl when each rank owns a GPU, else gloo)")
+    parser.add_argument("--comm-timeout", type=float, default=300.0,
+                        help="seconds to wait for a peer rank before stopping with an error (default 300)")
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
@@ -45,20 +55,39 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     )
 
 
-def run_command(main: Callable[[], int]) -> int:
-    """Run a command's body; a user's mistake becomes one line on stderr and exit code 2."""
+def dist_from_args(args: argparse.Namespace) -> DistContext:
+    """The process's place in the pipeline (world size 1 without a launcher), with logging set up."""
+    ctx = DistContext.from_env(comm_backend=args.comm_backend)
+    dist_setup_logging(ctx, args.verbose)
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 quiet too, unless --verbose
+    return ctx
+
+
+def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext) -> dict:
+    device = args.device or (ctx.device if ctx.world_size > 1 else None)
+    return {
+        "policy": policy_from_args(args),
+        "offload_dir": args.offload_dir,
+        "device": device,
+        "dist": ctx,
+        "stage_layers": parse_stage_layers(args.stage_layers) if args.stage_layers else None,
+        "comm_timeout_s": args.comm_timeout,
+    }
+
+
+def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0) -> int:
+    """Run a command's body: a user's mistake becomes one line on stderr and exit code 2 (printed
+    by rank 0 only: every rank sees the same input); a dead or hung peer, exit code 1."""
     try:
         return main()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if rank_of() == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
+    except PeerError as exc:
+        logging.getLogger("flexgen_dist").error("%s", exc)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )

@@ -24,7 +24,7 @@ from .tiers import DiskTensor, MemoryTensor, to_compute
 log = logging.getLogger(__name__)
 
 _ALL = slice(None)
-MANIFEST = "manifest.json"
+SOURCE_NOTE = "source.json"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -32,46 +32,41 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class DiskWeightDir:
-    """The folder of weight files for one (source, storage dtype), with a manifest of what is complete."""
+    """The folder of weight files for one (source, storage dtype).
+
+    The folder name hashes the source's fingerprint, so a changed checkpoint gets a new folder.
+    Each file is written under a temporary name and renamed when complete, so a file that exists
+    with the right size is complete: a crash never leaves a torn file that looks finished, and
+    ranks that write their own layers into the same folder need no shared manifest.
+    """
 
     def __init__(self, offload_dir: str | Path, fingerprint: str, storage_dtype: torch.dtype):
         tag = hashlib.sha256(f"{fingerprint}|{_dtype_name(storage_dtype)}".encode()).hexdigest()[:16]
         self.path = Path(offload_dir) / f"weights-{tag}"
         self.fingerprint = fingerprint
         self.storage_dtype = storage_dtype
-        self._manifest = self._read_manifest()
-
-    def _read_manifest(self) -> dict:
-        try:
-            manifest = json.loads((self.path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
-        if manifest.get("fingerprint") != self.fingerprint:
-            return {}
-        return manifest.get("tensors", {})
+        self._itemsize = torch.empty((), dtype=storage_dtype).element_size()
 
     def file(self, ws: WeightSpec) -> Path:
         return self.path / f"{ws.key}.bin"
 
     def is_complete(self, ws: WeightSpec) -> bool:
-        entry = self._manifest.get(ws.key)
         path = self.file(ws)
-        if entry is None or entry["shape"] != list(ws.shape) or not path.is_file():
-            return False
-        return path.stat().st_size == ws.numel * torch.empty((), dtype=self.storage_dtype).element_size()
+        return path.is_file() and path.stat().st_size == ws.numel * self._itemsize
 
     def write(self, ws: WeightSpec, tensor: torch.Tensor) -> None:
-        """Atomically: a crash leaves either no file or a complete one, never a torn one in the manifest."""
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.file(ws).with_suffix(".tmp")
+        tmp = self.file(ws).with_suffix(f".{os.getpid()}.tmp")
         DiskTensor(tmp, ws.shape, self.storage_dtype).write(_ALL, tensor)
         os.replace(tmp, self.file(ws))
-        self._manifest[ws.key] = {"shape": list(ws.shape), "dtype": _dtype_name(self.storage_dtype)}
 
-    def save_manifest(self) -> None:
-        tmp = self.path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "tensors": self._manifest}, indent=1))
-        os.replace(tmp, self.path / MANIFEST)
+    def describe(self) -> None:
+        """A note for people looking into the folder: where its files came from."""
+        about = self.path / SOURCE_NOTE
+        if not about.exists():
+            tmp = about.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "dtype": _dtype_name(self.storage_dtype)}, indent=1))
+            os.replace(tmp, about)
 
 
 class WeightStore:
@@ -111,7 +106,7 @@ class WeightStore:
                     placed[ws.name] = MemoryTensor(source.get(ws).to(device, compute_dtype), "gpu")
             self.tensors[unit.layer_idx] = placed
         if disk is not None:
-            disk.save_manifest()
+            disk.describe()
             log.info("disk weights in %s (%d tensors written, the rest reused)", disk.path, written)
         self.disk_dir = disk.path if disk is not None else None
 

@@ -1,0 +1,69 @@
+"""Point-to-point messages between pipeline stages, with a bounded wait.
+
+The engine only sees `send(tensor, dst, tag) -> handle` and `recv(shape, dtype, src, tag) ->
+pending`; both start at once (isend / irecv) so transfers overlap compute, and waiting on either
+gives up after `timeout_s` with an error that names the peer, instead of hanging forever when a
+rank has died or hung.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class PeerError(RuntimeError):
+    """A peer rank died, hung, or closed its connection."""
+
+
+class _Pending:
+    def __init__(self, work, tensor: torch.Tensor, peer: int, what: str, comm: "PipeComm"):
+        self._work, self._tensor, self._peer, self._what, self._comm = work, tensor, peer, what, comm
+        self._finished = False
+
+    def _wait_done(self) -> None:
+        if self._finished:
+            return
+        try:
+            ok = self._work.wait(timeout=timedelta(seconds=self._comm.timeout_s))
+        except Exception as exc:  # gloo raises on a closed connection or a timeout
+            raise PeerError(
+                f"rank {self._comm.rank}: {self._what} rank {self._peer} failed after at most "
+                f"{self._comm.timeout_s:g} s ({str(exc).splitlines()[0][:200]}); rank {self._peer} died or hung"
+            ) from None
+        if ok is False:
+            raise PeerError(f"rank {self._comm.rank}: {self._what} rank {self._peer} timed out after {self._comm.timeout_s:g} s")
+        self._finished = True
+
+
+class _SendHandle(_Pending):
+    def wait(self) -> None:
+        self._wait_done()
+
+
+class _RecvHandle(_Pending):
+    def result(self) -> torch.Tensor:
+        self._wait_done()
+        return self._tensor
+
+
+class PipeComm:
+    def __init__(self, rank: int, world_size: int, backend: str, device: torch.device, timeout_s: float):
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        # gloo moves host tensors only; NCCL moves device tensors
+        self.wire_device = torch.device("cpu") if backend == "gloo" else device
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> _SendHandle:
+        data = tensor.detach().to(self.wire_device).contiguous()
+        return _SendHandle(dist.isend(data, dst, tag=tag), data, dst, "sending to", self)
+
+    def recv(self, shape, dtype: torch.dtype, src: int, tag: int) -> _RecvHandle:
+        buf = torch.empty(shape, dtype=dtype, device=self.wire_device)
+        return _RecvHandle(dist.irecv(buf, src, tag=tag), buf, src, "receiving from", self)

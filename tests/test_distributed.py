@@ -1,0 +1,125 @@
+"""Pipeline runs over gloo on the CPU: 2 and 3 ranks give the same ids as one process, and a
+dead or hung rank stops the others with an error that names it."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tiny_models import make_tiny_model, random_prompts
+
+pytestmark = pytest.mark.dist
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+MPIRUN = shutil.which("mpirun")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    # 4 decoder layers, so 3 ranks each get at least one
+    return {arch: make_tiny_model(arch, root / arch, num_hidden_layers=4) for arch in ("llama", "opt")}
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    # 7 prompts of different lengths: not a multiple of the block (2 x 2)
+    path = tmp_path_factory.mktemp("prompts") / "in.jsonl"
+    prompts = random_prompts([3, 11, 5, 17, 8, 2, 13], seed=3)
+    path.write_text("".join(json.dumps({"id": f"p{i}", "input_ids": p}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+def job_args(model, prompts_file, out, offload):
+    return [
+        "-m", "flexgen_dist.run", "--model", str(model), "--input", str(prompts_file), "--output", str(out),
+        "--gen-len", "10", "--gpu-batch-size", "2", "--num-gpu-batches", "2",
+        "--percent", "30", "30", "50", "50", "100", "0", "--offload-dir", str(offload), "--comm-timeout", "120",
+    ]
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_outputs(models, prompts_file, tmp_path_factory):
+    out = {}
+    for arch, model in models.items():
+        tmp = tmp_path_factory.mktemp(f"single-{arch}")
+        proc = subprocess.run([sys.executable, *job_args(model, prompts_file, tmp / "out.jsonl", tmp / "off")],
+                              env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out[arch] = read(tmp / "out.jsonl")
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_torchrun_ranks_match_one_process(models, prompts_file, single_outputs, tmp_path, arch, ranks):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           *job_args(models[arch], prompts_file, tmp_path / "out.jsonl", tmp_path / "off")]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read(tmp_path / "out.jsonl") == single_outputs[arch]
+    # rank 0 alone prints the summary
+    assert proc.stdout.count("throughput:") == 1
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (pip install 'flexgen_dist[mpi]')")
+def test_mpirun_ranks_match_one_process(models, prompts_file, single_outputs, tmp_path):
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    cmd = [MPIRUN, "-np", "2", *root, "--oversubscribe", "-x", "OMP_NUM_THREADS=1", "-x", "HF_HUB_OFFLINE=1",
+           sys.executable, *job_args(models["llama"], prompts_file, tmp_path / "out.jsonl", tmp_path / "off")]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read(tmp_path / "out.jsonl") == single_outputs["llama"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    # long enough positions for a job that runs for minutes unless interrupted
+    return make_tiny_model("llama", tmp_path_factory.mktemp("long") / "llama", max_position_embeddings=4096)
+
+
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_a_failed_rank_stops_the_others_with_its_name(long_model, tmp_path, fault):
+    timeout = 8
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "flexgen_dist.run", "--model", str(long_model), "--prompt-len", "4",
+               "--num-prompts", "16", "--gpu-batch-size", "8", "--gen-len", "4000", "--no-warmup",
+               "--comm-timeout", str(timeout), "--output", str(tmp_path / "out.jsonl"), "--verbose"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    rank0, rank1 = procs
+    try:
+        time.sleep(6)  # both ranks joined and are generating
+        assert rank0.poll() is None and rank1.poll() is None, "the job ended before the fault"
+        os.kill(rank1.pid, signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
+        start = time.monotonic()
+        _, err = rank0.communicate(timeout=timeout + 60)
+        elapsed = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert rank0.returncode not in (0, None)
+    assert "rank 1" in err, err[-2000:]
+    assert elapsed < timeout + 30
+    assert not (tmp_path / "out.jsonl").exists()
