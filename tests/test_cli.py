@@ -1,0 +1,107 @@
+"""The CLI end to end, and every kind of bad input: one line on stderr, exit code 2, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny_models import make_tiny_model
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "flexgen_dist.run", *map(str, args)],
+        capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("cli") / "llama")
+
+
+def assert_user_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_jsonl_in_jsonl_out_same_order_and_ids(llama_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [{"id": "a", "input_ids": [5, 6, 7]}, {"id": 7, "input_ids": [9] * 12}, {"id": "c", "input_ids": [3]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("--model", llama_dir, "--input", src, "--output", out, "--gen-len", 5,
+                   "--gpu-batch-size", 2, "--percent", 0, 100, 100, 0, 100, 0)
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["id"] for g in got] == ["a", 7, "c"]
+    assert all(1 <= len(g["output_ids"]) <= 5 for g in got)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("throughput:") and "prefill" in last and "decode" in last and "total" in last
+
+
+def test_missing_model_folder(tmp_path):
+    assert_user_error(run_cli("--model", tmp_path / "nope"), "does not exist")
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert_user_error(run_cli("--model", tmp_path), "supported: llama, mistral, opt, qwen2")
+
+
+@pytest.mark.parametrize("percent, fragment", [
+    ((80, 30, 100, 0, 100, 0), "over 100"),
+    ((100, 0, -10, 0, 100, 0), "cache_gpu_percent"),
+])
+def test_bad_percentages(llama_dir, percent, fragment):
+    assert_user_error(run_cli("--model", llama_dir, "--percent", *percent), fragment)
+
+
+def test_prompt_longer_than_positions(llama_dir, tmp_path):
+    src = tmp_path / "long.jsonl"
+    src.write_text(json.dumps({"id": 1, "input_ids": [4] * 500}) + "\n")
+    assert_user_error(run_cli("--model", llama_dir, "--input", src), "positions")
+
+
+def test_empty_prompt_list(llama_dir, tmp_path):
+    src = tmp_path / "empty.jsonl"
+    src.write_text("\n")
+    assert_user_error(run_cli("--model", llama_dir, "--input", src), "no prompts")
+
+
+def test_bad_json_line_names_file_and_line(llama_dir, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"id": 1, "input_ids": [1, 2]}\n{"id": 2, "prompt": \n')
+    assert_user_error(run_cli("--model", llama_dir, "--input", src), "bad.jsonl:2")
+
+
+def test_failed_run_leaves_existing_output_untouched(llama_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    src = tmp_path / "long.jsonl"
+    src.write_text(json.dumps({"id": 1, "input_ids": [4] * 500}) + "\n")
+    assert_user_error(run_cli("--model", llama_dir, "--input", src, "--output", out), "positions")
+    assert out.read_text() == "precious\n"
+
+
+def test_weights_on_disk_without_offload_dir(llama_dir):
+    assert_user_error(run_cli("--model", llama_dir, "--percent", 0, 0, 100, 0, 100, 0), "--offload-dir")
+
+
+def test_api_errors_are_user_errors(llama_dir):
+    from flexgen_dist import LLM, UserError
+
+    llm = LLM(llama_dir)
+    with pytest.raises(UserError, match="empty"):
+        llm.generate([])
+    with pytest.raises(UserError, match="prompt 1 is empty"):
+        llm.generate([[1], []])
+    with pytest.raises(UserError, match="no tokenizer"):
+        llm.generate(["text"])
