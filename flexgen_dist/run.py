@@ -13,7 +13,7 @@ import sys
 from . import DEFAULT_MODEL
 from .frontend.api import LLM
 from .frontend.cli import add_model_args, dist_from_args, llm_kwargs_from_args, run_command
-from .frontend.jobfiles import check_writable, read_jsonl, write_jsonl
+from .frontend.jobfiles import check_writable, read_jsonl, write_jsonl, write_stats
 
 EXAMPLE_PROMPTS = [
     "The list data type has some more methods.",
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stats-json", help="also write the run's statistics and policy to this JSON file (rank 0)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the short untimed warm-up run")
     parser.add_argument("--stop-token-ids", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
                         help="comma-separated ids that end a sequence (besides EOS)")
@@ -62,6 +63,10 @@ def _run(args: argparse.Namespace, ctx) -> int:
     if args.output and ctx.rank == 0:
         check_writable(args.output)
     lines = read_jsonl(args.input) if args.input else None
+    if lines is None:
+        kwargs["max_seq_len"] = (args.prompt_len or 32) + args.gen_len
+    elif all(isinstance(line.prompt, list) for line in lines):
+        kwargs["max_seq_len"] = max(len(line.prompt) for line in lines) + args.gen_len
     llm = LLM(args.model, **kwargs)
     try:
         if lines is not None:
@@ -100,6 +105,8 @@ def _run(args: argparse.Namespace, ctx) -> int:
     elif lines is None and all(isinstance(p, str) for p in prompts):
         for prompt, out in zip(prompts, result.outputs):
             print(f"{prompt!r} -> {out.text!r}")
+    if args.stats_json:
+        write_stats(args.stats_json, result.stats, llm.policy, ctx.world_size)
     print(f"throughput: {result.stats.summary()}")
     return 0
 

@@ -17,7 +17,9 @@ from ..engine.sampling import Sampler, SamplingParams
 from ..errors import UserError
 from ..model import Unit, make_math, model_units
 from ..model.checkpoint import CheckpointSource, RandomSource
+from ..planning.capacity import StageFootprint, fit_policy
 from ..planning.policy import Policy
+from ..planning.sizes import format_size
 from ..planning.spec import ModelSpec
 from ..storage.weights import WeightStore
 from .prompts import PreparedPrompts, make_blocks, prepare_prompts
@@ -134,6 +136,10 @@ class LLM:
         dist: DistContext | None = None,
         stage_layers: Sequence[int] | None = None,
         comm_timeout_s: float = 300.0,
+        gpu_mem: int | None = None,
+        cpu_mem: int | None = None,
+        max_seq_len: int | None = None,
+        drop_page_cache: bool = False,
         _spec: ModelSpec | None = None,
         _source=None,
         _tokenizer=None,
@@ -163,8 +169,12 @@ class LLM:
             comm = PipeComm(self.dist.rank, self.dist.world_size, self.dist.backend, self.device, comm_timeout_s)
         elif stage_layers is not None and list(stage_layers) != [self.spec.num_layers]:
             raise UserError("--stage-layers needs one entry per rank; with one process, drop it")
+        if gpu_mem is not None or cpu_mem is not None:
+            self.policy = self._fit_to_capacity(gpu_mem, cpu_mem, max_seq_len)
+            self._check_policy()
         self.weights = WeightStore(
-            self.units, source, self.policy, self.device, self.compute_dtype, self.storage_dtype, self.offload_dir
+            self.units, source, self.policy, self.device, self.compute_dtype, self.storage_dtype, self.offload_dir,
+            drop_page_cache=drop_page_cache,
         )
         self.engine = Engine(
             self.spec,
@@ -211,6 +221,30 @@ class LLM:
             _source=RandomSource(seed, std),
             **kwargs,
         )
+
+    def _fit_to_capacity(self, gpu_mem, cpu_mem, max_seq_len) -> Policy:
+        if gpu_mem is None or cpu_mem is None:
+            raise UserError("give both --gpu-mem and --cpu-mem (per rank), or neither")
+        s, p = self.spec, self.policy
+        seq = max_seq_len or s.max_positions
+        itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
+        in_flight = self.dist.world_size if self.dist is not None else 1
+        cache_layers = sum(u.has_cache for u in self.units)
+        footprint = StageFootprint(
+            weight_numel=sum(w.numel for u in self.units for w in u.weights),
+            max_unit_numel=max(sum(w.numel for w in u.weights) for u in self.units),
+            compute_itemsize=itemsize,
+            storage_itemsize=torch.empty((), dtype=self.storage_dtype).element_size(),
+            cache_bytes=in_flight * cache_layers * 2 * seq * p.block_size * s.kv_dim * itemsize,
+            act_bytes=2 * p.block_size * seq * max(s.hidden_size, s.intermediate_size) * itemsize,
+        )
+        fitted = fit_policy(p, footprint, gpu_mem, cpu_mem).policy
+        log.info(
+            "fitted to gpu %s, cpu %s: weights %g/%g %%, cache %g/%g %% on gpu/cpu",
+            format_size(gpu_mem), format_size(cpu_mem), fitted.w_gpu_percent, fitted.w_cpu_percent,
+            fitted.cache_gpu_percent, fitted.cache_cpu_percent,
+        )
+        return fitted
 
     def _check_policy(self) -> None:
         """Refuse a policy that cannot work before anything is allocated."""

@@ -14,6 +14,7 @@ from ..dist.context import setup_logging as dist_setup_logging
 from ..dist.partition import parse_stage_layers
 from ..errors import UserError
 from ..planning.policy import Policy
+from ..planning.sizes import parse_size
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
@@ -36,6 +37,11 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
                         help="with several ranks: decoder layers per rank, e.g. 10,12,10 (default: balanced by cost)")
     parser.add_argument("--comm-backend", choices=("gloo", "nccl"), default=None,
                         help="override the backend (default: nccl when each rank owns a GPU, else gloo)")
+    parser.add_argument("--gpu-mem", default=None,
+                        help="per-rank capacity of the gpu tier (e.g. 8G); with --cpu-mem, overrides --percent by a greedy fit")
+    parser.add_argument("--cpu-mem", default=None, help="per-rank capacity of the cpu tier (e.g. 32G)")
+    parser.add_argument("--drop-page-cache", action="store_true",
+                        help="evict disk-tier weight pages after each read, so reads measure the disk, not RAM")
     parser.add_argument("--comm-timeout", type=float, default=300.0,
                         help="seconds to wait for a peer rank before stopping with an error (default 300)")
 
@@ -73,6 +79,9 @@ def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext) -> dict:
         "dist": ctx,
         "stage_layers": parse_stage_layers(args.stage_layers) if args.stage_layers else None,
         "comm_timeout_s": args.comm_timeout,
+        "gpu_mem": parse_size(args.gpu_mem, "--gpu-mem") if args.gpu_mem else None,
+        "cpu_mem": parse_size(args.cpu_mem, "--cpu-mem") if args.cpu_mem else None,
+        "drop_page_cache": args.drop_page_cache,
     }
 
 

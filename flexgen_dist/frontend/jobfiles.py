@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -71,3 +72,20 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_stats(path: str | Path, stats, policy, world_size: int) -> None:
+    """Machine-readable run statistics (what benchmarks parse)."""
+    data = {
+        "world_size": world_size,
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "total_s": stats.total_s,
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "prefill_tokens_per_s": stats.prefill_tokens_per_s,
+        "decode_tokens_per_s": stats.decode_tokens_per_s,
+        "tokens_per_s": stats.tokens_per_s,
+        "policy": dataclasses.asdict(policy),
+    }
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")

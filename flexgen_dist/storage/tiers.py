@@ -64,8 +64,9 @@ class DiskTensor:
 
     tier = "disk"
 
-    def __init__(self, path: str | Path, shape, dtype: torch.dtype, create: bool = True):
+    def __init__(self, path: str | Path, shape, dtype: torch.dtype, create: bool = True, drop_page_cache: bool = False):
         self.path = Path(path)
+        self.drop_page_cache = drop_page_cache  # evict after reading: the next read comes from the disk
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
         self._row_bytes = torch.Size(self.shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
@@ -101,6 +102,8 @@ class DiskTensor:
                 if not n:
                     raise IOError(f"{self.path} is shorter than expected ({got} of {nbytes} bytes)")
                 got += n
+            if self.drop_page_cache:
+                os.posix_fadvise(f.fileno(), start * self._row_bytes, nbytes, os.POSIX_FADV_DONTNEED)
         return buf.view(self.dtype).view((stop - start, *self.shape[1:]))
 
     def write(self, index: slice, value: torch.Tensor) -> None:

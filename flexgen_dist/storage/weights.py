@@ -79,6 +79,8 @@ class WeightStore:
         compute_dtype: torch.dtype,
         storage_dtype: torch.dtype,
         offload_dir: str | Path | None,
+        *,
+        drop_page_cache: bool = False,
     ):
         self.device = device
         self.compute_dtype = compute_dtype
@@ -98,7 +100,7 @@ class WeightStore:
                     if not disk.is_complete(ws):
                         disk.write(ws, source.get(ws))
                         written += 1
-                    placed[ws.name] = DiskTensor(disk.file(ws), ws.shape, storage_dtype, create=False)
+                    placed[ws.name] = DiskTensor(disk.file(ws), ws.shape, storage_dtype, create=False, drop_page_cache=drop_page_cache)
                 elif tier == "cpu":
                     data = source.get(ws).to(storage_dtype)
                     placed[ws.name] = MemoryTensor(data.pin_memory() if pin else data, "cpu")

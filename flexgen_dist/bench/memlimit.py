@@ -1,0 +1,489 @@
+"""Run a benchmark child under a memory cap, measure its peak memory, and evict files from the
+page cache so that a capped run reads from the disk.
+
+Why a cgroup: a disk-offloading system measured on a machine with free RAM reads its "disk"
+weights from the page cache, i.e. from memory. A memory cgroup charges the page cache its child
+fills to the child's limit, so under a cap smaller than the model the reads must go to the disk.
+
+`run_limited` picks, in order:
+1. cgroup v1 (`memory` controller mounted, writable: root): a new group below the caller's own
+   memory group, `memory.limit_in_bytes` (and `memory.memsw.limit_in_bytes`, so swap is no way
+   out), peak from `memory.max_usage_in_bytes`, OOM kills from `oom_kill` in `memory.oom_control`.
+2. cgroup v2 (a writable unified hierarchy whose parent group delegates `memory`):
+   `memory.max` (`memory.swap.max` = 0), peak from `memory.peak`, OOM kills from `memory.events`.
+3. `setrlimit(RLIMIT_AS)` in the child. WEAKER: it caps the child's address space, not its page
+   cache (a disk-offloading run is not forced to the disk), and programs that reserve address
+   space they never touch (torch, glibc arenas) fail under a cap their RSS would fit. An
+   allocation over it fails with ENOMEM (`MemoryError` in Python), not a kill; `oom_killed` is then
+   guessed from the child's stderr. `limit_method` says which one ran.
+
+The group is removed after the run. Removing a v1/v2 group moves the page cache charged to it to
+the parent instead of dropping it: callers that want the next run cold call
+`evict_from_page_cache` on the files it reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import re
+import resource
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexgen_dist.errors import UserError
+
+__all__ = ["LimitedRun", "parse_size", "format_size", "evict_from_page_cache", "run_limited", "cgroup_support"]
+
+# Bare K/M/G/T mean powers of 1024, as `docker -m 4G` and cgroup files read them; KB/MB/GB/TB
+# mean powers of 1000, as accelerate's `max_memory` reads them.
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of a size: "4G" / "4GiB" (4 * 1024**3), "4GB" (4 * 1000**3), "512M", "1.5G",
+    "1048576" (bytes). K/M/G/T alone are binary (as `docker -m` and cgroups read them); the
+    SI spelling KB/MB/GB/TB is decimal. Case-insensitive. Raises `UserError` on anything else."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise UserError(f"memory size {text} is negative; give a size like 4G, 512MiB or 1000000")
+        return text
+    match = _SIZE_RE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise UserError(
+            f"cannot read {text!r} as a memory size; give a number with an optional unit "
+            "K/M/G/T (powers of 1024), KiB/MiB/GiB/TiB, or KB/MB/GB/TB (powers of 1000), e.g. 4G"
+        )
+    scale = _UNITS[unit]
+    value = float(match.group(1)) * scale
+    if scale == 1 and not float(match.group(1)).is_integer():
+        raise UserError(f"memory size {text!r} has a fraction of a byte; give whole bytes or a unit")
+    return int(value)
+
+
+def format_size(num_bytes: int | None) -> str:
+    """'3.73 GiB'-style text of a byte count (for logs and reports); '-' for None."""
+    if num_bytes is None:
+        return "-"
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} TiB"  # unreachable
+
+
+# ---------------------------------------------------------------- page cache
+
+
+def _files_under(paths) -> list[Path]:
+    files = []
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = Path(path)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()))
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+def evict_from_page_cache(paths) -> int:
+    """Drop the page-cache pages of every regular file under `paths` (files or folders, one or a
+    list; missing paths are skipped): `fsync` first (dirty pages cannot be dropped, e.g. of a file
+    just written), then `posix_fadvise(POSIX_FADV_DONTNEED)`. Returns the bytes of the files
+    advised. Pages mapped by a live process stay (the kernel only drops unmapped clean pages)."""
+    total = 0
+    for path in _files_under(paths):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # vanished or unreadable: nothing of ours to evict
+        try:
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass  # e.g. a filesystem without fsync; fadvise still drops the clean pages
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+# ---------------------------------------------------------------- cgroups
+
+
+@dataclass
+class LimitedRun:
+    """What `run_limited` saw of one child."""
+
+    returncode: int
+    """Exit code; negative = killed by that signal (-9: SIGKILL, e.g. the OOM killer)."""
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int | None
+    """Peak resident set of the child (its `ru_maxrss` from `wait4`, which includes the
+    descendants it waited for): anonymous memory and mapped files, not the page cache."""
+    oom_killed: bool
+    """The run died of memory: the cgroup's OOM killer fired (v1 `oom_kill`, v2 `memory.events`,
+    or SIGKILL after hitting the limit), or under RLIMIT_AS the child failed to allocate."""
+    limit_method: str
+    """"none", "cgroup-v1 <dir>", "cgroup-v2 <dir>" or "rlimit-as (weaker: ...)"."""
+    mem_limit: int | None = None
+    """The cap asked for, in bytes (None: none)."""
+    peak_cgroup_bytes: int | None = None
+    """Peak memory charged to the cgroup (RSS + page cache + kernel), when one was used."""
+    wall_s: float = 0.0
+    timed_out: bool = False
+    """Killed after `timeout_s` (returncode is then -9 and oom_killed False)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.oom_killed and not self.timed_out
+
+    def describe_failure(self) -> str:
+        """One line saying why the run failed ('' when it did not)."""
+        if self.ok:
+            return ""
+        if self.timed_out:
+            return f"timed out after {self.wall_s:.0f} s"
+        if self.oom_killed:
+            return f"out of memory under the {format_size(self.mem_limit)} cap ({self.limit_method})"
+        last = next((ln for ln in reversed(self.stderr.strip().splitlines()) if ln.strip()), "")
+        return f"exit code {self.returncode}" + (f": {last.strip()[:300]}" if last else "")
+
+
+_counter = itertools.count()
+
+
+def _mounts() -> list[tuple[str, str, list[str]]]:
+    """(mount point, fs type, options) of every cgroup mount."""
+    found = []
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 4 and fields[2] in ("cgroup", "cgroup2"):
+                    mount_point = fields[1].replace("\\040", " ")
+                    found.append((mount_point, fields[2], fields[3].split(",")))
+    except OSError:
+        pass
+    return found
+
+
+def _own_cgroup(controller: str | None) -> str:
+    """This process's group path in the v1 hierarchy of `controller` (None: the v2 one)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                names = controllers.split(",") if controllers else []
+                if (controller is None and controllers == "") or (controller in names):
+                    return path
+    except OSError:
+        pass
+    return "/"
+
+
+def _writable_dir(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK)
+
+
+class _Cgroup:
+    """One memory group created for one child; `cleanup` kills what is left in it and removes it."""
+
+    def __init__(self, version: int, path: Path):
+        self.version = version
+        self.path = path
+
+    @property
+    def procs_file(self) -> str:
+        return str(self.path / "cgroup.procs")
+
+    def read(self, name: str) -> str | None:
+        try:
+            return (self.path / name).read_text()
+        except OSError:
+            return None
+
+    def read_int(self, name: str) -> int | None:
+        text = self.read(name)
+        try:
+            return int(text.split()[0]) if text else None
+        except ValueError:
+            return None
+
+    def peak(self) -> int | None:
+        return self.read_int("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak")
+
+    def oom_kills(self) -> int | None:
+        """OOM kills inside the group, or None where the kernel does not count them."""
+        text = self.read("memory.oom_control" if self.version == 1 else "memory.events")
+        match = re.search(r"^oom_kill (\d+)$", text or "", re.M)
+        return int(match.group(1)) if match else None
+
+    def hit_limit(self) -> bool:
+        if self.version == 1:
+            return (self.read_int("memory.failcnt") or 0) > 0
+        match = re.search(r"^max (\d+)$", self.read("memory.events") or "", re.M)
+        return bool(match and int(match.group(1)) > 0)
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in (self.read("cgroup.procs") or "").split()]
+
+    def cleanup(self) -> None:
+        for _ in range(50):
+            pids = self.pids()
+            for pid in pids:  # stragglers of our own child (it may have forked)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    return
+            time.sleep(0.05)
+
+
+def _make_cgroup_v1(limit: int) -> _Cgroup | None:
+    mount = next((m for m, fstype, opts in _mounts() if fstype == "cgroup" and "memory" in opts), None)
+    if mount is None:
+        return None
+    own = Path(mount) / _own_cgroup("memory").lstrip("/")
+    # Below our own group when we may write there (the limits above still apply and the charge
+    # stays where it belongs); the hierarchy's root otherwise.
+    for parent in (own, Path(mount)):
+        if not _writable_dir(parent) or not (parent / "memory.limit_in_bytes").exists():
+            continue
+        path = parent / f"flexgen-bench-{os.getpid()}-{next(_counter)}"
+        try:
+            path.mkdir()
+        except OSError:
+            continue
+        group = _Cgroup(1, path)
+        try:
+            (path / "memory.limit_in_bytes").write_text(str(limit))
+            memsw = path / "memory.memsw.limit_in_bytes"
+            if memsw.exists():  # memsw >= mem is required, so it is written after the limit
+                memsw.write_text(str(limit))
+            return group
+        except OSError:
+            group.cleanup()
+    return None
+
+
+def _make_cgroup_v2(limit: int) -> _Cgroup | None:
+    mounts = [m for m, fstype, _ in _mounts() if fstype == "cgroup2"]
+    own_path = _own_cgroup(None).lstrip("/")
+    for mount in mounts:
+        for parent in (Path(mount) / own_path, Path(mount)):
+            if not _writable_dir(parent):
+                continue
+            subtree = parent / "cgroup.subtree_control"
+            try:
+                if "memory" not in subtree.read_text().split():
+                    # Fails when the parent holds processes itself (v2's "no internal processes").
+                    subtree.write_text("+memory")
+            except OSError:
+                continue
+            path = parent / f"flexgen-bench-{os.getpid()}-{next(_counter)}"
+            try:
+                path.mkdir()
+            except OSError:
+                continue
+            group = _Cgroup(2, path)
+            try:
+                (path / "memory.max").write_text(str(limit))
+                swap = path / "memory.swap.max"
+                if swap.exists():
+                    swap.write_text("0")
+                return group
+            except OSError:
+                group.cleanup()
+    return None
+
+
+def cgroup_support() -> str:
+    """'cgroup-v1', 'cgroup-v2' or 'rlimit-as': what `run_limited` would use here for a cap
+    (creates and removes an empty test group)."""
+    for version, make in ((1, _make_cgroup_v1), (2, _make_cgroup_v2)):
+        group = make(1 << 40)
+        if group is not None:
+            group.cleanup()
+            return f"cgroup-v{version}"
+    return "rlimit-as"
+
+
+_RLIMIT_NOTE = "rlimit-as (weaker: caps the address space, not the page cache)"
+_ALLOC_FAILURE = re.compile(
+    r"MemoryError|Cannot allocate memory|can't allocate memory|std::bad_alloc|"
+    r"DefaultCPUAllocator: not enough memory|out of memory",
+    re.I,
+)
+
+
+def _preexec(procs_file: str | None, rlimit_as: int | None):
+    """The function the child runs between fork and exec: join the group (so everything it
+    allocates from then on is charged there) or set its address-space limit. Only os calls."""
+
+    def join():
+        os.setsid()  # own process group: a timeout kills the child and what it started
+        if procs_file is not None:
+            fd = os.open(procs_file, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")  # "0" = the writing process itself
+            finally:
+                os.close(fd)
+        if rlimit_as is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (rlimit_as, rlimit_as))
+
+    return join
+
+
+def run_limited(
+    cmd: list[str],
+    *,
+    mem_limit: int | None,
+    env: dict | None = None,
+    timeout_s: float | None = None,
+    method: str = "auto",
+    cwd: str | os.PathLike | None = None,
+) -> LimitedRun:
+    """Run `cmd` to completion, capturing its stdout and stderr (text), with at most `mem_limit`
+    bytes of memory (None: no cap) and measure its peak memory.
+
+    `method`: "auto" (cgroup v1, then v2, then RLIMIT_AS; see the module docstring), "cgroup"
+    (v1 or v2, else `UserError`) or "rlimit" (RLIMIT_AS only). `timeout_s`: kill the child (and
+    everything in its group) after that long; the result then has `timed_out=True`.
+    """
+    if method not in ("auto", "cgroup", "rlimit"):
+        raise UserError(f"unknown memory-limit method {method!r}; use auto, cgroup or rlimit")
+    group = None
+    rlimit_as = None
+    limit_method = "none"
+    if mem_limit is not None:
+        mem_limit = parse_size(mem_limit)
+        if method in ("auto", "cgroup"):
+            group = _make_cgroup_v1(mem_limit) or _make_cgroup_v2(mem_limit)
+        if group is not None:
+            limit_method = f"cgroup-v{group.version} {group.path}"
+        elif method == "cgroup":
+            raise UserError(
+                "cannot create a memory cgroup here (needs root and a writable cgroup v1 `memory` "
+                "hierarchy or a cgroup v2 one that delegates `memory`); run as root or use method='rlimit'"
+            )
+        else:
+            rlimit_as = mem_limit
+            limit_method = _RLIMIT_NOTE
+
+    start = time.perf_counter()
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            preexec_fn=_preexec(group.procs_file if group else None, rlimit_as),
+        )
+    except BaseException:
+        if group is not None:
+            group.cleanup()
+        raise
+
+    chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+
+    def drain(name, stream):
+        for block in iter(lambda: stream.read1(1 << 16), b""):
+            chunks[name].append(block)
+        stream.close()
+
+    readers = [threading.Thread(target=drain, args=(n, s), daemon=True) for n, s in
+               (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for reader in readers:
+        reader.start()
+
+    # wait4 instead of Popen.wait: it returns this child's own rusage (its peak RSS), which
+    # getrusage(RUSAGE_CHILDREN) would mix with every other child this process ever had.
+    timed_out = False
+    status, rusage = None, None
+    try:
+        while status is None:
+            pid, status_now, rusage_now = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                status, rusage = status_now, rusage_now
+                break
+            if timeout_s is not None and time.perf_counter() - start > timeout_s and not timed_out:
+                timed_out = True
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+    except BaseException:
+        # Interrupted (Ctrl-C): do not leave a capped child running.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if group is not None:
+            group.cleanup()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)  # keeps Popen from waiting again
+    wall_s = time.perf_counter() - start
+    if group is not None:
+        for pid in group.pids():  # a descendant still holding the pipes open
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for reader in readers:
+        reader.join(timeout=10)
+    stdout = b"".join(chunks["stdout"]).decode(errors="replace")
+    stderr = b"".join(chunks["stderr"]).decode(errors="replace")
+
+    peak_rss = rusage.ru_maxrss * 1024 if rusage is not None else None  # KiB on Linux
+    peak_cgroup = None
+    oom_killed = False
+    if group is not None:
+        peak_cgroup = group.peak()
+        kills = group.oom_kills()
+        if kills is not None:
+            oom_killed = kills > 0
+        else:  # older kernels: a SIGKILL we did not send, after the group hit its limit
+            oom_killed = proc.returncode == -signal.SIGKILL and not timed_out and group.hit_limit()
+        group.cleanup()
+    elif rlimit_as is not None:
+        oom_killed = proc.returncode != 0 and not timed_out and bool(_ALLOC_FAILURE.search(stderr))
+    return LimitedRun(
+        returncode=proc.returncode,
+        stdout=stdout,
+        stderr=stderr,
+        peak_rss_bytes=peak_rss,
+        oom_killed=oom_killed,
+        limit_method=limit_method,
+        mem_limit=mem_limit,
+        peak_cgroup_bytes=peak_cgroup,
+        wall_s=wall_s,
+        timed_out=timed_out,
+    )
