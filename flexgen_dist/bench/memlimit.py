@@ -135,8 +135,9 @@ class LimitedRun:
     stdout: str
     stderr: str
     peak_rss_bytes: int | None
-    """Peak resident set of the child (its `ru_maxrss` from `wait4`, which includes the
-    descendants it waited for): anonymous memory and mapped files, not the page cache."""
+    """Peak resident set of the child process itself (anonymous memory and mapped files, not the
+    page cache; not its own children), polled from `VmHWM` in /proc every <= 50 ms; None when
+    it exited before the first poll."""
     oom_killed: bool
     """The run died of memory: the cgroup's OOM killer fired (v1 `oom_kill`, v2 `memory.events`,
     or SIGKILL after hitting the limit), or under RLIMIT_AS the child failed to allocate."""
@@ -340,6 +341,18 @@ _ALLOC_FAILURE = re.compile(
 )
 
 
+def _vm_hwm(pid: int) -> int | None:
+    """Peak RSS in bytes of a live process (VmHWM), None when it is gone or has no memory."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _preexec(procs_file: str | None, rlimit_as: int | None):
     """The function the child runs between fork and exec: join the group (so everything it
     allocates from then on is charged there) or set its address-space limit. Only os calls."""
@@ -422,23 +435,31 @@ def run_limited(
     for reader in readers:
         reader.start()
 
-    # wait4 instead of Popen.wait: it returns this child's own rusage (its peak RSS), which
-    # getrusage(RUSAGE_CHILDREN) would mix with every other child this process ever had.
+    # The peak RSS is polled from /proc (VmHWM, the high-water mark of the child's own address
+    # space, which starts fresh at exec). Not ru_maxrss: Linux carries the parent's high-water
+    # mark over fork and exec into the child's, so a child of a big benchmark process would
+    # report at least the parent's size. What the poll misses is growth in its last interval.
     timed_out = False
-    status, rusage = None, None
+    status = None
+    peak_rss = None
+    interval = 0.005
     try:
-        while status is None:
-            pid, status_now, rusage_now = os.wait4(proc.pid, os.WNOHANG)
+        while True:
+            pid, status_now, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid == proc.pid:
-                status, rusage = status_now, rusage_now
+                status = status_now
                 break
+            hwm = _vm_hwm(proc.pid)
+            if hwm is not None:
+                peak_rss = max(peak_rss or 0, hwm)
             if timeout_s is not None and time.perf_counter() - start > timeout_s and not timed_out:
                 timed_out = True
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            time.sleep(0.02)
+            time.sleep(interval)
+            interval = min(interval * 1.5, 0.05)
     except BaseException:
         # Interrupted (Ctrl-C): do not leave a capped child running.
         try:
@@ -462,7 +483,6 @@ def run_limited(
     stdout = b"".join(chunks["stdout"]).decode(errors="replace")
     stderr = b"".join(chunks["stderr"]).decode(errors="replace")
 
-    peak_rss = rusage.ru_maxrss * 1024 if rusage is not None else None  # KiB on Linux
     peak_cgroup = None
     oom_killed = False
     if group is not None:

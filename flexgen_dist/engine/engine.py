@@ -39,11 +39,13 @@ class Block:
     seq_ids: list[int]  # prompt index of each row; -1 for rows that only pad the block
     max_new_tokens: int
     stop_ids: frozenset[int]
+    score: bool = False  # also compute each prompt token's log-probability (perplexity)
 
 
 @dataclass
 class BlockResult:
     tokens: list[list[int]]  # per row: generated ids, up to and including a stop id
+    scores: list[list[float]] | None = None  # per row: log p(token i | tokens < i) for i >= 1
 
 
 @dataclass
@@ -70,6 +72,7 @@ class _BlockState:
     positions: torch.Tensor  # (B, S) long
     tokens: torch.Tensor  # (B, T) long, generated ids
     done: torch.Tensor  # (B,) bool
+    scores: dict[int, list[float]] = field(default_factory=dict)  # row -> prompt token log-probs
     scratch: Path | None = None  # this block's disk-tier cache and activation files
     caches: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (layer, batch) -> (k, v)
     act_homes: dict[int, object] = field(default_factory=dict)  # batch -> tier name or DiskTensor
@@ -168,7 +171,8 @@ class Engine:
                 if tok in state.block.stop_ids:
                     break
             tokens.append(out)
-        return BlockResult(tokens)
+        scores = [state.scores[row] for row in range(len(tokens))] if state.block.score else None
+        return BlockResult(tokens, scores)
 
     # --- per-step inputs ------------------------------------------------------------------------
     def _query_slots(self, state: _BlockState, token_idx: int) -> slice:
@@ -186,7 +190,11 @@ class Engine:
                 allowed &= (q_idx - k_idx) < self.spec.sliding_window
             mask = state.valid[rows, None, None, : q.stop] & allowed  # (B, 1, T, S)
             mask |= k_idx == q_idx  # a padding slot attends to itself: no fully masked row, no NaN
-            state.steps[key] = Step(positions=state.positions[rows, q].to(self.device), mask=mask.to(self.device))
+            state.steps[key] = Step(
+                positions=state.positions[rows, q].to(self.device),
+                mask=mask.to(self.device),
+                last_only=not (state.block.score and token_idx == 0),
+            )
         return state.steps[key]
 
     # --- loads and stores -----------------------------------------------------------------------
@@ -228,6 +236,15 @@ class Engine:
         stop = torch.tensor([int(i) in state.block.stop_ids for i in ids.tolist()], dtype=torch.bool)
         state.done[rows] = done | stop
 
+    def _record_scores(self, state: _BlockState, batch_idx: int, logits: torch.Tensor) -> None:
+        rows = self._rows(batch_idx)
+        ids = state.block.input_ids[rows].to(logits.device)  # (B, P)
+        mask = state.block.prompt_mask[rows]
+        for i in range(logits.shape[0]):  # row by row: a (P, V) log-softmax at a time
+            logp = logits[i, :-1].log_softmax(-1).gather(-1, ids[i, 1:, None])[:, 0].cpu()  # (P - 1,)
+            both_real = mask[i, :-1] & mask[i, 1:]
+            state.scores[rows.start + i] = logp[both_real].tolist()
+
     # --- compute --------------------------------------------------------------------------------
     def _compute(self, state: _BlockState, op: ops_.Compute, weights, past) -> None:
         t, j, k = op.token_idx, op.layer_idx, op.batch_idx
@@ -247,8 +264,10 @@ class Engine:
             state.hidden[k] = h
             state.new_kv[(j, k)] = (k_new, v_new)
         else:
-            logits = self.math.head(weights, x, step)[:, -1]  # (B, V)
-            self._record_tokens(state, t, k, self.sampler(logits, state.block.seq_ids[rows]))
+            logits = self.math.head(weights, x, step)  # (B, T, V)
+            if not step.last_only:
+                self._record_scores(state, k, logits)
+            self._record_tokens(state, t, k, self.sampler(logits[:, -1], state.block.seq_ids[rows]))
         if j == len(self.units) - 1:
             state.steps.pop((t, k), None)  # this token's step inputs are not needed again
 

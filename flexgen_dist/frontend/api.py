@@ -14,7 +14,7 @@ from ..dist.context import DistContext
 from ..dist.partition import partition_layers
 from ..engine.engine import Block, Engine
 from ..engine.sampling import Sampler, SamplingParams
-from ..errors import UserError
+from ..errors import NotSupportedYet, UserError
 from ..model import Unit, make_math, model_units
 from ..model.checkpoint import CheckpointSource, RandomSource
 from ..planning.capacity import StageFootprint, fit_policy
@@ -303,6 +303,25 @@ class LLM:
             num_sequences=len(outputs),
         )
         return GenerationResult(outputs=outputs, stats=stats)
+
+    def score(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[float]]:
+        """Log-probability of every prompt token after the first, given the tokens before it
+        (natural log), through the same engine and policy as `generate`. For perplexity."""
+        if self.dist is not None:
+            raise NotSupportedYet("score() over several ranks is not supported yet; run it in one process")
+        prepared = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens=1)
+        pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
+        blocks = [
+            Block(rows.input_ids, rows.prompt_mask, rows.seq_ids, 1, frozenset(), score=True)
+            for rows in make_blocks(prepared.ids, self.policy.gpu_batch_size, self.policy.num_gpu_batches, pad_id)
+        ]
+        run = self.engine.run(blocks, Sampler(SamplingParams()))
+        scores: dict[int, list[float]] = {}
+        for block, res in zip(blocks, run.blocks):
+            for seq_id, row_scores in zip(block.seq_ids, res.scores):
+                if seq_id >= 0:
+                    scores[seq_id] = row_scores
+        return [scores[i] for i in range(len(prepared.ids))]
 
     def close(self) -> None:
         """Stop the I/O threads and, with several ranks, destroy the process group."""
