@@ -10,7 +10,10 @@ import argparse
 import random
 import sys
 
+from pathlib import Path
+
 from . import DEFAULT_MODEL
+from .engine.trace import Tracer
 from .frontend.api import LLM
 from .frontend.cli import add_model_args, dist_from_args, llm_kwargs_from_args, run_command
 from .frontend.jobfiles import check_writable, read_jsonl, write_jsonl, write_stats
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", help="write a Chrome/Perfetto trace (traceEvents JSON) of every op; rank r > 0 writes FILE.rank<r>.json")
     parser.add_argument("--stats-json", help="also write the run's statistics and policy to this JSON file (rank 0)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the short untimed warm-up run")
     parser.add_argument("--stop-token-ids", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
@@ -67,7 +71,8 @@ def _run(args: argparse.Namespace, ctx) -> int:
         kwargs["max_seq_len"] = (args.prompt_len or 32) + args.gen_len
     elif all(isinstance(line.prompt, list) for line in lines):
         kwargs["max_seq_len"] = max(len(line.prompt) for line in lines) + args.gen_len
-    llm = LLM(args.model, **kwargs)
+    tracer = Tracer(pid=ctx.rank) if args.trace else None
+    llm = LLM(args.model, tracer=tracer, **kwargs)
     try:
         if lines is not None:
             prompts = [line.prompt for line in lines]
@@ -80,6 +85,8 @@ def _run(args: argparse.Namespace, ctx) -> int:
             prompts = EXAMPLE_PROMPTS[: args.num_prompts] if args.num_prompts else EXAMPLE_PROMPTS
         if not args.no_warmup:  # first calls pay torch's lazy initialisation; keep it out of the timing
             llm.generate([prompts[0]], max_new_tokens=min(2, args.gen_len))
+            if tracer is not None:
+                tracer.reset()
         result = llm.generate(
             prompts,
             max_new_tokens=args.gen_len,
@@ -92,6 +99,9 @@ def _run(args: argparse.Namespace, ctx) -> int:
         )
     finally:
         llm.close()
+    if tracer is not None:
+        path = Path(args.trace)
+        tracer.write(path if ctx.rank == 0 else path.with_suffix(f".rank{ctx.rank}{path.suffix}"))
     if ctx.rank != 0:
         return 0  # rank 0 alone writes results and prints the summary
     if args.output:

@@ -105,3 +105,19 @@ def test_api_errors_are_user_errors(llama_dir):
         llm.generate([[1], []])
     with pytest.raises(UserError, match="no tokenizer"):
         llm.generate(["text"])
+
+
+def test_trace_shows_loads_on_io_threads_beside_compute(llama_dir, tmp_path):
+    trace = tmp_path / "trace.json"
+    proc = run_cli("--model", llama_dir, "--percent", 0, 50, 0, 100, 100, 0, "--offload-dir", tmp_path / "off",
+                   "--gen-len", 3, "--num-gpu-batches", 2, "--gpu-batch-size", 2, "--trace", trace)
+    assert proc.returncode == 0, proc.stderr
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    names = " ".join(e["name"] for e in spans)
+    for word in ("load weight", "load cache", "compute", "store cache"):
+        assert word in names
+    compute_threads = {e["tid"] for e in spans if e["cat"] == "compute"}
+    load_threads = {e["tid"] for e in spans if e["name"].startswith("load weight")}
+    assert load_threads - compute_threads, "weight loads should run on I/O threads"
+    assert all(e["dur"] >= 0 for e in spans)

@@ -72,6 +72,18 @@ def test_torchrun_ranks_match_one_process(models, prompts_file, single_outputs, 
     assert proc.stdout.count("throughput:") == 1
 
 
+def test_trace_per_rank_shows_sends_and_receives(models, prompts_file, tmp_path):
+    trace = tmp_path / "trace.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *job_args(models["llama"], prompts_file, tmp_path / "out.jsonl", tmp_path / "off"), "--trace", str(trace)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = " ".join(e["name"] for e in json.loads(trace.read_text())["traceEvents"])
+    second = " ".join(e["name"] for e in json.loads((tmp_path / "trace.rank1.json").read_text())["traceEvents"])
+    assert "send activation" in first and "recv tokens" in first
+    assert "recv activation" in second and "send tokens" in second
+
+
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (pip install 'flexgen_dist[mpi]')")
 def test_mpirun_ranks_match_one_process(models, prompts_file, single_outputs, tmp_path):
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []

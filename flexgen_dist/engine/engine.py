@@ -26,6 +26,7 @@ from ..schedule.pipeline import pipeline_groups, remaining_groups
 from ..storage.tiers import DiskTensor, MemoryTensor, to_compute
 from ..storage.weights import WeightStore
 from .sampling import Sampler
+from .trace import NoTracer
 
 TAG_ACTIVATION, TAG_TOKENS = 1, 2
 
@@ -94,6 +95,7 @@ class Engine:
         compute_dtype: torch.dtype,
         offload_dir: str | Path | None,
         comm=None,
+        tracer=None,
     ):
         self.spec = spec
         self.units = units  # this rank's schedule layers, in order
@@ -104,6 +106,7 @@ class Engine:
         self.dtype = compute_dtype
         self.offload_dir = offload_dir
         self.comm = comm
+        self.tracer = tracer if tracer is not None else NoTracer()
         self.rank = comm.rank if comm is not None else 0
         self.num_ranks = comm.world_size if comm is not None else 1
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexgen-io") if policy.overlap else None
@@ -256,8 +259,6 @@ class Engine:
             state.hidden[k] = self.math.embed(weights, ids.to(self.device), step)
             return
         x = state.hidden.pop(k)
-        if not isinstance(x, torch.Tensor):  # a pending receive from the previous stage
-            x = x.result().to(self.device, self.dtype)
         if unit.kind == "block":
             past_k, past_v = past if past is not None else (None, None)
             h, k_new, v_new = self.math.block(weights, x, step, past_k, past_v)
@@ -339,9 +340,15 @@ class Engine:
             phase_s[current[1] > 0] += time.perf_counter() - started
         return []
 
+    def _traced(self, name: str, cat: str, fn, *args):
+        """fn(*args) inside a trace span, on whichever thread runs it."""
+        with self.tracer.span(name, cat):
+            return fn(*args)
+
     def _execute(self, op, blocks, states, futures, pending_sends) -> None:
         if isinstance(op, ops_.LoadWeight):
-            futures[op] = self._submit(self.weights.load, self.units[op.layer_idx].layer_idx)
+            name = f"load weight L{self.units[op.layer_idx].layer_idx} (block {op.block_idx}, token {op.token_idx})"
+            futures[op] = self._submit(self._traced, name, "load", self.weights.load, self.units[op.layer_idx].layer_idx)
             return
         if isinstance(op, ops_.FreeWeight):
             futures.pop(ops_.LoadWeight(op.block_idx, op.token_idx, op.layer_idx))
@@ -349,29 +356,46 @@ class Engine:
         state = states.get(op.block_idx)
         if state is None:
             state = states[op.block_idx] = self._open_block(blocks[op.block_idx])
+        where = f"L{self.units[op.layer_idx].layer_idx} " if hasattr(op, "layer_idx") else ""
+        label = f"{where}batch {getattr(op, 'batch_idx', '-')} (block {op.block_idx}, token {op.token_idx})"
+        span = self.tracer.span
         if isinstance(op, ops_.LoadCache):
-            futures[op] = self._submit(self._load_cache, state, op.token_idx, op.layer_idx, op.batch_idx)
+            futures[op] = self._submit(self._traced, f"load cache {label}", "load", self._load_cache, state, op.token_idx, op.layer_idx, op.batch_idx)
         elif isinstance(op, ops_.Compute):
-            weights = futures[ops_.LoadWeight(op.block_idx, op.token_idx, op.layer_idx)].result()
-            past = futures.pop(ops_.LoadCache(op.block_idx, op.token_idx, op.layer_idx, op.batch_idx), None)
-            self._compute(state, op, weights, past.result() if past is not None else None)
+            pending = state.hidden.get(op.batch_idx)
+            if pending is not None and not isinstance(pending, torch.Tensor):  # input from the previous stage
+                with span(f"recv activation wait {label}", "recv"):
+                    state.hidden[op.batch_idx] = pending.result().to(self.device, self.dtype)
+            with span(f"wait load {label}", "wait"):
+                weights = futures[ops_.LoadWeight(op.block_idx, op.token_idx, op.layer_idx)].result()
+                past = futures.pop(ops_.LoadCache(op.block_idx, op.token_idx, op.layer_idx, op.batch_idx), None)
+                past = past.result() if past is not None else None
+            with span(f"compute {label}", "compute"):
+                self._compute(state, op, weights, past)
         elif isinstance(op, ops_.StoreCache):
-            self._store_cache(state, op)
+            with span(f"store cache {label}", "store"):
+                self._store_cache(state, op)
         elif isinstance(op, ops_.StoreActivation):
-            self._store_act(state, op.batch_idx)
+            with span(f"store activation {label}", "store"):
+                self._store_act(state, op.batch_idx)
         elif isinstance(op, ops_.LoadActivation):
-            self._load_act(state, op.batch_idx)
+            with span(f"load activation {label}", "load"):
+                self._load_act(state, op.batch_idx)
         elif isinstance(op, ops_.SendActivation):
-            pending_sends.append(self.comm.send(state.hidden.pop(op.batch_idx), op.dst, TAG_ACTIVATION))
+            with span(f"send activation {label} to rank {op.dst}", "send"):
+                pending_sends.append(self.comm.send(state.hidden.pop(op.batch_idx), op.dst, TAG_ACTIVATION))
         elif isinstance(op, ops_.RecvActivation):
             width = state.block.input_ids.shape[1] if op.token_idx == 0 else 1
             shape = (self.policy.gpu_batch_size, width, self.spec.hidden_size)
-            state.hidden[op.batch_idx] = self.comm.recv(shape, self.dtype, op.src, TAG_ACTIVATION)
+            with span(f"recv activation {label} from rank {op.src}", "recv"):
+                state.hidden[op.batch_idx] = self.comm.recv(shape, self.dtype, op.src, TAG_ACTIVATION)
         elif isinstance(op, ops_.SendTokens):
             ids = state.tokens[self._rows(op.batch_idx), op.token_idx].clone()
-            pending_sends.append(self.comm.send(ids, op.dst, TAG_TOKENS))
+            with span(f"send tokens {label} to rank {op.dst}", "send"):
+                pending_sends.append(self.comm.send(ids, op.dst, TAG_TOKENS))
         elif isinstance(op, ops_.RecvTokens):
-            ids = self.comm.recv((self.policy.gpu_batch_size,), torch.long, op.src, TAG_TOKENS).result()
+            with span(f"recv tokens {label} from rank {op.src}", "recv"):
+                ids = self.comm.recv((self.policy.gpu_batch_size,), torch.long, op.src, TAG_TOKENS).result()
             self._record_tokens(state, op.token_idx, op.batch_idx, ids)
         else:
             raise TypeError(f"unknown op {op!r}")

@@ -140,6 +140,7 @@ class LLM:
         cpu_mem: int | None = None,
         max_seq_len: int | None = None,
         drop_page_cache: bool = False,
+        tracer=None,
         _spec: ModelSpec | None = None,
         _source=None,
         _tokenizer=None,
@@ -186,6 +187,7 @@ class LLM:
             self.compute_dtype,
             self.offload_dir,
             comm,
+            tracer,
         )
         log.info(
             "%s: schedule layers %d..%d of %d on %s (%s compute); weights per tier (bytes): %s",
