@@ -32,9 +32,10 @@ def test_every_token_layer_batch_computed_exactly_once(shape):
     assert len(computes) == len(set(computes))
 
 
+@pytest.mark.parametrize("depth", [1, 3])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_weights_loaded_once_per_token_per_layer_and_freed_after_last_batch(shape):
-    ops = block_schedule(shape)
+def test_weights_loaded_once_per_token_per_layer_and_freed_after_last_batch(shape, depth):
+    ops = block_schedule(shape, prefetch_depth=depth)
     loads = [(op.token_idx, op.layer_idx) for op in ops if isinstance(op, LoadWeight)]
     assert sorted(loads) == list(itertools.product(range(shape.num_tokens), range(shape.num_layers)))
     for t, j in loads:
@@ -47,9 +48,10 @@ def test_weights_loaded_once_per_token_per_layer_and_freed_after_last_batch(shap
         assert ops.index(LoadWeight(0, t, j)) < min(uses) and max(uses) < free_at
 
 
+@pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_every_load_before_its_use_and_stores_after(shape):
-    ops = block_schedule(shape)
+def test_every_load_before_its_use_and_stores_after(shape, depth):
+    ops = block_schedule(shape, prefetch_depth=depth)
     pos = {op: i for i, op in enumerate(ops)}
     assert len(pos) == len(ops), "an op appears twice"
     for op in ops:
@@ -90,3 +92,16 @@ def test_schedule_module_does_not_import_torch():
         "m = importlib.util.module_from_spec(spec); sys.modules['block'] = m; spec.loader.exec_module(m); sys.exit(int('torch' in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_prefetch_depth_bounds_weights_in_flight():
+    shape = BlockShape(num_tokens=3, num_layers=5, num_batches=2, cache_layers=frozenset({1, 2, 3}))
+    for depth in (1, 2, 4):
+        live, peak = set(), 0
+        for op in block_schedule(shape, prefetch_depth=depth):
+            if isinstance(op, LoadWeight):
+                live.add(op)
+                peak = max(peak, len(live))
+            elif isinstance(op, FreeWeight):
+                live.remove(LoadWeight(op.block_idx, op.token_idx, op.layer_idx))
+        assert peak == depth + 1  # the computing layer plus `depth` layers ahead

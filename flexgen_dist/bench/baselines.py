@@ -160,3 +160,376 @@ def make_random_checkpoint(shape: str, path, dtype: str = "float16", seed: int =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# ---------------------------------------------------------------- the child: one measured run
+
+
+def layer_tiers(model) -> dict[str, int]:
+    """How many decoder layers live on each tier of Accelerate's device map ("cpu", "disk", a
+    GPU index as text, or "mixed" for a layer split across tiers). A model loaded without a map
+    (or whose map collapsed to one device) counts every layer on that device."""
+    layers_name, num_layers = None, 0
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module) > num_layers:
+            layers_name, num_layers = name, len(module)
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        device = str(next(model.parameters()).device.type)
+        return {device: num_layers}
+    counts: dict[str, int] = {}
+    for layer_idx in range(num_layers):
+        layer = f"{layers_name}.{layer_idx}"
+        # The map entry holding this layer whole (the longest prefix of it), or the entries of
+        # its parts when Accelerate split it.
+        tiers = {str(tier) for key, tier in device_map.items()
+                 if key == "" or layer == key or layer.startswith(key + ".") or key.startswith(layer + ".")}
+        holders = [key for key in device_map if key == "" or layer == key or layer.startswith(key + ".")]
+        if holders:
+            tiers = {str(device_map[max(holders, key=len)])}
+        tier = tiers.pop() if len(tiers) == 1 else "mixed"
+        counts[tier] = counts.get(tier, 0) + 1
+    return counts
+
+
+def _vm_hwm_self() -> int | None:
+    """This process's peak RSS (VmHWM; unlike ru_maxrss, not inflated by the parent's at fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class _ForwardTimer:
+    """Wall time of every forward call of a model (synchronising CUDA around each), like
+    FlexGen's `generate-forward` timer in its transformers baseline."""
+
+    def __init__(self, model, sync: Callable[[], None]):
+        self.durations: list[float] = []
+        self._sync = sync
+        self._start = None
+        self._handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self._sync()
+        self.durations.append(time.perf_counter() - self._start)
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _load_model(args, dtype, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if args.system == "transformers":
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        return model.to(device).eval(), {}
+    max_memory = {"cpu": parse_size(args.max_memory)}
+    if device.type == "cuda":
+        cpu_budget = parse_size(args.max_cpu_memory) if args.max_cpu_memory else 0
+        max_memory = {device.index or 0: parse_size(args.max_memory), "cpu": cpu_budget}
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=dtype, device_map="auto", max_memory=max_memory, offload_folder=args.offload_folder
+    )
+    return model.eval(), {"max_memory": {str(k): v for k, v in max_memory.items()}}
+
+
+def _run(args) -> dict:
+    """Load, warm up, measure; the JSON-ready record of one run."""
+    import torch
+    from transformers import AutoConfig
+
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    config = AutoConfig.from_pretrained(args.model)
+
+    load_start = time.perf_counter()
+    model, notes = _load_model(args, dtype, device)
+    load_s = time.perf_counter() - load_start
+    tiers = layer_tiers(model)
+    if args.system == "accelerate":
+        # Start cold: what loading read stays in the page cache otherwise (under a cap the cgroup
+        # would push it out anyway; without one it is the memory Accelerate did not get).
+        evict_from_page_cache([p for p in (args.model, args.offload_folder) if p])
+
+    generator = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.randint(FIRST_PROMPT_ID, config.vocab_size, (args.batch, args.prompt_len), generator=generator)
+    input_ids = input_ids.to(device)  # (B, P): exactly prompt_len ids each, no padding
+    eos = config.eos_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+
+    def generate(ids, new_tokens):
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # EOS suppressed: every sequence makes new_tokens
+                pad_token_id=pad,
+            )
+        sync()
+        return out
+
+    warmup_start = time.perf_counter()
+    generate(input_ids[:1], 1)
+    warmup_s = time.perf_counter() - warmup_start
+
+    separate_prefill_s = None
+    if args.prefill_timing == "separate":
+        sync()
+        start = time.perf_counter()
+        generate(input_ids, 1)
+        separate_prefill_s = time.perf_counter() - start
+
+    timer = _ForwardTimer(model, sync)
+    sync()
+    start = time.perf_counter()
+    output = generate(input_ids, args.gen_len)
+    total_s = time.perf_counter() - start
+    timer.remove()
+    new_tokens = output.shape[1] - args.prompt_len
+    if new_tokens != args.gen_len:
+        raise RuntimeError(f"generate made {new_tokens} new tokens, not {args.gen_len}")
+
+    prefill_s = separate_prefill_s if separate_prefill_s is not None else timer.durations[0]
+    decode_s = max(total_s - prefill_s, 0.0)
+    batch, prompt_len, gen_len = args.batch, args.prompt_len, args.gen_len
+    record = {
+        "system": args.system,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "total_s": total_s,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s if prefill_s > 0 else 0.0,
+        "decode_tokens_per_s": batch * (gen_len - 1) / decode_s if decode_s > 0 else 0.0,
+        "total_tokens_per_s": batch * gen_len / total_s if total_s > 0 else 0.0,
+        "prefill_timing": args.prefill_timing,
+        "forward_calls": len(timer.durations),
+        "warmup_s": warmup_s,
+        "load_s": load_s,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "num_layers": sum(tiers.values()),
+        "layers_by_tier": tiers,
+        "disk_layers": tiers.get("disk", 0),
+        "peak_rss_bytes": _vm_hwm_self(),
+        "seed": args.seed,
+        "model": str(args.model),
+    }
+    if device.type == "cuda":
+        record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    record.update(notes)
+    if args.system == "accelerate":
+        record["offload_folder"] = str(args.offload_folder)
+        record["note"] = (
+            "warm-up (1 token, batch 1) is a full pass over the disk-tier weights; disk-tier "
+            "weights are read per forward from the checkpoint's safetensors (or the offload "
+            "folder) and converted to the compute dtype"
+        )
+    return record
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m flexgen_dist.bench.baselines",
+        description="One baseline run (transformers in memory, or Accelerate disk offload); prints one JSON line.",
+    )
+    parser.add_argument("--system", choices=SYSTEMS, required=True)
+    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint folder")
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--prompt-len", type=int, required=True)
+    parser.add_argument("--gen-len", type=int, required=True)
+    parser.add_argument("--max-memory", help="accelerate: max_memory of the compute device (cpu here), e.g. 1G")
+    parser.add_argument("--max-cpu-memory", help="accelerate on a GPU: max_memory of the cpu (default 0: the rest to disk)")
+    parser.add_argument("--offload-folder", help="accelerate: where disk-tier weights go (default: a temporary folder)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--prefill-timing", choices=("first-forward", "separate"), default="first-forward",
+                        help="prefill = the first forward of the timed generate (FlexGen's way), or a separate generate of 1 token")
+    return parser
+
+
+def _check_args(args) -> None:
+    if not (Path(args.model) / "config.json").is_file():
+        raise UserError(f"--model {args.model}: no config.json there; give a Hugging Face checkpoint folder")
+    for name in ("batch", "prompt_len", "gen_len"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.system == "accelerate" and not args.max_memory:
+        raise UserError("--system accelerate needs --max-memory (the memory budget, e.g. 1G)")
+    if args.system == "transformers" and (args.max_memory or args.offload_folder):
+        raise UserError("--max-memory / --offload-folder are for --system accelerate only")
+    for name in ("max_memory", "max_cpu_memory"):
+        if getattr(args, name):
+            parse_size(getattr(args, name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child's entry point: one run, one JSON line on stdout (logs go to stderr)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        _check_args(args)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        with contextlib.ExitStack() as stack:
+            if args.system == "accelerate" and not args.offload_folder:
+                args.offload_folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="flexgen-accel-offload-"))
+            # transformers and Accelerate print progress bars and notes on stdout: keep stdout for
+            # the one JSON line.
+            with contextlib.redirect_stdout(sys.stderr):
+                record = _run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(record), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- the parent: runs and batches
+
+
+@dataclass
+class Attempt:
+    """One baseline run at one batch, as the parent saw it."""
+
+    system: str
+    batch: int
+    ok: bool
+    result: dict | None = None
+    """The child's JSON record (None when it failed)."""
+    error: str = ""
+    """Why it failed: 'out of memory under the 4.00 GiB cap (...)', 'exit code 1: ...', ..."""
+    oom_killed: bool = False
+    peak_rss_bytes: int | None = None
+    peak_cgroup_bytes: int | None = None
+    limit_method: str = "none"
+    command: list[str] = field(default_factory=list)
+    stderr_tail: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.result["total_tokens_per_s"]) if self.ok and self.result else 0.0
+
+
+def baseline_command(
+    system: str,
+    model_dir,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    *,
+    max_memory: str | int | None = None,
+    offload_folder=None,
+    seed: int = 0,
+    threads: int | None = None,
+    prefill_timing: str = "first-forward",
+    python: str = sys.executable,
+) -> list[str]:
+    """The argv of one baseline child (see the module docstring)."""
+    if system not in SYSTEMS:
+        raise UserError(f"unknown baseline system {system!r}; use one of {', '.join(SYSTEMS)}")
+    cmd = [python, "-m", "flexgen_dist.bench.baselines", "--system", system, "--model", str(model_dir),
+           "--batch", str(batch), "--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--seed", str(seed),
+           "--prefill-timing", prefill_timing]
+    if max_memory is not None:
+        cmd += ["--max-memory", str(max_memory)]
+    if offload_folder is not None:
+        cmd += ["--offload-folder", str(offload_folder)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
+def run_baseline(
+    system: str,
+    model_dir,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    *,
+    max_memory: str | int | None = None,
+    offload_folder=None,
+    seed: int = 0,
+    mem_limit: int | None = None,
+    evict: Iterable = (),
+    timeout_s: float | None = None,
+    env: dict | None = None,
+    threads: int | None = None,
+    prefill_timing: str = "first-forward",
+) -> Attempt:
+    """Run one baseline child, under `mem_limit` bytes when given (`memlimit.run_limited`),
+    after evicting the files under `evict` (typically the checkpoint and the offload folder)
+    from the page cache, and parse its JSON line."""
+    cmd = baseline_command(system, model_dir, batch, prompt_len, gen_len, max_memory=max_memory,
+                           offload_folder=offload_folder, seed=seed, threads=threads,
+                           prefill_timing=prefill_timing)
+    evict = [evict] if isinstance(evict, (str, os.PathLike)) else list(evict)
+    if evict:
+        evict_from_page_cache(evict)
+    child_env = dict(os.environ if env is None else env)
+    child_env.setdefault("HF_HUB_OFFLINE", "1")
+    run: LimitedRun = run_limited(cmd, mem_limit=mem_limit, env=child_env, timeout_s=timeout_s)
+    attempt = Attempt(system=system, batch=batch, ok=False, oom_killed=run.oom_killed,
+                      peak_rss_bytes=run.peak_rss_bytes, peak_cgroup_bytes=run.peak_cgroup_bytes,
+                      limit_method=run.limit_method, command=cmd, stderr_tail=run.stderr[-4000:])
+    if not run.ok:
+        attempt.error = run.describe_failure()
+        return attempt
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
+    try:
+        attempt.result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        attempt.error = f"no JSON line on the child's stdout: {run.stdout[-300:]!r}"
+        return attempt
+    attempt.ok = True
+    if attempt.peak_rss_bytes is None:
+        attempt.peak_rss_bytes = attempt.result.get("peak_rss_bytes")
+    return attempt
+
+
+def best_batch(run_fn: Callable[[int], Attempt], batches: Iterable[int]) -> tuple[Attempt | None, list[Attempt]]:
+    """Try `run_fn(batch)` for the batches in increasing order until one fails (out of memory
+    under the cap, an error, or `run_fn` raising); return the attempt with the highest total
+    throughput (None when none succeeded) and every attempt made, in order. A larger batch is
+    not tried after a failure: it would need more memory still."""
+    attempts: list[Attempt] = []
+    best = None
+    for batch in sorted(set(batches)):
+        try:
+            attempt = run_fn(batch)
+        except Exception as e:  # noqa: BLE001 - a failed run is a result here, not a crash
+            attempt = Attempt(system="?", batch=batch, ok=False, error=f"{type(e).__name__}: {e}")
+        attempts.append(attempt)
+        if not attempt.ok:
+            log.info("batch %d failed: %s", batch, attempt.error)
+            break
+        if best is None or attempt.tokens_per_s > best.tokens_per_s:
+            best = attempt
+    return best, attempts
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..model import Step, Unit
 from ..planning.policy import Policy, choose_tiers
 from ..planning.spec import ModelSpec
@@ -96,6 +97,7 @@ class Engine:
         offload_dir: str | Path | None,
         comm=None,
         tracer=None,
+        prefetch_depth: int = 1,
     ):
         self.spec = spec
         self.units = units  # this rank's schedule layers, in order
@@ -109,7 +111,11 @@ class Engine:
         self.tracer = tracer if tracer is not None else NoTracer()
         self.rank = comm.rank if comm is not None else 0
         self.num_ranks = comm.world_size if comm is not None else 1
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexgen-io") if policy.overlap else None
+        if prefetch_depth < 1:
+            raise UserError(f"prefetch depth must be >= 1, got {prefetch_depth}")
+        self.prefetch_depth = prefetch_depth
+        workers = prefetch_depth + 1  # weight loads in flight, plus the next batch's cache
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexgen-io") if policy.overlap else None
 
     def close(self) -> None:
         if self.pool is not None:
@@ -291,7 +297,7 @@ class Engine:
         pending_sends: list = []
         phase_s = [0.0, 0.0]  # prefill, decode
         try:
-            plan = ops_.rank_schedule(groups, stage)
+            plan = ops_.rank_schedule(groups, stage, self.prefetch_depth)
             while plan:
                 plan = self._walk(plan, blocks, groups, stage, states, results, futures, pending_sends, last_task, phase_s)
             for handle in pending_sends:
@@ -327,7 +333,7 @@ class Engine:
                     for key in [k for k in futures if k.block_idx == op.block_idx]:
                         futures.pop(key).result()
                     results[op.block_idx] = self._close_block(states.pop(op.block_idx))
-                    return ops_.rank_schedule(remaining_groups(groups, {op.block_idx}, current), stage)
+                    return ops_.rank_schedule(remaining_groups(groups, {op.block_idx}, current), stage, self.prefetch_depth)
             self._execute(op, blocks, states, futures, pending_sends)
             if isinstance(op, ops_.FreeWeight) and last_task[op.block_idx] == (op.block_idx, op.token_idx):
                 if op.layer_idx == len(self.units) - 1 and (self.num_ranks == 1 or not stage.is_first):

@@ -21,6 +21,7 @@ from ..planning.capacity import StageFootprint, fit_policy
 from ..planning.policy import Policy
 from ..planning.sizes import format_size
 from ..planning.spec import ModelSpec
+from ..storage.tiers import DiskIO
 from ..storage.weights import WeightStore
 from .prompts import PreparedPrompts, make_blocks, prepare_prompts
 
@@ -139,7 +140,8 @@ class LLM:
         gpu_mem: int | None = None,
         cpu_mem: int | None = None,
         max_seq_len: int | None = None,
-        drop_page_cache: bool = False,
+        disk_io: DiskIO | None = None,
+        prefetch_depth: int = 1,
         tracer=None,
         _spec: ModelSpec | None = None,
         _source=None,
@@ -157,6 +159,7 @@ class LLM:
         else:
             self.compute_dtype = torch.bfloat16 if self.storage_dtype == torch.bfloat16 else torch.float16
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
+        self._prefetch_depth = prefetch_depth
         self._check_policy()
         source = _source if _source is not None else CheckpointSource(model)
         self.tokenizer = _tokenizer if _tokenizer is not None else (_load_tokenizer(self.model_dir) if _source is None else None)
@@ -175,7 +178,7 @@ class LLM:
             self._check_policy()
         self.weights = WeightStore(
             self.units, source, self.policy, self.device, self.compute_dtype, self.storage_dtype, self.offload_dir,
-            drop_page_cache=drop_page_cache,
+            disk_io=disk_io or DiskIO(),
         )
         self.engine = Engine(
             self.spec,
@@ -188,6 +191,7 @@ class LLM:
             self.offload_dir,
             comm,
             tracer,
+            prefetch_depth,
         )
         log.info(
             "%s: schedule layers %d..%d of %d on %s (%s compute); weights per tier (bytes): %s",
@@ -239,6 +243,7 @@ class LLM:
             storage_itemsize=torch.empty((), dtype=self.storage_dtype).element_size(),
             cache_bytes=in_flight * cache_layers * 2 * seq * p.block_size * s.kv_dim * itemsize,
             act_bytes=2 * p.block_size * seq * max(s.hidden_size, s.intermediate_size) * itemsize,
+            buffered_layers=self._prefetch_depth + 1,
         )
         fitted = fit_policy(p, footprint, gpu_mem, cpu_mem).policy
         log.info(
@@ -328,6 +333,7 @@ class LLM:
     def close(self) -> None:
         """Stop the I/O threads and, with several ranks, destroy the process group."""
         self.engine.close()
+        self.weights.close()
         if self.dist is not None:
             self.dist.destroy()
 

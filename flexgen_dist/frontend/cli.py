@@ -15,6 +15,7 @@ from ..dist.partition import parse_stage_layers
 from ..errors import UserError
 from ..planning.policy import Policy
 from ..planning.sizes import parse_size
+from ..storage.tiers import DiskIO
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
@@ -42,6 +43,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--cpu-mem", default=None, help="per-rank capacity of the cpu tier (e.g. 32G)")
     parser.add_argument("--drop-page-cache", action="store_true",
                         help="evict disk-tier weight pages after each read, so reads measure the disk, not RAM")
+    parser.add_argument("--direct-io", action="store_true", help="read disk-tier weights with O_DIRECT (bypasses the page cache)")
+    parser.add_argument("--io-threads", type=int, default=2, help="threads reading one layer's disk weights (default 2)")
+    parser.add_argument("--prefetch-depth", type=int, default=1, help="layers of weights loaded ahead (default 1)")
     parser.add_argument("--comm-timeout", type=float, default=300.0,
                         help="seconds to wait for a peer rank before stopping with an error (default 300)")
 
@@ -81,7 +85,8 @@ def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext) -> dict:
         "comm_timeout_s": args.comm_timeout,
         "gpu_mem": parse_size(args.gpu_mem, "--gpu-mem") if args.gpu_mem else None,
         "cpu_mem": parse_size(args.cpu_mem, "--cpu-mem") if args.cpu_mem else None,
-        "drop_page_cache": args.drop_page_cache,
+        "disk_io": DiskIO(direct=args.direct_io, drop_page_cache=args.drop_page_cache, threads=max(1, args.io_threads)),
+        "prefetch_depth": args.prefetch_depth,
     }
 
 

@@ -3,8 +3,8 @@
 A greedy fit, not the cost-model search: weights go to the gpu tier while they fit, then to the
 cpu tier, then to disk; the KV cache takes what is left on gpu, then cpu, then disk. It is what
 `--gpu-mem` / `--cpu-mem` mean until the linear-program search replaces it, and it always leaves
-room for the working set: two layers' weights in the compute dtype (the one computing and the one
-being prefetched) and the activations of a block.
+room for the working set: the layers' weights in the compute dtype that are in memory at once
+(the one computing and the prefetched ones: double buffering counted) and a block's activations.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class StageFootprint:
     storage_itemsize: int  # bytes per value on the cpu and disk tiers
     cache_bytes: int  # KV cache of every block in flight on this rank
     act_bytes: int  # hidden states of one block
+    buffered_layers: int = 2  # layers of weights in the compute dtype at once: computing + prefetched
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,11 @@ def _percent(part: float, whole: float) -> float:
 
 
 def fit_policy(base: Policy, fp: StageFootprint, gpu_mem: int, cpu_mem: int) -> Fit:
-    working = 2 * fp.max_unit_numel * fp.compute_itemsize + fp.act_bytes
+    working = fp.buffered_layers * fp.max_unit_numel * fp.compute_itemsize + fp.act_bytes
     if gpu_mem < working:
         raise UserError(
             f"--gpu-mem {format_size(gpu_mem)} is below this rank's working set of {format_size(working)} "
-            "(two layers' weights and a block's activations); raise --gpu-mem or lower the batch"
+            "(prefetch buffers and a block's activations); raise --gpu-mem, lower the batch or the prefetch depth"
         )
     gpu_free = float(gpu_mem - working)
     w_gpu_bytes = fp.weight_numel * fp.compute_itemsize

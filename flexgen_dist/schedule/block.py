@@ -157,11 +157,17 @@ def compute_order(groups: list[list[Task]], stage: StageShape) -> list[Compute]:
     ]
 
 
-def rank_schedule(groups: list[list[Task]], stage: StageShape) -> list[Op]:
-    """All ops of this rank for the given task groups, in issue order."""
+def rank_schedule(groups: list[list[Task]], stage: StageShape, prefetch_depth: int = 1) -> list[Op]:
+    """All ops of this rank for the given task groups, in issue order.
+
+    prefetch_depth: how many layers ahead weights are requested (1 = the next layer while this
+    one computes; each extra layer costs one more layer of weights in memory)."""
+    if prefetch_depth < 1:
+        raise ValueError("prefetch_depth must be >= 1")
     computes = compute_order(groups, stage)
     if not computes:
         return []
+    layer_starts = computes[:: stage.num_batches]  # the first compute of every (block, token, layer)
     last_layer, last_batch = stage.num_layers - 1, stage.num_batches - 1
     ring = stage.num_ranks > 1
     group_end = {}  # index of a group's last compute -> that group's final tasks
@@ -172,12 +178,13 @@ def rank_schedule(groups: list[list[Task]], stage: StageShape) -> list[Op]:
         for b, t in group:
             final[b] = max(t, final.get(b, t))
         group_end[i] = sorted(final.items())
-    ops: list[Op] = [LoadWeight(computes[0].block_idx, computes[0].token_idx, 0)]
+    ops: list[Op] = [LoadWeight(c.block_idx, c.token_idx, c.layer_idx) for c in layer_starts[:prefetch_depth]]
     for i, c in enumerate(computes):
         b, t, j, k = c.block_idx, c.token_idx, c.layer_idx, c.batch_idx
-        if k == 0:  # a layer starts: request the weights of the next layer in compute order
-            n = next((x for x in computes[i + stage.num_batches :][:1]), None)
-            if n is not None:
+        if k == 0:  # a layer starts: request the weights `prefetch_depth` layers ahead in compute order
+            ahead = i // stage.num_batches + prefetch_depth
+            if ahead < len(layer_starts):
+                n = layer_starts[ahead]
                 ops.append(LoadWeight(n.block_idx, n.token_idx, n.layer_idx))
             if j == 0 and not stage.is_first:  # the task's inputs from the previous stage
                 ops.extend(RecvActivation(b, t, kk, stage.rank - 1) for kk in range(stage.num_batches))
@@ -222,6 +229,6 @@ class BlockShape:
     cache_layers: frozenset[int]
 
 
-def block_schedule(shape: BlockShape) -> list[Op]:
+def block_schedule(shape: BlockShape, prefetch_depth: int = 1) -> list[Op]:
     stage = StageShape(shape.num_layers, shape.num_batches, shape.cache_layers)
-    return rank_schedule([block_tasks(shape.num_tokens)], stage)
+    return rank_schedule([block_tasks(shape.num_tokens)], stage, prefetch_depth)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,14 +60,27 @@ class MemoryTensor:
         self.data[index].copy_(value, non_blocking=True)
 
 
+@dataclass(frozen=True)
+class DiskIO:
+    """How disk-tier reads are done."""
+
+    direct: bool = False  # O_DIRECT: bypass the page cache (falls back to buffered where unsupported)
+    drop_page_cache: bool = False  # buffered, but evict what was read: the next read hits the disk
+    threads: int = 2  # one tensor's rows are read in parallel chunks by this many threads
+    chunk_bytes: int = 8 << 20
+
+
+_ALIGN = 4096  # O_DIRECT wants the offset, length and buffer address aligned
+
+
 class DiskTensor:
     """A tensor stored as a raw file; the file is created (or reused) at construction."""
 
     tier = "disk"
 
-    def __init__(self, path: str | Path, shape, dtype: torch.dtype, create: bool = True, drop_page_cache: bool = False):
+    def __init__(self, path: str | Path, shape, dtype: torch.dtype, create: bool = True, io: DiskIO = DiskIO()):
         self.path = Path(path)
-        self.drop_page_cache = drop_page_cache  # evict after reading: the next read comes from the disk
+        self.io = io
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
         self._row_bytes = torch.Size(self.shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
@@ -81,30 +95,42 @@ class DiskTensor:
         return self.shape[0] * self._row_bytes
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
+        """A reusable, 4 KiB-aligned buffer of at least nbytes for this thread."""
         buf = getattr(self._buffers, "buf", None)
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        if buf is None or buf.numel() < nbytes + _ALIGN:
+            buf = torch.empty(nbytes + 2 * _ALIGN, dtype=torch.uint8)
             self._buffers.buf = buf
-        return buf[:nbytes]
+        skip = (-buf.data_ptr()) % _ALIGN
+        return buf[skip : skip + nbytes + _ALIGN]
 
     def read(self, index: slice = _ALL) -> torch.Tensor:
         """Rows `index` as a host tensor. It lives in a per-thread buffer that the next read on
         this thread overwrites, so copy it (e.g. to the compute device / dtype) before then."""
         start, stop = _rows(index, self.shape[0])
-        nbytes = (stop - start) * self._row_bytes
-        buf = self._buffer(nbytes)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(start * self._row_bytes)
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < nbytes:  # readinto may return short counts for large reads
-                n = f.readinto(view[got:])
-                if not n:
-                    raise IOError(f"{self.path} is shorter than expected ({got} of {nbytes} bytes)")
-                got += n
-            if self.drop_page_cache:
-                os.posix_fadvise(f.fileno(), start * self._row_bytes, nbytes, os.POSIX_FADV_DONTNEED)
-        return buf.view(self.dtype).view((stop - start, *self.shape[1:]))
+        first, nbytes = start * self._row_bytes, (stop - start) * self._row_bytes
+        lead = first % _ALIGN if self.io.direct else 0  # O_DIRECT reads from the aligned offset below
+        span = -(-(lead + nbytes) // _ALIGN) * _ALIGN if self.io.direct else nbytes
+        buf = self._buffer(span)
+        got = _pread_all(self.path, buf[:span], first - lead, self.io)
+        if got < lead + nbytes:
+            raise IOError(f"{self.path} is shorter than expected ({got - lead} of {nbytes} bytes at {first})")
+        return buf[lead : lead + nbytes].view(self.dtype).view((stop - start, *self.shape[1:]))
+
+    def read_into(self, out: torch.Tensor, pool=None) -> torch.Tensor:
+        """All rows into `out` (any device / dtype), in row chunks spread over `pool`'s threads."""
+        rows_per_chunk = max(1, self.io.chunk_bytes // max(1, self._row_bytes))
+        chunks = [slice(a, min(a + rows_per_chunk, self.shape[0])) for a in range(0, self.shape[0], rows_per_chunk)]
+
+        def one(rows: slice) -> None:
+            out[rows].copy_(self.read(rows))
+
+        if pool is None or len(chunks) == 1:
+            for rows in chunks:
+                one(rows)
+        else:
+            for fut in [pool.submit(one, rows) for rows in chunks]:
+                fut.result()
+        return out
 
     def write(self, index: slice, value: torch.Tensor) -> None:
         start, stop = _rows(index, self.shape[0])
@@ -117,6 +143,37 @@ class DiskTensor:
             os.pwrite(fd, memoryview(raw), start * self._row_bytes)
         finally:
             os.close(fd)
+
+
+def _pread_all(path: Path, buf: torch.Tensor, offset: int, io: DiskIO) -> int:
+    """Read len(buf) bytes at offset (fewer at the end of the file); returns the count."""
+    flags = os.O_RDONLY
+    if io.direct:
+        flags |= getattr(os, "O_DIRECT", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # a file system without O_DIRECT (tmpfs): buffered instead
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < len(view):
+            try:
+                n = os.preadv(fd, [view[got:]], offset + got)
+            except OSError:
+                if not io.direct:
+                    raise
+                os.close(fd)  # O_DIRECT refused at read time: go on buffered
+                fd = os.open(path, os.O_RDONLY)
+                n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                break
+            got += n
+        if io.drop_page_cache:
+            os.posix_fadvise(fd, offset, got, os.POSIX_FADV_DONTNEED)
+        return got
+    finally:
+        os.close(fd)
 
 
 TierTensor = MemoryTensor | DiskTensor
@@ -135,10 +192,13 @@ def copy(dst, dst_index: slice, src, src_index: slice = _ALL) -> None:
         dst[dst_index].copy_(value)
 
 
-def to_compute(src, index: slice, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def to_compute(src, index: slice, device: torch.device, dtype: torch.dtype, pool=None) -> torch.Tensor:
     """Rows of a tier tensor as a tensor on the compute device in the compute dtype.
 
-    No copy when the rows already live there in that dtype (the gpu tier)."""
+    No copy when the rows already live there in that dtype (the gpu tier). A whole disk tensor
+    is read in parallel row chunks on `pool` when one is given."""
+    if isinstance(src, DiskTensor) and index == _ALL and pool is not None:
+        return src.read_into(torch.empty(src.shape, dtype=dtype, device=device), pool)
     value = src.read(index)
     if value.device == device and value.dtype == dtype and isinstance(src, MemoryTensor):
         return value

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from ..errors import UserError
 from ..model.units import Unit, WeightSpec
 from ..planning.policy import Policy, choose_tiers
-from .tiers import DiskTensor, MemoryTensor, to_compute
+from .tiers import DiskIO, DiskTensor, MemoryTensor, to_compute
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class WeightStore:
         storage_dtype: torch.dtype,
         offload_dir: str | Path | None,
         *,
-        drop_page_cache: bool = False,
+        disk_io: DiskIO = DiskIO(),
     ):
         self.device = device
         self.compute_dtype = compute_dtype
@@ -100,7 +101,7 @@ class WeightStore:
                     if not disk.is_complete(ws):
                         disk.write(ws, source.get(ws))
                         written += 1
-                    placed[ws.name] = DiskTensor(disk.file(ws), ws.shape, storage_dtype, create=False, drop_page_cache=drop_page_cache)
+                    placed[ws.name] = DiskTensor(disk.file(ws), ws.shape, storage_dtype, create=False, io=disk_io)
                 elif tier == "cpu":
                     data = source.get(ws).to(storage_dtype)
                     placed[ws.name] = MemoryTensor(data.pin_memory() if pin else data, "cpu")
@@ -111,11 +112,21 @@ class WeightStore:
             disk.describe()
             log.info("disk weights in %s (%d tensors written, the rest reused)", disk.path, written)
         self.disk_dir = disk.path if disk is not None else None
+        # Disk reads of one layer are spread over their own threads (not the engine's prefetch
+        # pool, whose tasks wait on these).
+        has_disk = disk is not None
+        self._read_pool = ThreadPoolExecutor(disk_io.threads, thread_name_prefix="flexgen-read") if has_disk and disk_io.threads > 1 else None
+
+    def close(self) -> None:
+        if self._read_pool is not None:
+            self._read_pool.shutdown(wait=True)
+            self._read_pool = None
 
     def load(self, layer_idx: int) -> dict[str, torch.Tensor]:
         """One unit's weights on the compute device in the compute dtype."""
         return {
-            name: to_compute(t, _ALL, self.device, self.compute_dtype) for name, t in self.tensors[layer_idx].items()
+            name: to_compute(t, _ALL, self.device, self.compute_dtype, self._read_pool)
+            for name, t in self.tensors[layer_idx].items()
         }
 
     def bytes_per_tier(self) -> dict[str, int]:
