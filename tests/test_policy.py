@@ -27,7 +27,7 @@ def test_invalid_policy_is_refused_with_what_to_change(kwargs, fragment):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("cpu_cache_compute", True), ("attn_sparsity", 0.5), ("compress_weight", True), ("compress_cache", True)],
+    [("attn_sparsity", 0.5), ("compress_weight", True), ("compress_cache", True)],
 )
 def test_unimplemented_fields_raise_not_supported_instead_of_being_ignored(field, value):
     with pytest.raises(NotSupportedYet, match="not supported yet"):

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..model import Step, Unit
+from ..model import Step, Unit, decoder_layer
+from ..model.layers import attention
 from ..planning.policy import Policy, choose_tiers
 from ..planning.spec import ModelSpec
 from ..schedule import block as ops_
@@ -55,6 +56,14 @@ class RunResult:
     blocks: list[BlockResult]  # meaningful on the first stage only
     prefill_s: float  # wall time in prefill tasks (token 0), waits included
     decode_s: float
+
+
+@dataclass(frozen=True)
+class _HostCache:
+    """A host-memory KV cache that decode attention reads in place (cpu_cache_compute)."""
+
+    k: MemoryTensor  # (S, B, nkv, hd)
+    v: MemoryTensor
 
 
 class _Ready:
@@ -208,6 +217,9 @@ class Engine:
 
     # --- loads and stores -----------------------------------------------------------------------
     def _load_cache(self, state: _BlockState, token_idx: int, layer_idx: int, batch_idx: int):
+        pair = state.caches[(layer_idx, batch_idx)]
+        if self.policy.cpu_cache_compute and all(t.tier == "cpu" for t in pair):
+            return _HostCache(*pair)  # nothing crosses the link: attention comes to the cache
         past = slice(0, self._query_slots(state, token_idx).start)
         # (S, B, nkv, hd) -> (B, nkv, S, hd)
         return tuple(to_compute(t, past, self.device, self.dtype).permute(1, 2, 0, 3) for t in state.caches[(layer_idx, batch_idx)])
@@ -215,6 +227,8 @@ class Engine:
     def _store_cache(self, state: _BlockState, op: ops_.StoreCache) -> None:
         q = self._query_slots(state, op.token_idx)
         new = state.new_kv.pop((op.layer_idx, op.batch_idx))
+        if new is None:
+            return  # CPU attention already wrote this step's keys and values in place
         for t, x in zip(state.caches[(op.layer_idx, op.batch_idx)], new):
             t.write(q, x.permute(2, 0, 1, 3))  # (B, nkv, T, hd) -> (T, B, nkv, hd)
 
@@ -265,9 +279,12 @@ class Engine:
             state.hidden[k] = self.math.embed(weights, ids.to(self.device), step)
             return
         x = state.hidden.pop(k)
-        if unit.kind == "block":
+        if unit.kind == "block" and isinstance(past, _HostCache):
+            state.hidden[k] = self._cpu_attention_layer(state, t, weights, x, step, past)
+            state.new_kv[(j, k)] = None
+        elif unit.kind == "block":
             past_k, past_v = past if past is not None else (None, None)
-            h, k_new, v_new = self.math.block(weights, x, step, past_k, past_v)
+            h, k_new, v_new = decoder_layer(self.math, weights, x, step, past_k, past_v)
             state.hidden[k] = h
             state.new_kv[(j, k)] = (k_new, v_new)
         else:
@@ -277,6 +294,19 @@ class Engine:
             self._record_tokens(state, t, k, self.sampler(logits[:, -1], state.block.seq_ids[rows]))
         if j == len(self.units) - 1:
             state.steps.pop((t, k), None)  # this token's step inputs are not needed again
+
+    def _cpu_attention_layer(self, state, token_idx, weights, x, step: Step, cache: _HostCache) -> torch.Tensor:
+        """A decode step whose attention runs on the CPU over the host cache: only the new
+        token's q/k/v go to the host and the attention output comes back."""
+        q, k_new, v_new = self.math.qkv(weights, x, step)  # (B, nh, 1, hd), (B, nkv, 1, hd)
+        slots = self._query_slots(state, token_idx)
+        cache.k.write(slots, k_new.permute(2, 0, 1, 3))  # (1, B, nkv, hd) appended in place
+        cache.v.write(slots, v_new.permute(2, 0, 1, 3))
+        keys = cache.k.data[: slots.stop].permute(1, 2, 0, 3)  # (B, nkv, S, hd), a view
+        values = cache.v.data[: slots.stop].permute(1, 2, 0, 3)
+        cpu = torch.device("cpu")
+        a = attention(q.to(cpu, keys.dtype), keys, values, step.mask.to(cpu), self.math.scale)  # (B, 1, nh * hd)
+        return self.math.finish(weights, x, a.to(self.device, x.dtype))
 
     # --- the walk -------------------------------------------------------------------------------
     def run(self, blocks: list[Block], sampler: Sampler) -> RunResult:

@@ -70,11 +70,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     Returns (B, T, nh * hd).
     """
     B, nh, T, hd = q.shape
-    nkv = k.shape[1]
-    if nkv != nh:  # each kv head serves nh // nkv query heads, as transformers' repeat_kv
-        k = k.repeat_interleave(nh // nkv, dim=1)
-        v = v.repeat_interleave(nh // nkv, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, nh, T, hd)
+    # Each kv head serves nh // nkv query heads (transformers' repeat_kv), without copying k, v:
+    # they may be a view of a host-memory cache (CPU attention).
+    gqa = k.shape[1] != nh
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)  # (B, nh, T, hd)
     return out.transpose(1, 2).reshape(B, T, nh * hd)
 
 

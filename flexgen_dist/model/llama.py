@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..planning.spec import ModelSpec
-from .layers import apply_rope, attention, linear, rms_norm, rope_cos_sin, rope_inv_freq
+from .layers import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq
 from .units import Step, Unit, WeightSpec
 
 
@@ -54,8 +54,8 @@ class LlamaMath:
     def embed(self, w: dict[str, torch.Tensor], input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         return F.embedding(input_ids, w["embed_tokens.weight"])  # (B, T, C)
 
-    def block(self, w, x: torch.Tensor, step: Step, past_k, past_v):
-        """x: (B, T, C); past_k/v: (B, nkv, S_past, hd) or None. Returns x, k_new, v_new (B, nkv, T, hd)."""
+    def qkv(self, w, x: torch.Tensor, step: Step):
+        """x: (B, T, C) -> q (B, nh, T, hd), k and v (B, nkv, T, hd), with RoPE applied."""
         s = self.spec
         B, T, C = x.shape
         nh, nkv, hd = s.num_heads, s.num_kv_heads, s.head_dim
@@ -67,16 +67,16 @@ class LlamaMath:
         k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         cos, sin = rope_cos_sin(self.inv_freq, step.positions, x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all = k if past_k is None else torch.cat((past_k, k), dim=2)  # (B, nkv, S, hd)
-        v_all = v if past_v is None else torch.cat((past_v, v), dim=2)
-        a = attention(q, k_all, v_all, step.mask, self.scale)  # (B, T, nh * hd)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, w, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after attention: x (B, T, C), a (B, T, nh * hd) -> x."""
+        s = self.spec
         x = x + linear(a, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
         h = rms_norm(x, w["post_attention_layernorm.weight"], s.norm_eps)
         gate = linear(h, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias"))
         up = linear(h, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
-        x = x + linear(F.silu(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
-        return x, k, v
+        return x + linear(F.silu(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
 
     def head(self, w, x: torch.Tensor, step: Step) -> torch.Tensor:
         if step.last_only:

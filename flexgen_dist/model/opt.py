@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..planning.spec import ModelSpec
-from .layers import attention, layer_norm, linear
+from .layers import layer_norm, linear
 from .units import Step, Unit, WeightSpec
 
 
@@ -70,32 +70,35 @@ class OptMath:
             x = linear(x, w["project_in.weight"])  # (B, T, C)
         return x + F.embedding(step.positions + self.spec.position_offset, w["embed_positions.weight"])
 
-    def block(self, w, x: torch.Tensor, step: Step, past_k, past_v):
+    def qkv(self, w, x: torch.Tensor, step: Step):
+        """x: (B, T, C) -> q, k, v, each (B, nh, T, hd)."""
         s = self.spec
         B, T, C = x.shape
         nh, hd = s.num_heads, s.head_dim
-        pre = s.do_layer_norm_before
-        norm1 = (w["self_attn_layer_norm.weight"], w["self_attn_layer_norm.bias"], s.norm_eps)
-        norm2 = (w["final_layer_norm.weight"], w["final_layer_norm.bias"], s.norm_eps)
-        h = layer_norm(x, *norm1) if pre else x
+        h = layer_norm(x, *self._norm(w, "self_attn_layer_norm")) if s.do_layer_norm_before else x
         q = linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
         k = linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
         v = linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
         q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, nh, hd).transpose(1, 2)
         v = v.view(B, T, nh, hd).transpose(1, 2)
-        k_all = k if past_k is None else torch.cat((past_k, k), dim=2)  # (B, nh, S, hd)
-        v_all = v if past_v is None else torch.cat((past_v, v), dim=2)
-        a = attention(q, k_all, v_all, step.mask, self.scale)  # (B, T, C)
+        return q, k, v
+
+    def finish(self, w, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after attention: x (B, T, C), a (B, T, C) -> x."""
+        pre = self.spec.do_layer_norm_before
         x = x + linear(a, w["self_attn.out_proj.weight"], w.get("self_attn.out_proj.bias"))
         if not pre:
-            x = layer_norm(x, *norm1)
-        h = layer_norm(x, *norm2) if pre else x
+            x = layer_norm(x, *self._norm(w, "self_attn_layer_norm"))
+        h = layer_norm(x, *self._norm(w, "final_layer_norm")) if pre else x
         h = linear(h, w["fc1.weight"], w.get("fc1.bias")).relu_()
         x = x + linear(h, w["fc2.weight"], w.get("fc2.bias"))
         if not pre:
-            x = layer_norm(x, *norm2)
-        return x, k, v
+            x = layer_norm(x, *self._norm(w, "final_layer_norm"))
+        return x
+
+    def _norm(self, w, name: str):
+        return w[name + ".weight"], w[name + ".bias"], self.spec.norm_eps
 
     def head(self, w, x: torch.Tensor, step: Step) -> torch.Tensor:
         if step.last_only:

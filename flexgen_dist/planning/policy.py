@@ -38,7 +38,7 @@ class Policy:
     pin_weight: bool = True
     """Pin host-memory weights (pays off only with a CUDA device)."""
     cpu_cache_compute: bool = False
-    """Run decode attention on the CPU over a host-memory cache (not supported yet)."""
+    """Run decode attention on the CPU over the host-memory part of the KV cache, in place."""
     attn_sparsity: float = 1.0
     """Fraction of attention kept (1.0 = dense; sparse attention is not supported yet)."""
     compress_weight: bool = False
@@ -64,8 +64,6 @@ class Policy:
                     f"policy: {kind}_gpu_percent + {kind}_cpu_percent = {gpu + cpu:g} is over 100; "
                     "lower one of them (the disk takes the rest)"
                 )
-        if self.cpu_cache_compute:
-            raise NotSupportedYet("policy: cpu_cache_compute=True is not supported yet; leave it False")
         if self.attn_sparsity != 1.0:
             raise NotSupportedYet("policy: attn_sparsity < 1 is not supported yet; use 1.0 (dense)")
         if self.compress_weight:
