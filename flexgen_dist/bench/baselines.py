@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from flexgen_dist.bench.memlimit import LimitedRun, evict_from_page_cache, format_size, parse_size, run_limited
+from flexgen_dist.bench.memlimit import LimitedRun, evict_from_page_cache, parse_size, run_limited
 from flexgen_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -169,9 +168,9 @@ def layer_tiers(model) -> dict[str, int]:
     """How many decoder layers live on each tier of Accelerate's device map ("cpu", "disk", a
     GPU index as text, or "mixed" for a layer split across tiers). A model loaded without a map
     (or whose map collapsed to one device) counts every layer on that device."""
-    layers_name, num_layers = None, 0
     import torch
 
+    layers_name, num_layers = None, 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module) > num_layers:
             layers_name, num_layers = name, len(module)
@@ -182,14 +181,14 @@ def layer_tiers(model) -> dict[str, int]:
     counts: dict[str, int] = {}
     for layer_idx in range(num_layers):
         layer = f"{layers_name}.{layer_idx}"
-        # The map entry holding this layer whole (the longest prefix of it), or the entries of
-        # its parts when Accelerate split it.
-        tiers = {str(tier) for key, tier in device_map.items()
-                 if key == "" or layer == key or layer.startswith(key + ".") or key.startswith(layer + ".")}
+        # The map entry that holds this layer whole is its longest prefix ("" = the whole
+        # model); without one, Accelerate split the layer and its parts have entries.
         holders = [key for key in device_map if key == "" or layer == key or layer.startswith(key + ".")]
         if holders:
-            tiers = {str(device_map[max(holders, key=len)])}
-        tier = tiers.pop() if len(tiers) == 1 else "mixed"
+            tier = str(device_map[max(holders, key=len)])
+        else:
+            parts = {str(t) for key, t in device_map.items() if key.startswith(layer + ".")}
+            tier = parts.pop() if len(parts) == 1 else "mixed"
         counts[tier] = counts.get(tier, 0) + 1
     return counts
 

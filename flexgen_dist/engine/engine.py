@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ class Engine:
         self.prefetch_depth = prefetch_depth
         workers = prefetch_depth + 1  # weight loads in flight, plus the next batch's cache
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexgen-io") if policy.overlap else None
+        self._streams = threading.local()
 
     def close(self) -> None:
         if self.pool is not None:
@@ -134,7 +136,20 @@ class Engine:
     def _submit(self, fn, *args):
         if self.pool is None:
             return _Ready(fn(*args))
+        if self.device.type == "cuda":
+            return self.pool.submit(self._on_load_stream, fn, *args)
         return self.pool.submit(fn, *args)
+
+    def _on_load_stream(self, fn, *args):
+        """On a GPU, each I/O thread copies on its own CUDA stream, so host-to-device transfers
+        overlap the compute stream; the result is handed over once its stream has finished."""
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            out = fn(*args)
+        stream.synchronize()
+        return out
 
     def _rows(self, batch_idx: int) -> slice:
         gbs = self.policy.gpu_batch_size
@@ -169,7 +184,8 @@ class Engine:
                         pair.append(DiskTensor(state.scratch / f"layer{unit.layer_idx}_batch{k}_{which}.bin", shape, self.dtype))
                     else:
                         dev = self.device if tier == "gpu" else torch.device("cpu")
-                        pair.append(MemoryTensor.empty(shape, self.dtype, dev, tier))
+                        pin = tier == "cpu" and self.device.type == "cuda"  # async host-to-device copies
+                        pair.append(MemoryTensor.empty(shape, self.dtype, dev, tier, pin=pin))
                 state.caches[(j, k)] = tuple(pair)
         for k, tier in enumerate(choose_tiers([1] * p.num_gpu_batches, p.percents("act"))):
             if tier == "disk":

@@ -189,7 +189,7 @@ def copy(dst, dst_index: slice, src, src_index: slice = _ALL) -> None:
     if isinstance(dst, (MemoryTensor, DiskTensor)):
         dst.write(dst_index, value)
     else:
-        dst[dst_index].copy_(value)
+        dst[dst_index].copy_(value, non_blocking=value.is_pinned() or value.device.type != "cpu")
 
 
 def to_compute(src, index: slice, device: torch.device, dtype: torch.dtype, pool=None) -> torch.Tensor:
