@@ -1,0 +1,86 @@
+"""`python -m flexgen_dist.eval`: perplexity of a model on a text, through our engine and policy.
+
+The text (default: the held-out documentation that ships with the package) is tokenized as one
+string without special tokens and cut into non-overlapping windows of `--window` tokens; each
+window is scored on its own (its first token is context only), and
+
+    perplexity = exp(total negative log-likelihood / number of predicted tokens).
+
+Any policy (and later any compression) can be compared with the plain result this way. The last
+line printed is `perplexity: X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from . import DEFAULT_MODEL
+from .errors import UserError
+from .frontend.api import LLM
+from .frontend.cli import add_model_args, dist_from_args, llm_kwargs_from_args, run_command
+
+DEFAULT_TEXT = str(Path(__file__).parent / "data" / "heldout.txt")
+
+
+def windows(ids: list[int], window: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Non-overlapping windows of `window` tokens (the last one may be shorter, >= 2 tokens)."""
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    out = [ids[i : i + window] for i in range(0, len(ids), window)]
+    return [w for w in out if len(w) >= 2]
+
+
+def perplexity(scores: list[list[float]]) -> tuple[float, int]:
+    """(perplexity, predicted tokens) from per-token log-probabilities."""
+    count = sum(len(s) for s in scores)
+    if count == 0:
+        raise UserError("the text is too short to score: it needs at least two tokens")
+    nll = -sum(sum(s) for s in scores)
+    return math.exp(nll / count), count
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flexgen_dist.eval", description=__doc__.splitlines()[0])
+    add_model_args(parser, DEFAULT_MODEL)
+    parser.add_argument("--text", default=None, help="UTF-8 text file (default: the bundled held-out text)")
+    parser.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512, at most the model's positions)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _eval(args))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    ctx = dist_from_args(args)
+    if ctx.world_size > 1:
+        raise UserError("eval runs in one process; start it without torchrun / mpirun")
+    text_path = Path(args.text or DEFAULT_TEXT)
+    if not text_path.is_file():
+        raise UserError(f"text file {str(text_path)!r} does not exist")
+    text = text_path.read_text(encoding="utf-8")
+    llm = LLM(args.model, **llm_kwargs_from_args(args, ctx))
+    try:
+        if llm.tokenizer is None:
+            raise UserError(f"model {args.model!r} has no tokenizer, so it cannot score text")
+        window = min(args.window, llm.spec.max_positions - 1)
+        if window < 2:
+            raise UserError(f"--window must be at least 2, got {args.window}")
+        ids = list(llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        chunks = windows(ids, window, args.max_tokens)
+        scores = llm.score(chunks)
+    finally:
+        llm.close()
+    ppl, count = perplexity(scores)
+    print(f"scored {count} tokens in {len(chunks)} windows of up to {window} tokens from {text_path.name}")
+    print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
