@@ -21,6 +21,10 @@ import torch  # noqa: E402
 
 import tiny_models  # noqa: E402
 
+# The models are tiny: one intra-op thread is fastest, and on a shared machine several threads
+# per matmul spin against the other jobs (the equivalence file took 85 s with 2, 8 s with 1).
+torch.set_num_threads(int(os.environ.get("FLEXGEN_TEST_THREADS", "1")))
+
 # Smallest top1 - top2 logit gap allowed on a reference greedy path. The tiny models' logits
 # have std ~10; differences between two correct fp32 computations of them (incremental decode vs
 # full forward vs a left-padded batch in transformers itself) were at most ~3e-4, so 5e-3 leaves

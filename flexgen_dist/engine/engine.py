@@ -94,6 +94,29 @@ class _BlockState:
     steps: dict[tuple[int, int], Step] = field(default_factory=dict)
 
 
+@dataclass
+class _Run:
+    """Everything one `Engine.run` call tracks while it walks the plan."""
+
+    blocks: list[Block]
+    groups: list[list[tuple[int, int]]]
+    stage: ops_.StageShape
+    last_task: dict[int, tuple[int, int]]  # block -> its last (block, token) task
+    states: dict[int, _BlockState] = field(default_factory=dict)  # open blocks
+    results: dict[int, BlockResult] = field(default_factory=dict)  # closed blocks
+    futures: dict[object, object] = field(default_factory=dict)  # load op -> future
+    pending_sends: list = field(default_factory=list)
+    phase_s: list[float] = field(default_factory=lambda: [0.0, 0.0])  # prefill, decode
+
+    def state(self, engine: "Engine", block_idx: int) -> _BlockState:
+        if block_idx not in self.states:
+            self.states[block_idx] = engine._open_block(self.blocks[block_idx])
+        return self.states[block_idx]
+
+    def close(self, engine: "Engine", block_idx: int) -> None:
+        self.results[block_idx] = engine._close_block(self.states.pop(block_idx))
+
+
 class Engine:
     def __init__(
         self,
@@ -336,60 +359,52 @@ class Engine:
             num_ranks=self.num_ranks,
         )
         groups = pipeline_groups(len(blocks), blocks[0].max_new_tokens, self.num_ranks)
-        last_task = {b: (b, t) for group in groups for b, t in group}
-        states: dict[int, _BlockState] = {}
-        results: dict[int, BlockResult] = {}
-        futures: dict[object, object] = {}
-        pending_sends: list = []
-        phase_s = [0.0, 0.0]  # prefill, decode
+        run = _Run(blocks, groups, stage, last_task={b: (b, t) for group in groups for b, t in group})
         try:
             plan = ops_.rank_schedule(groups, stage, self.prefetch_depth)
             while plan:
-                plan = self._walk(plan, blocks, groups, stage, states, results, futures, pending_sends, last_task, phase_s)
-            for handle in pending_sends:
+                plan = self._walk(plan, run)
+            for handle in run.pending_sends:
                 handle.wait()
         finally:
-            for fut in list(futures.values()):
-                if hasattr(fut, "done"):
-                    try:
-                        fut.result()  # let in-flight reads finish before their files go away
-                    except Exception:
-                        pass
-            for b, state in states.items():
-                if b not in results:
-                    self._close_block(state)
-        return RunResult([results.get(b, BlockResult([])) for b in range(len(blocks))], phase_s[0], phase_s[1])
+            for fut in list(run.futures.values()):
+                try:
+                    fut.result()  # let in-flight reads finish before their files go away
+                except Exception:
+                    pass
+            for state in run.states.values():
+                self._close_block(state)
+        return RunResult([run.results.get(b, BlockResult([])) for b in range(len(blocks))], *run.phase_s)
 
-    def _walk(self, plan, blocks, groups, stage, states, results, futures, pending_sends, last_task, phase_s):
-        """Execute ops in order; returns a new plan when blocks finished early (single rank), else []."""
+    def _walk(self, plan: list, run: _Run) -> list:
+        """Execute ops in order; returns a new plan when a block finished early (single rank), else []."""
         current = None
         started = time.perf_counter()
         for op in plan:
             if isinstance(op, ops_.Compute) and (op.block_idx, op.token_idx) != current:
                 now = time.perf_counter()
                 if current is not None:
-                    phase_s[current[1] > 0] += now - started
-                started = now
-                current = (op.block_idx, op.token_idx)
-                if op.block_idx not in states:
-                    states[op.block_idx] = self._open_block(blocks[op.block_idx])
-                state = states[op.block_idx]
-                if self.num_ranks == 1 and op.token_idx > 0 and bool(state.done.all()):
+                    run.phase_s[current[1] > 0] += now - started
+                started, current = now, (op.block_idx, op.token_idx)
+                if self.num_ranks == 1 and op.token_idx > 0 and bool(run.state(self, op.block_idx).done.all()):
                     # Every row stopped: drop the rest of this block and re-plan what remains.
-                    for key in [k for k in futures if k.block_idx == op.block_idx]:
-                        futures.pop(key).result()
-                    results[op.block_idx] = self._close_block(states.pop(op.block_idx))
-                    return ops_.rank_schedule(remaining_groups(groups, {op.block_idx}, current), stage, self.prefetch_depth)
-            self._execute(op, blocks, states, futures, pending_sends)
-            if isinstance(op, ops_.FreeWeight) and last_task[op.block_idx] == (op.block_idx, op.token_idx):
-                if op.layer_idx == len(self.units) - 1 and (self.num_ranks == 1 or not stage.is_first):
-                    results[op.block_idx] = self._close_block(states.pop(op.block_idx))
-            if isinstance(op, ops_.RecvTokens) and last_task[op.block_idx] == (op.block_idx, op.token_idx):
-                if op.batch_idx == self.policy.num_gpu_batches - 1:
-                    results[op.block_idx] = self._close_block(states.pop(op.block_idx))
+                    for key in [k for k in run.futures if k.block_idx == op.block_idx]:
+                        run.futures.pop(key).result()
+                    run.close(self, op.block_idx)
+                    remaining = remaining_groups(run.groups, {op.block_idx}, current)
+                    return ops_.rank_schedule(remaining, run.stage, self.prefetch_depth)
+            self._execute(op, run)
+            if run.last_task[op.block_idx] != (op.block_idx, op.token_idx):
+                continue
+            # The block's last task on this rank: close it after its last op.
+            last_layer_done = isinstance(op, ops_.FreeWeight) and op.layer_idx == len(self.units) - 1
+            if last_layer_done and (self.num_ranks == 1 or not run.stage.is_first):
+                run.close(self, op.block_idx)
+            if isinstance(op, ops_.RecvTokens) and op.batch_idx == self.policy.num_gpu_batches - 1:
+                run.close(self, op.block_idx)  # the first stage: once the final tokens are back
         if current is not None:
             self._sync()
-            phase_s[current[1] > 0] += time.perf_counter() - started
+            run.phase_s[current[1] > 0] += time.perf_counter() - started
         return []
 
     def _traced(self, name: str, cat: str, fn, *args):
@@ -397,7 +412,8 @@ class Engine:
         with self.tracer.span(name, cat):
             return fn(*args)
 
-    def _execute(self, op, blocks, states, futures, pending_sends) -> None:
+    def _execute(self, op, run: _Run) -> None:
+        futures, pending_sends = run.futures, run.pending_sends
         if isinstance(op, ops_.LoadWeight):
             name = f"load weight L{self.units[op.layer_idx].layer_idx} (block {op.block_idx}, token {op.token_idx})"
             futures[op] = self._submit(self._traced, name, "load", self.weights.load, self.units[op.layer_idx].layer_idx)
@@ -405,9 +421,7 @@ class Engine:
         if isinstance(op, ops_.FreeWeight):
             futures.pop(ops_.LoadWeight(op.block_idx, op.token_idx, op.layer_idx))
             return
-        state = states.get(op.block_idx)
-        if state is None:
-            state = states[op.block_idx] = self._open_block(blocks[op.block_idx])
+        state = run.state(self, op.block_idx)
         where = f"L{self.units[op.layer_idx].layer_idx} " if hasattr(op, "layer_idx") else ""
         label = f"{where}batch {getattr(op, 'batch_idx', '-')} (block {op.block_idx}, token {op.token_idx})"
         span = self.tracer.span
