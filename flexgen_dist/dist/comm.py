@@ -62,8 +62,16 @@ class PipeComm:
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> _SendHandle:
         data = tensor.detach().to(self.wire_device).contiguous()
-        return _SendHandle(dist.isend(data, dst, tag=tag), data, dst, "sending to", self)
+        return _SendHandle(self._start(dist.isend, data, dst, tag, "sending to"), data, dst, "sending to", self)
 
     def recv(self, shape, dtype: torch.dtype, src: int, tag: int) -> _RecvHandle:
         buf = torch.empty(shape, dtype=dtype, device=self.wire_device)
-        return _RecvHandle(dist.irecv(buf, src, tag=tag), buf, src, "receiving from", self)
+        return _RecvHandle(self._start(dist.irecv, buf, src, tag, "receiving from"), buf, src, "receiving from", self)
+
+    def _start(self, fn, tensor, peer: int, tag: int, what: str):
+        try:
+            return fn(tensor, peer, tag=tag)
+        except Exception as exc:  # the connection to a dead peer fails as soon as it is used
+            raise PeerError(
+                f"rank {self.rank}: {what} rank {peer} failed ({str(exc).splitlines()[0][:200]}); rank {peer} died or hung"
+            ) from None
