@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", help="write a Chrome/Perfetto trace (traceEvents JSON) of every op; rank r > 0 writes FILE.rank<r>.json")
+    parser.add_argument("--ignore-eos", action="store_true", help="generate --gen-len tokens even past EOS (benchmarks)")
     parser.add_argument("--stats-json", help="also write the run's statistics and policy to this JSON file (rank 0)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the short untimed warm-up run")
     parser.add_argument("--stop-token-ids", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
@@ -96,6 +97,7 @@ def _run(args: argparse.Namespace, ctx) -> int:
             top_p=args.top_p,
             seed=args.seed,
             stop_token_ids=args.stop_token_ids,
+            ignore_eos=args.ignore_eos,
         )
     finally:
         llm.close()

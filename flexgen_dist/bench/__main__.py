@@ -57,7 +57,7 @@ def _scaling(args: argparse.Namespace) -> int:
         # every rank count runs the same prompts: enough blocks to fill the longest pipeline
         "--num-prompts", str(block * max(ranks)),
         "--gpu-batch-size", str(args.gpu_batch_size), "--num-gpu-batches", str(args.num_gpu_batches),
-        "--offload-dir", offload,
+        "--offload-dir", offload, "--ignore-eos",
     ]
     if args.gpu_mem or args.cpu_mem:
         run_args += ["--gpu-mem", str(args.gpu_mem), "--cpu-mem", str(args.cpu_mem)]

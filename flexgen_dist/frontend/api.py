@@ -274,12 +274,17 @@ class LLM:
         top_p: float = 1.0,
         seed: int = 0,
         stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
+        """Continue each prompt by up to `max_new_tokens` tokens (see the class docstring).
+
+        ignore_eos: generate all `max_new_tokens` even past EOS (benchmarks measure a fixed length)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         sampler = Sampler(SamplingParams(do_sample, temperature, top_k, top_p, seed))
         prepared: PreparedPrompts = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens)
-        stop_ids = frozenset(self.spec.eos_token_ids) | frozenset(int(i) for i in (stop_token_ids or ()))
+        eos = frozenset() if ignore_eos else frozenset(self.spec.eos_token_ids)
+        stop_ids = eos | frozenset(int(i) for i in (stop_token_ids or ()))
         pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
         blocks = [
             Block(rows.input_ids, rows.prompt_mask, rows.seq_ids, max_new_tokens, stop_ids)
