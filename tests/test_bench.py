@@ -35,3 +35,21 @@ def test_ranks_table_and_json(tmp_path):
 def test_bad_ranks_is_a_user_error():
     proc = subprocess.run([sys.executable, "-m", "flexgen_dist.bench", "--ranks", "one"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --ranks")
+
+
+def test_compare_systems_prints_a_row_each_with_ratios(tmp_path):
+    out = tmp_path / "compare.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexgen_dist.bench", "--shape", "tiny-opt", "--prompt-len", "8", "--gen-len", "3",
+         "--systems", "ours,transformers", "--batches", "2", "--blocks", "2x1,2x2", "--offload-dir",
+         str(tmp_path / "off"), "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = proc.stdout.splitlines()
+    rows = {line.split()[0]: line for line in table if line.split() and line.split()[0] in ("ours", "transformers")}
+    assert set(rows) == {"ours", "transformers"}
+    assert "1.00x" in rows["ours"]  # the baseline of the ratios is ours, measured in the same run
+    data = json.loads(out.read_text())
+    assert [a["batch"] for a in data["ours"]] == [2, 4]
+    assert all(a["ok"] for a in data["ours"] + data["transformers"])
