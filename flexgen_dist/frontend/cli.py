@@ -32,6 +32,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--num-gpu-batches", type=int, default=1, help="GPU batches per block")
     parser.add_argument("--offload-dir", default=None, help="folder for disk-tier weights (reused) and KV cache")
     parser.add_argument("--no-overlap", action="store_true", help="run loads serially (for debugging)")
+    parser.add_argument("--cpu-cache-compute", action="store_true",
+                        help="decode attention on the CPU over the host-memory KV cache, in place")
     parser.add_argument("--device", default=None, help="compute device (default: cuda when available, else cpu)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log placement and progress (every rank)")
     parser.add_argument("--stage-layers", default=None,
@@ -62,6 +64,7 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
         act_gpu_percent=a_gpu,
         act_cpu_percent=a_cpu,
         overlap=not args.no_overlap,
+        cpu_cache_compute=args.cpu_cache_compute,
     )
 
 
