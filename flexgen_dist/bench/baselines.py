@@ -23,6 +23,13 @@ Methodology (the same for both systems, and as FlexGen's `benchmark/hf_ds/hf_opt
   batch * (gen_len - 1) / decode_s (the first new token comes out of the prefill), total =
   batch * gen_len / total_s.
 
+The JSON line: system, batch, prompt_len, gen_len, prefill_s, decode_s, total_s,
+prefill_tokens_per_s, decode_tokens_per_s, total_tokens_per_s; layers_by_tier ({"cpu": 1,
+"disk": 23}), disk_layers, num_layers, notes ("1 cpu + 23 disk of 24 layers, max_memory
+cpu=800.00 MiB"); warmup_s, load_s, forward_calls, device, dtype, threads, seed, model; and
+peak_rss_bytes (the child's own VmHWM: anonymous memory plus mapped file pages, which under
+Accelerate include the memory-mapped safetensors it reads disk-tier weights from).
+
 Parent side: `run_baseline` runs one child (optionally under a memory cap, see `memlimit`) and
 `best_batch` tries batches in increasing order while they fit. `make_random_checkpoint` writes
 a random-weight OPT checkpoint of a known shape.
@@ -43,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from flexgen_dist.bench.memlimit import LimitedRun, evict_from_page_cache, parse_size, run_limited
+from flexgen_dist.bench.memlimit import LimitedRun, evict_from_page_cache, format_size, parse_size, run_limited
 from flexgen_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -193,6 +200,12 @@ def layer_tiers(model) -> dict[str, int]:
     return counts
 
 
+def _tiers_text(tiers: dict[str, int]) -> str:
+    """'1 cpu + 23 disk of 24 layers' (tiers by name, disk last)."""
+    order = sorted(tiers, key=lambda tier: (tier == "disk", tier == "mixed", tier))
+    return " + ".join(f"{tiers[tier]} {tier}" for tier in order) + f" of {sum(tiers.values())} layers"
+
+
 def _vm_hwm_self() -> int | None:
     """This process's peak RSS (VmHWM; unlike ru_maxrss, not inflated by the parent's at fork)."""
     try:
@@ -336,9 +349,11 @@ def _run(args) -> dict:
     if device.type == "cuda":
         record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     record.update(notes)
+    record["notes"] = _tiers_text(tiers) + "".join(
+        f", max_memory {key}={format_size(value)}" for key, value in notes.get("max_memory", {}).items())
     if args.system == "accelerate":
         record["offload_folder"] = str(args.offload_folder)
-        record["note"] = (
+        record["method_note"] = (
             "warm-up (1 token, batch 1) is a full pass over the disk-tier weights; disk-tier "
             "weights are read per forward from the checkpoint's safetensors (or the offload "
             "folder) and converted to the compute dtype"
