@@ -48,7 +48,7 @@ def test_capacity_below_working_set_is_a_clear_error():
         fit_policy(Policy(), footprint(), gpu_mem=MiB, cpu_mem=0)
 
 
-@pytest.mark.parametrize("text, value", [("4G", 4 * 2**30), ("512MiB", 512 * MiB), ("1.5k", 1536), ("100", 100), ("2 GB", 2 * 2**30)])
+@pytest.mark.parametrize("text, value", [("4G", 4 * 2**30), ("512MiB", 512 * MiB), ("1.5k", 1536), ("100", 100), ("2 GB", 2 * 1000**3)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
@@ -56,4 +56,4 @@ def test_parse_size(text, value):
 def test_parse_size_rejects_nonsense():
     with pytest.raises(UserError, match="not a size"):
         parse_size("lots", "--gpu-mem")
-    assert format_size(3 * MiB) == "3.0 MiB"
+    assert format_size(3 * MiB) == "3.00 MiB"

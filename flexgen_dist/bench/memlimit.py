@@ -37,54 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexgen_dist.errors import UserError
+from flexgen_dist.planning.sizes import format_size, parse_size
 
 __all__ = ["LimitedRun", "parse_size", "format_size", "evict_from_page_cache", "run_limited", "cgroup_support"]
-
-# Bare K/M/G/T mean powers of 1024, as `docker -m 4G` and cgroup files read them; KB/MB/GB/TB
-# mean powers of 1000, as accelerate's `max_memory` reads them.
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kib": 1024, "kb": 1000,
-    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
-    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes of a size: "4G" / "4GiB" (4 * 1024**3), "4GB" (4 * 1000**3), "512M", "1.5G",
-    "1048576" (bytes). K/M/G/T alone are binary (as `docker -m` and cgroups read them); the
-    SI spelling KB/MB/GB/TB is decimal. Case-insensitive. Raises `UserError` on anything else."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text < 0:
-            raise UserError(f"memory size {text} is negative; give a size like 4G, 512MiB or 1000000")
-        return text
-    match = _SIZE_RE.match(str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise UserError(
-            f"cannot read {text!r} as a memory size; give a number with an optional unit "
-            "K/M/G/T (powers of 1024), KiB/MiB/GiB/TiB, or KB/MB/GB/TB (powers of 1000), e.g. 4G"
-        )
-    scale = _UNITS[unit]
-    value = float(match.group(1)) * scale
-    if scale == 1 and not float(match.group(1)).is_integer():
-        raise UserError(f"memory size {text!r} has a fraction of a byte; give whole bytes or a unit")
-    return int(value)
-
-
-def format_size(num_bytes: int | None) -> str:
-    """'3.73 GiB'-style text of a byte count (for logs and reports); '-' for None."""
-    if num_bytes is None:
-        return "-"
-    size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1024
-    return f"{size:.2f} TiB"  # unreachable
-
 
 # ---------------------------------------------------------------- page cache
 
