@@ -26,7 +26,7 @@ from ..planning.policy import Policy, choose_tiers
 from ..planning.spec import ModelSpec
 from ..schedule import block as ops_
 from ..schedule.pipeline import pipeline_groups, remaining_groups
-from ..storage.tiers import DiskTensor, MemoryTensor, to_compute
+from ..storage.tiers import DiskTensor, MemoryTensor, ReadBuffers, to_compute
 from ..storage.weights import WeightStore
 from .sampling import Sampler
 from .trace import NoTracer
@@ -150,6 +150,7 @@ class Engine:
         workers = prefetch_depth + 1  # weight loads in flight, plus the next batch's cache
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexgen-io") if policy.overlap else None
         self._streams = threading.local()
+        self._read_buffers = ReadBuffers()  # disk-tier cache and activation reads
 
     def close(self) -> None:
         if self.pool is not None:
@@ -204,7 +205,8 @@ class Engine:
                 pair = []
                 for which, tier in zip("kv", cache_tiers[2 * k : 2 * k + 2]):
                     if tier == "disk":
-                        pair.append(DiskTensor(state.scratch / f"layer{unit.layer_idx}_batch{k}_{which}.bin", shape, self.dtype))
+                        path = state.scratch / f"layer{unit.layer_idx}_batch{k}_{which}.bin"
+                        pair.append(DiskTensor(path, shape, self.dtype, buffers=self._read_buffers))
                     else:
                         dev = self.device if tier == "gpu" else torch.device("cpu")
                         pin = tier == "cpu" and self.device.type == "cuda"  # async host-to-device copies
@@ -212,7 +214,8 @@ class Engine:
                 state.caches[(j, k)] = tuple(pair)
         for k, tier in enumerate(choose_tiers([1] * p.num_gpu_batches, p.percents("act"))):
             if tier == "disk":
-                state.act_homes[k] = DiskTensor(state.scratch / f"act_batch{k}.bin", (P, p.gpu_batch_size, s.hidden_size), self.dtype)
+                path = state.scratch / f"act_batch{k}.bin"
+                state.act_homes[k] = DiskTensor(path, (P, p.gpu_batch_size, s.hidden_size), self.dtype, buffers=self._read_buffers)
             else:
                 state.act_homes[k] = tier
         return state

@@ -180,6 +180,7 @@ class LLM:
             self.units, source, self.policy, self.device, self.compute_dtype, self.storage_dtype, self.offload_dir,
             disk_io=disk_io or DiskIO(),
         )
+        source.close()
         self.engine = Engine(
             self.spec,
             self.units,

@@ -48,6 +48,10 @@ class CheckpointSource:
             h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
+    def close(self) -> None:
+        """Drop the memory maps of the weight files (after placement, they are not read again)."""
+        self._handles.clear()
+
     def _resolve(self, key: str) -> str:
         # Some checkpoints were saved from the base model, without the leading "model." prefix.
         for candidate in (key, key.removeprefix("model.")):
@@ -78,6 +82,9 @@ class RandomSource:
 
     def fingerprint(self) -> str:
         return f"random-seed{self.seed}-std{self.std}"
+
+    def close(self) -> None:
+        pass
 
     def get(self, ws: WeightSpec) -> torch.Tensor:
         if ws.init == "ones":

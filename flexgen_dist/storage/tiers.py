@@ -73,18 +73,43 @@ class DiskIO:
 _ALIGN = 4096  # O_DIRECT wants the offset, length and buffer address aligned
 
 
+class ReadBuffers:
+    """Reusable, 4 KiB-aligned read buffers, one per thread, shared by many disk tensors.
+
+    Shared so memory stays (threads x largest read), not (threads x tensors x read)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes + _ALIGN:
+            buf = torch.empty(nbytes + 2 * _ALIGN, dtype=torch.uint8)
+            self._local.buf = buf
+        skip = (-buf.data_ptr()) % _ALIGN
+        return buf[skip : skip + nbytes + _ALIGN]
+
+
 class DiskTensor:
     """A tensor stored as a raw file; the file is created (or reused) at construction."""
 
     tier = "disk"
 
-    def __init__(self, path: str | Path, shape, dtype: torch.dtype, create: bool = True, io: DiskIO = DiskIO()):
+    def __init__(
+        self,
+        path: str | Path,
+        shape,
+        dtype: torch.dtype,
+        create: bool = True,
+        io: DiskIO = DiskIO(),
+        buffers: ReadBuffers | None = None,
+    ):
         self.path = Path(path)
         self.io = io
+        self._buffers = buffers if buffers is not None else ReadBuffers()
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
         self._row_bytes = torch.Size(self.shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
-        self._buffers = threading.local()  # one reusable read buffer per thread
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "wb") as f:
@@ -94,23 +119,14 @@ class DiskTensor:
     def nbytes(self) -> int:
         return self.shape[0] * self._row_bytes
 
-    def _buffer(self, nbytes: int) -> torch.Tensor:
-        """A reusable, 4 KiB-aligned buffer of at least nbytes for this thread."""
-        buf = getattr(self._buffers, "buf", None)
-        if buf is None or buf.numel() < nbytes + _ALIGN:
-            buf = torch.empty(nbytes + 2 * _ALIGN, dtype=torch.uint8)
-            self._buffers.buf = buf
-        skip = (-buf.data_ptr()) % _ALIGN
-        return buf[skip : skip + nbytes + _ALIGN]
-
     def read(self, index: slice = _ALL) -> torch.Tensor:
-        """Rows `index` as a host tensor. It lives in a per-thread buffer that the next read on
-        this thread overwrites, so copy it (e.g. to the compute device / dtype) before then."""
+        """Rows `index` as a host tensor. It lives in this thread's read buffer, which the next
+        read on this thread overwrites, so copy it (e.g. to the compute device / dtype) before then."""
         start, stop = _rows(index, self.shape[0])
         first, nbytes = start * self._row_bytes, (stop - start) * self._row_bytes
         lead = first % _ALIGN if self.io.direct else 0  # O_DIRECT reads from the aligned offset below
         span = -(-(lead + nbytes) // _ALIGN) * _ALIGN if self.io.direct else nbytes
-        buf = self._buffer(span)
+        buf = self._buffers.get(span)
         got = _pread_all(self.path, buf[:span], first - lead, self.io)
         if got < lead + nbytes:
             raise IOError(f"{self.path} is shorter than expected ({got - lead} of {nbytes} bytes at {first})")

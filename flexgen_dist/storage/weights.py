@@ -20,7 +20,7 @@ import torch
 from ..errors import UserError
 from ..model.units import Unit, WeightSpec
 from ..planning.policy import Policy, choose_tiers
-from .tiers import DiskIO, DiskTensor, MemoryTensor, to_compute
+from .tiers import DiskIO, DiskTensor, MemoryTensor, ReadBuffers, to_compute
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class WeightStore:
         self.tensors: dict[int, dict[str, MemoryTensor | DiskTensor]] = {}
         pin = policy.pin_weight and device.type == "cuda"
         disk: DiskWeightDir | None = None
+        buffers = ReadBuffers()  # one per thread for all disk weights
         written = 0
         for unit in units:
             tiers = choose_tiers([ws.numel for ws in unit.weights], policy.percents("w"))
@@ -101,7 +102,7 @@ class WeightStore:
                     if not disk.is_complete(ws):
                         disk.write(ws, source.get(ws))
                         written += 1
-                    placed[ws.name] = DiskTensor(disk.file(ws), ws.shape, storage_dtype, create=False, io=disk_io)
+                    placed[ws.name] = DiskTensor(disk.file(ws), ws.shape, storage_dtype, create=False, io=disk_io, buffers=buffers)
                 elif tier == "cpu":
                     data = source.get(ws).to(storage_dtype)
                     placed[ws.name] = MemoryTensor(data.pin_memory() if pin else data, "cpu")
