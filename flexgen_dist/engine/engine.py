@@ -26,7 +26,7 @@ from ..planning.policy import Policy, choose_tiers
 from ..planning.spec import ModelSpec
 from ..schedule import block as ops_
 from ..schedule.pipeline import pipeline_groups, remaining_groups
-from ..storage.tiers import DiskTensor, MemoryTensor, ReadBuffers, to_compute
+from ..storage.tiers import BufferPool, DiskTensor, MemoryTensor, ReadBuffers, to_compute
 from ..storage.weights import WeightStore
 from .sampling import Sampler
 from .trace import NoTracer
@@ -60,11 +60,19 @@ class RunResult:
 
 
 @dataclass(frozen=True)
-class _HostCache:
-    """A host-memory KV cache that decode attention reads in place (cpu_cache_compute)."""
+class _KVBuffers:
+    """Keys and values of one (layer, batch) for a decode step, laid out (S, B, nkv, hd) with
+    room for this step's rows: attention writes the new rows and reads the prefix in place.
 
-    k: MemoryTensor  # (S, B, nkv, hd)
-    v: MemoryTensor
+    in_place: they are the cache itself (a memory tier), so attention's write is the store.
+    Otherwise they are scratch copies (from disk, or host memory on a GPU machine) from the
+    engine's pool, and StoreCache writes the new rows to the cache's tier.
+    on_host: attention runs on the CPU over a host-memory cache (cpu_cache_compute on a GPU)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    in_place: bool
+    on_host: bool = False
 
 
 class _Ready:
@@ -151,6 +159,7 @@ class Engine:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexgen-io") if policy.overlap else None
         self._streams = threading.local()
         self._read_buffers = ReadBuffers()  # disk-tier cache and activation reads
+        self._kv_pool = BufferPool(device, compute_dtype)  # scratch KV buffers for caches not on the device
 
     def close(self) -> None:
         if self.pool is not None:
@@ -258,19 +267,28 @@ class Engine:
         return state.steps[key]
 
     # --- loads and stores -----------------------------------------------------------------------
-    def _load_cache(self, state: _BlockState, token_idx: int, layer_idx: int, batch_idx: int):
+    def _load_cache(self, state: _BlockState, token_idx: int, layer_idx: int, batch_idx: int) -> _KVBuffers:
         pair = state.caches[(layer_idx, batch_idx)]
+        if all(isinstance(t, MemoryTensor) and t.data.device == self.device for t in pair):
+            return _KVBuffers(pair[0].data, pair[1].data, in_place=True)  # the gpu tier: use it where it is
         if self.policy.cpu_cache_compute and all(t.tier == "cpu" for t in pair):
-            return _HostCache(*pair)  # nothing crosses the link: attention comes to the cache
-        past = slice(0, self._query_slots(state, token_idx).start)
-        # (S, B, nkv, hd) -> (B, nkv, S, hd)
-        return tuple(to_compute(t, past, self.device, self.dtype).permute(1, 2, 0, 3) for t in state.caches[(layer_idx, batch_idx)])
+            return _KVBuffers(pair[0].data, pair[1].data, in_place=True, on_host=True)  # attention comes to the cache
+        past = self._query_slots(state, token_idx).start
+        scratch = []
+        for t in pair:
+            buf = self._kv_pool.take(t.shape)  # (S, B, nkv, hd)
+            if isinstance(t, DiskTensor):
+                t.read_into(buf, rows=past)
+            else:
+                buf[:past].copy_(t.data[:past], non_blocking=t.data.is_pinned())
+            scratch.append(buf)
+        return _KVBuffers(scratch[0], scratch[1], in_place=False)
 
     def _store_cache(self, state: _BlockState, op: ops_.StoreCache) -> None:
         q = self._query_slots(state, op.token_idx)
         new = state.new_kv.pop((op.layer_idx, op.batch_idx))
         if new is None:
-            return  # CPU attention already wrote this step's keys and values in place
+            return  # attention already wrote this step's keys and values into the cache
         for t, x in zip(state.caches[(op.layer_idx, op.batch_idx)], new):
             t.write(q, x.permute(2, 0, 1, 3))  # (B, nkv, T, hd) -> (T, B, nkv, hd)
 
@@ -321,12 +339,11 @@ class Engine:
             state.hidden[k] = self.math.embed(weights, ids.to(self.device), step)
             return
         x = state.hidden.pop(k)
-        if unit.kind == "block" and isinstance(past, _HostCache):
-            state.hidden[k] = self._cpu_attention_layer(state, t, weights, x, step, past)
-            state.new_kv[(j, k)] = None
-        elif unit.kind == "block":
-            past_k, past_v = past if past is not None else (None, None)
-            h, k_new, v_new = decoder_layer(self.math, weights, x, step, past_k, past_v)
+        if unit.kind == "block" and past is not None:
+            state.hidden[k], new = self._decode_layer(state, t, weights, x, step, past)
+            state.new_kv[(j, k)] = new
+        elif unit.kind == "block":  # the prefill: no past
+            h, k_new, v_new = decoder_layer(self.math, weights, x, step, None, None)
             state.hidden[k] = h
             state.new_kv[(j, k)] = (k_new, v_new)
         else:
@@ -337,18 +354,23 @@ class Engine:
         if j == len(self.units) - 1:
             state.steps.pop((t, k), None)  # this token's step inputs are not needed again
 
-    def _cpu_attention_layer(self, state, token_idx, weights, x, step: Step, cache: _HostCache) -> torch.Tensor:
-        """A decode step whose attention runs on the CPU over the host cache: only the new
-        token's q/k/v go to the host and the attention output comes back."""
+    def _decode_layer(self, state, token_idx, weights, x, step: Step, kv: _KVBuffers):
+        """A decode step of one layer over KV buffers that take this step's rows in place: no
+        copy of the past. Returns the hidden state and what StoreCache must still write (None
+        when the buffers are the cache itself)."""
         q, k_new, v_new = self.math.qkv(weights, x, step)  # (B, nh, 1, hd), (B, nkv, 1, hd)
         slots = self._query_slots(state, token_idx)
-        cache.k.write(slots, k_new.permute(2, 0, 1, 3))  # (1, B, nkv, hd) appended in place
-        cache.v.write(slots, v_new.permute(2, 0, 1, 3))
-        keys = cache.k.data[: slots.stop].permute(1, 2, 0, 3)  # (B, nkv, S, hd), a view
-        values = cache.v.data[: slots.stop].permute(1, 2, 0, 3)
-        cpu = torch.device("cpu")
-        a = attention(q.to(cpu, keys.dtype), keys, values, step.mask.to(cpu), self.math.scale)  # (B, 1, nh * hd)
-        return self.math.finish(weights, x, a.to(self.device, x.dtype))
+        where = torch.device("cpu") if kv.on_host else self.device
+        kv.k[slots] = k_new.permute(2, 0, 1, 3)  # (1, B, nkv, hd): only the new rows move
+        kv.v[slots] = v_new.permute(2, 0, 1, 3)
+        keys = kv.k[: slots.stop].permute(1, 2, 0, 3)  # (B, nkv, S, hd), a view
+        values = kv.v[: slots.stop].permute(1, 2, 0, 3)
+        a = attention(q.to(where, keys.dtype), keys, values, step.mask.to(where), self.math.scale)  # (B, 1, nh * hd)
+        h = self.math.finish(weights, x, a.to(self.device, x.dtype))
+        if kv.in_place:
+            return h, None
+        self._kv_pool.give((kv.k, kv.v))
+        return h, (k_new, v_new)
 
     # --- the walk -------------------------------------------------------------------------------
     def run(self, blocks: list[Block], sampler: Sampler) -> RunResult:
@@ -392,7 +414,9 @@ class Engine:
                 if self.num_ranks == 1 and op.token_idx > 0 and bool(run.state(self, op.block_idx).done.all()):
                     # Every row stopped: drop the rest of this block and re-plan what remains.
                     for key in [k for k in run.futures if k.block_idx == op.block_idx]:
-                        run.futures.pop(key).result()
+                        loaded = run.futures.pop(key).result()
+                        if isinstance(key, ops_.LoadWeight):
+                            self.weights.release(loaded)
                     run.close(self, op.block_idx)
                     remaining = remaining_groups(run.groups, {op.block_idx}, current)
                     return ops_.rank_schedule(remaining, run.stage, self.prefetch_depth)
@@ -422,7 +446,7 @@ class Engine:
             futures[op] = self._submit(self._traced, name, "load", self.weights.load, self.units[op.layer_idx].layer_idx)
             return
         if isinstance(op, ops_.FreeWeight):
-            futures.pop(ops_.LoadWeight(op.block_idx, op.token_idx, op.layer_idx))
+            self.weights.release(futures.pop(ops_.LoadWeight(op.block_idx, op.token_idx, op.layer_idx)).result())
             return
         state = run.state(self, op.block_idx)
         where = f"L{self.units[op.layer_idx].layer_idx} " if hasattr(op, "layer_idx") else ""

@@ -132,10 +132,12 @@ class DiskTensor:
             raise IOError(f"{self.path} is shorter than expected ({got - lead} of {nbytes} bytes at {first})")
         return buf[lead : lead + nbytes].view(self.dtype).view((stop - start, *self.shape[1:]))
 
-    def read_into(self, out: torch.Tensor, pool=None) -> torch.Tensor:
-        """All rows into `out` (any device / dtype), in row chunks spread over `pool`'s threads."""
+    def read_into(self, out: torch.Tensor, pool=None, rows: int | None = None) -> torch.Tensor:
+        """The first `rows` rows (default all) into out[:rows] (any device / dtype), in row chunks
+        spread over `pool`'s threads."""
+        n = self.shape[0] if rows is None else rows
         rows_per_chunk = max(1, self.io.chunk_bytes // max(1, self._row_bytes))
-        chunks = [slice(a, min(a + rows_per_chunk, self.shape[0])) for a in range(0, self.shape[0], rows_per_chunk)]
+        chunks = [slice(a, min(a + rows_per_chunk, n)) for a in range(0, n, rows_per_chunk)]
 
         def one(rows: slice) -> None:
             out[rows].copy_(self.read(rows))
@@ -193,6 +195,33 @@ def _pread_all(path: Path, buf: torch.Tensor, offset: int, io: DiskIO) -> int:
 
 
 TierTensor = MemoryTensor | DiskTensor
+
+
+class BufferPool:
+    """Reusable tensors by shape on one device and dtype, so loads do not allocate every step
+    (a fresh multi-MB tensor costs page faults each time). Thread-safe."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.dtype = dtype
+        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._lent: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape) -> torch.Tensor:
+        shape = tuple(shape)
+        with self._lock:
+            free = self._free.get(shape)
+            buf = free.pop() if free else torch.empty(shape, dtype=self.dtype, device=self.device)
+            self._lent[id(buf)] = buf
+            return buf
+
+    def give(self, tensors) -> None:
+        """Return tensors taken from this pool; others are ignored."""
+        with self._lock:
+            for t in tensors:
+                if self._lent.pop(id(t), None) is not None:
+                    self._free.setdefault(tuple(t.shape), []).append(t)
 
 
 def copy(dst, dst_index: slice, src, src_index: slice = _ALL) -> None:

@@ -20,7 +20,7 @@ import torch
 from ..errors import UserError
 from ..model.units import Unit, WeightSpec
 from ..planning.policy import Policy, choose_tiers
-from .tiers import DiskIO, DiskTensor, MemoryTensor, ReadBuffers, to_compute
+from .tiers import BufferPool, DiskIO, DiskTensor, MemoryTensor, ReadBuffers
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class WeightStore:
     ):
         self.device = device
         self.compute_dtype = compute_dtype
+        self._buffers = BufferPool(device, compute_dtype)  # where copied weights land, reused
         self.tensors: dict[int, dict[str, MemoryTensor | DiskTensor]] = {}
         pin = policy.pin_weight and device.type == "cuda"
         disk: DiskWeightDir | None = None
@@ -124,11 +125,27 @@ class WeightStore:
             self._read_pool = None
 
     def load(self, layer_idx: int) -> dict[str, torch.Tensor]:
-        """One unit's weights on the compute device in the compute dtype."""
-        return {
-            name: to_compute(t, _ALL, self.device, self.compute_dtype, self._read_pool)
-            for name, t in self.tensors[layer_idx].items()
-        }
+        """One unit's weights on the compute device in the compute dtype.
+
+        Weights that need a copy (cpu and disk tiers) land in buffers reused from earlier loads:
+        a fresh multi-MB tensor per layer per token costs page faults on every step. Give them
+        back with `release` once the layer is computed."""
+        out = {}
+        for name, t in self.tensors[layer_idx].items():
+            if isinstance(t, MemoryTensor) and t.tier == "gpu":
+                out[name] = t.data  # resident, ready to use
+                continue
+            buf = self._buffers.take(t.shape)
+            if isinstance(t, DiskTensor):
+                t.read_into(buf, self._read_pool)
+            else:
+                buf.copy_(t.data, non_blocking=t.data.is_pinned())
+            out[name] = buf
+        return out
+
+    def release(self, weights: dict[str, torch.Tensor]) -> None:
+        """Return a loaded unit's copied weights to the buffer pool (the caller is done with them)."""
+        self._buffers.give(weights.values())
 
     def bytes_per_tier(self) -> dict[str, int]:
         out = {"gpu": 0, "cpu": 0, "disk": 0}
