@@ -19,6 +19,8 @@ MiB = 1024**2
 
 # Touches every page of 300 MiB, so the memory is really resident (not only reserved).
 ALLOCATE_300M = "b = bytearray(300 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('allocated')"
+# The peak is polled (every <= 50 ms): hold the memory a little so the last poll sees all of it.
+ALLOCATE_300M_AND_HOLD = ALLOCATE_300M + "; import time; time.sleep(0.3)"
 
 
 # ---------------------------------------------------------------- parse_size
@@ -56,7 +58,7 @@ def test_parse_size_refuses_bad_text(text):
 
 
 def test_run_limited_without_cap_measures_peak_rss():
-    run = run_limited([sys.executable, "-c", ALLOCATE_300M], mem_limit=None, timeout_s=60)
+    run = run_limited([sys.executable, "-c", ALLOCATE_300M_AND_HOLD], mem_limit=None, timeout_s=60)
     assert run.returncode == 0 and run.ok and not run.oom_killed
     assert run.stdout.strip() == "allocated"
     assert run.limit_method == "none"
