@@ -68,7 +68,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         if llm.tokenizer is None:
             raise UserError(f"model {args.model!r} has no tokenizer, so it cannot score text")
-        window = min(args.window, llm.spec.max_positions - 1)
+        window = min(args.window, llm.spec.max_positions)
         if window < 2:
             raise UserError(f"--window must be at least 2, got {args.window}")
         ids = list(llm.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -322,7 +322,7 @@ class LLM:
         (natural log), through the same engine and policy as `generate`. For perplexity."""
         if self.dist is not None:
             raise NotSupportedYet("score() over several ranks is not supported yet; run it in one process")
-        prepared = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens=1)
+        prepared = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens=0)  # scoring adds no position
         pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
         blocks = [
             Block(rows.input_ids, rows.prompt_mask, rows.seq_ids, 1, frozenset(), score=True)
