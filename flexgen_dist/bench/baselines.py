@@ -484,22 +484,17 @@ def run_baseline(
     prompt_len: int,
     gen_len: int,
     *,
-    max_memory: str | int | None = None,
-    offload_folder=None,
-    seed: int = 0,
     mem_limit: int | None = None,
     evict: Iterable = (),
     timeout_s: float | None = None,
     env: dict | None = None,
-    threads: int | None = None,
-    prefill_timing: str = "first-forward",
+    **child_options,
 ) -> Attempt:
     """Run one baseline child, under `mem_limit` bytes when given (`memlimit.run_limited`),
     after evicting the files under `evict` (typically the checkpoint and the offload folder)
-    from the page cache, and parse its JSON line."""
-    cmd = baseline_command(system, model_dir, batch, prompt_len, gen_len, max_memory=max_memory,
-                           offload_folder=offload_folder, seed=seed, threads=threads,
-                           prefill_timing=prefill_timing)
+    from the page cache, and parse its JSON line. `child_options` are `baseline_command`'s
+    (max_memory, offload_folder, seed, threads, prefill_timing)."""
+    cmd = baseline_command(system, model_dir, batch, prompt_len, gen_len, **child_options)
     evict = [evict] if isinstance(evict, (str, os.PathLike)) else list(evict)
     if evict:
         evict_from_page_cache(evict)
