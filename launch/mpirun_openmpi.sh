@@ -19,7 +19,7 @@
 # All arguments go to `python -m flexgen_dist.run` unchanged.
 #
 # Example:
-#   NP=4 HOSTFILE=hosts.txt launch/mpirun_openmpi.sh --model ~/models/Llama-3.1-8B --prompts prompts.jsonl
+#   NP=4 HOSTFILE=hosts.txt launch/mpirun_openmpi.sh --model ~/models/Llama-3.1-8B --input prompts.jsonl --output results.jsonl
 set -euo pipefail
 
 NP="${NP:-2}"

@@ -13,7 +13,7 @@
 # All arguments go to `python -m flexgen_dist.run` unchanged.
 #
 # Example:
-#   NPROC=4 launch/torchrun_single_node.sh --model ~/models/Llama-3.1-8B --prompts prompts.jsonl
+#   NPROC=4 launch/torchrun_single_node.sh --model ~/models/Llama-3.1-8B --input prompts.jsonl --output results.jsonl
 set -euo pipefail
 
 if [[ -z "${NPROC:-}" ]]; then
