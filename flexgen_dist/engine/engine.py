@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..model import Step, Unit, decoder_layer
+from ..model import Step, Unit, prefill_layer
 from ..model.layers import attention
 from ..planning.policy import Policy, choose_tiers
 from ..planning.spec import ModelSpec
@@ -343,7 +343,7 @@ class Engine:
             state.hidden[k], new = self._decode_layer(state, t, weights, x, step, past)
             state.new_kv[(j, k)] = new
         elif unit.kind == "block":  # the prefill: no past
-            h, k_new, v_new = decoder_layer(self.math, weights, x, step, None, None)
+            h, k_new, v_new = prefill_layer(self.math, weights, x, step)
             state.hidden[k] = h
             state.new_kv[(j, k)] = (k_new, v_new)
         else:

@@ -20,15 +20,13 @@ def make_math(spec: ModelSpec, device: torch.device):
     return _FAMILIES[spec.family][1](spec, device)
 
 
-def decoder_layer(math, w, x: torch.Tensor, step: Step, past_k, past_v):
-    """One decoder layer with the past keys/values on the compute device.
+def prefill_layer(math, w, x: torch.Tensor, step: Step):
+    """One decoder layer over a whole prompt (no past): x (B, T, C) -> x, k, v (B, nkv, T, hd).
 
-    x: (B, T, C); past_k/v: (B, nkv, S_past, hd) or None. Returns x, k_new, v_new (B, nkv, T, hd)."""
+    Decode steps attend over KV buffers in place instead (engine._decode_layer)."""
     q, k, v = math.qkv(w, x, step)
-    k_all = k if past_k is None else torch.cat((past_k, k), dim=2)  # (B, nkv, S, hd)
-    v_all = v if past_v is None else torch.cat((past_v, v), dim=2)
-    a = attention(q, k_all, v_all, step.mask, math.scale)  # (B, T, nh * hd)
+    a = attention(q, k, v, step.mask, math.scale)  # (B, T, nh * hd)
     return math.finish(w, x, a), k, v
 
 
-__all__ = ["Step", "Unit", "WeightSpec", "decoder_layer", "make_math", "model_units"]
+__all__ = ["Step", "Unit", "WeightSpec", "prefill_layer", "make_math", "model_units"]
