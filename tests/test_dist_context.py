@@ -15,16 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from flexgen_dist.dist.context import (
+from flexgen_dist.dist.context import DistContext, choose_backend, setup_logging
+from flexgen_dist.dist.launchers import (
     MPI_INSTALL_HINT,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
-    DistContext,
-    choose_backend,
     expand_nodelist,
     first_host,
     free_port,
-    setup_logging,
     slurm_job_port,
 )
 from flexgen_dist.errors import UserError

@@ -1,0 +1,389 @@
+"""Reading each launcher's environment: torchrun, SLURM (with its node-list syntax) and MPI.
+
+`DistContext.from_env` (context.py) picks the launcher and calls the reader here; nothing else in
+flexgen_dist reads these variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from flexgen_dist.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MASTER_ADDR = "127.0.0.1"
+DEFAULT_MASTER_PORT = 29500
+# Ports derived from SLURM_JOB_ID: above the well-known and common service ports, below the
+# Linux ephemeral range (32768+), so they do not collide with ports the OS hands out.
+SLURM_PORT_BASE = 20000
+SLURM_PORT_SPAN = 10000
+
+MPI_INSTALL_HINT = "install the mpi extra: pip install 'flexgen_dist[mpi]'"
+
+
+# ---- launcher detection ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+
+class _MpiVars(NamedTuple):
+    """The variable names one MPI launcher sets; the first name present is read."""
+
+    rank: str
+    size: str
+    local_rank: tuple[str, ...]
+    local_size: tuple[str, ...]
+
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE")
+# The first family whose rank variable is set wins.
+_MPI_FAMILIES = (
+    _MpiVars("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",),
+             ("OMPI_COMM_WORLD_LOCAL_SIZE",)),  # Open MPI
+    _MpiVars("PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
+             ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")),  # MPICH / Hydra, Intel MPI, MVAPICH
+)
+
+
+def _detect_launcher(env: Mapping[str, str]) -> str:
+    present = [name for name in _TORCHRUN_VARS if name in env]
+    if present:
+        missing = [name for name in _TORCHRUN_VARS if name not in env]
+        if missing:
+            raise UserError(
+                f"{present[0]} is set but {missing[0]} is not: set both (torchrun sets them) or neither"
+            )
+        return "torchrun"
+    mpi_family = _mpi_family(env)
+    if "SLURM_PROCID" in env:
+        if mpi_family is not None and _mpi_contradicts_slurm(env, mpi_family):
+            return "mpi"  # mpirun inside an sbatch script: the batch step's SLURM_PROCID is stale
+        return "slurm"
+    if mpi_family is not None:
+        return "mpi"
+    return "single"
+
+
+def _mpi_family(env: Mapping[str, str]) -> _MpiVars | None:
+    for family in _MPI_FAMILIES:
+        if family.rank in env:
+            return family
+    return None
+
+
+def _mpi_contradicts_slurm(env: Mapping[str, str], family: _MpiVars) -> bool:
+    rank_var, size_var = family.rank, family.size
+    slurm_size_var = _first_present(env, ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"))
+    if env.get(rank_var, "").strip() != env.get("SLURM_PROCID", "").strip():
+        return True
+    return slurm_size_var is not None and size_var in env and env[size_var].strip() != env[slurm_size_var].strip()
+
+
+# ---- torchrun ---------------------------------------------------------------------------------------
+
+
+def _torchrun_ranks(env: Mapping[str, str]) -> _Ranks:
+    world_size = _env_int(env, "WORLD_SIZE", minimum=1)
+    rank = _env_int(env, "RANK")
+    _check_rank(rank, "RANK", world_size, "WORLD_SIZE")
+    if world_size > 1:
+        for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if not env.get(name):
+                raise UserError(f"WORLD_SIZE={world_size} but {name} is not set: start the ranks with torchrun")
+    local_rank = _env_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+    # Without LOCAL_WORLD_SIZE assume every rank may be on this node (the cautious choice: gloo).
+    local_size_var = "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in env else "WORLD_SIZE"
+    local_world_size = _env_int(env, local_size_var, minimum=1)
+    _check_rank(local_rank, "LOCAL_RANK", local_world_size, local_size_var)
+    return _Ranks(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        master_addr=env.get("MASTER_ADDR") or DEFAULT_MASTER_ADDR,
+        master_port=_port(env, "MASTER_PORT") if env.get("MASTER_PORT") else DEFAULT_MASTER_PORT,
+    )
+
+
+# ---- SLURM ------------------------------------------------------------------------------------------
+
+
+def _slurm_ranks(env: Mapping[str, str]) -> _Ranks:
+    # Under srun the SLURM_STEP_* variables describe the step (the ranks); SLURM_NTASKS may describe
+    # the whole allocation.
+    size_var = _first_present(env, ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"))
+    if size_var is None:
+        raise UserError("SLURM_PROCID is set but SLURM_NTASKS is not: start the ranks with srun")
+    world_size = _env_int(env, size_var, minimum=1)
+    rank = _env_int(env, "SLURM_PROCID")
+    _check_rank(rank, "SLURM_PROCID", world_size, size_var)
+    if world_size > 1 and "SLURM_STEP_ID" not in env and "SLURM_STEP_NUM_TASKS" not in env:
+        logger.warning(
+            "%s=%d but this process does not look started by srun (no SLURM_STEP_ID); "
+            "if it hangs, launch every rank with: srun python -m flexgen_dist.run ...", size_var, world_size,
+        )
+    local_rank = _env_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+    local_world_size, local_size_var = _slurm_local_world_size(env, world_size, size_var)
+    _check_rank(local_rank, "SLURM_LOCALID", local_world_size, local_size_var)
+
+    if env.get("MASTER_ADDR"):
+        master_addr = env["MASTER_ADDR"]
+    else:
+        list_var = _first_present(env, ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
+        if list_var is None:
+            if world_size > 1:
+                raise UserError(
+                    f"{size_var}={world_size} but SLURM_JOB_NODELIST is not set: set MASTER_ADDR to rank 0's host"
+                )
+            master_addr = DEFAULT_MASTER_ADDR
+        else:
+            master_addr = first_host(env[list_var], var=list_var)
+
+    if env.get("MASTER_PORT"):
+        master_port = _port(env, "MASTER_PORT")
+    elif env.get("SLURM_JOB_ID"):
+        master_port = slurm_job_port(_env_int(env, "SLURM_JOB_ID"))
+    else:
+        master_port = DEFAULT_MASTER_PORT
+    return _Ranks(rank, world_size, local_rank, local_world_size, master_addr, master_port)
+
+
+def slurm_job_port(job_id: int) -> int:
+    """A port every task of a job derives alike, so two jobs sharing a node rarely collide."""
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+
+
+def _slurm_local_world_size(env: Mapping[str, str], world_size: int, size_var: str) -> tuple[int, str]:
+    """Tasks on this node, from e.g. SLURM_STEP_TASKS_PER_NODE="2(x3),1" and SLURM_NODEID.
+
+    Returns the count and the variable it came from. Without either variable every task may be on
+    this node (the cautious assumption: it can only turn nccl into gloo).
+    """
+    var = _first_present(env, ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"))
+    if var is None:
+        return world_size, size_var
+    counts: list[int] = []
+    for part in env[var].split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:\(x(\d+)\))?\s*", part)
+        if match is None:
+            raise UserError(f"{var}={env[var]!r} is not a list like '2(x3),1'")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    node_id = env.get("SLURM_NODEID", "").strip()
+    if node_id.isdigit() and int(node_id) < len(counts):
+        return counts[int(node_id)], var
+    return max(counts), var
+
+
+def expand_nodelist(nodelist: str, *, var: str = "SLURM_JOB_NODELIST") -> list[str]:
+    """Expand a SLURM host list, as `scontrol show hostnames` does, in pure Python.
+
+    "node[01-03,07],gpu-a[3,5-6]" -> node01 node02 node03 node07 gpu-a3 gpu-a5 gpu-a6.
+    Zero padding is kept ("[098-101]" -> 098 099 100 101); several bracket groups in one name
+    expand as a product, the last group varying fastest ("r[1-2]n[1-2]" -> r1n1 r1n2 r2n1 r2n2).
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist, var):
+        pieces = re.split(r"(\[[^\[\]]*\])", item)  # literal text and [..] groups, alternating
+        expanded = [""]
+        for piece in pieces:
+            if piece.startswith("["):
+                choices = _expand_brackets(piece[1:-1], nodelist, var)
+            elif "[" in piece or "]" in piece:
+                raise UserError(f"{var}={nodelist!r} has unbalanced brackets")
+            else:
+                choices = [piece]
+            expanded = [prefix + choice for prefix in expanded for choice in choices]
+        hosts += expanded
+    if not hosts:
+        raise UserError(f"{var}={nodelist!r} names no host")
+    return hosts
+
+
+def first_host(nodelist: str, *, var: str = "SLURM_JOB_NODELIST") -> str:
+    """The first host of a SLURM host list: where rank 0 runs."""
+    return expand_nodelist(nodelist, var=var)[0]
+
+
+def _split_top_level(nodelist: str, var: str) -> list[str]:
+    items, depth, current = [], 0, ""
+    for char in nodelist.strip():
+        if char == "[":
+            depth += 1
+            if depth > 1:
+                raise UserError(f"{var}={nodelist!r} has nested brackets")
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise UserError(f"{var}={nodelist!r} has unbalanced brackets")
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    if depth != 0:
+        raise UserError(f"{var}={nodelist!r} has unbalanced brackets")
+    items.append(current.strip())
+    if any(not item for item in items):
+        raise UserError(f"{var}={nodelist!r} has an empty host name")
+    return items
+
+
+def _expand_brackets(body: str, nodelist: str, var: str) -> list[str]:
+    out: list[str] = []
+    for part in body.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if match is None:
+            raise UserError(f"{var}={nodelist!r}: {part!r} in brackets is not a number or a range like 01-04")
+        start_text, end_text = match.group(1), match.group(2)
+        if end_text is None:
+            out.append(start_text)
+            continue
+        start, end = int(start_text), int(end_text)
+        if end < start:
+            raise UserError(f"{var}={nodelist!r}: range {part} runs backwards")
+        width = len(start_text)  # "01-10" keeps two digits; "8-10" has no padding
+        out += [str(number).zfill(width) for number in range(start, end + 1)]
+    return out
+
+
+# ---- MPI ----------------------------------------------------------------------------------------------
+
+
+def _mpi_ranks(env: Mapping[str, str]) -> _Ranks:
+    family = _mpi_family(env)
+    assert family is not None
+    rank_var, size_var = family.rank, family.size
+    if size_var not in env:
+        raise UserError(f"{rank_var} is set but {size_var} is not: start the ranks with mpirun")
+    world_size = _env_int(env, size_var, minimum=1)
+    rank = _env_int(env, rank_var)
+    _check_rank(rank, rank_var, world_size, size_var)
+
+    local_rank_var = _first_present(env, family.local_rank)
+    local_size_var = _first_present(env, family.local_size)
+    given_addr = env.get("MASTER_ADDR") or None
+    given_port = _port(env, "MASTER_PORT") if env.get("MASTER_PORT") else None
+    needs_mpi = world_size > 1 and (given_addr is None or given_port is None or local_rank_var is None)
+    if needs_mpi:
+        found = _mpi_exchange(rank, world_size, size_var, given_addr, given_port)
+    else:  # one rank, or everything given: no mpi4py needed
+        found = _Ranks(rank, world_size, 0, world_size, given_addr or DEFAULT_MASTER_ADDR,
+                       given_port or DEFAULT_MASTER_PORT)
+
+    local_rank = _env_int(env, local_rank_var) if local_rank_var is not None else found.local_rank
+    if local_size_var is not None:
+        local_world_size = _env_int(env, local_size_var, minimum=1)
+    else:
+        local_world_size = found.local_world_size
+    _check_rank(local_rank, local_rank_var or "local rank", local_world_size, local_size_var or "local size")
+    return dataclasses.replace(found, local_rank=local_rank, local_world_size=local_world_size)
+
+
+def _mpi_exchange(rank: int, world_size: int, size_var: str, given_addr: str | None, given_port: int | None) -> _Ranks:
+    """Ask MPI for what the environment lacks: rank 0's address, a free port, the local rank."""
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise UserError(f"launched by mpirun but mpi4py is missing ({error}): {MPI_INSTALL_HINT}") from None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != world_size or comm.Get_rank() != rank:
+        raise UserError(
+            f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()} but {size_var}={world_size}: mpi4py is built "
+            "against another MPI than the mpirun that started this job; use that MPI's mpirun or rebuild mpi4py"
+        )
+    hostnames = comm.allgather(socket.gethostname())
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_world_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    chosen = None
+    if rank == 0:
+        if given_addr is not None:
+            addr = given_addr
+        elif all(host == hostnames[0] for host in hostnames):
+            addr = DEFAULT_MASTER_ADDR  # one node: loopback always works
+        else:
+            addr = _reachable_address()
+        chosen = (addr, given_port if given_port is not None else free_port())
+    addr, port = comm.bcast(chosen, root=0)
+    return _Ranks(rank, world_size, local_rank, local_world_size, addr, port)
+
+
+def free_port() -> int:
+    """A TCP port free right now on this host (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _reachable_address() -> str:
+    """This host's address as other nodes see it: its name's address unless that is loopback."""
+    hostname = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(hostname)
+    except OSError:
+        addr = ""
+    if addr and not addr.startswith("127."):
+        return addr
+    try:  # the address of the interface with a route out; connect() on UDP sends nothing
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("10.255.255.255", 1))
+            addr = sock.getsockname()[0]
+        if addr and not addr.startswith(("127.", "0.")):
+            return addr
+    except OSError:
+        pass
+    return hostname
+
+
+# ---- small helpers --------------------------------------------------------------------------------
+
+
+def _detect_cuda_device_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _first_present(env: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    return next((name for name in names if env.get(name, "").strip()), None)
+
+
+def _env_int(env: Mapping[str, str], name: str, *, minimum: int = 0) -> int:
+    raw = env[name]
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise UserError(f"environment variable {name}={value} must be at least {minimum}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str) -> int:
+    port = _env_int(env, name, minimum=1)
+    if port > 65535:
+        raise UserError(f"environment variable {name}={port} is not a TCP port (1..65535)")
+    return port
+
+
+def _check_rank(rank: int, rank_var: str, size: int, size_var: str) -> None:
+    if rank >= size:
+        raise UserError(f"{rank_var}={rank} is not below {size_var}={size}: ranks run from 0 to {size - 1}")
