@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from flexgen_dist.bench import baselines
-from flexgen_dist.bench.baselines import Attempt, best_batch, make_random_checkpoint, run_baseline
+from flexgen_dist.bench.checkpoints import SHAPES, make_random_checkpoint
+from flexgen_dist.bench.runs import Attempt, baseline_command, best_batch, run_baseline
 from flexgen_dist.bench.memlimit import cgroup_support, evict_from_page_cache, parse_size, run_limited
 from flexgen_dist.errors import UserError
 
@@ -159,7 +160,7 @@ def test_make_random_checkpoint_is_seeded_and_refuses_foreign_folders(tmp_path, 
 
 def test_real_opt_shapes():
     for name, hidden, layers, heads in [("opt-125m", 768, 12, 12), ("opt-1.3b", 2048, 24, 32), ("opt-6.7b", 4096, 32, 32)]:
-        shape = baselines.SHAPES[name]
+        shape = SHAPES[name]
         assert (shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"]) == (hidden, layers, heads)
         assert shape["ffn_dim"] == 4 * hidden and shape["vocab_size"] == 50272
         assert shape["max_position_embeddings"] == 2048
@@ -201,7 +202,7 @@ def _check_record(record, system):
 
 @pytest.mark.slow
 def test_transformers_child_prints_one_json_line(tiny_opt_dir):
-    cmd = baselines.baseline_command("transformers", tiny_opt_dir, 2, 8, 4)
+    cmd = baseline_command("transformers", tiny_opt_dir, 2, 8, 4)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

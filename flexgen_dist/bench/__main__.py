@@ -73,7 +73,7 @@ def _model_dir(args: argparse.Namespace, offload: Path) -> Path:
     if args.model and args.shape:
         raise UserError("give --model or --shape, not both")
     if args.shape:
-        from .baselines import SHAPES, make_random_checkpoint
+        from .checkpoints import SHAPES, make_random_checkpoint
 
         if args.shape not in SHAPES:
             raise UserError(f"unknown --shape {args.shape!r}; known: {', '.join(SHAPES)}")

@@ -30,9 +30,8 @@ cpu=800.00 MiB"); warmup_s, load_s, forward_calls, device, dtype, threads, seed,
 peak_rss_bytes (the child's own VmHWM: anonymous memory plus mapped file pages, which under
 Accelerate include the memory-mapped safetensors it reads disk-tier weights from).
 
-Parent side: `run_baseline` runs one child (optionally under a memory cap, see `memlimit`) and
-`best_batch` tries batches in increasing order while they fit. `make_random_checkpoint` writes
-a random-weight OPT checkpoint of a known shape.
+The parent side (`run_baseline`, `best_batch`) is in runs.py; random-weight checkpoints of known
+shapes in checkpoints.py.
 """
 
 from __future__ import annotations
@@ -42,131 +41,21 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
-from flexgen_dist.bench.memlimit import LimitedRun, evict_from_page_cache, format_size, parse_size, run_limited
+from flexgen_dist.bench.memlimit import evict_from_page_cache, format_size, parse_size
 from flexgen_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "SHAPES",
-    "Attempt",
-    "make_random_checkpoint",
-    "baseline_command",
-    "run_baseline",
-    "best_batch",
-    "layer_tiers",
-    "main",
-]
+__all__ = ["SYSTEMS", "layer_tiers", "main"]
 
 SYSTEMS = ("transformers", "accelerate")
 FIRST_PROMPT_ID = 4  # OPT's ids 0..3 are <s>, <pad>, </s>, <unk>: random prompts stay above them
-
-# OPT shapes with the real sizes (Zhang et al. 2022, table 1); ffn = 4 * hidden, vocab 50272,
-# 2048 positions, pre-LN. "tiny-opt" is for tests.
-_OPT_COMMON = dict(
-    model_type="opt",
-    vocab_size=50272,
-    max_position_embeddings=2048,
-    do_layer_norm_before=True,
-    enable_bias=True,
-    activation_function="relu",
-    pad_token_id=1,
-    bos_token_id=2,
-    eos_token_id=2,
-    tie_word_embeddings=True,
-)
-SHAPES: dict[str, dict] = {
-    "tiny-opt": dict(_OPT_COMMON, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=1024, max_position_embeddings=512),
-    "opt-125m": dict(_OPT_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
-    "opt-350m-pre-ln": dict(_OPT_COMMON, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
-    "opt-1.3b": dict(_OPT_COMMON, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32),
-    "opt-2.7b": dict(_OPT_COMMON, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32),
-    "opt-6.7b": dict(_OPT_COMMON, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32),
-    "opt-13b": dict(_OPT_COMMON, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40),
-}
-for _shape in SHAPES.values():
-    _shape.setdefault("ffn_dim", 4 * _shape["hidden_size"])
-    _shape.setdefault("word_embed_proj_dim", _shape["hidden_size"])
-
-_MARKER = ".flexgen_random_checkpoint.json"
-_INIT_STD = 0.02  # OPT's initializer_range
-
-
-# ---------------------------------------------------------------- random checkpoints
-
-
-def make_random_checkpoint(shape: str, path, dtype: str = "float16", seed: int = 0) -> Path:
-    """Write a random-weight Hugging Face checkpoint of a named shape (see `SHAPES`) into the
-    folder `path` (config.json + safetensors shards of <= 2 GB, no tokenizer) and return it.
-
-    Weights ~ N(0, 0.02) from a `torch.Generator` seeded with `seed`, LayerNorms 1 and biases 0,
-    drawn tensor by tensor in the checkpoint dtype: the model is built on the meta device and
-    materialised once, so memory holds the 16-bit model once (opt-1.3b: 2.6 GB, opt-6.7b: 13.4 GB),
-    never an fp32 copy. The folder is reused when its marker file says the same shape, dtype and
-    seed; a folder without our marker is never overwritten (`UserError`)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if shape not in SHAPES:
-        raise UserError(f"unknown checkpoint shape {shape!r}; known shapes: {', '.join(SHAPES)}")
-    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
-    if torch_dtype is None:
-        raise UserError(f"unknown checkpoint dtype {dtype!r}; use float16, bfloat16 or float32")
-    path = Path(path)
-    marker = {"shape": shape, "dtype": dtype, "seed": seed, "config": SHAPES[shape], "format": 1}
-    marker_file = path / _MARKER
-    if path.exists():
-        try:
-            existing = json.loads(marker_file.read_text())
-        except (OSError, ValueError):
-            existing = None
-        if existing is None and any(path.iterdir()):
-            raise UserError(
-                f"{path} exists and is not a random checkpoint written by make_random_checkpoint; "
-                "give an empty or new folder"
-            )
-        if existing == marker and (path / "config.json").exists():
-            return path
-        shutil.rmtree(path)  # ours, of another shape/seed (or empty): rebuild it
-
-    config_kwargs = dict(SHAPES[shape])
-    config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    model.to_empty(device="cpu")
-    model.tie_weights()  # to_empty gives every parameter its own storage, untying the head
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # tied parameters come once
-            if name.endswith(".bias"):
-                param.zero_()
-            elif "layer_norm" in name:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, _INIT_STD, generator=generator)
-    model.config.dtype = torch_dtype
-
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, max_shard_size="2GB")
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        del model
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
 
 # ---------------------------------------------------------------- the child: one measured run
 
@@ -242,7 +131,6 @@ class _ForwardTimer:
 
 
 def _load_model(args, dtype, device):
-    import torch
     from transformers import AutoModelForCausalLM
 
     if args.system == "transformers":
@@ -420,124 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(record), flush=True)
     return 0
-
-
-# ---------------------------------------------------------------- the parent: runs and batches
-
-
-@dataclass
-class Attempt:
-    """One baseline run at one batch, as the parent saw it."""
-
-    system: str
-    batch: int
-    ok: bool
-    result: dict | None = None
-    """The child's JSON record (None when it failed)."""
-    error: str = ""
-    """Why it failed: 'out of memory under the 4.00 GiB cap (...)', 'exit code 1: ...', ..."""
-    oom_killed: bool = False
-    peak_rss_bytes: int | None = None
-    peak_cgroup_bytes: int | None = None
-    limit_method: str = "none"
-    command: list[str] = field(default_factory=list)
-    stderr_tail: str = ""
-
-    @property
-    def tokens_per_s(self) -> float:
-        return float(self.result["total_tokens_per_s"]) if self.ok and self.result else 0.0
-
-
-def baseline_command(
-    system: str,
-    model_dir,
-    batch: int,
-    prompt_len: int,
-    gen_len: int,
-    *,
-    max_memory: str | int | None = None,
-    offload_folder=None,
-    seed: int = 0,
-    threads: int | None = None,
-    prefill_timing: str = "first-forward",
-    python: str = sys.executable,
-) -> list[str]:
-    """The argv of one baseline child (see the module docstring)."""
-    if system not in SYSTEMS:
-        raise UserError(f"unknown baseline system {system!r}; use one of {', '.join(SYSTEMS)}")
-    cmd = [python, "-m", "flexgen_dist.bench.baselines", "--system", system, "--model", str(model_dir),
-           "--batch", str(batch), "--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--seed", str(seed),
-           "--prefill-timing", prefill_timing]
-    if max_memory is not None:
-        cmd += ["--max-memory", str(max_memory)]
-    if offload_folder is not None:
-        cmd += ["--offload-folder", str(offload_folder)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    return cmd
-
-
-def run_baseline(
-    system: str,
-    model_dir,
-    batch: int,
-    prompt_len: int,
-    gen_len: int,
-    *,
-    mem_limit: int | None = None,
-    evict: Iterable = (),
-    timeout_s: float | None = None,
-    env: dict | None = None,
-    **child_options,
-) -> Attempt:
-    """Run one baseline child, under `mem_limit` bytes when given (`memlimit.run_limited`),
-    after evicting the files under `evict` (typically the checkpoint and the offload folder)
-    from the page cache, and parse its JSON line. `child_options` are `baseline_command`'s
-    (max_memory, offload_folder, seed, threads, prefill_timing)."""
-    cmd = baseline_command(system, model_dir, batch, prompt_len, gen_len, **child_options)
-    evict = [evict] if isinstance(evict, (str, os.PathLike)) else list(evict)
-    if evict:
-        evict_from_page_cache(evict)
-    child_env = dict(os.environ if env is None else env)
-    child_env.setdefault("HF_HUB_OFFLINE", "1")
-    run: LimitedRun = run_limited(cmd, mem_limit=mem_limit, env=child_env, timeout_s=timeout_s)
-    attempt = Attempt(system=system, batch=batch, ok=False, oom_killed=run.oom_killed,
-                      peak_rss_bytes=run.peak_rss_bytes, peak_cgroup_bytes=run.peak_cgroup_bytes,
-                      limit_method=run.limit_method, command=cmd, stderr_tail=run.stderr[-4000:])
-    if not run.ok:
-        attempt.error = run.describe_failure()
-        return attempt
-    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
-    try:
-        attempt.result = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        attempt.error = f"no JSON line on the child's stdout: {run.stdout[-300:]!r}"
-        return attempt
-    attempt.ok = True
-    if attempt.peak_rss_bytes is None:
-        attempt.peak_rss_bytes = attempt.result.get("peak_rss_bytes")
-    return attempt
-
-
-def best_batch(run_fn: Callable[[int], Attempt], batches: Iterable[int]) -> tuple[Attempt | None, list[Attempt]]:
-    """Try `run_fn(batch)` for the batches in increasing order until one fails (out of memory
-    under the cap, an error, or `run_fn` raising); return the attempt with the highest total
-    throughput (None when none succeeded) and every attempt made, in order. A larger batch is
-    not tried after a failure: it would need more memory still."""
-    attempts: list[Attempt] = []
-    best = None
-    for batch in sorted(set(batches)):
-        try:
-            attempt = run_fn(batch)
-        except Exception as e:  # noqa: BLE001 - a failed run is a result here, not a crash
-            attempt = Attempt(system="?", batch=batch, ok=False, error=f"{type(e).__name__}: {e}")
-        attempts.append(attempt)
-        if not attempt.ok:
-            log.info("batch %d failed: %s", batch, attempt.error)
-            break
-        if best is None or attempt.tokens_per_s > best.tokens_per_s:
-            best = attempt
-    return best, attempts
 
 
 if __name__ == "__main__":

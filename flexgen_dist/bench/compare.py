@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..planning.sizes import format_size
-from .baselines import Attempt, best_batch, run_baseline
+from .runs import Attempt, best_batch, run_baseline
 from .memlimit import evict_from_page_cache, run_limited
 
 

@@ -1,0 +1,132 @@
+"""The parent side of the baselines: run one child (optionally under a memory cap) and parse
+its JSON line (`run_baseline`), and try batches while they fit (`best_batch`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from flexgen_dist.bench.baselines import SYSTEMS
+from flexgen_dist.bench.memlimit import LimitedRun, evict_from_page_cache, run_limited
+from flexgen_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Attempt:
+    """One baseline run at one batch, as the parent saw it."""
+
+    system: str
+    batch: int
+    ok: bool
+    result: dict | None = None
+    """The child's JSON record (None when it failed)."""
+    error: str = ""
+    """Why it failed: 'out of memory under the 4.00 GiB cap (...)', 'exit code 1: ...', ..."""
+    oom_killed: bool = False
+    peak_rss_bytes: int | None = None
+    peak_cgroup_bytes: int | None = None
+    limit_method: str = "none"
+    command: list[str] = field(default_factory=list)
+    stderr_tail: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.result["total_tokens_per_s"]) if self.ok and self.result else 0.0
+
+
+def baseline_command(
+    system: str,
+    model_dir,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    *,
+    max_memory: str | int | None = None,
+    offload_folder=None,
+    seed: int = 0,
+    threads: int | None = None,
+    prefill_timing: str = "first-forward",
+    python: str = sys.executable,
+) -> list[str]:
+    """The argv of one baseline child (see the module docstring)."""
+    if system not in SYSTEMS:
+        raise UserError(f"unknown baseline system {system!r}; use one of {', '.join(SYSTEMS)}")
+    cmd = [python, "-m", "flexgen_dist.bench.baselines", "--system", system, "--model", str(model_dir),
+           "--batch", str(batch), "--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--seed", str(seed),
+           "--prefill-timing", prefill_timing]
+    if max_memory is not None:
+        cmd += ["--max-memory", str(max_memory)]
+    if offload_folder is not None:
+        cmd += ["--offload-folder", str(offload_folder)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
+def run_baseline(
+    system: str,
+    model_dir,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    *,
+    mem_limit: int | None = None,
+    evict: Iterable = (),
+    timeout_s: float | None = None,
+    env: dict | None = None,
+    **child_options,
+) -> Attempt:
+    """Run one baseline child, under `mem_limit` bytes when given (`memlimit.run_limited`),
+    after evicting the files under `evict` (typically the checkpoint and the offload folder)
+    from the page cache, and parse its JSON line. `child_options` are `baseline_command`'s
+    (max_memory, offload_folder, seed, threads, prefill_timing)."""
+    cmd = baseline_command(system, model_dir, batch, prompt_len, gen_len, **child_options)
+    evict = [evict] if isinstance(evict, (str, os.PathLike)) else list(evict)
+    if evict:
+        evict_from_page_cache(evict)
+    child_env = dict(os.environ if env is None else env)
+    child_env.setdefault("HF_HUB_OFFLINE", "1")
+    run: LimitedRun = run_limited(cmd, mem_limit=mem_limit, env=child_env, timeout_s=timeout_s)
+    attempt = Attempt(system=system, batch=batch, ok=False, oom_killed=run.oom_killed,
+                      peak_rss_bytes=run.peak_rss_bytes, peak_cgroup_bytes=run.peak_cgroup_bytes,
+                      limit_method=run.limit_method, command=cmd, stderr_tail=run.stderr[-4000:])
+    if not run.ok:
+        attempt.error = run.describe_failure()
+        return attempt
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
+    try:
+        attempt.result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        attempt.error = f"no JSON line on the child's stdout: {run.stdout[-300:]!r}"
+        return attempt
+    attempt.ok = True
+    if attempt.peak_rss_bytes is None:
+        attempt.peak_rss_bytes = attempt.result.get("peak_rss_bytes")
+    return attempt
+
+
+def best_batch(run_fn: Callable[[int], Attempt], batches: Iterable[int]) -> tuple[Attempt | None, list[Attempt]]:
+    """Try `run_fn(batch)` for the batches in increasing order until one fails (out of memory
+    under the cap, an error, or `run_fn` raising); return the attempt with the highest total
+    throughput (None when none succeeded) and every attempt made, in order. A larger batch is
+    not tried after a failure: it would need more memory still."""
+    attempts: list[Attempt] = []
+    best = None
+    for batch in sorted(set(batches)):
+        try:
+            attempt = run_fn(batch)
+        except Exception as e:  # noqa: BLE001 - a failed run is a result here, not a crash
+            attempt = Attempt(system="?", batch=batch, ok=False, error=f"{type(e).__name__}: {e}")
+        attempts.append(attempt)
+        if not attempt.ok:
+            log.info("batch %d failed: %s", batch, attempt.error)
+            break
+        if best is None or attempt.tokens_per_s > best.tokens_per_s:
+            best = attempt
+    return best, attempts
