@@ -94,7 +94,7 @@ def test_run_limited_cap_kills_an_allocation_over_it():
 
 
 def test_run_limited_cap_lets_a_fitting_run_through():
-    run = run_limited([sys.executable, "-c", ALLOCATE_300M], mem_limit=1024 * MiB, timeout_s=60)
+    run = run_limited([sys.executable, "-c", ALLOCATE_300M_AND_HOLD], mem_limit=1024 * MiB, timeout_s=60)
     assert run.ok and run.stdout.strip() == "allocated"
     assert run.peak_rss_bytes >= 300 * MiB
 
