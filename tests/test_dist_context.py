@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from flexgen_dist.dist.context import DistContext, choose_backend, setup_logging
-from flexgen_dist.dist.launchers import (
+from flexgen_dist.parallel.context import DistContext, choose_backend, setup_logging
+from flexgen_dist.parallel.launchers import (
     MPI_INSTALL_HINT,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
@@ -441,7 +441,7 @@ RANK_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     import torch.distributed as dist
-    from flexgen_dist.dist.context import DistContext
+    from flexgen_dist.parallel.context import DistContext
 
     ctx = DistContext.from_env(cuda_device_count=0)
     ctx.init_process_group(timeout_s=60)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from flexgen_dist.dist.partition import parse_stage_layers, partition_layers
+from flexgen_dist.parallel.partition import parse_stage_layers, partition_layers
 from flexgen_dist.errors import UserError
 
 

@@ -4,7 +4,7 @@ communication meet.
 Loads (weights, KV cache) run on a small thread pool when `policy.overlap` is on, so the next
 layer's weights and the next batch's cache arrive while the current batch computes; with
 `overlap=False` every load runs inline in schedule order. Both give identical tokens. With
-several ranks, hidden states and sampled tokens move through `comm` (see dist/comm.py).
+several ranks, hidden states and sampled tokens move through `comm` (see parallel/comm.py).
 """
 
 from __future__ import annotations

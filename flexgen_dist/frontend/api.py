@@ -9,9 +9,9 @@ from typing import Sequence
 
 import torch
 
-from ..dist.comm import PipeComm
-from ..dist.context import DistContext
-from ..dist.partition import partition_layers
+from ..parallel.comm import PipeComm
+from ..parallel.context import DistContext
+from ..parallel.partition import partition_layers
 from ..engine.engine import Block, Engine
 from ..engine.sampling import Sampler, SamplingParams
 from ..errors import NotSupportedYet, UserError

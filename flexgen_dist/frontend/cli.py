@@ -8,10 +8,10 @@ import logging
 import sys
 from typing import Callable
 
-from ..dist.comm import PeerError
-from ..dist.context import DistContext
-from ..dist.context import setup_logging as dist_setup_logging
-from ..dist.partition import parse_stage_layers
+from ..parallel.comm import PeerError
+from ..parallel.context import DistContext
+from ..parallel.context import setup_logging as dist_setup_logging
+from ..parallel.partition import parse_stage_layers
 from ..errors import UserError
 from ..planning.policy import Policy
 from ..planning.sizes import parse_size
