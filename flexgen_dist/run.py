@@ -15,8 +15,9 @@ from pathlib import Path
 from . import DEFAULT_MODEL
 from .engine.trace import Tracer
 from .frontend.api import LLM
-from .frontend.cli import add_model_args, dist_from_args, llm_kwargs_from_args, run_command
+from .frontend.cli import add_model_args, dist_from_args, llm_kwargs_from_args, run_command, start_pipeline
 from .frontend.jobfiles import check_writable, read_jsonl, write_jsonl, write_stats
+from .planning.placement import Workload
 
 EXAMPLE_PROMPTS = [
     "The list data type has some more methods.",
@@ -54,26 +55,25 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         contexts.append(dist_from_args(args))
-        try:
-            return _run(args, contexts[0])
-        finally:
-            contexts[0].destroy()
+        with start_pipeline(args, contexts[0]) as pipeline:
+            return _run(args, contexts[0], pipeline)
 
     return run_command(body, rank_of=lambda: contexts[0].rank if contexts else 0)
 
 
-def _run(args: argparse.Namespace, ctx) -> int:
-    kwargs = llm_kwargs_from_args(args, ctx)
-    policy = kwargs["policy"]
+def _run(args: argparse.Namespace, ctx, pipeline) -> int:
     if args.output and ctx.rank == 0:
         check_writable(args.output)
     lines = read_jsonl(args.input) if args.input else None
+    workload = None  # plan for the prompts given, when their lengths are known before tokenizing
     if lines is None:
-        kwargs["max_seq_len"] = (args.prompt_len or 32) + args.gen_len
+        workload = Workload(args.prompt_len or 32, args.gen_len)
     elif all(isinstance(line.prompt, list) for line in lines):
-        kwargs["max_seq_len"] = max(len(line.prompt) for line in lines) + args.gen_len
+        workload = Workload(max(len(line.prompt) for line in lines), args.gen_len)
+    kwargs = llm_kwargs_from_args(args, ctx, workload)
     tracer = Tracer(pid=ctx.rank) if args.trace else None
-    llm = LLM(args.model, tracer=tracer, **kwargs)
+    llm = LLM(args.model, pipeline=pipeline, tracer=tracer, **kwargs)
+    policy = llm.policy
     try:
         if lines is not None:
             prompts = [line.prompt for line in lines]

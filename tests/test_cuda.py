@@ -69,8 +69,8 @@ def test_16bit_on_gpu_matches_fp32_reference(arch, policy_name, tiny_models_cach
     model_dir = tiny_models_cache[arch]
     compared, llm = check_16bit_against_fp32(model_dir, POLICIES[policy_name], tmp_path)
     assert compared >= len(PROMPT_LENGTHS), f"only {compared} tokens had a clear reference"
-    # The engine chose the GPU and 16-bit compute by itself (where it says what it chose).
-    if getattr(llm, "device", None) is not None:
-        assert torch.device(llm.device).type == "cuda"
-    if getattr(llm, "compute_dtype", None) is not None:
-        assert llm.compute_dtype in (torch.float16, torch.bfloat16)
+    # The engine chose the GPU and 16-bit compute by itself, and its tensors are there.
+    assert llm.device == torch.device(f"cuda:{torch.cuda.current_device()}")
+    assert llm.placement.dtypes.compute in ("float16", "bfloat16")
+    resident = [t.data for placed in llm.weights.tensors.values() for t in placed.values() if t.tier.value == "gpu"]
+    assert resident and all(t.device == llm.device for t in resident)

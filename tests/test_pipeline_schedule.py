@@ -6,7 +6,9 @@ from collections import defaultdict, deque
 import pytest
 
 from flexgen_dist.schedule.block import (
+    CloseBlock,
     Compute,
+    OpenBlock,
     RecvActivation,
     RecvTokens,
     SendActivation,
@@ -18,12 +20,15 @@ from flexgen_dist.schedule.pipeline import pipeline_groups, remaining_groups
 
 
 def stages(layers_per_rank, num_batches):
+    """Global schedule layers per rank: layer 0 (the embedding) and the last (the head) keep no cache."""
     P = len(layers_per_rank)
-    out = []
+    total = sum(layers_per_rank)
+    out, start = [], 0
     for r, n in enumerate(layers_per_rank):
-        first = 1 if r == 0 else 0  # the embedding has no cache
-        last = n - 1 if r == P - 1 else n  # nor the head
-        out.append(StageShape(n, num_batches, frozenset(range(first, last)), rank=r, num_ranks=P))
+        layers = range(start, start + n)
+        cache = frozenset(i for i in layers if 0 < i < total - 1)
+        out.append(StageShape(layers, num_batches, cache, rank=r, num_ranks=P))
+        start += n
     return out
 
 
@@ -31,7 +36,9 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
     """Discrete-event run: a compute takes one tick, messages are instant. Returns (makespan, computes)."""
     P = len(layers_per_rank)
     groups = pipeline_groups(num_blocks, num_tokens, P)
-    schedules = [rank_schedule(groups, s) for s in stages(layers_per_rank, num_batches)]
+    stage_list = stages(layers_per_rank, num_batches)
+    schedules = [rank_schedule(groups, s) for s in stage_list]
+    opened = [dict() for _ in range(P)]  # rank -> block -> "open" / "closed"
     channels = defaultdict(deque)  # (src, dst, kind) -> deque of ((block, token, batch), time)
     pos, clock = [0] * P, [0] * P
     received = [set() for _ in range(P)]
@@ -42,10 +49,17 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
             ops = schedules[r]
             while pos[r] < len(ops):
                 op = ops[pos[r]]
-                if isinstance(op, (SendActivation, SendTokens)):
+                if isinstance(op, OpenBlock):
+                    assert op.block_idx not in opened[r], f"rank {r} opens block {op.block_idx} twice"
+                    opened[r][op.block_idx] = "open"
+                elif isinstance(op, CloseBlock):
+                    assert opened[r].get(op.block_idx) == "open", f"rank {r} closes block {op.block_idx} unopened"
+                    opened[r][op.block_idx] = "closed"
+                elif isinstance(op, (SendActivation, SendTokens)):
                     kind = type(op).__name__[4:]
                     channels[(r, op.dst, kind)].append(((op.block_idx, op.token_idx, op.batch_idx), clock[r]))
                 elif isinstance(op, (RecvActivation, RecvTokens)):
+                    assert opened[r].get(op.block_idx) == "open", f"rank {r}: {op} outside its block's lifetime"
                     queue = channels[(op.src, r, type(op).__name__[4:])]
                     if not queue:
                         break  # blocked until the peer sends
@@ -55,9 +69,11 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
                     clock[r] = max(clock[r], sent_at)
                 elif isinstance(op, Compute):
                     b, t, j, k = op.block_idx, op.token_idx, op.layer_idx, op.batch_idx
-                    if j == 0 and r > 0:
+                    first_layer = j == stage_list[r].layers[0]
+                    assert opened[r].get(b) == "open", f"rank {r} computes {op} outside its block's lifetime"
+                    if first_layer and r > 0:
                         assert ("RecvActivation", (b, t, k)) in received[r], f"rank {r} computes {op} before its input"
-                    if j == 0 and r == 0 and t > 0 and P > 1:
+                    if first_layer and r == 0 and t > 0 and P > 1:
                         assert ("RecvTokens", (b, t - 1, k)) in received[r], f"rank 0 embeds {op} before its token"
                     clock[r] += 1
                     computes += 1
@@ -67,6 +83,8 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
             break
         assert progressed, f"deadlock: ranks stopped at {[schedules[r][pos[r]] for r in range(P) if pos[r] < len(schedules[r])]}"
     assert all(not q for q in channels.values()), "a send was never received"
+    assert all(state == "closed" for r in range(P) for state in opened[r].values()), "a block was left open"
+    assert all(len(opened[r]) == num_blocks for r in range(P))
     # rank 0 ends up with every sampled token of every block
     if P > 1:
         tokens = {key for kind, key in received[0] if kind == "RecvTokens"}

@@ -1,7 +1,7 @@
 import pytest
 
 from flexgen_dist import NotSupportedYet, Policy, UserError
-from flexgen_dist.planning.policy import choose_tiers
+from flexgen_dist.planning.placement import Tier, choose_tiers
 
 
 def test_defaults_keep_everything_on_the_compute_device():
@@ -42,8 +42,8 @@ def test_policy_is_frozen():
 def test_choose_tiers_splits_by_cumulative_size():
     sizes = [10] * 10
     tiers = choose_tiers(sizes, (30, 30, 40))
-    assert tiers == ["gpu"] * 3 + ["cpu"] * 3 + ["disk"] * 4
-    assert choose_tiers(sizes, (100, 0, 0)) == ["gpu"] * 10
-    assert choose_tiers(sizes, (0, 0, 100)) == ["disk"] * 10
+    assert tiers == [Tier.GPU] * 3 + [Tier.CPU] * 3 + [Tier.DISK] * 4
+    assert choose_tiers(sizes, (100, 0, 0)) == [Tier.GPU] * 10
+    assert choose_tiers(sizes, (0, 0, 100)) == [Tier.DISK] * 10
     # one big tensor goes where its midpoint falls
-    assert choose_tiers([1, 98, 1], (40, 60, 0)) == ["gpu", "cpu", "cpu"]
+    assert choose_tiers([1, 98, 1], (40, 60, 0)) == [Tier.GPU, Tier.CPU, Tier.CPU]

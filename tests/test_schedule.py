@@ -1,5 +1,6 @@
 """The block schedule's invariants, checked on the op list alone (no torch)."""
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -7,16 +8,38 @@ import sys
 import pytest
 
 from flexgen_dist.schedule.block import (
-    BlockShape,
+    CloseBlock,
     Compute,
     FreeWeight,
     LoadActivation,
     LoadCache,
     LoadWeight,
+    OpenBlock,
+    StageShape,
     StoreActivation,
     StoreCache,
-    block_schedule,
+    rank_schedule,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockShape:
+    """One block on one rank holding every layer (the single-process case)."""
+
+    num_tokens: int
+    num_layers: int
+    num_batches: int
+    cache_layers: frozenset
+
+    @property
+    def layers(self) -> range:
+        return range(self.num_layers)
+
+
+def block_schedule(shape: BlockShape, prefetch_depth: int = 1):
+    stage = StageShape(shape.layers, shape.num_batches, shape.cache_layers)
+    return rank_schedule([[(0, t) for t in range(shape.num_tokens)]], stage, prefetch_depth)
+
 
 SHAPES = [
     BlockShape(num_tokens=t, num_layers=j, num_batches=k, cache_layers=frozenset(range(1, j - 1)))
@@ -84,14 +107,41 @@ def test_prefetch_overlaps_next_layer_and_next_batch():
     assert ops.index(LoadCache(0, 1, 1, 1)) < ops.index(Compute(0, 1, 1, 0))
 
 
-def test_schedule_module_does_not_import_torch():
-    # flexgen_dist/__init__ imports torch, so load the module file on its own
+@pytest.mark.parametrize("shape", SHAPES[::5], ids=str)
+def test_a_block_opens_before_its_state_is_used_and_closes_after(shape):
+    ops = block_schedule(shape)
+    opened, closed = ops.index(OpenBlock(0)), ops.index(CloseBlock(0))
+    assert ops.count(OpenBlock(0)) == 1 and ops.count(CloseBlock(0)) == 1
+    state_ops = [i for i, op in enumerate(ops) if not isinstance(op, (LoadWeight, FreeWeight, OpenBlock, CloseBlock))]
+    assert opened < min(state_ops) and max(state_ops) < closed
+    assert closed == len(ops) - 1  # nothing of the block after it closed
+
+
+def test_blocks_in_sequence_never_overlap_on_one_rank():
+    stage = StageShape(range(4), 2, frozenset({1, 2}))
+    ops = rank_schedule([[(0, t) for t in range(3)], [(1, t) for t in range(3)]], stage)
+    assert ops.index(CloseBlock(0)) < ops.index(OpenBlock(1))
+    # the next block's first weights are prefetched before the previous block closes
+    assert ops.index(LoadWeight(1, 0, 0)) < ops.index(CloseBlock(0))
+
+
+def test_ops_carry_global_layer_indices():
+    stage = StageShape(range(5, 8), 1, frozenset({5, 6, 7}), rank=1, num_ranks=3)
+    computes = [op for op in rank_schedule([[(0, 0), (0, 1)]], stage) if isinstance(op, Compute)]
+    assert sorted({op.layer_idx for op in computes}) == [5, 6, 7]
+
+
+def test_planning_and_schedule_import_without_torch():
     code = (
-        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('block', "
-        f"{repr(str(__import__('pathlib').Path(__file__).parents[1] / 'flexgen_dist' / 'schedule' / 'block.py'))}); "
-        "m = importlib.util.module_from_spec(spec); sys.modules['block'] = m; spec.loader.exec_module(m); sys.exit(int('torch' in sys.modules))"
+        "import sys; sys.modules['torch'] = None\n"
+        "import flexgen_dist.planning.placement, flexgen_dist.planning.capacity, flexgen_dist.planning.layout\n"
+        "import flexgen_dist.schedule.block, flexgen_dist.schedule.pipeline, flexgen_dist.parallel.partition\n"
+        "import flexgen_dist.planning, flexgen_dist.schedule\n"
+        "from flexgen_dist import Policy, ModelSpec\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_prefetch_depth_bounds_weights_in_flight():

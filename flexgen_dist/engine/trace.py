@@ -13,6 +13,13 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import ContextManager, Protocol
+
+
+class Tracing(Protocol):
+    """What the engine needs of a tracer: a span around each op, on the thread that runs it."""
+
+    def span(self, name: str, cat: str) -> ContextManager[None]: ...
 
 
 class Tracer:

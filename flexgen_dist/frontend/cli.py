@@ -8,14 +8,18 @@ import logging
 import sys
 from typing import Callable
 
+from ..errors import UserError
 from ..parallel.comm import PeerError
 from ..parallel.context import DistContext
 from ..parallel.context import setup_logging as dist_setup_logging
+from ..parallel.group import Pipeline
 from ..parallel.partition import parse_stage_layers
-from ..errors import UserError
+from ..planning.capacity import Capacity
+from ..planning.placement import Workload
 from ..planning.policy import Policy
 from ..planning.sizes import parse_size
 from ..storage.tiers import DiskIO
+from .runtime import Runtime
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
@@ -77,20 +81,28 @@ def dist_from_args(args: argparse.Namespace) -> DistContext:
     return ctx
 
 
-def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext) -> dict:
-    device = args.device or (ctx.device if ctx.world_size > 1 else None)
-    return {
-        "policy": policy_from_args(args),
-        "offload_dir": args.offload_dir,
-        "device": device,
-        "dist": ctx,
-        "stage_layers": parse_stage_layers(args.stage_layers) if args.stage_layers else None,
-        "comm_timeout_s": args.comm_timeout,
-        "gpu_mem": parse_size(args.gpu_mem, "--gpu-mem") if args.gpu_mem else None,
-        "cpu_mem": parse_size(args.cpu_mem, "--cpu-mem") if args.cpu_mem else None,
-        "disk_io": DiskIO(direct=args.direct_io, drop_page_cache=args.drop_page_cache, threads=max(1, args.io_threads)),
-        "prefetch_depth": args.prefetch_depth,
-    }
+def start_pipeline(args: argparse.Namespace, ctx: DistContext) -> Pipeline:
+    """The run's process group (none with one process); the command that calls this closes it."""
+    stage_layers = parse_stage_layers(args.stage_layers) if args.stage_layers else None
+    return Pipeline.start(ctx, timeout_s=args.comm_timeout, stage_layers=stage_layers)
+
+
+def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: Workload | None = None) -> dict:
+    """Keyword arguments of `LLM` from the shared flags (policy, offload folder, runtime, capacity)."""
+    if (args.gpu_mem is None) != (args.cpu_mem is None):
+        raise UserError("give both --gpu-mem and --cpu-mem (per rank), or neither")
+    if args.io_threads < 1:
+        raise UserError(f"--io-threads must be >= 1, got {args.io_threads}")
+    capacity = None
+    if args.gpu_mem is not None:
+        capacity = Capacity(parse_size(args.gpu_mem, "--gpu-mem"), parse_size(args.cpu_mem, "--cpu-mem"))
+    runtime = Runtime(
+        device=args.device or (ctx.device if ctx.world_size > 1 else None),
+        prefetch_depth=args.prefetch_depth,
+        disk_io=DiskIO(direct=args.direct_io, drop_page_cache=args.drop_page_cache, threads=args.io_threads),
+        workload=workload,
+    )
+    return {"policy": policy_from_args(args), "offload_dir": args.offload_dir, "runtime": runtime, "capacity": capacity}
 
 
 def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0) -> int:

@@ -9,12 +9,26 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
 
 from ..errors import UserError
-from .units import WeightSpec
+from ..planning.layout import WeightSpec
+
+
+class WeightSource(Protocol):
+    """Where weights come from, one tensor at a time."""
+
+    def fingerprint(self) -> str:
+        """Changes whenever the weights change (names the offload folder's files)."""
+
+    def get(self, ws: WeightSpec) -> torch.Tensor:
+        """The tensor of `ws`, on the CPU, in the source's dtype."""
+
+    def close(self) -> None:
+        """Drop what was opened to read (memory maps)."""
 
 
 class CheckpointSource:

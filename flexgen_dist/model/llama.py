@@ -7,42 +7,7 @@ import torch.nn.functional as F
 
 from ..planning.spec import ModelSpec
 from .layers import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq
-from .units import Step, Unit, WeightSpec
-
-
-def units(spec: ModelSpec) -> list[Unit]:
-    C, hd, I, V = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.vocab_size
-    q_dim, kv_dim = spec.num_heads * hd, spec.kv_dim
-    embed = Unit("embed", 0, (WeightSpec("embed_tokens.weight", "model.embed_tokens.weight", (V, C)),))
-    blocks = []
-    for i in range(spec.num_layers):
-        p = f"model.layers.{i}."
-        w = [WeightSpec("input_layernorm.weight", p + "input_layernorm.weight", (C,), "ones")]
-        for proj, out_dim in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
-            name = f"self_attn.{proj}_proj"
-            w.append(WeightSpec(name + ".weight", p + name + ".weight", (out_dim, C)))
-            if spec.attention_bias:
-                w.append(WeightSpec(name + ".bias", p + name + ".bias", (out_dim,), "zeros"))
-        w.append(WeightSpec("self_attn.o_proj.weight", p + "self_attn.o_proj.weight", (C, q_dim)))
-        if spec.o_bias:
-            w.append(WeightSpec("self_attn.o_proj.bias", p + "self_attn.o_proj.bias", (C,), "zeros"))
-        w.append(WeightSpec("post_attention_layernorm.weight", p + "post_attention_layernorm.weight", (C,), "ones"))
-        for proj, shape in (("gate", (I, C)), ("up", (I, C)), ("down", (C, I))):
-            name = f"mlp.{proj}_proj"
-            w.append(WeightSpec(name + ".weight", p + name + ".weight", shape))
-            if spec.mlp_bias:
-                w.append(WeightSpec(name + ".bias", p + name + ".bias", (shape[0],), "zeros"))
-        blocks.append(Unit("block", i + 1, tuple(w)))
-    head_key = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-    head = Unit(
-        "head",
-        spec.num_layers + 1,
-        (
-            WeightSpec("norm.weight", "model.norm.weight", (C,), "ones"),
-            WeightSpec("lm_head.weight", head_key, (V, C)),
-        ),
-    )
-    return [embed, *blocks, head]
+from .decoder import Step
 
 
 class LlamaMath:

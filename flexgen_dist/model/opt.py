@@ -8,55 +8,7 @@ import torch.nn.functional as F
 
 from ..planning.spec import ModelSpec
 from .layers import layer_norm, linear
-from .units import Step, Unit, WeightSpec
-
-
-def _has_projection(spec: ModelSpec) -> bool:
-    return spec.word_embed_proj_dim != spec.hidden_size
-
-
-def _has_final_norm(spec: ModelSpec) -> bool:
-    return spec.do_layer_norm_before and not spec.raw.get("_remove_final_layer_norm", False)
-
-
-def units(spec: ModelSpec) -> list[Unit]:
-    C, I, V, E = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.word_embed_proj_dim
-    P = spec.max_positions + spec.position_offset
-    d = "model.decoder."
-    embed = [
-        WeightSpec("embed_tokens.weight", d + "embed_tokens.weight", (V, E)),
-        WeightSpec("embed_positions.weight", d + "embed_positions.weight", (P, C)),
-    ]
-    if _has_projection(spec):
-        embed.append(WeightSpec("project_in.weight", d + "project_in.weight", (C, E)))
-    blocks = []
-    for i in range(spec.num_layers):
-        p = f"{d}layers.{i}."
-        w = []
-        for norm in ("self_attn_layer_norm", "final_layer_norm"):
-            w.append(WeightSpec(norm + ".weight", p + norm + ".weight", (C,), "ones"))
-            w.append(WeightSpec(norm + ".bias", p + norm + ".bias", (C,), "zeros"))
-        for name, shape in (
-            ("self_attn.q_proj", (C, C)),
-            ("self_attn.k_proj", (C, C)),
-            ("self_attn.v_proj", (C, C)),
-            ("self_attn.out_proj", (C, C)),
-            ("fc1", (I, C)),
-            ("fc2", (C, I)),
-        ):
-            w.append(WeightSpec(name + ".weight", p + name + ".weight", shape))
-            if spec.attention_bias:
-                w.append(WeightSpec(name + ".bias", p + name + ".bias", (shape[0],), "zeros"))
-        blocks.append(Unit("block", i + 1, tuple(w)))
-    head = []
-    if _has_final_norm(spec):
-        head.append(WeightSpec("final_layer_norm.weight", d + "final_layer_norm.weight", (C,), "ones"))
-        head.append(WeightSpec("final_layer_norm.bias", d + "final_layer_norm.bias", (C,), "zeros"))
-    if _has_projection(spec):
-        head.append(WeightSpec("project_out.weight", d + "project_out.weight", (E, C)))
-    head_key = d + "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-    head.append(WeightSpec("lm_head.weight", head_key, (V, E)))
-    return [Unit("embed", 0, tuple(embed)), *blocks, Unit("head", spec.num_layers + 1, tuple(head))]
+from .decoder import Step
 
 
 class OptMath:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -41,15 +42,32 @@ class _Pending:
         self._finished = True
 
 
-class _SendHandle(_Pending):
+class SendHandle(_Pending):
     def wait(self) -> None:
         self._wait_done()
 
+    def done(self) -> bool:
+        """Finished without waiting (then its buffer can be dropped)."""
+        if not self._finished and self._work.is_completed():
+            self._wait_done()  # raises if it failed
+        return self._finished
 
-class _RecvHandle(_Pending):
+
+class RecvHandle(_Pending):
     def result(self) -> torch.Tensor:
         self._wait_done()
         return self._tensor
+
+
+class Comm(Protocol):
+    """What the engine needs of the pipeline's point-to-point messages."""
+
+    rank: int
+    world_size: int
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> SendHandle: ...
+
+    def recv(self, shape, dtype: torch.dtype, src: int, tag: int) -> RecvHandle: ...
 
 
 class PipeComm:
@@ -60,13 +78,13 @@ class PipeComm:
         # gloo moves host tensors only; NCCL moves device tensors
         self.wire_device = torch.device("cpu") if backend == "gloo" else device
 
-    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> _SendHandle:
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> SendHandle:
         data = tensor.detach().to(self.wire_device).contiguous()
-        return _SendHandle(self._start(dist.isend, data, dst, tag, "sending to"), data, dst, "sending to", self)
+        return SendHandle(self._start(dist.isend, data, dst, tag, "sending to"), data, dst, "sending to", self)
 
-    def recv(self, shape, dtype: torch.dtype, src: int, tag: int) -> _RecvHandle:
+    def recv(self, shape, dtype: torch.dtype, src: int, tag: int) -> RecvHandle:
         buf = torch.empty(shape, dtype=dtype, device=self.wire_device)
-        return _RecvHandle(self._start(dist.irecv, buf, src, tag, "receiving from"), buf, src, "receiving from", self)
+        return RecvHandle(self._start(dist.irecv, buf, src, tag, "receiving from"), buf, src, "receiving from", self)
 
     def _start(self, fn, tensor, peer: int, tag: int, what: str):
         try:

@@ -1,70 +1,64 @@
 """Fit a policy's percentages to per-rank memory capacities (no torch).
 
-A greedy fit, not the cost-model search: weights go to the gpu tier while they fit, then to the
-cpu tier, then to disk; the KV cache takes what is left on gpu, then cpu, then disk. It is what
-`--gpu-mem` / `--cpu-mem` mean until the linear-program search replaces it, and it always leaves
-room for the working set: the layers' weights in the compute dtype that are in memory at once
-(the one computing and the prefetched ones: double buffering counted) and a block's activations.
+A greedy fit, not the cost-model search: weights go to the gpu tier while they fit, then the KV
+cache; then weights to the cpu tier, then the cache; disk takes the rest. Every candidate is
+checked against the exact bytes of its placement (planning/placement.py), working buffers
+included, so a fitted policy never plans more than the capacities.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .placement import Placement, Tier
 from .policy import Policy
 from .sizes import format_size
 
 
 @dataclass(frozen=True)
-class StageFootprint:
-    """Sizes of what one rank holds."""
+class Capacity:
+    gpu_mem: int  # bytes this rank may use on the gpu tier
+    cpu_mem: int  # bytes this rank may use on the cpu tier
 
-    weight_numel: int  # all weights of the rank's layers
-    max_unit_numel: int  # the largest layer's weights (a prefetch buffer holds one)
-    compute_itemsize: int  # bytes per value on the gpu tier
-    storage_itemsize: int  # bytes per value on the cpu and disk tiers
-    cache_bytes: int  # KV cache of every block in flight on this rank
-    act_bytes: int  # hidden states of one block
-    buffered_layers: int = 2  # layers of weights in the compute dtype at once: computing + prefetched
+    def __post_init__(self) -> None:
+        if self.gpu_mem < 0 or self.cpu_mem < 0:
+            raise UserError("memory capacities must be >= 0")
 
 
-@dataclass(frozen=True)
-class Fit:
-    policy: Policy
-    working_bytes: int  # reserved on the gpu tier for buffers and activations
+def _largest(fits: Callable[[float], bool], upper: float) -> float:
+    """The largest percentage in 0.1 steps up to `upper` for which `fits` holds (0 if none), by
+    bisection: more on a tier never frees memory there, so `fits` only turns false once."""
+    lo, hi = 0, int(round(upper * 10))
+    if fits(hi / 10):
+        return hi / 10
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid / 10) else (lo, mid)
+    return lo / 10
 
 
-def _percent(part: float, whole: float) -> float:
-    if whole <= 0:
-        return 100.0
-    return math.floor(max(0.0, min(1.0, part / whole)) * 1000) / 10  # round down to 0.1 %
+def fit_policy(base: Policy, capacity: Capacity, build: Callable[[Policy], Placement]) -> Policy:
+    """The policy with the most on the gpu tier, then on the cpu tier, that fits `capacity`.
 
+    build: the placement of a policy on this rank (the caller fixes units, dtypes, workload)."""
 
-def fit_policy(base: Policy, fp: StageFootprint, gpu_mem: int, cpu_mem: int) -> Fit:
-    working = fp.buffered_layers * fp.max_unit_numel * fp.compute_itemsize + fp.act_bytes
-    if gpu_mem < working:
+    def used(policy: Policy, tier: Tier) -> int:
+        return build(policy).bytes_per_tier(estimates=False)[tier]
+
+    p = base.replace(w_gpu_percent=0.0, w_cpu_percent=0.0, cache_gpu_percent=0.0, cache_cpu_percent=0.0,
+                     act_gpu_percent=100.0, act_cpu_percent=0.0)
+    floor = used(p, Tier.GPU)
+    if floor > capacity.gpu_mem:
         raise UserError(
-            f"--gpu-mem {format_size(gpu_mem)} is below this rank's working set of {format_size(working)} "
-            "(prefetch buffers and a block's activations); raise --gpu-mem, lower the batch or the prefetch depth"
+            f"--gpu-mem {format_size(capacity.gpu_mem)} is below this rank's working set of {format_size(floor)} "
+            "(weight slots, KV scratch and a block's activations); raise --gpu-mem, lower the batch or the prefetch depth"
         )
-    gpu_free = float(gpu_mem - working)
-    w_gpu_bytes = fp.weight_numel * fp.compute_itemsize
-    w_gpu = _percent(gpu_free, w_gpu_bytes)
-    gpu_free -= w_gpu / 100 * w_gpu_bytes
-    cache_gpu = _percent(gpu_free, fp.cache_bytes)
-    cpu_free = float(cpu_mem)
-    w_cpu_bytes = fp.weight_numel * fp.storage_itemsize
-    w_cpu = min(100.0 - w_gpu, _percent(cpu_free, w_cpu_bytes))
-    cpu_free -= w_cpu / 100 * w_cpu_bytes
-    cache_cpu = min(100.0 - cache_gpu, _percent(cpu_free, fp.cache_bytes))
-    policy = base.replace(
-        w_gpu_percent=w_gpu,
-        w_cpu_percent=w_cpu,
-        cache_gpu_percent=cache_gpu,
-        cache_cpu_percent=cache_cpu,
-        act_gpu_percent=100.0,
-        act_cpu_percent=0.0,
-    )
-    return Fit(policy, working)
+    gpu_fits = lambda policy: used(policy, Tier.GPU) <= capacity.gpu_mem  # noqa: E731
+    cpu_fits = lambda policy: used(policy, Tier.CPU) <= capacity.cpu_mem  # noqa: E731
+    p = p.replace(w_gpu_percent=_largest(lambda x: gpu_fits(p.replace(w_gpu_percent=x)), 100.0))
+    p = p.replace(cache_gpu_percent=_largest(lambda x: gpu_fits(p.replace(cache_gpu_percent=x)), 100.0))
+    p = p.replace(w_cpu_percent=_largest(lambda x: cpu_fits(p.replace(w_cpu_percent=x)), 100.0 - p.w_gpu_percent))
+    p = p.replace(cache_cpu_percent=_largest(lambda x: cpu_fits(p.replace(cache_cpu_percent=x)), 100.0 - p.cache_gpu_percent))
+    return p

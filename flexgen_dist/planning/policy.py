@@ -12,9 +12,6 @@ from dataclasses import dataclass
 
 from ..errors import NotSupportedYet, UserError
 
-TIERS = ("gpu", "cpu", "disk")
-
-
 @dataclass(frozen=True)
 class Policy:
     gpu_batch_size: int = 1
@@ -83,21 +80,3 @@ class Policy:
 
     def replace(self, **changes) -> "Policy":
         return dataclasses.replace(self, **changes)
-
-
-def choose_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list[str]:
-    """Tier of each tensor, splitting a list of tensors by cumulative size (FlexGen's rule).
-
-    A tensor goes to the tier whose percentage range holds the midpoint of its cumulative size,
-    so gpu gets about `percents[0]` % of the bytes, cpu the next `percents[1]` %, disk the rest.
-    """
-    total = sum(sizes)
-    if total == 0:
-        return ["gpu"] * len(sizes)
-    bounds = (percents[0], percents[0] + percents[1])
-    tiers, acc = [], 0
-    for size in sizes:
-        mid = (acc + size / 2) / total * 100
-        acc += size
-        tiers.append("gpu" if mid < bounds[0] else "cpu" if mid < bounds[1] else "disk")
-    return tiers

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import UserError
 
-# family -> how the checkpoint is laid out (see model/architectures.py for the key names)
+# model_type -> family: how the checkpoint is laid out (planning/layout.py) and computed (model/)
 SUPPORTED = {
     "llama": "llama",
     "mistral": "llama",
@@ -79,14 +79,9 @@ class ModelSpec:
         family = SUPPORTED[model_type]
         return _opt_spec(config) if family == "opt" else _llama_spec(config, model_type)
 
-    # --- sizes, used by placement and (later) the cost model -------------------------------
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
-
-    def cache_bytes_per_token(self, bytes_per_value: int) -> int:
-        """KV cache of one sequence, one token, one layer (k and v)."""
-        return 2 * self.kv_dim * bytes_per_value
 
 
 def _eos_ids(config: dict) -> tuple[int, ...]:

@@ -10,13 +10,18 @@ resolved here, with explicit indices:
 - the next compute's KV cache (`LoadCache`) is requested just before the current compute;
 - `StoreCache` / `StoreActivation` follow their compute.
 
-Layer indices are this rank's schedule layers, 0..num_layers-1 (the input embedding is layer 0
-of the first stage, the head the last layer of the last stage). With several ranks, the first
+Every op's `layer_idx` is the GLOBAL schedule layer, the same on every rank: 0 is the input
+embedding, 1..L the decoder layers, L + 1 the head. A rank holds a contiguous range of them
+(`StageShape.layers`). With several ranks, the first
 layer of a non-first stage receives its input (`RecvActivation`) and the last layer of a
 non-last stage sends its output (`SendActivation`); the last stage sends each sampled token to
 the first (`SendTokens`), which receives them (`RecvTokens`) before embedding them. Tasks come in
 groups: the blocks of a group are in flight together (see pipeline.py); the first stage receives
 a group's final tokens at the group's end.
+
+`OpenBlock` comes before the first op that needs a block's state (its KV cache, activations,
+inputs) and `CloseBlock` after the last one, so the engine never infers a block's lifetime from
+other ops. Weight loads do not need block state and may come earlier (prefetch across blocks).
 
 The engine walks the ops in order; loads and receives may complete asynchronously, and every
 input of a compute is requested before it (checked by the tests).
@@ -28,7 +33,23 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class OpenBlock:
+    """Set up a block's state (KV cache, activation homes) before its first op that needs it."""
+
+    block_idx: int
+
+
+@dataclass(frozen=True)
+class CloseBlock:
+    """Collect a block's results and free its state after its last op on this rank."""
+
+    block_idx: int
+
+
+@dataclass(frozen=True)
 class LoadWeight:
+    """Load the weights of schedule layer `layer_idx` (global) for task (block, token)."""
+
     block_idx: int
     token_idx: int
     layer_idx: int
@@ -36,6 +57,8 @@ class LoadWeight:
 
 @dataclass(frozen=True)
 class FreeWeight:
+    """The task is done with layer `layer_idx`'s loaded weights: their buffers may be reused."""
+
     block_idx: int
     token_idx: int
     layer_idx: int
@@ -43,6 +66,8 @@ class FreeWeight:
 
 @dataclass(frozen=True)
 class LoadCache:
+    """Bring the KV cache of (layer, batch) where the compute of (block, token, layer, batch) reads it."""
+
     block_idx: int
     token_idx: int
     layer_idx: int
@@ -51,6 +76,8 @@ class LoadCache:
 
 @dataclass(frozen=True)
 class StoreCache:
+    """Write this step's new keys and values of (layer, batch) to the cache's tier."""
+
     block_idx: int
     token_idx: int
     layer_idx: int
@@ -59,7 +86,7 @@ class StoreCache:
 
 @dataclass(frozen=True)
 class LoadActivation:
-    """The hidden state of a batch that layer `layer_idx - 1` stored."""
+    """The hidden state of a batch that layer `layer_idx - 1` stored, for layer `layer_idx`."""
 
     block_idx: int
     token_idx: int
@@ -69,6 +96,8 @@ class LoadActivation:
 
 @dataclass(frozen=True)
 class StoreActivation:
+    """The hidden state that layer `layer_idx` computed, to the batch's activation tier."""
+
     block_idx: int
     token_idx: int
     layer_idx: int
@@ -77,6 +106,8 @@ class StoreActivation:
 
 @dataclass(frozen=True)
 class Compute:
+    """Schedule layer `layer_idx` (global) on GPU batch `batch_idx` of (block, token)."""
+
     block_idx: int
     token_idx: int
     layer_idx: int
@@ -95,6 +126,8 @@ class SendActivation:
 
 @dataclass(frozen=True)
 class RecvActivation:
+    """Hidden state of (block, token, batch) from rank `src`, the input of this stage's first layer."""
+
     block_idx: int
     token_idx: int
     batch_idx: int
@@ -113,6 +146,8 @@ class SendTokens:
 
 @dataclass(frozen=True)
 class RecvTokens:
+    """Sampled ids of (block, token, batch), received by the first stage from the last."""
+
     block_idx: int
     token_idx: int
     batch_idx: int
@@ -120,19 +155,27 @@ class RecvTokens:
 
 
 Op = (
-    LoadWeight | FreeWeight | LoadCache | StoreCache | LoadActivation | StoreActivation | Compute
-    | SendActivation | RecvActivation | SendTokens | RecvTokens
+    OpenBlock | CloseBlock | LoadWeight | FreeWeight | LoadCache | StoreCache | LoadActivation | StoreActivation
+    | Compute | SendActivation | RecvActivation | SendTokens | RecvTokens
 )
 Task = tuple[int, int]  # (block_idx, token_idx)
 
 
 @dataclass(frozen=True)
 class StageShape:
-    num_layers: int  # schedule layers on this rank (embedding and head included where held)
+    """What one rank holds: a contiguous range of global schedule layers."""
+
+    layers: range  # global schedule layers on this rank (embedding and head included where held)
     num_batches: int  # GPU batches per block
-    cache_layers: frozenset[int]  # layers that keep a KV cache
+    cache_layers: frozenset[int]  # global layers that keep a KV cache
     rank: int = 0
     num_ranks: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.layers) < 1 or self.layers.step != 1:
+            raise ValueError(f"a stage holds a contiguous, non-empty range of layers, got {self.layers}")
+        if self.num_batches < 1:
+            raise ValueError("num_batches must be >= 1")
 
     @property
     def is_first(self) -> bool:
@@ -149,11 +192,11 @@ class StageShape:
 
 def compute_order(groups: list[list[Task]], stage: StageShape) -> list[Compute]:
     return [
-        Compute(b, t, j, k)
+        Compute(block_idx, token_idx, layer_idx, batch_idx)
         for group in groups
-        for b, t in group
-        for j in range(stage.num_layers)
-        for k in range(stage.num_batches)
+        for block_idx, token_idx in group
+        for layer_idx in stage.layers
+        for batch_idx in range(stage.num_batches)
     ]
 
 
@@ -167,68 +210,71 @@ def rank_schedule(groups: list[list[Task]], stage: StageShape, prefetch_depth: i
     computes = compute_order(groups, stage)
     if not computes:
         return []
-    layer_starts = computes[:: stage.num_batches]  # the first compute of every (block, token, layer)
-    last_layer, last_batch = stage.num_layers - 1, stage.num_batches - 1
+    num_batches = stage.num_batches
+    layer_starts = computes[::num_batches]  # the first compute of every (block, token, layer)
+    first_layer, last_layer, last_batch = stage.layers[0], stage.layers[-1], num_batches - 1
     ring = stage.num_ranks > 1
     group_end = {}  # index of a group's last compute -> that group's final tasks
-    i = -1
+    end = -1
     for group in groups:
-        i += len(group) * stage.num_layers * stage.num_batches
-        final = {}
-        for b, t in group:
-            final[b] = max(t, final.get(b, t))
-        group_end[i] = sorted(final.items())
+        end += len(group) * len(stage.layers) * num_batches
+        final: dict[int, int] = {}
+        for block_idx, token_idx in group:
+            final[block_idx] = max(token_idx, final.get(block_idx, token_idx))
+        group_end[end] = sorted(final.items())
     ops: list[Op] = [LoadWeight(c.block_idx, c.token_idx, c.layer_idx) for c in layer_starts[:prefetch_depth]]
     for i, c in enumerate(computes):
-        b, t, j, k = c.block_idx, c.token_idx, c.layer_idx, c.batch_idx
-        if k == 0:  # a layer starts: request the weights `prefetch_depth` layers ahead in compute order
-            ahead = i // stage.num_batches + prefetch_depth
+        block_idx, token_idx, layer_idx, batch_idx = c.block_idx, c.token_idx, c.layer_idx, c.batch_idx
+        if batch_idx == 0:  # a layer starts: request the weights `prefetch_depth` layers ahead in compute order
+            ahead = i // num_batches + prefetch_depth
             if ahead < len(layer_starts):
                 n = layer_starts[ahead]
                 ops.append(LoadWeight(n.block_idx, n.token_idx, n.layer_idx))
-            if j == 0 and not stage.is_first:  # the task's inputs from the previous stage
-                ops.extend(RecvActivation(b, t, kk, stage.rank - 1) for kk in range(stage.num_batches))
-        if i == 0 and stage.needs_cache_load(t, j):
-            ops.append(LoadCache(b, t, j, k))
+            if layer_idx == first_layer and not stage.is_first:  # the task's inputs from the previous stage
+                ops.extend(RecvActivation(block_idx, token_idx, other, stage.rank - 1) for other in range(num_batches))
+        if i == 0 and stage.needs_cache_load(token_idx, layer_idx):
+            ops.append(LoadCache(block_idx, token_idx, layer_idx, batch_idx))
         if i + 1 < len(computes):  # prefetch the next compute's cache
             n = computes[i + 1]
             if stage.needs_cache_load(n.token_idx, n.layer_idx):
                 ops.append(LoadCache(n.block_idx, n.token_idx, n.layer_idx, n.batch_idx))
-        if j == 0 and t > 0 and stage.is_first and ring:
-            ops.append(RecvTokens(b, t - 1, k, stage.num_ranks - 1))
-        if j > 0:
-            ops.append(LoadActivation(b, t, j, k))
+        if layer_idx == first_layer and token_idx > 0 and stage.is_first and ring:
+            ops.append(RecvTokens(block_idx, token_idx - 1, batch_idx, stage.num_ranks - 1))
+        if layer_idx > first_layer:
+            ops.append(LoadActivation(block_idx, token_idx, layer_idx, batch_idx))
         ops.append(c)
-        if j in stage.cache_layers:
-            ops.append(StoreCache(b, t, j, k))
-        if j < last_layer:
-            ops.append(StoreActivation(b, t, j, k))
+        if layer_idx in stage.cache_layers:
+            ops.append(StoreCache(block_idx, token_idx, layer_idx, batch_idx))
+        if layer_idx < last_layer:
+            ops.append(StoreActivation(block_idx, token_idx, layer_idx, batch_idx))
         elif not stage.is_last:
-            ops.append(SendActivation(b, t, k, stage.rank + 1))
+            ops.append(SendActivation(block_idx, token_idx, batch_idx, stage.rank + 1))
         elif ring:
-            ops.append(SendTokens(b, t, k, 0))
-        if k == last_batch:
-            ops.append(FreeWeight(b, t, j))
+            ops.append(SendTokens(block_idx, token_idx, batch_idx, 0))
+        if batch_idx == last_batch:
+            ops.append(FreeWeight(block_idx, token_idx, layer_idx))
         if stage.is_first and ring and i in group_end:  # the group's last tokens come back round the ring
-            for fb, ft in group_end[i]:
-                ops.extend(RecvTokens(fb, ft, kk, stage.num_ranks - 1) for kk in range(stage.num_batches))
-    return ops
+            for final_block, final_token in group_end[i]:
+                ops.extend(RecvTokens(final_block, final_token, other, stage.num_ranks - 1) for other in range(num_batches))
+    return _with_block_lifetimes(ops)
 
 
-def block_tasks(num_tokens: int, block_idx: int = 0) -> list[Task]:
-    return [(block_idx, t) for t in range(num_tokens)]
-
-
-@dataclass(frozen=True)
-class BlockShape:
-    """One block on one rank holding every layer (the single-process case)."""
-
-    num_tokens: int
-    num_layers: int
-    num_batches: int
-    cache_layers: frozenset[int]
-
-
-def block_schedule(shape: BlockShape, prefetch_depth: int = 1) -> list[Op]:
-    stage = StageShape(shape.num_layers, shape.num_batches, shape.cache_layers)
-    return rank_schedule([block_tasks(shape.num_tokens)], stage, prefetch_depth)
+def _with_block_lifetimes(ops: list[Op]) -> list[Op]:
+    """Insert OpenBlock before a block's first op that needs its state and CloseBlock after its
+    last op. Weight loads and frees need no block state (they prefetch across blocks)."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for i, op in enumerate(ops):
+        if not isinstance(op, (LoadWeight, FreeWeight)):
+            first.setdefault(op.block_idx, i)
+        last[op.block_idx] = i
+    opens = {i: b for b, i in first.items()}
+    closes = {i: b for b, i in last.items()}
+    out: list[Op] = []
+    for i, op in enumerate(ops):
+        if i in opens:
+            out.append(OpenBlock(opens[i]))
+        out.append(op)
+        if i in closes:
+            out.append(CloseBlock(closes[i]))
+    return out

@@ -3,23 +3,30 @@
 - `MemoryTensor`: a torch tensor on the gpu tier (the compute device) or the cpu tier (host
   memory, pinned where a CUDA device makes that pay). On a machine with no GPU both tiers are
   host memory.
-- `DiskTensor`: a raw little-endian file in the offload folder, read with large sequential
-  reads into a reusable host buffer.
+- `DiskTensor`: a raw little-endian file in the offload folder. Reads go through a `DiskReader`:
+  a fixed set of aligned buffers and threads, so what disk reads cost in memory is known in
+  advance (the placement counts it) whatever the tensor sizes.
 
-Indexing: `read(rows)` / `write(rows, value)` take a slice of the LEADING dimension only. That
-is the access pattern of every tensor we tier (a KV cache is laid out (seq, batch, heads, dim),
-so a decode step appends one contiguous row and reads one contiguous prefix), and it keeps every
-disk access a single sequential read or write.
+Indexing: reads and writes take a slice of the LEADING dimension only. That is the access
+pattern of every tensor we tier (a KV cache is laid out (seq, batch, heads, dim), so a decode
+step appends one contiguous row and reads one contiguous prefix), and it keeps every disk access
+a single sequential read or write.
+
+`copy(dst, dst_index, src, src_index)` is equivalent to `dst[dst_index] = src[src_index]` for any
+pair of tier tensors or plain tensors, converting dtype and device to the destination's.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..planning.placement import READ_ALIGN, Tier
 
 _ALL = slice(None)
 
@@ -32,12 +39,12 @@ def _rows(index: slice, length: int) -> tuple[int, int]:
 
 
 class MemoryTensor:
-    def __init__(self, data: torch.Tensor, tier: str):
+    def __init__(self, data: torch.Tensor, tier: Tier):
         self.data = data
         self.tier = tier
 
     @classmethod
-    def empty(cls, shape, dtype, device: torch.device, tier: str, pin: bool = False) -> "MemoryTensor":
+    def empty(cls, shape, dtype, device: torch.device, tier: Tier, pin: bool = False) -> "MemoryTensor":
         data = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin and device.type == "cpu")
         return cls(data, tier)
 
@@ -69,47 +76,78 @@ class DiskIO:
     threads: int = 2  # one tensor's rows are read in parallel chunks by this many threads
     chunk_bytes: int = 8 << 20
 
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.chunk_bytes < READ_ALIGN:
+            raise ValueError(f"DiskIO needs threads >= 1 and chunk_bytes >= {READ_ALIGN}")
 
-_ALIGN = 4096  # O_DIRECT wants the offset, length and buffer address aligned
 
+class DiskReader:
+    """`io.threads` aligned host buffers of `buffer_bytes` each and as many reading threads.
 
-class ReadBuffers:
-    """Reusable, 4 KiB-aligned read buffers, one per thread, shared by many disk tensors.
+    A read of many rows is cut into chunks of whole rows that fit a buffer; each chunk is read
+    into a free buffer and copied to its destination (any device, any dtype). On a CUDA machine
+    the buffers are pinned, so that copy is asynchronous; the buffer is reused only once the
+    copy has finished."""
 
-    Shared so memory stays (threads x largest read), not (threads x tensors x read)."""
+    def __init__(self, io: DiskIO, buffer_bytes: int, pin: bool = False):
+        self.io = io
+        self.buffer_bytes = buffer_bytes
+        self.buffers: list[torch.Tensor] = [
+            torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(io.threads)
+        ]
+        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        for buf in self.buffers:
+            self._free.put(buf)
+        self._pool = ThreadPoolExecutor(io.threads, thread_name_prefix="flexgen-read") if io.threads > 1 else None
 
-    def __init__(self):
-        self._local = threading.local()
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
-    def get(self, nbytes: int) -> torch.Tensor:
-        buf = getattr(self._local, "buf", None)
-        if buf is None or buf.numel() < nbytes + _ALIGN:
-            buf = torch.empty(nbytes + 2 * _ALIGN, dtype=torch.uint8)
-            self._local.buf = buf
-        skip = (-buf.data_ptr()) % _ALIGN
-        return buf[skip : skip + nbytes + _ALIGN]
+    def read_into(self, out: torch.Tensor, src: "DiskTensor", start: int, stop: int) -> None:
+        """out[:stop - start] = rows start:stop of src."""
+        row_bytes = src.row_bytes
+        rows_per_chunk = max(1, (self.buffer_bytes - 2 * READ_ALIGN) // max(1, row_bytes))
+        chunks = [(a, min(a + rows_per_chunk, stop)) for a in range(start, stop, rows_per_chunk)]
+        if self._pool is None or len(chunks) == 1:
+            for a, b in chunks:
+                self._read_chunk(out, src, start, a, b)
+            return
+        for fut in [self._pool.submit(self._read_chunk, out, src, start, a, b) for a, b in chunks]:
+            fut.result()
+
+    def _read_chunk(self, out: torch.Tensor, src: "DiskTensor", base: int, start: int, stop: int) -> None:
+        first, nbytes = start * src.row_bytes, (stop - start) * src.row_bytes
+        lead = first % READ_ALIGN if self.io.direct else 0  # O_DIRECT reads from the aligned offset below
+        span = -(-(lead + nbytes) // READ_ALIGN) * READ_ALIGN if self.io.direct else nbytes
+        raw = self._free.get()
+        try:
+            skip = (-raw.data_ptr()) % READ_ALIGN
+            buf = raw[skip : skip + span]
+            got = _pread_all(src.path, buf, first - lead, self.io)
+            if got < lead + nbytes:
+                raise OSError(f"{src.path} is shorter than expected ({got - lead} of {nbytes} bytes at {first})")
+            rows = buf[lead : lead + nbytes].view(src.dtype).view((stop - start, *src.shape[1:]))
+            dst = out[start - base : stop - base]
+            dst.copy_(rows, non_blocking=dst.device.type == "cuda")
+            if dst.device.type == "cuda":
+                torch.cuda.current_stream(dst.device).synchronize()  # the buffer is reused next
+        finally:
+            self._free.put(raw)
 
 
 class DiskTensor:
     """A tensor stored as a raw file; the file is created (or reused) at construction."""
 
-    tier = "disk"
+    tier = Tier.DISK
 
-    def __init__(
-        self,
-        path: str | Path,
-        shape,
-        dtype: torch.dtype,
-        create: bool = True,
-        io: DiskIO = DiskIO(),
-        buffers: ReadBuffers | None = None,
-    ):
+    def __init__(self, path: str | Path, shape, dtype: torch.dtype, reader: DiskReader, create: bool = True):
         self.path = Path(path)
-        self.io = io
-        self._buffers = buffers if buffers is not None else ReadBuffers()
+        self.reader = reader
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
-        self._row_bytes = torch.Size(self.shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
+        self.row_bytes = torch.Size(self.shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "wb") as f:
@@ -117,37 +155,12 @@ class DiskTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.shape[0] * self._row_bytes
+        return self.shape[0] * self.row_bytes
 
-    def read(self, index: slice = _ALL) -> torch.Tensor:
-        """Rows `index` as a host tensor. It lives in this thread's read buffer, which the next
-        read on this thread overwrites, so copy it (e.g. to the compute device / dtype) before then."""
+    def read_into(self, out: torch.Tensor, index: slice = _ALL) -> torch.Tensor:
+        """Rows `index` into out[:rows] (any device / dtype), in chunks on the reader's threads."""
         start, stop = _rows(index, self.shape[0])
-        first, nbytes = start * self._row_bytes, (stop - start) * self._row_bytes
-        lead = first % _ALIGN if self.io.direct else 0  # O_DIRECT reads from the aligned offset below
-        span = -(-(lead + nbytes) // _ALIGN) * _ALIGN if self.io.direct else nbytes
-        buf = self._buffers.get(span)
-        got = _pread_all(self.path, buf[:span], first - lead, self.io)
-        if got < lead + nbytes:
-            raise IOError(f"{self.path} is shorter than expected ({got - lead} of {nbytes} bytes at {first})")
-        return buf[lead : lead + nbytes].view(self.dtype).view((stop - start, *self.shape[1:]))
-
-    def read_into(self, out: torch.Tensor, pool=None, rows: int | None = None) -> torch.Tensor:
-        """The first `rows` rows (default all) into out[:rows] (any device / dtype), in row chunks
-        spread over `pool`'s threads."""
-        n = self.shape[0] if rows is None else rows
-        rows_per_chunk = max(1, self.io.chunk_bytes // max(1, self._row_bytes))
-        chunks = [slice(a, min(a + rows_per_chunk, n)) for a in range(0, n, rows_per_chunk)]
-
-        def one(rows: slice) -> None:
-            out[rows].copy_(self.read(rows))
-
-        if pool is None or len(chunks) == 1:
-            for rows in chunks:
-                one(rows)
-        else:
-            for fut in [pool.submit(one, rows) for rows in chunks]:
-                fut.result()
+        self.reader.read_into(out, self, start, stop)
         return out
 
     def write(self, index: slice, value: torch.Tensor) -> None:
@@ -155,10 +168,12 @@ class DiskTensor:
         data = value.detach().to("cpu", self.dtype).contiguous()
         if tuple(data.shape) != (stop - start, *self.shape[1:]):
             raise ValueError(f"write of shape {tuple(data.shape)} into rows {start}:{stop} of {self.shape}")
-        raw = data.view(-1).view(torch.uint8).numpy()
+        view = memoryview(data.view(-1).view(torch.uint8).numpy())
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            os.pwrite(fd, memoryview(raw), start * self._row_bytes)
+            offset, done = start * self.row_bytes, 0
+            while done < len(view):  # a short write (disk full, signal) is retried, never ignored
+                done += os.pwrite(fd, view[done:], offset + done)
         finally:
             os.close(fd)
 
@@ -197,56 +212,41 @@ def _pread_all(path: Path, buf: torch.Tensor, offset: int, io: DiskIO) -> int:
 TierTensor = MemoryTensor | DiskTensor
 
 
-class BufferPool:
-    """Reusable tensors by shape on one device and dtype, so loads do not allocate every step
-    (a fresh multi-MB tensor costs page faults each time). Thread-safe."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device = device
-        self.dtype = dtype
-        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        self._lent: dict[int, torch.Tensor] = {}
-        self._lock = threading.Lock()
-
-    def take(self, shape) -> torch.Tensor:
-        shape = tuple(shape)
-        with self._lock:
-            free = self._free.get(shape)
-            buf = free.pop() if free else torch.empty(shape, dtype=self.dtype, device=self.device)
-            self._lent[id(buf)] = buf
-            return buf
-
-    def give(self, tensors) -> None:
-        """Return tensors taken from this pool; others are ignored."""
-        with self._lock:
-            for t in tensors:
-                if self._lent.pop(id(t), None) is not None:
-                    self._free.setdefault(tuple(t.shape), []).append(t)
-
-
 def copy(dst, dst_index: slice, src, src_index: slice = _ALL) -> None:
     """The one copy primitive: equivalent to `dst[dst_index] = src[src_index]`.
 
     `dst` and `src` are each a `MemoryTensor`, a `DiskTensor` or a plain torch tensor; indices
     are slices of the leading dimension. Dtype and device are converted to the destination's.
     """
-    value = src.read(src_index) if isinstance(src, (MemoryTensor, DiskTensor)) else src[src_index]
+    if isinstance(src, DiskTensor):
+        if isinstance(dst, (MemoryTensor, DiskTensor)):
+            start, stop = _rows(src_index, src.shape[0])
+            staging = torch.empty((stop - start, *src.shape[1:]), dtype=src.dtype)
+            src.read_into(staging, src_index)
+            dst.write(dst_index, staging)
+        else:
+            src.read_into(dst[dst_index], src_index)
+        return
+    value = src.read(src_index) if isinstance(src, MemoryTensor) else src[src_index]
     if isinstance(dst, (MemoryTensor, DiskTensor)):
         dst.write(dst_index, value)
     else:
         dst[dst_index].copy_(value, non_blocking=value.is_pinned() or value.device.type != "cpu")
 
 
-def to_compute(src, index: slice, device: torch.device, dtype: torch.dtype, pool=None) -> torch.Tensor:
-    """Rows of a tier tensor as a tensor on the compute device in the compute dtype.
-
-    No copy when the rows already live there in that dtype (the gpu tier). A whole disk tensor
-    is read in parallel row chunks on `pool` when one is given."""
-    if isinstance(src, DiskTensor) and index == _ALL and pool is not None:
-        return src.read_into(torch.empty(src.shape, dtype=dtype, device=device), pool)
-    value = src.read(index)
-    if value.device == device and value.dtype == dtype and isinstance(src, MemoryTensor):
-        return value
-    out = torch.empty(value.shape, dtype=dtype, device=device)
-    copy(out, _ALL, value)
+def to_compute(src, index: slice, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a tier tensor as a tensor on the compute device in the compute dtype; no copy
+    when they already live there in that dtype (the gpu tier)."""
+    if isinstance(src, MemoryTensor):
+        value = src.read(index)
+        if value.device == device and value.dtype == dtype:
+            return value
+    start, stop = _rows(index, src.shape[0])
+    out = torch.empty((stop - start, *src.shape[1:]), dtype=dtype, device=device)
+    copy(out, _ALL, src, index)
     return out
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a placement's dtype name ("float32", "float16", "bfloat16")."""
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]

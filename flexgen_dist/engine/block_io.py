@@ -1,0 +1,186 @@
+"""A block's KV caches and activations on their tiers, and moving them for compute.
+
+Opening a block allocates, as the placement says, each (layer, batch) KV cache on its tier and
+each GPU batch's activation home. For a compute, `kv_for` hands the layer KV buffers: the cache
+itself where attention can read it in place (the compute device's memory, or host memory with
+CPU attention), else a scratch pair from a fixed pool into which `load_cache` copied the past;
+`store_cache` then writes the step's new rows from the scratch to the cache's tier and gives the
+scratch back. Activations between layers wait on their batch's tier (`store_act` / `load_act`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..model import KVBuffers
+from ..planning.placement import CachePlace, Placement, Tier
+from ..storage.slots import Slot, SlotPool
+from ..storage.tiers import DiskReader, DiskTensor, MemoryTensor, TierTensor, copy, to_compute, torch_dtype
+from .blocks import Block, BlockResult, BlockState
+
+_ALL = slice(None)
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Keys and values of one (layer, batch) of one block, each (S, B, nkv, hd), on their tiers."""
+
+    k: TierTensor
+    v: TierTensor
+    place: CachePlace
+
+
+@dataclass(frozen=True)
+class KVLease:
+    """KV buffers handed to one compute; `scratch` is the pool slot behind them, if any."""
+
+    buffers: KVBuffers
+    scratch: Slot | None
+
+
+class ActivationHome:
+    """Where one GPU batch's hidden state waits between two layers: kept as it is (the compute
+    device's memory), moved to host memory (cpu tier beside a GPU), or written to a file."""
+
+    def __init__(self, tier: Tier, device: torch.device, dtype: torch.dtype, file: DiskTensor | None = None):
+        self.tier, self.device, self.dtype, self.file = tier, device, dtype, file
+        self._held: torch.Tensor | None = None
+        self._length = 0
+
+    def store(self, x: torch.Tensor) -> None:  # x: (B, T, C)
+        if self.file is not None:
+            self.file.write(slice(0, x.shape[1]), x.transpose(0, 1))  # (T, B, C)
+            self._length = x.shape[1]
+        elif self.tier is Tier.CPU and self.device.type != "cpu":
+            self._held = x.to("cpu", non_blocking=True)
+        else:
+            self._held = x
+
+    def load(self) -> torch.Tensor:
+        if self.file is not None:
+            return to_compute(self.file, slice(0, self._length), self.device, self.dtype).transpose(0, 1)
+        x, self._held = self._held, None
+        return x.to(self.device, non_blocking=True)
+
+
+class BlockIO:
+    def __init__(self, *, placement: Placement, device: torch.device, offload_dir: Path | None,
+                 reader: DiskReader | None, rank: int):
+        self.placement = placement
+        self.device = device
+        self.dtype = torch_dtype(placement.dtypes.compute)
+        self.cache_dtype = torch_dtype(placement.dtypes.cache)
+        self.offload_dir = offload_dir
+        self.reader = reader
+        self.rank = rank
+        self.spec = placement.spec
+        self.scratch: SlotPool | None = None
+
+    def resize(self, placement: Placement) -> None:
+        """Use `placement` (the same tiers, sized for another workload) from the next block on."""
+        if placement.workload.seq_len > self.placement.workload.seq_len:
+            self.scratch = None  # the pool is sized for the longest sequence: rebuilt larger
+        self.placement = placement
+
+    # --- a block's life --------------------------------------------------------------------------
+    def open(self, block: Block) -> BlockState:
+        p = self.placement
+        state = BlockState.start(block, p.policy.gpu_batch_size)
+        if self.placement.has_disk() and self.offload_dir is not None:
+            Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
+            state.scratch_dir = Path(tempfile.mkdtemp(prefix=f"cache-rank{self.rank}-", dir=self.offload_dir))
+        S = block.prompt_len + block.max_new_tokens
+        shape = (S, p.policy.gpu_batch_size, self.spec.num_kv_heads, self.spec.head_dim)  # (seq, batch, kv heads, head dim)
+        for key, place in p.caches.items():
+            pair = [self._cache_tensor(state, place, which, tier, shape) for which, tier in (("k", place.k_tier), ("v", place.v_tier))]
+            state.caches[key] = KVCache(pair[0], pair[1], place)
+        for act in p.acts:
+            file = None
+            if act.tier is Tier.DISK:
+                path = state.scratch_dir / f"act_batch{act.batch_idx}.bin"
+                file = DiskTensor(path, (block.prompt_len, p.policy.gpu_batch_size, self.spec.hidden_size), self.dtype, self.reader)
+            state.acts[act.batch_idx] = ActivationHome(act.tier, self.device, self.dtype, file)
+        return state
+
+    def _cache_tensor(self, state: BlockState, place: CachePlace, which: str, tier: Tier, shape) -> TierTensor:
+        if tier is Tier.DISK:
+            path = state.scratch_dir / f"layer{place.layer_idx}_batch{place.batch_idx}_{which}.bin"
+            return DiskTensor(path, shape, self.cache_dtype, self.reader)
+        device = self.device if tier is Tier.GPU else torch.device("cpu")
+        pin = tier is Tier.CPU and self.device.type == "cuda"  # async host-to-device copies
+        return MemoryTensor.empty(shape, self.cache_dtype, device, tier, pin=pin)
+
+    def close(self, state: BlockState) -> BlockResult:
+        for lease in state.leases.values():
+            self._give(lease)
+        state.leases.clear()
+        if state.scratch_dir is not None:
+            shutil.rmtree(state.scratch_dir, ignore_errors=True)
+        return state.result()
+
+    # --- KV cache --------------------------------------------------------------------------------
+    def load_cache(self, state: BlockState, token_idx: int, layer_idx: int, batch_idx: int) -> KVLease:
+        """The buffers a decode step of (layer, batch) attends over, with the past in them."""
+        cache = state.caches[(layer_idx, batch_idx)]
+        if cache.place.in_place:
+            return self._in_place(cache)
+        past = state.query_slots(token_idx).start
+        lease = self._take_scratch(state.block)
+        for tensor, buf in ((cache.k, lease.buffers.k), (cache.v, lease.buffers.v)):
+            copy(buf, slice(0, past), tensor, slice(0, past))
+        return lease
+
+    def lease_for_compute(self, state: BlockState, layer_idx: int, batch_idx: int, loaded: KVLease | None) -> KVBuffers:
+        """The buffers a compute writes its keys and values to (the prefill loads nothing)."""
+        if loaded is None:
+            cache = state.caches[(layer_idx, batch_idx)]
+            loaded = self._in_place(cache) if cache.place.in_place else self._take_scratch(state.block)
+        state.leases[(layer_idx, batch_idx)] = loaded
+        return loaded.buffers
+
+    def store_cache(self, state: BlockState, token_idx: int, layer_idx: int, batch_idx: int) -> None:
+        """The step's new rows to the cache's tier, when the layer wrote them into scratch."""
+        lease = state.leases.pop((layer_idx, batch_idx))
+        if lease.scratch is None:
+            return  # the layer wrote into the cache itself
+        cache = state.caches[(layer_idx, batch_idx)]
+        rows = state.query_slots(token_idx)
+        copy(cache.k, rows, lease.buffers.k, rows)
+        copy(cache.v, rows, lease.buffers.v, rows)
+        self._give(lease)
+
+    def _in_place(self, cache: KVCache) -> KVLease:
+        on_host = cache.k.data.device.type == "cpu" and self.device.type != "cpu"
+        attend_on = torch.device("cpu") if on_host else self.device
+        return KVLease(KVBuffers(cache.k.data, cache.v.data, attend_on), None)
+
+    def _take_scratch(self, block: Block) -> KVLease:
+        if self.scratch is None:
+            pair = self.placement.buffer("kv scratch")
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            self.scratch = SlotPool(pair.count, pair.nbytes_each // itemsize, self.dtype, self.device)
+        slot = self.scratch.take()
+        S = block.prompt_len + block.max_new_tokens
+        shape = (S, self.placement.policy.gpu_batch_size, self.spec.num_kv_heads, self.spec.head_dim)
+        numel = self.scratch.numel // 2
+        return KVLease(KVBuffers(slot.view(0, shape), slot.view(numel, shape), self.device), slot)
+
+    def release(self, lease: KVLease) -> None:
+        """Give back a lease that no compute will use (a block dropped before its step)."""
+        self._give(lease)
+
+    def _give(self, lease: KVLease) -> None:
+        if lease.scratch is not None:
+            self.scratch.give(lease.scratch)
+
+    # --- activations -----------------------------------------------------------------------------
+    def store_act(self, state: BlockState, batch_idx: int) -> None:
+        state.acts[batch_idx].store(state.hidden.pop(batch_idx))
+
+    def load_act(self, state: BlockState, batch_idx: int) -> None:
+        state.hidden[batch_idx] = state.acts[batch_idx].load()

@@ -1,0 +1,141 @@
+"""A block's inputs, its state while it runs, and its results.
+
+A block is `num_gpu_batches` x `gpu_batch_size` sequences, left padded to one width. Its state
+holds, with one type per field: the tokens generated so far and which rows have stopped, the
+per-step inputs of every layer (positions and attention masks), the KV cache and activation
+homes opened for it (see block_io.py), and the hidden states in flight between layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..model import Step
+
+if TYPE_CHECKING:
+    from ..parallel.comm import RecvHandle
+    from .block_io import ActivationHome, KVCache, KVLease
+
+
+@dataclass
+class Block:
+    """The sequences computed together: `num_gpu_batches` x `gpu_batch_size` rows, left padded."""
+
+    input_ids: torch.Tensor  # (B, P) long
+    prompt_mask: torch.Tensor  # (B, P) bool, False on left padding
+    seq_ids: list[int]  # prompt index of each row; -1 for rows that only pad the block
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    score: bool = False  # also compute each prompt token's log-probability (perplexity)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1]
+
+
+@dataclass
+class BlockResult:
+    tokens: list[list[int]]  # per row: generated ids, up to and including a stop id
+    scores: list[list[float]] | None = None  # per row: log p(token i | tokens < i) for i >= 1
+
+
+@dataclass
+class BlockState:
+    block: Block
+    gpu_batch_size: int
+    valid: torch.Tensor  # (B, S) bool: slot holds a real token
+    positions: torch.Tensor  # (B, S) long
+    tokens: torch.Tensor  # (B, T) long, generated ids
+    done: torch.Tensor  # (B,) bool
+    caches: dict[tuple[int, int], KVCache] = field(default_factory=dict)  # (layer, batch) -> its cache
+    acts: dict[int, ActivationHome] = field(default_factory=dict)  # batch -> where its hidden state waits
+    scratch_dir: Path | None = None  # this block's disk-tier cache and activation files
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> hidden state on the device
+    incoming: dict[int, RecvHandle] = field(default_factory=dict)  # batch -> pending receive of its input
+    leases: dict[tuple[int, int], KVLease] = field(default_factory=dict)  # (layer, batch) -> buffers in use
+    scores: dict[int, list[float]] = field(default_factory=dict)  # row -> prompt token log-probs
+    steps: dict[tuple[int, int], Step] = field(default_factory=dict)  # (token, batch) -> step inputs
+
+    @classmethod
+    def start(cls, block: Block, gpu_batch_size: int) -> "BlockState":
+        B, P = block.input_ids.shape
+        valid = torch.ones(B, P + block.max_new_tokens, dtype=torch.bool)
+        valid[:, :P] = block.prompt_mask
+        return cls(
+            block=block,
+            gpu_batch_size=gpu_batch_size,
+            valid=valid,
+            positions=(valid.long().cumsum(-1) - 1).clamp(min=0),
+            tokens=torch.zeros(B, block.max_new_tokens, dtype=torch.long),
+            done=torch.tensor([seq_id < 0 for seq_id in block.seq_ids], dtype=torch.bool),
+        )
+
+    def rows(self, batch_idx: int) -> slice:
+        return slice(batch_idx * self.gpu_batch_size, (batch_idx + 1) * self.gpu_batch_size)
+
+    def query_slots(self, token_idx: int) -> slice:
+        P = self.block.prompt_len
+        return slice(0, P) if token_idx == 0 else slice(P + token_idx - 1, P + token_idx)
+
+    def step(self, token_idx: int, batch_idx: int, device: torch.device, sliding_window: int | None) -> Step:
+        """Positions and attention mask of one GPU batch at one token step (built once)."""
+        key = (token_idx, batch_idx)
+        if key not in self.steps:
+            rows, q = self.rows(batch_idx), self.query_slots(token_idx)
+            q_idx = torch.arange(q.start, q.stop)[:, None]  # (T, 1)
+            k_idx = torch.arange(0, q.stop)[None, :]  # (1, S)
+            allowed = k_idx <= q_idx
+            if sliding_window:
+                allowed &= (q_idx - k_idx) < sliding_window
+            mask = self.valid[rows, None, None, : q.stop] & allowed  # (B, 1, T, S)
+            mask |= k_idx == q_idx  # a padding slot attends to itself: no fully masked row, no NaN
+            self.steps[key] = Step(
+                positions=self.positions[rows, q].to(device),
+                mask=mask.to(device),
+                slots=q,
+                last_only=not (self.block.score and token_idx == 0),
+            )
+        return self.steps[key]
+
+    def forget_step(self, token_idx: int, batch_idx: int) -> None:
+        self.steps.pop((token_idx, batch_idx), None)
+
+    def input_ids(self, token_idx: int, batch_idx: int) -> torch.Tensor:
+        """What the embedding reads: the prompt in the prefill, then the previous token."""
+        rows = self.rows(batch_idx)
+        return self.block.input_ids[rows] if token_idx == 0 else self.tokens[rows, token_idx - 1 : token_idx]
+
+    def record_tokens(self, token_idx: int, batch_idx: int, ids: torch.Tensor) -> None:
+        """Sampled ids (B,) of a batch; a stopped row keeps emitting 0, which the result drops."""
+        rows = self.rows(batch_idx)
+        done = self.done[rows]
+        ids = torch.where(done, torch.zeros_like(ids), ids.to(done.device))
+        self.tokens[rows, token_idx] = ids
+        stop = torch.tensor([int(i) in self.block.stop_ids for i in ids.tolist()], dtype=torch.bool)
+        self.done[rows] = done | stop
+
+    def record_scores(self, batch_idx: int, logits: torch.Tensor) -> None:
+        """Log-probabilities of each prompt token given those before it, from the prefill's logits."""
+        rows = self.rows(batch_idx)
+        ids = self.block.input_ids[rows].to(logits.device)  # (B, P)
+        mask = self.block.prompt_mask[rows]
+        for i in range(logits.shape[0]):  # row by row: a (P, V) log-softmax at a time
+            logp = logits[i, :-1].log_softmax(-1).gather(-1, ids[i, 1:, None])[:, 0].cpu()  # (P - 1,)
+            both_real = mask[i, :-1] & mask[i, 1:]
+            self.scores[rows.start + i] = logp[both_real].tolist()
+
+    def result(self) -> BlockResult:
+        tokens = []
+        for row in range(self.tokens.shape[0]):
+            out = []
+            for tok in self.tokens[row].tolist():
+                out.append(tok)
+                if tok in self.block.stop_ids:
+                    break
+            tokens.append(out)
+        scores = [self.scores[row] for row in range(len(tokens))] if self.block.score else None
+        return BlockResult(tokens, scores)

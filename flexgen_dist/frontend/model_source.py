@@ -1,0 +1,39 @@
+"""What a model is made of before it is placed: its spec, where its weights come from, its tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..model.checkpoint import CheckpointSource, RandomSource, WeightSource
+from ..planning.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: ModelSpec
+    weights: WeightSource
+    tokenizer: Any | None  # a transformers tokenizer, when the folder has one
+    name: str
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelSource":
+        """A local Hugging Face folder: config.json, safetensors weights, tokenizer files if any."""
+        spec = ModelSpec.from_dir(model_dir)
+        return cls(spec, CheckpointSource(model_dir), _load_tokenizer(Path(model_dir)), str(model_dir))
+
+    @classmethod
+    def random(cls, config, seed: int = 0) -> "ModelSource":
+        """Seeded random weights of a config's shape (benchmarks): explicit, never implied by a path."""
+        spec = ModelSpec.from_config(config)
+        std = float(spec.raw.get("initializer_range") or 0.02)
+        return cls(spec, RandomSource(seed, std), None, f"random {spec.model_type} (seed {seed})")
+
+
+def _load_tokenizer(model_dir: Path):
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -1,0 +1,52 @@
+"""What `LLM.generate` returns: per-prompt outputs and the run's statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Output:
+    prompt_ids: list[int]
+    output_ids: list[int]  # the new tokens only
+    text: str | None  # decoded new text, when the model has a tokenizer
+
+
+@dataclass(frozen=True)
+class Stats:
+    prefill_s: float
+    decode_s: float
+    prompt_tokens: int
+    generated_tokens: int
+    num_blocks: int
+    num_sequences: int
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first new token of each sequence comes out of the prefill.
+        return max(self.generated_tokens - self.num_sequences, 0) / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens / (prefill + decode) seconds, as the FlexGen paper counts throughput."""
+        return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prefill {self.prefill_tokens_per_s:.1f} tok/s, decode {self.decode_tokens_per_s:.1f} tok/s, "
+            f"total {self.tokens_per_s:.1f} tok/s ({self.generated_tokens} new tokens in {self.total_s:.2f} s)"
+        )
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    outputs: list[Output]
+    stats: Stats

@@ -1,0 +1,74 @@
+"""How a model runs on this machine: compute device, dtypes, prefetch and disk reads, and the
+workload the plan is sized for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UserError
+from ..planning.placement import DTYPE_BYTES, Dtypes, Workload
+from ..planning.spec import ModelSpec
+from ..storage.tiers import DiskIO
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str | None = None
+    """Compute device: "cpu", "cuda" or "cuda:N" (default: this rank's GPU when there is one, else the CPU)."""
+    compute_dtype: str | None = None
+    """What layers compute in (default: float32 on the CPU, where 16-bit matmuls are slow; on a GPU
+    bfloat16 for a bfloat16 checkpoint where the GPU supports it, else float16)."""
+    storage_dtype: str | None = None
+    """Host and disk copies of the weights (default: the checkpoint's dtype)."""
+    prefetch_depth: int = 1
+    """Layers of weights loaded ahead of the computing one (each costs a layer of memory)."""
+    disk_io: DiskIO = field(default_factory=DiskIO)
+    """How disk-tier tensors are read (threads, O_DIRECT, page-cache eviction)."""
+    workload: Workload | None = None
+    """The widest prompt and the new tokens the plan is sized for (default: the model's positions);
+    a longer run re-sizes the KV cache and buffers for itself."""
+
+    def __post_init__(self) -> None:
+        for name in ("compute_dtype", "storage_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPE_BYTES:
+                raise UserError(f"{name} {value!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
+        if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
+            raise UserError(f"prefetch depth must be a whole number >= 1, got {self.prefetch_depth!r}")
+
+    def resolve_device(self) -> torch.device:
+        """One identity per device: "cuda" becomes "cuda:<current index>", so tensors placed on the
+        device compare equal to it."""
+        if self.device is None:
+            return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise UserError(f"device {self.device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UserError(f"device {self.device!r} asked for but no CUDA GPU is visible; use --device cpu")
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if index >= torch.cuda.device_count():
+                raise UserError(f"device {self.device!r}: only {torch.cuda.device_count()} GPU(s) visible")
+            return torch.device(f"cuda:{index}")
+        if device.type != "cpu":
+            raise UserError(f"device {self.device!r} is not supported; use cpu or cuda")
+        return device
+
+    def dtypes(self, spec: ModelSpec, device: torch.device) -> Dtypes:
+        storage = self.storage_dtype or (spec.dtype if spec.dtype in DTYPE_BYTES else "float32")
+        if self.compute_dtype is not None:
+            compute = self.compute_dtype
+        elif device.type == "cpu":
+            compute = "float32"
+        elif storage == "bfloat16" and torch.cuda.is_bf16_supported():
+            compute = "bfloat16"
+        else:
+            compute = "float16"
+        return Dtypes(compute=compute, storage=storage, cache=compute)
+
+    def workload_for(self, spec: ModelSpec) -> Workload:
+        return self.workload or Workload(prompt_len=spec.max_positions, gen_len=0)

@@ -1,0 +1,135 @@
+"""Which checkpoint tensors make up each schedule layer, and their shapes (pure Python, no torch).
+
+A model is a list of units, each loaded and computed as one: the input embedding (schedule layer
+0), one unit per decoder layer (1..L) and the head (final norm + output projection, L + 1). The
+names inside a unit mirror the checkpoint's module names, so loading is a copy; the model math
+(model/llama.py, model/opt.py) reads them by those names.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .spec import ModelSpec
+
+
+class UnitKind(enum.Enum):
+    EMBED = "embed"
+    BLOCK = "block"  # a decoder layer: it keeps a KV cache
+    HEAD = "head"
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str  # the key inside the unit, as the layer math reads it
+    key: str  # the checkpoint key
+    shape: tuple[int, ...]
+    init: str = "normal"  # for random weights: "normal", "ones" or "zeros"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+@dataclass(frozen=True)
+class Unit:
+    kind: UnitKind
+    layer_idx: int  # the schedule layer: 0 = embedding, 1..L = decoder layers, L + 1 = head
+    weights: tuple[WeightSpec, ...]
+
+    @property
+    def has_cache(self) -> bool:
+        return self.kind is UnitKind.BLOCK
+
+    @property
+    def numel(self) -> int:
+        return sum(ws.numel for ws in self.weights)
+
+
+def model_units(spec: ModelSpec) -> list[Unit]:
+    """Every unit of the model, in schedule order."""
+    return _opt_units(spec) if spec.family == "opt" else _llama_units(spec)
+
+
+def _llama_units(spec: ModelSpec) -> list[Unit]:
+    C, hd, I, V = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.vocab_size
+    q_dim, kv_dim = spec.num_heads * hd, spec.kv_dim
+    embed = Unit(UnitKind.EMBED, 0, (WeightSpec("embed_tokens.weight", "model.embed_tokens.weight", (V, C)),))
+    blocks = []
+    for layer in range(spec.num_layers):
+        prefix = f"model.layers.{layer}."
+        w = [WeightSpec("input_layernorm.weight", prefix + "input_layernorm.weight", (C,), "ones")]
+        for proj, out_dim in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+            name = f"self_attn.{proj}_proj"
+            w.append(WeightSpec(name + ".weight", prefix + name + ".weight", (out_dim, C)))
+            if spec.attention_bias:
+                w.append(WeightSpec(name + ".bias", prefix + name + ".bias", (out_dim,), "zeros"))
+        w.append(WeightSpec("self_attn.o_proj.weight", prefix + "self_attn.o_proj.weight", (C, q_dim)))
+        if spec.o_bias:
+            w.append(WeightSpec("self_attn.o_proj.bias", prefix + "self_attn.o_proj.bias", (C,), "zeros"))
+        w.append(WeightSpec("post_attention_layernorm.weight", prefix + "post_attention_layernorm.weight", (C,), "ones"))
+        for proj, shape in (("gate", (I, C)), ("up", (I, C)), ("down", (C, I))):
+            name = f"mlp.{proj}_proj"
+            w.append(WeightSpec(name + ".weight", prefix + name + ".weight", shape))
+            if spec.mlp_bias:
+                w.append(WeightSpec(name + ".bias", prefix + name + ".bias", (shape[0],), "zeros"))
+        blocks.append(Unit(UnitKind.BLOCK, layer + 1, tuple(w)))
+    head_key = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+    head = (
+        WeightSpec("norm.weight", "model.norm.weight", (C,), "ones"),
+        WeightSpec("lm_head.weight", head_key, (V, C)),
+    )
+    return [embed, *blocks, Unit(UnitKind.HEAD, spec.num_layers + 1, head)]
+
+
+def opt_has_projection(spec: ModelSpec) -> bool:
+    """The opt-350m shape: embeddings narrower than the hidden size, with project_in / project_out."""
+    return spec.word_embed_proj_dim != spec.hidden_size
+
+
+def _opt_has_final_norm(spec: ModelSpec) -> bool:
+    return spec.do_layer_norm_before and not spec.raw.get("_remove_final_layer_norm", False)
+
+
+def _opt_units(spec: ModelSpec) -> list[Unit]:
+    C, I, V, E = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.word_embed_proj_dim
+    positions = spec.max_positions + spec.position_offset
+    d = "model.decoder."
+    embed = [
+        WeightSpec("embed_tokens.weight", d + "embed_tokens.weight", (V, E)),
+        WeightSpec("embed_positions.weight", d + "embed_positions.weight", (positions, C)),
+    ]
+    if opt_has_projection(spec):
+        embed.append(WeightSpec("project_in.weight", d + "project_in.weight", (C, E)))
+    blocks = []
+    for layer in range(spec.num_layers):
+        prefix = f"{d}layers.{layer}."
+        w = []
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            w.append(WeightSpec(norm + ".weight", prefix + norm + ".weight", (C,), "ones"))
+            w.append(WeightSpec(norm + ".bias", prefix + norm + ".bias", (C,), "zeros"))
+        for name, shape in (
+            ("self_attn.q_proj", (C, C)),
+            ("self_attn.k_proj", (C, C)),
+            ("self_attn.v_proj", (C, C)),
+            ("self_attn.out_proj", (C, C)),
+            ("fc1", (I, C)),
+            ("fc2", (C, I)),
+        ):
+            w.append(WeightSpec(name + ".weight", prefix + name + ".weight", shape))
+            if spec.attention_bias:
+                w.append(WeightSpec(name + ".bias", prefix + name + ".bias", (shape[0],), "zeros"))
+        blocks.append(Unit(UnitKind.BLOCK, layer + 1, tuple(w)))
+    head = []
+    if _opt_has_final_norm(spec):
+        head.append(WeightSpec("final_layer_norm.weight", d + "final_layer_norm.weight", (C,), "ones"))
+        head.append(WeightSpec("final_layer_norm.bias", d + "final_layer_norm.bias", (C,), "zeros"))
+    if opt_has_projection(spec):
+        head.append(WeightSpec("project_out.weight", d + "project_out.weight", (E, C)))
+    head_key = d + "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+    head.append(WeightSpec("lm_head.weight", head_key, (V, E)))
+    return [Unit(UnitKind.EMBED, 0, tuple(embed)), *blocks, Unit(UnitKind.HEAD, spec.num_layers + 1, tuple(head))]

@@ -1,0 +1,328 @@
+"""Where every tensor of a rank lives, and how many bytes it takes there (pure Python, no torch).
+
+`plan_placement` is the one place that picks a tier. For a rank's units, a `Policy`, the dtypes,
+the workload and the engine's buffer settings it gives:
+
+- every weight tensor: its tier and bytes (gpu: the compute dtype, ready to use; cpu and disk:
+  the storage dtype, converted when loaded). Within a unit, weights are split by cumulative size
+  (FlexGen's rule: a tensor goes where the midpoint of its cumulative size falls);
+- every (layer, batch) KV cache of one block: the tier of its keys and of its values (the 2 x
+  num_gpu_batches tensors of a layer are split by count), and whether decode attention can read
+  it in place or needs a scratch copy on the compute device;
+- every GPU batch's activations (hidden states between layers) of one block: its tier;
+- the engine's working buffers: weight staging slots (the computing layer and the prefetched
+  ones, in the compute dtype), KV scratch pairs, disk read buffers, send/receive buffers between
+  ranks, and an estimate of one batch's compute workspace.
+
+The weight store, the engine, the capacity fit and the footprint that `-v` prints all read this
+object, so what is planned is what is allocated (tests/test_placement.py measures the tensors).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .layout import Unit
+from .policy import Policy
+from .spec import ModelSpec
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+READ_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to this
+SLOT_ALIGN_ELEMENTS = 64  # each tensor in a weight slot starts on a multiple of this many elements
+
+
+class Tier(enum.Enum):
+    GPU = "gpu"  # the compute device (host memory on a machine without a GPU)
+    CPU = "cpu"  # host memory (pinned where a GPU makes that pay)
+    DISK = "disk"  # files in the offload folder
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def dtype_bytes(name: str) -> int:
+    try:
+        return DTYPE_BYTES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPE_BYTES)}") from None
+
+
+def choose_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list[Tier]:
+    """Tier of each tensor, splitting a list of tensors by cumulative size (FlexGen's rule).
+
+    A tensor goes to the tier whose percentage range holds the midpoint of its cumulative size,
+    so gpu gets about `percents[0]` % of the bytes, cpu the next `percents[1]` %, disk the rest."""
+    total = sum(sizes)
+    if total == 0:
+        return [Tier.GPU] * len(sizes)
+    gpu_end, cpu_end = percents[0], percents[0] + percents[1]
+    tiers, acc = [], 0
+    for size in sizes:
+        mid = (acc + size / 2) / total * 100
+        acc += size
+        tiers.append(Tier.GPU if mid < gpu_end else Tier.CPU if mid < cpu_end else Tier.DISK)
+    return tiers
+
+
+def slot_offsets(numels: list[int]) -> tuple[list[int], int]:
+    """Element offsets of tensors packed into one flat weight slot, and the slot's length."""
+    offsets, end = [], 0
+    for numel in numels:
+        offsets.append(end)
+        end += -(-numel // SLOT_ALIGN_ELEMENTS) * SLOT_ALIGN_ELEMENTS
+    return offsets, end
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    compute: str  # what layers compute in: float32 on a CPU, float16/bfloat16 on a GPU
+    storage: str  # host and disk copies of weights (the checkpoint's dtype by default)
+    cache: str  # the KV cache
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_len: int  # the widest block's prompt (blocks are left padded to it)
+    gen_len: int  # new tokens per sequence
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+
+@dataclass(frozen=True)
+class Buffers:
+    """The engine's settings that size its working buffers."""
+
+    separate_gpu: bool  # the gpu tier is a device of its own (False: it is host memory)
+    prefetch_depth: int = 1  # layers of weights loaded ahead of the computing one
+    io_threads: int = 2  # threads reading disk tensors, each with one read buffer
+    chunk_bytes: int = 8 << 20  # bytes per disk read
+    num_ranks: int = 1  # pipeline stages; a rank keeps that many blocks in flight
+    scoring: bool = False  # the head computes logits of every prompt position (perplexity)
+
+
+@dataclass(frozen=True)
+class WeightPlace:
+    layer_idx: int
+    name: str
+    numel: int
+    tier: Tier
+    nbytes: int  # on its tier
+
+    @property
+    def resident(self) -> bool:
+        """On the compute device in the compute dtype: used where it is, never copied."""
+        return self.tier is Tier.GPU
+
+
+@dataclass(frozen=True)
+class CachePlace:
+    """Keys and values of one (layer, GPU batch) of one block, each (seq, batch, kv heads, head dim)."""
+
+    layer_idx: int
+    batch_idx: int
+    k_tier: Tier
+    v_tier: Tier
+    nbytes: int  # of keys, and again of values
+    in_place: bool  # decode attention reads it where it lives (else from a scratch pair)
+
+
+@dataclass(frozen=True)
+class ActPlace:
+    batch_idx: int
+    tier: Tier
+    nbytes: int  # the widest hidden state of the batch: the prefill's (batch, prompt, hidden)
+
+
+@dataclass(frozen=True)
+class BufferPlace:
+    name: str
+    tier: Tier
+    count: int
+    nbytes_each: int
+    estimate: bool = False  # transient compute memory, estimated rather than allocated by us
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.nbytes_each
+
+
+@dataclass(frozen=True)
+class Placement:
+    policy: Policy
+    dtypes: Dtypes
+    workload: Workload
+    buffers: Buffers
+    weights: dict[int, tuple[WeightPlace, ...]]  # schedule layer -> its tensors, in unit order
+    caches: dict[tuple[int, int], CachePlace]  # (layer, batch) -> one block's cache
+    acts: tuple[ActPlace, ...]  # per GPU batch of one block
+    working: tuple[BufferPlace, ...]
+    spec: ModelSpec = field(repr=False, default=None)
+    units: tuple[Unit, ...] = field(repr=False, default=())
+
+    @property
+    def blocks_in_flight(self) -> int:
+        return self.buffers.num_ranks
+
+    def buffer(self, name: str) -> BufferPlace:
+        for buf in self.working:
+            if buf.name == name:
+                return buf
+        raise KeyError(name)
+
+    def weight_bytes(self) -> dict[Tier, int]:
+        out = dict.fromkeys(Tier, 0)
+        for places in self.weights.values():
+            for w in places:
+                out[w.tier] += w.nbytes
+        return out
+
+    def cache_bytes(self) -> dict[Tier, int]:
+        """KV cache of every block in flight."""
+        out = dict.fromkeys(Tier, 0)
+        for c in self.caches.values():
+            out[c.k_tier] += c.nbytes * self.blocks_in_flight
+            out[c.v_tier] += c.nbytes * self.blocks_in_flight
+        return out
+
+    def act_bytes(self) -> dict[Tier, int]:
+        """Disk activations have a file per block in flight; in memory only the computing block's exist."""
+        out = dict.fromkeys(Tier, 0)
+        for a in self.acts:
+            out[a.tier] += a.nbytes * (self.blocks_in_flight if a.tier is Tier.DISK else 1)
+        return out
+
+    def working_bytes(self, estimates: bool = True) -> dict[Tier, int]:
+        out = dict.fromkeys(Tier, 0)
+        for buf in self.working:
+            if estimates or not buf.estimate:
+                out[buf.tier] += buf.nbytes
+        return out
+
+    def bytes_per_tier(self, estimates: bool = True) -> dict[Tier, int]:
+        """Peak bytes on each tier: weights, caches, activations and working buffers."""
+        parts = (self.weight_bytes(), self.cache_bytes(), self.act_bytes(), self.working_bytes(estimates))
+        return {tier: sum(part[tier] for part in parts) for tier in Tier}
+
+    def has_disk(self) -> bool:
+        return any(
+            n > 0 for n in (self.weight_bytes()[Tier.DISK], self.cache_bytes()[Tier.DISK], self.act_bytes()[Tier.DISK])
+        )
+
+    def resized(self, workload: Workload) -> "Placement":
+        """The same placement for another workload (cache, activation and buffer sizes change)."""
+        return plan_placement(self.spec, self.units, self.policy, dtypes=self.dtypes, workload=workload, buffers=self.buffers)
+
+
+def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, workload: Workload, buffers: Buffers) -> Placement:
+    """The placement of a rank holding `units` of the model `spec` (see the module docstring)."""
+    units = tuple(units)
+    compute, storage, cache = (dtype_bytes(d) for d in (dtypes.compute, dtypes.storage, dtypes.cache))
+    weights: dict[int, tuple[WeightPlace, ...]] = {}
+    for unit in units:
+        tiers = choose_tiers([ws.numel for ws in unit.weights], policy.percents("w"))
+        weights[unit.layer_idx] = tuple(
+            WeightPlace(unit.layer_idx, ws.name, ws.numel, tier, ws.numel * (compute if tier is Tier.GPU else storage))
+            for ws, tier in zip(unit.weights, tiers)
+        )
+    spec_dims = _Dims.of(spec)
+    gbs, num_batches = policy.gpu_batch_size, policy.num_gpu_batches
+    cache_each = workload.seq_len * gbs * spec_dims.kv_dim * cache
+    cache_tiers = choose_tiers([1] * (2 * num_batches), policy.percents("cache"))
+    caches = {}
+    for unit in units:
+        if not unit.has_cache:
+            continue
+        for batch_idx in range(num_batches):
+            k_tier, v_tier = cache_tiers[2 * batch_idx], cache_tiers[2 * batch_idx + 1]
+            caches[(unit.layer_idx, batch_idx)] = CachePlace(
+                unit.layer_idx, batch_idx, k_tier, v_tier, cache_each,
+                in_place=_attends_in_place(k_tier, v_tier, policy, buffers, dtypes),
+            )
+    act_each = gbs * workload.prompt_len * spec_dims.hidden * compute
+    acts = tuple(
+        ActPlace(batch_idx, tier, act_each)
+        for batch_idx, tier in enumerate(choose_tiers([1] * num_batches, policy.percents("act")))
+    )
+    placement = Placement(policy, dtypes, workload, buffers, weights, caches, acts, (), spec, units)
+    working = _working_buffers(placement, spec_dims, compute)
+    return Placement(policy, dtypes, workload, buffers, weights, caches, acts, working, spec, units)
+
+
+def _attends_in_place(k_tier: Tier, v_tier: Tier, policy: Policy, buffers: Buffers, dtypes: Dtypes) -> bool:
+    if dtypes.cache != dtypes.compute:
+        return False
+    on_device = {Tier.GPU} if buffers.separate_gpu else {Tier.GPU, Tier.CPU}
+    if k_tier in on_device and v_tier in on_device:
+        return True
+    return policy.cpu_cache_compute and k_tier is Tier.CPU and v_tier is Tier.CPU
+
+
+@dataclass(frozen=True)
+class _Dims:
+    hidden: int
+    kv_dim: int
+    q_dim: int
+    intermediate: int
+    num_heads: int
+    vocab: int
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> "_Dims":
+        return cls(spec.hidden_size, spec.kv_dim, spec.num_heads * spec.head_dim, spec.intermediate_size,
+                   spec.num_heads, spec.vocab_size)
+
+
+def _working_buffers(p: Placement, dims: _Dims, compute: int) -> tuple[BufferPlace, ...]:
+    b, policy, w = p.buffers, p.policy, p.workload
+    device_tier = Tier.GPU
+    out = []
+    slot_elems = max(
+        (slot_offsets([x.numel for x in places if not x.resident])[1] for places in p.weights.values()), default=0
+    )
+    if slot_elems:
+        out.append(BufferPlace("weight slots", device_tier, b.prefetch_depth + 1, slot_elems * compute))
+    if any(not c.in_place for c in p.caches.values()):
+        pair = 2 * w.seq_len * policy.gpu_batch_size * dims.kv_dim * compute
+        out.append(BufferPlace("kv scratch", device_tier, 2, pair))
+    host = Tier.CPU if b.separate_gpu else Tier.GPU  # without a GPU, the gpu tier is the host memory it runs in
+    if p.has_disk():
+        out.append(BufferPlace("read buffers", host, max(1, b.io_threads), _read_buffer_bytes(p, dims)))
+    if b.num_ranks > 1:
+        # Receives of a task's input (every GPU batch) and the sends not yet completed.
+        wire = Tier.GPU  # gloo's host buffers without a GPU, NCCL's device buffers with one
+        each = policy.gpu_batch_size * w.prompt_len * dims.hidden * compute
+        out.append(BufferPlace("send/recv", wire, 2 * policy.num_gpu_batches, each))
+    out.append(BufferPlace("compute workspace", device_tier, 1, _workspace_bytes(p, dims, compute), estimate=True))
+    return tuple(out)
+
+
+def _read_buffer_bytes(p: Placement, dims: _Dims) -> int:
+    """One read: a chunk of whole rows (at least one row, at most the largest disk tensor), plus
+    O_DIRECT's alignment slack."""
+    storage, cache, compute = (dtype_bytes(d) for d in (p.dtypes.storage, p.dtypes.cache, p.dtypes.compute))
+    tensors = []  # (bytes of a row, bytes of the tensor) of every disk tensor
+    for unit in p.units:
+        for ws, place in zip(unit.weights, p.weights[unit.layer_idx]):
+            if place.tier is Tier.DISK:
+                row = ws.numel // ws.shape[0] * storage
+                tensors.append((row, ws.numel * storage))
+    gbs = p.policy.gpu_batch_size
+    if p.cache_bytes()[Tier.DISK]:
+        tensors.append((gbs * dims.kv_dim * cache, p.workload.seq_len * gbs * dims.kv_dim * cache))
+    if p.act_bytes()[Tier.DISK]:
+        tensors.append((gbs * dims.hidden * compute, p.workload.prompt_len * gbs * dims.hidden * compute))
+    need = max(min(total, max(row, p.buffers.chunk_bytes)) for row, total in tensors)
+    return need + 2 * READ_ALIGN
+
+
+def _workspace_bytes(p: Placement, dims: _Dims, compute: int) -> int:
+    """Transient memory of one GPU batch's layer compute (an estimate): the prefill's
+    intermediates, its attention scores in fp32, and the head's fp32 logits."""
+    gbs, prompt, seq = p.policy.gpu_batch_size, p.workload.prompt_len, p.workload.seq_len
+    per_token = 3 * dims.hidden + 2 * dims.q_dim + 2 * dims.kv_dim + 3 * dims.intermediate
+    scores = gbs * max(dims.num_heads, 1) * prompt * seq * 4
+    logit_rows = prompt if p.buffers.scoring else 1
+    return gbs * prompt * per_token * compute + scores + gbs * logit_rows * dims.vocab * 4

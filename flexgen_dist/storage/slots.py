@@ -1,0 +1,88 @@
+"""A fixed number of equal, reusable flat buffers on one device ("slots").
+
+Loaded weights and KV scratch copies land in slots instead of fresh tensors: the count and size
+come from the placement, so memory is bounded by construction (no pool that grows with every new
+shape), and nothing is allocated per step (a fresh multi-MB tensor costs page faults every time).
+
+Ordering on a GPU. A slot is filled on a loading stream and read by kernels queued on the compute
+stream. When the compute thread gives a slot back, those kernels may not have run yet, so `give`
+records an event on the giving thread's current stream, and `take` makes the taking thread's
+current stream wait for it before anything is written into the slot. On the CPU there are no
+streams and both are no-ops.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+class StreamOrder:
+    """Events between the stream that last used a slot and the stream that reuses it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark_released(self):
+        """An event on the current stream: everything queued so far has used the slot."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream())
+        return event
+
+    def wait_released(self, event) -> None:
+        """Queue work after `event` on the current stream (the writer's)."""
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+
+@dataclass
+class Slot:
+    index: int
+    data: torch.Tensor  # flat, `numel` elements
+    released: object = None  # the event recorded when it was last given back
+
+    def view(self, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        return self.data[offset : offset + numel].view(shape)
+
+
+class SlotPool:
+    def __init__(self, count: int, numel: int, dtype: torch.dtype, device: torch.device, order: StreamOrder | None = None):
+        self.numel = numel
+        self.order = order or StreamOrder(device)
+        self.slots = [Slot(i, torch.empty(numel, dtype=dtype, device=device)) for i in range(count)]
+        self._free = list(reversed(self.slots))
+        self._cond = threading.Condition()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.data.numel() * s.data.element_size() for s in self.slots)
+
+    def take(self) -> Slot:
+        """A free slot, ready to be written on the caller's current stream. Waits while all are
+        lent (the schedule bounds how many are in use, so this does not wait in practice)."""
+        with self._cond:
+            while not self._free:
+                self._cond.wait()
+            slot = self._free.pop()
+        self.order.wait_released(slot.released)
+        slot.released = None
+        return slot
+
+    def give(self, slot: Slot) -> None:
+        """Back to the pool once the work queued on the caller's stream has used it."""
+        slot.released = self.order.mark_released()
+        with self._cond:
+            self._free.append(slot)
+            self._cond.notify()
+
+    @property
+    def num_free(self) -> int:
+        with self._cond:
+            return len(self._free)

@@ -1,0 +1,133 @@
+"""The placement's byte counts are what the engine allocates: measured on the real tensors and
+files of a run (storage sizes, file sizes), not on process RSS."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from flexgen_dist import LLM, Policy, Runtime, Workload
+from flexgen_dist.engine.block_io import BlockIO
+from flexgen_dist.planning.layout import model_units
+from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, plan_placement
+from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.storage.tiers import DiskIO, DiskTensor, MemoryTensor
+
+# Weights, KV cache and activations on every tier, several GPU batches.
+EVERY_TIER = Policy(gpu_batch_size=2, num_gpu_batches=3, w_gpu_percent=30, w_cpu_percent=30,
+                    cache_gpu_percent=34, cache_cpu_percent=33, act_gpu_percent=34, act_cpu_percent=33)
+
+
+def tensor_bytes(t) -> tuple[Tier, int]:
+    """(tier, bytes it really takes): a memory tensor's storage, a disk tensor's file."""
+    if isinstance(t, DiskTensor):
+        return Tier.DISK, os.stat(t.path).st_size
+    assert isinstance(t, MemoryTensor)
+    return t.tier, t.data.untyped_storage().nbytes()
+
+
+def by_tier(pairs) -> dict[Tier, int]:
+    out = dict.fromkeys(Tier, 0)
+    for tier, n in pairs:
+        out[tier] += n
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("policy", [EVERY_TIER, EVERY_TIER.replace(cpu_cache_compute=True, num_gpu_batches=2)],
+                         ids=["every-tier", "cpu-attention"])
+def test_planned_bytes_equal_allocated_bytes(request, tmp_path, monkeypatch, arch, policy):
+    model = request.getfixturevalue(f"{arch}_dir")
+    prompt_len, new_tokens = 9, 5
+    opened = []  # per block opened: (KV cache bytes per tier, activation file bytes), measured while open
+    real_open = BlockIO.open
+
+    def measuring_open(self, block):
+        state = real_open(self, block)
+        caches = by_tier(tensor_bytes(t) for kv in state.caches.values() for t in (kv.k, kv.v))
+        acts = sum(os.stat(home.file.path).st_size for home in state.acts.values() if home.file is not None)
+        opened.append((caches, acts))
+        return state
+
+    monkeypatch.setattr(BlockIO, "open", measuring_open)
+    runtime = Runtime(workload=Workload(prompt_len, new_tokens), disk_io=DiskIO(threads=2, chunk_bytes=64 << 10))
+    with LLM(model, policy=policy, offload_dir=tmp_path, runtime=runtime) as llm:
+        plan = llm.placement
+        prompts = [[5 + i] * prompt_len for i in range(2 * policy.block_size)]  # two full blocks of equal width
+        llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+
+        # weights: every tensor where the plan says, in the bytes it says
+        got = by_tier(tensor_bytes(t) for placed in llm.weights.tensors.values() for t in placed.values())
+        assert got == plan.weight_bytes()
+        for layer_idx, placed in llm.weights.tensors.items():
+            for place in plan.weights[layer_idx]:
+                assert tensor_bytes(placed[place.name]) == (place.tier, place.nbytes)
+        # one block's KV cache and activation files, per tier
+        assert len(opened) == 2
+        for caches, act_files in opened:
+            assert caches == {tier: n // plan.blocks_in_flight for tier, n in plan.cache_bytes().items()}
+            assert act_files == plan.act_bytes()[Tier.DISK]
+        assert plan.cache_bytes()[Tier.DISK] > 0 and plan.act_bytes()[Tier.DISK] > 0
+        # working buffers: weight slots, KV scratch pairs, read buffers
+        slots = sum(s.data.untyped_storage().nbytes() for s in llm.weights.slots.slots)
+        assert slots == plan.buffer("weight slots").nbytes
+        scratch = llm.engine.block_io.scratch
+        needs_scratch = any(not c.in_place for c in plan.caches.values())
+        assert (scratch is not None) == needs_scratch
+        if needs_scratch:
+            assert sum(s.data.untyped_storage().nbytes() for s in scratch.slots) == plan.buffer("kv scratch").nbytes
+        assert sum(b.untyped_storage().nbytes() for b in llm.reader.buffers) == plan.buffer("read buffers").nbytes
+
+
+def test_every_slot_and_scratch_pair_is_back_after_a_run(llama_dir, tmp_path):
+    policy = EVERY_TIER.replace(w_gpu_percent=0, w_cpu_percent=50)
+    with LLM(llama_dir, policy=policy, offload_dir=tmp_path) as llm:
+        prompts = [[7] * n for n in (3, 11, 6, 9, 4, 8, 5)]  # blocks of different widths
+        llm.generate(prompts, max_new_tokens=4, stop_token_ids=list(range(4, 300)))  # every row stops at once
+        llm.generate(prompts, max_new_tokens=6)
+        assert llm.weights.slots.num_free == len(llm.weights.slots.slots)
+        scratch = llm.engine.block_io.scratch
+        assert scratch.num_free == len(scratch.slots) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("cache-")], "a block's scratch folder was left"
+
+
+def _spec():
+    return ModelSpec.from_config(dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, num_hidden_layers=3, vocab_size=100))
+
+
+@pytest.mark.parametrize("separate_gpu", [False, True])
+def test_attention_in_place_where_the_cache_is_readable(separate_gpu):
+    spec = _spec()
+    units = model_units(spec)
+    dtypes = Dtypes("float32", "float16", "float32")
+
+    def plan(policy):
+        return plan_placement(spec, units, policy, dtypes=dtypes, workload=Workload(8, 4),
+                              buffers=Buffers(separate_gpu=separate_gpu))
+
+    on_cpu = Policy(cache_gpu_percent=0, cache_cpu_percent=100)
+    assert all(c.in_place for c in plan(Policy()).caches.values())
+    # a host-memory cache is read in place on a CPU machine, or with CPU attention beside a GPU
+    assert all(c.in_place != separate_gpu for c in plan(on_cpu).caches.values())
+    assert all(c.in_place for c in plan(on_cpu.replace(cpu_cache_compute=True)).caches.values())
+    assert not any(c.in_place for c in plan(Policy(cache_gpu_percent=0)).caches.values())  # disk
+    assert "kv scratch" not in [b.name for b in plan(Policy()).working]
+
+
+def test_placement_counts_each_block_in_flight_and_every_batch():
+    spec = _spec()
+    units = model_units(spec)
+    policy = Policy(gpu_batch_size=3, num_gpu_batches=2)
+    one = plan_placement(spec, units, policy, dtypes=Dtypes("float32", "float32", "float32"),
+                         workload=Workload(10, 6), buffers=Buffers(separate_gpu=False))
+    two = plan_placement(spec, units, policy, dtypes=Dtypes("float32", "float32", "float32"),
+                         workload=Workload(10, 6), buffers=Buffers(separate_gpu=False, num_ranks=2))
+    per_block = spec.num_layers * 2 * 2 * 16 * 3 * spec.kv_dim * 4  # layers x batches x (k, v) x seq x batch x kv_dim x fp32
+    assert one.cache_bytes()[Tier.GPU] == per_block
+    assert two.cache_bytes()[Tier.GPU] == 2 * per_block
+    assert two.buffer("send/recv").nbytes == 2 * 2 * 3 * 10 * spec.hidden_size * 4
+    weights = sum(u.numel for u in units) * 4
+    assert one.weight_bytes() == {Tier.GPU: weights, Tier.CPU: 0, Tier.DISK: 0}
