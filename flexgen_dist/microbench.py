@@ -126,8 +126,16 @@ def _timed_io(path: Path, buf: mmap.mmap, nbytes: int, *, write: bool) -> tuple[
 def disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, str]:
     """(read, write) bytes/s of one file of nbytes in `folder`, and how the cache was bypassed.
     The data is random (a compressing file system would flatter zeros); the file is removed."""
+    try:
+        return _disk_bandwidths(folder, nbytes)
+    except OSError as e:  # an environment failure: one line that says where
+        raise OSError(e.errno, f"cannot measure the disk of {folder}: {e.strerror or e}") from None
+
+
+def _disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, str]:
     folder.mkdir(parents=True, exist_ok=True)
-    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
     if free < 2 * nbytes:  # leave the disk at least as much as the test takes
         nbytes = (free // 2) // DISK_CHUNK * DISK_CHUNK
         if nbytes < 4 * DISK_CHUNK:
