@@ -3,6 +3,8 @@ corruption, stale entries, planted links, unsafe folders, leftovers and a full d
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing
 import os
 import shutil
 import stat
@@ -15,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from flexgen_dist.errors import EnvironmentFailure, UserError
-from flexgen_dist.storage import atomic_files
+from flexgen_dist.storage import atomic_files, piece_hash
 from flexgen_dist.storage.atomic_files import check_offload_space, host_tag
 from flexgen_dist.storage.offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity
 
@@ -78,7 +80,10 @@ def test_same_size_corruption_is_found_by_verify_and_rebuilt(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[100] ^= 0xFF
     path.write_bytes(raw)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    with OffloadFolder(tmp_path, IDENTITY) as folder:
+        assert folder.trusted(key, _nbytes(t)) is None  # changed after its entry: caught without hashing
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime as recorded
     with OffloadFolder(tmp_path, IDENTITY) as folder:
         assert folder.trusted(key, _nbytes(t)) == path  # by design: no re-hash without verify
     with OffloadFolder(tmp_path, IDENTITY, verify=True) as folder:
@@ -244,12 +249,12 @@ def test_short_writes_are_continued(tmp_path, monkeypatch):
         return real_write(fd, bytes(data[: max(1, len(data) // 3)]))
 
     monkeypatch.setattr(os, "write", short_write)
-    monkeypatch.setattr(atomic_files, "CHUNK_BYTES", 1000)  # several chunks: the threaded hash path
+    monkeypatch.setattr(piece_hash, "PIECE_BYTES", 1000)  # several pieces: the threaded hash path
     key, t = next(iter(_tensors().items()))
     with OffloadFolder(tmp_path, IDENTITY) as folder:
         path = folder.write(key, t)
     monkeypatch.setattr(os, "write", real_write)
-    assert len(calls) > _nbytes(t) // 1000  # more calls than chunks: short writes happened
+    assert len(calls) > _nbytes(t) // 1000  # more calls than pieces: short writes happened
     assert torch.equal(_stored(path), t.reshape(-1))
     with OffloadFolder(tmp_path, IDENTITY, verify=True) as folder:
         assert folder.trusted(key, _nbytes(t)) == path  # the checksum taken while writing is right
@@ -322,3 +327,48 @@ def test_check_offload_space(tmp_path, small_tmpfs):
     with pytest.raises(UserError, match="is not writable"):
         check_offload_space(small_tmpfs, 0)
     assert list(small_tmpfs.iterdir()) == []  # the probe is gone
+
+
+@pytest.mark.parametrize("size", [0, 999, 1000, 3500])
+def test_piece_hash_is_its_definition_whether_written_or_read(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(piece_hash, "PIECE_BYTES", 1000)
+    data = os.urandom(size)
+    by_hand = hashlib.sha256(b"".join(hashlib.sha256(data[i : i + 1000]).digest() for i in range(0, size, 1000))).hexdigest()
+    dir_fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        written = atomic_files.write_file(dir_fd, "f.bin", memoryview(data), tmp_path)
+        assert (written.size, written.digest) == (size, by_hand)
+        assert piece_hash.hash_file(dir_fd, "f.bin") == (size, by_hand)
+    finally:
+        os.close(dir_fd)
+    assert (tmp_path / "f.bin").read_bytes() == data and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def _rank_writes(offload_dir, keys: list[str]) -> None:
+    with OffloadFolder(offload_dir, IDENTITY) as folder:
+        for key in keys:
+            folder.write(key, _value(key))
+
+
+def _value(key: str) -> torch.Tensor:
+    return torch.full((256 * 1024,), float(sum(key.encode())), dtype=torch.float16)  # 512 KiB
+
+
+def test_ranks_write_their_layers_into_one_folder_at_once(tmp_path):
+    """Three processes create the folder and write at once (one key shared, as tied embeddings
+    may be): every process's keys are trusted afterwards, nothing temporary is left."""
+    own = {rank: [f"model.layers.{rank}.{name}" for name in ("q", "k", "v", "o")] for rank in range(3)}
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_writes, args=(tmp_path, [*keys, "model.embed"])) for keys in own.values()]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    with OffloadFolder(tmp_path, IDENTITY, verify=True) as folder:
+        for key in [k for keys in own.values() for k in keys]:
+            path = folder.trusted(key, _nbytes(_value(key)))
+            assert path is not None and torch.equal(_stored(path), _value(key))
+        shared = folder.trusted("model.embed", _nbytes(_value("model.embed")))
+        assert shared is None or torch.equal(_stored(shared), _value("model.embed"))  # a race may leave it untrusted
+        assert not [p.name for p in folder.path.iterdir() if p.name.startswith("tmp.")]

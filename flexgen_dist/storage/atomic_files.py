@@ -18,14 +18,12 @@ folder cannot be swapped for another one between our check of it and our writes.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import secrets
 import socket
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +31,8 @@ import psutil
 
 from ..errors import EnvironmentFailure, UserError
 from ..planning.sizes import format_size
+from .piece_hash import PieceHasher, hashing_pool, pieces
 
-HASH_NAME = "sha256"  # with SHA-NI (most x86 and ARM server CPUs) ~1.1 GiB/s a core, and it overlaps the write
-CHUNK_BYTES = 16 << 20  # one write and one hash update; big enough that hashlib releases the GIL
 TEMP_PREFIX = "tmp."
 _CREATE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NAME_TRIES = 8  # fresh random names tried before giving up (only a planted name can collide)
@@ -53,7 +50,7 @@ class WrittenFile:
     """What `write_file` wrote: enough to trust the file later without reading it again."""
 
     size: int
-    digest: str  # HASH_NAME hex digest of the bytes, computed while writing them
+    digest: str  # `piece_hash` digest of the bytes, computed while writing them
     mtime_ns: int  # of the inode we wrote (a rename keeps it)
 
 
@@ -80,7 +77,7 @@ def write_file(dir_fd: int, name: str, data: memoryview, where: Path) -> Written
             os.close(fd)  # NFS may report a full disk only here
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException as exc:
-        _unlink_quietly(dir_fd, tmp)
+        unlink_quietly(dir_fd, tmp)
         if isinstance(exc, OSError):
             raise _failure(exc, where / name, len(data)) from None
         raise
@@ -90,22 +87,6 @@ def write_file(dir_fd: int, name: str, data: memoryview, where: Path) -> Written
         if exc.errno != errno.EINVAL:  # a file system that cannot fsync a folder: the rename stands
             raise _failure(exc, where / name, len(data)) from None
     return WrittenFile(size=len(data), digest=digest, mtime_ns=mtime_ns)
-
-
-def hash_file(dir_fd: int, name: str) -> tuple[int, str]:
-    """(size, HASH_NAME hex digest) of file `name` of the folder, read without following a link."""
-    h = hashlib.new(HASH_NAME)
-    buf = bytearray(CHUNK_BYTES)
-    view = memoryview(buf)
-    size = 0
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        while n := os.readv(fd, [view]):
-            h.update(view[:n])
-            size += n
-    finally:
-        os.close(fd)
-    return size, h.hexdigest()
 
 
 def remove_leftovers(dir_fd: int) -> list[str]:
@@ -130,7 +111,7 @@ def remove_leftovers(dir_fd: int) -> list[str]:
             leftover = not _holder_alive(int(match.group(2)), st.st_mtime)
         else:
             leftover = now - st.st_mtime > FOREIGN_STALE_S
-        if leftover and _unlink_quietly(dir_fd, name):
+        if leftover and unlink_quietly(dir_fd, name):
             removed.append(name)
     return removed
 
@@ -152,7 +133,7 @@ def check_offload_space(offload_dir: str | Path, planned_bytes: int) -> None:
         os.close(os.open(probe, _CREATE_FLAGS, 0o600))
     except OSError as exc:
         raise UserError(f"--offload-dir {path} is not writable ({exc.strerror}); choose a folder you can write") from None
-    _unlink_quietly(None, str(probe))
+    unlink_quietly(None, str(probe))
     vfs = os.statvfs(path)
     free = vfs.f_bavail * vfs.f_frsize
     if free < planned_bytes:
@@ -175,23 +156,16 @@ def _create_temp(dir_fd: int, where: Path) -> tuple[str, int]:
 
 
 def _write_hashed(fd: int, data: memoryview) -> str:
-    """Write all of `data` to `fd`, returning its digest; the hash of each chunk runs on another
-    thread while the chunk is written (both release the GIL), so hashing costs no wall time
-    unless it is slower than the disk."""
-    h = hashlib.new(HASH_NAME)
-    if len(data) <= CHUNK_BYTES:
-        h.update(data)
-        _write_all(fd, data)
-        return h.hexdigest()
-    with ThreadPoolExecutor(1, thread_name_prefix="flexgen-hash") as hasher:
-        for start in range(0, len(data), CHUNK_BYTES):
-            chunk = data[start : start + CHUNK_BYTES]
-            hashed = hasher.submit(h.update, chunk)
-            try:
-                _write_all(fd, chunk)
-            finally:
-                hashed.result()  # in order: the next update waits for this one
-    return h.hexdigest()
+    """Write all of `data` to `fd`, returning its digest: each piece is hashed on other threads
+    while it is written (both release the GIL), so hashing costs no wall time on a machine with
+    cores to spare."""
+    parts = pieces(data)
+    with hashing_pool(len(parts)) as pool:
+        hasher = PieceHasher(pool)
+        for piece in parts:
+            hasher.add(piece)
+            _write_all(fd, piece)
+        return hasher.hexdigest()
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -213,7 +187,8 @@ def _holder_alive(pid: int, last_write: float) -> bool:
         return True  # cannot tell: keep the file
 
 
-def _unlink_quietly(dir_fd: int | None, name: str) -> bool:
+def unlink_quietly(dir_fd: int | None, name: str) -> bool:
+    """Remove `name` (of the folder open as `dir_fd`); False when it was not there."""
     try:
         os.unlink(name, dir_fd=dir_fd)
         return True

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .atomic_files import HASH_NAME, hash_file, remove_leftovers, write_file
+from .atomic_files import remove_leftovers, unlink_quietly, write_file
+from .piece_hash import hash_file, scheme
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ DATA_SUFFIX = ".bin"
 ENTRY_SUFFIX = ".entry.json"
 IDENTITY_NOTE = "identity.json"  # for people looking into the folder; not what trust rests on
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+# Small files we read are opened without following a link, and without blocking on a planted FIFO.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")  # checkpoint keys; never a path
 
 
@@ -143,21 +146,22 @@ class OffloadFolder:
         Raises `EnvironmentFailure` when the disk fails (full, I/O error)."""
         name = _checked(key)
         raw = _raw_bytes(data)
-        try:  # the key is untrusted from now until its new entry lands
-            os.unlink(name + ENTRY_SUFFIX, dir_fd=self._dir_fd)
-        except FileNotFoundError:
-            pass
+        unlink_quietly(self._dir_fd, name + ENTRY_SUFFIX)  # the key is untrusted until its new entry lands
         written = write_file(self._dir_fd, name + DATA_SUFFIX, raw, self.path)
         entry = {
             "format": FORMAT,
             "key": name,
             "identity": self.identity.digest,
             "size": written.size,
-            "hash": HASH_NAME,
+            "hash": scheme(),
             "digest": written.digest,
             "mtime_ns": written.mtime_ns,
         }
-        write_file(self._dir_fd, name + ENTRY_SUFFIX, _json_bytes(entry), self.path)
+        try:
+            write_file(self._dir_fd, name + ENTRY_SUFFIX, _json_bytes(entry), self.path)
+        except BaseException:  # a data file without its entry is never trusted: free its space now
+            unlink_quietly(self._dir_fd, name + DATA_SUFFIX)
+            raise
         self._verified.add(name)
         return self.file(name)
 
@@ -166,7 +170,7 @@ class OffloadFolder:
         entry = self._read_entry(name)
         if entry is None:
             return "no readable entry"
-        expected = {"format": FORMAT, "key": name, "identity": self.identity.digest, "size": nbytes, "hash": HASH_NAME}
+        expected = {"format": FORMAT, "key": name, "identity": self.identity.digest, "size": nbytes, "hash": scheme()}
         if any(entry.get(field) != value for field, value in expected.items()):
             return "its entry is of another file"
         try:
@@ -187,7 +191,7 @@ class OffloadFolder:
 
     def _read_entry(self, name: str) -> dict | None:
         try:
-            fd = os.open(name + ENTRY_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
+            fd = os.open(name + ENTRY_SUFFIX, _READ_FLAGS, dir_fd=self._dir_fd)
         except OSError:  # missing, or a link (ELOOP): not an entry we wrote
             return None
         with os.fdopen(fd, "rb") as f:
@@ -203,7 +207,7 @@ class OffloadFolder:
         """Write identity.json once (a reused folder's files keep their mtimes)."""
         note = _json_bytes({"format": FORMAT, "digest": self.identity.digest, **dataclasses.asdict(self.identity)})
         try:
-            fd = os.open(IDENTITY_NOTE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
+            fd = os.open(IDENTITY_NOTE, _READ_FLAGS, dir_fd=self._dir_fd)
             with os.fdopen(fd, "rb") as f:
                 if f.read(len(note) + 1) == note:
                     return
