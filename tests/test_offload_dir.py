@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from flexgen_dist.errors import EnvironmentFailure, UserError
-from flexgen_dist.storage import atomic_files, piece_hash
+from flexgen_dist.storage import atomic_files, offload_dir, piece_hash
 from flexgen_dist.storage.atomic_files import check_offload_space, host_tag
 from flexgen_dist.storage.offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity
 
@@ -41,8 +41,8 @@ def _mtimes(folder) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
-def _write_all(offload_dir, tensors, **kw) -> OffloadFolder:
-    folder = OffloadFolder(offload_dir, IDENTITY, **kw)
+def _write_all(where, tensors, **kw) -> OffloadFolder:
+    folder = OffloadFolder(where, IDENTITY, **kw)
     for key, t in tensors.items():
         assert folder.trusted(key, _nbytes(t)) is None
         folder.write(key, t)
@@ -256,6 +256,8 @@ def test_short_writes_are_continued(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "write", real_write)
     assert len(calls) > _nbytes(t) // 1000  # more calls than pieces: short writes happened
     assert torch.equal(_stored(path), t.reshape(-1))
+    real_readv = os.readv
+    monkeypatch.setattr(os, "readv", lambda fd, buffers: real_readv(fd, [buffers[0][:7]]))  # short reads
     with OffloadFolder(tmp_path, IDENTITY, verify=True) as folder:
         assert folder.trusted(key, _nbytes(t)) == path  # the checksum taken while writing is right
 
@@ -344,8 +346,8 @@ def test_piece_hash_is_its_definition_whether_written_or_read(tmp_path, monkeypa
     assert (tmp_path / "f.bin").read_bytes() == data and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
-def _rank_writes(offload_dir, keys: list[str]) -> None:
-    with OffloadFolder(offload_dir, IDENTITY) as folder:
+def _rank_writes(where, keys: list[str]) -> None:
+    with OffloadFolder(where, IDENTITY) as folder:
         for key in keys:
             folder.write(key, _value(key))
 
@@ -372,3 +374,19 @@ def test_ranks_write_their_layers_into_one_folder_at_once(tmp_path):
         shared = folder.trusted("model.embed", _nbytes(_value("model.embed")))
         assert shared is None or torch.equal(_stored(shared), _value("model.embed"))  # a race may leave it untrusted
         assert not [p.name for p in folder.path.iterdir() if p.name.startswith("tmp.")]
+
+
+def test_a_data_file_whose_entry_failed_is_removed(tmp_path, monkeypatch):
+    key, t = next(iter(_tensors().items()))
+    real_write_file = offload_dir.write_file
+
+    def entry_fails(dir_fd, name, data, where):
+        if name.endswith(".entry.json"):
+            raise EnvironmentFailure("disk full (simulated)")
+        return real_write_file(dir_fd, name, data, where)
+
+    with OffloadFolder(tmp_path, IDENTITY) as folder:
+        monkeypatch.setattr(offload_dir, "write_file", entry_fails)
+        with pytest.raises(EnvironmentFailure):
+            folder.write(key, t)
+        assert {p.name for p in folder.path.iterdir()} == {"identity.json"}
