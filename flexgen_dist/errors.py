@@ -1,4 +1,8 @@
-"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+"""Errors the CLI prints as one line, without a traceback.
+
+- `UserError`: the user can fix it (bad input, a folder they must chmod); exit code 2.
+- `EnvironmentFailure`: the machine let the run down (disk full, I/O error); exit code 1.
+"""
 
 
 class UserError(ValueError):
@@ -7,3 +11,7 @@ class UserError(ValueError):
 
 class NotSupportedYet(UserError):
     """A documented option whose implementation has not landed yet."""
+
+
+class EnvironmentFailure(RuntimeError):
+    """The environment failed the run (disk full, I/O error): one line saying what and where."""

@@ -1,0 +1,248 @@
+"""The micro-benchmarks behind `python -m flexgen_dist.profile`: copies, disk, GEMMs, attention,
+4-bit (de)quantization. Each returns a rate; flops are counted as `planning/hardware.py` says.
+
+Times are medians of a few repeats after a warm-up call, with CUDA events on a GPU (the host
+does not wait on each kernel) and perf_counter on the CPU.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .planning.hardware import Speeds
+from .planning.sizes import format_size
+
+DISK_CHUNK = 8 << 20  # bytes per read/write call; the engine's DiskIO reads 8 MiB chunks too
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """How big each micro-benchmark is. The full set takes about a minute on a 2-core CPU."""
+
+    copy_bytes: int
+    disk_bytes: int  # well above a disk's own cache, so the medium is measured
+    dim: int  # GEMM (rows, dim) x (dim, dim)
+    prefill_rows: int
+    decode_rows: int  # one GPU batch: below this, a decode GEMM takes about as long (memory bound)
+    prefill_attention: tuple[int, int, int, int]  # (batch, heads, seq, head_dim), causal
+    decode_attention: tuple[int, int, int, int]  # (batch, heads, cached seq, head_dim), one query
+    cpu_attention: tuple[int, int, int, int]
+    quant_side: int  # a (side, side) tensor
+    repeats: int
+
+    @classmethod
+    def for_device(cls, device: torch.device, quick: bool) -> Shapes:
+        if quick:
+            return cls(32 << 20, 64 << 20, 1024, 512, 32, (1, 8, 256, 64), (8, 16, 512, 64),
+                       (4, 8, 512, 64), 1024, 3)
+        if device.type == "cuda":
+            return cls(512 << 20, 1 << 30, 4096, 4096, 32, (4, 32, 2048, 128), (32, 32, 2048, 128),
+                       (8, 16, 1024, 64), 2048, 7)
+        return cls(256 << 20, 1 << 30, 2048, 2048, 32, (2, 16, 1024, 64), (8, 16, 1024, 64),
+                   (8, 16, 1024, 64), 2048, 5)
+
+
+def _seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            tic = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+# --- copies -------------------------------------------------------------------------------------
+
+
+def copy_bandwidths(device: torch.device, nbytes: int, repeats: int) -> tuple[float, float]:
+    """(host-to-device, device-to-host) bytes/s: pinned host memory <-> the GPU; without a GPU a
+    host memory copy, which is what moving between the two host tiers costs."""
+    if device.type != "cuda":
+        src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+        bw = nbytes / _seconds(lambda: dst.copy_(src), device, repeats)
+        return bw, bw
+    host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    h2d = nbytes / _seconds(lambda: dev.copy_(host, non_blocking=True), device, repeats)
+    d2h = nbytes / _seconds(lambda: host.copy_(dev, non_blocking=True), device, repeats)
+    return h2d, d2h
+
+
+# --- disk ---------------------------------------------------------------------------------------
+
+
+def _io_pass(path: Path, buf: mmap.mmap, nbytes: int, *, write: bool, direct: bool) -> float:
+    """Seconds to write (then fsync) or read nbytes sequentially in len(buf) chunks."""
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
+    fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o600)
+    try:
+        if not write and not direct:  # buffered: evict the file's pages (clean: fsynced when written)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        tic = time.perf_counter()
+        for offset in range(0, nbytes, len(buf)):
+            done = os.pwritev(fd, [buf], offset) if write else os.preadv(fd, [buf], offset)
+            if done < len(buf):
+                raise OSError(errno.EIO, f"short {'write' if write else 'read'} at byte {offset + done} of {path}")
+        if write:
+            os.fsync(fd)
+        return time.perf_counter() - tic
+    finally:
+        os.close(fd)
+
+
+def _timed_io(path: Path, buf: mmap.mmap, nbytes: int, *, write: bool) -> tuple[float, bool]:
+    """(seconds, whether O_DIRECT was used): O_DIRECT where the file system takes it (tmpfs and
+    some others refuse it with EINVAL, at open or at the first transfer), else buffered."""
+    for direct in (True, False) if hasattr(os, "O_DIRECT") else (False,):
+        try:
+            return _io_pass(path, buf, nbytes, write=write, direct=direct), direct
+        except OSError as e:
+            if not direct or e.errno != errno.EINVAL:
+                raise
+    raise AssertionError("unreachable: the buffered pass returns or raises")
+
+
+def disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, str]:
+    """(read, write) bytes/s of one file of nbytes in `folder`, and how the cache was bypassed.
+    The data is random (a compressing file system would flatter zeros); the file is removed."""
+    try:
+        return _disk_bandwidths(folder, nbytes)
+    except OSError as e:  # an environment failure: one line that says where
+        raise OSError(e.errno, f"cannot measure the disk of {folder}: {e.strerror or e}") from None
+
+
+def _disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
+    if free < 2 * nbytes:  # leave the disk at least as much as the test takes
+        nbytes = (free // 2) // DISK_CHUNK * DISK_CHUNK
+        if nbytes < 4 * DISK_CHUNK:
+            raise UserError(f"{folder} has only {format_size(free)} free, too little to measure its "
+                            "disk; free some space or give another --offload-dir")
+    nbytes = max(DISK_CHUNK, nbytes // DISK_CHUNK * DISK_CHUNK)
+    buf = mmap.mmap(-1, DISK_CHUNK)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(DISK_CHUNK))
+    path = folder / f".flexgen-profile-{os.getpid()}.bin"
+    try:
+        write_s, direct_write = _timed_io(path, buf, nbytes, write=True)
+        read_s, direct_read = _timed_io(path, buf, nbytes, write=False)
+    finally:
+        path.unlink(missing_ok=True)
+        buf.close()
+    how = (f"read: {'O_DIRECT' if direct_read else 'posix_fadvise(DONTNEED), then buffered'}; "
+           f"write: {'O_DIRECT' if direct_write else 'buffered'} + fsync; {format_size(nbytes)} file")
+    return nbytes / read_s, nbytes / write_s, how
+
+
+# --- compute ------------------------------------------------------------------------------------
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, rows: int, dim: int, repeats: int) -> float:
+    x = torch.randn(rows, dim, device=device, dtype=dtype)  # (rows, C)
+    w = torch.randn(dim, dim, device=device, dtype=dtype)  # (C, C), as F.linear takes a weight
+    return 2 * rows * dim * dim / _seconds(lambda: F.linear(x, w), device, repeats)
+
+
+def attention_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int],
+                    repeats: int, *, decode: bool) -> float:
+    """SDPA with a boolean mask as the engine passes one: causal prefill over `seq` tokens, or one
+    query per sequence over `seq` cached keys. Flops counted dense: 4 * queries * keys * hidden."""
+    B, nh, S, hd = shape
+    T = 1 if decode else S
+    q = torch.randn(B, nh, T, hd, device=device, dtype=dtype)  # (B, nh, T, hd)
+    k = torch.randn(B, nh, S, hd, device=device, dtype=dtype)  # (B, nh, S, hd)
+    v = torch.randn(B, nh, S, hd, device=device, dtype=dtype)
+    if decode:
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=device)  # (B, 1, T, S)
+    else:
+        mask = torch.ones(S, S, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, T, S)
+    seconds = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), device, repeats)
+    return 4 * B * T * S * nh * hd / seconds
+
+
+# STAND-IN for flexgen_dist/storage/quantize.py, which is being written: group-wise (64) 4-bit
+# asymmetric min-max with torch ops. Switch these two to its quantize/dequantize when it lands.
+QUANT_KERNEL = "stand-in (torch ops in microbench.py), not storage/quantize.py"
+_GROUP = 64
+
+
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups = x.reshape(-1, _GROUP)  # (G, 64)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # (G, 1)
+    scale = (high - low).clamp(min=1e-8) / 15
+    q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.uint8)  # (G, 64)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale, low  # (G, 32): two values a byte
+
+
+def _dequantize(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    q = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], _GROUP)  # (G, 64)
+    return q.to(dtype) * scale + low
+
+
+def quant_bandwidths(device: torch.device, dtype: torch.dtype, side: int, repeats: int) -> tuple[float, float]:
+    """(quantize, dequantize) bytes/s of the compute_dtype tensor (side, side)."""
+    x = torch.randn(side, side, device=device, dtype=dtype)
+    nbytes = x.numel() * x.element_size()
+    packed, scale, low = _quantize(x)
+    quantize = nbytes / _seconds(lambda: _quantize(x), device, repeats)
+    dequantize = nbytes / _seconds(lambda: _dequantize(packed, scale, low, dtype), device, repeats)
+    return quantize, dequantize
+
+
+# --- all ----------------------------------------------------------------------------------------
+
+
+def measure_speeds(device: torch.device, dtype: torch.dtype, offload_dir: Path, *, quick: bool) -> tuple[Speeds, tuple[str, ...]]:
+    """Every speed of `Speeds`, and notes on how they were measured."""
+    shapes = Shapes.for_device(device, quick)
+    r = shapes.repeats
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the timing events record on the current device's stream
+    h2d, d2h = copy_bandwidths(device, shapes.copy_bytes, r)
+    disk_read, disk_write, disk_how = disk_bandwidths(offload_dir, shapes.disk_bytes)
+    quantize, dequantize = quant_bandwidths(device, dtype, shapes.quant_side, r)
+    speeds = Speeds(
+        compute_dtype=str(dtype).removeprefix("torch."),
+        h2d_bw=h2d,
+        d2h_bw=d2h,
+        disk_read_bw=disk_read,
+        disk_write_bw=disk_write,
+        matmul_flops=matmul_flops(device, dtype, shapes.prefill_rows, shapes.dim, r),
+        decode_matmul_flops=matmul_flops(device, dtype, shapes.decode_rows, shapes.dim, r),
+        attention_flops=attention_flops(device, dtype, shapes.prefill_attention, r, decode=False),
+        decode_attention_flops=attention_flops(device, dtype, shapes.decode_attention, r, decode=True),
+        cpu_attention_flops=attention_flops(torch.device("cpu"), dtype, shapes.cpu_attention, r, decode=True),
+        quantize_bw=quantize,
+        dequantize_bw=dequantize,
+    )
+    notes = (
+        f"disk ({offload_dir}): {disk_how}",
+        f"matmul: ({shapes.prefill_rows} and {shapes.decode_rows} rows, {shapes.dim}) x ({shapes.dim}, {shapes.dim})",
+        f"attention (batch, heads, seq, head_dim): prefill {shapes.prefill_attention}, decode "
+        f"{shapes.decode_attention}, cpu {shapes.cpu_attention}",
+        f"quantize/dequantize: {QUANT_KERNEL}",
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads" + (" (quick)" if quick else ""),
+    )
+    return speeds, notes

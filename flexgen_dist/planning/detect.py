@@ -1,0 +1,302 @@
+"""Memory capacities of this process: GPU, host RAM (under the cgroup limit), offload disk.
+
+No torch at import time (torch.cuda is imported lazily, only where NVML cannot answer).
+
+Host RAM: what this process may still allocate, not what the machine has. It is the smaller of
+- psutil's `available` (MemAvailable: free plus reclaimable page cache, after every other
+  process on the machine), and
+- the headroom of every memory cgroup this process is in (a container's or a SLURM job's limit),
+  v1 and v2, walking up from the process's group to the hierarchy's root: limit minus the group's
+  working set (usage minus inactive file cache, which the kernel reclaims before it OOM-kills;
+  active file cache is counted as used, which errs on the safe side). v2's memory.high counts as
+  a limit: above it the kernel throttles the group hard.
+Total RAM would ignore other processes and the container's limit; the cgroup limit alone would
+ignore that psutil inside a container reports the host's memory. Swap is not counted.
+What this process already holds (torch, Python) is in use and so is not available: detect before
+loading the model, and on a node with several ranks detect on all of them before any allocates.
+
+GPU: free memory (other processes on the GPU count), from NVML, else torch.cuda.mem_get_info.
+A CUDA context that is not created yet (~0.3-0.5 GiB) is not subtracted: the planner keeps a
+margin. The CUDA index is mapped to NVML's through CUDA_VISIBLE_DEVICES (indices or UUIDs); with
+it unset, NVML's order is taken as CUDA's, which holds unless CUDA_DEVICE_ORDER=FASTEST_FIRST
+reorders a node of mixed GPUs (set CUDA_DEVICE_ORDER=PCI_BUS_ID there).
+
+Disk: free space (for this user) of the file system of the offload folder's nearest existing
+parent. Files an earlier run left in the folder are not counted as free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from ..errors import UserError
+from .hardware import Capacities
+from .sizes import format_size
+
+logger = logging.getLogger(__name__)
+
+# cgroup v1 writes "no limit" as the largest page-counter value (2^63 - 4096 on 4 KiB pages,
+# rounded to the page size); anything this large (1 EiB) is no limit either.
+V1_UNLIMITED = 1 << 60
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    """The memory limit that binds this process: the group with the least headroom."""
+
+    version: int
+    """1 or 2: which cgroup hierarchy."""
+    group: Path
+    """The group folder holding the limit (this process's own group or one of its ancestors)."""
+    limit: int
+    """Bytes: memory.max / memory.high (v2) or memory.limit_in_bytes (v1)."""
+    working_set: int
+    """Bytes the group uses that the kernel will not reclaim: usage minus inactive file cache."""
+
+    @property
+    def headroom(self) -> int:
+        return max(0, self.limit - self.working_set)
+
+
+@dataclass(frozen=True)
+class _Mount:
+    mount_point: str  # where it is mounted (absolute, in this process's view)
+    root: str  # which folder of the hierarchy the mount shows
+    fstype: str
+    super_options: tuple[str, ...]
+
+
+def _unescape(path: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        path = path.replace(code, char)
+    return path
+
+
+def _mounts(root: Path) -> list[_Mount]:
+    try:
+        lines = (root / "proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 3:
+            continue
+        mounts.append(_Mount(_unescape(fields[4]), _unescape(fields[3]), tail[0], tuple(tail[2].split(","))))
+    return mounts
+
+
+def _own_groups(root: Path) -> list[tuple[list[str], str]]:
+    """(controllers, group path) per line of /proc/self/cgroup; v2 has no controllers."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    groups = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            groups.append(([c for c in parts[1].split(",") if c], parts[2]))
+    return groups
+
+
+def _group_dir(root: Path, mount: _Mount, group_path: str) -> tuple[Path, Path]:
+    """(the group's folder, the mount's folder), both under `root`.
+
+    The group path is relative to the hierarchy's root and the mount may show a subtree of it
+    (a container without a cgroup namespace sees /docker/<id> mounted at /sys/fs/cgroup/...):
+    strip the mount's root. A group outside the mounted subtree ("/../x" in a cgroup namespace)
+    or missing on disk: the mount's folder, the nearest group this process can see.
+    """
+    mount_dir = root / mount.mount_point.lstrip("/")
+    mount_root = mount.root.rstrip("/")
+    if group_path == mount_root or group_path.startswith(mount_root + "/"):
+        relative = group_path[len(mount_root):].lstrip("/")
+        group_dir = mount_dir / relative
+        if ".." not in Path(relative).parts and group_dir.is_dir():
+            return group_dir, mount_dir
+    return mount_dir, mount_dir
+
+
+def _up_to(group_dir: Path, mount_dir: Path) -> Iterator[Path]:
+    path = group_dir
+    while True:
+        yield path
+        if path == mount_dir or path.parent == path:
+            return
+        path = path.parent
+
+
+def _read_int(path: Path) -> int | None:
+    """An integer file; None when absent, unreadable or "max"."""
+    try:
+        text = path.read_text().split()
+    except OSError:
+        return None
+    if not text or text[0] == "max":
+        return None
+    try:
+        return int(text[0])
+    except ValueError:
+        return None
+
+
+def _stat_value(path: Path, keys: tuple[str, ...]) -> int:
+    """The first of `keys` found in a memory.stat file, else 0."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    values = dict(line.split(maxsplit=1) for line in lines if len(line.split()) == 2)
+    for key in keys:
+        if key in values and values[key].isdigit():
+            return int(values[key])
+    return 0
+
+
+def _limits_v2(group_dir: Path, mount_dir: Path) -> Iterator[CgroupMemory]:
+    for path in _up_to(group_dir, mount_dir):
+        limits = [v for v in (_read_int(path / "memory.max"), _read_int(path / "memory.high")) if v is not None]
+        if limits:
+            usage = _read_int(path / "memory.current") or 0
+            inactive = _stat_value(path / "memory.stat", ("inactive_file",))
+            yield CgroupMemory(2, path, min(limits), max(0, usage - inactive))
+
+
+def _limits_v1(group_dir: Path, mount_dir: Path) -> Iterator[CgroupMemory]:
+    for path in _up_to(group_dir, mount_dir):
+        limit = _read_int(path / "memory.limit_in_bytes")
+        if limit is not None and limit < V1_UNLIMITED:
+            usage = _read_int(path / "memory.usage_in_bytes") or 0
+            # total_* counts the group's descendants too, as usage_in_bytes does
+            inactive = _stat_value(path / "memory.stat", ("total_inactive_file", "inactive_file"))
+            yield CgroupMemory(1, path, limit, max(0, usage - inactive))
+
+
+def cgroup_memory(root: Path = Path("/")) -> CgroupMemory | None:
+    """The memory limit with the least headroom over this process's cgroups (v1 and v2 together:
+    a hybrid host may limit in either), or None where no group is limited.
+
+    `root` is the file system's root, so tests can build a fake /proc and /sys/fs/cgroup."""
+    groups = _own_groups(root)
+    v2_path = next((path for controllers, path in groups if not controllers), None)
+    v1_path = next((path for controllers, path in groups if "memory" in controllers), None)
+    found: list[CgroupMemory] = []
+    for mount in _mounts(root):
+        if mount.fstype == "cgroup2" and v2_path is not None:
+            found.extend(_limits_v2(*_group_dir(root, mount, v2_path)))
+        elif mount.fstype == "cgroup" and "memory" in mount.super_options and v1_path is not None:
+            found.extend(_limits_v1(*_group_dir(root, mount, v1_path)))
+    return min(found, key=lambda c: c.headroom, default=None)
+
+
+def host_memory(root: Path = Path("/")) -> tuple[int, CgroupMemory | None]:
+    """(bytes of host RAM this process may still allocate, the binding cgroup limit or None)."""
+    available = psutil.virtual_memory().available
+    group = cgroup_memory(root)
+    if group is None:
+        return available, None
+    return min(available, group.headroom), group
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+
+
+def _nvml_free(cuda_index: int, visible: str | None) -> tuple[int, str] | None:
+    """(free bytes, GPU name) of CUDA device `cuda_index` from NVML; None without a driver/GPU."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None  # no driver: no GPU
+    try:
+        entries = [e.strip() for e in visible.split(",")] if visible is not None else None
+        if entries is None:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
+        elif cuda_index >= len(entries) or not entries[cuda_index] or entries[cuda_index].startswith("-"):
+            return None
+        elif entries[cuda_index].isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(entries[cuda_index]))
+        else:  # GPU-<uuid> or MIG-<uuid>
+            handle = pynvml.nvmlDeviceGetHandleByUUID(entries[cuda_index])
+        name = pynvml.nvmlDeviceGetName(handle)
+        free = int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+        return free, name.decode() if isinstance(name, bytes) else str(name)
+    except pynvml.NVMLError:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def _torch_free(cuda_index: int) -> tuple[int, str] | None:
+    import torch  # lazily: only where NVML could not answer
+
+    if not torch.cuda.is_available() or cuda_index >= torch.cuda.device_count():
+        return None
+    free, _total = torch.cuda.mem_get_info(cuda_index)
+    return int(free), torch.cuda.get_device_name(cuda_index)
+
+
+def gpu_memory(cuda_index: int, *, environ: Mapping[str, str] | None = None) -> tuple[int, str] | None:
+    """(free bytes, name) of CUDA device `cuda_index`, NVML first, else torch.cuda; None: no GPU."""
+    environ = os.environ if environ is None else environ
+    return _nvml_free(cuda_index, environ.get("CUDA_VISIBLE_DEVICES")) or _torch_free(cuda_index)
+
+
+# --- disk ---------------------------------------------------------------------------------------
+
+
+def disk_free(folder: str | Path) -> int:
+    """Free bytes (for this user) where `folder` is or would be created."""
+    path = Path(folder).expanduser().absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+# --- all together -------------------------------------------------------------------------------
+
+
+def detect_capacities(
+    device: str,
+    offload_dir: str | Path | None,
+    *,
+    root: Path = Path("/"),
+    environ: Mapping[str, str] | None = None,
+) -> Capacities:
+    """Capacities of this process on `device` ("cpu", "cuda" or "cuda:N"), machine-wide: apply
+    `hardware.rank_share` for ranks sharing the node. No offload folder: disk_mem = 0."""
+    host, group = host_memory(root)
+    disk = disk_free(offload_dir) if offload_dir is not None else 0
+    limit = f" (cgroup v{group.version} limit {format_size(group.limit)} at {group.group})" if group else ""
+    if device == "cpu":
+        logger.info("host RAM available %s%s; no GPU: the gpu tier is host RAM; disk free %s",
+                    format_size(host), limit, format_size(disk))
+        return Capacities(has_gpu=False, gpu_mem=host, cpu_mem=host, host_mem=host, disk_mem=disk)
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise UserError(f"device {device!r} is not cpu, cuda or cuda:N")
+    cuda_index = int(index or 0)
+    found = gpu_memory(cuda_index, environ=environ)
+    if found is None:
+        raise UserError(f"device {device} has no GPU here (NVML found none and torch.cuda is not available); "
+                        "use the cpu device, or plan for another machine with --hardware FILE.json")
+    free, name = found
+    logger.info("GPU %d (%s) free %s; host RAM available %s%s; disk free %s",
+                cuda_index, name, format_size(free), format_size(host), limit, format_size(disk))
+    return Capacities(has_gpu=True, gpu_mem=free, cpu_mem=host, host_mem=host, disk_mem=disk)

@@ -1,0 +1,273 @@
+"""Group-wise asymmetric min-max quantization of weights and KV cache (FlexGen section 5).
+
+Per group of `group_size` values along `group_dim`:
+    scale = (max - min) / (2**bits - 1),   code = clamp(round((x - min) / scale), 0, 2**bits - 1)
+and x is recovered as min + code * scale. Scale and minimum are stored in float16: the minimum
+is rounded DOWN and the scale UP to a float16 value, so [min, min + levels * scale] still
+covers the group and every element's error stays within scale / 2 (the stored scale). A
+constant group gets scale 0 and dequantizes to its minimum (exactly the constant when that is
+a float16 value; never NaN or inf). Values beyond +-65376 are clamped to it: that is the
+float16 range less the 128 by which rounding a scale up can raise a group's top value, so the
+values still fit float16 after the round trip.
+
+The layout (`flexgen_dist.planning.compression`) keeps the leading dimension row-addressable:
+the packed codes, the scales and the minimums share it, `QuantizedTensor.rows(a:b)` is a view of
+rows a..b of each, and `quantize_into(dst, a:b, x)` writes exactly the bytes that quantizing the
+whole tensor would put there (a group never spans rows). So a KV cache can append one token's
+row per decode step, and a disk tier can read a row range of each part.
+
+Arithmetic is fp32 whatever the stored dtype (fp16 arithmetic on AVX2 CPUs is slow). The work
+goes in chunks of rows that fit in the L2 cache: dequantization makes four passes (two nibble
+copies, a multiply, an add) and those passes then hit the cache instead of memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..planning.compression import CompressionConfig, compressed_shapes
+
+# Values per chunk and per thread: ~1 MiB of fp32, half an L2 cache of the development CPUs;
+# measured 2.0x the cost of a plain fp16->fp32 copy, against 2.8x for one pass over 16 MiB.
+_CHUNK_VALUES_PER_THREAD = 1 << 18
+# Quantization is off the hot path: bigger chunks, but bounded so fp32 temporaries of a large
+# weight never cost more than a few tens of MiB.
+_QUANTIZE_CHUNK_VALUES = 1 << 22
+# float16 max (65504) less the largest overshoot of min + levels * scale from rounding the scale
+# up: (max - min) * 2**-10 <= 2 * 65504 / 1024 < 128. A float16 value itself.
+_CLAMP = 65504.0 - 128.0
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A quantized tensor: three tensors sharing the leading dimension of `shape`."""
+
+    data: torch.Tensor
+    """uint8 packed codes, (rows, *other, padded * bits // 8)."""
+    scale: torch.Tensor
+    """float16, (rows, *other, num_groups)."""
+    mins: torch.Tensor
+    """float16, (rows, *other, num_groups)."""
+    shape: tuple[int, ...]
+    """Shape of the original tensor."""
+    dtype: torch.dtype
+    """Dtype of the original tensor (what `dequantize` gives back by default is fp32)."""
+    config: CompressionConfig
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(size) for size in self.shape))
+        shapes = compressed_shapes(self.shape, self.config)
+        parts = (
+            ("data", self.data, torch.uint8, shapes.data),
+            ("scale", self.scale, torch.float16, shapes.stats),
+            ("mins", self.mins, torch.float16, shapes.stats),
+        )
+        for name, part, dtype, shape in parts:
+            if part.dtype != dtype or tuple(part.shape) != shape or not part.is_contiguous():
+                raise ValueError(
+                    f"QuantizedTensor.{name} must be a contiguous {dtype} tensor of shape {shape} for "
+                    f"shape {self.shape} and {self.config}; got {part.dtype} {tuple(part.shape)}"
+                )
+
+    @property
+    def group_dim(self) -> int:
+        return self.config.resolve_group_dim(len(self.shape))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.numel() * part.element_size() for part in (self.data, self.scale, self.mins))
+
+    def rows(self, index: slice) -> "QuantizedTensor":
+        """Rows `index` (a contiguous slice of the leading dimension) as views: no copy."""
+        start, stop = _row_range(index, self.shape[0])
+        return QuantizedTensor(
+            data=self.data[start:stop], scale=self.scale[start:stop], mins=self.mins[start:stop],
+            shape=(stop - start,) + self.shape[1:], dtype=self.dtype, config=self.config,
+        )
+
+    def copy_(self, src: "QuantizedTensor", non_blocking: bool = False) -> None:
+        """Copy `src` (same shape and config; any device) into this tensor's storage."""
+        if src.shape != self.shape or src.config != self.config:
+            raise ValueError(
+                f"cannot copy a quantized {src.shape} {src.config} into {self.shape} {self.config}"
+            )
+        for dst_part, src_part in ((self.data, src.data), (self.scale, src.scale), (self.mins, src.mins)):
+            dst_part.copy_(src_part, non_blocking=non_blocking)
+
+
+def empty_quantized(
+    shape: tuple[int, ...], config: CompressionConfig, device: torch.device | str = "cpu",
+    pin: bool = False, dtype: torch.dtype = torch.float16,
+) -> QuantizedTensor:
+    """Uninitialised storage for a quantized `shape` (pinned when `pin` and CUDA is there)."""
+    device = torch.device(device)
+    shapes = compressed_shapes(tuple(shape), config)
+    pin = pin and device.type == "cpu" and torch.cuda.is_available()
+    return QuantizedTensor(
+        data=torch.empty(shapes.data, dtype=torch.uint8, device=device, pin_memory=pin),
+        scale=torch.empty(shapes.stats, dtype=torch.float16, device=device, pin_memory=pin),
+        mins=torch.empty(shapes.stats, dtype=torch.float16, device=device, pin_memory=pin),
+        shape=tuple(shape), dtype=dtype, config=config,
+    )
+
+
+def quantize(x: torch.Tensor, config: CompressionConfig) -> QuantizedTensor:
+    """Quantize `x` (any float dtype, at least 2-D) into new storage on `x`'s device."""
+    dst = empty_quantized(tuple(x.shape), config, x.device, dtype=x.dtype)
+    quantize_into(dst, slice(None), x)
+    return dst
+
+
+def quantize_into(dst: QuantizedTensor, rows: slice, x: torch.Tensor) -> None:
+    """Quantize `x` into rows `rows` of `dst` in place (e.g. append a token's KV row).
+
+    `x` has shape (rows, *dst.shape[1:]); it is quantized on its own device and the codes are
+    copied to `dst`'s. The result is bit for bit what `quantize` of the whole tensor holds there.
+    """
+    start, stop = _row_range(rows, dst.shape[0])
+    expected = (stop - start,) + dst.shape[1:]
+    if tuple(x.shape) != expected:
+        raise ValueError(
+            f"quantize_into rows {start}:{stop} of {dst.shape} needs shape {expected}, got {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"quantize needs a floating-point tensor, got {x.dtype}")
+    if x.numel() == 0:
+        return
+    config = dst.config
+    x_moved = x.movedim(dst.group_dim, -1)  # (rows, *other, dim): a view
+    dim_size = x_moved.shape[-1]
+    padded = dst.scale.shape[-1] * config.group_size
+    chunk_rows = _chunk_rows(x_moved, padded, _QUANTIZE_CHUNK_VALUES)
+    for chunk_start in range(0, stop - start, chunk_rows):
+        chunk_stop = min(stop - start, chunk_start + chunk_rows)
+        source = x_moved[chunk_start:chunk_stop]
+        values = torch.empty(source.shape[:-1] + (padded,), dtype=torch.float32, device=x.device)
+        values[..., :dim_size].copy_(source)
+        # Pad with the vector's last value: it is inside the last group's range, so the padding
+        # changes neither its minimum nor its maximum.
+        values[..., dim_size:].copy_(source[..., dim_size - 1 :].expand(*source.shape[:-1], padded - dim_size))
+        codes, scale, mins = _quantize_vectors(values.view(-1, padded), config)  # (n, padded), (n, groups) x2
+        target = dst.rows(slice(start + chunk_start, start + chunk_stop))
+        target.data.view(-1, target.data.shape[-1]).copy_(_pack(codes, config.bits))
+        target.scale.view(-1, target.scale.shape[-1]).copy_(scale)
+        target.mins.view(-1, target.mins.shape[-1]).copy_(mins)
+
+
+def dequantize(
+    q: QuantizedTensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The values of `q` as a `dtype` tensor of `q.shape` on `q`'s device.
+
+    With `out` (shape `q.shape`, on `q`'s device; its dtype wins over `dtype`) the values are
+    written there and `out` is returned: the engine dequantizes into pooled buffers. A
+    contiguous fp32 `out` grouped along its last dimension, with no padding (the hot case:
+    weights and KV caches whose dims are multiples of the group size) is written in place; the
+    only temporaries are fp32 copies of the scales and minimums (1/32 of the output with groups
+    of 64) and a cache-sized chunk of nibbles. Otherwise chunks go through one fp32 scratch
+    chunk and are copied into `out`.
+    """
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    elif tuple(out.shape) != q.shape or out.device != q.device:
+        raise ValueError(
+            f"dequantize out must have shape {q.shape} on {q.device}; got {tuple(out.shape)} on {out.device}"
+        )
+    if out.numel() == 0:
+        return out
+    config = q.config
+    out_moved = out.movedim(q.group_dim, -1)  # (rows, *other, dim): a view
+    other, dim_size = tuple(out_moved.shape[1:-1]), out_moved.shape[-1]
+    padded = q.scale.shape[-1] * config.group_size
+    direct = out.dtype == torch.float32 and out_moved.is_contiguous() and dim_size == padded
+    budget = _CHUNK_VALUES_PER_THREAD * torch.get_num_threads() if q.device.type == "cpu" else out.numel()
+    chunk_rows = _chunk_rows(out_moved, padded, budget)
+    # fp32 statistics once (1/group_size of the output), not per chunk
+    rows_shape = (q.shape[0], -1)
+    scale = q.scale.view(rows_shape).float()  # (rows, vectors_per_row * num_groups)
+    mins = q.mins.view(rows_shape).float()
+    data = q.data.view(rows_shape)  # (rows, vectors_per_row * packed bytes)
+    scratch = None
+    for start in range(0, q.shape[0], chunk_rows):
+        stop = min(q.shape[0], start + chunk_rows)
+        if direct:
+            values = out_moved[start:stop].view(-1, padded)
+        else:
+            if scratch is None:
+                scratch = torch.empty((chunk_rows, *other, padded), dtype=torch.float32, device=q.device)
+            values = scratch[: stop - start].view(-1, padded)
+        _dequantize_vectors(data[start:stop], scale[start:stop], mins[start:stop], values, config)
+        if not direct:
+            out_moved[start:stop].copy_(values.view(stop - start, *other, padded)[..., :dim_size])
+    return out
+
+
+def _quantize_vectors(values: torch.Tensor, config: CompressionConfig):
+    """Codes (uint8, one per value) and fp16 scale and minimum per group of (n, padded) fp32."""
+    vectors, padded = values.shape
+    groups = values.view(vectors, -1, config.group_size)  # (n, num_groups, group_size)
+    lo = groups.amin(-1).clamp_(-_CLAMP, _CLAMP)
+    hi = groups.amax(-1).clamp_(-_CLAMP, _CLAMP)
+    if torch.isnan(lo).any() or torch.isnan(hi).any():
+        raise ValueError("cannot quantize a tensor that holds NaN")
+    mins = _fp16_toward(lo, float("-inf"))  # <= lo: the group stays above the stored minimum
+    scale = _fp16_toward((hi - mins.float()) / config.levels, float("inf"))  # covers hi
+    scale32 = scale.float()
+    divisor = torch.where(scale32 > 0, scale32, torch.ones_like(scale32))  # constant group: x - min == 0
+    codes = (groups - mins.float().unsqueeze(-1)).div_(divisor.unsqueeze(-1)).round_().clamp_(0, config.levels)
+    return codes.to(torch.uint8).view(vectors, padded), scale, mins
+
+
+def _dequantize_vectors(
+    data: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, values: torch.Tensor, config: CompressionConfig
+) -> None:
+    """Write min + code * scale into `values`, (n, padded) fp32, in place; fp32 `scale`, `mins`."""
+    vectors, padded = values.shape
+    data = data.reshape(vectors, -1)  # (n, padded * bits // 8); a view: rows of a contiguous tensor
+    if config.bits == 4:
+        halves = values.view(vectors, 2, padded // 2)  # low nibbles: first half; high: second
+        halves[:, 0].copy_(data & 0x0F)
+        halves[:, 1].copy_(data >> 4)
+    else:
+        values.copy_(data)
+    groups = values.view(vectors, -1, config.group_size)  # (n, num_groups, group_size)
+    groups.mul_(scale.reshape(vectors, -1, 1)).add_(mins.reshape(vectors, -1, 1))
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(n, padded) codes -> (n, padded * bits // 8) bytes; see the layout in planning.compression."""
+    if bits == 8:
+        return codes
+    half = codes.shape[-1] // 2
+    return codes[:, :half] | (codes[:, half:] << 4)
+
+
+def _fp16_toward(values: torch.Tensor, direction: float) -> torch.Tensor:
+    """fp32 `values` as the nearest float16 on the side of `direction` (directed rounding)."""
+    rounded = values.to(torch.float16)
+    wrong_side = rounded.float() > values if direction < 0 else rounded.float() < values
+    stepped = torch.nextafter(rounded, torch.full_like(rounded, direction))
+    return torch.where(wrong_side, stepped, rounded)
+
+
+def _chunk_rows(moved: torch.Tensor, padded: int, budget_values: int) -> int:
+    """Leading rows per chunk so a chunk holds about `budget_values` padded values (at least 1)."""
+    values_per_row = padded
+    for size in moved.shape[1:-1]:
+        values_per_row *= size
+    return max(1, budget_values // max(1, values_per_row))
+
+
+def _row_range(index: slice, length: int) -> tuple[int, int]:
+    if not isinstance(index, slice):
+        raise TypeError(f"quantized tensors are indexed by a slice of the leading dimension, got {index!r}")
+    start, stop, step = index.indices(length)
+    if step != 1:
+        raise ValueError("quantized tensors are indexed by a contiguous slice of the leading dimension")
+    return start, max(start, stop)
