@@ -144,7 +144,7 @@ def test_missing_and_empty_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_job_file(tmp_path / "nope.jsonl")
     path = write_lines(tmp_path, [b"", b"  "])
-    with pytest.raises(UserError, match="has no requests"):
+    with pytest.raises(UserError, match="has no prompts"):
         read_job_file(path)
 
 

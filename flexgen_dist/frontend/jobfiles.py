@@ -99,7 +99,7 @@ class JobFileScanner:
                 self.num_requests += 1
                 yield request
         if self.num_requests == 0:
-            raise UserError(f"input file {self.path!r} has no requests; put one JSON object per line")
+            raise UserError(f"input file {self.path!r} has no prompts; put one JSON object per line")
         self.sha256 = digest.hexdigest()
 
     def _parse_json(self, raw: bytes, line_no: int) -> dict | None:

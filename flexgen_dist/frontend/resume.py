@@ -11,8 +11,8 @@ Files, for `--output OUT`:
   fsync + rename), then the two progress files are removed (the progress file first).
 
 States found at open (without --overwrite): nothing -> a fresh run; record + progress -> resume;
-record without progress while OUT exists -> the earlier run was killed after its rename, OUT is
-complete and `finish` only tidies up; OUT without a record -> a file this run did not make:
+record without progress while OUT exists -> the earlier run was killed after its rename: OUT is
+complete, the record is removed, every id counts as finished and `finish` only checks the ids; OUT without a record -> a file this run did not make:
 refused; progress with results but no record -> refused (which run made them?).
 A lock (flock) on the progress file refuses a second process writing the same output.
 """
@@ -252,7 +252,13 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
                             f"{str(record_path)!r}; rerun with the same settings to resume, or pass --overwrite to start over")
         started_at = int(recorded.get("started_at", 0))
         if created and out.exists():
+            # Killed between finish()'s removals: OUT is whole. Tidy up now, so that the state is
+            # that of any finished run whether or not this one gets to call finish().
             keys = _keys_of_output(out)
+            partial.unlink()
+            record_path.unlink()
+            fsync_folder(out.absolute().parent)
+            log.info("%s is complete (%d results); nothing to resume", output, len(keys))
             return ResumeLog(out, fd, dict.fromkeys(keys, (0, 0)), 0, started_at, keys)
         index, size = _repair(fd, partial)
         log.info("resuming %s: %d results already finished", output, len(index))
