@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from ..errors import UserError
@@ -23,7 +23,7 @@ TOKEN_ID_LIMIT = 2**31  # token ids are stored as 32-bit ints; no vocabulary com
 SEED_LIMIT = 2**63
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GenSettings:
     """Per-request generation settings; None = the run's setting."""
 
@@ -37,10 +37,13 @@ class GenSettings:
 
     def overridden(self) -> dict:
         """The settings this line sets, by name (for logs and the output)."""
-        return {name: value for name, value in self.__dict__.items() if value is not None}
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
-@dataclass(frozen=True, eq=False)
+NOT_SET = GenSettings()  # shared by the many lines that set nothing (immutable)
+
+
+@dataclass(frozen=True, eq=False, slots=True)
 class Request:
     """One line of a job file. Exactly one of `text`, `input_ids`, `messages` is set."""
 
@@ -52,7 +55,7 @@ class Request:
     text: str | None = None
     input_ids: array | None = None  # array("i"): 4 bytes a token, millions of prompts fit
     messages: tuple[dict, ...] | None = None  # chat messages {"role", "content"[, "name"]}
-    settings: GenSettings = field(default_factory=GenSettings)
+    settings: GenSettings = NOT_SET
     url: str | None = None  # OpenAI only: COMPLETIONS_URL or CHAT_URL
     model: str | None = None  # OpenAI only: body.model, echoed in the response (never used to pick a model)
 
@@ -164,4 +167,4 @@ def parse_settings(obj: dict, names: dict[str, str], where: str) -> GenSettings:
             values[target] = tuple(token_ids(value, name, where, allow_empty=True))
         else:
             raise AssertionError(f"no check for setting {target!r}")
-    return GenSettings(**values)
+    return GenSettings(**values) if values else NOT_SET

@@ -22,7 +22,7 @@ Tokenize = Callable[[str], Sequence[int]]
 ChatTemplate = Callable[[list[dict]], Sequence[int]]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class PromptTokens:
     """A request ready for the engine."""
 
