@@ -1,0 +1,170 @@
+"""One request of a job file, and the checks every field goes through.
+
+A `Request` is what a line of `--input` asks for, whatever the file's format: a prompt (text,
+token ids or chat messages) and the generation settings the line overrides. A setting left at
+None takes the run's value (the command line's `--gen-len`, `--temperature`, ...).
+Field checks raise `UserError` with `path:line:` first and say how to fix the value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from array import array
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from ..errors import UserError
+
+Format = Literal["native", "openai"]
+COMPLETIONS_URL = "/v1/completions"
+CHAT_URL = "/v1/chat/completions"
+TOKEN_ID_LIMIT = 2**31  # token ids are stored as 32-bit ints; no vocabulary comes near this
+SEED_LIMIT = 2**63
+
+
+@dataclass(frozen=True, slots=True)
+class GenSettings:
+    """Per-request generation settings; None = the run's setting."""
+
+    max_new_tokens: int | None = None  # >= 1
+    temperature: float | None = None  # >= 0; 0 means greedy (OpenAI's convention)
+    top_p: float | None = None  # in (0, 1]
+    top_k: int | None = None  # >= 0; 0 = no top-k (vLLM's -1 is read as 0)
+    seed: int | None = None  # in [0, 2**63)
+    stop: tuple[str, ...] | None = None  # stop strings; not included in the output (OpenAI)
+    stop_token_ids: tuple[int, ...] | None = None  # ids that end a sequence besides EOS
+
+    def overridden(self) -> dict:
+        """The settings this line sets, by name (for logs and the output)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+NOT_SET = GenSettings()  # shared by the many lines that set nothing (immutable)
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Request:
+    """One line of a job file. Exactly one of `text`, `input_ids`, `messages` is set."""
+
+    id: str | int  # the native `id` (default: the line number) or OpenAI's `custom_id`
+    index: int  # 0-based position among the file's requests: output order, shards, per-request seeds
+    line: int  # 1-based line number in the file, for messages
+    path: str  # the job file, for messages
+    format: Format
+    text: str | None = None
+    input_ids: array | None = None  # array("i"): 4 bytes a token, millions of prompts fit
+    messages: tuple[dict, ...] | None = None  # chat messages {"role", "content"[, "name"]}
+    settings: GenSettings = NOT_SET
+    url: str | None = None  # OpenAI only: COMPLETIONS_URL or CHAT_URL
+    model: str | None = None  # OpenAI only: body.model, echoed in the response (never used to pick a model)
+
+    def __post_init__(self) -> None:
+        given = sum(x is not None for x in (self.text, self.input_ids, self.messages))
+        if given != 1:
+            raise ValueError(f"{self.where}: a Request needs exactly one of text, input_ids, messages (got {given})")
+
+    @property
+    def key(self) -> str:
+        return id_key(self.id)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+    @property
+    def prompt(self) -> str | list[int] | list[dict]:
+        """The prompt as given (what the former `JobLine.prompt` held, plus chat messages)."""
+        if self.text is not None:
+            return self.text
+        if self.input_ids is not None:
+            return self.input_ids.tolist()
+        return list(self.messages)
+
+
+def id_key(value: str | int) -> str:
+    """Canonical text of an id, so that "7" and 7 stay different ids and compare across files."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def check_id(value, name: str, where: str) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(f"{where}: {name!r} must be a string or a whole number, got {json.dumps(value)[:40]}")
+    return value
+
+
+def whole(value, name: str, where: str, minimum: int | None = None, limit: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{where}: {name!r} must be a whole number, got {json.dumps(value)[:40]}")
+    if minimum is not None and value < minimum:
+        raise UserError(f"{where}: {name!r} is {value}; it must be at least {minimum}")
+    if limit is not None and value >= limit:
+        raise UserError(f"{where}: {name!r} is {value}; it must be below {limit}")
+    return value
+
+
+def number(value, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where}: {name!r} must be a number, got {json.dumps(value)[:40]}")
+    return float(value)
+
+
+def token_ids(value, name: str, where: str, allow_empty: bool = False) -> array:
+    if not isinstance(value, list):
+        raise UserError(f"{where}: {name!r} must be a list of token ids (whole numbers)")
+    for position, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise UserError(f"{where}: {name!r}[{position}] is {json.dumps(token)[:40]}; token ids are whole numbers")
+        if not 0 <= token < TOKEN_ID_LIMIT:
+            raise UserError(f"{where}: {name!r}[{position}] is {token}; token ids are >= 0 and inside the vocabulary")
+    if not value and not allow_empty:
+        raise UserError(f"{where}: {name!r} is empty; a prompt needs at least one token")
+    return array("i", value)
+
+
+def stop_strings(value, name: str, where: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise UserError(f"{where}: {name!r} must be a string or a list of strings")
+    if any(s == "" for s in items):
+        raise UserError(f"{where}: {name!r} holds an empty string, which would stop at once; remove it")
+    return tuple(items)
+
+
+def parse_settings(obj: dict, names: dict[str, str], where: str) -> GenSettings:
+    """GenSettings from the fields of `obj`; `names` maps a field name in the file to a
+    GenSettings field (several file names may map to one field: the first one present wins,
+    two present is an error). JSON null means "not set"."""
+    values: dict[str, object] = {}
+    source: dict[str, str] = {}
+    for name, target in names.items():
+        value = obj.get(name)
+        if value is None:
+            continue
+        if target in source:
+            raise UserError(f"{where}: both {source[target]!r} and {name!r} are set; keep one")
+        source[target] = name
+        if target == "max_new_tokens":
+            values[target] = whole(value, name, where, minimum=1)
+        elif target == "temperature":
+            temperature = number(value, name, where)
+            if temperature < 0:
+                raise UserError(f"{where}: {name!r} is {temperature:g}; it must be >= 0 (0 = greedy)")
+            values[target] = temperature
+        elif target == "top_p":
+            top_p = number(value, name, where)
+            if not 0 < top_p <= 1:
+                raise UserError(f"{where}: {name!r} is {top_p:g}; it must be in (0, 1] (1 = off)")
+            values[target] = top_p
+        elif target == "top_k":
+            top_k = whole(value, name, where, minimum=-1)
+            values[target] = max(top_k, 0)  # vLLM writes -1 for "off", as 0 is here
+        elif target == "seed":
+            values[target] = whole(value, name, where, minimum=0, limit=SEED_LIMIT)
+        elif target == "stop":
+            values[target] = stop_strings(value, name, where)
+        elif target == "stop_token_ids":
+            values[target] = tuple(token_ids(value, name, where, allow_empty=True))
+        else:
+            raise AssertionError(f"no check for setting {target!r}")
+    return GenSettings(**values) if values else NOT_SET

@@ -1,0 +1,66 @@
+"""Output lines: what a finished request becomes in `--output`.
+
+Native format (input lines with `prompt` / `input_ids`), one line per request:
+    {"id": <the input's id>, "output_ids": [...], "text": "...", "finish_reason": "stop" | "length",
+     "usage": {"prompt_tokens": P, "completion_tokens": C, "total_tokens": P + C}}
+`text` is there when the model has a tokenizer; `finish_reason` is "stop" when the sequence ended
+at EOS, a stop token id or a stop string, "length" when it reached max_new_tokens; `usage` counts
+the prompt after any chat template and truncation. OpenAI batch input gives OpenAI batch output
+(see openai_batch.py). Both carry the request's id, which `row_key` reads back for resume and merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .jobs import Request, id_key
+from .openai_batch import openai_output_row
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What the engine produced for one request (after stop strings were applied)."""
+
+    output_ids: Sequence[int]  # new tokens only
+    text: str | None  # decoded new text (None without a tokenizer), stop string removed
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int  # the prompt's length as generated from
+
+    def __post_init__(self) -> None:
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+        if self.prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens must be >= 1, got {self.prompt_tokens}")
+
+
+def output_row(request: Request, completion: Completion, *, model_name: str, created: int) -> dict:
+    """The output line for `request`. `model_name` fills OpenAI's `model` when the request did
+    not name one; `created` is OpenAI's Unix time (use ResumeLog.started_at: the same across a
+    resumed run, so an interrupted run's lines match an uninterrupted one's up to that stamp)."""
+    completion_tokens = len(completion.output_ids)
+    if request.format == "openai":
+        if completion.text is None:
+            raise ValueError(f"{request.where}: OpenAI batch output needs the decoded text (no tokenizer?)")
+        return openai_output_row(
+            request, output_text=completion.text, finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion_tokens,
+            model_name=model_name, created=created,
+        )
+    row: dict = {"id": request.id, "output_ids": [int(t) for t in completion.output_ids]}
+    if completion.text is not None:
+        row["text"] = completion.text
+    row["finish_reason"] = completion.finish_reason
+    row["usage"] = {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": completion.prompt_tokens + completion_tokens}
+    return row
+
+
+def row_key(row: dict) -> str:
+    """The request id an output line answers, in `id_key` form: OpenAI lines by `custom_id`
+    (their `id` is the response's), native lines by `id`. KeyError when the line has neither."""
+    if "custom_id" in row:
+        return id_key(row["custom_id"])
+    return id_key(row["id"])

@@ -1,0 +1,337 @@
+"""Resumable output: results are appended to a progress file as blocks finish, and a rerun of the
+same command after a crash (SIGKILL at any moment) skips what is finished.
+
+Files, for `--output OUT`:
+- `OUT.partial`: finished output lines, in the order they finished. Every `append` writes whole
+  lines and fsyncs once; a crash can only leave a torn last line, which the next open drops
+  (truncating the file back to the last complete line).
+- `OUT.run.json`: the run's identity (model, input file content, generation settings, shard,
+  output format) and start time. A rerun with another identity is refused; `--overwrite` starts over.
+- `OUT` itself appears only at the end, whole (`finish`: input order, each id once, temp file +
+  fsync + rename), then the two progress files are removed (the progress file first).
+
+States found at open (without --overwrite): nothing -> a fresh run; record + progress -> resume;
+record without progress while OUT exists -> the earlier run was killed after its rename: OUT is
+complete, the record is removed, every id counts as finished and `finish` only checks the ids; OUT without a record -> a file this run did not make:
+refused; progress with results but no record -> refused (which run made them?).
+A lock (flock) on the progress file refuses a second process writing the same output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence, TextIO
+
+from ..errors import UserError
+from .outpath import (STDOUT, atomic_output, check_output_path, fsync_folder, open_nofollow,
+                      remove_stale_temps, write_all)
+from .output_rows import row_key
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, the rest works
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+
+
+def progress_paths(output: str | os.PathLike) -> tuple[Path, Path]:
+    """(progress file, run record) of an output file."""
+    output = os.fspath(output)
+    return Path(output + ".partial"), Path(output + ".run.json")
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What must be the same for a rerun to continue a run instead of mixing two runs' results."""
+
+    model: str  # the caller's fingerprint of the model and anything that changes its outputs
+    input_sha256: str  # JobFile.sha256
+    settings: Mapping[str, object]  # run-level generation settings, JSON-able
+    shard: str = "0/1"
+    output_format: str = "native"
+
+    def record(self) -> dict:
+        return {"version": RECORD_VERSION, "model": self.model, "input_sha256": self.input_sha256,
+                "settings": json.loads(json.dumps(dict(self.settings), sort_keys=True)),
+                "shard": self.shard, "output_format": self.output_format}
+
+    def differences(self, recorded: dict) -> list[str]:
+        """What differs from a recorded identity, in words, with the values where they are short."""
+        now = self.record()
+        found = []
+        if recorded.get("model") != now["model"]:
+            found.append("the model differs")
+        if recorded.get("input_sha256") != now["input_sha256"]:
+            found.append("the input file's content differs")
+        old_settings = recorded.get("settings") or {}
+        changed = [f"{name}: {json.dumps(old_settings.get(name))} -> {json.dumps(now['settings'].get(name))}"
+                   for name in sorted(set(old_settings) | set(now["settings"]))
+                   if old_settings.get(name) != now["settings"].get(name)]
+        if changed:
+            found.append(f"generation settings differ ({', '.join(changed)})")
+        for name, words in (("shard", "the shard"), ("output_format", "the output format")):
+            if recorded.get(name) != now[name]:
+                found.append(f"{words} differs ({recorded.get(name)} -> {now[name]})")
+        return found
+
+
+class ResumeLog:
+    """The progress of one output file. Build with `open_for_resume`."""
+
+    def __init__(self, output: Path, fd: int, index: dict[str, tuple[int, int]], size: int,
+                 started_at: int, complete_order: list[str] | None) -> None:
+        self.output = output
+        self._partial, self._record = progress_paths(output)
+        self._fd = fd
+        self._index = index  # id key -> (offset, length) of its line in the progress file
+        self._size = size
+        self.started_at = started_at  # Unix time the run first started (OpenAI's `created`)
+        self._complete_order = complete_order  # set when OUT was already complete at open
+
+    @property
+    def finished(self):
+        """Id keys (Request.key) with a result; a live view: `key in log.finished`."""
+        return self._index.keys()
+
+    @property
+    def complete(self) -> bool:
+        return self._complete_order is not None
+
+    def append(self, rows: Sequence[dict]) -> None:
+        """Append finished output lines (one call per block): whole lines, one fsync."""
+        self._check_open()
+        chunks, keys = [], []
+        for row in rows:
+            key = row_key(row)
+            if key in self._index or key in keys:
+                raise ValueError(f"id {key} already has a result in {self._partial}; each id is written once")
+            chunks.append((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+            keys.append(key)
+        data = b"".join(chunks)
+        try:
+            write_all(self._fd, data)
+            os.fsync(self._fd)
+        except OSError as exc:
+            try:  # no torn line left behind for a resume in this same process
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            raise OSError(exc.errno, f"cannot append results to {self._partial}: {exc.strerror}; "
+                                     f"finished results are kept: fix this and rerun the same command to resume") from exc
+        offset = self._size
+        for key, chunk in zip(keys, chunks):
+            self._index[key] = (offset, len(chunk))
+            offset += len(chunk)
+        self._size = offset
+
+    def finish(self, order: Iterable[str]) -> None:
+        """Write the output in `order` (id keys of every request of this run, input order), each
+        id exactly once, atomically; then remove the progress files."""
+        self._check_open()
+        if self._complete_order is not None:
+            if list(order) != self._complete_order:
+                raise UserError(f"--output {str(self.output)!r} holds other ids than this run's input; "
+                                f"pass --overwrite to start over")
+        else:
+            seen: set[str] = set()
+            with atomic_output(self.output) as f:
+                for key in order:
+                    if key in seen:
+                        raise ValueError(f"id {key} appears twice in the order given to finish()")
+                    seen.add(key)
+                    where = self._index.get(key)
+                    if where is None:
+                        raise ValueError(f"cannot finish {self.output}: id {key} has no result yet")
+                    offset, length = where
+                    f.write(os.pread(self._fd, length, offset))
+                extra = [key for key in self._index if key not in seen]
+                if extra:
+                    raise ValueError(f"cannot finish {self.output}: {len(extra)} results are for ids not in "
+                                     f"the order given (first: {extra[0]})")
+        # The progress file goes first: a record without a progress file then means "complete".
+        self._partial.unlink(missing_ok=True)
+        fsync_folder(self.output.absolute().parent)
+        self._record.unlink(missing_ok=True)
+        self.close()
+
+    def close(self) -> None:
+        """Release the lock; the progress files stay for a later resume."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise ValueError(f"the progress log of {self.output} is closed")
+
+    def __enter__(self) -> "ResumeLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class StdoutLog:
+    """`--output -`: the same calls, lines kept in memory and printed in input order at the end.
+    Nothing survives a crash, so there is nothing to resume."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: dict[str, str] = {}
+        self.started_at = int(time.time())
+        self.complete = False
+
+    @property
+    def finished(self):
+        return self._lines.keys()
+
+    def append(self, rows: Sequence[dict]) -> None:
+        for row in rows:
+            key = row_key(row)
+            if key in self._lines:
+                raise ValueError(f"id {key} already has a result; each id is written once")
+            self._lines[key] = json.dumps(row, ensure_ascii=False) + "\n"
+
+    def finish(self, order: Iterable[str]) -> None:
+        order = list(order)
+        if sorted(order) != sorted(self._lines):
+            raise ValueError("finish(): the order does not name every result exactly once")
+        for key in order:
+            self._stream.write(self._lines[key])
+        self._stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, overwrite: bool = False,
+                    input_path: str | os.PathLike | None = None, stream: TextIO | None = None) -> ResumeLog | StdoutLog:
+    """Open the output of a run: check the path, take the lock, and find what is finished.
+    Call before the model loads (it refuses bad paths and mismatched runs at once)."""
+    output = os.fspath(output_path)
+    if output == STDOUT:
+        log.warning("--output -: results are printed when the run ends; an interrupted run cannot resume "
+                    "(give a file to --output to make it resumable)")
+        return StdoutLog(stream or sys.stdout)
+    out = Path(output)
+    partial, record_path = progress_paths(out)
+    check_output_path(output, input_path=input_path, companions=(str(partial), str(record_path)))
+    try:
+        fd, created = open_nofollow(partial, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL), True
+    except FileExistsError:
+        fd, created = open_nofollow(partial, os.O_RDWR | os.O_APPEND), False
+    try:
+        _lock(fd, output, partial)
+        remove_stale_temps(out)
+        recorded = None if overwrite else _read_record(record_path)
+        if recorded is None:
+            if not overwrite and out.exists():
+                raise UserError(f"--output {output!r} already exists and no unfinished run of it is recorded; "
+                                f"pass --overwrite to replace it, or choose another file")
+            if not overwrite and os.fstat(fd).st_size > 0:
+                raise UserError(f"{str(partial)!r} holds results but {str(record_path)!r} (which run made them) is "
+                                f"missing; pass --overwrite to start over")
+            os.ftruncate(fd, 0)  # before the new record: old results never pass for the new run's
+            os.fsync(fd)
+            started_at = int(time.time())
+            with atomic_output(record_path) as f:
+                f.write((json.dumps({**identity.record(), "started_at": started_at}, indent=1) + "\n").encode())
+            return ResumeLog(out, fd, {}, 0, started_at, None)
+        differences = identity.differences(recorded)
+        if differences:
+            raise UserError(f"cannot resume {output!r}: {'; '.join(differences)} from the unfinished run recorded in "
+                            f"{str(record_path)!r}; rerun with the same settings to resume, or pass --overwrite to start over")
+        started_at = int(recorded.get("started_at", 0))
+        if created and out.exists():
+            # Killed between finish()'s removals: OUT is whole. Tidy up now, so that the state is
+            # that of any finished run whether or not this one gets to call finish().
+            keys = _keys_of_output(out)
+            partial.unlink()
+            record_path.unlink()
+            fsync_folder(out.absolute().parent)
+            log.info("%s is complete (%d results); nothing to resume", output, len(keys))
+            return ResumeLog(out, fd, dict.fromkeys(keys, (0, 0)), 0, started_at, keys)
+        index, size = _repair(fd, partial)
+        log.info("resuming %s: %d results already finished", output, len(index))
+        return ResumeLog(out, fd, index, size, started_at, None)
+    except BaseException:
+        os.close(fd)
+        if created:
+            partial.unlink(missing_ok=True)
+        raise
+
+
+def _lock(fd: int, output: str, partial: Path) -> None:
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"another process is writing --output {output!r} (its progress file {str(partial)!r} is "
+                        f"locked); wait for it to end, or choose another --output") from None
+    except OSError as exc:  # some network file systems have no locks
+        log.warning("cannot lock %s (%s); make sure one process alone writes %s", partial, exc.strerror, output)
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        fd = open_nofollow(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    try:
+        record = json.loads(data)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+        raise UserError(f"{str(path)!r} is not a run record this version can read; pass --overwrite to start over")
+    return record
+
+
+def _repair(fd: int, partial: Path) -> tuple[dict[str, tuple[int, int]], int]:
+    """Index the progress file's complete lines and truncate what follows the last good one: a
+    torn last line (killed mid-write), or anything after a line that does not parse."""
+    index: dict[str, tuple[int, int]] = {}
+    offset = 0
+    damaged = False
+    with open(os.dup(fd), "rb") as f:
+        f.seek(0)
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                key = row_key(json.loads(raw))
+            except (ValueError, KeyError, TypeError):
+                damaged = True
+                break
+            index.setdefault(key, (offset, len(raw)))
+            offset += len(raw)
+    size = os.fstat(fd).st_size
+    if offset < size:
+        report = log.warning if damaged else log.info
+        report("%s: dropping %d bytes after the last complete result (%s); they are computed again",
+               partial, size - offset, "a damaged line" if damaged else "a line cut by a crash")
+        os.ftruncate(fd, offset)
+        os.fsync(fd)
+    return index, offset
+
+
+def _keys_of_output(out: Path) -> list[str]:
+    keys = []
+    with open(out, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                keys.append(row_key(json.loads(raw)))
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{out}:{line_no}: not a result line of this program; pass --overwrite to start over") from None
+    return keys
