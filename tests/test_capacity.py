@@ -18,7 +18,7 @@ SPEC = ModelSpec.from_config(dict(model_type="opt", hidden_size=768, num_attenti
 
 def builder(units=None, block=(4, 2)):
     units = units or model_units(SPEC)
-    dtypes = Dtypes(compute="float32", storage="float16", cache="float32")
+    dtypes = Dtypes(compute="float32", storage="float16")
     buffers = Buffers(separate_gpu=False, prefetch_depth=1)
 
     def build(policy):

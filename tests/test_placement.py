@@ -102,7 +102,7 @@ def _spec():
 def test_attention_in_place_where_the_cache_is_readable(separate_gpu):
     spec = _spec()
     units = model_units(spec)
-    dtypes = Dtypes("float32", "float16", "float32")
+    dtypes = Dtypes("float32", "float16")
 
     def plan(policy):
         return plan_placement(spec, units, policy, dtypes=dtypes, workload=Workload(8, 4),
@@ -121,9 +121,9 @@ def test_placement_counts_each_block_in_flight_and_every_batch():
     spec = _spec()
     units = model_units(spec)
     policy = Policy(gpu_batch_size=3, num_gpu_batches=2)
-    one = plan_placement(spec, units, policy, dtypes=Dtypes("float32", "float32", "float32"),
+    one = plan_placement(spec, units, policy, dtypes=Dtypes("float32", "float32"),
                          workload=Workload(10, 6), buffers=Buffers(separate_gpu=False))
-    two = plan_placement(spec, units, policy, dtypes=Dtypes("float32", "float32", "float32"),
+    two = plan_placement(spec, units, policy, dtypes=Dtypes("float32", "float32"),
                          workload=Workload(10, 6), buffers=Buffers(separate_gpu=False, num_ranks=2))
     per_block = spec.num_layers * 2 * 2 * 16 * 3 * spec.kv_dim * 4  # layers x batches x (k, v) x seq x batch x kv_dim x fp32
     assert one.cache_bytes()[Tier.GPU] == per_block

@@ -27,11 +27,33 @@ def test_invalid_policy_is_refused_with_what_to_change(kwargs, fragment):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("attn_sparsity", 0.5), ("compress_weight", True), ("compress_cache", True)],
+    [("attn_sparsity", 0.5), ("compress_weight", True), ("compress_cache", True), ("cache_dtype", "float16")],
 )
-def test_unimplemented_fields_raise_not_supported_instead_of_being_ignored(field, value):
-    with pytest.raises(NotSupportedYet, match="not supported yet"):
-        Policy(**{field: value})
+def test_unimplemented_fields_raise_not_supported_instead_of_being_ignored(llama_dir, field, value):
+    from flexgen_dist import LLM
+
+    with pytest.raises(NotSupportedYet, match="not .*yet"):
+        LLM(llama_dir, policy=Policy(**{field: value}))
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"attn_sparsity": 0}, "attn_sparsity must be in"),
+        ({"attn_sparsity": 1.5}, "attn_sparsity must be in"),
+        ({"cache_dtype": "int8"}, "cache_dtype 'int8' is unknown"),
+    ],
+)
+def test_compression_and_cache_fields_are_validated(kwargs, fragment):
+    with pytest.raises(UserError, match=fragment):
+        Policy(**kwargs)
+
+
+def test_compression_bits_3_says_why():
+    from flexgen_dist.planning.compression import CompressionConfig
+
+    with pytest.raises(UserError, match="only 4 and 8 pack whole values into bytes"):
+        Policy(compression=CompressionConfig(bits=3))
 
 
 def test_policy_is_frozen():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flexgen_dist.planning.placement import READ_ALIGN, Tier
+from flexgen_dist.planning.placement import READ_ALIGN, Tier, pack
 from flexgen_dist.storage.slots import SlotPool
 from flexgen_dist.storage.tiers import DiskIO, DiskReader, DiskTensor, MemoryTensor, copy, to_compute
 
@@ -75,9 +75,14 @@ def test_short_writes_are_completed_not_ignored(tmp_path, monkeypatch):
 
 
 def test_slot_pool_lends_a_fixed_number_of_slots():
-    pool = SlotPool(2, 16, torch.float32, torch.device("cpu"))
+    pieces, nbytes = pack([("w", "value", (2, 3), "float32"), ("w", "data", (5,), "uint8"), ("b", "value", (4,), "float16")])
+    assert [p.offset for p in pieces] == [0, 256, 512] and nbytes == 768  # each piece on a 256-byte boundary
+    pool = SlotPool(2, nbytes, torch.device("cpu"))
     a, b = pool.take(), pool.take()
     assert a.index != b.index and pool.num_free == 0
     pool.give(a)
     c = pool.take()
-    assert c is a and c.view(4, (2, 3)).data_ptr() == a.data.data_ptr() + 4 * 4
+    assert c is a
+    view = c.view(pieces[2])
+    assert view.dtype == torch.float16 and view.shape == (4,) and view.data_ptr() == a.data.data_ptr() + 512
+    assert c.view(pieces[0], rows=1).shape == (1, 3)

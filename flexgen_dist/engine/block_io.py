@@ -74,7 +74,7 @@ class BlockIO:
         self.placement = placement
         self.device = device
         self.dtype = torch_dtype(placement.dtypes.compute)
-        self.cache_dtype = torch_dtype(placement.dtypes.cache)
+        self.cache_dtype = torch_dtype(placement.cache_dtype)
         self.offload_dir = offload_dir
         self.reader = reader
         self.rank = rank
@@ -162,13 +162,11 @@ class BlockIO:
     def _take_scratch(self, block: Block) -> KVLease:
         if self.scratch is None:
             pair = self.placement.buffer("kv scratch")
-            itemsize = torch.empty((), dtype=self.dtype).element_size()
-            self.scratch = SlotPool(pair.count, pair.nbytes_each // itemsize, self.dtype, self.device)
+            self.scratch = SlotPool(pair.count, pair.nbytes_each, self.device)
         slot = self.scratch.take()
-        S = block.prompt_len + block.max_new_tokens
-        shape = (S, self.placement.policy.gpu_batch_size, self.spec.num_kv_heads, self.spec.head_dim)
-        numel = self.scratch.numel // 2
-        return KVLease(KVBuffers(slot.view(0, shape), slot.view(numel, shape), self.device), slot)
+        rows = block.prompt_len + block.max_new_tokens
+        k, v = self.placement.scratch_layout(self.placement.workload.seq_len)[:2]
+        return KVLease(KVBuffers(slot.view(k, rows), slot.view(v, rows), self.device), slot)
 
     def release(self, lease: KVLease) -> None:
         """Give back a lease that no compute will use (a block dropped before its step)."""

@@ -109,6 +109,9 @@ class LLM:
         def build(p: Policy) -> Placement:
             return plan_placement(self.spec, self.units, p, dtypes=dtypes, workload=workload, buffers=buffers)
 
+        if policy.compress_cache or policy.attn_sparsity < 1 or (policy.cache_dtype not in (None, dtypes.compute)):
+            raise NotSupportedYet("cache compression, a cache dtype other than the compute dtype and sparse "
+                                  "attention are not wired into the engine yet")
         if capacity is not None:
             policy = fit_policy(policy, capacity, build)
             log.info("fitted to gpu %s, cpu %s: weights %g/%g %%, cache %g/%g %% on gpu/cpu",

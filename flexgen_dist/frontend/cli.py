@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Callable
 
-from ..errors import UserError
+from ..errors import EnvironmentFailure, UserError
 from ..parallel.comm import PeerError
 from ..parallel.context import DistContext
 from ..parallel.context import setup_logging as dist_setup_logging
@@ -107,14 +107,15 @@ def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: W
 
 def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0) -> int:
     """Run a command's body: a user's mistake becomes one line on stderr and exit code 2 (printed
-    by rank 0 only: every rank sees the same input); a dead or hung peer, exit code 1."""
+    by rank 0 only: every rank sees the same input); a failure of the environment (a dead or hung
+    peer, a full disk), one line and exit code 1."""
     try:
         return main()
     except UserError as exc:
         if rank_of() == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    except PeerError as exc:
+    except (PeerError, EnvironmentFailure) as exc:
         logging.getLogger("flexgen_dist").error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -68,7 +68,7 @@ class Runtime:
             compute = "bfloat16"
         else:
             compute = "float16"
-        return Dtypes(compute=compute, storage=storage, cache=compute)
+        return Dtypes(compute=compute, storage=storage)
 
     def workload_for(self, spec: ModelSpec) -> Workload:
         return self.workload or Workload(prompt_len=spec.max_positions, gen_len=0)

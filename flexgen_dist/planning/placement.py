@@ -23,13 +23,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .compression import CompressionConfig, compressed_nbytes, compressed_row_bytes, compressed_shapes
 from .layout import Unit
 from .policy import Policy
 from .spec import ModelSpec
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1}
 READ_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to this
-SLOT_ALIGN_ELEMENTS = 64  # each tensor in a weight slot starts on a multiple of this many elements
+SLOT_ALIGN = 256  # bytes: every piece of a slot starts on a multiple of this
 
 
 class Tier(enum.Enum):
@@ -65,20 +66,39 @@ def choose_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list
     return tiers
 
 
-def slot_offsets(numels: list[int]) -> tuple[list[int], int]:
-    """Element offsets of tensors packed into one flat weight slot, and the slot's length."""
-    offsets, end = [], 0
-    for numel in numels:
-        offsets.append(end)
-        end += -(-numel // SLOT_ALIGN_ELEMENTS) * SLOT_ALIGN_ELEMENTS
-    return offsets, end
+@dataclass(frozen=True)
+class SlotPiece:
+    """A tensor view carved out of a flat byte slot."""
+
+    name: str  # the weight's name (or "k" / "v" in a KV scratch pair)
+    part: str  # "value" (in the compute dtype, what layers read), or a compressed part: "data", "scale", "mins"
+    offset: int  # bytes from the slot's start
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _compressed_parts(name: str, shape: tuple[int, ...], config: CompressionConfig) -> list[tuple[str, str, tuple[int, ...], str]]:
+    shapes = compressed_shapes(shape, config)
+    return [(name, "data", shapes.data, "uint8"), (name, "scale", shapes.stats, "float16"), (name, "mins", shapes.stats, "float16")]
+
+
+def pack(pieces: list[tuple[str, str, tuple[int, ...], str]]) -> tuple[tuple[SlotPiece, ...], int]:
+    """Lay pieces (name, part, shape, dtype) out one after another, each start aligned; returns the
+    pieces with their offsets and the slot's length in bytes."""
+    out, end = [], 0
+    for name, part, shape, dtype in pieces:
+        out.append(SlotPiece(name, part, end, tuple(shape), dtype))
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        end += -(-numel * dtype_bytes(dtype) // SLOT_ALIGN) * SLOT_ALIGN
+    return tuple(out), end
 
 
 @dataclass(frozen=True)
 class Dtypes:
     compute: str  # what layers compute in: float32 on a CPU, float16/bfloat16 on a GPU
     storage: str  # host and disk copies of weights (the checkpoint's dtype by default)
-    cache: str  # the KV cache
 
 
 @dataclass(frozen=True)
@@ -107,14 +127,22 @@ class Buffers:
 class WeightPlace:
     layer_idx: int
     name: str
-    numel: int
+    shape: tuple[int, ...]
     tier: Tier
     nbytes: int  # on its tier
+    compressed: bool = False  # stored as quantized groups (data, scale, mins)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
 
     @property
     def resident(self) -> bool:
         """On the compute device in the compute dtype: used where it is, never copied."""
-        return self.tier is Tier.GPU
+        return self.tier is Tier.GPU and not self.compressed
 
 
 @dataclass(frozen=True)
@@ -127,6 +155,7 @@ class CachePlace:
     v_tier: Tier
     nbytes: int  # of keys, and again of values
     in_place: bool  # decode attention reads it where it lives (else from a scratch pair)
+    compressed: bool = False  # quantized groups along the head dimension
 
 
 @dataclass(frozen=True)
@@ -156,6 +185,7 @@ class Placement:
     workload: Workload
     buffers: Buffers
     weights: dict[int, tuple[WeightPlace, ...]]  # schedule layer -> its tensors, in unit order
+    slot_layouts: dict[int, tuple[SlotPiece, ...]]  # schedule layer -> where its loaded tensors go in a slot
     caches: dict[tuple[int, int], CachePlace]  # (layer, batch) -> one block's cache
     acts: tuple[ActPlace, ...]  # per GPU batch of one block
     working: tuple[BufferPlace, ...]
@@ -165,6 +195,26 @@ class Placement:
     @property
     def blocks_in_flight(self) -> int:
         return self.buffers.num_ranks
+
+    @property
+    def cache_dtype(self) -> str:
+        """The dtype of an uncompressed KV cache."""
+        return self.policy.cache_dtype or self.dtypes.compute
+
+    def cache_shape(self, seq_len: int) -> tuple[int, int, int, int]:
+        """One (layer, batch) cache tensor: (seq, batch, kv heads, head dim)."""
+        return (seq_len, self.policy.gpu_batch_size, self.spec.num_kv_heads, self.spec.head_dim)
+
+    def scratch_layout(self, seq_len: int) -> tuple[SlotPiece, ...]:
+        """A KV scratch pair: keys and values in the compute dtype, and staging for compressed
+        caches that are not in device memory (read there first, then dequantized)."""
+        shape = self.cache_shape(seq_len)
+        pieces = [("k", "value", shape, self.dtypes.compute), ("v", "value", shape, self.dtypes.compute)]
+        if self.policy.compress_cache and any(_staged(c.k_tier, self.buffers) or _staged(c.v_tier, self.buffers)
+                                              for c in self.caches.values() if not c.in_place):
+            pieces += _compressed_parts("k", shape, self.policy.compression)
+            pieces += _compressed_parts("v", shape, self.policy.compression)
+        return pack(pieces)[0]
 
     def buffer(self, name: str) -> BufferPlace:
         for buf in self.working:
@@ -219,17 +269,29 @@ class Placement:
 def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, workload: Workload, buffers: Buffers) -> Placement:
     """The placement of a rank holding `units` of the model `spec` (see the module docstring)."""
     units = tuple(units)
-    compute, storage, cache = (dtype_bytes(d) for d in (dtypes.compute, dtypes.storage, dtypes.cache))
+    compute, storage = dtype_bytes(dtypes.compute), dtype_bytes(dtypes.storage)
+    config = policy.compression
     weights: dict[int, tuple[WeightPlace, ...]] = {}
+    layouts: dict[int, tuple[SlotPiece, ...]] = {}
     for unit in units:
         tiers = choose_tiers([ws.numel for ws in unit.weights], policy.percents("w"))
-        weights[unit.layer_idx] = tuple(
-            WeightPlace(unit.layer_idx, ws.name, ws.numel, tier, ws.numel * (compute if tier is Tier.GPU else storage))
-            for ws, tier in zip(unit.weights, tiers)
-        )
+        places = []
+        for ws, tier in zip(unit.weights, tiers):
+            compressed = policy.compress_weight and len(ws.shape) >= 2  # biases and norms stay as they are
+            if compressed:
+                nbytes = compressed_nbytes(ws.shape, config)
+            else:
+                nbytes = ws.numel * (compute if tier is Tier.GPU else storage)
+            places.append(WeightPlace(unit.layer_idx, ws.name, ws.shape, tier, nbytes, compressed))
+        weights[unit.layer_idx] = tuple(places)
+        layouts[unit.layer_idx] = _weight_slot_layout(places, dtypes, config, buffers)
     spec_dims = _Dims.of(spec)
     gbs, num_batches = policy.gpu_batch_size, policy.num_gpu_batches
-    cache_each = workload.seq_len * gbs * spec_dims.kv_dim * cache
+    cache_shape = (workload.seq_len, gbs, spec.num_kv_heads, spec.head_dim)
+    if policy.compress_cache:
+        cache_each = compressed_nbytes(cache_shape, config)
+    else:
+        cache_each = workload.seq_len * gbs * spec_dims.kv_dim * dtype_bytes(policy.cache_dtype or dtypes.compute)
     cache_tiers = choose_tiers([1] * (2 * num_batches), policy.percents("cache"))
     caches = {}
     for unit in units:
@@ -239,21 +301,47 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
             k_tier, v_tier = cache_tiers[2 * batch_idx], cache_tiers[2 * batch_idx + 1]
             caches[(unit.layer_idx, batch_idx)] = CachePlace(
                 unit.layer_idx, batch_idx, k_tier, v_tier, cache_each,
-                in_place=_attends_in_place(k_tier, v_tier, policy, buffers, dtypes),
+                in_place=_attends_in_place(k_tier, v_tier, policy, buffers), compressed=policy.compress_cache,
             )
     act_each = gbs * workload.prompt_len * spec_dims.hidden * compute
     acts = tuple(
         ActPlace(batch_idx, tier, act_each)
         for batch_idx, tier in enumerate(choose_tiers([1] * num_batches, policy.percents("act")))
     )
-    placement = Placement(policy, dtypes, workload, buffers, weights, caches, acts, (), spec, units)
+    placement = Placement(policy, dtypes, workload, buffers, weights, layouts, caches, acts, (), spec, units)
     working = _working_buffers(placement, spec_dims, compute)
-    return Placement(policy, dtypes, workload, buffers, weights, caches, acts, working, spec, units)
+    return Placement(policy, dtypes, workload, buffers, weights, layouts, caches, acts, working, spec, units)
 
 
-def _attends_in_place(k_tier: Tier, v_tier: Tier, policy: Policy, buffers: Buffers, dtypes: Dtypes) -> bool:
-    if dtypes.cache != dtypes.compute:
-        return False
+def _staged(tier: Tier, buffers: Buffers) -> bool:
+    """Compressed bytes on this tier must first be brought into device memory to be dequantized."""
+    return tier is Tier.DISK or (tier is Tier.CPU and buffers.separate_gpu)
+
+
+def _weight_slot_layout(places, dtypes: Dtypes, config: CompressionConfig, buffers: Buffers) -> tuple[SlotPiece, ...]:
+    """Where a layer's loaded weights go in a slot: every non-resident weight in the compute
+    dtype, preceded by staging for the compressed bytes of those not already in device memory."""
+    pieces = []
+    for w in places:
+        if w.compressed and _staged(w.tier, buffers):
+            pieces += _compressed_parts(w.name, w.shape, config)
+    for w in places:
+        if not w.resident:
+            pieces.append((w.name, "value", w.shape, dtypes.compute))
+    return pack(pieces)[0]
+
+
+def _slot_bytes(layout: tuple[SlotPiece, ...]) -> int:
+    if not layout:
+        return 0
+    last = layout[-1]
+    return pack([(last.name, last.part, last.shape, last.dtype)])[1] + last.offset
+
+
+def _attends_in_place(k_tier: Tier, v_tier: Tier, policy: Policy, buffers: Buffers) -> bool:
+    """Decode attention reads the cache where it lives: device memory (both tiers on a machine
+    without a GPU), or host memory with CPU attention. A 16-bit or compressed cache is converted
+    piece by piece as attention reads it, never copied whole."""
     on_device = {Tier.GPU} if buffers.separate_gpu else {Tier.GPU, Tier.CPU}
     if k_tier in on_device and v_tier in on_device:
         return True
@@ -279,14 +367,11 @@ def _working_buffers(p: Placement, dims: _Dims, compute: int) -> tuple[BufferPla
     b, policy, w = p.buffers, p.policy, p.workload
     device_tier = Tier.GPU
     out = []
-    slot_elems = max(
-        (slot_offsets([x.numel for x in places if not x.resident])[1] for places in p.weights.values()), default=0
-    )
-    if slot_elems:
-        out.append(BufferPlace("weight slots", device_tier, b.prefetch_depth + 1, slot_elems * compute))
+    slot_bytes = max((_slot_bytes(layout) for layout in p.slot_layouts.values()), default=0)
+    if slot_bytes:
+        out.append(BufferPlace("weight slots", device_tier, b.prefetch_depth + 1, slot_bytes))
     if any(not c.in_place for c in p.caches.values()):
-        pair = 2 * w.seq_len * policy.gpu_batch_size * dims.kv_dim * compute
-        out.append(BufferPlace("kv scratch", device_tier, 2, pair))
+        out.append(BufferPlace("kv scratch", device_tier, 2, _slot_bytes(p.scratch_layout(w.seq_len))))
     host = Tier.CPU if b.separate_gpu else Tier.GPU  # without a GPU, the gpu tier is the host memory it runs in
     if p.has_disk():
         out.append(BufferPlace("read buffers", host, max(1, b.io_threads), _read_buffer_bytes(p, dims)))
@@ -301,19 +386,29 @@ def _working_buffers(p: Placement, dims: _Dims, compute: int) -> tuple[BufferPla
 
 def _read_buffer_bytes(p: Placement, dims: _Dims) -> int:
     """One read: a chunk of whole rows (at least one row, at most the largest disk tensor), plus
-    O_DIRECT's alignment slack."""
-    storage, cache, compute = (dtype_bytes(d) for d in (p.dtypes.storage, p.dtypes.cache, p.dtypes.compute))
-    tensors = []  # (bytes of a row, bytes of the tensor) of every disk tensor
-    for unit in p.units:
-        for ws, place in zip(unit.weights, p.weights[unit.layer_idx]):
+    O_DIRECT's alignment slack. A compressed tensor is three files (data, scale, mins)."""
+    storage, compute = dtype_bytes(p.dtypes.storage), dtype_bytes(p.dtypes.compute)
+    config = p.policy.compression
+    tensors = []  # (bytes of a row, bytes of the tensor) of every disk file
+
+    def add(shape: tuple[int, ...], compressed: bool, itemsize: int) -> None:
+        if compressed:
+            rows = compressed_row_bytes(shape, config)
+            tensors.extend((part, part * shape[0]) for part in (rows.data, rows.scale))
+        else:
+            row = itemsize
+            for dim in shape[1:]:
+                row *= dim
+            tensors.append((row, row * shape[0]))
+
+    for places in p.weights.values():
+        for place in places:
             if place.tier is Tier.DISK:
-                row = ws.numel // ws.shape[0] * storage
-                tensors.append((row, ws.numel * storage))
-    gbs = p.policy.gpu_batch_size
+                add(place.shape, place.compressed, storage)
     if p.cache_bytes()[Tier.DISK]:
-        tensors.append((gbs * dims.kv_dim * cache, p.workload.seq_len * gbs * dims.kv_dim * cache))
+        add(p.cache_shape(p.workload.seq_len), p.policy.compress_cache, dtype_bytes(p.cache_dtype))
     if p.act_bytes()[Tier.DISK]:
-        tensors.append((gbs * dims.hidden * compute, p.workload.prompt_len * gbs * dims.hidden * compute))
+        add((p.workload.prompt_len, p.policy.gpu_batch_size, dims.hidden), False, compute)
     need = max(min(total, max(row, p.buffers.chunk_bytes)) for row, total in tensors)
     return need + 2 * READ_ALIGN
 

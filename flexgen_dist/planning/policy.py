@@ -10,7 +10,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..errors import NotSupportedYet, UserError
+from ..errors import UserError
+from .compression import CompressionConfig
+
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -37,11 +41,19 @@ class Policy:
     cpu_cache_compute: bool = False
     """Run decode attention on the CPU over the host-memory part of the KV cache, in place."""
     attn_sparsity: float = 1.0
-    """Fraction of attention kept (1.0 = dense; sparse attention is not supported yet)."""
+    """Fraction of each head's attention positions whose values are loaded and used in decoding
+    (1.0 = dense; 0.1 = the top 10 %, the paper's 4-bit-S setting)."""
     compress_weight: bool = False
-    """Store weights as 4-bit groups (not supported yet)."""
+    """Store 2-D weights as groups of `compression.bits`-bit values on every tier, dequantized on
+    the compute device once per layer per block (biases and norms stay as they are)."""
     compress_cache: bool = False
-    """Store the KV cache as 4-bit groups (not supported yet)."""
+    """Store the KV cache as groups of `compression.bits`-bit values (quantized on store)."""
+    compression: CompressionConfig = CompressionConfig()
+    """Bits and group size of weight and cache compression (groups along the last dimension:
+    a weight's input dimension, the cache's head dimension)."""
+    cache_dtype: str | None = None
+    """Storage dtype of an uncompressed KV cache (None: the compute dtype, which keeps greedy
+    output equal to transformers); 16 bits halve cache I/O, converted for attention."""
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -61,12 +73,13 @@ class Policy:
                     f"policy: {kind}_gpu_percent + {kind}_cpu_percent = {gpu + cpu:g} is over 100; "
                     "lower one of them (the disk takes the rest)"
                 )
-        if self.attn_sparsity != 1.0:
-            raise NotSupportedYet("policy: attn_sparsity < 1 is not supported yet; use 1.0 (dense)")
-        if self.compress_weight:
-            raise NotSupportedYet("policy: compress_weight=True is not supported yet; leave it False")
-        if self.compress_cache:
-            raise NotSupportedYet("policy: compress_cache=True is not supported yet; leave it False")
+        sparsity = self.attn_sparsity
+        if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 < sparsity <= 1:
+            raise UserError(f"policy: attn_sparsity must be in (0, 1] (1 = dense, 0.1 = top 10 %), got {sparsity!r}")
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            raise UserError(f"policy: cache_dtype {self.cache_dtype!r} is unknown; use one of {', '.join(CACHE_DTYPES)}")
+        if not isinstance(self.compression, CompressionConfig) or self.compression.group_dim != -1:
+            raise UserError("policy: compression must be a CompressionConfig grouping along the last dimension (-1)")
 
     @property
     def block_size(self) -> int:

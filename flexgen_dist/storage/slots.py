@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..planning.placement import SlotPiece
+
 
 class StreamOrder:
     """Events between the stream that last used a slot and the stream that reuses it."""
@@ -39,24 +41,31 @@ class StreamOrder:
             torch.cuda.current_stream().wait_event(event)
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
+
+
 @dataclass
 class Slot:
     index: int
-    data: torch.Tensor  # flat, `numel` elements
+    data: torch.Tensor  # flat bytes (uint8)
     released: object = None  # the event recorded when it was last given back
 
-    def view(self, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def view(self, piece: SlotPiece, rows: int | None = None) -> torch.Tensor:
+        """The piece's tensor (its first `rows` rows when given: a shorter sequence)."""
+        shape = piece.shape if rows is None else (rows, *piece.shape[1:])
+        dtype = _DTYPES[piece.dtype]
         numel = 1
         for dim in shape:
             numel *= dim
-        return self.data[offset : offset + numel].view(shape)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        return self.data[piece.offset : piece.offset + nbytes].view(dtype).view(shape)
 
 
 class SlotPool:
-    def __init__(self, count: int, numel: int, dtype: torch.dtype, device: torch.device, order: StreamOrder | None = None):
-        self.numel = numel
+    def __init__(self, count: int, nbytes: int, device: torch.device, order: StreamOrder | None = None):
+        self.nbytes_each = nbytes
         self.order = order or StreamOrder(device)
-        self.slots = [Slot(i, torch.empty(numel, dtype=dtype, device=device)) for i in range(count)]
+        self.slots = [Slot(i, torch.empty(nbytes, dtype=torch.uint8, device=device)) for i in range(count)]
         self._free = list(reversed(self.slots))
         self._cond = threading.Condition()
 

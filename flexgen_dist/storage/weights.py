@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import NotSupportedYet, UserError
 from ..planning.layout import Unit, WeightSpec
-from ..planning.placement import Placement, Tier, slot_offsets
+from ..planning.placement import Placement, Tier
 from .slots import Slot, SlotPool
 from .tiers import DiskReader, DiskTensor, MemoryTensor, copy, torch_dtype
 
@@ -93,8 +93,10 @@ class WeightStore:
         self.compute_dtype = torch_dtype(placement.dtypes.compute)
         storage_dtype = torch_dtype(placement.dtypes.storage)
         pin = placement.policy.pin_weight and device.type == "cuda"
+        if placement.policy.compress_weight:
+            raise NotSupportedYet("weight compression is not wired into the weight store yet")
         self.tensors: dict[int, dict[str, MemoryTensor | DiskTensor]] = {}
-        self._shapes: dict[int, list[tuple[str, tuple[int, ...], int]]] = {}  # layer -> copied (name, shape, offset)
+        self._layouts = placement.slot_layouts  # layer -> where each loaded tensor goes in a slot
         disk: DiskWeightDir | None = None
         written = 0
         for unit in units:
@@ -114,33 +116,27 @@ class WeightStore:
                     placed[ws.name] = MemoryTensor(data.pin_memory() if pin else data, Tier.CPU)
                 else:
                     placed[ws.name] = MemoryTensor(source.get(ws).to(device, self.compute_dtype), Tier.GPU)
-            copied = [(ws.name, ws.shape, ws.numel) for ws, p in zip(unit.weights, placement.weights[unit.layer_idx]) if not p.resident]
-            offsets, _ = slot_offsets([numel for _, _, numel in copied])
-            self._shapes[unit.layer_idx] = [(name, shape, off) for (name, shape, _), off in zip(copied, offsets)]
             self.tensors[unit.layer_idx] = placed
         if disk is not None:
             disk.describe()
             log.info("disk weights in %s (%d tensors written, the rest reused)", disk.path, written)
         self.disk_dir = disk.path if disk is not None else None
         slots = [b for b in placement.working if b.name == "weight slots"]
-        itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
-        self.slots = (
-            SlotPool(slots[0].count, slots[0].nbytes_each // itemsize, self.compute_dtype, device) if slots else None
-        )
+        self.slots = SlotPool(slots[0].count, slots[0].nbytes_each, device) if slots else None
 
     def load(self, layer_idx: int) -> LoadedWeights:
         """One unit's weights on the compute device in the compute dtype. Give them back with
         `release` once the layer is computed."""
         placed = self.tensors[layer_idx]
         out = {name: t.data for name, t in placed.items() if isinstance(t, MemoryTensor) and t.tier is Tier.GPU}
-        copied = self._shapes[layer_idx]
-        if not copied:
+        layout = self._layouts[layer_idx]
+        if not layout:
             return LoadedWeights(out, None)
         slot = self.slots.take()
-        for name, shape, offset in copied:
-            view = slot.view(offset, shape)
-            copy(view, _ALL, placed[name])
-            out[name] = view
+        for piece in layout:
+            view = slot.view(piece)
+            copy(view, _ALL, placed[piece.name])
+            out[piece.name] = view
         return LoadedWeights(out, slot)
 
     def release(self, loaded: LoadedWeights) -> None:
