@@ -20,7 +20,7 @@ def test_ranks_table_and_json(tmp_path):
         [sys.executable, "-m", "flexgen_dist.bench", "--ranks", "1,2", "--model", str(model), "--prompt-len", "8",
          "--gen-len", "4", "--gpu-batch-size", "2", "--gpu-mem", "600K", "--cpu-mem", "0", "--offload-dir",
          str(tmp_path / "off"), "--json", str(out)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
@@ -43,7 +43,7 @@ def test_compare_systems_prints_a_row_each_with_ratios(tmp_path):
         [sys.executable, "-m", "flexgen_dist.bench", "--shape", "tiny-opt", "--prompt-len", "8", "--gen-len", "3",
          "--systems", "ours,transformers", "--batches", "2", "--blocks", "2x1,2x2", "--offload-dir",
          str(tmp_path / "off"), "--json", str(out)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = proc.stdout.splitlines()

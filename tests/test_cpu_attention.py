@@ -3,7 +3,9 @@ tokens, and overlap on or off gives the same tokens."""
 
 import pytest
 
-from flexgen_dist import LLM, Policy
+from flexgen_dist import LLM, Policy, Runtime
+
+CPU = Runtime(device="cpu")  # the references are fp32 on the CPU
 
 POLICIES = {
     "cache all on cpu": Policy(cache_gpu_percent=0, cache_cpu_percent=100, cpu_cache_compute=True,
@@ -18,7 +20,7 @@ POLICIES = {
 def test_cpu_attention_matches_transformers(request, tmp_path, hf_greedy, unambiguous_prompts, arch, name):
     model = request.getfixturevalue(f"{arch}_dir")
     prompts = unambiguous_prompts(model, [3, 9, 14, 6, 11], 10, seed=5)
-    with LLM(model, policy=POLICIES[name], offload_dir=tmp_path) as llm:
+    with LLM(model, policy=POLICIES[name], offload_dir=tmp_path, runtime=CPU) as llm:
         got = [o.output_ids for o in llm.generate(prompts, max_new_tokens=10).outputs]
     assert got == [hf_greedy(model, p, 10) for p in prompts]
 
@@ -29,6 +31,6 @@ def test_overlap_off_gives_identical_tokens(llama_dir, tmp_path, unambiguous_pro
                     act_gpu_percent=50, act_cpu_percent=0, gpu_batch_size=1, num_gpu_batches=2)
     outs = []
     for overlap in (True, False):
-        with LLM(llama_dir, policy=policy.replace(overlap=overlap), offload_dir=tmp_path) as llm:
+        with LLM(llama_dir, policy=policy.replace(overlap=overlap), offload_dir=tmp_path, runtime=CPU) as llm:
             outs.append([o.output_ids for o in llm.generate(prompts, max_new_tokens=8).outputs])
     assert outs[0] == outs[1]

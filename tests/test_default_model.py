@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import MIN_MARGIN, hf_trace
-from flexgen_dist import DEFAULT_MODEL, LLM, Policy
+from flexgen_dist import DEFAULT_MODEL, LLM, Policy, Runtime
 from flexgen_dist.eval import DEFAULT_TEXT
 
 NEW_TOKENS = 16
@@ -47,7 +47,7 @@ def test_loads_offline_with_transformers():
 @pytest.mark.parametrize("name", list(PLACEMENTS))
 def test_greedy_equals_transformers_on_heldout_prompts(prompts, hf_greedy, tmp_path, name):
     expected = [hf_greedy(DEFAULT_MODEL, p, NEW_TOKENS) for p in prompts]
-    with LLM(DEFAULT_MODEL, policy=PLACEMENTS[name], offload_dir=tmp_path) as llm:
+    with LLM(DEFAULT_MODEL, policy=PLACEMENTS[name], offload_dir=tmp_path, runtime=Runtime(device="cpu")) as llm:
         result = llm.generate(prompts, max_new_tokens=NEW_TOKENS)
     assert [o.output_ids for o in result.outputs] == expected
     assert all(o.text for o in result.outputs)  # decoded with the bundled tokenizer

@@ -16,7 +16,8 @@ from tiny_models import make_tiny_model, random_prompts
 
 pytestmark = pytest.mark.dist
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# CUDA hidden: ranks compute in fp32 on the CPU over gloo, as the single-process reference does
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 MPIRUN = shutil.which("mpirun")
 
 

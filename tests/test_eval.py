@@ -34,7 +34,8 @@ def hf_perplexity():
 
 def run_eval(*args):
     proc = subprocess.run(
-        [sys.executable, "-m", "flexgen_dist.eval", "--window", str(WINDOW), "--max-tokens", str(MAX_TOKENS), *args],
+        [sys.executable, "-m", "flexgen_dist.eval", "--window", str(WINDOW), "--max-tokens", str(MAX_TOKENS),
+         "--device", "cpu", *args],  # fp32 on the CPU, as the reference
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr

@@ -46,24 +46,39 @@ def test_planned_bytes_equal_allocated_bytes(request, tmp_path, monkeypatch, arc
 
     def measuring_open(self, block):
         state = real_open(self, block)
-        caches = by_tier(tensor_bytes(t) for kv in state.caches.values() for t in (kv.k, kv.v))
+        # memory tiers: the slot the block's caches were carved from; disk: the files
+        caches = by_tier([(tier, slot.data.untyped_storage().nbytes()) for tier, slot in state.cache_slots.items()]
+                         + [tensor_bytes(t) for kv in state.caches.values() for t in (kv.k, kv.v) if t.tier is Tier.DISK])
+        for kv in state.caches.values():
+            for t in (kv.k, kv.v):
+                if t.tier is not Tier.DISK:  # a view into its tier's slot, not a tensor of its own
+                    slot = state.cache_slots[t.tier].data
+                    assert slot.data_ptr() <= t.data.data_ptr() < slot.data_ptr() + slot.numel()
         acts = sum(os.stat(home.file.path).st_size for home in state.acts.values() if home.file is not None)
         opened.append((caches, acts))
         return state
 
     monkeypatch.setattr(BlockIO, "open", measuring_open)
-    runtime = Runtime(workload=Workload(prompt_len, new_tokens), disk_io=DiskIO(threads=2, chunk_bytes=64 << 10))
+    runtime = Runtime(device="cpu", workload=Workload(prompt_len, new_tokens), disk_io=DiskIO(threads=2, chunk_bytes=64 << 10))
     with LLM(model, policy=policy, offload_dir=tmp_path, runtime=runtime) as llm:
         plan = llm.placement
         prompts = [[5 + i] * prompt_len for i in range(2 * policy.block_size)]  # two full blocks of equal width
         llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
 
         # weights: every tensor where the plan says, in the bytes it says
-        got = by_tier(tensor_bytes(t) for placed in llm.weights.tensors.values() for t in placed.values())
-        assert got == plan.weight_bytes()
+        arenas = [(tier, pool.slots[0].data.untyped_storage().nbytes()) for tier, pool in llm.weights.arenas.items()]
+        files = [tensor_bytes(t) for placed in llm.weights.tensors.values() for t in placed.values() if t.tier is Tier.DISK]
+        assert by_tier(arenas + files) == plan.weight_bytes()
         for layer_idx, placed in llm.weights.tensors.items():
             for place in plan.weights[layer_idx]:
-                assert tensor_bytes(placed[place.name]) == (place.tier, place.nbytes)
+                t = placed[place.name]
+                assert t.tier is place.tier
+                if place.tier is Tier.DISK:
+                    assert tensor_bytes(t) == (Tier.DISK, place.nbytes)
+                else:  # a view into its tier's arena, of the planned size
+                    arena = llm.weights.arenas[place.tier].slots[0].data
+                    assert arena.data_ptr() <= t.data.data_ptr() < arena.data_ptr() + arena.numel()
+                    assert t.data.numel() * t.data.element_size() == place.nbytes
         # one block's KV cache and activation files, per tier
         assert len(opened) == 2
         for caches, act_files in opened:
@@ -83,13 +98,15 @@ def test_planned_bytes_equal_allocated_bytes(request, tmp_path, monkeypatch, arc
 
 def test_every_slot_and_scratch_pair_is_back_after_a_run(llama_dir, tmp_path):
     policy = EVERY_TIER.replace(w_gpu_percent=0, w_cpu_percent=50)
-    with LLM(llama_dir, policy=policy, offload_dir=tmp_path) as llm:
+    with LLM(llama_dir, policy=policy, offload_dir=tmp_path, runtime=Runtime(device="cpu")) as llm:
         prompts = [[7] * n for n in (3, 11, 6, 9, 4, 8, 5)]  # blocks of different widths
         llm.generate(prompts, max_new_tokens=4, stop_token_ids=list(range(4, 300)))  # every row stops at once
         llm.generate(prompts, max_new_tokens=6)
         assert llm.weights.slots.num_free == len(llm.weights.slots.slots)
         scratch = llm.engine.block_io.scratch
         assert scratch.num_free == len(scratch.slots) == 2
+        pools = llm.engine.block_io.cache_pools
+        assert pools and all(pool.num_free == len(pool.slots) for pool in pools.values())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("cache-")], "a block's scratch folder was left"
 
 

@@ -19,20 +19,21 @@ import torch
 
 from ..model import KVBuffers
 from ..planning.placement import CachePlace, Placement, Tier
-from ..storage.slots import Slot, SlotPool
+from ..storage.slots import Slot, SlotPool, StreamOrder
 from ..storage.tiers import DiskReader, DiskTensor, MemoryTensor, TierTensor, copy, to_compute, torch_dtype
 from .blocks import Block, BlockResult, BlockState
 
 _ALL = slice(None)
 
 
-@dataclass(frozen=True)
+@dataclass
 class KVCache:
     """Keys and values of one (layer, batch) of one block, each (S, B, nkv, hd), on their tiers."""
 
     k: TierTensor
     v: TierTensor
     place: CachePlace
+    written: object = None  # an event after the last store (a device-to-host copy may still run)
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,30 @@ class BlockIO:
         self.reader = reader
         self.rank = rank
         self.spec = placement.spec
-        self.scratch: SlotPool | None = None
+        self.order = StreamOrder(device)
+        self.scratch: SlotPool | None = None  # KV scratch pairs
+        self.cache_pools: dict[Tier, SlotPool] = {}  # a slot per open block on each memory tier
 
     def resize(self, placement: Placement) -> None:
-        """Use `placement` (the same tiers, sized for another workload) from the next block on."""
+        """Use `placement` (the same tiers, sized for another workload) from the next run on. Only
+        between runs: no block may be open."""
         if placement.workload.seq_len > self.placement.workload.seq_len:
-            self.scratch = None  # the pool is sized for the longest sequence: rebuilt larger
+            self.close_pools()  # sized for the longest sequence: rebuilt larger
         self.placement = placement
+
+    def close_pools(self) -> None:
+        for pool in (self.scratch, *self.cache_pools.values()):
+            if pool is not None:
+                pool.close()
+        self.scratch, self.cache_pools = None, {}
+
+    def _cache_pool(self, tier: Tier) -> SlotPool:
+        if tier not in self.cache_pools:
+            nbytes = self.placement.cache_layout(tier)[1]
+            device = self.device if tier is Tier.GPU else torch.device("cpu")
+            pin = tier is Tier.CPU and self.device.type == "cuda"  # async host-to-device copies
+            self.cache_pools[tier] = SlotPool(self.placement.blocks_in_flight, nbytes, device, pin=pin)
+        return self.cache_pools[tier]
 
     # --- a block's life --------------------------------------------------------------------------
     def open(self, block: Block) -> BlockState:
@@ -94,8 +112,13 @@ class BlockIO:
         if self.placement.has_disk() and self.offload_dir is not None:
             Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
             state.scratch_dir = Path(tempfile.mkdtemp(prefix=f"cache-rank{self.rank}-", dir=self.offload_dir))
-        S = block.prompt_len + block.max_new_tokens
-        shape = (S, p.policy.gpu_batch_size, self.spec.num_kv_heads, self.spec.head_dim)  # (seq, batch, kv heads, head dim)
+        rows = block.prompt_len + block.max_new_tokens
+        shape = p.cache_shape(rows)  # (seq, batch, kv heads, head dim)
+        for tier in (Tier.GPU, Tier.CPU):
+            pieces, nbytes = p.cache_layout(tier)
+            if nbytes:
+                state.cache_slots[tier] = slot = self._cache_pool(tier).take()
+                state.cache_views.update({piece.name: slot.view(piece, rows) for piece in pieces})
         for key, place in p.caches.items():
             pair = [self._cache_tensor(state, place, which, tier, shape) for which, tier in (("k", place.k_tier), ("v", place.v_tier))]
             state.caches[key] = KVCache(pair[0], pair[1], place)
@@ -111,14 +134,15 @@ class BlockIO:
         if tier is Tier.DISK:
             path = state.scratch_dir / f"layer{place.layer_idx}_batch{place.batch_idx}_{which}.bin"
             return DiskTensor(path, shape, self.cache_dtype, self.reader)
-        device = self.device if tier is Tier.GPU else torch.device("cpu")
-        pin = tier is Tier.CPU and self.device.type == "cuda"  # async host-to-device copies
-        return MemoryTensor.empty(shape, self.cache_dtype, device, tier, pin=pin)
+        return MemoryTensor(state.cache_views[f"L{place.layer_idx}b{place.batch_idx}{which}"], tier)
 
     def close(self, state: BlockState) -> BlockResult:
         for lease in state.leases.values():
             self._give(lease)
         state.leases.clear()
+        for tier, slot in state.cache_slots.items():
+            self.cache_pools[tier].give(slot)  # once the work queued on this stream has used it
+        state.cache_slots.clear()
         if state.scratch_dir is not None:
             shutil.rmtree(state.scratch_dir, ignore_errors=True)
         return state.result()
@@ -131,6 +155,7 @@ class BlockIO:
             return self._in_place(cache)
         past = state.query_slots(token_idx).start
         lease = self._take_scratch(state.block)
+        self.order.wait_released(cache.written)  # the last store's copy has landed
         for tensor, buf in ((cache.k, lease.buffers.k), (cache.v, lease.buffers.v)):
             copy(buf, slice(0, past), tensor, slice(0, past))
         return lease
@@ -152,6 +177,7 @@ class BlockIO:
         rows = state.query_slots(token_idx)
         copy(cache.k, rows, lease.buffers.k, rows)
         copy(cache.v, rows, lease.buffers.v, rows)
+        cache.written = self.order.mark_released()  # the next load of this cache waits for these copies
         self._give(lease)
 
     def _in_place(self, cache: KVCache) -> KVLease:

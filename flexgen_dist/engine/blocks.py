@@ -18,6 +18,8 @@ from ..model import Step
 
 if TYPE_CHECKING:
     from ..parallel.comm import RecvHandle
+    from ..planning.placement import Tier
+    from ..storage.slots import Slot
     from .block_io import ActivationHome, KVCache, KVLease
 
 
@@ -52,6 +54,8 @@ class BlockState:
     tokens: torch.Tensor  # (B, T) long, generated ids
     done: torch.Tensor  # (B,) bool
     caches: dict[tuple[int, int], KVCache] = field(default_factory=dict)  # (layer, batch) -> its cache
+    cache_slots: dict[Tier, Slot] = field(default_factory=dict)  # the memory the block's caches live in, per tier
+    cache_views: dict[str, torch.Tensor] = field(default_factory=dict)  # piece name -> its tensor in a slot
     acts: dict[int, ActivationHome] = field(default_factory=dict)  # batch -> where its hidden state waits
     scratch_dir: Path | None = None  # this block's disk-tier cache and activation files
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> hidden state on the device

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..model import LayerMath, decoder_layer
-from ..parallel.comm import Comm, SendHandle
+from ..parallel.comm import ACTIVATIONS, TOKENS, Comm, SendHandle
 from ..planning.layout import Unit, UnitKind
 from ..planning.placement import Placement, Workload
 from ..schedule import block as ops
@@ -26,9 +26,6 @@ from .blocks import Block, BlockResult, BlockState
 from .loader import Loader
 from .sampling import Sampler
 from .trace import NoTracer, Tracing
-
-TAG_ACTIVATION, TAG_TOKENS = 1, 2
-
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -87,6 +84,7 @@ class Engine:
 
     def close(self) -> None:
         self.loader.close()
+        self.block_io.close_pools()
 
     def run(self, blocks: list[Block], sampler: Sampler) -> RunResult:
         """Run every block through this rank's layers; blocks must be the same on every rank."""
@@ -187,19 +185,19 @@ class Engine:
                 io.load_act(state, op.batch_idx)
         elif isinstance(op, ops.SendActivation):
             with span(f"send activation {label} to rank {op.dst}", "send"):
-                walk.sends.append(self.comm.send(state.hidden.pop(op.batch_idx), op.dst, TAG_ACTIVATION))
+                walk.sends.append(self.comm.send(state.hidden.pop(op.batch_idx), op.dst, ACTIVATIONS))
         elif isinstance(op, ops.RecvActivation):
             width = state.block.prompt_len if op.token_idx == 0 else 1
             shape = (self.policy.gpu_batch_size, width, self.spec.hidden_size)
             with span(f"recv activation {label} from rank {op.src}", "recv"):
-                state.incoming[op.batch_idx] = self.comm.recv(shape, self.dtype, op.src, TAG_ACTIVATION)
+                state.incoming[op.batch_idx] = self.comm.recv(shape, self.dtype, op.src, ACTIVATIONS)
         elif isinstance(op, ops.SendTokens):
             ids = state.tokens[state.rows(op.batch_idx), op.token_idx].clone()
             with span(f"send tokens {label} to rank {op.dst}", "send"):
-                walk.sends.append(self.comm.send(ids, op.dst, TAG_TOKENS))
+                walk.sends.append(self.comm.send(ids, op.dst, TOKENS))
         elif isinstance(op, ops.RecvTokens):
             with span(f"recv tokens {label} from rank {op.src}", "recv"):
-                ids = self.comm.recv((self.policy.gpu_batch_size,), torch.long, op.src, TAG_TOKENS).result()
+                ids = self.comm.recv((self.policy.gpu_batch_size,), torch.long, op.src, TOKENS).result()
             state.record_tokens(op.token_idx, op.batch_idx, ids)
         else:
             raise TypeError(f"unknown op {op!r}")

@@ -199,6 +199,7 @@ class LLM:
     def close(self) -> None:
         """Stop the I/O threads (the pipeline's process group belongs to whoever started it)."""
         self.engine.close()
+        self.weights.close()
         if self.reader is not None:
             self.reader.close()
 

@@ -63,17 +63,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+# Queries per attention call in the prefill: bounds the score matrix the math backend may build
+# (queries x keys x heads x batch x 4 bytes) whatever the prompt length.
+QUERY_CHUNK = 1024
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Masked attention with grouped-query heads.
 
     q: (B, nh, T, hd); k, v: (B, nkv, S, hd); mask: bool (B, 1, T, S), True = may attend.
     Returns (B, T, nh * hd).
+
+    Each kv head serves g = nh // nkv query heads (transformers' repeat_kv order: query head
+    i * g + j reads kv head i). Instead of repeating k and v (a copy of the cache) or SDPA's
+    `enable_gqa` (which sends masked calls to the slow math backend on CUDA), the g query heads
+    of a kv head become g x T queries of one head: (B, nkv, g * T, hd) against (B, nkv, S, hd),
+    the mask repeated along them. Long prompts are split into chunks of queries so no score
+    matrix grows with the square of the prompt.
     """
     B, nh, T, hd = q.shape
-    # Each kv head serves nh // nkv query heads (transformers' repeat_kv), without copying k, v:
-    # they may be a view of a host-memory cache (CPU attention).
-    gqa = k.shape[1] != nh
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)  # (B, nh, T, hd)
+    nkv = k.shape[1]
+    g = nh // nkv
+    if T > QUERY_CHUNK:
+        parts = [attention(q[:, :, i : i + QUERY_CHUNK], k, v, mask[:, :, i : i + QUERY_CHUNK], scale)
+                 for i in range(0, T, QUERY_CHUNK)]
+        return torch.cat(parts, dim=1)
+    if g > 1:
+        q = q.reshape(B, nkv, g * T, hd)  # (B, nkv, g * T, hd): query head i * g + j at rows j * T ...
+        mask = mask.expand(B, 1, T, mask.shape[-1]).repeat(1, 1, g, 1)  # (B, 1, g * T, S)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, nkv, g * T, hd)
+    out = out.view(B, nh, T, hd)
     return out.transpose(1, 2).reshape(B, T, nh * hd)
 
 

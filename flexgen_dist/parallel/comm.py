@@ -4,6 +4,11 @@ The engine only sees `send(tensor, dst, tag) -> handle` and `recv(shape, dtype, 
 pending`; both start at once (isend / irecv) so transfers overlap compute, and waiting on either
 gives up after `timeout_s` with an error that names the peer, instead of hanging forever when a
 rank has died or hung.
+
+Two channels: hidden states flow forward (rank r -> r + 1, tag ACTIVATIONS) and sampled token
+ids flow from the last rank back to the first (tag TOKENS). NCCL ignores tags and orders the
+point-to-point operations of one communicator, so with two ranks a send 0 -> 1 queued behind a
+receive 1 -> 0 could wait on each other: the token ring gets a process group of its own.
 """
 
 from __future__ import annotations
@@ -70,13 +75,25 @@ class Comm(Protocol):
     def recv(self, shape, dtype: torch.dtype, src: int, tag: int) -> RecvHandle: ...
 
 
+ACTIVATIONS, TOKENS = 1, 2
+
+
+def process_group_timeout(wait_s: float) -> float:
+    """The process group's own timeout (NCCL's watchdog aborts the process when it fires): longer
+    than the engine's bounded waits, so a dead peer is reported by name before the watchdog acts."""
+    return 2 * wait_s + 60
+
+
 class PipeComm:
     def __init__(self, rank: int, world_size: int, backend: str, device: torch.device, timeout_s: float):
+        """Every rank must build it at the same point: creating the token ring's group is collective."""
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
         # gloo moves host tensors only; NCCL moves device tensors
         self.wire_device = torch.device("cpu") if backend == "gloo" else device
+        ring = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=process_group_timeout(timeout_s)))
+        self._groups = {ACTIVATIONS: None, TOKENS: ring}  # None: the default group
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> SendHandle:
         data = tensor.detach().to(self.wire_device).contiguous()
@@ -88,7 +105,7 @@ class PipeComm:
 
     def _start(self, fn, tensor, peer: int, tag: int, what: str):
         try:
-            return fn(tensor, peer, tag=tag)
+            return fn(tensor, peer, group=self._groups[tag], tag=tag)
         except Exception as exc:  # the connection to a dead peer fails as soon as it is used
             raise PeerError(
                 f"rank {self.rank}: {what} rank {peer} failed ({str(exc).splitlines()[0][:200]}); rank {peer} died or hung"

@@ -29,9 +29,9 @@ class Pipeline:
         if ctx.world_size > 1:
             import torch
 
-            from .comm import PipeComm
+            from .comm import PipeComm, process_group_timeout
 
-            ctx.init_process_group(timeout_s)
+            ctx.init_process_group(process_group_timeout(timeout_s))
             pipeline._started = True
             pipeline.comm = PipeComm(ctx.rank, ctx.world_size, ctx.backend, torch.device(ctx.device), timeout_s)
         return pipeline

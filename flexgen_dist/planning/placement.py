@@ -222,19 +222,53 @@ class Placement:
                 return buf
         raise KeyError(name)
 
-    def weight_bytes(self) -> dict[Tier, int]:
-        out = dict.fromkeys(Tier, 0)
+    def weight_layout(self, tier: Tier) -> tuple[tuple[SlotPiece, ...], int]:
+        """The rank's weights on a memory tier, packed into one arena (pieces named
+        "{layer_idx}.{name}"; compressed weights as their data, scale and mins parts), and its bytes.
+        One arena per tier instead of a tensor each: on a GPU machine the host arena is pinned at
+        its exact size, where pinning tensor by tensor rounds each up to a power of two."""
+        pieces = []
         for places in self.weights.values():
             for w in places:
-                out[w.tier] += w.nbytes
+                if w.tier is not tier:
+                    continue
+                name = f"{w.layer_idx}.{w.name}"
+                if w.compressed:
+                    pieces += _compressed_parts(name, w.shape, self.policy.compression)
+                else:
+                    dtype = self.dtypes.compute if tier is Tier.GPU else self.dtypes.storage
+                    pieces.append((name, "value", w.shape, dtype))
+        return pack(pieces)
+
+    def weight_bytes(self) -> dict[Tier, int]:
+        """Memory tiers: their arenas; disk: the files."""
+        out = {tier: self.weight_layout(tier)[1] for tier in (Tier.GPU, Tier.CPU)}
+        out[Tier.DISK] = sum(w.nbytes for places in self.weights.values() for w in places if w.tier is Tier.DISK)
         return out
 
-    def cache_bytes(self) -> dict[Tier, int]:
-        """KV cache of every block in flight."""
-        out = dict.fromkeys(Tier, 0)
+    def cache_layout(self, tier: Tier) -> tuple[tuple[SlotPiece, ...], int]:
+        """One block's KV caches on a memory tier, packed into one slot (pieces named "L{layer}b{batch}k"
+        or "...v"; a compressed cache has its data, scale and mins parts), and the slot's bytes.
+        A block takes a slot of each memory tier when it opens and gives it back when it closes."""
+        shape = self.cache_shape(self.workload.seq_len)
+        pieces = []
         for c in self.caches.values():
-            out[c.k_tier] += c.nbytes * self.blocks_in_flight
-            out[c.v_tier] += c.nbytes * self.blocks_in_flight
+            for which, where in (("k", c.k_tier), ("v", c.v_tier)):
+                if where is tier:
+                    name = f"L{c.layer_idx}b{c.batch_idx}{which}"
+                    if c.compressed:
+                        pieces += _compressed_parts(name, shape, self.policy.compression)
+                    else:
+                        pieces.append((name, "value", shape, self.cache_dtype))
+        return pack(pieces)
+
+    def cache_bytes(self) -> dict[Tier, int]:
+        """KV cache of every block in flight: a slot per memory tier per block, and files on disk."""
+        out = dict.fromkeys(Tier, 0)
+        for tier in (Tier.GPU, Tier.CPU):
+            out[tier] = self.cache_layout(tier)[1] * self.blocks_in_flight
+        for c in self.caches.values():
+            out[Tier.DISK] += c.nbytes * self.blocks_in_flight * ((c.k_tier is Tier.DISK) + (c.v_tier is Tier.DISK))
         return out
 
     def act_bytes(self) -> dict[Tier, int]:

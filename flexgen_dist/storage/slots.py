@@ -61,13 +61,38 @@ class Slot:
         return self.data[piece.offset : piece.offset + nbytes].view(dtype).view(shape)
 
 
+def pin_in_place(data: torch.Tensor) -> None:
+    """Page-lock a host tensor where it is, at its exact size. (`pin_memory=True` goes through the
+    caching host allocator, which rounds every block up to a power of two and keeps it: a plan
+    counting the real size would be off by up to 2x.)"""
+    err = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel() * data.element_size(), 0)
+    if int(getattr(err, "value", err)) != 0:
+        raise RuntimeError(f"cudaHostRegister of {data.numel() * data.element_size()} bytes failed (error {err})")
+
+
+def unpin(data: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(data.data_ptr())
+
+
 class SlotPool:
-    def __init__(self, count: int, nbytes: int, device: torch.device, order: StreamOrder | None = None):
+    """`count` slots of `nbytes` each on `device`; host slots are page-locked in place when `pin`."""
+
+    def __init__(self, count: int, nbytes: int, device: torch.device, pin: bool = False, order: StreamOrder | None = None):
         self.nbytes_each = nbytes
         self.order = order or StreamOrder(device)
         self.slots = [Slot(i, torch.empty(nbytes, dtype=torch.uint8, device=device)) for i in range(count)]
+        self._pinned = pin and device.type == "cpu" and torch.cuda.is_available() and nbytes > 0
+        for slot in self.slots if self._pinned else ():
+            pin_in_place(slot.data)
         self._free = list(reversed(self.slots))
         self._cond = threading.Condition()
+
+    def close(self) -> None:
+        """Unpin host slots (the memory goes when the pool is dropped)."""
+        if self._pinned:
+            self._pinned = False
+            for slot in self.slots:
+                unpin(slot.data)
 
     @property
     def nbytes(self) -> int:

@@ -93,6 +93,14 @@ class WeightStore:
         self.compute_dtype = torch_dtype(placement.dtypes.compute)
         storage_dtype = torch_dtype(placement.dtypes.storage)
         pin = placement.policy.pin_weight and device.type == "cuda"
+        self.arenas: dict[Tier, SlotPool] = {}  # one slot each: every weight of a memory tier
+        views: dict[str, torch.Tensor] = {}
+        for tier, where in ((Tier.GPU, device), (Tier.CPU, torch.device("cpu"))):
+            pieces, nbytes = placement.weight_layout(tier)
+            if nbytes:
+                self.arenas[tier] = SlotPool(1, nbytes, where, pin=pin and tier is Tier.CPU)
+                arena = self.arenas[tier].take()
+                views.update({piece.name: arena.view(piece) for piece in pieces})
         if placement.policy.compress_weight:
             raise NotSupportedYet("weight compression is not wired into the weight store yet")
         self.tensors: dict[int, dict[str, MemoryTensor | DiskTensor]] = {}
@@ -111,11 +119,10 @@ class WeightStore:
                         disk.write(ws, source.get(ws))
                         written += 1
                     placed[ws.name] = DiskTensor(disk.file(ws), ws.shape, storage_dtype, reader, create=False)
-                elif place.tier is Tier.CPU:
-                    data = source.get(ws).to(storage_dtype)
-                    placed[ws.name] = MemoryTensor(data.pin_memory() if pin else data, Tier.CPU)
                 else:
-                    placed[ws.name] = MemoryTensor(source.get(ws).to(device, self.compute_dtype), Tier.GPU)
+                    view = views[f"{unit.layer_idx}.{ws.name}"]
+                    view.copy_(source.get(ws))  # converted to the tier's dtype (and device)
+                    placed[ws.name] = MemoryTensor(view, place.tier)
             self.tensors[unit.layer_idx] = placed
         if disk is not None:
             disk.describe()
@@ -123,6 +130,10 @@ class WeightStore:
         self.disk_dir = disk.path if disk is not None else None
         slots = [b for b in placement.working if b.name == "weight slots"]
         self.slots = SlotPool(slots[0].count, slots[0].nbytes_each, device) if slots else None
+
+    def close(self) -> None:
+        for pool in (*self.arenas.values(), *([self.slots] if self.slots else [])):
+            pool.close()
 
     def load(self, layer_idx: int) -> LoadedWeights:
         """One unit's weights on the compute device in the compute dtype. Give them back with
