@@ -74,3 +74,95 @@ def test_16bit_on_gpu_matches_fp32_reference(arch, policy_name, tiny_models_cach
     assert llm.placement.dtypes.compute in ("float16", "bfloat16")
     resident = [t.data for placed in llm.weights.tensors.values() for t in placed.values() if t.tier.value == "gpu"]
     assert resident and all(t.device == llm.device for t in resident)
+
+
+# ---------------------------------------------------------------- the GPU path's own guarantees
+
+def _big_llama(tmp_path_factory):
+    """A random Llama large enough that loads and compute take real time on a GPU."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512)
+
+
+def test_overlap_on_and_off_give_bitwise_equal_tokens(tmp_path, tmp_path_factory):
+    from flexgen_dist import LLM, Policy
+
+    # weights half in pinned host memory, cache half on the host: every step loads over the link
+    policy = Policy(gpu_batch_size=8, num_gpu_batches=2, w_gpu_percent=20, w_cpu_percent=80,
+                    cache_gpu_percent=50, cache_cpu_percent=50)
+    prompts = tiny_models.random_prompts([40, 64, 17, 50] * 8, seed=3)
+    outs = []
+    for overlap in (True, False):
+        with LLM.from_config(_big_llama(tmp_path_factory), seed=1, policy=policy.replace(overlap=overlap),
+                             offload_dir=tmp_path) as llm:
+            outs.append([o.output_ids for o in llm.generate(prompts, max_new_tokens=16).outputs])
+    assert outs[0] == outs[1]
+
+
+def test_cuda_and_cuda_0_are_one_device(tmp_path, llama_dir):
+    from flexgen_dist import LLM, Policy, Runtime
+
+    outs, devices = [], []
+    for name in ("cuda", "cuda:0"):
+        with LLM(llama_dir, policy=Policy(gpu_batch_size=4), runtime=Runtime(device=name)) as llm:
+            devices.append(llm.device)
+            outs.append([o.output_ids for o in llm.generate(tiny_models.random_prompts([5, 9, 12], seed=1), max_new_tokens=6).outputs])
+    assert devices == [torch.device("cuda:0")] * 2 and outs[0] == outs[1]
+
+
+def test_sampling_on_the_gpu_does_not_depend_on_the_block(llama_dir):
+    from flexgen_dist import LLM, Policy
+
+    prompts = tiny_models.random_prompts([5, 9, 12, 7], seed=2)
+    with LLM(llama_dir, policy=Policy(gpu_batch_size=2, num_gpu_batches=2)) as llm:
+        a = [o.output_ids for o in llm.generate(prompts, max_new_tokens=8, do_sample=True, seed=4).outputs]
+        b = [o.output_ids for o in llm.generate(prompts[::-1], max_new_tokens=8, do_sample=True, seed=4).outputs]
+    assert a == b[::-1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_cpu_attention_on_the_gpu_machine(arch, tiny_models_cache, tmp_path):
+    policy = dict(_ALL_ON_DEVICE, gpu_batch_size=4, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=100,
+                  cpu_cache_compute=True)
+    compared, llm = check_16bit_against_fp32(tiny_models_cache[arch], policy, tmp_path)
+    assert compared >= len(PROMPT_LENGTHS)
+    assert all(c.in_place for c in llm.placement.caches.values())
+
+
+def test_gpu_memory_returns_to_its_baseline_after_generate(llama_dir, tmp_path):
+    from flexgen_dist import LLM, Policy
+
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=50, w_cpu_percent=50,
+                    cache_gpu_percent=50, cache_cpu_percent=50)
+    with LLM(llama_dir, policy=policy, offload_dir=tmp_path) as llm:
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        for _ in range(2):
+            llm.generate(tiny_models.random_prompts([5, 30, 12, 7, 21], seed=5), max_new_tokens=8)
+            torch.cuda.synchronize()
+            assert torch.cuda.memory_allocated() == baseline
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for NCCL (one GPU per rank)")
+def test_two_ranks_over_nccl_equal_one_process(tmp_path, tiny_models_cache):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model = tiny_models_cache.get("llama", num_hidden_layers=4)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "input_ids": p}) + "\n"
+                           for i, p in enumerate(tiny_models.random_prompts([5, 9, 12, 7, 3, 14], seed=6))))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    outs = []
+    for launch in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]):
+        out = tmp_path / f"out{len(outs)}.jsonl"
+        cmd = [*launch, "-m", "flexgen_dist.run", "--model", str(model), "--input", str(src), "--output", str(out),
+               "--gen-len", "6", "--gpu-batch-size", "2", "--no-warmup"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append([json.loads(line)["output_ids"] for line in out.read_text().splitlines()])
+    assert outs[0] == outs[1]

@@ -92,10 +92,15 @@ class BlockIO:
         self.placement = placement
 
     def close_pools(self) -> None:
-        for pool in (self.scratch, *self.cache_pools.values()):
-            if pool is not None:
-                pool.close()
+        """Free the KV memory (after a run: an idle model holds only its weights). Every slot must
+        be back: one still lent is a leak, a bug to report rather than memory to lose quietly."""
+        pools = [pool for pool in (self.scratch, *self.cache_pools.values()) if pool is not None]
         self.scratch, self.cache_pools = None, {}
+        for pool in pools:
+            pool.close()
+        lent = [pool for pool in pools if pool.num_free != len(pool.slots)]
+        if lent:
+            raise RuntimeError(f"{len(lent)} KV pool(s) still had slots lent out at the end of a run")
 
     def _cache_pool(self, tier: Tier) -> SlotPool:
         if tier not in self.cache_pools:

@@ -110,6 +110,7 @@ class Engine:
             self._drop_loads(walk)
             for state in walk.states.values():
                 self.block_io.close(state)
+            self.block_io.close_pools()
         return RunResult([walk.results.get(b, BlockResult([])) for b in range(len(blocks))], *walk.phase_s)
 
     def _walk(self, plan: list, walk: _Walk) -> list:

@@ -1,0 +1,110 @@
+"""A pipeline of engines in one process, over an in-memory channel instead of torch.distributed:
+the outputs equal one process's, and what the engine holds for messages stays bounded."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+
+import pytest
+import torch
+
+from flexgen_dist import LLM, Policy, Runtime
+from flexgen_dist.parallel.context import DistContext
+from flexgen_dist.parallel.group import Pipeline
+
+CPU = Runtime(device="cpu")
+
+
+class _Send:
+    def __init__(self):
+        self.taken = threading.Event()
+
+    def done(self) -> bool:
+        return self.taken.is_set()
+
+    def wait(self) -> None:
+        assert self.taken.wait(60), "a send was never received"
+
+
+class _Recv:
+    def __init__(self, channel: queue.Queue):
+        self._channel = channel
+
+    def result(self) -> torch.Tensor:
+        tensor, sent = self._channel.get(timeout=60)
+        sent.taken.set()
+        return tensor
+
+
+class Wire:
+    """Channels between in-process ranks; a send completes when its receiver takes it."""
+
+    def __init__(self):
+        self.channels: dict[tuple, queue.Queue] = {}
+        self.lock = threading.Lock()
+        self.live_sends: dict[int, weakref.WeakSet] = {}
+        self.peak_live_sends: dict[int, int] = {}
+
+    def channel(self, src: int, dst: int, tag: int) -> queue.Queue:
+        with self.lock:
+            return self.channels.setdefault((src, dst, tag), queue.Queue())
+
+
+class LoopbackComm:
+    def __init__(self, wire: Wire, rank: int, world_size: int):
+        self.wire, self.rank, self.world_size = wire, rank, world_size
+        wire.live_sends[rank] = weakref.WeakSet()
+        wire.peak_live_sends[rank] = 0
+
+    def send(self, tensor, dst, tag):
+        handle = _Send()
+        self.wire.channel(self.rank, dst, tag).put((tensor.detach().clone(), handle))
+        live = self.wire.live_sends[self.rank]
+        live.add(handle)  # alive while the engine keeps the handle
+        self.wire.peak_live_sends[self.rank] = max(self.wire.peak_live_sends[self.rank], len(live))
+        return handle
+
+    def recv(self, shape, dtype, src, tag):
+        return _Recv(self.wire.channel(src, self.rank, tag))
+
+
+def run_pipeline(model, policy, prompts, max_new_tokens, ranks, tmp_path, **generate):
+    wire = Wire()
+    results, errors = {}, []
+
+    def rank_main(rank: int) -> None:
+        try:
+            ctx = DistContext(rank=rank, world_size=ranks, local_rank=rank, master_addr="127.0.0.1",
+                              master_port=29500, backend="gloo", device="cpu", launcher="torchrun")
+            pipeline = Pipeline(ctx, timeout_s=60)
+            pipeline.comm = LoopbackComm(wire, rank, ranks)
+            with LLM(model, policy=policy, offload_dir=tmp_path / f"rank{rank}", runtime=CPU, pipeline=pipeline) as llm:
+                results[rank] = llm.generate(prompts, max_new_tokens=max_new_tokens, **generate)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return results[0], wire
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_pipeline_equals_one_process_and_keeps_few_sends(tiny_models_cache, tmp_path, ranks):
+    llama_dir = tiny_models_cache.get("llama", num_hidden_layers=4)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=40, w_cpu_percent=30,
+                    cache_gpu_percent=50, cache_cpu_percent=25)
+    prompts = [[5 + i % 7] * n for i, n in enumerate((3, 11, 6, 9, 4, 8, 5, 12, 7, 10, 2))]  # 3 blocks of many widths
+    with LLM(llama_dir, policy=policy, offload_dir=tmp_path / "one", runtime=CPU) as llm:
+        want = [o.output_ids for o in llm.generate(prompts, max_new_tokens=6).outputs]
+    got, wire = run_pipeline(llama_dir, policy, prompts, 6, ranks, tmp_path)
+    assert [o.output_ids for o in got.outputs] == want
+    # A rank keeps the handles of sends not yet received, never the whole run's: at most the
+    # messages of the blocks in flight (every GPU batch of `ranks` blocks).
+    for rank, peak in wire.peak_live_sends.items():
+        assert 1 <= peak <= ranks * policy.num_gpu_batches, (rank, peak)
