@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..planning.placement import ATTENTION_QUERY_CHUNK
 from ..planning.spec import ModelSpec
 
 
@@ -64,8 +65,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # Queries per attention call in the prefill: bounds the score matrix the math backend may build
-# (queries x keys x heads x batch x 4 bytes) whatever the prompt length.
-QUERY_CHUNK = 1024
+# (queries x keys x heads x batch x 4 bytes) whatever the prompt length; the placement counts it.
+QUERY_CHUNK = ATTENTION_QUERY_CHUNK
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .spec import ModelSpec
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1}
 READ_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to this
 SLOT_ALIGN = 256  # bytes: every piece of a slot starts on a multiple of this
+ATTENTION_QUERY_CHUNK = 1024  # queries per prefill attention call (model/layers.py): bounds its scores
 
 
 class Tier(enum.Enum):
@@ -452,6 +453,6 @@ def _workspace_bytes(p: Placement, dims: _Dims, compute: int) -> int:
     intermediates, its attention scores in fp32, and the head's fp32 logits."""
     gbs, prompt, seq = p.policy.gpu_batch_size, p.workload.prompt_len, p.workload.seq_len
     per_token = 3 * dims.hidden + 2 * dims.q_dim + 2 * dims.kv_dim + 3 * dims.intermediate
-    scores = gbs * max(dims.num_heads, 1) * prompt * seq * 4
+    scores = gbs * max(dims.num_heads, 1) * min(prompt, ATTENTION_QUERY_CHUNK) * seq * 4
     logit_rows = prompt if p.buffers.scoring else 1
     return gbs * prompt * per_token * compute + scores + gbs * logit_rows * dims.vocab * 4
