@@ -1,11 +1,13 @@
 """A block's KV caches and activations on their tiers, and moving them for compute.
 
-Opening a block allocates, as the placement says, each (layer, batch) KV cache on its tier and
-each GPU batch's activation home. For a compute, `kv_for` hands the layer KV buffers: the cache
-itself where attention can read it in place (the compute device's memory, or host memory with
-CPU attention), else a scratch pair from a fixed pool into which `load_cache` copied the past;
-`store_cache` then writes the step's new rows from the scratch to the cache's tier and gives the
-scratch back. Activations between layers wait on their batch's tier (`store_act` / `load_act`).
+Opening a block allocates, as the placement says, each (layer, batch) KV cache on its tier (in
+the block's slot of that tier's pool; files on disk; quantized when the cache is compressed) and
+each GPU batch's activation home. For a compute, `lease_for_compute` hands the layer a KV view
+(engine/kv_views.py): the cache itself where attention can read it in place (the compute device's
+memory, or host memory with CPU attention), else a scratch pair from a fixed pool into which
+`load_cache` copied (and dequantized) the past; `store_cache` then writes the step's new rows from
+the scratch to the cache's tier and gives the scratch back. Activations between layers wait on
+their batch's tier (`store_act` / `load_act`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from pathlib import Path
 
 import torch
 
-from ..model import KVBuffers
+from ..model import KVView
 from ..planning.placement import CachePlace, Placement, Tier
+from ..storage.compressed import compressed_in_memory, compressed_on_disk
+from ..storage.quantize import QuantizedTensor
 from ..storage.slots import Slot, SlotPool, StreamOrder
 from ..storage.tiers import DiskReader, DiskTensor, MemoryTensor, TierTensor, copy, to_compute, torch_dtype
 from .blocks import Block, BlockResult, BlockState
+from .kv_views import DenseKV, StoredKV
 
 _ALL = slice(None)
 
@@ -38,10 +43,13 @@ class KVCache:
 
 @dataclass(frozen=True)
 class KVLease:
-    """KV buffers handed to one compute; `scratch` is the pool slot behind them, if any."""
+    """The KV view handed to one compute. From scratch: the pool slot behind it and its keys and
+    values buffers (which `store_cache` writes to the tier); in place: none of these."""
 
-    buffers: KVBuffers
-    scratch: Slot | None
+    view: KVView
+    scratch: Slot | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
 class ActivationHome:
@@ -123,7 +131,9 @@ class BlockIO:
             pieces, nbytes = p.cache_layout(tier)
             if nbytes:
                 state.cache_slots[tier] = slot = self._cache_pool(tier).take()
-                state.cache_views.update({piece.name: slot.view(piece, rows) for piece in pieces})
+                for piece in pieces:
+                    key = piece.name if piece.part == "value" else f"{piece.name}.{piece.part}"
+                    state.cache_views[key] = slot.view(piece, rows)
         for key, place in p.caches.items():
             pair = [self._cache_tensor(state, place, which, tier, shape) for which, tier in (("k", place.k_tier), ("v", place.v_tier))]
             state.caches[key] = KVCache(pair[0], pair[1], place)
@@ -136,10 +146,17 @@ class BlockIO:
         return state
 
     def _cache_tensor(self, state: BlockState, place: CachePlace, which: str, tier: Tier, shape) -> TierTensor:
+        config = self.placement.policy.compression
         if tier is Tier.DISK:
-            path = state.scratch_dir / f"layer{place.layer_idx}_batch{place.batch_idx}_{which}.bin"
-            return DiskTensor(path, shape, self.cache_dtype, self.reader)
-        return MemoryTensor(state.cache_views[f"L{place.layer_idx}b{place.batch_idx}{which}"], tier)
+            path = state.scratch_dir / f"layer{place.layer_idx}_batch{place.batch_idx}_{which}"
+            if place.compressed:
+                return compressed_on_disk(path, shape, config, self.reader)
+            return DiskTensor(f"{path}.bin", shape, self.cache_dtype, self.reader)
+        name = f"L{place.layer_idx}b{place.batch_idx}{which}"
+        if place.compressed:
+            parts = tuple(state.cache_views[f"{name}.{part}"] for part in ("data", "scale", "mins"))
+            return compressed_in_memory(parts, shape, config, tier)
+        return MemoryTensor(state.cache_views[name], tier)
 
     def close(self, state: BlockState) -> BlockResult:
         for lease in state.leases.values():
@@ -154,24 +171,26 @@ class BlockIO:
 
     # --- KV cache --------------------------------------------------------------------------------
     def load_cache(self, state: BlockState, token_idx: int, layer_idx: int, batch_idx: int) -> KVLease:
-        """The buffers a decode step of (layer, batch) attends over, with the past in them."""
+        """The view a decode step of (layer, batch) attends over, with the past in it. Under sparse
+        attention only the keys are loaded: values are read at the chosen positions later."""
         cache = state.caches[(layer_idx, batch_idx)]
         if cache.place.in_place:
             return self._in_place(cache)
-        past = state.query_slots(token_idx).start
-        lease = self._take_scratch(state.block)
+        past = slice(0, state.query_slots(token_idx).start)
+        lease, staging = self._take_scratch(state.block, cache)
         self.order.wait_released(cache.written)  # the last store's copy has landed
-        for tensor, buf in ((cache.k, lease.buffers.k), (cache.v, lease.buffers.v)):
-            copy(buf, slice(0, past), tensor, slice(0, past))
+        copy(lease.k, past, cache.k, past, staging.get("k"))
+        if self.sparsity == 1:
+            copy(lease.v, past, cache.v, past, staging.get("v"))
         return lease
 
-    def lease_for_compute(self, state: BlockState, layer_idx: int, batch_idx: int, loaded: KVLease | None) -> KVBuffers:
-        """The buffers a compute writes its keys and values to (the prefill loads nothing)."""
+    def lease_for_compute(self, state: BlockState, layer_idx: int, batch_idx: int, loaded: KVLease | None) -> KVView:
+        """The view a compute writes its keys and values to (the prefill loads nothing)."""
         if loaded is None:
             cache = state.caches[(layer_idx, batch_idx)]
-            loaded = self._in_place(cache) if cache.place.in_place else self._take_scratch(state.block)
+            loaded = self._in_place(cache) if cache.place.in_place else self._take_scratch(state.block, cache)[0]
         state.leases[(layer_idx, batch_idx)] = loaded
-        return loaded.buffers
+        return loaded.view
 
     def store_cache(self, state: BlockState, token_idx: int, layer_idx: int, batch_idx: int) -> None:
         """The step's new rows to the cache's tier, when the layer wrote them into scratch."""
@@ -180,24 +199,39 @@ class BlockIO:
             return  # the layer wrote into the cache itself
         cache = state.caches[(layer_idx, batch_idx)]
         rows = state.query_slots(token_idx)
-        copy(cache.k, rows, lease.buffers.k, rows)
-        copy(cache.v, rows, lease.buffers.v, rows)
+        copy(cache.k, rows, lease.k, rows)  # converted or quantized on the way
+        copy(cache.v, rows, lease.v, rows)
         cache.written = self.order.mark_released()  # the next load of this cache waits for these copies
         self._give(lease)
 
-    def _in_place(self, cache: KVCache) -> KVLease:
-        on_host = cache.k.data.device.type == "cpu" and self.device.type != "cpu"
-        attend_on = torch.device("cpu") if on_host else self.device
-        return KVLease(KVBuffers(cache.k.data, cache.v.data, attend_on), None)
+    @property
+    def sparsity(self) -> float:
+        return self.placement.policy.attn_sparsity
 
-    def _take_scratch(self, block: Block) -> KVLease:
+    def _in_place(self, cache: KVCache) -> KVLease:
+        on_host = cache.place.k_tier is Tier.CPU and self.device.type != "cpu"
+        attend_on = torch.device("cpu") if on_host else self.device
+        if cache.place.compressed or self.cache_dtype != self.dtype:
+            return KVLease(StoredKV(cache.k, cache.v, attend_on, self.sparsity))
+        return KVLease(DenseKV(cache.k.data, cache.v.data, attend_on, self.sparsity))
+
+    def _take_scratch(self, block: Block, cache: KVCache) -> tuple[KVLease, dict[str, QuantizedTensor]]:
+        """A scratch pair in the compute dtype, and staging for compressed parts to come through."""
+        p = self.placement
         if self.scratch is None:
-            pair = self.placement.buffer("kv scratch")
+            pair = p.buffer("kv scratch")
             self.scratch = SlotPool(pair.count, pair.nbytes_each, self.device)
         slot = self.scratch.take()
         rows = block.prompt_len + block.max_new_tokens
-        k, v = self.placement.scratch_layout(self.placement.workload.seq_len)[:2]
-        return KVLease(KVBuffers(slot.view(k, rows), slot.view(v, rows), self.device), slot)
+        pieces = {(piece.name, piece.part): piece for piece in p.scratch_layout(p.workload.seq_len)}
+        k, v = slot.view(pieces[("k", "value")], rows), slot.view(pieces[("v", "value")], rows)
+        staging = {}
+        if ("k", "data") in pieces:
+            for which in ("k", "v"):
+                parts = [slot.view(pieces[(which, part)], rows) for part in ("data", "scale", "mins")]
+                staging[which] = QuantizedTensor(*parts, shape=tuple(k.shape), dtype=self.dtype, config=p.policy.compression)
+        values = cache.v if self.sparsity < 1 else None  # sparse attention reads values on their tier
+        return KVLease(DenseKV(k, v, self.device, self.sparsity, values), slot, k, v), staging
 
     def release(self, lease: KVLease) -> None:
         """Give back a lease that no compute will use (a block dropped before its step)."""

@@ -78,8 +78,8 @@ class LLM:
             buf = self.placement.buffer("read buffers")
             reader = DiskReader(self.runtime.disk_io, buf.nbytes_each, pin=self.device.type == "cuda")
         self.reader = reader
-        self.weights = WeightStore(placement=self.placement, units=units, source=source.weights,
-                                   device=self.device, offload_dir=self.offload_dir, reader=reader)
+        self.weights = WeightStore(placement=self.placement, units=units, source=source.weights, device=self.device,
+                                   offload_dir=self.offload_dir, reader=reader, verify=self.runtime.verify_offload)
         source.weights.close()
         config = EngineConfig(units=tuple(units), placement=self.placement, device=self.device,
                               offload_dir=self.offload_dir, prefetch_depth=self.runtime.prefetch_depth)
@@ -109,9 +109,6 @@ class LLM:
         def build(p: Policy) -> Placement:
             return plan_placement(self.spec, self.units, p, dtypes=dtypes, workload=workload, buffers=buffers)
 
-        if policy.compress_cache or policy.attn_sparsity < 1 or (policy.cache_dtype not in (None, dtypes.compute)):
-            raise NotSupportedYet("cache compression, a cache dtype other than the compute dtype and sparse "
-                                  "attention are not wired into the engine yet")
         if capacity is not None:
             policy = fit_policy(policy, capacity, build)
             log.info("fitted to gpu %s, cpu %s: weights %g/%g %%, cache %g/%g %% on gpu/cpu",

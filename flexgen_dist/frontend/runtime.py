@@ -26,6 +26,8 @@ class Runtime:
     """Layers of weights loaded ahead of the computing one (each costs a layer of memory)."""
     disk_io: DiskIO = field(default_factory=DiskIO)
     """How disk-tier tensors are read (threads, O_DIRECT, page-cache eviction)."""
+    verify_offload: bool = False
+    """Re-check the checksum of every reused offload-folder file before the run."""
     workload: Workload | None = None
     """The widest prompt and the new tokens the plan is sized for (default: the model's positions);
     a longer run re-sizes the KV cache and buffers for itself."""

@@ -66,6 +66,10 @@ class CheckpointSource:
         """Drop the memory maps of the weight files (after placement, they are not read again)."""
         self._handles.clear()
 
+    def weight_files(self) -> set[Path]:
+        """The safetensors files the weights come from (their headers identify the checkpoint)."""
+        return set(self._file_of.values())
+
     def _resolve(self, key: str) -> str:
         # Some checkpoints were saved from the base model, without the leading "model." prefix.
         for candidate in (key, key.removeprefix("model.")):

@@ -1,9 +1,10 @@
-"""One decoder layer, prefill or decode, over the KV buffers the engine hands it.
+"""One decoder layer, prefill or decode, over the KV cache view the engine hands it.
 
-The layer writes this step's keys and values into the buffers at the step's cache slots and
-attends over the slots written so far, reading them in place: no concatenation of the past. The
-buffers are the KV cache itself when it lives where attention runs, else a scratch copy that
-the engine stores to the cache's tier afterwards; the layer does not know which.
+The layer writes this step's keys and values into the view at the step's cache slots and, in
+decoding, attends over the slots written so far, read in place: no concatenation of the past.
+The view is the KV cache itself when it lives where attention runs, else a scratch copy that the
+engine stores to the cache's tier afterwards; it may convert or dequantize as it is read
+(engine/kv_views.py). The layer does not know which.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ class Step:
         return self.slots.start == 0
 
 
-@dataclass(frozen=True)
-class KVBuffers:
-    """Keys and values of one (layer, batch), each (S, B, nkv, hd) with room for this step's rows."""
+class KVView(Protocol):
+    """One (layer, batch) KV cache as a layer sees it (engine/kv_views.py implements it)."""
 
-    k: torch.Tensor
-    v: torch.Tensor
-    attend_on: torch.device  # where decode attention runs: the compute device, or the CPU over a host cache
+    def write(self, slots: slice, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """This step's keys and values, (B, nkv, T, hd), into cache slots `slots`."""
+
+    def attend(self, q: torch.Tensor, mask: torch.Tensor, scale: float, slots: slice) -> torch.Tensor:
+        """Decode attention of q (B, nh, T, hd) over slots [0, slots.stop) -> (B, T, nh * hd)."""
 
 
 class LayerMath(Protocol):
@@ -57,16 +59,12 @@ class LayerMath(Protocol):
         """(B, T, C) -> fp32 logits (B, T or 1, V)."""
 
 
-def decoder_layer(math: LayerMath, w: dict[str, torch.Tensor], x: torch.Tensor, step: Step, kv: KVBuffers) -> torch.Tensor:
+def decoder_layer(math: LayerMath, w: dict[str, torch.Tensor], x: torch.Tensor, step: Step, kv: KVView) -> torch.Tensor:
     """x (B, T, C) -> x; this step's keys and values end up in kv at step.slots."""
     q, k_new, v_new = math.qkv(w, x, step)  # (B, nh, T, hd), (B, nkv, T, hd)
-    kv.k[step.slots] = k_new.permute(2, 0, 1, 3)  # (T, B, nkv, hd): only this step's rows move
-    kv.v[step.slots] = v_new.permute(2, 0, 1, 3)
+    kv.write(step.slots, k_new, v_new)
     if step.is_prefill:  # no past: attend over this step's own keys, as computed
         a = attention(q, k_new, v_new, step.mask, math.scale)  # (B, T, nh * hd)
     else:
-        keys = kv.k[: step.slots.stop].permute(1, 2, 0, 3)  # (B, nkv, S, hd), a view
-        values = kv.v[: step.slots.stop].permute(1, 2, 0, 3)
-        a = attention(q.to(kv.attend_on, keys.dtype), keys, values, step.mask.to(kv.attend_on), math.scale)
-        a = a.to(x.device, x.dtype)
+        a = kv.attend(q, step.mask, math.scale, step.slots).to(x.device, x.dtype)
     return math.finish(w, x, a)

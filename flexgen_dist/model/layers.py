@@ -99,3 +99,72 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, weight, bias)
+
+
+def _grouped(q: torch.Tensor, nkv: int) -> torch.Tensor:
+    """q (B, nh, T, hd) -> (B, nkv, g * T, hd) in fp32: the g query heads of a kv head in a row."""
+    B, nh, T, hd = q.shape
+    return q.float().reshape(B, nkv, (nh // nkv) * T, hd)
+
+
+def _ungrouped(out: torch.Tensor, nh: int, T: int) -> torch.Tensor:
+    """(B, nkv, g * T, hd) -> (B, T, nh * hd)."""
+    B, _, _, hd = out.shape
+    return out.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)
+
+
+def chunked_attention(q: torch.Tensor, read_kv, length: int, mask: torch.Tensor, scale: float, chunk: int = 256) -> torch.Tensor:
+    """Attention over a cache read piece by piece (16-bit or quantized storage converted as it
+    is read), merged with a running softmax, so no fp32 copy of the whole cache ever exists.
+
+    q: (B, nh, T, hd); read_kv(start, stop) -> k, v of those positions, each (B, nkv, n, hd) in
+    fp32; mask: bool (B, 1, T, length). Returns (B, T, nh * hd) in fp32."""
+    B, nh, T, hd = q.shape
+    qg = None
+    best = total = acc = None
+    for start in range(0, length, chunk):
+        stop = min(length, start + chunk)
+        k, v = read_kv(start, stop)  # (B, nkv, n, hd)
+        if qg is None:
+            qg = _grouped(q.to(k.device), k.shape[1])  # (B, nkv, gT, hd)
+            g = nh // k.shape[1]
+        scores = qg @ k.transpose(-1, -2) * scale  # (B, nkv, gT, n)
+        allowed = mask[..., start:stop].to(k.device).expand(B, 1, T, stop - start).repeat(1, 1, g, 1)  # (B, 1, gT, n)
+        scores.masked_fill_(~allowed, float("-inf"))
+        peak = scores.amax(-1, keepdim=True)  # (B, nkv, gT, 1)
+        if best is None:
+            best = peak
+            weights = (scores - best).exp_()
+            total, acc = weights.sum(-1, keepdim=True), weights @ v
+            continue
+        new_best = torch.maximum(best, peak)
+        rescale = (best - new_best).exp_()
+        weights = (scores - new_best).exp_()
+        total = total * rescale + weights.sum(-1, keepdim=True)
+        acc = acc * rescale + weights @ v
+        best = new_best
+    return _ungrouped(acc / total, nh, T)
+
+
+def sparse_attention(q: torch.Tensor, scores_of, length: int, mask: torch.Tensor, scale: float, keep: float,
+                     values_at, v_new: torch.Tensor) -> torch.Tensor:
+    """Decode attention that uses the values of only the `keep` fraction of past positions with
+    the largest weights per head, plus the new token's (FlexGen's sparse attention: weights come
+    from the softmax over every position and are not renormalised).
+
+    q: (B, nh, 1, hd); scores_of(qg) -> raw scores (B, nkv, g, length) for the grouped fp32
+    queries; values_at(positions (B, nh, k) long) -> (B, nh, k, hd) fp32 values read from the
+    value cache's tier; v_new: (B, nkv, 1, hd), the value at position length - 1.
+    Returns (B, 1, nh * hd) in fp32."""
+    B, nh, T, hd = q.shape
+    nkv = v_new.shape[1]
+    qg = _grouped(q, nkv)  # (B, nkv, g, hd)
+    scores = scores_of(qg) * scale  # (B, nkv, g, length)
+    scores.masked_fill_(~mask.to(scores.device).expand(B, 1, T, length), float("-inf"))
+    weights = scores.softmax(-1).reshape(B, nh, length)  # query head i * g + j
+    k = max(1, int(keep * (length - 1)))
+    top_weights, top_positions = weights[..., :-1].topk(min(k, length - 1), dim=-1)  # (B, nh, k)
+    out = (top_weights.unsqueeze(-2) @ values_at(top_positions)).squeeze(-2)  # (B, nh, hd)
+    current = v_new.float().repeat_interleave(nh // nkv, dim=1)[:, :, 0]  # (B, nh, hd)
+    out = out + weights[..., -1:] * current.to(out.device)
+    return out.reshape(B, 1, nh * hd)

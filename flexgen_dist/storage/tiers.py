@@ -157,8 +157,9 @@ class DiskTensor:
     def nbytes(self) -> int:
         return self.shape[0] * self.row_bytes
 
-    def read_into(self, out: torch.Tensor, index: slice = _ALL) -> torch.Tensor:
-        """Rows `index` into out[:rows] (any device / dtype), in chunks on the reader's threads."""
+    def read_into(self, out: torch.Tensor, index: slice = _ALL, staging=None) -> torch.Tensor:
+        """Rows `index` into out[:rows] (any device / dtype), in chunks on the reader's threads.
+        (`staging` is for compressed tensors' reads; a plain file needs none.)"""
         start, stop = _rows(index, self.shape[0])
         self.reader.read_into(out, self, start, stop)
         return out
@@ -209,29 +210,49 @@ def _pread_all(path: Path, buf: torch.Tensor, offset: int, io: DiskIO) -> int:
         os.close(fd)
 
 
-TierTensor = MemoryTensor | DiskTensor
+TierTensor = MemoryTensor | DiskTensor  # or a storage.compressed.CompressedTensor, of three of them
 
 
-def copy(dst, dst_index: slice, src, src_index: slice = _ALL) -> None:
+def copy(dst, dst_index: slice, src, src_index: slice = _ALL, staging=None) -> None:
     """The one copy primitive: equivalent to `dst[dst_index] = src[src_index]`.
 
-    `dst` and `src` are each a `MemoryTensor`, a `DiskTensor` or a plain torch tensor; indices
-    are slices of the leading dimension. Dtype and device are converted to the destination's.
+    `dst` and `src` are each a tier tensor (`MemoryTensor`, `DiskTensor`, `CompressedTensor`) or a
+    plain torch tensor; indices are slices of the leading dimension. Dtype and device are
+    converted to the destination's; a compressed source is dequantized (through `staging` when
+    its parts must first move), a compressed destination quantizes.
     """
-    if isinstance(src, DiskTensor):
-        if isinstance(dst, (MemoryTensor, DiskTensor)):
-            start, stop = _rows(src_index, src.shape[0])
-            staging = torch.empty((stop - start, *src.shape[1:]), dtype=src.dtype)
-            src.read_into(staging, src_index)
-            dst.write(dst_index, staging)
-        else:
-            src.read_into(dst[dst_index], src_index)
-        return
-    value = src.read(src_index) if isinstance(src, MemoryTensor) else src[src_index]
-    if isinstance(dst, (MemoryTensor, DiskTensor)):
-        dst.write(dst_index, value)
+    if not isinstance(src, (MemoryTensor, torch.Tensor)):  # a file or a compressed tensor reads itself
+        if isinstance(dst, torch.Tensor):
+            src.read_into(dst[dst_index], src_index, staging)
+            return
+        start, stop = _rows(src_index, src.shape[0])
+        value = torch.empty((stop - start, *src.shape[1:]), dtype=getattr(src, "dtype", torch.float32))
+        src.read_into(value, src_index, staging)
     else:
+        value = src.read(src_index) if isinstance(src, MemoryTensor) else src[src_index]
+    if isinstance(dst, torch.Tensor):
         dst[dst_index].copy_(value, non_blocking=value.is_pinned() or value.device.type != "cpu")
+    else:
+        dst.write(dst_index, value)
+
+
+def read_rows(src, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The rows at sorted, distinct positions `rows` of a tier tensor, as one (len(rows), ...)
+    tensor on `device` in `dtype`: sparse attention reads only the values it uses. A file is
+    read in runs of consecutive positions."""
+    if isinstance(src, MemoryTensor):
+        return src.data.index_select(0, rows.to(src.data.device)).to(device, dtype)
+    if not isinstance(src, DiskTensor):
+        return src.read_rows(rows, device, dtype)  # a compressed tensor
+    out = torch.empty((len(rows), *src.shape[1:]), dtype=dtype, device=device)
+    positions = rows.tolist()
+    run_start = 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or positions[i] != positions[i - 1] + 1:
+            first = positions[run_start]
+            src.read_into(out[run_start:i], slice(first, first + i - run_start))
+            run_start = i
+    return out
 
 
 def to_compute(src, index: slice, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -1,73 +1,39 @@
 """Every unit's weights on the tier the placement gives, and loading them for compute.
 
-gpu-tier weights are kept on the compute device in the compute dtype, ready to use. cpu-tier
-weights stay in host memory in the storage dtype; disk-tier weights are files in the offload
-folder, written once from the checkpoint, one tensor at a time, and reused while the checkpoint
-is unchanged. Loading a layer copies its non-resident weights into a slot (a flat buffer of the
-compute dtype on the device) that goes back to the pool once the layer has been computed.
+gpu-tier weights live in one device arena in the compute dtype, ready to use; cpu-tier weights
+in one host arena (pinned at its exact size beside a GPU) in the storage dtype; disk-tier weights
+are files in a verified offload folder (storage/offload_dir.py), written once from the checkpoint
+and reused while the checkpoint, the dtype and the compression settings are unchanged. With
+weight compression every 2-D weight is quantized once, when it is written to its tier, and stays
+compressed there.
+
+Loading a layer fills a slot (a flat buffer on the compute device, planning/placement.py lays it
+out): compressed bytes that are not yet in device memory are copied into the slot's staging
+first, then every non-resident weight is dequantized or converted into the compute dtype. This
+happens once per layer per token of a block, never per GPU batch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import NotSupportedYet, UserError
-from ..planning.layout import Unit, WeightSpec
-from ..planning.placement import Placement, Tier
+from ..errors import UserError
+from ..planning.layout import Unit
+from ..planning.placement import Placement, Tier, WeightPlace
+from .compressed import CompressedTensor, compressed_in_memory
+from .offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity
+from .quantize import QuantizedTensor, empty_quantized, quantize
 from .slots import Slot, SlotPool
 from .tiers import DiskReader, DiskTensor, MemoryTensor, copy, torch_dtype
 
 log = logging.getLogger(__name__)
 
 _ALL = slice(None)
-SOURCE_NOTE = "source.json"
-
-
-class DiskWeightDir:
-    """The folder of weight files for one (source, storage dtype).
-
-    The folder name hashes the source's fingerprint, so a changed checkpoint gets a new folder.
-    Each file is written under a temporary name and renamed when complete, so a file that exists
-    with the right size is complete.
-    """
-
-    def __init__(self, offload_dir: str | Path, fingerprint: str, storage_dtype: torch.dtype, reader: DiskReader):
-        dtype_name = str(storage_dtype).removeprefix("torch.")
-        tag = hashlib.sha256(f"{fingerprint}|{dtype_name}".encode()).hexdigest()[:16]
-        self.path = Path(offload_dir) / f"weights-{tag}"
-        self.fingerprint = fingerprint
-        self.storage_dtype = storage_dtype
-        self.reader = reader
-        self._itemsize = torch.empty((), dtype=storage_dtype).element_size()
-
-    def file(self, ws: WeightSpec) -> Path:
-        return self.path / f"{ws.key}.bin"
-
-    def is_complete(self, ws: WeightSpec) -> bool:
-        path = self.file(ws)
-        return path.is_file() and path.stat().st_size == ws.numel * self._itemsize
-
-    def write(self, ws: WeightSpec, tensor: torch.Tensor) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.file(ws).with_suffix(f".{os.getpid()}.tmp")
-        DiskTensor(tmp, ws.shape, self.storage_dtype, self.reader).write(_ALL, tensor)
-        os.replace(tmp, self.file(ws))
-
-    def describe(self) -> None:
-        """A note for people looking into the folder: where its files came from."""
-        about = self.path / SOURCE_NOTE
-        if not about.exists():
-            tmp = about.with_suffix(f".{os.getpid()}.tmp")
-            dtype_name = str(self.storage_dtype).removeprefix("torch.")
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "dtype": dtype_name}, indent=1))
-            os.replace(tmp, about)
+_PARTS = ("data", "scale", "mins")
 
 
 @dataclass
@@ -78,58 +44,94 @@ class LoadedWeights:
     slot: Slot | None
 
 
+def offload_identity(source, placement: Placement) -> OffloadIdentity:
+    """What the offload folder's files are made from: the checkpoint (its headers, sizes and
+    mtimes) or a generated source, the storage dtype and the compression settings."""
+    policy = placement.policy
+    compression = policy.compression if policy.compress_weight else None
+    files = getattr(source, "weight_files", None)
+    if files is not None:
+        return checkpoint_identity(files(), storage_dtype=placement.dtypes.storage, compression=compression)
+    return OffloadIdentity.of(source.fingerprint(), storage_dtype=placement.dtypes.storage, compression=compression)
+
+
 class WeightStore:
-    def __init__(
-        self,
-        *,
-        placement: Placement,
-        units: list[Unit],
-        source,
-        device: torch.device,
-        offload_dir: str | Path | None,
-        reader: DiskReader | None,
-    ):
+    def __init__(self, *, placement: Placement, units: list[Unit], source, device: torch.device,
+                 offload_dir: str | Path | None, reader: DiskReader | None, verify: bool = False):
         self.device = device
         self.compute_dtype = torch_dtype(placement.dtypes.compute)
-        storage_dtype = torch_dtype(placement.dtypes.storage)
+        self.storage_dtype = torch_dtype(placement.dtypes.storage)
+        self.config = placement.policy.compression
         pin = placement.policy.pin_weight and device.type == "cuda"
         self.arenas: dict[Tier, SlotPool] = {}  # one slot each: every weight of a memory tier
-        views: dict[str, torch.Tensor] = {}
+        self._views: dict[str, torch.Tensor] = {}  # "{layer}.{name}" or "...{name}.{part}" -> its arena view
         for tier, where in ((Tier.GPU, device), (Tier.CPU, torch.device("cpu"))):
             pieces, nbytes = placement.weight_layout(tier)
             if nbytes:
                 self.arenas[tier] = SlotPool(1, nbytes, where, pin=pin and tier is Tier.CPU)
                 arena = self.arenas[tier].take()
-                views.update({piece.name: arena.view(piece) for piece in pieces})
-        if placement.policy.compress_weight:
-            raise NotSupportedYet("weight compression is not wired into the weight store yet")
-        self.tensors: dict[int, dict[str, MemoryTensor | DiskTensor]] = {}
-        self._layouts = placement.slot_layouts  # layer -> where each loaded tensor goes in a slot
-        disk: DiskWeightDir | None = None
+                for piece in pieces:
+                    key = piece.name if piece.part == "value" else f"{piece.name}.{piece.part}"
+                    self._views[key] = arena.view(piece)
+        self._reader = reader
+        self._folder: OffloadFolder | None = None
+        disk = [(unit, ws, place) for unit in units for ws, place in zip(unit.weights, placement.weights[unit.layer_idx])
+                if place.tier is Tier.DISK]
+        if disk:
+            if offload_dir is None or reader is None:
+                raise UserError("the policy puts weights on disk but no offload folder was given; pass --offload-dir DIR")
+            self._folder = OffloadFolder(offload_dir, offload_identity(source, placement), verify=verify)
+        self.tensors: dict[int, dict[str, object]] = {}  # layer -> name -> its tier tensor
         written = 0
         for unit in units:
             placed = {}
             for ws, place in zip(unit.weights, placement.weights[unit.layer_idx]):
-                if place.tier is Tier.DISK:
-                    if offload_dir is None or reader is None:
-                        raise UserError("the policy puts weights on disk but no offload_dir was given; pass --offload-dir DIR")
-                    if disk is None:
-                        disk = DiskWeightDir(offload_dir, source.fingerprint(), storage_dtype, reader)
-                    if not disk.is_complete(ws):
-                        disk.write(ws, source.get(ws))
-                        written += 1
-                    placed[ws.name] = DiskTensor(disk.file(ws), ws.shape, storage_dtype, reader, create=False)
-                else:
-                    view = views[f"{unit.layer_idx}.{ws.name}"]
-                    view.copy_(source.get(ws))  # converted to the tier's dtype (and device)
-                    placed[ws.name] = MemoryTensor(view, place.tier)
+                placed[ws.name], wrote = self._place(unit, ws, place, source)
+                written += wrote
             self.tensors[unit.layer_idx] = placed
-        if disk is not None:
-            disk.describe()
-            log.info("disk weights in %s (%d tensors written, the rest reused)", disk.path, written)
-        self.disk_dir = disk.path if disk is not None else None
+        if self._folder is not None:
+            log.info("disk weights in %s (%d files written, the rest reused)", self._folder.path, written)
+            self._folder.close()
+        self.disk_dir = self._folder.path if self._folder is not None else None
+        self._layouts = placement.slot_layouts  # layer -> where each loaded tensor goes in a slot
         slots = [b for b in placement.working if b.name == "weight slots"]
         self.slots = SlotPool(slots[0].count, slots[0].nbytes_each, device) if slots else None
+
+    def _place(self, unit: Unit, ws, place: WeightPlace, source) -> tuple[object, int]:
+        """The tier tensor of one weight, written from the checkpoint; and how many files were written."""
+        name = f"{unit.layer_idx}.{ws.name}"
+        if place.tier is Tier.DISK:
+            return self._on_disk(ws, place, source)
+        if place.compressed:
+            parts = tuple(self._views[f"{name}.{part}"] for part in _PARTS)
+            held = QuantizedTensor(*parts, shape=ws.shape, dtype=self.compute_dtype, config=self.config)
+            q = quantize(source.get(ws).to(parts[0].device), self.config)  # on the device: fast there
+            held.copy_(q)
+            return compressed_in_memory(parts, ws.shape, self.config, place.tier), 0
+        view = self._views[name]
+        view.copy_(source.get(ws))  # converted to the tier's dtype (and device)
+        return MemoryTensor(view, place.tier), 0
+
+    def _on_disk(self, ws, place: WeightPlace, source) -> tuple[object, int]:
+        folder = self._folder
+        if not place.compressed:
+            nbytes = ws.numel * self.storage_dtype.itemsize
+            path = folder.trusted(ws.key, nbytes)
+            wrote = path is None
+            if wrote:
+                path = folder.write(ws.key, source.get(ws).to(self.storage_dtype).contiguous())
+            return DiskTensor(path, ws.shape, self.storage_dtype, self._reader, create=False), int(wrote)
+        like = empty_quantized((1, *ws.shape[1:]), self.config)
+        sizes = {part: getattr(like, part).numel() * getattr(like, part).element_size() * ws.shape[0] for part in _PARTS}
+        paths = {part: folder.trusted(f"{ws.key}.{part}", sizes[part]) for part in _PARTS}
+        wrote = 0
+        if any(path is None for path in paths.values()):
+            q = quantize(source.get(ws).to(torch.float32), self.config)
+            paths = {part: folder.write(f"{ws.key}.{part}", getattr(q, part).contiguous()) for part in _PARTS}
+            wrote = len(_PARTS)
+        parts = [DiskTensor(paths[part], (ws.shape[0], *getattr(like, part).shape[1:]), getattr(like, part).dtype,
+                            self._reader, create=False) for part in _PARTS]
+        return CompressedTensor(*parts, shape=ws.shape, config=self.config, tier=Tier.DISK), wrote
 
     def close(self) -> None:
         for pool in (*self.arenas.values(), *([self.slots] if self.slots else [])):
@@ -144,12 +146,25 @@ class WeightStore:
         if not layout:
             return LoadedWeights(out, None)
         slot = self.slots.take()
+        staging: dict[str, dict[str, torch.Tensor]] = {}
         for piece in layout:
+            if piece.part != "value":
+                staging.setdefault(piece.name, {})[piece.part] = slot.view(piece)
+                continue
             view = slot.view(piece)
-            copy(view, _ALL, placed[piece.name])
+            src = placed[piece.name]
+            stage = None
+            if piece.name in staging:
+                parts = staging[piece.name]
+                stage = QuantizedTensor(parts["data"], parts["scale"], parts["mins"], tuple(view.shape), view.dtype, self.config)
+            copy(view, _ALL, src, _ALL, stage)
             out[piece.name] = view
         return LoadedWeights(out, slot)
 
     def release(self, loaded: LoadedWeights) -> None:
         if loaded.slot is not None:
             self.slots.give(loaded.slot)
+
+    @property
+    def compressed(self) -> bool:
+        return any(isinstance(t, CompressedTensor) for placed in self.tensors.values() for t in placed.values())
