@@ -1,6 +1,6 @@
 import pytest
 
-from flexgen_dist import NotSupportedYet, Policy, UserError
+from flexgen_dist import Policy, UserError
 from flexgen_dist.planning.placement import Tier, choose_tiers
 
 
@@ -23,17 +23,6 @@ def test_defaults_keep_everything_on_the_compute_device():
 def test_invalid_policy_is_refused_with_what_to_change(kwargs, fragment):
     with pytest.raises(UserError, match=fragment):
         Policy(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "field, value",
-    [("attn_sparsity", 0.5), ("compress_weight", True), ("compress_cache", True), ("cache_dtype", "float16")],
-)
-def test_unimplemented_fields_raise_not_supported_instead_of_being_ignored(llama_dir, field, value):
-    from flexgen_dist import LLM
-
-    with pytest.raises(NotSupportedYet, match="not .*yet"):
-        LLM(llama_dir, policy=Policy(**{field: value}))
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model.checkpoint import CheckpointSource, RandomSource, WeightSource
+from ..planning.layout import model_units
 from ..planning.spec import ModelSpec
 
 
@@ -21,7 +22,8 @@ class ModelSource:
     def from_dir(cls, model_dir: str | Path) -> "ModelSource":
         """A local Hugging Face folder: config.json, safetensors weights, tokenizer files if any."""
         spec = ModelSpec.from_dir(model_dir)
-        return cls(spec, CheckpointSource(model_dir), _load_tokenizer(Path(model_dir)), str(model_dir))
+        weights = CheckpointSource(model_dir, model_units(spec))  # every header checked against the config first
+        return cls(spec, weights, _load_tokenizer(Path(model_dir)), str(model_dir))
 
     @classmethod
     def random(cls, config, seed: int = 0) -> "ModelSource":

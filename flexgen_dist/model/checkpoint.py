@@ -6,16 +6,21 @@ Both hand out one tensor at a time (`get`), so the whole model is never in RAM a
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol, Sequence
 
 import torch
-from safetensors import safe_open
 
 from ..errors import UserError
-from ..planning.layout import WeightSpec
+from ..io_errors import file_error
+from ..planning.layout import Unit, WeightSpec, model_units
+from ..planning.spec import ModelSpec
+from .safetensors_header import TensorEntry
+from .validate import check_finite, match_units, resolve_key, scan_checkpoint
+
+# The floating-point safetensors dtypes validate.py lets through, as torch dtypes.
+TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 class WeightSource(Protocol):
@@ -28,66 +33,84 @@ class WeightSource(Protocol):
         """The tensor of `ws`, on the CPU, in the source's dtype."""
 
     def close(self) -> None:
-        """Drop what was opened to read (memory maps)."""
+        """Drop what was opened to read (open files)."""
 
 
 class CheckpointSource:
-    """Tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+    """Tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`.
 
-    def __init__(self, model_dir: str | Path):
+    Built only from a checkpoint that passed `validate.py`: every file's header is checked and
+    the tensors are held to `units` (the whole model's; default: those of the folder's own
+    config.json) before anything is read, so a damaged file or a config that does not fit the
+    weights is one line up front. Each tensor is then read with plain file reads (an I/O error is
+    an exception, where a memory map would die of SIGBUS) and checked for NaN / Inf. Not for
+    concurrent `get` calls: the weight store reads one tensor at a time.
+    """
+
+    def __init__(self, model_dir: str | Path, units: Sequence[Unit] | None = None):
         self.model_dir = Path(model_dir)
-        index = self.model_dir / "model.safetensors.index.json"
-        single = self.model_dir / "model.safetensors"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise UserError(f"{index} is not a valid safetensors index ({exc}); re-save the checkpoint") from None
-            self._file_of = {key: self.model_dir / name for key, name in weight_map.items()}
-        elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                self._file_of = {key: single for key in f.keys()}
-        else:
-            raise UserError(
-                f"no weights in {str(self.model_dir)!r}: expected model.safetensors or "
-                "model.safetensors.index.json (convert .bin checkpoints with save_pretrained(safe_serialization=True))"
-            )
-        self._handles: dict[Path, object] = {}
+        tensors = scan_checkpoint(self.model_dir)
+        if units is None:
+            units = model_units(ModelSpec.from_dir(self.model_dir))
+        match_units(tensors, units, self.model_dir)
+        self._tensors = tensors
+        self._files: dict[Path, BinaryIO] = {}
 
     def fingerprint(self) -> str:
         """Changes when any weight file changes (name, size, modification time)."""
         h = hashlib.sha256()
-        for path in sorted(set(self._file_of.values())):
-            st = os.stat(path)
+        for path in sorted({entry.path for entry in self._tensors.values()}):
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise file_error(exc, path, "stat") from None
             h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
     def close(self) -> None:
-        """Drop the memory maps of the weight files (after placement, they are not read again)."""
-        self._handles.clear()
+        """Close the weight files (after placement, they are not read again)."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def weight_files(self) -> set[Path]:
         """The safetensors files the weights come from (their headers identify the checkpoint)."""
-        return set(self._file_of.values())
-
-    def _resolve(self, key: str) -> str:
-        # Some checkpoints were saved from the base model, without the leading "model." prefix.
-        for candidate in (key, key.removeprefix("model.")):
-            if candidate in self._file_of:
-                return candidate
-        raise UserError(f"checkpoint {str(self.model_dir)!r} has no tensor {key!r}; is it complete and of this architecture?")
+        return {entry.path for entry in self._tensors.values()}
 
     def get(self, ws: WeightSpec) -> torch.Tensor:
-        key = self._resolve(ws.key)
-        path = self._file_of[key]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        tensor = self._handles[path].get_tensor(key)
-        if tuple(tensor.shape) != ws.shape:
+        name = resolve_key(ws.key, self._tensors)
+        if name is None:
+            raise UserError(f"checkpoint {str(self.model_dir)!r} has no tensor {ws.key!r}; is it complete and of this architecture?")
+        entry = self._tensors[name]
+        if entry.shape != ws.shape:
             raise UserError(
-                f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies {ws.shape}; "
+                f"checkpoint tensor {name!r} has shape {entry.shape}, config.json implies {ws.shape}; "
                 "the config and the weights do not belong together"
             )
+        tensor = self._read(entry)
+        check_finite(name, tensor, repr(str(entry.path)))
+        return tensor
+
+    def _read(self, entry: TensorEntry) -> torch.Tensor:
+        """The tensor's bytes, read straight into a new CPU tensor (one copy from the page cache)."""
+        tensor = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        try:
+            f = self._files.get(entry.path)
+            if f is None:
+                f = self._files[entry.path] = open(entry.path, "rb", buffering=0)
+            f.seek(entry.offset)
+            done = 0
+            while done < entry.nbytes:  # one read returns at most ~2 GiB on Linux
+                count = f.readinto(view[done:])
+                if not count:
+                    raise UserError(
+                        f"{str(entry.path)!r} ended inside tensor {entry.name!r}: the file was truncated after it "
+                        "was checked; re-download or re-save it"
+                    )
+                done += count
+        except OSError as exc:
+            raise file_error(exc, entry.path, "read") from None
         return tensor
 
 

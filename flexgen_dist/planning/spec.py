@@ -5,12 +5,12 @@ One table row per supported `model_type` instead of if/elif chains spread over t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .config_check import ConfigFields, describe, read_config_file
 
 # model_type -> family: how the checkpoint is laid out (planning/layout.py) and computed (model/)
 SUPPORTED = {
@@ -60,130 +60,132 @@ class ModelSpec:
             raise UserError(f"model folder {str(model_dir)!r} does not exist; pass a local Hugging Face model folder")
         if not path.is_file():
             raise UserError(f"{str(path)!r} is missing: a model folder needs the config.json of a Hugging Face checkpoint")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{str(path)!r} is not valid JSON ({exc}); restore the checkpoint's config.json") from None
-        return cls.from_config(config)
+        return cls.from_config(read_config_file(path), where=repr(str(path)))
 
     @classmethod
-    def from_config(cls, config: Any) -> "ModelSpec":
-        """From a config dict or a transformers `PretrainedConfig`."""
+    def from_config(cls, config: Any, where: str = "the model config") -> "ModelSpec":
+        """From a config dict or a transformers `PretrainedConfig`; `where` names it in errors.
+        Every field is checked (config_check.py): a wrong value is a one-line UserError."""
         if not isinstance(config, dict):
             config = config.to_dict()
         model_type = config.get("model_type")
-        if model_type not in SUPPORTED:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED:
+            found = "no 'model_type'" if model_type is None else f"model_type {describe(model_type)}"
+            raise UserError(f"{where} has {found}, which is not supported; supported: {', '.join(sorted(SUPPORTED))}")
+        quantization = config.get("quantization_config")
+        if quantization is not None:
+            method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
             raise UserError(
-                f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(SUPPORTED))}"
+                f"{where} has a quantization_config ({method}): quantized checkpoints are not supported; "
+                "use the fp16/bf16/fp32 checkpoint"
             )
-        family = SUPPORTED[model_type]
-        return _opt_spec(config) if family == "opt" else _llama_spec(config, model_type)
+        fields = ConfigFields(config, where, model_type)
+        return _opt_spec(fields) if SUPPORTED[model_type] == "opt" else _llama_spec(fields)
 
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
 
-def _eos_ids(config: dict) -> tuple[int, ...]:
-    eos = config.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+def _common(f: ConfigFields) -> dict:
+    """Fields every family reads the same way."""
+    return dict(
+        model_type=f.model_type,
+        num_layers=f.integer("num_hidden_layers", required=True),
+        vocab_size=f.integer("vocab_size", required=True),
+        max_positions=f.integer("max_position_embeddings", 2048),
+        eos_token_ids=f.token_ids("eos_token_id"),
+        pad_token_id=f.token_id("pad_token_id"),
+        bos_token_id=f.token_id("bos_token_id"),
+        dtype=f.text("dtype", None) or f.text("torch_dtype", None) or "float32",
+        raw=f.config,
+    )
 
 
-def _get(config: dict, key: str, where: str):
-    if config.get(key) is None:
-        raise UserError(f"config.json has no {key!r}, needed for a {where} model; is the checkpoint complete?")
-    return config[key]
-
-
-def _rope_parameters(config: dict) -> tuple[float, dict | None]:
+def _rope_parameters(f: ConfigFields) -> tuple[float, dict | None]:
     # transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in rope_theta/rope_scaling.
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or None
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type")
-    if rope_type in (None, "default"):
-        return float(theta), None
-    merged = {**(scaling or {}), **params, "rope_type": rope_type}
+    params = f.object("rope_parameters") or {}
+    scaling = f.object("rope_scaling") or {}
+    rope = ConfigFields({**scaling, **params}, f"{f.where} (rope_parameters / rope_scaling)", f.model_type)
+    theta = rope.number("rope_theta") or f.number("rope_theta", 10000.0)
+    rope_type = rope.text("rope_type", None) or rope.text("type", None) or "default"
+    if rope_type == "default":
+        return theta, None
     if rope_type not in ("linear", "llama3"):
-        raise UserError(
-            f"rope scaling type {rope_type!r} is not supported; supported: default, linear, llama3"
-        )
-    return float(theta), merged
+        raise UserError(f"{f.where}: rope scaling type {rope_type!r} is not supported; supported: default, linear, llama3")
+    merged = {**rope.config, "rope_type": rope_type, "factor": rope.number("factor", required=True)}
+    if rope_type == "llama3":
+        low = merged["low_freq_factor"] = rope.number("low_freq_factor", required=True)
+        high = merged["high_freq_factor"] = rope.number("high_freq_factor", required=True)
+        merged["original_max_position_embeddings"] = rope.integer("original_max_position_embeddings", required=True)
+        rope.require(high > low, f"high_freq_factor {high} must be greater than low_freq_factor {low}")
+    return theta, merged
 
 
-def _llama_spec(config: dict, model_type: str) -> ModelSpec:
-    hidden = int(_get(config, "hidden_size", model_type))
-    heads = int(_get(config, "num_attention_heads", model_type))
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    theta, scaling = _rope_parameters(config)
-    act = config.get("hidden_act", "silu")
+def _llama_spec(f: ConfigFields) -> ModelSpec:
+    model_type = f.model_type
+    hidden = f.integer("hidden_size", required=True)
+    heads = f.integer("num_attention_heads", required=True)
+    kv_heads = f.integer("num_key_value_heads", heads)
+    head_dim = f.integer("head_dim", None)
+    if head_dim is None:
+        f.require(hidden % heads == 0, f"num_attention_heads {heads} does not divide hidden_size {hidden} "
+                  "(and there is no head_dim)")
+        head_dim = hidden // heads
+    f.require(heads % kv_heads == 0, f"num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}")
+    f.require(head_dim % 2 == 0, f"the head dimension {head_dim} is odd; rotary embeddings need an even one")
+    theta, scaling = _rope_parameters(f)
+    act = f.text("hidden_act", "silu")
     if act != "silu":
-        raise UserError(f"hidden_act {act!r} is not supported for {model_type}; supported: silu")
-    qkv_bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
-    o_bias = bool(config.get("attention_bias", False)) and model_type != "qwen2"
-    sliding = config.get("sliding_window") if model_type in ("mistral", "qwen2") else None
-    if model_type == "qwen2" and not config.get("use_sliding_window", False):
+        raise UserError(f"{f.where}: hidden_act {act!r} is not supported for {model_type}; supported: silu")
+    attention_bias = f.flag("attention_bias", False)
+    sliding = f.integer("sliding_window", None) if model_type in ("mistral", "qwen2") else None
+    if model_type == "qwen2" and not f.flag("use_sliding_window", False):
         sliding = None
     return ModelSpec(
-        model_type=model_type,
+        **_common(f),
         family="llama",
-        num_layers=int(_get(config, "num_hidden_layers", model_type)),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        intermediate_size=int(_get(config, "intermediate_size", model_type)),
-        vocab_size=int(_get(config, "vocab_size", model_type)),
-        max_positions=int(config.get("max_position_embeddings") or 2048),
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=qkv_bias,
-        o_bias=o_bias,
-        mlp_bias=bool(config.get("mlp_bias", False)),
-        eos_token_ids=_eos_ids(config),
-        pad_token_id=config.get("pad_token_id"),
-        bos_token_id=config.get("bos_token_id"),
+        intermediate_size=f.integer("intermediate_size", required=True),
+        norm_eps=f.number("rms_norm_eps", 1e-6),
+        tie_word_embeddings=f.flag("tie_word_embeddings", False),
+        attention_bias=model_type == "qwen2" or attention_bias,  # Qwen2 always has q/k/v biases
+        o_bias=attention_bias and model_type != "qwen2",
+        mlp_bias=f.flag("mlp_bias", False),
         rope_theta=theta,
         rope_scaling=scaling,
-        sliding_window=int(sliding) if sliding else None,
+        sliding_window=sliding,
         activation="silu",
-        dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
-        raw=config,
     )
 
 
-def _opt_spec(config: dict) -> ModelSpec:
-    hidden = int(_get(config, "hidden_size", "opt"))
-    heads = int(_get(config, "num_attention_heads", "opt"))
-    act = config.get("activation_function", "relu")
+def _opt_spec(f: ConfigFields) -> ModelSpec:
+    hidden = f.integer("hidden_size", required=True)
+    heads = f.integer("num_attention_heads", required=True)
+    f.require(hidden % heads == 0, f"num_attention_heads {heads} does not divide hidden_size {hidden}")
+    act = f.text("activation_function", "relu")
     if act != "relu":
-        raise UserError(f"activation_function {act!r} is not supported for opt; supported: relu")
+        raise UserError(f"{f.where}: activation_function {act!r} is not supported for opt; supported: relu")
+    bias = f.flag("enable_bias", True)
+    f.flag("_remove_final_layer_norm", False)  # read by planning/layout.py: checked here
     return ModelSpec(
-        model_type="opt",
+        **_common(f),
         family="opt",
-        num_layers=int(_get(config, "num_hidden_layers", "opt")),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=hidden // heads,
-        intermediate_size=int(_get(config, "ffn_dim", "opt")),
-        vocab_size=int(_get(config, "vocab_size", "opt")),
-        max_positions=int(config.get("max_position_embeddings") or 2048),
+        intermediate_size=f.integer("ffn_dim", required=True),
         norm_eps=1e-5,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-        attention_bias=bool(config.get("enable_bias", True)),
-        o_bias=bool(config.get("enable_bias", True)),
-        mlp_bias=bool(config.get("enable_bias", True)),
-        eos_token_ids=_eos_ids(config),
-        pad_token_id=config.get("pad_token_id"),
-        bos_token_id=config.get("bos_token_id"),
-        word_embed_proj_dim=int(config.get("word_embed_proj_dim") or hidden),
-        do_layer_norm_before=bool(config.get("do_layer_norm_before", True)),
+        tie_word_embeddings=f.flag("tie_word_embeddings", True),
+        attention_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        word_embed_proj_dim=f.integer("word_embed_proj_dim", hidden),
+        do_layer_norm_before=f.flag("do_layer_norm_before", True),
         position_offset=2,
         activation="relu",
-        dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
-        raw=config,
     )
