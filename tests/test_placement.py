@@ -13,6 +13,7 @@ from flexgen_dist.engine.block_io import BlockIO
 from flexgen_dist.planning.layout import model_units
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, plan_placement
 from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.storage.compressed import CompressedTensor
 from flexgen_dist.storage.tiers import DiskIO, DiskTensor, MemoryTensor
 
 # Weights, KV cache and activations on every tier, several GPU batches.
@@ -21,7 +22,10 @@ EVERY_TIER = Policy(gpu_batch_size=2, num_gpu_batches=3, w_gpu_percent=30, w_cpu
 
 
 def tensor_bytes(t) -> tuple[Tier, int]:
-    """(tier, bytes it really takes): a memory tensor's storage, a disk tensor's file."""
+    """(tier, bytes it really takes): a memory tensor's storage, a disk tensor's file, the sum
+    of a compressed tensor's parts."""
+    if isinstance(t, CompressedTensor):
+        return t.tier, sum(tensor_bytes(part)[1] for part in t.parts)
     if isinstance(t, DiskTensor):
         return Tier.DISK, os.stat(t.path).st_size
     assert isinstance(t, MemoryTensor)
@@ -36,8 +40,10 @@ def by_tier(pairs) -> dict[Tier, int]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-@pytest.mark.parametrize("policy", [EVERY_TIER, EVERY_TIER.replace(cpu_cache_compute=True, num_gpu_batches=2)],
-                         ids=["every-tier", "cpu-attention"])
+@pytest.mark.parametrize("policy", [EVERY_TIER, EVERY_TIER.replace(cpu_cache_compute=True, num_gpu_batches=2),
+                                    EVERY_TIER.replace(compress_weight=True, compress_cache=True),
+                                    EVERY_TIER.replace(cache_dtype="float16", attn_sparsity=0.5)],
+                         ids=["every-tier", "cpu-attention", "compressed", "fp16-cache-sparse"])
 def test_planned_bytes_equal_allocated_bytes(request, tmp_path, monkeypatch, arch, policy):
     model = request.getfixturevalue(f"{arch}_dir")
     prompt_len, new_tokens = 9, 5
@@ -51,9 +57,10 @@ def test_planned_bytes_equal_allocated_bytes(request, tmp_path, monkeypatch, arc
                          + [tensor_bytes(t) for kv in state.caches.values() for t in (kv.k, kv.v) if t.tier is Tier.DISK])
         for kv in state.caches.values():
             for t in (kv.k, kv.v):
-                if t.tier is not Tier.DISK:  # a view into its tier's slot, not a tensor of its own
+                if t.tier is not Tier.DISK:  # views into its tier's slot, not tensors of their own
                     slot = state.cache_slots[t.tier].data
-                    assert slot.data_ptr() <= t.data.data_ptr() < slot.data_ptr() + slot.numel()
+                    views = [p.data for p in t.parts] if isinstance(t, CompressedTensor) else [t.data]
+                    assert all(slot.data_ptr() <= v.data_ptr() < slot.data_ptr() + slot.numel() for v in views)
         acts = sum(os.stat(home.file.path).st_size for home in state.acts.values() if home.file is not None)
         opened.append((caches, acts))
         return state
@@ -84,10 +91,12 @@ def test_planned_bytes_equal_allocated_bytes(request, tmp_path, monkeypatch, arc
                 assert t.tier is place.tier
                 if place.tier is Tier.DISK:
                     assert tensor_bytes(t) == (Tier.DISK, place.nbytes)
-                else:  # a view into its tier's arena, of the planned size
+                else:  # views into its tier's arena, of the planned size
                     arena = llm.weights.arenas[place.tier].slots[0].data
-                    assert arena.data_ptr() <= t.data.data_ptr() < arena.data_ptr() + arena.numel()
-                    assert t.data.numel() * t.data.element_size() == place.nbytes
+                    views = [p.data for p in t.parts] if isinstance(t, CompressedTensor) else [t.data]
+                    assert all(arena.data_ptr() <= v.data_ptr() < arena.data_ptr() + arena.numel() for v in views)
+                    assert sum(v.numel() * v.element_size() for v in views) == place.nbytes
+                assert isinstance(t, CompressedTensor) == place.compressed
         # one block's KV cache and activation files, per tier
         assert len(opened) == 2
         for caches, act_files in opened:
