@@ -33,6 +33,10 @@ def file_error(exc: OSError, path: str | Path, doing: str) -> UserError | Enviro
         what, fix = _USER_ERRNOS[code]
         return UserError(f"cannot {doing} {str(path)!r}: {what}; {fix}")
     reason = os.strerror(code) if code is not None else str(exc)
+    if code == errno.ENOSPC:
+        return EnvironmentFailure(
+            f"cannot {doing} {str(path)!r}: the disk is full (ENOSPC); free space or point --offload-dir at a bigger disk"
+        )
     if code == errno.EIO:
         return EnvironmentFailure(
             f"cannot {doing} {str(path)!r}: I/O error (EIO): the disk or file system failed; "

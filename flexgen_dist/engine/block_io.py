@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..io_errors import file_error
 from ..model import KVView
 from ..planning.placement import CachePlace, Placement, Tier
 from ..storage.compressed import compressed_in_memory, compressed_on_disk
@@ -99,15 +100,16 @@ class BlockIO:
             self.close_pools()  # sized for the longest sequence: rebuilt larger
         self.placement = placement
 
-    def close_pools(self) -> None:
-        """Free the KV memory (after a run: an idle model holds only its weights). Every slot must
-        be back: one still lent is a leak, a bug to report rather than memory to lose quietly."""
+    def close_pools(self, check: bool = True) -> None:
+        """Free the KV memory (after a run: an idle model holds only its weights). After a run that
+        ended normally every slot must be back (`check`): one still lent is a leak, a bug to report
+        rather than memory to lose quietly. After a failure the failure is what matters."""
         pools = [pool for pool in (self.scratch, *self.cache_pools.values()) if pool is not None]
         self.scratch, self.cache_pools = None, {}
         for pool in pools:
             pool.close()
         lent = [pool for pool in pools if pool.num_free != len(pool.slots)]
-        if lent:
+        if lent and check:
             raise RuntimeError(f"{len(lent)} KV pool(s) still had slots lent out at the end of a run")
 
     def _cache_pool(self, tier: Tier) -> SlotPool:
@@ -123,8 +125,11 @@ class BlockIO:
         p = self.placement
         state = BlockState.start(block, p.policy.gpu_batch_size)
         if self.placement.has_disk() and self.offload_dir is not None:
-            Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
-            state.scratch_dir = Path(tempfile.mkdtemp(prefix=f"cache-rank{self.rank}-", dir=self.offload_dir))
+            try:  # private (0o700), with a name nobody can predict
+                Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
+                state.scratch_dir = Path(tempfile.mkdtemp(prefix=f"cache-rank{self.rank}-", dir=self.offload_dir))
+            except OSError as exc:
+                raise file_error(exc, self.offload_dir, "create a folder in") from None
         rows = block.prompt_len + block.max_new_tokens
         shape = p.cache_shape(rows)  # (seq, batch, kv heads, head dim)
         for tier in (Tier.GPU, Tier.CPU):
@@ -199,10 +204,12 @@ class BlockIO:
             return  # the layer wrote into the cache itself
         cache = state.caches[(layer_idx, batch_idx)]
         rows = state.query_slots(token_idx)
-        copy(cache.k, rows, lease.k, rows)  # converted or quantized on the way
-        copy(cache.v, rows, lease.v, rows)
-        cache.written = self.order.mark_released()  # the next load of this cache waits for these copies
-        self._give(lease)
+        try:
+            copy(cache.k, rows, lease.k, rows)  # converted or quantized on the way
+            copy(cache.v, rows, lease.v, rows)
+            cache.written = self.order.mark_released()  # the next load of this cache waits for these copies
+        finally:
+            self._give(lease)
 
     @property
     def sparsity(self) -> float:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..model import LayerMath, decoder_layer
 from ..parallel.comm import ACTIVATIONS, TOKENS, Comm, SendHandle
 from ..planning.layout import Unit, UnitKind
@@ -56,6 +57,7 @@ class _Walk:
     weight_loads: dict[ops.LoadWeight, object] = field(default_factory=dict)  # -> future of LoadedWeights
     cache_loads: dict[ops.LoadCache, object] = field(default_factory=dict)  # -> future of KVLease
     sends: list[SendHandle] = field(default_factory=list)  # not yet completed
+    nonfinite: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (block, batch) -> flag per layer
     phase_s: list[float] = field(default_factory=lambda: [0.0, 0.0])  # prefill, decode
 
 
@@ -106,11 +108,10 @@ class Engine:
                 plan = self._walk(plan, walk)
             for handle in walk.sends:
                 handle.wait()
-        finally:
-            self._drop_loads(walk)
-            for state in walk.states.values():
-                self.block_io.close(state)
-            self.block_io.close_pools()
+        except BaseException:
+            self._tear_down(walk, failed=True)
+            raise
+        self._tear_down(walk, failed=False)
         return RunResult([walk.results.get(b, BlockResult([])) for b in range(len(blocks))], *walk.phase_s)
 
     def _walk(self, plan: list, walk: _Walk) -> list:
@@ -135,6 +136,14 @@ class Engine:
                 torch.cuda.synchronize(self.device)
             walk.phase_s[current[1] > 0] += time.perf_counter() - started
         return []
+
+    def _tear_down(self, walk: _Walk, failed: bool) -> None:
+        """Loads finished and given back, open blocks closed (their files removed), KV memory freed."""
+        self._drop_loads(walk)
+        for state in list(walk.states.values()):
+            self.block_io.close(state)
+        walk.states.clear()
+        self.block_io.close_pools(check=not failed)
 
     def _drop_loads(self, walk: _Walk) -> None:
         """Wait for loads in flight and give their buffers back (their compute will not come)."""
@@ -222,17 +231,43 @@ class Engine:
         if unit.kind is UnitKind.EMBED:
             ids = state.input_ids(token_idx, batch_idx).to(self.device)
             state.hidden[batch_idx] = self.math.embed(weights, ids, step)
+            self._note_finite(walk, op, state.hidden[batch_idx])
         elif unit.kind is UnitKind.BLOCK:
             kv = self.block_io.lease_for_compute(state, op.layer_idx, batch_idx, past)
             state.hidden[batch_idx] = decoder_layer(self.math, weights, state.hidden.pop(batch_idx), step, kv)
+            self._note_finite(walk, op, state.hidden[batch_idx])
         else:
             logits = self.math.head(weights, state.hidden.pop(batch_idx), step)  # (B, T, V)
+            self._note_finite(walk, op, logits)
             if not step.last_only:
                 state.record_scores(batch_idx, logits)
             seq_ids = state.block.seq_ids[state.rows(batch_idx)]
             state.record_tokens(token_idx, batch_idx, walk.sampler(logits[:, -1], seq_ids))
         if op.layer_idx == walk.stage.layers[-1]:
             state.forget_step(token_idx, batch_idx)  # this token's step inputs are not needed again
+
+    def _note_finite(self, walk: _Walk, op: ops.Compute, x: torch.Tensor) -> None:
+        """Flag a layer output holding inf or NaN (on the device: no wait per layer); at the
+        stage's last layer, stop with the first flagged layer's name. Without this, NaN logits
+        sample token 0 forever and the run ends "successfully"."""
+        key = (op.block_idx, op.batch_idx)
+        layers = walk.stage.layers
+        flags = walk.nonfinite.get(key)
+        if flags is None:
+            flags = walk.nonfinite[key] = torch.zeros(len(layers), dtype=torch.bool, device=x.device)
+        flags[op.layer_idx - layers[0]] = ~torch.isfinite(x).all()
+        if op.layer_idx != layers[-1]:
+            return
+        del walk.nonfinite[key]
+        if bool(flags.any()):
+            first = layers[0] + int(flags.nonzero()[0])
+            kind = self.units[first].kind.value
+            where = {"embed": "the embedding", "head": "the head"}.get(kind, f"decoder layer {first - 1}")
+            raise UserError(
+                f"the output of {where} (schedule layer {first}) holds inf or NaN at token {op.token_idx} of block "
+                f"{op.block_idx}: the checkpoint's values overflow {self.placement.dtypes.compute}; compute in float32 "
+                "(or bfloat16 on a GPU) with --compute-dtype"
+            )
 
     def _traced(self, name: str, cat: str, fn, *args):
         """fn(*args) inside a trace span, on whichever thread runs it."""

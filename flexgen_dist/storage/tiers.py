@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..io_errors import file_error
 from ..planning.placement import READ_ALIGN, Tier
 
 _ALL = slice(None)
@@ -148,10 +149,15 @@ class DiskTensor:
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
         self.row_bytes = torch.Size(self.shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "wb") as f:
-                f.truncate(self.nbytes)
+        if create:  # a new file of the block's own private folder: never an existing one, never a link
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    os.ftruncate(fd, self.nbytes)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise file_error(exc, self.path, "create") from None
 
     @property
     def nbytes(self) -> int:
@@ -170,13 +176,16 @@ class DiskTensor:
         if tuple(data.shape) != (stop - start, *self.shape[1:]):
             raise ValueError(f"write of shape {tuple(data.shape)} into rows {start}:{stop} of {self.shape}")
         view = memoryview(data.view(-1).view(torch.uint8).numpy())
-        fd = os.open(self.path, os.O_WRONLY)
         try:
-            offset, done = start * self.row_bytes, 0
-            while done < len(view):  # a short write (disk full, signal) is retried, never ignored
-                done += os.pwrite(fd, view[done:], offset + done)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                offset, done = start * self.row_bytes, 0
+                while done < len(view):  # a short write (disk full, signal) is retried, never ignored
+                    done += os.pwrite(fd, view[done:], offset + done)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk mid-run: one line, exit 1
+            raise file_error(exc, self.path, "write") from None
 
 
 def _pread_all(path: Path, buf: torch.Tensor, offset: int, io: DiskIO) -> int:

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..planning.layout import Unit
 from ..planning.placement import Placement, Tier, WeightPlace
 from .compressed import CompressedTensor, compressed_in_memory
+from .atomic_files import check_offload_space
 from .offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity
 from .quantize import QuantizedTensor, empty_quantized, quantize
 from .slots import Slot, SlotPool
@@ -80,7 +81,18 @@ class WeightStore:
         if disk:
             if offload_dir is None or reader is None:
                 raise UserError("the policy puts weights on disk but no offload folder was given; pass --offload-dir DIR")
+            check_offload_space(offload_dir, 0)  # a folder we can write, before looking inside it
             self._folder = OffloadFolder(offload_dir, offload_identity(source, placement), verify=verify)
+            # Before writing anything: room for the files still missing and the run's cache and activations.
+            sizes = {}
+            for _, ws, place in disk:
+                if place.compressed:
+                    like = empty_quantized((1, *ws.shape[1:]), self.config)
+                    sizes.update({f"{ws.key}.{part}": getattr(like, part).nbytes * ws.shape[0] for part in _PARTS})
+                else:
+                    sizes[ws.key] = place.nbytes
+            scratch = placement.cache_bytes()[Tier.DISK] + placement.act_bytes()[Tier.DISK]
+            check_offload_space(offload_dir, self._folder.missing_bytes(sizes) + scratch)
         self.tensors: dict[int, dict[str, object]] = {}  # layer -> name -> its tier tensor
         written = 0
         for unit in units:
