@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from flexgen_dist.parallel.context import DistContext
-from flexgen_dist.parallel.launchers import slurm_job_port
+from flexgen_dist.parallel.launchers import slurm_job_port, torchrun_agent_serves_store
 from launcher_envs import ompi_env, sbatch_batch_step_env, slurm_env, torchrun_env
 
 
@@ -109,6 +109,14 @@ def test_torchrun_inside_slurm_chooses_torchrun(no_mpi4py, slurm):
     ctxs = contexts([{**slurm, **torchrun_env(rank=rank, local_rank=rank)} for rank in range(4)])
     assert [(ctx.launcher, ctx.rank, ctx.world_size) for ctx in ctxs] == [("torchrun", rank, 4) for rank in range(4)]
     assert {ctx.master_addr for ctx in ctxs} == {"10.1.2.3"}
+
+
+def test_torchrun_agent_store_is_recognised():
+    # torchrun sets TORCHELASTIC_USE_AGENT_STORE=True when its agent serves the store at
+    # MASTER_PORT (rank 0 must then join it); RANK / WORLD_SIZE set by hand do not.
+    assert torchrun_agent_serves_store(torchrun_env(TORCHELASTIC_USE_AGENT_STORE="True"))
+    assert not torchrun_agent_serves_store(torchrun_env(TORCHELASTIC_USE_AGENT_STORE="False"))
+    assert not torchrun_agent_serves_store(torchrun_env())
 
 
 # ---- no launcher in the batch step -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -43,11 +44,12 @@ RANK_SCRIPT = textwrap.dedent(
 def start_rank(rank: int, world_size: int, port: int, rendezvous_timeout_s: float, addr="127.0.0.1") -> RankProcess:
     env = {
         name: value for name, value in os.environ.items()
-        if not name.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL"))
+        if not name.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_"))
     }
     env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                MASTER_ADDR=addr, MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])))
+               CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return RankProcess([sys.executable, "-c", RANK_SCRIPT, str(rendezvous_timeout_s)], env)
 
 
@@ -110,6 +112,20 @@ def test_rank0_out_of_reach(addr, message):
     [(code, stderr)] = finish_all([start_rank(1, 2, port, rendezvous_timeout_s=2, addr=addr)], timeout_s=300)
     assert code == 1, stderr[-3000:]
     assert message.format(port=port) in the_error(stderr)
+
+
+def test_torchrun_ranks_meet_at_its_agent_store(tmp_path):
+    # torchrun's agent already serves a store at MASTER_PORT: rank 0 must join it, not listen.
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.replace("ctx.destroy()", "print('joined', ctx.rank, flush=True)\n    ctx.destroy()"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "60"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(proc.stdout.split("\n")[:2]) == ["joined 0", "joined 1"], proc.stdout
+    assert not re.search(r"^\[[WE]\d", proc.stderr, re.MULTILINE), proc.stderr[-3000:]  # no c10d complaint
+    assert "launcher torchrun" in proc.stderr
 
 
 def test_rank0_port_in_use():

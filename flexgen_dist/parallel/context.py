@@ -41,6 +41,7 @@ from .launchers import (
     _Ranks,
     _slurm_ranks,
     _torchrun_ranks,
+    torchrun_agent_serves_store,
 )
 
 logger = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ class DistContext:
             backend=self.backend,
             timeout_s=timeout_s,
             rendezvous_timeout_s=rendezvous_timeout_s,
+            store_served_by_launcher=self.launcher == "torchrun" and torchrun_agent_serves_store(os.environ),
         )
         logger.info("process group ready: rank %d of %d joined via %s", self.rank, self.world_size, self.init_method)
 

@@ -153,6 +153,17 @@ def _torchrun_ranks(env: Mapping[str, str]) -> _Ranks:
     )
 
 
+def torchrun_agent_serves_store(env: Mapping[str, str]) -> bool:
+    """torchrun's agent already serves the rendezvous store at MASTER_ADDR:MASTER_PORT.
+
+    Then every rank, rank 0 included, must join it as a client. torch's C++ TCPStore reads the
+    same variable (and then ignores its failed bind, logging an error line), so this answer
+    matches the one torch itself makes. It is read when the process group is joined, since
+    DistContext has no field for it.
+    """
+    return env.get("TORCHELASTIC_USE_AGENT_STORE", "").strip() == "True"
+
+
 # ---- SLURM ------------------------------------------------------------------------------------------
 
 

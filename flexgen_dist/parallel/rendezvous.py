@@ -8,7 +8,8 @@ complete ends on every rank with one line naming the ranks that did not join, th
 what to check: a `RendezvousError`, which the CLI turns into exit code 1 like any dead peer.
 
 The steps, all under one deadline:
-1. Rank 0 listens (a `TCPStore` server). A port in use fails at once.
+1. Rank 0 listens (a `TCPStore` server). A port in use fails at once. Under torchrun, whose
+   agent already serves a store at MASTER_PORT, every rank is that store's client instead.
 2. The other ranks connect, retrying while rank 0 does not listen yet. The retries are plain
    Python sockets: c10d's own client retries print C++ stack traces on every attempt.
 3. Roll call: rank r adds 1 to its key (a second process given the same rank reads 2 and stops),
@@ -58,16 +59,21 @@ def join_process_group(
     backend: str,
     timeout_s: float,
     rendezvous_timeout_s: float,
+    store_served_by_launcher: bool = False,
 ) -> None:
     """Meet the other ranks at rank 0's store, then initialise torch.distributed's default group.
 
     timeout_s: the process group's timeout for every later collective and point-to-point wait.
     rendezvous_timeout_s: how long to wait for all ranks to arrive, measured from this call.
+    store_served_by_launcher: the launcher serves the store at master_addr:master_port (torchrun's
+        agent does, a fresh one per attempt), so rank 0 joins it as a client instead of listening.
     Raises `RendezvousError` (one line) when the ranks do not all meet in time.
     """
     where = _where(master_addr, master_port)
     deadline = time.monotonic() + rendezvous_timeout_s
-    store = _open_store(rank, master_addr, master_port, where, rendezvous_timeout_s, deadline)
+    store = _open_store(
+        rank, master_addr, master_port, where, rendezvous_timeout_s, deadline, store_served_by_launcher
+    )
     _roll_call(store, rank, world_size, where, rendezvous_timeout_s, deadline)
     try:
         dist.init_process_group(
@@ -80,9 +86,10 @@ def join_process_group(
         ) from None
 
 
-def _open_store(rank: int, addr: str, port: int, where: str, rendezvous_timeout_s: float, deadline: float):
+def _open_store(rank: int, addr: str, port: int, where: str, rendezvous_timeout_s: float, deadline: float,
+                store_served_by_launcher: bool):
     store_timeout = timedelta(seconds=rendezvous_timeout_s)
-    if rank == 0:
+    if rank == 0 and not store_served_by_launcher:
         try:
             return dist.TCPStore(addr, port, None, True, store_timeout, wait_for_workers=False)
         except dist.DistError as exc:
