@@ -17,6 +17,9 @@
 # MASTER_PORT, CUDA_VISIBLE_DEVICES, HF_HOME, HF_HUB_OFFLINE, NCCL_SOCKET_IFNAME,
 # GLOO_SOCKET_IFNAME, NCCL_DEBUG (those that are set).
 # All arguments go to `python -m flexgen_dist.run` unchanged.
+# Inside an sbatch allocation this works as well (without HOSTFILE: mpirun reads the allocation):
+# the ranks inherit the batch step's SLURM_PROCID=0, which flexgen_dist ignores outside an srun
+# step. slurm/mpirun.sbatch is that, with NP = the allocation's tasks.
 #
 # Example:
 #   NP=4 HOSTFILE=hosts.txt launch/mpirun_openmpi.sh --model ~/models/Llama-3.1-8B --input prompts.jsonl --output results.jsonl

@@ -10,7 +10,8 @@
 #   TORCHRUN         torchrun command (default: torchrun).
 # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
 # --standalone picks a free rendezvous port, so several jobs can share a machine.
-# All arguments go to `python -m flexgen_dist.run` unchanged.
+# All arguments go to `python -m flexgen_dist.run` unchanged. Inside an sbatch job or an srun
+# step torchrun's variables win over the SLURM_* ones it inherits.
 #
 # Example:
 #   NPROC=4 launch/torchrun_single_node.sh --model ~/models/Llama-3.1-8B --input prompts.jsonl --output results.jsonl

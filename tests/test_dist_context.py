@@ -1,4 +1,6 @@
-"""DistContext from torchrun / SLURM / MPI environments, host lists, backend choice, real gloo ranks."""
+"""DistContext from torchrun / SLURM / MPI environments, host lists, backend choice, real gloo ranks.
+
+Which launcher wins when several left their variables: test_launcher_env.py."""
 
 from __future__ import annotations
 
@@ -16,57 +18,18 @@ from pathlib import Path
 import pytest
 
 from flexgen_dist.parallel.context import DistContext, choose_backend, setup_logging
+from flexgen_dist.parallel.hostlist import expand_nodelist, first_host
 from flexgen_dist.parallel.launchers import (
     MPI_INSTALL_HINT,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
-    expand_nodelist,
-    first_host,
     free_port,
     slurm_job_port,
 )
 from flexgen_dist.errors import UserError
+from launcher_envs import ompi_env, slurm_env, torchrun_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def torchrun_env(rank=1, world_size=4, local_rank=1, local_world_size=4, **extra):
-    env = {
-        "RANK": str(rank),
-        "WORLD_SIZE": str(world_size),
-        "LOCAL_RANK": str(local_rank),
-        "LOCAL_WORLD_SIZE": str(local_world_size),
-        "MASTER_ADDR": "10.1.2.3",
-        "MASTER_PORT": "29511",
-    }
-    env.update(extra)
-    return env
-
-
-def slurm_env(procid=2, ntasks=4, localid=0, **extra):
-    env = {
-        "SLURM_JOB_ID": "4242",
-        "SLURM_STEP_ID": "0",
-        "SLURM_PROCID": str(procid),
-        "SLURM_NTASKS": str(ntasks),
-        "SLURM_LOCALID": str(localid),
-        "SLURM_NODEID": str(procid),
-        "SLURM_JOB_NODELIST": "gpu-node[07-10]",
-        "SLURM_STEP_TASKS_PER_NODE": f"1(x{ntasks})",
-    }
-    env.update(extra)
-    return env
-
-
-def ompi_env(rank=1, size=2, local_rank=1, local_size=2, **extra):
-    env = {
-        "OMPI_COMM_WORLD_RANK": str(rank),
-        "OMPI_COMM_WORLD_SIZE": str(size),
-        "OMPI_COMM_WORLD_LOCAL_RANK": str(local_rank),
-        "OMPI_COMM_WORLD_LOCAL_SIZE": str(local_size),
-    }
-    env.update(extra)
-    return env
 
 
 # ---- single process ---------------------------------------------------------------------------------
@@ -272,33 +235,6 @@ def test_expand_nodelist(nodelist, hosts):
 def test_expand_nodelist_rejects(nodelist):
     with pytest.raises(UserError, match="SLURM_JOB_NODELIST"):
         expand_nodelist(nodelist)
-
-
-# ---- priority --------------------------------------------------------------------------------------------
-
-
-def test_torchrun_wins_over_slurm():
-    # torchrun inside an sbatch job: the SLURM_* variables describe the batch step, not the ranks.
-    env = {**slurm_env(procid=0, ntasks=1), **torchrun_env(rank=3, local_rank=3)}
-    ctx = DistContext.from_env(env, cuda_device_count=0)
-    assert (ctx.launcher, ctx.rank, ctx.world_size) == ("torchrun", 3, 4)
-
-
-def test_slurm_wins_over_consistent_mpi(monkeypatch):
-    monkeypatch.setitem(sys.modules, "mpi4py", None)  # srun needs no mpi4py
-    env = {**ompi_env(rank=2, size=4, local_rank=0, local_size=1), **slurm_env(procid=2, ntasks=4)}
-    ctx = DistContext.from_env(env, cuda_device_count=0)
-    assert (ctx.launcher, ctx.rank, ctx.master_addr) == ("slurm", 2, "gpu-node07")
-
-
-def test_mpi_wins_over_stale_slurm():
-    # mpirun inside an sbatch script: every rank inherits the batch step's SLURM_PROCID=0.
-    env = {
-        **slurm_env(procid=0, ntasks=2),
-        **ompi_env(rank=1, size=2, MASTER_ADDR="node7", MASTER_PORT="23000"),
-    }
-    ctx = DistContext.from_env(env, cuda_device_count=0)
-    assert (ctx.launcher, ctx.rank, ctx.world_size, ctx.master_addr) == ("mpi", 1, 2, "node7")
 
 
 # ---- MPI ---------------------------------------------------------------------------------------------------

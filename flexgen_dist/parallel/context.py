@@ -3,20 +3,21 @@
 `DistContext.from_env` is the only place in flexgen_dist that reads the launcher's environment
 variables; everything downstream gets the context passed in.
 
-Launchers it understands, first match wins:
+Launchers it understands; the innermost launcher of this process wins (launchers.py,
+`_detect_launcher`):
 
 1. torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`, `LOCAL_WORLD_SIZE`).
-   It comes first because torchrun started inside an sbatch job still sees the job's `SLURM_*`
-   variables, and those describe the batch step, not torchrun's ranks.
-2. SLURM `srun` (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, the first host of the node list).
-   It comes before MPI because `srun --mpi=pmi2/pmix` sets both families, consistently, and this
-   path needs no mpi4py.
+   Nothing else sets `RANK`, so torchrun is innermost wherever it runs, inside sbatch or srun too.
+2. SLURM `srun` (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, the first host of the node list),
+   only inside an srun step (`SLURM_STEP_ID` set). `srun --mpi=pmi2/pmix` sets MPI's variables too,
+   consistently; this path needs no mpi4py.
 3. MPI: Open MPI (`OMPI_COMM_WORLD_*`) or MPICH / Hydra / Intel MPI (`PMI_RANK`, `PMI_SIZE`,
-   `MPI_LOCALRANKID`). Rank 0's address and a free port are broadcast with mpi4py. Exception to
-   the order above: when the MPI rank or size contradicts `SLURM_PROCID` / `SLURM_NTASKS`, the
-   process was started by `mpirun` inside an sbatch script (it inherits the batch step's
-   `SLURM_PROCID=0`), so the MPI variables win. The rule behind both: the innermost launcher wins.
-4. None of these: one process ("single"), no process group.
+   `MPI_LOCALRANKID`). Rank 0's address and a free port are broadcast with mpi4py. MPI wins over
+   SLURM's variables in an sbatch script's batch step (no `SLURM_STEP_ID`: every mpirun rank
+   inherits the batch step's `SLURM_PROCID=0`), and inside an srun step whose rank or size differs
+   from MPI's (mpirun's daemons started by srun on the other nodes).
+4. None of these: one process ("single"), no process group; a batch step with `SLURM_NTASKS` > 1
+   but no srun gets a warning saying to start the ranks with srun.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 
 from flexgen_dist.errors import UserError
 
@@ -41,11 +41,14 @@ from .launchers import (
     _Ranks,
     _slurm_ranks,
     _torchrun_ranks,
+    torchrun_agent_serves_store,
 )
 
 logger = logging.getLogger(__name__)
 
 LAUNCHERS = ("single", "torchrun", "slurm", "mpi")
+# The rendezvous waits at least this long for every rank (see `DistContext.init_process_group`).
+MIN_RENDEZVOUS_TIMEOUT_S = 60.0
 BACKENDS = ("gloo", "nccl")
 
 
@@ -162,14 +165,28 @@ class DistContext:
         host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr  # IPv6
         return f"tcp://{host}:{self.master_port}"
 
-    def init_process_group(self, timeout_s: float) -> None:
-        """Join the process group (no-op with one rank). Every rank must call it."""
+    def init_process_group(self, timeout_s: float, *, rendezvous_timeout_s: float | None = None) -> None:
+        """Join the process group (no-op with one rank). Every rank must call it.
+
+        timeout_s: how long any later wait on a peer may take (the process group's timeout).
+        rendezvous_timeout_s: how long to wait for every rank to arrive; by default timeout_s, but
+        at least MIN_RENDEZVOUS_TIMEOUT_S: ranks start apart by seconds to minutes (imports from a
+        shared file system, a node that boots slowly), which is no sign of a hung peer.
+        Raises `RendezvousError` (a `PeerError`, one line naming the ranks that did not join) when
+        the ranks do not all meet in time, rank 0 cannot be reached, or its port is taken.
+        """
         if self.world_size == 1:
             return
         if timeout_s <= 0:
             raise UserError(f"timeout_s={timeout_s} must be positive")
+        if rendezvous_timeout_s is None:
+            rendezvous_timeout_s = max(timeout_s, MIN_RENDEZVOUS_TIMEOUT_S)
+        elif rendezvous_timeout_s <= 0:
+            raise UserError(f"rendezvous_timeout_s={rendezvous_timeout_s} must be positive")
         import torch
         import torch.distributed as dist
+
+        from .rendezvous import join_process_group
 
         if dist.is_initialized():
             return
@@ -180,13 +197,17 @@ class DistContext:
             "joining process group: backend=%s rank=%d/%d via %s (launcher %s, device %s)",
             self.backend, self.rank, self.world_size, self.init_method, self.launcher, self.device,
         )
-        dist.init_process_group(
-            backend=self.backend,
-            init_method=self.init_method,
+        join_process_group(
             rank=self.rank,
             world_size=self.world_size,
-            timeout=timedelta(seconds=timeout_s),
+            master_addr=self.master_addr,
+            master_port=self.master_port,
+            backend=self.backend,
+            timeout_s=timeout_s,
+            rendezvous_timeout_s=rendezvous_timeout_s,
+            store_served_by_launcher=self.launcher == "torchrun" and torchrun_agent_serves_store(os.environ),
         )
+        logger.info("process group ready: rank %d of %d joined via %s", self.rank, self.world_size, self.init_method)
 
     def destroy(self) -> None:
         """Leave the process group. Safe to call twice and when it was never initialised."""

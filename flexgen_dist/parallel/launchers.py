@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 from flexgen_dist.errors import UserError
 
+from .hostlist import first_host
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
@@ -60,7 +62,21 @@ _MPI_FAMILIES = (
 )
 
 
+# SLURM sets SLURM_STEP_ID (older versions also SLURM_STEPID) in the tasks of an srun step. The
+# batch script itself (the "batch step") has neither, yet it has SLURM_PROCID=0 and the allocation's
+# SLURM_NTASKS, and so has every process it starts without srun (mpirun's ranks included).
+_SLURM_STEP_VARS = ("SLURM_STEP_ID", "SLURM_STEPID")
+# Step ids from here up are SLURM's special steps (interactive, batch, extern, pending), not srun's.
+_SLURM_SPECIAL_STEP_IDS = 0xFFFFFFF0
+
+
 def _detect_launcher(env: Mapping[str, str]) -> str:
+    """The innermost launcher of this process: "torchrun", "slurm", "mpi" or "single".
+
+    Every rank of one launch must reach the same answer, so the rules read what all of them see
+    alike: which variables are present, and the world sizes. Only the srun-step rule also compares
+    this rank's numbers, and there srun set both families itself, consistently, on every rank.
+    """
     present = [name for name in _TORCHRUN_VARS if name in env]
     if present:
         missing = [name for name in _TORCHRUN_VARS if name not in env]
@@ -68,15 +84,31 @@ def _detect_launcher(env: Mapping[str, str]) -> str:
             raise UserError(
                 f"{present[0]} is set but {missing[0]} is not: set both (torchrun sets them) or neither"
             )
-        return "torchrun"
+        return "torchrun"  # nothing else sets RANK: torchrun is innermost wherever it runs
     mpi_family = _mpi_family(env)
-    if "SLURM_PROCID" in env:
-        if mpi_family is not None and _mpi_contradicts_slurm(env, mpi_family):
-            return "mpi"  # mpirun inside an sbatch script: the batch step's SLURM_PROCID is stale
-        return "slurm"
+    if _in_srun_step(env) and (mpi_family is None or not _mpi_contradicts_slurm(env, mpi_family)):
+        return "slurm"  # srun; with --mpi=pmi2 / pmix it also sets MPI's variables, consistently
     if mpi_family is not None:
+        # mpirun in an sbatch script (the SLURM_* variables describe the batch step), or on a
+        # node where mpirun's daemons were started by srun (a step of fewer tasks than ranks)
         return "mpi"
+    if "SLURM_PROCID" in env and env.get("SLURM_NTASKS", "1").strip() not in ("", "1"):
+        logger.warning(
+            "SLURM_NTASKS=%s but this process was not started by srun (no SLURM_STEP_ID): running as one "
+            "process; to run %s ranks, start them with: srun python -m flexgen_dist.run ...",
+            env["SLURM_NTASKS"].strip(), env["SLURM_NTASKS"].strip(),
+        )
     return "single"
+
+
+def _in_srun_step(env: Mapping[str, str]) -> bool:
+    if "SLURM_PROCID" not in env:
+        return False
+    step_var = _first_present(env, _SLURM_STEP_VARS)
+    if step_var is None:
+        return False
+    step_id = env[step_var].strip()
+    return step_id.isdigit() and int(step_id) < _SLURM_SPECIAL_STEP_IDS  # "batch", "extern": not srun
 
 
 def _mpi_family(env: Mapping[str, str]) -> _MpiVars | None:
@@ -87,6 +119,7 @@ def _mpi_family(env: Mapping[str, str]) -> _MpiVars | None:
 
 
 def _mpi_contradicts_slurm(env: Mapping[str, str], family: _MpiVars) -> bool:
+    """MPI's rank or size differs from the srun step's: an MPI launcher runs inside the step."""
     rank_var, size_var = family.rank, family.size
     slurm_size_var = _first_present(env, ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"))
     if env.get(rank_var, "").strip() != env.get("SLURM_PROCID", "").strip():
@@ -120,6 +153,17 @@ def _torchrun_ranks(env: Mapping[str, str]) -> _Ranks:
     )
 
 
+def torchrun_agent_serves_store(env: Mapping[str, str]) -> bool:
+    """torchrun's agent already serves the rendezvous store at MASTER_ADDR:MASTER_PORT.
+
+    Then every rank, rank 0 included, must join it as a client. torch's C++ TCPStore reads the
+    same variable (and then ignores its failed bind, logging an error line), so this answer
+    matches the one torch itself makes. It is read when the process group is joined, since
+    DistContext has no field for it.
+    """
+    return env.get("TORCHELASTIC_USE_AGENT_STORE", "").strip() == "True"
+
+
 # ---- SLURM ------------------------------------------------------------------------------------------
 
 
@@ -132,11 +176,6 @@ def _slurm_ranks(env: Mapping[str, str]) -> _Ranks:
     world_size = _env_int(env, size_var, minimum=1)
     rank = _env_int(env, "SLURM_PROCID")
     _check_rank(rank, "SLURM_PROCID", world_size, size_var)
-    if world_size > 1 and "SLURM_STEP_ID" not in env and "SLURM_STEP_NUM_TASKS" not in env:
-        logger.warning(
-            "%s=%d but this process does not look started by srun (no SLURM_STEP_ID); "
-            "if it hangs, launch every rank with: srun python -m flexgen_dist.run ...", size_var, world_size,
-        )
     local_rank = _env_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
     local_world_size, local_size_var = _slurm_local_world_size(env, world_size, size_var)
     _check_rank(local_rank, "SLURM_LOCALID", local_world_size, local_size_var)
@@ -187,79 +226,6 @@ def _slurm_local_world_size(env: Mapping[str, str], world_size: int, size_var: s
     if node_id.isdigit() and int(node_id) < len(counts):
         return counts[int(node_id)], var
     return max(counts), var
-
-
-def expand_nodelist(nodelist: str, *, var: str = "SLURM_JOB_NODELIST") -> list[str]:
-    """Expand a SLURM host list, as `scontrol show hostnames` does, in pure Python.
-
-    "node[01-03,07],gpu-a[3,5-6]" -> node01 node02 node03 node07 gpu-a3 gpu-a5 gpu-a6.
-    Zero padding is kept ("[098-101]" -> 098 099 100 101); several bracket groups in one name
-    expand as a product, the last group varying fastest ("r[1-2]n[1-2]" -> r1n1 r1n2 r2n1 r2n2).
-    """
-    hosts: list[str] = []
-    for item in _split_top_level(nodelist, var):
-        pieces = re.split(r"(\[[^\[\]]*\])", item)  # literal text and [..] groups, alternating
-        expanded = [""]
-        for piece in pieces:
-            if piece.startswith("["):
-                choices = _expand_brackets(piece[1:-1], nodelist, var)
-            elif "[" in piece or "]" in piece:
-                raise UserError(f"{var}={nodelist!r} has unbalanced brackets")
-            else:
-                choices = [piece]
-            expanded = [prefix + choice for prefix in expanded for choice in choices]
-        hosts += expanded
-    if not hosts:
-        raise UserError(f"{var}={nodelist!r} names no host")
-    return hosts
-
-
-def first_host(nodelist: str, *, var: str = "SLURM_JOB_NODELIST") -> str:
-    """The first host of a SLURM host list: where rank 0 runs."""
-    return expand_nodelist(nodelist, var=var)[0]
-
-
-def _split_top_level(nodelist: str, var: str) -> list[str]:
-    items, depth, current = [], 0, ""
-    for char in nodelist.strip():
-        if char == "[":
-            depth += 1
-            if depth > 1:
-                raise UserError(f"{var}={nodelist!r} has nested brackets")
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise UserError(f"{var}={nodelist!r} has unbalanced brackets")
-        if char == "," and depth == 0:
-            items.append(current.strip())
-            current = ""
-        else:
-            current += char
-    if depth != 0:
-        raise UserError(f"{var}={nodelist!r} has unbalanced brackets")
-    items.append(current.strip())
-    if any(not item for item in items):
-        raise UserError(f"{var}={nodelist!r} has an empty host name")
-    return items
-
-
-def _expand_brackets(body: str, nodelist: str, var: str) -> list[str]:
-    out: list[str] = []
-    for part in body.split(","):
-        part = part.strip()
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if match is None:
-            raise UserError(f"{var}={nodelist!r}: {part!r} in brackets is not a number or a range like 01-04")
-        start_text, end_text = match.group(1), match.group(2)
-        if end_text is None:
-            out.append(start_text)
-            continue
-        start, end = int(start_text), int(end_text)
-        if end < start:
-            raise UserError(f"{var}={nodelist!r}: range {part} runs backwards")
-        width = len(start_text)  # "01-10" keeps two digits; "8-10" has no padding
-        out += [str(number).zfill(width) for number in range(start, end + 1)]
-    return out
 
 
 # ---- MPI ----------------------------------------------------------------------------------------------

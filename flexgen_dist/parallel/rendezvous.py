@@ -1,0 +1,201 @@
+"""Joining the process group: rank 0's TCP store, a roll call of the ranks, then torch.distributed.
+
+torch's own `tcp://` rendezvous reports a peer that never came as a bare `DistStoreError`
+("Timed out after 8 seconds waiting for clients. 1/2 clients joined") after screens of c10d log
+lines, and a rank that cannot reach rank 0 retries with more of them. Here each rank checks in
+under its own key in rank 0's store and waits for all the others, so a rendezvous that does not
+complete ends on every rank with one line naming the ranks that did not join, the address, and
+what to check: a `RendezvousError`, which the CLI turns into exit code 1 like any dead peer.
+
+The steps, all under one deadline:
+1. Rank 0 listens (a `TCPStore` server). A port in use fails at once. Under torchrun, whose
+   agent already serves a store at MASTER_PORT, every rank is that store's client instead.
+2. The other ranks connect, retrying while rank 0 does not listen yet. The retries are plain
+   Python sockets: c10d's own client retries print C++ stack traces on every attempt.
+3. Roll call: rank r adds 1 to its key (a second process given the same rank reads 2 and stops),
+   then every rank waits until all ranks' keys exist, asking the store again after a growing pause.
+   When rank 0's deadline passes first it writes its verdict into the store and waits (briefly)
+   until the ranks that joined have read it, so they all report the missing ranks, not "rank 0
+   went away".
+4. `dist.init_process_group(store=...)`: gloo connects every pair of ranks, all known to be up.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from .comm import PeerError
+
+logger = logging.getLogger(__name__)
+
+ROLL_CALL_PREFIX = "flexgen_dist/rendezvous/rank"
+FAILED_KEY = "flexgen_dist/rendezvous/failed"  # rank 0's one-line verdict when it gives up
+FAILED_SEEN_KEY = "flexgen_dist/rendezvous/failed_seen"  # how many ranks have read it
+# Pause between two questions to the store while waiting: short at first (ranks usually arrive
+# together), capped so a late rank is seen within a second.
+_FIRST_PAUSE_S = 0.01
+_MAX_PAUSE_S = 1.0
+_LISTED_RANKS = 8  # a message names at most this many missing ranks
+# How long rank 0 keeps its store up after giving up, for the ranks that joined to read why (they
+# ask at least every _MAX_PAUSE_S); once it exits they could only say that rank 0 went away.
+_VERDICT_GRACE_S = 5.0
+
+
+class RendezvousError(PeerError):
+    """The ranks did not all meet: a rank never joined, rank 0 was unreachable, or its port was taken."""
+
+
+def join_process_group(
+    *,
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    backend: str,
+    timeout_s: float,
+    rendezvous_timeout_s: float,
+    store_served_by_launcher: bool = False,
+) -> None:
+    """Meet the other ranks at rank 0's store, then initialise torch.distributed's default group.
+
+    timeout_s: the process group's timeout for every later collective and point-to-point wait.
+    rendezvous_timeout_s: how long to wait for all ranks to arrive, measured from this call.
+    store_served_by_launcher: the launcher serves the store at master_addr:master_port (torchrun's
+        agent does, a fresh one per attempt), so rank 0 joins it as a client instead of listening.
+    Raises `RendezvousError` (one line) when the ranks do not all meet in time.
+    """
+    where = _where(master_addr, master_port)
+    deadline = time.monotonic() + rendezvous_timeout_s
+    store = _open_store(
+        rank, master_addr, master_port, where, rendezvous_timeout_s, deadline, store_served_by_launcher
+    )
+    _roll_call(store, rank, world_size, where, rendezvous_timeout_s, deadline)
+    try:
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+        )
+    except Exception as exc:  # gloo raises when a rank dies between the roll call and connecting
+        raise RendezvousError(
+            f"rank {rank}: all {world_size} ranks met at {where} but connecting the {backend} process group "
+            f"failed ({_first_line(exc)}); a rank died while connecting"
+        ) from None
+
+
+def _open_store(rank: int, addr: str, port: int, where: str, rendezvous_timeout_s: float, deadline: float,
+                store_served_by_launcher: bool):
+    store_timeout = timedelta(seconds=rendezvous_timeout_s)
+    if rank == 0 and not store_served_by_launcher:
+        try:
+            return dist.TCPStore(addr, port, None, True, store_timeout, wait_for_workers=False)
+        except dist.DistError as exc:
+            raise RendezvousError(
+                f"rank 0: cannot listen on port {port} for the rendezvous ({_first_line(exc)}); another job or "
+                "a second rank 0 holds it: set MASTER_PORT to a free port"
+            ) from None
+    _wait_until_listening(rank, addr, port, where, rendezvous_timeout_s, deadline)
+    try:
+        return dist.TCPStore(addr, port, None, False, store_timeout)
+    except dist.DistError as exc:
+        raise RendezvousError(
+            f"rank {rank}: {where} answered but is not rank 0's rendezvous store ({_first_line(exc)}): "
+            "check MASTER_ADDR / MASTER_PORT"
+        ) from None
+
+
+def _wait_until_listening(rank: int, addr: str, port: int, where: str, rendezvous_timeout_s: float, deadline: float):
+    """Return once something accepts TCP connections at addr:port; rank 0 may start later than us."""
+    pause = _FIRST_PAUSE_S
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            with socket.create_connection((addr, port), timeout=max(0.1, min(remaining, 5.0))):
+                return
+        except socket.gaierror as exc:
+            raise RendezvousError(
+                f"rank {rank}: cannot resolve rank 0's host {addr!r} ({exc.strerror}): set MASTER_ADDR to a name "
+                "or address of rank 0's node"
+            ) from None
+        except OSError as exc:
+            last_error = exc.strerror or str(exc) or type(exc).__name__
+        if time.monotonic() + pause >= deadline:
+            raise RendezvousError(
+                f"rank {rank}: nothing answered at {where} within {rendezvous_timeout_s:g} s ({last_error}): rank 0 "
+                "did not start or died, or MASTER_ADDR / MASTER_PORT point elsewhere"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, _MAX_PAUSE_S)
+
+
+def _roll_call(store, rank: int, world_size: int, where: str, rendezvous_timeout_s: float, deadline: float) -> None:
+    keys = [f"{ROLL_CALL_PREFIX}/{other}" for other in range(world_size)]
+    try:
+        if store.add(keys[rank], 1) > 1:
+            raise RendezvousError(
+                f"rank {rank}: another process already joined {where} as rank {rank}: the launcher gave two "
+                "processes one rank; start all ranks with one launcher (see DistContext.from_env)"
+            )
+        pause = _FIRST_PAUSE_S
+        while not store.check(keys):
+            if rank != 0 and store.check([FAILED_KEY]):
+                # Rank 0 gave up: report its verdict, not the lost store once it has exited.
+                verdict = store.get(FAILED_KEY).decode()
+                store.add(FAILED_SEEN_KEY, 1)
+                raise RendezvousError(f"rank {rank}: {verdict}")
+            if time.monotonic() + pause >= deadline:
+                verdict = _verdict(store, keys, where, rendezvous_timeout_s)
+                if rank == 0:
+                    _tell_the_others(store, verdict, keys)
+                raise RendezvousError(f"rank {rank}: {verdict}")
+            time.sleep(pause)
+            pause = min(2 * pause, _MAX_PAUSE_S)
+    except dist.DistError as exc:
+        raise RendezvousError(
+            f"rank {rank}: lost rank 0's rendezvous store at {where} ({_first_line(exc)}); rank 0 died"
+        ) from None
+    logger.debug("rank %d: all %d ranks checked in at %s", rank, world_size, where)
+
+
+def _verdict(store, keys: list[str], where: str, rendezvous_timeout_s: float) -> str:
+    """Which ranks did not join, and which were claimed by two processes (a launcher mix-up)."""
+    missing = [other for other, key in enumerate(keys) if not store.check([key])]
+    claimed_twice = [other for other, key in enumerate(keys) if other not in missing and store.add(key, 0) > 1]
+    twice = f"; {_name_ranks(claimed_twice)} joined twice" if claimed_twice else ""
+    return (
+        f"the rendezvous at {where} did not complete within {rendezvous_timeout_s:g} s: {_name_ranks(missing)} "
+        f"did not join ({len(keys) - len(missing)} of {len(keys)} joined{twice}); check that every rank started, "
+        "did not fail before joining, and can reach that address"
+    )
+
+
+def _tell_the_others(store, verdict: str, keys: list[str]) -> None:
+    """Rank 0 publishes its verdict and keeps its store up until the ranks that joined have read it."""
+    store.set(FAILED_KEY, verdict)
+    joined_others = sum(store.check([key]) for key in keys[1:])
+    grace_end = time.monotonic() + _VERDICT_GRACE_S
+    pause = _FIRST_PAUSE_S
+    while store.add(FAILED_SEEN_KEY, 0) < joined_others and time.monotonic() + pause < grace_end:
+        time.sleep(pause)
+        pause = min(2 * pause, _MAX_PAUSE_S)
+
+
+def _name_ranks(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    listed = ", ".join(str(rank) for rank in ranks[:_LISTED_RANKS])
+    more = f" and {len(ranks) - _LISTED_RANKS} more" if len(ranks) > _LISTED_RANKS else ""
+    return f"ranks {listed}{more}"
+
+
+def _where(addr: str, port: int) -> str:
+    host = f"[{addr}]" if ":" in addr else addr  # IPv6
+    return f"{host}:{port}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]

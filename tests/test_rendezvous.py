@@ -1,0 +1,139 @@
+"""A rendezvous that does not complete ends every rank with one line and exit code 1: the ranks
+that did not join, rank 0's address, what to check. Real processes over loopback, each run
+through the CLI's error handling (`run_command`), the way `python -m flexgen_dist.run` runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flexgen_dist.parallel.launchers import free_port
+from rank_processes import RankProcess
+
+pytestmark = pytest.mark.dist
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+JOINING = "joining process group"  # logged by each rank just before it looks for rank 0
+
+RANK_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from flexgen_dist.frontend.cli import run_command
+    from flexgen_dist.parallel.context import DistContext, setup_logging
+
+    ctx = DistContext.from_env(cuda_device_count=0)
+    setup_logging(ctx, verbose=True)
+
+    def body():
+        ctx.init_process_group(60, rendezvous_timeout_s=float(sys.argv[1]))
+        ctx.destroy()
+        return 0
+
+    sys.exit(run_command(body, rank_of=lambda: ctx.rank))
+    """
+)
+
+
+def start_rank(rank: int, world_size: int, port: int, rendezvous_timeout_s: float, addr="127.0.0.1") -> RankProcess:
+    env = {
+        name: value for name, value in os.environ.items()
+        if not name.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_"))
+    }
+    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+               MASTER_ADDR=addr, MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return RankProcess([sys.executable, "-c", RANK_SCRIPT, str(rendezvous_timeout_s)], env)
+
+
+def the_error(stderr: str) -> str:
+    """The one error line; fails on a traceback or on c10d's own multi-line log output."""
+    assert "Traceback" not in stderr and "frame #" not in stderr, stderr[-3000:]
+    assert not re.search(r"^\[[WE]\d", stderr, re.MULTILINE), stderr[-3000:]  # c10d's C++ log lines
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def finish_all(ranks: list[RankProcess], timeout_s: float) -> list[tuple[int, str]]:
+    try:
+        return [rank.finish(timeout_s) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+
+
+def test_a_rank_that_never_joins_is_named_by_every_rank_that_did():
+    port = free_port()
+    # Rank 1 starts first and retries connecting until rank 0 listens; rank 0 gives up after 10 s.
+    # Rank 2 of 3 never starts.
+    rank1 = start_rank(1, 3, port, rendezvous_timeout_s=300)
+    rank1.wait_for_line(JOINING, timeout_s=300)
+    rank0 = start_rank(0, 3, port, rendezvous_timeout_s=10)
+    results = finish_all([rank0, rank1], timeout_s=300)
+    for rank, (code, stderr) in enumerate(results):
+        line = the_error(stderr)
+        assert code == 1, stderr[-3000:]
+        assert f"rank {rank}: the rendezvous at 127.0.0.1:{port} did not complete within 10 s" in line
+        assert "rank 2 did not join (2 of 3 joined)" in line
+
+
+def test_two_processes_given_one_rank_are_reported():
+    port = free_port()
+    first, second = (start_rank(1, 3, port, rendezvous_timeout_s=300) for _ in range(2))
+    for rank in (first, second):
+        rank.wait_for_line(JOINING, timeout_s=300)
+    rank0 = start_rank(0, 3, port, rendezvous_timeout_s=10)
+    (code0, err0), *twins = finish_all([rank0, first, second], timeout_s=300)
+    assert code0 == 1 and "rank 2 did not join (2 of 3 joined; rank 1 joined twice)" in the_error(err0)
+    lines = sorted(the_error(stderr) for _, stderr in twins)
+    assert [code for code, _ in twins] == [1, 1]
+    assert sum(f"another process already joined 127.0.0.1:{port} as rank 1" in line for line in lines) == 1
+    assert sum("rank 2 did not join" in line for line in lines) == 1
+
+
+@pytest.mark.parametrize(
+    ("addr", "message"),
+    [
+        ("127.0.0.1", "nothing answered at 127.0.0.1:{port} within 2 s"),
+        ("no-such-host.invalid", "cannot resolve rank 0's host 'no-such-host.invalid'"),
+    ],
+    ids=["nobody-listens", "unknown-host"],
+)
+def test_rank0_out_of_reach(addr, message):
+    port = free_port()  # nothing listens there
+    [(code, stderr)] = finish_all([start_rank(1, 2, port, rendezvous_timeout_s=2, addr=addr)], timeout_s=300)
+    assert code == 1, stderr[-3000:]
+    assert message.format(port=port) in the_error(stderr)
+
+
+def test_torchrun_ranks_meet_at_its_agent_store(tmp_path):
+    # torchrun's agent already serves a store at MASTER_PORT: rank 0 must join it, not listen.
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.replace("ctx.destroy()", "print('joined', ctx.rank, flush=True)\n    ctx.destroy()"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "60"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(proc.stdout.split("\n")[:2]) == ["joined 0", "joined 1"], proc.stdout
+    assert not re.search(r"^\[[WE]\d", proc.stderr, re.MULTILINE), proc.stderr[-3000:]  # no c10d complaint
+    assert "launcher torchrun" in proc.stderr
+
+
+def test_rank0_port_in_use():
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        [(code, stderr)] = finish_all([start_rank(0, 2, port, rendezvous_timeout_s=300)], timeout_s=300)
+    assert code == 1, stderr[-3000:]
+    line = the_error(stderr)
+    assert f"rank 0: cannot listen on port {port}" in line and "EADDRINUSE" in line and "MASTER_PORT" in line
