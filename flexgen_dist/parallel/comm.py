@@ -92,7 +92,13 @@ class PipeComm:
         self.timeout_s = timeout_s
         # gloo moves host tensors only; NCCL moves device tensors
         self.wire_device = torch.device("cpu") if backend == "gloo" else device
-        ring = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=process_group_timeout(timeout_s)))
+        try:
+            ring = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=process_group_timeout(timeout_s)))
+        except Exception as exc:  # a peer died or hung while the groups were being set up
+            raise PeerError(
+                f"rank {rank}: setting up the token ring with the other ranks failed "
+                f"({str(exc).splitlines()[0][:200]}); a peer rank died or hung"
+            ) from None
         self._groups = {ACTIVATIONS: None, TOKENS: ring}  # None: the default group
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> SendHandle:

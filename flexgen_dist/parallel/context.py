@@ -207,7 +207,7 @@ class DistContext:
             rendezvous_timeout_s=rendezvous_timeout_s,
             store_served_by_launcher=self.launcher == "torchrun" and torchrun_agent_serves_store(os.environ),
         )
-        logger.info("process group ready: rank %d of %d joined via %s", self.rank, self.world_size, self.init_method)
+        logger.debug("process group joined: rank %d of %d via %s", self.rank, self.world_size, self.init_method)
 
     def destroy(self) -> None:
         """Leave the process group. Safe to call twice and when it was never initialised."""

@@ -9,9 +9,12 @@ With one process (world size 1) nothing is created and `pipeline.comm` is None: 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from .context import DistContext
+
+log = logging.getLogger(__name__)
 
 
 class Pipeline:
@@ -33,7 +36,12 @@ class Pipeline:
 
             ctx.init_process_group(process_group_timeout(timeout_s))
             pipeline._started = True
-            pipeline.comm = PipeComm(ctx.rank, ctx.world_size, ctx.backend, torch.device(ctx.device), timeout_s)
+            try:
+                pipeline.comm = PipeComm(ctx.rank, ctx.world_size, ctx.backend, torch.device(ctx.device), timeout_s)
+            except BaseException:
+                pipeline.close()
+                raise
+            log.info("process group ready: rank %d of %d joined via %s", ctx.rank, ctx.world_size, ctx.init_method)
         return pipeline
 
     @property
