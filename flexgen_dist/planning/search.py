@@ -1,0 +1,250 @@
+"""The policy search: the block shape, the placement fractions and the switches that maximise
+predicted throughput within the memory limits (FlexGen section 4.3; no torch).
+
+For every allowed switch set (compression, CPU attention, 16-bit cache) and block shape
+(gpu_batch_size x num_gpu_batches from a grid), each rank's fractions come from a linear
+program (planning/lp.py). More GPU batches only need more memory, so a shape's row of the grid
+stops at the first that does not fit, and so do larger GPU batches. The best candidates by the
+LP's prediction are then settled on the exact placement (planning/fit.py): rounded to tensors,
+stepped down until they fit, polished by single-tensor moves, and scored by the cost model over
+every decode step. Every rank shares the block shape and switches (blocks flow through all of
+them); each rank has its own fractions (its own layers and memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from .cost_model import DEFAULT_LINK_BW, Estimate, combine, estimate_pipeline, mean_decode_task
+from .fit import RankProblem, fit_down, limit_label, polish, shortfalls, to_point, to_policy, lattices
+from .folding import FoldedRank
+from .hardware import Hardware
+from .layout import Unit
+from .lp import LPResult, solve_rank
+from .placement import Buffers, Dtypes, Placement, Workload
+from .policy import Policy
+from .sizes import format_size
+from .spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+NUM_GPU_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+TIE_TOLERANCE = 0.005  # predicted throughputs this close count as equal
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    allow_compression: bool = False
+    """Also try 4-bit weights and/or KV cache (--allow-compression)."""
+    allow_cpu_attention: bool = True
+    """Also try decode attention on the CPU over a host-memory cache (only with a GPU)."""
+    allow_cache_16bit: bool = False
+    """Also try a float16 KV cache when the compute dtype is float32."""
+    max_latency: float | None = None
+    """Seconds one block may take from its prefill to its last token (--max-latency)."""
+    gpu_batch_sizes: tuple[int, ...] = GPU_BATCH_SIZES
+    num_gpu_batches: tuple[int, ...] = NUM_GPU_BATCHES
+    finalists: int = 6
+    """Best LP candidates settled on the exact placement."""
+    link_bw: float = DEFAULT_LINK_BW
+    """Bytes/s between pipeline ranks (the hardware description has no such field)."""
+
+    def __post_init__(self) -> None:
+        if self.max_latency is not None and not self.max_latency > 0:
+            raise UserError(f"--max-latency {self.max_latency!r} must be a positive number of seconds")
+        for name in ("gpu_batch_sizes", "num_gpu_batches"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise UserError(f"search option {name} must list whole numbers >= 1, got {values!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    policies: tuple[Policy, ...]  # per rank (same block shape and switches, own fractions)
+    placements: tuple[Placement, ...]  # per rank, every unit: what the engine allocates
+    estimate: Estimate
+    candidates_tried: int  # linear programs solved
+    lp_throughput: float = field(default=0.0)  # what the LP predicted for the chosen shape
+
+    @property
+    def policy(self) -> Policy:
+        if len(self.policies) != 1:
+            raise ValueError("a pipeline plan has one policy per rank: use plan.policies[rank]")
+        return self.policies[0]
+
+    @property
+    def placement(self) -> Placement:
+        if len(self.placements) != 1:
+            raise ValueError("a pipeline plan has one placement per rank: use plan.placements[rank]")
+        return self.placements[0]
+
+
+def search(spec: ModelSpec, stages: Sequence[Sequence[Unit]], hardware: Hardware, *, dtypes: Dtypes,
+           workload: Workload, buffers: Buffers, num_prompts: int | None = None, base: Policy = Policy(),
+           options: SearchOptions = SearchOptions()) -> Plan:
+    """The best plan for every rank; stages[r] are rank r's units. `base` gives what is not
+    searched (overlap, attn_sparsity, compression bits and group size, and the switches that
+    are not allowed to change). Raises UserError when nothing fits or meets max_latency."""
+    if len(stages) != buffers.num_ranks:
+        raise ValueError(f"{len(stages)} stages but buffers.num_ranks = {buffers.num_ranks}")
+    problems = [RankProblem(FoldedRank.of(spec, units), hardware, dtypes=dtypes, workload=workload, buffers=buffers,
+                            link_bw=options.link_bw) for units in stages]
+    results, tried = _solve_grid(problems, hardware, options, base, num_prompts)
+    results.sort(key=_lp_order)
+    settled: list[tuple[Estimate, list[Policy], float]] = []
+    for lp_throughput, per_rank in results:
+        policies = _settle(problems, per_rank)
+        if policies is not None:
+            settled.append((_exact_estimate(problems, policies, num_prompts), policies, lp_throughput))
+        if len(settled) >= options.finalists and any(_within_latency(e, options) for e, _, _ in settled):
+            break
+    chosen = _choose(settled, options)
+    if chosen is None:
+        if settled:
+            fastest = min(e.block_s for e, _, _ in settled)
+            raise UserError(f"no plan generates a block within --max-latency {options.max_latency:g} s; the fastest "
+                            f"found takes {fastest:.3g} s: raise --max-latency")
+        raise _nothing_fits(problems[0], base, options)
+    _, policies, lp_throughput = chosen
+    placements = tuple(problem.rank.plan_all(policy, dtypes=dtypes, workload=workload, buffers=buffers)
+                       for problem, policy in zip(problems, policies))
+    for placement in placements:  # the folded bytes are exact; this guards that promise
+        if shortfalls(placement.bytes_per_tier(), hardware):
+            raise AssertionError(f"planned policy does not fit after all: {placement.policy}")
+    final = estimate_pipeline(placements, hardware, num_prompts, link_bw=options.link_bw)
+    logger.info("policy search: %d linear programs, chose %s (predicted %.3g tokens/s)", tried, policies[0], final.throughput)
+    return Plan(tuple(policies), placements, final, tried, lp_throughput)
+
+
+def _lp_order(item: tuple[float, list[LPResult]]) -> tuple:
+    """Best LP throughput first; near ties (TIE_TOLERANCE buckets) larger GPU batches first."""
+    throughput, per_rank = item
+    shape = per_rank[0].policy
+    bucket = math.floor(math.log(throughput) / math.log1p(TIE_TOLERANCE)) if throughput > 0 else -math.inf
+    return -bucket, -shape.gpu_batch_size, -shape.block_size
+
+
+def _within_latency(est: Estimate, options: SearchOptions) -> bool:
+    return options.max_latency is None or est.block_s <= options.max_latency
+
+
+def _choose(settled: list[tuple[Estimate, list[Policy], float]], options: SearchOptions):
+    """The highest predicted throughput within the latency bound; among plans within
+    TIE_TOLERANCE of it, the largest GPU batch (the cost model's one decode matmul rate does
+    not see that bigger batches use the device better, nor the per-batch overheads)."""
+    allowed = [item for item in settled if _within_latency(item[0], options)]
+    if not allowed:
+        return None
+    top = max(item[0].throughput for item in allowed)
+    near = [item for item in allowed if item[0].throughput >= top * (1 - TIE_TOLERANCE)]
+    return max(near, key=lambda item: (item[1][0].gpu_batch_size, item[1][0].block_size, item[0].throughput))
+
+
+def switch_sets(base: Policy, options: SearchOptions, hardware: Hardware, dtypes: Dtypes) -> list[Policy]:
+    """The base policy with every allowed combination of switches."""
+    cpu_attention = [base.cpu_cache_compute]
+    if options.allow_cpu_attention and hardware.capacities.has_gpu:
+        cpu_attention = [False, True]
+    compress = [(base.compress_weight, base.compress_cache)]
+    if options.allow_compression:
+        compress = [(False, False), (False, True), (True, False), (True, True)]
+    cache_dtypes = [base.cache_dtype]
+    if options.allow_cache_16bit and dtypes.compute == "float32" and base.cache_dtype is None:
+        cache_dtypes.append("float16")
+    out = []
+    for ccc in cpu_attention:
+        for weight, cache in compress:
+            if ccc and cache:
+                continue  # CPU attention reads an uncompressed host cache (as in FlexGen)
+            for cache_dtype in (cache_dtypes if not cache else [None]):
+                out.append(base.replace(cpu_cache_compute=ccc, compress_weight=weight, compress_cache=cache,
+                                        cache_dtype=cache_dtype))
+    return list(dict.fromkeys(out))
+
+
+def _solve_grid(problems: list[RankProblem], hardware: Hardware, options: SearchOptions, base: Policy,
+                num_prompts: int | None) -> tuple[list[tuple[float, list[LPResult]]], int]:
+    first = problems[0]
+    results, tried = [], 0
+    for switches in switch_sets(base, options, hardware, first.dtypes):
+        for batch in options.gpu_batch_sizes:
+            fitted_any = False
+            for num_batches in options.num_gpu_batches:
+                policy = switches.replace(gpu_batch_size=batch, num_gpu_batches=num_batches)
+                per_rank = []
+                for problem in problems:
+                    tried += 1
+                    lp = solve_rank(problem.rank, policy, hardware, dtypes=problem.dtypes, workload=problem.workload,
+                                    buffers=problem.buffers, link_bw=problem.link_bw, max_latency=options.max_latency)
+                    if lp is None:
+                        break
+                    per_rank.append(lp)
+                if len(per_rank) < len(problems):
+                    break  # more GPU batches only need more memory
+                fitted_any = True
+                results.append((_lp_throughput(per_rank, policy, first.workload, num_prompts), per_rank))
+                if num_prompts and policy.block_size >= num_prompts:
+                    break
+            if not fitted_any or (num_prompts and batch >= num_prompts):
+                break  # larger GPU batches only need more memory
+    return results, tried
+
+
+def _lp_throughput(per_rank: list[LPResult], policy: Policy, workload: Workload, num_prompts: int | None) -> float:
+    """Tokens/s by the LP's times: a group of P blocks takes P times the slowest rank's block."""
+    num_ranks = len(per_rank)
+    blocks = -(-num_prompts // policy.block_size) if num_prompts else num_ranks
+    groups = -(-blocks // num_ranks)
+    seconds = groups * num_ranks * max(lp.block_s for lp in per_rank)
+    tokens = (num_prompts or blocks * policy.block_size) * workload.gen_len
+    return tokens / seconds if seconds > 0 else float("inf")
+
+
+def _settle(problems: list[RankProblem], per_rank: list[LPResult]) -> list[Policy] | None:
+    """Each rank's LP fractions as tensors on tiers, stepped down until they fit, polished."""
+    policies = []
+    for problem, lp in zip(problems, per_rank):
+        shape = lp.policy
+        percents = {}
+        for kind, (gpu, cpu, _) in lp.fractions.items():
+            percents[f"{kind}_gpu_percent"] = 100 * gpu
+            percents[f"{kind}_cpu_percent"] = min(100 * cpu, 100 - 100 * gpu)
+        grids = lattices(problem.rank, shape)
+        rounded = to_policy(to_point(shape.replace(**percents), grids), shape, grids)
+        fitted = fit_down(problem, rounded)
+        if fitted is None:
+            return None
+        policies.append(polish(problem, fitted))
+    return policies
+
+
+def _exact_estimate(problems: list[RankProblem], policies: list[Policy], num_prompts: int | None) -> Estimate:
+    stages = [problem.stage(policy) for problem, policy in zip(problems, policies)]
+    mids = [mean_decode_task(problem.plan(policy), problem.hardware, repeats=problem.rank.repeats,
+                             link_bw=problem.link_bw) for problem, policy in zip(problems, policies)]
+    first = policies[0]
+    return combine(stages, problems[0].hardware, mids, block_size=first.block_size,
+                   gen_len=problems[0].workload.gen_len, num_prompts=num_prompts)
+
+
+def _nothing_fits(problem: RankProblem, base: Policy, options: SearchOptions) -> UserError:
+    """What the smallest plan (one sequence, everything on disk, compressed if allowed) needs."""
+    smallest = base.replace(gpu_batch_size=1, num_gpu_batches=1, w_gpu_percent=0, w_cpu_percent=0,
+                            cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0)
+    if options.allow_compression:
+        smallest = smallest.replace(compress_weight=True, compress_cache=True)
+    short = problem.shortfalls(smallest)
+    if not short:  # the LP's approximate memory model refused everything; the exact one did not
+        return UserError("the policy search found no plan although one sequence per block with everything on disk "
+                         "fits; give a policy by hand (--percent ...)")
+    idx, limit, need = short[0]
+    what = "all weights, KV cache and activations" if limit.tiers == ("disk",) else \
+        "the working set: weight slots, KV scratch, compute workspace"
+    return UserError(f"the smallest plan (1 sequence per block, everything on disk) needs {format_size(need)} on the "
+                     f"{limit_label(idx, limit)} ({what}) but {format_size(limit.capacity)} are available; "
+                     "give this rank more memory or use more ranks")
