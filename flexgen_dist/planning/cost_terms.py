@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from .hardware import Speeds
 from .layout import Unit, UnitKind
-from .placement import CachePlace, Placement, Tier, dtype_bytes
+from .placement import CachePlace, Placement, Tier, WeightPlace, dtype_bytes
 
 TOKEN_ID_BYTES = 8  # int64 token ids the last rank sends to the first
 
@@ -129,22 +129,27 @@ def convert_seconds(p: Placement, speeds: Speeds, numel: float) -> float:
 
 
 def weight_work(p: Placement, speeds: Speeds, layer_idx: int) -> Work:
-    """Loading one layer's non-resident weights, once per task. Compressed weights move their
-    compressed bytes (staged in device memory) and are dequantized on the device, every tier."""
-    compute = dtype_bytes(p.dtypes.compute)
-    link = disk = codec = 0.0
+    """Loading one layer's non-resident weights, once per task."""
+    work = Work()
     for w in p.weights[layer_idx]:
-        if w.resident:
-            continue
-        dst = w.numel * compute
-        if w.compressed:
-            codec += dst / speeds.dequantize_bw
-            staged = w.tier is Tier.DISK or (w.tier is Tier.CPU and p.buffers.separate_gpu)
-            if not staged:
-                continue  # dequantized from where it lives
-            dst = w.nbytes  # the compressed bytes go to the staging part of the slot
-        moved = load_seconds(p, speeds, w.tier, w.nbytes, dst)
-        link, disk = link + moved[0], disk + moved[1]
+        work = work + weight_place_work(p, speeds, w)
+    return work
+
+
+def weight_place_work(p: Placement, speeds: Speeds, w: WeightPlace) -> Work:
+    """Loading one weight tensor. Compressed weights move their compressed bytes (staged in
+    device memory) and are dequantized on the device, whatever their tier."""
+    if w.resident:
+        return Work()
+    dst = w.numel * dtype_bytes(p.dtypes.compute)
+    codec = 0.0
+    if w.compressed:
+        codec = dst / speeds.dequantize_bw
+        staged = w.tier is Tier.DISK or (w.tier is Tier.CPU and p.buffers.separate_gpu)
+        if not staged:
+            return Work(codec=codec)  # dequantized from where it lives
+        dst = w.nbytes  # the compressed bytes go to the staging part of the slot
+    link, disk = load_seconds(p, speeds, w.tier, w.nbytes, dst)
     return Work(codec=codec, weight_link=link, weight_disk=disk)
 
 
@@ -153,15 +158,25 @@ def _is_lookup(unit: Unit, name: str) -> bool:
     return unit.kind is UnitKind.EMBED and name.startswith("embed_")
 
 
+def device_read_bw(p: Placement, speeds: Speeds) -> float:
+    """Bytes/s the compute device streams from its memory. Not measured on its own: decode
+    attention is such a stream, and Speeds documents it as decode_attention_flops * itemsize / 2
+    bytes of KV read per second."""
+    return speeds.decode_attention_flops * dtype_bytes(p.dtypes.compute) / 2
+
+
 def matmul_work(p: Placement, speeds: Speeds, unit: Unit, token_idx: float) -> Work:
-    """The unit's linear layers for every GPU batch: 2 flop per row per weight element. The head
-    computes the last position only (every position when scoring a prompt)."""
+    """The unit's linear layers for every GPU batch: 2 flop per row per weight element, and
+    never faster than reading the weights once per batch (the roofline: a decode matmul of a
+    few rows is bound by memory, which is why small GPU batches do not pay). The head computes
+    the last position only (every position when scoring a prompt)."""
     numel = sum(ws.numel for ws in unit.weights if len(ws.shape) >= 2 and not _is_lookup(unit, ws.name))
     prefill = token_idx == 0
     width = p.workload.prompt_len if prefill and (unit.kind is not UnitKind.HEAD or p.buffers.scoring) else 1
     rows = p.policy.gpu_batch_size * width
     rate = speeds.matmul_flops if width > 1 else speeds.decode_matmul_flops
-    return Work(matmul=p.policy.num_gpu_batches * 2 * rows * numel / rate)
+    one_batch = max(2 * rows * numel / rate, numel * dtype_bytes(p.dtypes.compute) / device_read_bw(p, speeds))
+    return Work(matmul=p.policy.num_gpu_batches * one_batch)
 
 
 def _cpu_attention(p: Placement, c: CachePlace) -> bool:

@@ -32,18 +32,26 @@ UP = ((1, 0), (0, 1), (1, 1))
 class Lattice:
     mids: tuple[float, ...]  # sorted midpoints (percent) of the tensors of one kind
 
+    @staticmethod
+    def _mids(sizes: list[int]) -> list[float]:
+        """Each tensor's midpoint, computed as placement.choose_tiers computes it."""
+        total, acc, out = sum(sizes), 0, []
+        for size in sizes:
+            out.append((acc + size / 2) / total * 100 if total else 0.0)
+            acc += size
+        return out
+
     @classmethod
     def of(cls, sizes_per_unit: list[list[int]]) -> "Lattice":
-        mids = set()
-        for sizes in sizes_per_unit:
-            total, acc = sum(sizes), 0
-            for size in sizes:
-                if total:
-                    mids.add((acc + size / 2) / total * 100)
-                acc += size
-        return cls(tuple(sorted(mids)))
+        return cls(tuple(sorted({mid for sizes in sizes_per_unit for mid in cls._mids(sizes)})))
+
+    def positions(self, sizes: list[int]) -> list[int]:
+        """Where each tensor of a unit (given by sizes, in unit order) sits on the lattice."""
+        index = {mid: idx for idx, mid in enumerate(self.mids)}
+        return [index[mid] for mid in self._mids(sizes)]
 
     def count(self, end: float) -> int:
+        """Tensors a boundary at `end` puts below it (the midpoint rule)."""
         return sum(1 for mid in self.mids if mid < end)
 
     def boundary(self, count: int) -> float:
@@ -72,6 +80,7 @@ def lattices(rank: FoldedRank, policy: Policy) -> dict[str, Lattice]:
 
 
 def to_point(policy: Policy, grids: dict[str, Lattice]) -> Point:
+    """The lattice point of a policy: tensors on gpu, and on gpu or cpu, of each kind."""
     out = []
     for kind in KINDS:
         gpu, cpu, _ = policy.percents(kind)

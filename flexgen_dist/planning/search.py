@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from .cost_model import DEFAULT_LINK_BW, Estimate, combine, estimate_pipeline, mean_decode_task
-from .fit import RankProblem, fit_down, limit_label, polish, shortfalls, to_point, to_policy, lattices
+from .fit import RankProblem, fit_down, lattices, limit_label, polish, shortfalls, to_policy
 from .folding import FoldedRank
 from .hardware import Hardware
 from .layout import Unit
@@ -98,7 +98,7 @@ def search(spec: ModelSpec, stages: Sequence[Sequence[Unit]], hardware: Hardware
     results.sort(key=_lp_order)
     settled: list[tuple[Estimate, list[Policy], float]] = []
     for lp_throughput, per_rank in results:
-        policies = _settle(problems, per_rank)
+        policies = _settle(problems, per_rank, options)
         if policies is not None:
             settled.append((_exact_estimate(problems, policies, num_prompts), policies, lp_throughput))
         if len(settled) >= options.finalists and any(_within_latency(e, options) for e, _, _ in settled):
@@ -205,18 +205,16 @@ def _lp_throughput(per_rank: list[LPResult], policy: Policy, workload: Workload,
     return tokens / seconds if seconds > 0 else float("inf")
 
 
-def _settle(problems: list[RankProblem], per_rank: list[LPResult]) -> list[Policy] | None:
-    """Each rank's LP fractions as tensors on tiers, stepped down until they fit, polished."""
+def _settle(problems: list[RankProblem], per_rank: list[LPResult], options: SearchOptions) -> list[Policy] | None:
+    """Each rank's exact program (whole tensors) for this shape, its point checked on the exact
+    placement (stepped down if short, which its exact bytes should never be) and polished."""
     policies = []
-    for problem, lp in zip(problems, per_rank):
-        shape = lp.policy
-        percents = {}
-        for kind, (gpu, cpu, _) in lp.fractions.items():
-            percents[f"{kind}_gpu_percent"] = 100 * gpu
-            percents[f"{kind}_cpu_percent"] = min(100 * cpu, 100 - 100 * gpu)
-        grids = lattices(problem.rank, shape)
-        rounded = to_policy(to_point(shape.replace(**percents), grids), shape, grids)
-        fitted = fit_down(problem, rounded)
+    for problem, relaxed in zip(problems, per_rank):
+        lp = solve_rank(problem.rank, relaxed.policy, problem.hardware, dtypes=problem.dtypes,
+                        workload=problem.workload, buffers=problem.buffers, link_bw=problem.link_bw,
+                        max_latency=options.max_latency, integral=True) or relaxed
+        grids = lattices(problem.rank, lp.policy)
+        fitted = fit_down(problem, to_policy(lp.point, lp.policy, grids))
         if fitted is None:
             return None
         policies.append(polish(problem, fitted))
