@@ -20,6 +20,8 @@ and what they are called here.
     mm_flops_p/_g     Speeds.matmul_flops / decode_matmul_flops
     bmm_flops_p/_g    Speeds.attention_flops / decode_attention_flops
     cpu_flops         Speeds.cpu_attention_flops
+    (not in the paper) cost_terms.device_read_bw: the device's streaming read rate, which
+                      bounds a matmul from below (weights read once per GPU batch)
 
 The model (terms in cost_terms.py): a layer's time in a task is max(compute path, load path)
 with overlap, their sum without (FlexGen's per-layer max). A task is the sum over the rank's
@@ -92,6 +94,7 @@ class StageTimes:
 
     prefill: TaskTime
     decode_steps: tuple[TaskTime, ...]  # tokens 1 .. n-1
+    mean_decode: TaskTime | None  # the decode task at the mean past length (None: no decode step)
     peak_bytes: dict[Tier, int]
 
     def tasks(self) -> tuple[TaskTime, ...]:
@@ -173,14 +176,14 @@ def stage_times(p: Placement, hardware: Hardware, *, repeats: Mapping[int, int] 
     """Every task of one block on this rank. peak_bytes: the rank's bytes per tier when `p` is
     folded (see `repeats`); by default `p.bytes_per_tier()`."""
     tasks = [task_time(p, hardware, t, repeats=repeats, link_bw=link_bw) for t in range(p.workload.gen_len)]
-    return StageTimes(tasks[0], tuple(tasks[1:]), peak_bytes if peak_bytes is not None else p.bytes_per_tier())
+    mean = mean_decode_task(p, hardware, repeats=repeats, link_bw=link_bw)
+    return StageTimes(tasks[0], tuple(tasks[1:]), mean, peak_bytes if peak_bytes is not None else p.bytes_per_tier())
 
 
 # --- the workload, over every rank -----------------------------------------------------------------
 
 
-def combine(stages: Sequence[StageTimes], hardware: Hardware, mid_decode: Sequence[TaskTime | None],
-            *, block_size: int, gen_len: int, num_prompts: int | None) -> Estimate:
+def combine(stages: Sequence[StageTimes], *, block_size: int, gen_len: int, num_prompts: int | None) -> Estimate:
     """The workload's times from every rank's tasks (see the module docstring for the rule)."""
     num_ranks = len(stages)
     num_blocks = math.ceil(num_prompts / block_size) if num_prompts else num_ranks
@@ -201,7 +204,7 @@ def combine(stages: Sequence[StageTimes], hardware: Hardware, mid_decode: Sequen
     rank_s = [sum(max(t.seconds, t.send_s) for t in rank_tasks) for rank_tasks in steps]
     slowest = max(range(num_ranks), key=rank_s.__getitem__)
     return Estimate(
-        prefill=stages[slowest].prefill, decode=mid_decode[slowest], prefill_s=prefill_s, decode_s=decode_s,
+        prefill=stages[slowest].prefill, decode=stages[slowest].mean_decode, prefill_s=prefill_s, decode_s=decode_s,
         block_s=block_s, num_blocks=num_blocks, generated_tokens=tokens, throughput=tokens / (prefill_s + decode_s),
         peak_bytes=tuple(stage.peak_bytes for stage in stages), stages=tuple(stages), slowest_rank=slowest,
     )
@@ -214,9 +217,7 @@ def estimate_pipeline(placements: Sequence[Placement], hardware: Hardware, num_p
         raise ValueError("estimate_pipeline needs one placement per rank")
     first = placements[0]
     stages = [stage_times(p, hardware, link_bw=link_bw) for p in placements]
-    mids = [mean_decode_task(p, hardware, link_bw=link_bw) for p in placements]
-    return combine(stages, hardware, mids, block_size=first.policy.block_size, gen_len=first.workload.gen_len,
-                   num_prompts=num_prompts)
+    return combine(stages, block_size=first.policy.block_size, gen_len=first.workload.gen_len, num_prompts=num_prompts)
 
 
 def estimate(placement: Placement, hardware: Hardware, num_prompts: int | None = None, *,

@@ -20,6 +20,11 @@ to the compute path rather than overlapping it. Only disk reads overlap there (t
 that work). The truth is in between (a copy thread takes memory bandwidth, not all the cores);
 adding is the pessimistic end.
 
+Compute: matmuls at the profiled flop rates (many rows in a prefill, few in a decode step), but
+never faster than streaming the weights from device memory once per GPU batch (a roofline: a
+decode matmul of a few rows is memory bound, which is what makes tiny GPU batches slow);
+attention at its profiled rates, on the device or on the CPU.
+
 Small costs left out: elementwise ops (norms, activations, softmax), the embedding lookup,
 device-to-device copies on a GPU, receives of hidden states from the previous rank, and the
 CPU work of issuing copies.

@@ -2,25 +2,26 @@
 predicted throughput within the memory limits (FlexGen section 4.3; no torch).
 
 For every allowed switch set (compression, CPU attention, 16-bit cache) and block shape
-(gpu_batch_size x num_gpu_batches from a grid), each rank's fractions come from a linear
-program (planning/lp.py). More GPU batches only need more memory, so a shape's row of the grid
-stops at the first that does not fit, and so do larger GPU batches. The best candidates by the
-LP's prediction are then settled on the exact placement (planning/fit.py): rounded to tensors,
-stepped down until they fit, polished by single-tensor moves, and scored by the cost model over
-every decode step. Every rank shares the block shape and switches (blocks flow through all of
-them); each rank has its own fractions (its own layers and memory).
+(gpu_batch_size x num_gpu_batches from a grid), each rank's LP relaxation (planning/lp.py)
+predicts the best throughput. More GPU batches only need more memory, so a row of the grid stops
+at the first shape that does not fit, and so do larger GPU batches. The best shapes by that
+prediction are then settled: each rank's exact program (whole tensors) gives the tensors per
+tier, checked on the exact placement and polished by single-tensor moves (planning/fit.py), and
+the cost model scores the result over every decode step. Every rank shares the block shape and
+switches (blocks flow through all of them); each has its own fractions (its layers, its memory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from .cost_model import DEFAULT_LINK_BW, Estimate, combine, estimate_pipeline, mean_decode_task
-from .fit import RankProblem, fit_down, lattices, limit_label, polish, shortfalls, to_policy
+from .cost_model import DEFAULT_LINK_BW, Estimate, combine, estimate_pipeline
+from .fit import RankProblem, fit_down, lattices, limit_label, policy_flags, polish, shortfalls, to_policy
 from .folding import FoldedRank
 from .hardware import Hardware
 from .layout import Unit
@@ -83,6 +84,22 @@ class Plan:
             raise ValueError("a pipeline plan has one placement per rank: use plan.placements[rank]")
         return self.placements[0]
 
+    def summary(self) -> str:
+        """What --print-policy shows: each rank's policy as flags, its bytes per tier, and the
+        prediction (throughput, prefill and decode time, what bounds a decode step)."""
+        est = self.estimate
+        lines = []
+        for rank, (policy, used) in enumerate(zip(self.policies, est.peak_bytes)):
+            where = f"rank {rank}: " if len(self.policies) > 1 else ""
+            tiers = ", ".join(f"{tier} {format_size(nbytes)}" for tier, nbytes in used.items())
+            lines.append(f"{where}{policy_flags(policy)}  ({tiers})")
+        step = est.decode
+        bound = (f"; a decode step {step.seconds:.3g} s, {step.bound}-bound (compute {step.compute_s:.3g} s, "
+                 f"loads {step.load_s:.3g} s)") if step is not None else ""
+        lines.append(f"predicted {est.throughput:.4g} tokens/s: {est.num_blocks} block(s), prefill {est.prefill_s:.3g} s, "
+                     f"decode {est.decode_s:.3g} s{bound}")
+        return "\n".join(lines)
+
 
 def search(spec: ModelSpec, stages: Sequence[Sequence[Unit]], hardware: Hardware, *, dtypes: Dtypes,
            workload: Workload, buffers: Buffers, num_prompts: int | None = None, base: Policy = Policy(),
@@ -103,13 +120,21 @@ def search(spec: ModelSpec, stages: Sequence[Sequence[Unit]], hardware: Hardware
             settled.append((_exact_estimate(problems, policies, num_prompts), policies, lp_throughput))
         if len(settled) >= options.finalists and any(_within_latency(e, options) for e, _, _ in settled):
             break
+    if not results:  # the LP's buffers are maxima over tiers: try the smallest plan on the exact placement
+        fitted = [fit_down(problem, _smallest(base, options)) for problem in problems]
+        if all(policy is not None for policy in fitted):
+            policies = [polish(problem, policy) for problem, policy in zip(problems, fitted)]
+            settled.append((_exact_estimate(problems, policies, num_prompts), policies, 0.0))
     chosen = _choose(settled, options)
     if chosen is None:
-        if settled:
-            fastest = min(e.block_s for e, _, _ in settled)
+        fastest = min((e.block_s for e, _, _ in settled), default=None)
+        if fastest is None and options.max_latency is not None:
+            unbounded, _ = _solve_grid(problems, hardware, dataclasses.replace(options, max_latency=None), base, num_prompts)
+            fastest = min((len(problems) * max(lp.block_s for lp in per_rank) for _, per_rank in unbounded), default=None)
+        if fastest is not None:
             raise UserError(f"no plan generates a block within --max-latency {options.max_latency:g} s; the fastest "
-                            f"found takes {fastest:.3g} s: raise --max-latency")
-        raise _nothing_fits(problems[0], base, options)
+                            f"takes about {fastest:.3g} s: raise --max-latency")
+        raise _nothing_fits(problems, base, options)
     _, policies, lp_throughput = chosen
     placements = tuple(problem.rank.plan_all(policy, dtypes=dtypes, workload=workload, buffers=buffers)
                        for problem, policy in zip(problems, policies))
@@ -135,8 +160,8 @@ def _within_latency(est: Estimate, options: SearchOptions) -> bool:
 
 def _choose(settled: list[tuple[Estimate, list[Policy], float]], options: SearchOptions):
     """The highest predicted throughput within the latency bound; among plans within
-    TIE_TOLERANCE of it, the largest GPU batch (the cost model's one decode matmul rate does
-    not see that bigger batches use the device better, nor the per-batch overheads)."""
+    TIE_TOLERANCE of it, the largest GPU batch (bigger batches amortise per-kernel and Python
+    overheads the cost model does not count)."""
     allowed = [item for item in settled if _within_latency(item[0], options)]
     if not allowed:
         return None
@@ -223,26 +248,32 @@ def _settle(problems: list[RankProblem], per_rank: list[LPResult], options: Sear
 
 def _exact_estimate(problems: list[RankProblem], policies: list[Policy], num_prompts: int | None) -> Estimate:
     stages = [problem.stage(policy) for problem, policy in zip(problems, policies)]
-    mids = [mean_decode_task(problem.plan(policy), problem.hardware, repeats=problem.rank.repeats,
-                             link_bw=problem.link_bw) for problem, policy in zip(problems, policies)]
-    first = policies[0]
-    return combine(stages, problems[0].hardware, mids, block_size=first.block_size,
-                   gen_len=problems[0].workload.gen_len, num_prompts=num_prompts)
+    return combine(stages, block_size=policies[0].block_size, gen_len=problems[0].workload.gen_len,
+                   num_prompts=num_prompts)
 
 
-def _nothing_fits(problem: RankProblem, base: Policy, options: SearchOptions) -> UserError:
-    """What the smallest plan (one sequence, everything on disk, compressed if allowed) needs."""
+def _smallest(base: Policy, options: SearchOptions) -> Policy:
+    """One sequence per block, everything on disk, compressed if allowed."""
     smallest = base.replace(gpu_batch_size=1, num_gpu_batches=1, w_gpu_percent=0, w_cpu_percent=0,
                             cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0)
     if options.allow_compression:
         smallest = smallest.replace(compress_weight=True, compress_cache=True)
-    short = problem.shortfalls(smallest)
-    if not short:  # the LP's approximate memory model refused everything; the exact one did not
-        return UserError("the policy search found no plan although one sequence per block with everything on disk "
-                         "fits; give a policy by hand (--percent ...)")
+    return smallest
+
+
+def _nothing_fits(problems: list[RankProblem], base: Policy, options: SearchOptions) -> UserError:
+    """What the smallest plan needs where it is short (on the first rank that is short)."""
+    smallest = _smallest(base, options)
+    for rank, problem in enumerate(problems):
+        short = problem.shortfalls(smallest)
+        if short:
+            break
+    else:  # every rank fits it, so fit_down found it: unreachable unless the planner is broken
+        raise AssertionError("the smallest plan fits but the search kept no plan")
     idx, limit, need = short[0]
     what = "all weights, KV cache and activations" if limit.tiers == ("disk",) else \
         "the working set: weight slots, KV scratch, compute workspace"
-    return UserError(f"the smallest plan (1 sequence per block, everything on disk) needs {format_size(need)} on the "
-                     f"{limit_label(idx, limit)} ({what}) but {format_size(limit.capacity)} are available; "
+    where = f"rank {rank}'s " if len(problems) > 1 else "the "
+    return UserError(f"the smallest plan (1 sequence per block, everything on disk) needs {format_size(need)} on "
+                     f"{where}{limit_label(idx, limit)} ({what}) but {format_size(limit.capacity)} are available; "
                      "give this rank more memory or use more ranks")
