@@ -142,7 +142,8 @@ def search(spec: ModelSpec, stages: Sequence[Sequence[Unit]], hardware: Hardware
         if shortfalls(placement.bytes_per_tier(), hardware):
             raise AssertionError(f"planned policy does not fit after all: {placement.policy}")
     final = estimate_pipeline(placements, hardware, num_prompts, link_bw=options.link_bw)
-    logger.info("policy search: %d linear programs, chose %s (predicted %.3g tokens/s)", tried, policies[0], final.throughput)
+    logger.info("policy search: %d linear programs, chose %s (predicted %.3g tokens/s)", tried,
+                policy_flags(policies[0]), final.throughput)
     return Plan(tuple(policies), placements, final, tried, lp_throughput)
 
 
