@@ -1,0 +1,273 @@
+"""The terms of the cost model: seconds of each kind of work of one layer in one task (no torch).
+
+A task is one token step of one block on a rank's layers (schedule/block.py). In a task a
+layer's non-resident weights are loaded once, then each GPU batch loads its KV cache (decode
+only, when attention cannot read it in place), computes, stores its new KV rows and hands its
+hidden state to the next layer. Each function below prices one kind of that work from the
+placement's tiers and exact bytes and the hardware's speeds; cost_model.py adds them up.
+
+Which path a term is on decides how it overlaps (see `Work.seconds`):
+- the compute path, the engine's main thread (and on a GPU its compute stream): matmuls,
+  attention, CPU attention with its transfers, (de)quantization and dtype conversion, KV-cache
+  stores and activation stores and loads (the engine does those in order, between computes);
+- the load path, the loader threads (on a GPU each with its own CUDA stream): the next layer's
+  weights and the next batch's KV cache, read from disk and then copied to the device. A disk
+  read and its copy are chained (read a chunk, then copy it), so their times add up, and weights
+  and cache share the same link and disk, so those add up too (FlexGen: ctog + dtoc).
+Without a GPU the "copy to the device" is a host memory copy (converting 16-bit storage to the
+fp32 compute dtype on the way) done by the CPU cores the compute needs too: the model ADDS it
+to the compute path rather than overlapping it. Only disk reads overlap there (the disk does
+that work). The truth is in between (a copy thread takes memory bandwidth, not all the cores);
+adding is the pessimistic end.
+
+Compute: matmuls at the profiled flop rates (many rows in a prefill, few in a decode step), but
+never faster than streaming the weights from device memory once per GPU batch (a roofline: a
+decode matmul of a few rows is memory bound, which is what makes tiny GPU batches slow);
+attention at its profiled rates, on the device or on the CPU.
+
+Small costs left out: elementwise ops (norms, activations, softmax), the embedding lookup,
+device-to-device copies on a GPU, receives of hidden states from the previous rank, and the
+CPU work of issuing copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .hardware import Speeds
+from .layout import Unit, UnitKind
+from .placement import CachePlace, Placement, Tier, WeightPlace, dtype_bytes
+
+TOKEN_ID_BYTES = 8  # int64 token ids the last rank sends to the first
+
+
+@dataclass(frozen=True)
+class Work:
+    """Seconds of each kind of work (one layer of one task, or a sum of them)."""
+
+    matmul: float = 0.0  # linear layers on the compute device
+    attention: float = 0.0  # attention on the compute device
+    cpu_attention: float = 0.0  # decode attention on the CPU over a host cache, with its q and output transfers
+    codec: float = 0.0  # quantize, dequantize and dtype conversion on the compute device
+    weight_link: float = 0.0  # weights host -> device (without a GPU: the host copy into the slot)
+    weight_disk: float = 0.0  # weights read from disk
+    cache_link: float = 0.0  # KV cache host -> device (without a GPU: the host copy into the scratch pair)
+    cache_disk: float = 0.0  # KV cache read from disk
+    cache_store: float = 0.0  # new KV rows to the cache's tier
+    act_io: float = 0.0  # hidden states to their tier after a layer and back before the next
+
+    def values(self) -> tuple[float, ...]:
+        return tuple(getattr(self, name) for name in _WORK_FIELDS)
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(*(a + b for a, b in zip(self.values(), other.values())))
+
+    def scaled(self, factor: float) -> "Work":
+        return Work(*(a * factor for a in self.values()))
+
+    def compute_path(self, separate_gpu: bool) -> float:
+        """Seconds on the compute path; without a GPU the host copies are on it too."""
+        serial = self.matmul + self.attention + self.cpu_attention + self.codec + self.cache_store + self.act_io
+        return serial if separate_gpu else serial + self.weight_link + self.cache_link
+
+    def load_path(self, separate_gpu: bool) -> float:
+        """Seconds on the loader threads (the next layer's weights, the next batch's cache)."""
+        disk = self.weight_disk + self.cache_disk
+        return disk + self.weight_link + self.cache_link if separate_gpu else disk
+
+    def seconds(self, *, overlap: bool, separate_gpu: bool) -> float:
+        """FlexGen's per-layer model: loads hide behind compute (max) with overlap, else they add."""
+        compute, load = self.compute_path(separate_gpu), self.load_path(separate_gpu)
+        return max(compute, load) if overlap else compute + load
+
+
+_WORK_FIELDS = tuple(f.name for f in dataclasses.fields(Work))
+
+
+# --- moving bytes --------------------------------------------------------------------------------
+
+
+def host_copy_seconds(speeds: Speeds, src_bytes: float, dst_bytes: float) -> float:
+    """A host memory copy that reads src_bytes and writes dst_bytes (a dtype conversion when
+    they differ). Without a GPU h2d_bw is a memcpy's rate, which reads and writes the same count."""
+    return (src_bytes + dst_bytes) / 2 / speeds.h2d_bw
+
+
+def load_seconds(p: Placement, speeds: Speeds, tier: Tier, src_bytes: float, dst_bytes: float) -> tuple[float, float]:
+    """(link, disk) seconds to bring bytes stored on `tier` (src_bytes there) onto the compute
+    device (dst_bytes there, in the compute dtype)."""
+    separate = p.buffers.separate_gpu
+    disk = src_bytes / speeds.disk_read_bw if tier is Tier.DISK else 0.0
+    if separate:
+        link = 0.0 if tier is Tier.GPU else src_bytes / speeds.h2d_bw  # converted on the device: free
+    else:
+        link = host_copy_seconds(speeds, src_bytes, dst_bytes)  # read buffer or host tier -> slot
+    return link, disk
+
+
+def store_seconds(p: Placement, speeds: Speeds, tier: Tier, nbytes: float, in_place: bool) -> float:
+    """Seconds to write nbytes computed on the device to a tensor on `tier` (a cache read in place
+    is written by the layer itself: free in device memory, a device-to-host copy in host memory)."""
+    separate = p.buffers.separate_gpu
+    if tier is Tier.DISK:
+        return (nbytes / speeds.d2h_bw if separate else 0.0) + nbytes / speeds.disk_write_bw
+    if tier is Tier.CPU and separate:
+        return nbytes / speeds.d2h_bw
+    if in_place or separate:
+        return 0.0
+    return host_copy_seconds(speeds, nbytes, nbytes)  # scratch -> host-memory cache
+
+
+def convert_seconds(p: Placement, speeds: Speeds, numel: float) -> float:
+    """A 16-bit cache read by attention in the compute dtype: a conversion pass (host copy rate
+    without a GPU, the dequantization rate, a memory-bound pass too, on one)."""
+    compute, stored = dtype_bytes(p.dtypes.compute), dtype_bytes(p.cache_dtype)
+    if compute == stored:
+        return 0.0
+    if p.buffers.separate_gpu:
+        return numel * compute / speeds.dequantize_bw
+    return host_copy_seconds(speeds, numel * stored, numel * compute)
+
+
+# --- the terms -----------------------------------------------------------------------------------
+
+
+def weight_work(p: Placement, speeds: Speeds, layer_idx: int) -> Work:
+    """Loading one layer's non-resident weights, once per task."""
+    work = Work()
+    for w in p.weights[layer_idx]:
+        work = work + weight_place_work(p, speeds, w)
+    return work
+
+
+def weight_place_work(p: Placement, speeds: Speeds, w: WeightPlace) -> Work:
+    """Loading one weight tensor. Compressed weights move their compressed bytes (staged in
+    device memory) and are dequantized on the device, whatever their tier."""
+    if w.resident:
+        return Work()
+    dst = w.numel * dtype_bytes(p.dtypes.compute)
+    codec = 0.0
+    if w.compressed:
+        codec = dst / speeds.dequantize_bw
+        staged = w.tier is Tier.DISK or (w.tier is Tier.CPU and p.buffers.separate_gpu)
+        if not staged:
+            return Work(codec=codec)  # dequantized from where it lives
+        dst = w.nbytes  # the compressed bytes go to the staging part of the slot
+    link, disk = load_seconds(p, speeds, w.tier, w.nbytes, dst)
+    return Work(codec=codec, weight_link=link, weight_disk=disk)
+
+
+def _is_lookup(unit: Unit, name: str) -> bool:
+    """Embedding tables are read by row (a gather), not multiplied."""
+    return unit.kind is UnitKind.EMBED and name.startswith("embed_")
+
+
+def device_read_bw(p: Placement, speeds: Speeds) -> float:
+    """Bytes/s the compute device streams from its memory. Not measured on its own: decode
+    attention is such a stream, and Speeds documents it as decode_attention_flops * itemsize / 2
+    bytes of KV read per second."""
+    return speeds.decode_attention_flops * dtype_bytes(p.dtypes.compute) / 2
+
+
+def matmul_work(p: Placement, speeds: Speeds, unit: Unit, token_idx: float) -> Work:
+    """The unit's linear layers for every GPU batch: 2 flop per row per weight element, and
+    never faster than reading the weights once per batch (the roofline: a decode matmul of a
+    few rows is bound by memory, which is why small GPU batches do not pay). The head computes
+    the last position only (every position when scoring a prompt)."""
+    numel = sum(ws.numel for ws in unit.weights if len(ws.shape) >= 2 and not _is_lookup(unit, ws.name))
+    prefill = token_idx == 0
+    width = p.workload.prompt_len if prefill and (unit.kind is not UnitKind.HEAD or p.buffers.scoring) else 1
+    rows = p.policy.gpu_batch_size * width
+    rate = speeds.matmul_flops if width > 1 else speeds.decode_matmul_flops
+    one_batch = max(2 * rows * numel / rate, numel * dtype_bytes(p.dtypes.compute) / device_read_bw(p, speeds))
+    return Work(matmul=p.policy.num_gpu_batches * one_batch)
+
+
+def _cpu_attention(p: Placement, c: CachePlace) -> bool:
+    return p.buffers.separate_gpu and c.in_place and c.k_tier is Tier.CPU
+
+
+def attention_work(p: Placement, speeds: Speeds, c: CachePlace, token_idx: float) -> Work:
+    """Attention of one GPU batch: 4 flop per query per key per hidden dim (q.k and p.v); with
+    attn_sparsity f the p.v half runs over a fraction f of the keys."""
+    spec, b, s = p.spec, p.policy.gpu_batch_size, p.workload.prompt_len
+    q_dim = spec.num_heads * spec.head_dim
+    if token_idx == 0:
+        return Work(attention=4 * b * s * s * q_dim / speeds.attention_flops)
+    keys = s + token_idx
+    flops = 2 * b * keys * q_dim * (1 + p.policy.attn_sparsity)
+    if not _cpu_attention(p, c):
+        return Work(attention=flops / speeds.decode_attention_flops)
+    compute = dtype_bytes(p.dtypes.compute)
+    # q goes to the host and the output comes back; the new k, v rows are the cache store.
+    transfer = b * q_dim * compute / speeds.d2h_bw + b * q_dim * compute / speeds.h2d_bw
+    return Work(cpu_attention=flops / speeds.cpu_attention_flops + transfer)
+
+
+def cache_io_work(p: Placement, speeds: Speeds, c: CachePlace, token_idx: float) -> Work:
+    """One GPU batch's KV cache: loading the past into a scratch pair (unless read in place),
+    decoding it (dequantize or convert), and storing the step's new rows to the cache's tier."""
+    spec, b, s = p.spec, p.policy.gpu_batch_size, p.workload.prompt_len
+    row_stored = c.nbytes / p.workload.seq_len  # one position of k (or v), as stored
+    row_numel = b * spec.kv_dim
+    row_compute = row_numel * dtype_bytes(p.dtypes.compute)
+    sparsity = p.policy.attn_sparsity
+    new_rows = s if token_idx == 0 else 1
+    codec = 2 * new_rows * row_compute / speeds.quantize_bw if c.compressed else 0.0
+    store = sum(store_seconds(p, speeds, tier, new_rows * row_stored, c.in_place) for tier in (c.k_tier, c.v_tier))
+    link = disk = 0.0
+    if token_idx > 0:
+        past, keys = s + token_idx - 1, s + token_idx
+        # rows attention reads, of k and of v (sparse attention reads a fraction of the values)
+        for tier, frac in ((c.k_tier, 1.0), (c.v_tier, sparsity)):
+            if not c.in_place:
+                moved = load_seconds(p, speeds, tier, frac * past * row_stored, frac * past * row_compute)
+                link, disk = link + moved[0], disk + moved[1]
+            read = frac * keys * row_numel
+            if c.compressed:
+                codec += read * dtype_bytes(p.dtypes.compute) / speeds.dequantize_bw
+            else:
+                codec += convert_seconds(p, speeds, read)
+    return Work(codec=codec, cache_link=link, cache_disk=disk, cache_store=store)
+
+
+def cache_work(p: Placement, speeds: Speeds, layer_idx: int, token_idx: float) -> Work:
+    """A decoder layer's attention and KV-cache traffic, every GPU batch."""
+    alike: dict[tuple, tuple[CachePlace, int]] = {}  # batches whose caches sit alike cost the same
+    for batch_idx in range(p.policy.num_gpu_batches):
+        c = p.caches[(layer_idx, batch_idx)]
+        key = (c.k_tier, c.v_tier, c.in_place, c.nbytes, c.compressed)
+        alike[key] = (c, alike[key][1] + 1 if key in alike else 1)
+    work = Work()
+    for c, count in alike.values():
+        work = work + (attention_work(p, speeds, c, token_idx) + cache_io_work(p, speeds, c, token_idx)).scaled(count)
+    return work
+
+
+def act_work(p: Placement, speeds: Speeds, token_idx: float) -> Work:
+    """One layer's hidden states (every GPU batch) to their tier and back for the next layer."""
+    width = p.workload.prompt_len if token_idx == 0 else 1
+    nbytes = p.policy.gpu_batch_size * width * p.spec.hidden_size * dtype_bytes(p.dtypes.compute)
+    separate = p.buffers.separate_gpu
+    seconds = 0.0
+    for act in p.acts:
+        if act.tier is Tier.CPU and separate:
+            seconds += nbytes / speeds.d2h_bw + nbytes / speeds.h2d_bw
+        elif act.tier is Tier.DISK:
+            write = (nbytes / speeds.d2h_bw if separate else 0.0) + nbytes / speeds.disk_write_bw
+            read = nbytes / speeds.disk_read_bw + (nbytes / speeds.h2d_bw if separate else host_copy_seconds(speeds, nbytes, nbytes))
+            seconds += write + read
+    return Work(act_io=seconds)
+
+
+def send_seconds(p: Placement, token_idx: float, link_bw: float, last_stage: bool) -> float:
+    """One task's messages to the next rank: every GPU batch's hidden state, or from the last
+    rank the sampled token ids (to the first)."""
+    if p.buffers.num_ranks == 1:
+        return 0.0
+    b, num_batches = p.policy.gpu_batch_size, p.policy.num_gpu_batches
+    if last_stage:
+        return num_batches * b * TOKEN_ID_BYTES / link_bw
+    width = p.workload.prompt_len if token_idx == 0 else 1
+    return num_batches * b * width * p.spec.hidden_size * dtype_bytes(p.dtypes.compute) / link_bw

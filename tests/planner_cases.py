@@ -1,0 +1,64 @@
+"""Model shapes, machines and placements shared by the cost-model and search tests (no torch)."""
+
+from __future__ import annotations
+
+from flexgen_dist.planning.hardware import Capacities, Hardware, Speeds
+from flexgen_dist.planning.layout import model_units
+from flexgen_dist.planning.placement import Buffers, Dtypes, Workload, plan_placement
+from flexgen_dist.planning.policy import Policy
+from flexgen_dist.planning.spec import ModelSpec
+
+MiB, GiB = 2**20, 2**30
+
+
+def opt_spec(hidden=64, heads=4, ffn=256, layers=4, vocab=512) -> ModelSpec:
+    return ModelSpec.from_config(dict(model_type="opt", hidden_size=hidden, num_attention_heads=heads, ffn_dim=ffn,
+                                      num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=256))
+
+
+def llama_spec(layers=4) -> ModelSpec:
+    return ModelSpec.from_config(dict(model_type="llama", hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
+                                      intermediate_size=344, num_hidden_layers=layers, vocab_size=1024,
+                                      max_position_embeddings=512))
+
+
+def gpu_machine(gpu_mem=GiB, cpu_mem=8 * GiB, disk_mem=100 * GiB) -> Hardware:
+    """Round numbers, shaped like a PCIe GPU box: fast device, slow link, slower disk."""
+    return Hardware(
+        name="test gpu box",
+        capacities=Capacities(has_gpu=True, gpu_mem=gpu_mem, cpu_mem=cpu_mem, host_mem=cpu_mem, disk_mem=disk_mem),
+        speeds=Speeds(compute_dtype="float16", h2d_bw=1e10, d2h_bw=5e9, disk_read_bw=1e9, disk_write_bw=5e8,
+                      matmul_flops=1e13, decode_matmul_flops=2e12, attention_flops=5e12, decode_attention_flops=1e11,
+                      cpu_attention_flops=2e10, quantize_bw=5e10, dequantize_bw=1e11),
+    )
+
+
+def cpu_machine(host_mem=GiB, disk_mem=100 * GiB) -> Hardware:
+    """A machine without a GPU: both memory tiers are host RAM."""
+    return Hardware(
+        name="test cpu box",
+        capacities=Capacities(has_gpu=False, gpu_mem=host_mem, cpu_mem=host_mem, host_mem=host_mem, disk_mem=disk_mem),
+        speeds=Speeds(compute_dtype="float32", h2d_bw=8e9, d2h_bw=8e9, disk_read_bw=1.5e9, disk_write_bw=1e9,
+                      matmul_flops=2e11, decode_matmul_flops=4e10, attention_flops=5e10, decode_attention_flops=5e9,
+                      cpu_attention_flops=5e9, quantize_bw=2e9, dequantize_bw=4e9),
+    )
+
+
+def settings(hardware: Hardware, prompt_len=16, gen_len=8, num_ranks=1) -> dict:
+    """dtypes, workload and buffers of a run on this machine."""
+    gpu = hardware.capacities.has_gpu
+    return dict(dtypes=Dtypes("float16", "float16") if gpu else Dtypes("float32", "float16"),
+                workload=Workload(prompt_len, gen_len),
+                buffers=Buffers(separate_gpu=gpu, num_ranks=num_ranks, chunk_bytes=1 << 20))
+
+
+def policy(percent=(100, 0, 100, 0, 100, 0), gbs=2, num_batches=2, **switches) -> Policy:
+    w_gpu, w_cpu, c_gpu, c_cpu, a_gpu, a_cpu = percent
+    return Policy(gpu_batch_size=gbs, num_gpu_batches=num_batches, w_gpu_percent=w_gpu, w_cpu_percent=w_cpu,
+                  cache_gpu_percent=c_gpu, cache_cpu_percent=c_cpu, act_gpu_percent=a_gpu, act_cpu_percent=a_cpu,
+                  **switches)
+
+
+def place(spec: ModelSpec, pol: Policy, hardware: Hardware, units=None, **overrides):
+    kwargs = {**settings(hardware), **overrides}
+    return plan_placement(spec, units if units is not None else model_units(spec), pol, **kwargs)
