@@ -66,10 +66,10 @@ class FoldedRank:
             if extra == 0:
                 continue
             for w in folded.weights[unit.layer_idx]:
-                out[w.tier] += extra * w.nbytes
+                out[w.tier] += extra * folded.weight_footprint(w)
             if unit.has_cache:
                 for batch_idx in range(folded.policy.num_gpu_batches):
                     c = folded.caches[(unit.layer_idx, batch_idx)]
-                    out[c.k_tier] += extra * c.nbytes * folded.blocks_in_flight
-                    out[c.v_tier] += extra * c.nbytes * folded.blocks_in_flight
+                    out[c.k_tier] += extra * folded.cache_footprint(c, c.k_tier) * folded.blocks_in_flight
+                    out[c.v_tier] += extra * folded.cache_footprint(c, c.v_tier) * folded.blocks_in_flight
         return out

@@ -200,7 +200,7 @@ class _WeightTerms:
     def bytes_on(self, tier: Tier) -> _Linear:
         out = _Linear()
         for unit in self.rank.representatives:
-            out.add(self.expr(unit.layer_idx, lambda p, w: w.nbytes if w.tier is tier else 0),
+            out.add(self.expr(unit.layer_idx, lambda p, w: p.weight_footprint(w) if w.tier is tier else 0),
                     self.rank.repeats[unit.layer_idx])
         return out
 
@@ -318,5 +318,5 @@ def _cache_bytes(rank: FoldedRank, p: Placement) -> dict[Tier, int]:
     out = dict.fromkeys(TIERS, 0)
     for (layer_idx, _), c in p.caches.items():
         for tier in (c.k_tier, c.v_tier):
-            out[tier] += rank.repeats[layer_idx] * c.nbytes * p.blocks_in_flight
+            out[tier] += rank.repeats[layer_idx] * p.cache_footprint(c, tier) * p.blocks_in_flight
     return out

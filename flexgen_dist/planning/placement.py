@@ -241,6 +241,24 @@ class Placement:
                     pieces.append((name, "value", w.shape, dtype))
         return pack(pieces)
 
+    def weight_footprint(self, w: WeightPlace) -> int:
+        """Bytes `w` adds to its tier: its share of the arena (pieces aligned) or its file(s)."""
+        if w.tier is Tier.DISK:
+            return w.nbytes
+        if w.compressed:
+            return pack(_compressed_parts(w.name, w.shape, self.policy.compression))[1]
+        return pack([(w.name, "value", w.shape, self.dtypes.compute if w.tier is Tier.GPU else self.dtypes.storage)])[1]
+
+    def cache_footprint(self, c: CachePlace, tier: Tier) -> int:
+        """Bytes one of `c`'s tensors (keys or values) on `tier` adds per block: its share of the
+        block's slot (pieces aligned), or its file(s)."""
+        if tier is Tier.DISK:
+            return c.nbytes
+        shape = self.cache_shape(self.workload.seq_len)
+        if c.compressed:
+            return pack(_compressed_parts("c", shape, self.policy.compression))[1]
+        return pack([("c", "value", shape, self.cache_dtype)])[1]
+
     def weight_bytes(self) -> dict[Tier, int]:
         """Memory tiers: their arenas; disk: the files."""
         out = {tier: self.weight_layout(tier)[1] for tier in (Tier.GPU, Tier.CPU)}
@@ -449,10 +467,13 @@ def _read_buffer_bytes(p: Placement, dims: _Dims) -> int:
 
 
 def _workspace_bytes(p: Placement, dims: _Dims, compute: int) -> int:
-    """Transient memory of one GPU batch's layer compute (an estimate): the prefill's
-    intermediates, its attention scores in fp32, and the head's fp32 logits."""
+    """Transient memory of one GPU batch's layer compute (an estimate): the peak of the prefill's
+    phases, not their sum. Attention: the input and its norm, q, k, v and their rotated copies, the
+    output, and the scores of one chunk of queries in fp32 (the math backend's worst case). MLP:
+    the input and its norm, gate, up, the activation and the product. Head: fp32 logits."""
     gbs, prompt, seq = p.policy.gpu_batch_size, p.workload.prompt_len, p.workload.seq_len
-    per_token = 3 * dims.hidden + 2 * dims.q_dim + 2 * dims.kv_dim + 3 * dims.intermediate
-    scores = gbs * max(dims.num_heads, 1) * min(prompt, ATTENTION_QUERY_CHUNK) * seq * 4
-    logit_rows = prompt if p.buffers.scoring else 1
-    return gbs * prompt * per_token * compute + scores + gbs * logit_rows * dims.vocab * 4
+    attention = gbs * prompt * (2 * dims.hidden + 3 * dims.q_dim + 3 * dims.kv_dim) * compute
+    attention += gbs * max(dims.num_heads, 1) * min(prompt, ATTENTION_QUERY_CHUNK) * seq * 4
+    mlp = gbs * prompt * (2 * dims.hidden + 4 * dims.intermediate) * compute
+    head = gbs * (prompt if p.buffers.scoring else 1) * dims.vocab * 4
+    return max(attention, mlp, head)
