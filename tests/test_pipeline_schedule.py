@@ -16,7 +16,8 @@ from flexgen_dist.schedule.block import (
     StageShape,
     rank_schedule,
 )
-from flexgen_dist.schedule.pipeline import pipeline_groups, remaining_groups
+from flexgen_dist.schedule.block import LaneTask
+from flexgen_dist.schedule.pipeline import lane_tasks, remaining_tasks
 
 
 def stages(layers_per_rank, num_batches):
@@ -33,12 +34,15 @@ def stages(layers_per_rank, num_batches):
 
 
 def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
-    """Discrete-event run: a compute takes one tick, messages are instant. Returns (makespan, computes)."""
+    """Discrete-event run: a compute takes one tick, messages are instant. Returns (makespan, computes).
+    num_tokens: one count for every block, or a list with each block's."""
     P = len(layers_per_rank)
-    groups = pipeline_groups(num_blocks, num_tokens, P)
+    block_tokens = num_tokens if isinstance(num_tokens, list) else [num_tokens] * num_blocks
+    tasks = lane_tasks(block_tokens, P)
     stage_list = stages(layers_per_rank, num_batches)
-    schedules = [rank_schedule(groups, s) for s in stage_list]
+    schedules = [rank_schedule(tasks, s) for s in stage_list]
     opened = [dict() for _ in range(P)]  # rank -> block -> "open" / "closed"
+    peak_open = [0] * P
     channels = defaultdict(deque)  # (src, dst, kind) -> deque of ((block, token, batch), time)
     pos, clock = [0] * P, [0] * P
     received = [set() for _ in range(P)]
@@ -52,6 +56,7 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
                 if isinstance(op, OpenBlock):
                     assert op.block_idx not in opened[r], f"rank {r} opens block {op.block_idx} twice"
                     opened[r][op.block_idx] = "open"
+                    peak_open[r] = max(peak_open[r], sum(v == "open" for v in opened[r].values()))
                 elif isinstance(op, CloseBlock):
                     assert opened[r].get(op.block_idx) == "open", f"rank {r} closes block {op.block_idx} unopened"
                     opened[r][op.block_idx] = "closed"
@@ -88,7 +93,9 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
     # rank 0 ends up with every sampled token of every block
     if P > 1:
         tokens = {key for kind, key in received[0] if kind == "RecvTokens"}
-        assert tokens == {(b, t, k) for b in range(num_blocks) for t in range(num_tokens) for k in range(num_batches)}
+        assert tokens == {(b, t, k) for b in range(num_blocks) for t in range(block_tokens[b]) for k in range(num_batches)}
+    # never more blocks open at once on a rank than the ranks (the blocks in flight)
+    assert max(peak_open) <= P, peak_open
     return max(clock), computes
 
 
@@ -101,11 +108,13 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
         ([2, 4, 3], 3, 4, 3),
         ([2, 1, 1, 3], 7, 2, 2),
         ([2, 2], 1, 3, 1),  # fewer blocks than ranks
+        ([2, 3], 5, [3, 1, 4, 2, 5], 2),  # blocks of different lengths: lanes start new blocks at once
     ],
 )
 def test_every_send_meets_its_receive_without_deadlock(layers_per_rank, num_blocks, num_tokens, num_batches):
     _, computes = simulate(layers_per_rank, num_blocks, num_tokens, num_batches)
-    assert computes == sum(layers_per_rank) * num_blocks * num_tokens * num_batches
+    total_tokens = sum(num_tokens) if isinstance(num_tokens, list) else num_blocks * num_tokens
+    assert computes == sum(layers_per_rank) * total_tokens * num_batches
 
 
 @pytest.mark.parametrize("num_ranks", [2, 3, 4])
@@ -116,12 +125,27 @@ def test_ranks_work_concurrently_in_decoding(num_ranks):
     assert makespan < computes / num_ranks * 1.15
 
 
+def test_ranks_stay_busy_across_blocks_without_draining():
+    """Many blocks through 2 ranks: with lanes the pipeline never drains between blocks, so the
+    makespan stays within a few ticks of the ideal whatever the block count."""
+    layers, tokens, blocks = [3, 3], 8, 10
+    makespan, computes = simulate(layers, num_blocks=blocks, num_tokens=tokens, num_batches=1)
+    ideal = computes / len(layers)
+    assert makespan <= ideal + 2 * 3 + 1, (makespan, ideal)  # only the fill at the start and the end
+
+
 def test_single_rank_runs_block_after_block():
-    groups = pipeline_groups(num_blocks=2, num_tokens=3, num_ranks=1)
-    assert groups == [[(0, 0), (0, 1), (0, 2)], [(1, 0), (1, 1), (1, 2)]]
+    tasks = lane_tasks([3, 3], num_ranks=1)
+    assert [t.task for t in tasks] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+def test_lanes_take_turns_and_start_the_next_block_at_once():
+    tasks = lane_tasks([2, 3, 1], num_ranks=2)
+    assert [(t.block_idx, t.token_idx, t.lane) for t in tasks] == [
+        (0, 0, 0), (1, 0, 1), (0, 1, 0), (1, 1, 1), (2, 0, 0), (1, 2, 1)]
 
 
 def test_replanning_drops_finished_blocks_from_the_current_task_on():
-    groups = pipeline_groups(num_blocks=2, num_tokens=3, num_ranks=1)
-    assert remaining_groups(groups, {0}, (0, 1)) == [[(1, 0), (1, 1), (1, 2)]]
-    assert remaining_groups(groups, set(), (1, 1)) == [[(1, 1), (1, 2)]]
+    tasks = lane_tasks([3, 3], num_ranks=1)
+    assert [t.task for t in remaining_tasks(tasks, {0}, (0, 1))] == [(1, 0), (1, 1), (1, 2)]
+    assert [t.task for t in remaining_tasks(tasks, set(), (1, 1))] == [(1, 1), (1, 2)]

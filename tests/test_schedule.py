@@ -11,6 +11,7 @@ from flexgen_dist.schedule.block import (
     CloseBlock,
     Compute,
     FreeWeight,
+    LaneTask,
     LoadActivation,
     LoadCache,
     LoadWeight,
@@ -20,6 +21,7 @@ from flexgen_dist.schedule.block import (
     StoreCache,
     rank_schedule,
 )
+from flexgen_dist.schedule.pipeline import lane_tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,7 @@ class BlockShape:
 
 def block_schedule(shape: BlockShape, prefetch_depth: int = 1):
     stage = StageShape(shape.layers, shape.num_batches, shape.cache_layers)
-    return rank_schedule([[(0, t) for t in range(shape.num_tokens)]], stage, prefetch_depth)
+    return rank_schedule([LaneTask(0, t) for t in range(shape.num_tokens)], stage, prefetch_depth)
 
 
 SHAPES = [
@@ -119,7 +121,7 @@ def test_a_block_opens_before_its_state_is_used_and_closes_after(shape):
 
 def test_blocks_in_sequence_never_overlap_on_one_rank():
     stage = StageShape(range(4), 2, frozenset({1, 2}))
-    ops = rank_schedule([[(0, t) for t in range(3)], [(1, t) for t in range(3)]], stage)
+    ops = rank_schedule(lane_tasks([3, 3], num_ranks=1), stage)
     assert ops.index(CloseBlock(0)) < ops.index(OpenBlock(1))
     # the next block's first weights are prefetched before the previous block closes
     assert ops.index(LoadWeight(1, 0, 0)) < ops.index(CloseBlock(0))
@@ -127,7 +129,7 @@ def test_blocks_in_sequence_never_overlap_on_one_rank():
 
 def test_ops_carry_global_layer_indices():
     stage = StageShape(range(5, 8), 1, frozenset({5, 6, 7}), rank=1, num_ranks=3)
-    computes = [op for op in rank_schedule([[(0, 0), (0, 1)]], stage) if isinstance(op, Compute)]
+    computes = [op for op in rank_schedule([LaneTask(0, 0), LaneTask(0, 1)], stage) if isinstance(op, Compute)]
     assert sorted({op.layer_idx for op in computes}) == [5, 6, 7]
 
 

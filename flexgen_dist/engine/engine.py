@@ -19,7 +19,7 @@ from ..parallel.comm import ACTIVATIONS, TOKENS, Comm, SendHandle
 from ..planning.layout import Unit, UnitKind
 from ..planning.placement import Placement, Workload
 from ..schedule import block as ops
-from ..schedule.pipeline import pipeline_groups, remaining_groups
+from ..schedule.pipeline import lane_tasks, remaining_tasks
 from ..storage.tiers import DiskReader, torch_dtype
 from ..storage.weights import LoadedWeights, WeightStore
 from .block_io import BlockIO, KVLease
@@ -49,7 +49,7 @@ class _Walk:
     """Everything one `Engine.run` call tracks while it walks the plan."""
 
     blocks: list[Block]
-    groups: list[list[ops.Task]]
+    tasks: list[ops.LaneTask]
     stage: ops.StageShape
     sampler: Sampler
     states: dict[int, BlockState] = field(default_factory=dict)  # open blocks
@@ -100,10 +100,10 @@ class Engine:
             rank=self.rank,
             num_ranks=self.num_ranks,
         )
-        groups = pipeline_groups(len(blocks), blocks[0].max_new_tokens, self.num_ranks)
-        walk = _Walk(blocks, groups, stage, sampler)
+        tasks = lane_tasks([block.max_new_tokens for block in blocks], self.num_ranks)
+        walk = _Walk(blocks, tasks, stage, sampler)
         try:
-            plan = ops.rank_schedule(groups, stage, self.config.prefetch_depth)
+            plan = ops.rank_schedule(tasks, stage, self.config.prefetch_depth)
             while plan:
                 plan = self._walk(plan, walk)
             for handle in walk.sends:
@@ -127,7 +127,7 @@ class Engine:
                     # Every row stopped: drop the rest of this block and re-plan what remains.
                     self._drop_loads(walk)
                     walk.results[op.block_idx] = self.block_io.close(walk.states.pop(op.block_idx))
-                    remaining = remaining_groups(walk.groups, {op.block_idx}, current)
+                    remaining = remaining_tasks(walk.tasks, {op.block_idx}, current)
                     return ops.rank_schedule(remaining, walk.stage, self.config.prefetch_depth)
             self._execute(op, walk)
             walk.sends = [handle for handle in walk.sends if not handle.done()]

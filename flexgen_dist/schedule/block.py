@@ -15,9 +15,11 @@ embedding, 1..L the decoder layers, L + 1 the head. A rank holds a contiguous ra
 (`StageShape.layers`). With several ranks, the first
 layer of a non-first stage receives its input (`RecvActivation`) and the last layer of a
 non-last stage sends its output (`SendActivation`); the last stage sends each sampled token to
-the first (`SendTokens`), which receives them (`RecvTokens`) before embedding them. Tasks come in
-groups: the blocks of a group are in flight together (see pipeline.py); the first stage receives
-a group's final tokens at the group's end.
+the first (`SendTokens`), which receives them (`RecvTokens`) before embedding them.
+
+Blocks run in lanes (schedule/pipeline.py): with P ranks, P blocks are in flight and a lane
+starts its next block as soon as its block is done, so the pipeline does not drain between
+blocks; the first stage receives a block's final tokens just before its lane's next task.
 
 `OpenBlock` comes before the first op that needs a block's state (its KV cache, activations,
 inputs) and `CloseBlock` after the last one, so the engine never infers a block's lifetime from
@@ -162,6 +164,19 @@ Task = tuple[int, int]  # (block_idx, token_idx)
 
 
 @dataclass(frozen=True)
+class LaneTask:
+    """A task and the pipeline lane it runs in (schedule/pipeline.py)."""
+
+    block_idx: int
+    token_idx: int
+    lane: int = 0
+
+    @property
+    def task(self) -> Task:
+        return (self.block_idx, self.token_idx)
+
+
+@dataclass(frozen=True)
 class StageShape:
     """What one rank holds: a contiguous range of global schedule layers."""
 
@@ -190,41 +205,74 @@ class StageShape:
         return token_idx > 0 and layer_idx in self.cache_layers
 
 
-def compute_order(groups: list[list[Task]], stage: StageShape) -> list[Compute]:
+def compute_order(tasks: list[LaneTask], stage: StageShape) -> list[Compute]:
     return [
-        Compute(block_idx, token_idx, layer_idx, batch_idx)
-        for group in groups
-        for block_idx, token_idx in group
+        Compute(t.block_idx, t.token_idx, layer_idx, batch_idx)
+        for t in tasks
         for layer_idx in stage.layers
         for batch_idx in range(stage.num_batches)
     ]
 
 
-def rank_schedule(groups: list[list[Task]], stage: StageShape, prefetch_depth: int = 1) -> list[Op]:
-    """All ops of this rank for the given task groups, in issue order.
+def _token_receives(tasks: list[LaneTask]) -> tuple[dict[int, int], dict[int, list[int]]]:
+    """When the first stage receives the tokens the last stage sampled in each task.
+
+    The last stage sends them in task order, and receives match sends in the order they are
+    posted, so the first stage must post its receives in task order too. A task's tokens are
+    needed by its block's next task; a block's final tokens are needed by nobody, and are received
+    just before its lane's next task (so the block closes before the lane's next block opens), or
+    at the end. Moving a receive earlier than that only waits longer, never wrongly, so a backward
+    pass makes the positions non-decreasing in task order.
+    Returns ({task index: index of the task that consumes it}, {task index: receives posted at its
+    start, in task order}); position len(tasks) means after the last task."""
+    n = len(tasks)
+    next_of_block: dict[int, int] = {}
+    consumer: dict[int, int] = {}
+    want = [n] * n
+    for i in range(n - 1, -1, -1):
+        block = tasks[i].block_idx
+        if block in next_of_block:
+            consumer[i] = want[i] = next_of_block[block]
+        next_of_block[block] = i
+    next_in_lane: dict[int, int] = {}
+    for i in range(n - 1, -1, -1):
+        if i not in consumer and tasks[i].lane in next_in_lane:
+            want[i] = next_in_lane[tasks[i].lane]
+        next_in_lane[tasks[i].lane] = i
+    for i in range(n - 2, -1, -1):
+        want[i] = min(want[i], want[i + 1])
+    early: dict[int, list[int]] = {}
+    for i in range(n):
+        if consumer.get(i) != want[i]:  # not received right before its consumer's compute
+            early.setdefault(want[i], []).append(i)
+    return {i: c for i, c in consumer.items() if want[i] == c}, early
+
+
+def rank_schedule(tasks: list[LaneTask], stage: StageShape, prefetch_depth: int = 1) -> list[Op]:
+    """All ops of this rank for the given tasks (schedule/pipeline.py orders them), in issue order.
 
     prefetch_depth: how many layers ahead weights are requested (1 = the next layer while this
     one computes; each extra layer costs one more layer of weights in memory)."""
     if prefetch_depth < 1:
         raise ValueError("prefetch_depth must be >= 1")
-    computes = compute_order(groups, stage)
+    computes = compute_order(tasks, stage)
     if not computes:
         return []
     num_batches = stage.num_batches
     layer_starts = computes[::num_batches]  # the first compute of every (block, token, layer)
     first_layer, last_layer, last_batch = stage.layers[0], stage.layers[-1], num_batches - 1
     ring = stage.num_ranks > 1
-    group_end = {}  # index of a group's last compute -> that group's final tasks
-    end = -1
-    for group in groups:
-        end += len(group) * len(stage.layers) * num_batches
-        final: dict[int, int] = {}
-        for block_idx, token_idx in group:
-            final[block_idx] = max(token_idx, final.get(block_idx, token_idx))
-        group_end[end] = sorted(final.items())
+    at_consumer, early = _token_receives(tasks) if ring and stage.is_first else ({}, {})
+    consumed_by = {consumer: tasks[i].task for i, consumer in at_consumer.items()}
+    per_task = len(stage.layers) * num_batches
+    src = stage.num_ranks - 1
     ops: list[Op] = [LoadWeight(c.block_idx, c.token_idx, c.layer_idx) for c in layer_starts[:prefetch_depth]]
     for i, c in enumerate(computes):
         block_idx, token_idx, layer_idx, batch_idx = c.block_idx, c.token_idx, c.layer_idx, c.batch_idx
+        task_idx = i // per_task
+        if i % per_task == 0:  # a task starts: tokens received ahead of their consumer (or never consumed)
+            for j in early.get(task_idx, ()):
+                ops.extend(RecvTokens(*tasks[j].task, other, src) for other in range(num_batches))
         if batch_idx == 0:  # a layer starts: request the weights `prefetch_depth` layers ahead in compute order
             ahead = i // num_batches + prefetch_depth
             if ahead < len(layer_starts):
@@ -238,8 +286,8 @@ def rank_schedule(groups: list[list[Task]], stage: StageShape, prefetch_depth: i
             n = computes[i + 1]
             if stage.needs_cache_load(n.token_idx, n.layer_idx):
                 ops.append(LoadCache(n.block_idx, n.token_idx, n.layer_idx, n.batch_idx))
-        if layer_idx == first_layer and token_idx > 0 and stage.is_first and ring:
-            ops.append(RecvTokens(block_idx, token_idx - 1, batch_idx, stage.num_ranks - 1))
+        if layer_idx == first_layer and task_idx in consumed_by:  # the previous token, just in time
+            ops.append(RecvTokens(*consumed_by[task_idx], batch_idx, src))
         if layer_idx > first_layer:
             ops.append(LoadActivation(block_idx, token_idx, layer_idx, batch_idx))
         ops.append(c)
@@ -253,9 +301,8 @@ def rank_schedule(groups: list[list[Task]], stage: StageShape, prefetch_depth: i
             ops.append(SendTokens(block_idx, token_idx, batch_idx, 0))
         if batch_idx == last_batch:
             ops.append(FreeWeight(block_idx, token_idx, layer_idx))
-        if stage.is_first and ring and i in group_end:  # the group's last tokens come back round the ring
-            for final_block, final_token in group_end[i]:
-                ops.extend(RecvTokens(final_block, final_token, other, stage.num_ranks - 1) for other in range(num_batches))
+    for j in early.get(len(tasks), ()):
+        ops.extend(RecvTokens(*tasks[j].task, other, src) for other in range(num_batches))
     return _with_block_lifetimes(ops)
 
 
