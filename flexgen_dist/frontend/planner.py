@@ -1,0 +1,157 @@
+"""Choosing a rank's placement: the policy search by default, or a hand-given policy checked.
+
+`make_plan` is what `LLM` (and `--print-policy`, which stops there) calls before any weight is
+placed. It starts from this machine's hardware (capacities detected now, speeds profiled once and
+cached; or `--hardware FILE.json`), takes this rank's share of the node, applies `--gpu-mem` /
+`--cpu-mem` / `--disk-mem`, and then either searches (planning/search.py) or checks the given
+policy against the capacities (planning/fit.py: a policy that does not fit is refused naming the
+tier, the bytes and the nearest policy that fits). Ranks of a pipeline agree on the hardware they
+plan with (the smallest of each capacity), so they all choose the same block shape, and their
+stages are cut by predicted time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..parallel.partition import partition_layers
+from ..planning.cost_model import Estimate, estimate, estimate_pipeline, partition_costs
+from ..planning.fit import check_policy, policy_flags
+from ..planning.hardware import Hardware, apply_overrides, rank_share
+from ..planning.layout import Unit, model_units
+from ..planning.placement import Buffers, Dtypes, Placement, Tier, Workload, plan_placement
+from ..planning.policy import Policy
+from ..planning.search import SearchOptions, search
+from ..planning.sizes import format_size
+from ..planning.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a rank may use, over what is detected (None: detected), and where speeds come from."""
+
+    gpu_mem: int | None = None
+    """Bytes of the gpu tier (`--gpu-mem`)."""
+    cpu_mem: int | None = None
+    """Bytes of the cpu tier (`--cpu-mem`)."""
+    disk_mem: int | None = None
+    """Bytes of the offload folder (`--disk-mem`)."""
+    hardware: str | Path | None = None
+    """A hardware description (JSON file or preset name, `--hardware`) to plan for instead of this machine."""
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_mem", "cpu_mem", "disk_mem"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a size >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """The rank's placement, every rank's units and the prediction, for the log and --print-policy."""
+
+    placement: Placement
+    units: list[Unit]
+    estimate: Estimate
+    hardware: Hardware
+    searched: bool
+
+    def summary(self) -> str:
+        """The chosen policy, the planned peak per tier against the capacity, the prediction."""
+        p, hw, est = self.placement, self.hardware, self.estimate
+        used = p.bytes_per_tier()
+        caps = {Tier.GPU: hw.capacities.gpu_mem, Tier.CPU: hw.capacities.cpu_mem, Tier.DISK: hw.capacities.disk_mem}
+        memory = ", ".join(f"{tier} {format_size(used[tier])} of {format_size(caps[tier])}" for tier in Tier)
+        how = "chosen by the planner" if self.searched else "as given"
+        step = est.decode
+        bound = (f"; a decode step {step.seconds:.3g} s, {step.bound}-bound (compute {step.compute_s:.3g} s, "
+                 f"loads {step.load_s:.3g} s)") if step is not None else ""
+        return (f"policy ({how}): {policy_flags(p.policy)}\n"
+                f"planned peak memory: {memory}\n"
+                f"predicted: {est.throughput:.4g} tokens/s ({est.num_blocks} block(s), prefill {est.prefill_s:.3g} s, "
+                f"decode {est.decode_s:.3g} s{bound})\n"
+                f"hardware: {hw.name}")
+
+    def log_line(self) -> str:
+        p = self.placement.policy
+        where = ", ".join(f"{tier} {format_size(n)}" for tier, n in self.placement.weight_bytes().items() if n)
+        return (f"policy {policy_flags(p)} (block {p.gpu_batch_size}x{p.num_gpu_batches}; weights: {where}; "
+                f"predicted {self.estimate.throughput:.2f} tok/s)")
+
+
+def rank_hardware(capacity: Capacity, *, device: str, offload_dir: str | Path | None, compute_dtype: str,
+                  local_world_size: int, pipeline=None) -> Hardware:
+    """This rank's hardware: the machine's (or `--hardware`), its share of the node, the overrides;
+    in a pipeline, the smallest of every rank's capacities (so all ranks plan alike)."""
+    from ..profile import machine_hardware  # torch: only when planning for this machine
+
+    hw = machine_hardware(device, offload_dir, hardware=capacity.hardware, compute_dtype=compute_dtype)
+    if capacity.hardware is None:
+        hw = rank_share(hw, local_world_size=local_world_size)
+    disk = capacity.disk_mem if offload_dir is not None else 0  # no offload folder: no disk tier
+    hw = apply_overrides(hw, gpu_mem=capacity.gpu_mem, cpu_mem=capacity.cpu_mem, disk_mem=disk)
+    if pipeline is not None and pipeline.world_size > 1:
+        hw = _smallest_over_ranks(hw, pipeline)
+    return hw
+
+
+def _smallest_over_ranks(hw: Hardware, pipeline) -> Hardware:
+    import torch.distributed as dist
+
+    every: list = [None] * pipeline.world_size
+    dist.all_gather_object(every, hw.capacities)
+    smallest = {name: min(getattr(c, name) for c in every) for name in ("gpu_mem", "cpu_mem", "host_mem", "disk_mem")}
+    return hw.with_capacities(dataclasses.replace(hw.capacities, **smallest))
+
+
+def make_plan(spec: ModelSpec, *, policy: Policy | None, hardware: Hardware, dtypes: Dtypes, workload: Workload,
+              buffers: Buffers, num_prompts: int | None, options: SearchOptions, rank: int = 0,
+              stage_layers: list[int] | None = None) -> PlanChoice:
+    """The placement of rank `rank` of `buffers.num_ranks`: searched when `policy` is None, else
+    `policy` checked against the hardware's capacities (`PolicyDoesNotFit`, a UserError)."""
+    all_units = model_units(spec)
+    num_ranks = buffers.num_ranks
+    guide = policy or Policy()
+    stages = _stages(spec, all_units, guide, hardware, dtypes, workload, num_ranks, stage_layers)
+    if policy is None:
+        plan = search(spec, stages, hardware, dtypes=dtypes, workload=workload, buffers=buffers,
+                      num_prompts=num_prompts, options=options)
+        placement = plan.placements[rank] if num_ranks > 1 else plan.placement
+        return PlanChoice(placement, stages[rank], plan.estimate, hardware, searched=True)
+    placements = [plan_placement(spec, units, policy, dtypes=dtypes, workload=workload, buffers=buffers) for units in stages]
+    check_policy(placements[rank], hardware, link_bw=options.link_bw)
+    est = estimate_pipeline(placements, hardware, num_prompts, link_bw=options.link_bw) if num_ranks > 1 \
+        else estimate(placements[0], hardware, num_prompts)
+    return PlanChoice(placements[rank], stages[rank], est, hardware, searched=False)
+
+
+def _stages(spec, all_units, guide: Policy, hardware, dtypes, workload, num_ranks, stage_layers) -> list[list[Unit]]:
+    """Every rank's contiguous slice: the embedding on the first, the head on the last; cut by
+    predicted time (of the guide policy on the whole model), or as `--stage-layers` says."""
+    if num_ranks == 1:
+        if stage_layers not in (None, [spec.num_layers]):
+            raise UserError("--stage-layers needs one entry per rank; with one process, drop it")
+        return [all_units]
+    whole = plan_placement(spec, all_units, guide, dtypes=dtypes, workload=workload,
+                           buffers=Buffers(separate_gpu=hardware.capacities.has_gpu))
+    costs = partition_costs(whole, hardware)
+    ranges = partition_layers(costs.layer_costs, num_ranks, first_extra=costs.first_extra,
+                              last_extra=costs.last_extra, override=stage_layers)
+    embed, blocks, head = all_units[0], all_units[1:-1], all_units[-1]
+    return [([embed] if r == 0 else []) + [blocks[i] for i in ranges[r]] + ([head] if r == num_ranks - 1 else [])
+            for r in range(num_ranks)]
+
+
+def block_for(policy: Policy, num_prompts: int) -> Policy:
+    """A planned block shrunk to the prompts there are: fewer rows per GPU batch when one block
+    would otherwise be mostly padding (less memory, the same outputs)."""
+    if num_prompts >= policy.block_size:
+        return policy
+    return policy.replace(gpu_batch_size=max(1, math.ceil(num_prompts / policy.num_gpu_batches)))
