@@ -177,3 +177,16 @@ def test_csv_has_a_row_per_run_failures_included(tmp_path):
     assert [r["run"] for r in read] == ["2x1 gpu", "2x2 gpu"]
     assert float(read[0]["block_latency_s"]) == pytest.approx(2.0)
     assert read[1]["error"] == "out of memory" and read[1]["total_tokens_per_s"] == ""
+
+
+def test_attempt_line_names_the_bound_and_flags_a_run_above_it():
+    from flexgen_dist.bench.report import format_attempt
+
+    attempt = _attempt("ours", "8x1", 1.0, 100.0)  # decode 100 tok/s
+    attempt.bound = Bound(prefill_tokens_per_s=1e3, decode_tokens_per_s=200.0, limiter="load", decode_compute_s=1.0,
+                          decode_load_s=2.0, predicted_decode_tokens_per_s=150.0, predicted_block_s=1.0)
+    line = format_attempt(attempt)
+    assert line.startswith("ours 8x1: prefill ")
+    assert "decode bound 200.00 tok/s (load-bound) = 0.5 of the bound" in line and "ABOVE" not in line
+    attempt.bound = dataclasses.replace(attempt.bound, decode_tokens_per_s=50.0)
+    assert "= 2 of the bound (ABOVE the bound" in format_attempt(attempt)

@@ -6,6 +6,11 @@ from ..planning.sizes import format_size
 from .runs import Attempt
 
 
+ABOVE_BOUND = 1.05  # a measured rate this far over its bound says the bound is off, not the run
+ABOVE_NOTE = ("ABOVE the bound: the profile underrates this machine (re-measure: python -m flexgen_dist.profile) "
+              "or disk reads hit the page cache")
+
+
 def _pct(value: float) -> str:
     return f"{value:.0f}"
 
@@ -39,8 +44,11 @@ def bound_text(a: Attempt) -> str:
         return f"no bound: {a.bound_error}" if a.bound_error else ""
     if a.bound.decode_tokens_per_s is None:
         return "no decode bound (one new token)"
-    return (f"decode bound {a.bound.decode_tokens_per_s:.2f} tok/s ({a.bound.limiter}-bound) "
+    text = (f"decode bound {a.bound.decode_tokens_per_s:.2f} tok/s ({a.bound.limiter}-bound) "
             f"= {a.fraction_of_bound:.3g} of the bound")
+    if a.fraction_of_bound > ABOVE_BOUND:
+        text += f" ({ABOVE_NOTE})"
+    return text
 
 
 def format_attempt(a: Attempt) -> str:
