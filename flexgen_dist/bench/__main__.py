@@ -1,8 +1,14 @@
 """`python -m flexgen_dist.bench`: throughput benchmarks that print ratios measured in the same run.
 
-Compare systems (default) on FlexGen's workload shape, each at its best batch that fits:
+Compare systems (default) on FlexGen's workload shape, each at its best batch that fits; each of
+our runs is held against the cost model's bound for its policy, and our best block is run again
+with everything in memory (offloaded decode / in-memory decode):
 
     python -m flexgen_dist.bench --shape opt-1.3b --prompt-len 64 --gen-len 16 --mem-limit 4G
+
+Throughput against latency (a CSV and a PNG with each system's Pareto frontier):
+
+    python -m flexgen_dist.bench --sweep --shape opt-1.3b --blocks 8x1,32x1,32x4 --placements gpu,cpu,disk
 
 Pipeline scaling (decode throughput per rank count, with per-rank capacities):
 
@@ -24,15 +30,22 @@ from ..errors import UserError
 from ..frontend.cli import run_command
 from ..planning.sizes import format_size, parse_size
 
+COMPARE_BLOCKS = "8x1,16x1,32x1,32x2,32x4,32x8"
+SWEEP_BLOCKS = "8x1,32x1,32x4"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flexgen_dist.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flexgen_dist.bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", default=None, help="Hugging Face model folder (default: --shape, else the bundled model)")
     parser.add_argument("--shape", default=None, help="a random-weight OPT checkpoint of this shape: opt-125m, opt-1.3b, opt-6.7b, ...")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen-len", type=int, default=16)
     parser.add_argument("--offload-dir", default=None, help="disk tier / offload folder (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--hardware", default=None,
+                        help="speeds the bound is computed from: a JSON file of python -m flexgen_dist.profile --out, or a "
+                             "preset (default: this machine's cached profile, measured now when there is none)")
     compare = parser.add_argument_group("comparing systems")
     compare.add_argument("--systems", default="ours,transformers,accelerate", help="comma-separated: ours, transformers, accelerate")
     compare.add_argument("--mem-limit", default=None, help="cap every system's memory (cgroup; page cache evicted before each run)")
@@ -40,8 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="RAM each system may fill with weights and cache (Accelerate's max_memory; our tiers); "
                               "default: the cap minus 1.5 GiB for the process itself, none without a cap")
     compare.add_argument("--batches", default="8,16,32,64", help="batches tried for the baselines, while they fit")
-    compare.add_argument("--blocks", default="8x1,16x1,32x1,32x2,32x4,32x8",
-                         help="our blocks tried (gpu batch size x gpu batches), while they fit")
+    compare.add_argument("--blocks", default=None,
+                         help=f"our blocks tried (gpu batch size x gpu batches), while they fit (default: {COMPARE_BLOCKS}; "
+                              f"with --sweep {SWEEP_BLOCKS})")
+    sweep = parser.add_argument_group("throughput against latency (--sweep)")
+    sweep.add_argument("--sweep", action="store_true", help="run a grid of our policies (--blocks x --placements) and the "
+                                                            "baselines (--batches), write --sweep-csv and --sweep-png")
+    sweep.add_argument("--placements", default="gpu,cpu,disk",
+                       help="our placements: gpu, cpu, mixed, disk, or six percentages joined by '/' as --percent takes "
+                            "them, e.g. 20/30/100/0/100/0")
+    sweep.add_argument("--max-latencies", default=None,
+                       help="comma-separated seconds: one planner point each (run's --policy auto --max-latency), once run has it")
+    sweep.add_argument("--sweep-csv", default="sweep.csv", help="one row per run (default: sweep.csv)")
+    sweep.add_argument("--sweep-png", default=None,
+                       help="throughput against latency with the Pareto frontiers (default: sweep.png when matplotlib is installed)")
     scaling = parser.add_argument_group("pipeline scaling")
     scaling.add_argument("--ranks", default=None, help="comma-separated rank counts to compare, e.g. 1,2")
     scaling.add_argument("--gpu-batch-size", type=int, default=8)
@@ -56,7 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _scaling(args) if args.ranks else _compare(args))
+    return run_command(lambda: _dispatch(args))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.ranks and args.sweep:
+        raise UserError("give --ranks (pipeline scaling) or --sweep, not both")
+    if args.ranks:
+        return _scaling(args)
+    return _sweep(args) if args.sweep else _compare(args)
+
+
+def _say(text: str) -> None:
+    """Progress, as it happens (stderr, flushed): a long bench is never silent."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -69,6 +107,23 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def _blocks(text: str) -> list[tuple[int, int]]:
+    try:
+        blocks = [tuple(int(x) for x in b.lower().split("x")) for b in text.split(",") if b.strip()]
+        assert blocks and all(len(b) == 2 and min(b) >= 1 for b in blocks)
+    except (ValueError, AssertionError):
+        raise UserError(f"--blocks {text!r} must look like 8x1,32x4 (gpu batch size x gpu batches)") from None
+    return blocks
+
+
+def _systems(text: str) -> list[str]:
+    systems = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = set(systems) - {"ours", "transformers", "accelerate"}
+    if unknown or not systems:
+        raise UserError(f"--systems: unknown {', '.join(sorted(unknown)) or 'none given'}; use ours, transformers, accelerate")
+    return systems
+
+
 def _model_dir(args: argparse.Namespace, offload: Path) -> Path:
     if args.model and args.shape:
         raise UserError("give --model or --shape, not both")
@@ -77,23 +132,15 @@ def _model_dir(args: argparse.Namespace, offload: Path) -> Path:
 
         if args.shape not in SHAPES:
             raise UserError(f"unknown --shape {args.shape!r}; known: {', '.join(SHAPES)}")
-        return make_random_checkpoint(args.shape, offload / f"checkpoint-{args.shape}")
+        path = offload / f"checkpoint-{args.shape}"
+        _say(f"checkpoint: random {args.shape} weights in {path} (written once, then reused)")
+        return make_random_checkpoint(args.shape, path)
     return Path(args.model or DEFAULT_MODEL)
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from .compare import Workload, best_baseline, best_ours, format_table
+def _workload(args: argparse.Namespace):
+    from .compare import Workload
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - {"ours", "transformers", "accelerate"}
-    if unknown:
-        raise UserError(f"--systems: unknown {', '.join(sorted(unknown))}; use ours, transformers, accelerate")
-    try:
-        blocks = [tuple(int(x) for x in b.lower().split("x")) for b in args.blocks.split(",") if b.strip()]
-        assert all(len(b) == 2 and min(b) >= 1 for b in blocks)
-    except (ValueError, AssertionError):
-        raise UserError(f"--blocks {args.blocks!r} must look like 8x1,32x4 (gpu batch size x gpu batches)") from None
-    batches = _int_list(args.batches, "--batches")
     offload = Path(args.offload_dir or tempfile.mkdtemp(prefix="flexgen-bench-"))
     offload.mkdir(parents=True, exist_ok=True)
     mem_limit = parse_size(args.mem_limit, "--mem-limit") if args.mem_limit else None
@@ -103,24 +150,114 @@ def _compare(args: argparse.Namespace) -> int:
         budget = mem_limit - int(1.5 * 2**30) if mem_limit else None
     if budget is not None and budget <= 0:
         raise UserError("--mem-limit leaves no budget after 1.5 GiB for the process itself; raise it or give --budget")
-    workload = Workload(_model_dir(args, offload), args.prompt_len, args.gen_len, mem_limit, budget, offload)
+    return Workload(_model_dir(args, offload), args.prompt_len, args.gen_len, mem_limit, budget, offload)
+
+
+def _bounds(args: argparse.Namespace, w):
+    from .bound import build_bound_model
+
+    bounds = build_bound_model(w.model_dir, prompt_len=w.prompt_len, gen_len=w.gen_len, offload_dir=w.offload_dir,
+                               hardware=args.hardware)
+    _say(f"bound: cost model with the speeds of {bounds.hardware_source}")
+    return bounds
+
+
+def _header(args: argparse.Namespace, w, bounds) -> str:
+    return (f"machine: {platform.machine()}, {os.cpu_count()} cores; model {args.shape or w.model_dir.name}; "
+            f"prompt {w.prompt_len}, gen {w.gen_len}; memory cap {format_size(w.mem_limit) if w.mem_limit else 'none'}, "
+            f"budget {format_size(w.budget) if w.budget else 'none'}\n"
+            f"bounds: {bounds.hardware.name}, from {bounds.hardware_source}")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import IN_MEMORY, best_baseline, best_ours, in_memory_run, offload_ratio, run_ours
+    from .report import format_attempt, format_table
+
+    systems = _systems(args.systems)
+    blocks = _blocks(args.blocks or COMPARE_BLOCKS)
+    batches = _int_list(args.batches, "--batches")
+    w = _workload(args)
+    bounds = _bounds(args, w)
+    show = lambda a: _say(format_attempt(a))  # noqa: E731
     best, attempts = {}, {}
     for system in systems:
         if system == "ours":
-            best[system], attempts[system] = best_ours(workload, blocks)
+            _say(f"ours: blocks {', '.join(f'{g}x{n}' for g, n in blocks)} while they fit")
+            best[system], attempts[system] = best_ours(w, blocks, bounds, on_attempt=show)
         else:
-            best[system], attempts[system] = best_baseline(system, workload, batches)
-        for a in attempts[system]:
-            state = f"{a.tokens_per_s:.2f} tok/s" if a.ok else f"failed: {a.error}"
-            print(f"{system} batch {a.batch}: {state}", file=sys.stderr, flush=True)
-    model = args.shape or workload.model_dir.name
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; model {model}; prompt {args.prompt_len}, "
-          f"gen {args.gen_len}; memory cap {format_size(mem_limit) if mem_limit else 'none'}, "
-          f"budget {format_size(budget) if budget else 'none'}")
-    print(format_table(model, best, attempts))
+            _say(f"{system}: batches {', '.join(map(str, sorted(set(batches))))} while they fit")
+            best[system], attempts[system] = best_baseline(system, w, batches, on_attempt=show)
+    ratio_line = "offloaded decode / in-memory decode: not measured (no run of ours succeeded)"
+    if best.get("ours") is not None:
+        p = best["ours"].result["policy_fields"]
+        block = (p["gpu_batch_size"], p["num_gpu_batches"])
+        run, note = in_memory_run(w, block, bounds)
+        _say(f"{IN_MEMORY}: block {block[0]}x{block[1]} with everything in memory, {note}")
+        in_memory = run_ours(w, run, bounds)
+        show(in_memory)
+        best[IN_MEMORY], attempts[IN_MEMORY] = (in_memory if in_memory.ok else None), [in_memory]
+        ratio = offload_ratio(best["ours"], in_memory)
+        if ratio is None:
+            ratio_line = f"offloaded decode / in-memory decode: not measured (the in-memory run failed: {in_memory.error})"
+        else:
+            ratio_line = (f"offloaded decode / in-memory decode = {ratio:.2f} (block {block[0]}x{block[1]}: "
+                          f"{best['ours'].result['decode_tokens_per_s']:.2f} / {in_memory.result['decode_tokens_per_s']:.2f} "
+                          f"tok/s; the in-memory run had {note})")
+            if all(p[f"{kind}_gpu_percent"] >= 100 for kind in ("w", "cache", "act")):
+                ratio_line += "; the offloaded run had everything in memory too: the ratio is run-to-run noise"
+    print(_header(args, w, bounds))
+    print(format_table(args.shape or w.model_dir.name, best, attempts))
+    print(ratio_line, flush=True)
     if args.json:
-        data = {s: [a.__dict__ for a in attempts[s]] for s in systems}
+        data = {s: [a.to_dict() for a in runs] for s, runs in attempts.items()}
+        data["hardware"] = bounds.hardware_source
         Path(args.json).write_text(json.dumps(data, indent=1, default=str))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .plot import MISSING, plot_sweep, require_matplotlib
+    from .report import format_attempt, format_sweep_table
+    from .sweep import frontier_by_system, grid_runs, parse_placements, planner_points, run_flags, run_sweep, write_csv
+
+    png = args.sweep_png
+    if png:
+        require_matplotlib()  # before the sweep, not after it
+    else:
+        try:
+            require_matplotlib()
+            png = "sweep.png"
+        except UserError:
+            _say(f"no chart: {MISSING}")
+    systems = _systems(args.systems)
+    groups = grid_runs(_blocks(args.blocks or SWEEP_BLOCKS), parse_placements(args.placements))
+    latencies = []
+    if args.max_latencies:
+        try:
+            latencies = [float(x) for x in args.max_latencies.split(",") if x.strip()]
+            assert latencies and min(latencies) > 0
+        except (ValueError, AssertionError):
+            raise UserError(f"--max-latencies {args.max_latencies!r} must be comma-separated seconds > 0, e.g. 10,60") from None
+    planner = planner_points(latencies, run_flags())
+    batches = _int_list(args.batches, "--batches")
+    w = _workload(args)
+    bounds = _bounds(args, w)
+    count = sum(map(len, groups)) + len(planner) if "ours" in systems else 0
+    _say(f"sweep: up to {count} runs of ours, then {', '.join(s for s in systems if s != 'ours') or 'no baselines'} "
+         f"at batches {args.batches} while they fit")
+    rows = run_sweep(w, groups, planner, systems, batches, bounds, on_attempt=lambda a: _say(format_attempt(a)))
+    write_csv(rows, args.sweep_csv)
+    frontier = frontier_by_system(rows)
+    print(_header(args, w, bounds))
+    print(format_sweep_table(rows, frontier))
+    print(f"* = on its system's Pareto frontier; latency = one block, prefill to last token. CSV: {args.sweep_csv}")
+    if png:
+        plot_sweep(rows, png, title=f"{args.shape or w.model_dir.name}, prompt {w.prompt_len}, gen {w.gen_len}, "
+                                    f"cap {format_size(w.mem_limit) if w.mem_limit else 'none'}")
+        print(f"chart: {png}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hardware": bounds.hardware_source, "runs": [a.to_dict() for a in rows]},
+                                              indent=1, default=str))
     return 0
 
 

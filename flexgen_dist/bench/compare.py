@@ -4,7 +4,9 @@ Every system runs as its own child process (ours: `python -m flexgen_dist.run`; 
 `python -m flexgen_dist.bench.baselines`), under the same cgroup memory cap when one is given,
 with the checkpoint and offload files evicted from the page cache first, so disk offloading is
 measured against the disk and not against RAM. Each system is tried at increasing batches until
-one no longer fits; its best is reported.
+one no longer fits; its best is reported. Each of our runs is held against the cost model's
+bound for the policy it used (bound.py), and our best block is run once more with everything in
+memory, so the cost of offloading is one ratio.
 """
 
 from __future__ import annotations
@@ -15,10 +17,17 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from ..planning.policy import Policy
 from ..planning.sizes import format_size
-from .runs import Attempt, best_batch, run_baseline
+from .bound import BoundModel, policy_from_stats
 from .memlimit import evict_from_page_cache, run_limited
+from .report import policy_text_from_stats
+from .runs import Attempt, best_batch, run_baseline
+
+IN_MEMORY_PERCENT = ("100", "0", "100", "0", "100", "0")  # --percent: everything on the compute device
+IN_MEMORY = "ours-in-memory"  # the system name of that run in lines, tables and JSON
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,23 @@ class Workload:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class OursRun:
+    """How one run of our engine is set up."""
+
+    block: tuple[int, int] | None  # (gpu batch size, gpu batches); None: the child's policy decides
+    percent: tuple[str, ...] | None = None  # --percent's six numbers; None: fitted to the budget
+    use_budget: bool = True  # pass the workload's budget as --gpu-mem / --cpu-mem
+    capped: bool = True  # run under the workload's memory cap
+    system: str = "ours"
+    label: str = ""  # for people; default: the block, e.g. "8x1"
+    extra_args: tuple[str, ...] = ()  # more flags of `flexgen_dist.run` (the sweep's planner points)
+
+    @property
+    def name(self) -> str:
+        return self.label or (f"{self.block[0]}x{self.block[1]}" if self.block else "auto")
+
+
 def child_env() -> dict:
     """The same environment for every system. glibc's dynamic mmap threshold lets the heap of a
     process that allocates and frees layer-sized buffers fragment until a capped run is OOM-killed
@@ -40,58 +66,89 @@ def child_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "4194304"}
 
 
-def ours_command(w: Workload, gpu_batch_size: int, num_gpu_batches: int, stats_path: Path) -> list[str]:
+def ours_command(w: Workload, run: OursRun, stats_path: Path) -> list[str]:
     cmd = [
         sys.executable, "-m", "flexgen_dist.run", "--model", str(w.model_dir),
         "--prompt-len", str(w.prompt_len), "--gen-len", str(w.gen_len), "--seed", str(w.seed),
-        "--num-prompts", str(gpu_batch_size * num_gpu_batches), "--gpu-batch-size", str(gpu_batch_size),
-        "--num-gpu-batches", str(num_gpu_batches), "--ignore-eos", "--stats-json", str(stats_path),
-        "--offload-dir", str(w.offload_dir / "ours"),
+        "--ignore-eos", "--stats-json", str(stats_path), "--offload-dir", str(w.offload_dir / "ours"),
     ]
-    if w.budget is not None:
+    if run.block is not None:
+        gbs, ngb = run.block
+        # One block per run: its time from prefill to last token is the run's (the sweep's latency).
+        cmd += ["--num-prompts", str(gbs * ngb), "--gpu-batch-size", str(gbs), "--num-gpu-batches", str(ngb)]
+    if run.percent is not None:
+        cmd += ["--percent", *run.percent]
+    if run.use_budget and w.budget is not None:
         # On a machine without a GPU both tiers are RAM: half the budget each (the gpu tier holds
         # fp32 copies ready to compute, the cpu tier 16-bit copies); the rest goes to disk.
         cmd += ["--gpu-mem", str(w.budget // 2), "--cpu-mem", str(w.budget // 2)]
-    return cmd
+    return cmd + list(run.extra_args)
 
 
-def run_ours(w: Workload, gpu_batch_size: int, num_gpu_batches: int) -> Attempt:
-    batch = gpu_batch_size * num_gpu_batches
+def run_ours(w: Workload, run: OursRun, bounds: BoundModel | None = None) -> Attempt:
     with tempfile.TemporaryDirectory() as tmp:
         stats_path = Path(tmp) / "stats.json"
-        cmd = ours_command(w, gpu_batch_size, num_gpu_batches, stats_path)
+        cmd = ours_command(w, run, stats_path)
         evict_from_page_cache([w.model_dir, w.offload_dir])
-        run = run_limited(cmd, mem_limit=w.mem_limit, env=child_env())
-        attempt = Attempt(system="ours", batch=batch, ok=False, oom_killed=run.oom_killed,
-                          peak_rss_bytes=run.peak_rss_bytes, peak_cgroup_bytes=run.peak_cgroup_bytes,
-                          limit_method=run.limit_method, command=cmd, stderr_tail=run.stderr[-4000:])
-        if not run.ok:
-            attempt.error = run.describe_failure()
+        child = run_limited(cmd, mem_limit=w.mem_limit if run.capped else None, env=child_env())
+        batch = run.block[0] * run.block[1] if run.block else 0
+        attempt = Attempt(system=run.system, batch=batch, ok=False, label=run.name, oom_killed=child.oom_killed,
+                          peak_rss_bytes=child.peak_rss_bytes, peak_cgroup_bytes=child.peak_cgroup_bytes,
+                          limit_method=child.limit_method, command=cmd, stderr_tail=child.stderr[-4000:])
+        if not child.ok:
+            attempt.error = child.describe_failure()
             return attempt
         stats = json.loads(stats_path.read_text())
     p = stats["policy"]
+    block = p["gpu_batch_size"] * p["num_gpu_batches"]
+    attempt.batch = block
     attempt.ok = True
     attempt.result = {
-        "system": "ours",
-        "batch": batch,
-        "policy": (f"{gpu_batch_size}x{num_gpu_batches}, w {p['w_gpu_percent']:.0f}/{p['w_cpu_percent']:.0f}, "
-                   f"cache {p['cache_gpu_percent']:.0f}/{p['cache_cpu_percent']:.0f} % gpu/cpu"),
+        "system": run.system,
+        "batch": block,
+        "policy": policy_text_from_stats(p),
+        "policy_fields": p,
+        # prompts / block size: 1 whenever the block was given (--num-prompts is one block)
+        "num_blocks": -(-stats["prompt_tokens"] // (w.prompt_len * block)),
         "prefill_tokens_per_s": stats["prefill_tokens_per_s"],
         "decode_tokens_per_s": stats["decode_tokens_per_s"],
         "total_tokens_per_s": stats["tokens_per_s"],
         "prefill_s": stats["prefill_s"],
         "decode_s": stats["decode_s"],
     }
+    if bounds is not None:
+        try:
+            attempt.bound = bounds.bound(policy_from_stats(p))
+        except (ValueError, TypeError, KeyError) as e:  # the run's numbers stand without it
+            attempt.bound_error = f"{type(e).__name__}: {e}"
     return attempt
 
 
-def best_ours(w: Workload, blocks: list[tuple[int, int]]) -> tuple[Attempt | None, list[Attempt]]:
+def best_ours(w: Workload, blocks: list[tuple[int, int]], bounds: BoundModel | None = None, *,
+              on_attempt: Callable[[Attempt], None] | None = None) -> tuple[Attempt | None, list[Attempt]]:
     """Blocks (gpu batch size, gpu batches) tried in order of size while they fit."""
     by_size = {gbs * ngb: (gbs, ngb) for gbs, ngb in blocks}
-    return best_batch(lambda size: run_ours(w, *by_size[size]), by_size)
+    return best_batch(lambda size: run_ours(w, OursRun(block=by_size[size]), bounds), by_size, on_attempt=on_attempt)
 
 
-def best_baseline(system: str, w: Workload, batches: list[int]) -> tuple[Attempt | None, list[Attempt]]:
+def in_memory_run(w: Workload, block: tuple[int, int], bounds: BoundModel) -> tuple[OursRun, str]:
+    """Our engine at `block` with everything on the compute device, and a note saying whether it
+    runs under the memory cap: it does when its planned bytes fit the budget the offloaded runs
+    were given, else it runs without the cap (it would be OOM-killed under it)."""
+    uncapped = OursRun(block=block, percent=IN_MEMORY_PERCENT, use_budget=False, capped=False, system=IN_MEMORY)
+    if w.mem_limit is None:
+        return uncapped, "no memory cap (none was asked for)"
+    planned = sum(bounds.placement(Policy(gpu_batch_size=block[0], num_gpu_batches=block[1])).bytes_per_tier().values())
+    room = w.budget if w.budget is not None else w.mem_limit
+    if planned <= room:
+        return (OursRun(block=block, percent=IN_MEMORY_PERCENT, use_budget=False, capped=True, system=IN_MEMORY),
+                f"under the same {format_size(w.mem_limit)} cap (its {format_size(planned)} fit the budget)")
+    return uncapped, (f"WITHOUT the {format_size(w.mem_limit)} cap: its {format_size(planned)} do not fit "
+                      f"the {format_size(room)} budget")
+
+
+def best_baseline(system: str, w: Workload, batches: list[int], *,
+                  on_attempt: Callable[[Attempt], None] | None = None) -> tuple[Attempt | None, list[Attempt]]:
     def one(batch: int) -> Attempt:
         return run_baseline(
             system, w.model_dir, batch, w.prompt_len, w.gen_len,
@@ -100,34 +157,12 @@ def best_baseline(system: str, w: Workload, batches: list[int]) -> tuple[Attempt
             seed=w.seed, mem_limit=w.mem_limit, evict=[w.model_dir, w.offload_dir], env=child_env(),
         )
 
-    return best_batch(one, batches)
+    return best_batch(one, batches, on_attempt=on_attempt)
 
 
-def policy_text(a: Attempt) -> str:
-    r = a.result or {}
-    if a.system == "ours":
-        return r.get("policy", "")
-    if a.system == "accelerate":
-        return r.get("notes") or "decoder layers " + ", ".join(f"{n} on {t}" for t, n in r.get("layers_by_tier", {}).items())
-    return "everything in memory"
-
-
-def format_table(model: str, best: dict[str, Attempt | None], attempts: dict[str, list[Attempt]]) -> str:
-    ours = best.get("ours")
-    base = ours.tokens_per_s if ours is not None else 0.0
-    header = (f"{'system':<13} {'model':<10} {'eff. batch':>10} {'prefill tok/s':>13} {'decode tok/s':>12} "
-              f"{'total tok/s':>11} {'peak mem':>10} {'ours / it':>9}  policy")
-    lines = [header]
-    for system, a in best.items():
-        if a is None:
-            why = attempts[system][-1].error if attempts[system] else "not run"
-            lines.append(f"{system:<13} {model:<10} {'-':>10} {'-':>13} {'-':>12} {'-':>11} {'-':>10} {'-':>9}  failed: {why}")
-            continue
-        r = a.result
-        peak = a.peak_rss_bytes or a.peak_cgroup_bytes  # under a cap the cgroup's peak is the cap: page cache fills it
-        ratio = base / a.tokens_per_s if a.tokens_per_s else float("nan")
-        lines.append(
-            f"{system:<13} {model:<10} {a.batch:>10} {r['prefill_tokens_per_s']:>13.2f} {r['decode_tokens_per_s']:>12.2f} "
-            f"{r['total_tokens_per_s']:>11.2f} {format_size(peak) if peak else '?':>10} {ratio:>8.2f}x  {policy_text(a)}"
-        )
-    return "\n".join(lines)
+def offload_ratio(offloaded: Attempt, in_memory: Attempt) -> float | None:
+    """Offloaded decode throughput / in-memory decode throughput at the same block."""
+    if not (offloaded.ok and in_memory.ok):
+        return None
+    base = float(in_memory.result["decode_tokens_per_s"])
+    return float(offloaded.result["decode_tokens_per_s"]) / base if base > 0 else None

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from flexgen_dist.bench.baselines import SYSTEMS
+from flexgen_dist.bench.bound import Bound
 from flexgen_dist.bench.memlimit import LimitedRun, evict_from_page_cache, run_limited
 from flexgen_dist.errors import UserError
 
@@ -34,10 +35,43 @@ class Attempt:
     limit_method: str = "none"
     command: list[str] = field(default_factory=list)
     stderr_tail: str = ""
+    label: str = ""
+    """What was run, for people: our block ("8x1", "8x1 disk") or a baseline's batch ("8")."""
+    bound: Bound | None = None
+    """Ours: the cost model's bound for the policy the run used (see bound.py)."""
+    bound_error: str = ""
+    """Ours: why there is no bound, when there is none."""
 
     @property
     def tokens_per_s(self) -> float:
         return float(self.result["total_tokens_per_s"]) if self.ok and self.result else 0.0
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """The child's own peak RSS; the cgroup's peak only without it (under a cap the cgroup's
+        peak is about the cap: the page cache fills it)."""
+        return self.peak_rss_bytes or self.peak_cgroup_bytes
+
+    @property
+    def block_latency_s(self) -> float | None:
+        """Seconds from a block's prefill to its last token: every run here is one block (ours:
+        as many prompts as the block holds; a baseline: one `generate` call of the batch)."""
+        if not self.ok or not self.result:
+            return None
+        return float(self.result["prefill_s"]) + float(self.result["decode_s"])
+
+    @property
+    def fraction_of_bound(self) -> float | None:
+        if not self.ok or self.bound is None or not self.result:
+            return None
+        return self.bound.fraction(float(self.result["decode_tokens_per_s"]))
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "bound"}
+        data["bound"] = self.bound.to_dict() if self.bound is not None else None
+        data["fraction_of_bound"] = self.fraction_of_bound
+        data["block_latency_s"] = self.block_latency_s
+        return data
 
 
 def baseline_command(
@@ -93,7 +127,7 @@ def run_baseline(
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     run: LimitedRun = run_limited(cmd, mem_limit=mem_limit, env=child_env, timeout_s=timeout_s)
-    attempt = Attempt(system=system, batch=batch, ok=False, oom_killed=run.oom_killed,
+    attempt = Attempt(system=system, batch=batch, ok=False, label=str(batch), oom_killed=run.oom_killed,
                       peak_rss_bytes=run.peak_rss_bytes, peak_cgroup_bytes=run.peak_cgroup_bytes,
                       limit_method=run.limit_method, command=cmd, stderr_tail=run.stderr[-4000:])
     if not run.ok:
@@ -111,19 +145,23 @@ def run_baseline(
     return attempt
 
 
-def best_batch(run_fn: Callable[[int], Attempt], batches: Iterable[int]) -> tuple[Attempt | None, list[Attempt]]:
+def best_batch(run_fn: Callable[[int], Attempt], batches: Iterable[int], *,
+               on_attempt: Callable[[Attempt], None] | None = None) -> tuple[Attempt | None, list[Attempt]]:
     """Try `run_fn(batch)` for the batches in increasing order until one fails (out of memory
     under the cap, an error, or `run_fn` raising); return the attempt with the highest total
     throughput (None when none succeeded) and every attempt made, in order. A larger batch is
-    not tried after a failure: it would need more memory still."""
+    not tried after a failure: it would need more memory still. `on_attempt` sees each attempt
+    as soon as it is over (the bench prints it: a long run shows its progress)."""
     attempts: list[Attempt] = []
     best = None
     for batch in sorted(set(batches)):
         try:
             attempt = run_fn(batch)
         except Exception as e:  # noqa: BLE001 - a failed run is a result here, not a crash
-            attempt = Attempt(system="?", batch=batch, ok=False, error=f"{type(e).__name__}: {e}")
+            attempt = Attempt(system="?", batch=batch, ok=False, label=str(batch), error=f"{type(e).__name__}: {e}")
         attempts.append(attempt)
+        if on_attempt is not None:
+            on_attempt(attempt)
         if not attempt.ok:
             log.info("batch %d failed: %s", batch, attempt.error)
             break
