@@ -4,13 +4,18 @@ A block is `num_gpu_batches` x `gpu_batch_size` sequences, left padded to one wi
 holds, with one type per field: the tokens generated so far and which rows have stopped, the
 per-step inputs of every layer (positions and attention masks), the KV cache and activation
 homes opened for it (see block_io.py), and the hidden states in flight between layers.
+
+Each row stops by its own rule (`RowRule`): its own token limit, its stop ids (EOS among them),
+and its stop strings, tested by a matcher the front end hands in. The rules are evaluated from
+the token ids alone when tokens are recorded, so every rank that records a block's tokens (the
+last stage samples them, the first receives them) reaches the same decisions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
@@ -23,6 +28,27 @@ if TYPE_CHECKING:
     from .block_io import ActivationHome, KVCache, KVLease
 
 
+FINISH_STOP = "stop"  # a stop id (EOS among them)
+FINISH_STOP_STRING = "stop_string"  # the decoded output came to hold a stop string
+FINISH_LENGTH = "length"  # the row's own max_new_tokens
+
+
+class StopMatcher(Protocol):
+    """One row's incremental stop-string test (the front end's; deterministic in the ids)."""
+
+    def push(self, token_id: int) -> bool:
+        """Take the next generated id; True when the output now holds a stop string."""
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """When one row stops."""
+
+    max_new_tokens: int  # the row's own limit, <= the block's
+    stop_ids: frozenset[int] = frozenset()  # ids that end the row (included in its output)
+    stop_matcher: Callable[[], StopMatcher] | None = None  # makes the row's stop-string matcher
+
+
 @dataclass
 class Block:
     """The sequences computed together: `num_gpu_batches` x `gpu_batch_size` rows, left padded."""
@@ -30,9 +56,21 @@ class Block:
     input_ids: torch.Tensor  # (B, P) long
     prompt_mask: torch.Tensor  # (B, P) bool, False on left padding
     seq_ids: list[int]  # prompt index of each row; -1 for rows that only pad the block
-    max_new_tokens: int
-    stop_ids: frozenset[int]
+    max_new_tokens: int  # steps the block may run: at least every row's own limit
+    stop_ids: frozenset[int]  # the rows' stop ids when `rules` is not given
     score: bool = False  # also compute each prompt token's log-probability (perplexity)
+    rules: tuple[RowRule, ...] | None = None  # per row; default: max_new_tokens and stop_ids for all
+
+    def __post_init__(self) -> None:
+        rows = self.input_ids.shape[0]
+        if self.rules is None:
+            self.rules = (RowRule(self.max_new_tokens, frozenset(self.stop_ids)),) * rows
+        if len(self.rules) != rows or len(self.seq_ids) != rows:
+            raise ValueError(f"a block of {rows} rows needs {rows} seq_ids and rules, got {len(self.seq_ids)} "
+                             f"and {len(self.rules)}")
+        longest = max(rule.max_new_tokens for rule in self.rules)
+        if longest > self.max_new_tokens or min(rule.max_new_tokens for rule in self.rules) < 1:
+            raise ValueError(f"row limits must be in [1, {self.max_new_tokens}] (the block's), got up to {longest}")
 
     @property
     def prompt_len(self) -> int:
@@ -41,8 +79,9 @@ class Block:
 
 @dataclass
 class BlockResult:
-    tokens: list[list[int]]  # per row: generated ids, up to and including a stop id
+    tokens: list[list[int]]  # per row: generated ids, up to and including the one that stopped it
     scores: list[list[float]] | None = None  # per row: log p(token i | tokens < i) for i >= 1
+    finish: list[str] | None = None  # per row: FINISH_STOP, FINISH_STOP_STRING or FINISH_LENGTH
 
 
 @dataclass
@@ -63,19 +102,31 @@ class BlockState:
     leases: dict[tuple[int, int], KVLease] = field(default_factory=dict)  # (layer, batch) -> buffers in use
     scores: dict[int, list[float]] = field(default_factory=dict)  # row -> prompt token log-probs
     steps: dict[tuple[int, int], Step] = field(default_factory=dict)  # (token, batch) -> step inputs
+    lengths: list[int] = field(default_factory=list)  # row -> tokens it generated before it stopped
+    finish: list[str | None] = field(default_factory=list)  # row -> why it stopped (None: running)
+    matchers: list[StopMatcher | None] = field(default_factory=list)  # row -> its stop-string matcher
 
     @classmethod
     def start(cls, block: Block, gpu_batch_size: int) -> "BlockState":
         B, P = block.input_ids.shape
         valid = torch.ones(B, P + block.max_new_tokens, dtype=torch.bool)
         valid[:, :P] = block.prompt_mask
+        # A row that reached its own limit keeps computing (ignored) until the block ends; its
+        # positions stop at its last real one, so they never run past the model's positions.
+        limits = torch.tensor([rule.max_new_tokens for rule in block.rules], dtype=torch.long)
+        last_position = block.prompt_mask.sum(dim=1) + limits - 1  # (B,)
+        positions = torch.minimum((valid.long().cumsum(-1) - 1).clamp(min=0), last_position[:, None])
         return cls(
             block=block,
             gpu_batch_size=gpu_batch_size,
             valid=valid,
-            positions=(valid.long().cumsum(-1) - 1).clamp(min=0),
+            positions=positions,
             tokens=torch.zeros(B, block.max_new_tokens, dtype=torch.long),
             done=torch.tensor([seq_id < 0 for seq_id in block.seq_ids], dtype=torch.bool),
+            lengths=[0] * B,
+            finish=[None] * B,
+            matchers=[rule.stop_matcher() if rule.stop_matcher is not None and seq_id >= 0 else None
+                      for rule, seq_id in zip(block.rules, block.seq_ids)],
         )
 
     def rows(self, batch_idx: int) -> slice:
@@ -114,13 +165,25 @@ class BlockState:
         return self.block.input_ids[rows] if token_idx == 0 else self.tokens[rows, token_idx - 1 : token_idx]
 
     def record_tokens(self, token_idx: int, batch_idx: int, ids: torch.Tensor) -> None:
-        """Sampled ids (B,) of a batch; a stopped row keeps emitting 0, which the result drops."""
+        """Sampled ids (B,) of a batch; a stopped row keeps emitting 0, which the result drops.
+        Each running row then stops at a stop id, a stop string or its own limit."""
         rows = self.rows(batch_idx)
         done = self.done[rows]
         ids = torch.where(done, torch.zeros_like(ids), ids.to(done.device))
         self.tokens[rows, token_idx] = ids
-        stop = torch.tensor([int(i) in self.block.stop_ids for i in ids.tolist()], dtype=torch.bool)
-        self.done[rows] = done | stop
+        for row, token, stopped in zip(range(rows.start, rows.stop), ids.tolist(), done.tolist()):
+            if stopped:
+                continue
+            rule, matcher = self.block.rules[row], self.matchers[row]
+            self.lengths[row] = token_idx + 1
+            if token in rule.stop_ids:
+                self.finish[row] = FINISH_STOP
+            elif matcher is not None and matcher.push(token):
+                self.finish[row] = FINISH_STOP_STRING
+            elif token_idx + 1 >= rule.max_new_tokens:
+                self.finish[row] = FINISH_LENGTH
+            if self.finish[row] is not None:
+                self.done[row] = True
 
     def record_scores(self, batch_idx: int, logits: torch.Tensor) -> None:
         """Log-probabilities of each prompt token given those before it, from the prefill's logits."""
@@ -133,13 +196,8 @@ class BlockState:
             self.scores[rows.start + i] = logp[both_real].tolist()
 
     def result(self) -> BlockResult:
-        tokens = []
-        for row in range(self.tokens.shape[0]):
-            out = []
-            for tok in self.tokens[row].tolist():
-                out.append(tok)
-                if tok in self.block.stop_ids:
-                    break
-            tokens.append(out)
-        scores = [self.scores[row] for row in range(len(tokens))] if self.block.score else None
-        return BlockResult(tokens, scores)
+        rows = range(self.tokens.shape[0])
+        tokens = [self.tokens[row, : self.lengths[row]].tolist() for row in rows]
+        scores = [self.scores[row] for row in rows] if self.block.score else None
+        finish = [reason or FINISH_LENGTH for reason in self.finish]
+        return BlockResult(tokens, scores, finish)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -52,6 +53,7 @@ class _Walk:
     tasks: list[ops.LaneTask]
     stage: ops.StageShape
     sampler: Sampler
+    on_block_done: Callable[[int, BlockResult], None] | None = None  # (block_idx, its result)
     states: dict[int, BlockState] = field(default_factory=dict)  # open blocks
     results: dict[int, BlockResult] = field(default_factory=dict)  # closed blocks
     weight_loads: dict[ops.LoadWeight, object] = field(default_factory=dict)  # -> future of LoadedWeights
@@ -88,8 +90,11 @@ class Engine:
         self.loader.close()
         self.block_io.close_pools()
 
-    def run(self, blocks: list[Block], sampler: Sampler) -> RunResult:
-        """Run every block through this rank's layers; blocks must be the same on every rank."""
+    def run(self, blocks: list[Block], sampler: Sampler,
+            on_block_done: Callable[[int, BlockResult], None] | None = None) -> RunResult:
+        """Run every block through this rank's layers; blocks must be the same on every rank.
+        `on_block_done(block_idx, result)` is called as each block closes on this rank (its
+        results are meaningful on the first stage, which holds every sampled token)."""
         workload = Workload(max(b.prompt_len for b in blocks), blocks[0].max_new_tokens)
         self.block_io.resize(self.placement.resized(workload))
         layers = sorted(self.units)
@@ -101,7 +106,7 @@ class Engine:
             num_ranks=self.num_ranks,
         )
         tasks = lane_tasks([block.max_new_tokens for block in blocks], self.num_ranks)
-        walk = _Walk(blocks, tasks, stage, sampler)
+        walk = _Walk(blocks, tasks, stage, sampler, on_block_done)
         try:
             plan = ops.rank_schedule(tasks, stage, self.config.prefetch_depth)
             while plan:
@@ -126,7 +131,7 @@ class Engine:
                 if self.num_ranks == 1 and op.token_idx > 0 and bool(walk.states[op.block_idx].done.all()):
                     # Every row stopped: drop the rest of this block and re-plan what remains.
                     self._drop_loads(walk)
-                    walk.results[op.block_idx] = self.block_io.close(walk.states.pop(op.block_idx))
+                    self._close_block(walk, op.block_idx)
                     remaining = remaining_tasks(walk.tasks, {op.block_idx}, current)
                     return ops.rank_schedule(remaining, walk.stage, self.config.prefetch_depth)
             self._execute(op, walk)
@@ -160,6 +165,11 @@ class Engine:
         walk.weight_loads.clear()
         walk.cache_loads.clear()
 
+    def _close_block(self, walk: _Walk, block_idx: int) -> None:
+        result = walk.results[block_idx] = self.block_io.close(walk.states.pop(block_idx))
+        if walk.on_block_done is not None:
+            walk.on_block_done(block_idx, result)
+
     # --- one handler per op ----------------------------------------------------------------------
     def _execute(self, op, walk: _Walk) -> None:
         if isinstance(op, ops.LoadWeight):
@@ -171,7 +181,7 @@ class Engine:
         elif isinstance(op, ops.OpenBlock):
             walk.states[op.block_idx] = self.block_io.open(walk.blocks[op.block_idx])
         elif isinstance(op, ops.CloseBlock):
-            walk.results[op.block_idx] = self.block_io.close(walk.states.pop(op.block_idx))
+            self._close_block(walk, op.block_idx)
         else:
             self._execute_in_block(op, walk, walk.states[op.block_idx])
 

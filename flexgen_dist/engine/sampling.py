@@ -1,16 +1,23 @@
-"""Choosing the next token: greedy, or temperature / top-k / top-p sampling.
+"""Choosing the next token: greedy, or temperature / top-k / top-p sampling, per sequence.
 
-Each sequence has its own generator seeded from (seed, prompt index), so a sampled output does
-not depend on which block or batch the prompt landed in.
+Each sampled sequence has its own generator, seeded from (seed, stream), where the stream is a
+number that belongs to the sequence itself: the prompt's index in `LLM.generate`, the request's
+index in its job file for a job. So a sampled output depends neither on the block or batch the
+prompt landed in, nor on which other prompts ran (a resumed run, a shard), and greedy and
+sampled sequences may share a block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from ..errors import UserError
+
+STREAM_STRIDE = 1_000_003  # seed * STREAM_STRIDE + stream: distinct seeds for nearby (seed, stream)
+SEED_SPACE = 2**64  # torch.Generator.manual_seed takes values below this
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,18 @@ class SamplingParams:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+@dataclass(frozen=True)
+class RowSampling:
+    """How one sequence picks its tokens."""
+
+    params: SamplingParams
+    stream: int  # the sequence's own number (never its place in a block): its generator's seed
+
+    @property
+    def generator_seed(self) -> int:
+        return (self.params.seed * STREAM_STRIDE + self.stream) % SEED_SPACE
+
+
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits (V,) with the tokens outside top-k / top-p set to -inf (as transformers' warpers)."""
     if top_k > 0:
@@ -46,22 +65,34 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
-        self.params = params
+    """params: for every sequence not in `rows` (its stream is its seq_id, the prompt index);
+    rows: seq_id -> that sequence's own settings."""
+
+    def __init__(self, params: SamplingParams | None = None, rows: Mapping[int, RowSampling] | None = None):
+        self.params = params or SamplingParams()
+        self.rows = dict(rows or {})
         self._generators: dict[int, torch.Generator] = {}
 
-    def _generator(self, seq_id: int) -> torch.Generator:
+    def row(self, seq_id: int) -> RowSampling:
+        found = self.rows.get(seq_id)
+        return found if found is not None else RowSampling(self.params, stream=seq_id)
+
+    def _generator(self, seq_id: int, row: RowSampling) -> torch.Generator:
         if seq_id not in self._generators:
-            self._generators[seq_id] = torch.Generator().manual_seed(self.params.seed * 1_000_003 + seq_id)
+            self._generators[seq_id] = torch.Generator().manual_seed(row.generator_seed)
         return self._generators[seq_id]
 
     def __call__(self, logits: torch.Tensor, seq_ids: list[int]) -> torch.Tensor:
-        """logits (B, V) fp32 -> next token ids (B,) on the CPU; seq_ids name each row's prompt."""
-        if not self.params.do_sample:
-            return logits.argmax(dim=-1).cpu()
-        p = self.params
-        out = torch.empty(len(seq_ids), dtype=torch.long)
-        for row, seq_id in enumerate(seq_ids):
-            filtered = _filter(logits[row].float().cpu() / p.temperature, p.top_k, p.top_p)
-            out[row] = torch.multinomial(filtered.softmax(-1), 1, generator=self._generator(seq_id))[0]
+        """logits (B, V) fp32 -> next token ids (B,) on the CPU; seq_ids name each row's sequence
+        (-1 for a row that only pads the block: it gets the greedy token, which is dropped)."""
+        out = logits.argmax(dim=-1).cpu()
+        for row_idx, seq_id in enumerate(seq_ids):
+            if seq_id < 0:
+                continue
+            row = self.row(seq_id)
+            p = row.params
+            if not p.do_sample:
+                continue
+            filtered = _filter(logits[row_idx].float().cpu() / p.temperature, p.top_k, p.top_p)
+            out[row_idx] = torch.multinomial(filtered.softmax(-1), 1, generator=self._generator(seq_id, row))[0]
         return out

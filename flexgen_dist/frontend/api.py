@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..engine.blocks import Block
 from ..engine.engine import Engine, EngineConfig
@@ -26,10 +26,13 @@ from ..planning.policy import Policy
 from ..planning.sizes import format_size
 from ..storage.tiers import DiskReader
 from ..storage.weights import WeightStore
+from .generation import RunSettings, SeqResult, SeqSpec, SpecMaker, run_sequences
 from .model_source import ModelSource
+from .output_rows import Completion
 from .prompts import make_blocks, prepare_prompts
 from .results import GenerationResult, Output, Stats
 from .runtime import Runtime
+from .tokencheck import PromptTokens
 
 log = logging.getLogger(__name__)
 
@@ -133,43 +136,58 @@ class LLM:
         seed: int = 0,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool = False,
+        stop: Sequence[str] | None = None,
     ) -> GenerationResult:
         """Continue each prompt by up to `max_new_tokens` tokens.
 
+        stop: strings that end a sequence (needs a tokenizer); the text is cut before them.
         ignore_eos: generate all `max_new_tokens` even past EOS (benchmarks measure a fixed length)."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-        sampler = Sampler(SamplingParams(do_sample, temperature, top_k, top_p, seed))
+        settings = RunSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()),
+                               stop_token_ids=tuple(int(i) for i in (stop_token_ids or ())), ignore_eos=ignore_eos)
         prepared = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens)
-        eos = frozenset() if ignore_eos else frozenset(self.spec.eos_token_ids)
-        stop_ids = eos | frozenset(int(i) for i in (stop_token_ids or ()))
-        blocks = [
-            Block(rows.input_ids, rows.prompt_mask, rows.seq_ids, max_new_tokens, stop_ids)
-            for rows in make_blocks(prepared.ids, self.policy.gpu_batch_size, self.policy.num_gpu_batches, self._pad_id)
-        ]
-        run = self.engine.run(blocks, sampler)
-        if self.pipeline is not None and self.pipeline.rank != 0:
-            # Results live on rank 0, which received every sampled token round the ring.
-            return GenerationResult(outputs=[], stats=Stats(run.prefill_s, run.decode_s, 0, 0, len(blocks), 0))
-        results: dict[int, list[int]] = {}
-        for block, res in zip(blocks, run.blocks):
-            for seq_id, toks in zip(block.seq_ids, res.tokens):
-                if seq_id >= 0:
-                    results[seq_id] = toks
-        outputs = []
-        for seq_id, prompt_ids in enumerate(prepared.ids):
-            ids = results[seq_id]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
-            outputs.append(Output(prompt_ids=list(prompt_ids), output_ids=ids, text=text))
-        stats = Stats(
-            prefill_s=run.prefill_s,
-            decode_s=run.decode_s,
-            prompt_tokens=sum(len(p) for p in prepared.ids),
-            generated_tokens=sum(len(o.output_ids) for o in outputs),
-            num_blocks=len(blocks),
-            num_sequences=len(outputs),
-        )
+        maker = SpecMaker(settings, self.spec.eos_token_ids)
+        specs = [maker.for_prompt(ids, stream=index) for index, ids in enumerate(prepared.ids)]
+        found: dict[int, SeqResult] = {}
+        stats = self._run(specs, lambda results: found.update((r.seq_idx, r) for r in results))
+        if not self._holds_results:
+            return GenerationResult(outputs=[], stats=stats)  # results live on rank 0
+        outputs = [Output(prompt_ids=list(ids), output_ids=found[i].output_ids, text=found[i].text,
+                          finish_reason=found[i].finish_reason) for i, ids in enumerate(prepared.ids)]
         return GenerationResult(outputs=outputs, stats=stats)
+
+    def generate_requests(self, prompts: Sequence[PromptTokens], settings: RunSettings,
+                          on_results: Callable[[list[tuple[PromptTokens, Completion]]], None]) -> Stats:
+        """Generate checked job requests (`tokencheck.check_tokens`), each with its own settings
+        over `settings`. `on_results` gets each block's finished requests as the block closes, on
+        rank 0 (which holds the results of a pipeline); every rank must call this with the same
+        prompts. A request's sampling is seeded from its index in the job file (or its own seed),
+        so a resumed or sharded run samples what an uninterrupted one does."""
+        maker = SpecMaker(settings, self.spec.eos_token_ids)
+        specs = [maker.for_request(p) for p in prompts]
+
+        def deliver(results: list[SeqResult]) -> None:
+            on_results([(prompts[r.seq_idx], Completion(output_ids=r.output_ids, text=r.text, finish_reason=r.finish_reason,
+                                                        prompt_tokens=len(prompts[r.seq_idx].prompt_ids)))
+                        for r in results])
+
+        return self._run(specs, deliver)
+
+    def _run(self, specs: list[SeqSpec], on_results: Callable[[list[SeqResult]], None]) -> Stats:
+        return run_sequences(self.engine, specs, gpu_batch_size=self.policy.gpu_batch_size,
+                             num_gpu_batches=self.policy.num_gpu_batches, pad_id=self._pad_id,
+                             decode=self.decode if self.tokenizer is not None else None,
+                             num_ranks=self.pipeline.world_size if self.pipeline else 1,
+                             holds_results=self._holds_results, on_results=on_results)
+
+    @property
+    def _holds_results(self) -> bool:
+        """Rank 0 receives every sampled token round the ring; the other ranks hold no results."""
+        return self.pipeline is None or self.pipeline.rank == 0
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids, special tokens skipped (the `text` of every result)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def score(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[float]]:
         """Log-probability of every prompt token after the first, given the tokens before it

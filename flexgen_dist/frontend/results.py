@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class Output:
     prompt_ids: list[int]
     output_ids: list[int]  # the new tokens only
-    text: str | None  # decoded new text, when the model has a tokenizer
+    text: str | None  # decoded new text, when the model has a tokenizer (cut before a stop string)
+    finish_reason: str | None = None  # "stop" (EOS, a stop id or string) or "length" (max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Stats:
     generated_tokens: int
     num_blocks: int
     num_sequences: int
+    prompt_slots: int = 0  # block rows x block width over all blocks: prompt tokens plus padding
 
     @property
     def total_s(self) -> float:
@@ -39,10 +41,17 @@ class Stats:
         """Generated tokens / (prefill + decode) seconds, as the FlexGen paper counts throughput."""
         return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
 
+    @property
+    def padding_efficiency(self) -> float:
+        """Share of the blocks' prompt slots that hold real tokens (1.0: no padding); nan if unknown."""
+        return self.prompt_tokens / self.prompt_slots if self.prompt_slots else float("nan")
+
     def summary(self) -> str:
+        padding = f"; {self.padding_efficiency:.0%} of prompt slots are real tokens" if self.prompt_slots else ""
         return (
             f"prefill {self.prefill_tokens_per_s:.1f} tok/s, decode {self.decode_tokens_per_s:.1f} tok/s, "
-            f"total {self.tokens_per_s:.1f} tok/s ({self.generated_tokens} new tokens in {self.total_s:.2f} s)"
+            f"total {self.tokens_per_s:.1f} tok/s ({self.generated_tokens} new tokens in {self.total_s:.2f} s, "
+            f"{self.num_sequences} prompts in {self.num_blocks} blocks{padding})"
         )
 
 

@@ -1,0 +1,193 @@
+"""From sequences to blocks and back, for `LLM.generate` and `LLM.generate_requests`.
+
+Every sequence carries its own rule: a token limit, stop ids (EOS unless ignored), stop strings,
+and sampling settings with a generator stream that belongs to it (a request's index in its file),
+so its result does not depend on the block it lands in. Sequences are sorted by prompt length,
+longest first, and cut into blocks (little padding); the blocks run through the engine in chunks
+of `CHUNK_BLOCKS`, so a job of millions of prompts never holds all its blocks in memory, and the
+caller hears of each block's results as the block closes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from ..engine.blocks import FINISH_LENGTH, FINISH_STOP_STRING, Block, BlockResult, RowRule
+from ..engine.engine import Engine
+from ..engine.sampling import RowSampling, Sampler, SamplingParams
+from ..errors import UserError
+from .prompts import make_blocks
+from .results import Stats
+from .stop_strings import Decode, StopStrings, trim_at_stop
+from .tokencheck import PromptTokens
+
+CHUNK_BLOCKS = 64  # blocks handed to the engine at once (a multiple of the ranks is used)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """A run's generation settings; a request's own settings (jobs.GenSettings) override them."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False  # False: greedy unless a request sets a temperature > 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings (not included in the text)
+    stop_token_ids: tuple[int, ...] = ()  # besides EOS
+    ignore_eos: bool = False  # run to max_new_tokens past EOS (benchmarks)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+        SamplingParams(self.do_sample, self.temperature, self.top_k, self.top_p, self.seed)  # its checks
+        if any(not s for s in self.stop):
+            raise UserError("a stop string is empty, which would stop at once; remove it")
+
+    def record(self) -> dict:
+        """What the resume identity compares (JSON)."""
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed, "stop": list(self.stop),
+                "stop_token_ids": list(self.stop_token_ids), "ignore_eos": self.ignore_eos}
+
+
+@dataclass(frozen=True, slots=True)
+class SeqSpec:
+    """One sequence to generate."""
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    sampling: RowSampling
+    stop_ids: frozenset[int]
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SeqResult:
+    seq_idx: int  # position in the list of SeqSpecs
+    output_ids: list[int]  # new tokens, up to and including the one that stopped the sequence
+    text: str | None  # decoded (special tokens skipped), cut before a stop string; None without a tokenizer
+    finish_reason: str  # "stop" (EOS, stop id or stop string) or "length"
+
+
+class SpecMaker:
+    """SeqSpecs from a run's settings; objects that rows share are made once (millions of rows)."""
+
+    def __init__(self, settings: RunSettings, eos_ids: Sequence[int]):
+        self.settings = settings
+        self._eos = frozenset() if settings.ignore_eos else frozenset(int(i) for i in eos_ids)
+        self._stop_ids = self._eos | frozenset(settings.stop_token_ids)
+        s = settings
+        self._run_params = SamplingParams(s.do_sample, s.temperature, s.top_k, s.top_p, s.seed)
+
+    def for_prompt(self, prompt_ids: Sequence[int], stream: int) -> SeqSpec:
+        """A prompt with the run's settings; `stream` seeds its sampling (its index)."""
+        return SeqSpec(prompt_ids, self.settings.max_new_tokens, RowSampling(self._run_params, stream),
+                       self._stop_ids, self.settings.stop)
+
+    def for_request(self, prepared: PromptTokens) -> SeqSpec:
+        """A checked request: its own settings over the run's. A line's temperature decides between
+        greedy (0) and sampling (> 0); without one, the run's mode holds. A line's seed alone seeds
+        it (the same prompt and seed give the same output anywhere); otherwise (run seed, index)."""
+        own, run = prepared.request.settings, self.settings
+        if own.temperature is None and own.top_k is None and own.top_p is None and own.seed is None:
+            params, stream = self._run_params, prepared.request.index
+        else:
+            temperature = own.temperature if own.temperature is not None else (run.temperature if run.do_sample else 0.0)
+            sample = temperature > 0
+            params = SamplingParams(
+                do_sample=sample, temperature=temperature if sample else 1.0,
+                top_k=own.top_k if own.top_k is not None else run.top_k,
+                top_p=own.top_p if own.top_p is not None else run.top_p,
+                seed=own.seed if own.seed is not None else run.seed,
+            )
+            stream = 0 if own.seed is not None else prepared.request.index
+        stop_ids = self._stop_ids if own.stop_token_ids is None else self._eos | frozenset(own.stop_token_ids)
+        stop = own.stop if own.stop is not None else run.stop
+        return SeqSpec(prepared.prompt_ids, prepared.max_new_tokens, RowSampling(params, stream), stop_ids, stop)
+
+
+@dataclass
+class RunTotals:
+    """What `run_sequences` adds up over its chunks."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    prompt_slots: int = 0  # block rows x block width: prompt tokens plus padding
+    generated_tokens: int = 0
+    num_blocks: int = 0
+    num_sequences: int = 0
+
+    def stats(self) -> Stats:
+        return Stats(prefill_s=self.prefill_s, decode_s=self.decode_s, prompt_tokens=self.prompt_tokens,
+                     generated_tokens=self.generated_tokens, num_blocks=self.num_blocks,
+                     num_sequences=self.num_sequences, prompt_slots=self.prompt_slots)
+
+
+def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, gpu_batch_size: int, num_gpu_batches: int,
+                  pad_id: int, decode: Decode | None, num_ranks: int, holds_results: bool,
+                  on_results: Callable[[list[SeqResult]], None]) -> Stats:
+    """Generate every spec; `on_results` hears each block's results as it closes (on the rank
+    that holds them: `holds_results`). Every rank must call this with the same specs."""
+    if any(spec.stop for spec in specs) and decode is None:
+        raise UserError("stop strings need a tokenizer to decode the output; this model has none: use stop token ids")
+    order = sorted(range(len(specs)), key=lambda i: (-len(specs[i].prompt_ids), -specs[i].max_new_tokens))
+    block_size = gpu_batch_size * num_gpu_batches
+    per_chunk = block_size * max(num_ranks, CHUNK_BLOCKS // num_ranks * num_ranks)
+    totals = RunTotals()
+    for start in range(0, len(order), per_chunk):
+        chunk = order[start:start + per_chunk]
+        blocks, sampler = _blocks(specs, chunk, gpu_batch_size, num_gpu_batches, pad_id, decode)
+
+        def block_done(block_idx: int, result: BlockResult, blocks=blocks) -> None:
+            if holds_results:
+                found = _results(blocks[block_idx], result, specs, decode)
+                totals.generated_tokens += sum(len(r.output_ids) for r in found)
+                on_results(found)
+
+        run = engine.run(blocks, sampler, on_block_done=block_done)
+        totals.prefill_s += run.prefill_s
+        totals.decode_s += run.decode_s
+        totals.num_blocks += len(blocks)
+        totals.num_sequences += len(chunk)
+        totals.prompt_tokens += sum(len(specs[i].prompt_ids) for i in chunk)
+        totals.prompt_slots += sum(block.input_ids.numel() for block in blocks)
+    return totals.stats()
+
+
+def _blocks(specs: Sequence[SeqSpec], chunk: list[int], gpu_batch_size: int, num_gpu_batches: int, pad_id: int,
+            decode: Decode | None) -> tuple[list[Block], Sampler]:
+    """The chunk's blocks (sorted already: make_blocks keeps the order of equal lengths)."""
+    steps = max(specs[i].max_new_tokens for i in chunk)  # one length for every block of a run (the schedule's)
+    rows_of = make_blocks([list(specs[i].prompt_ids) for i in chunk], gpu_batch_size, num_gpu_batches, pad_id)
+    pad_rule = RowRule(steps)
+    blocks = []
+    for rows in rows_of:
+        seq_ids = [chunk[r] if r >= 0 else -1 for r in rows.seq_ids]
+        rules = tuple(_rule(specs[seq_id], decode) if seq_id >= 0 else pad_rule for seq_id in seq_ids)
+        blocks.append(Block(rows.input_ids, rows.prompt_mask, seq_ids, steps, frozenset(), rules=rules))
+    sampler = Sampler(rows={i: specs[i].sampling for i in chunk})
+    return blocks, sampler
+
+
+def _rule(spec: SeqSpec, decode: Decode | None) -> RowRule:
+    matcher = None
+    if spec.stop:
+        matcher = StopStrings(spec.stop, decode, tuple(int(t) for t in spec.prompt_ids[-8:]))
+    return RowRule(spec.max_new_tokens, spec.stop_ids, matcher)
+
+
+def _results(block: Block, result: BlockResult, specs: Sequence[SeqSpec], decode: Decode | None) -> list[SeqResult]:
+    found = []
+    for seq_id, ids, finish in zip(block.seq_ids, result.tokens, result.finish):
+        if seq_id < 0:
+            continue
+        text = decode(ids) if decode is not None else None
+        if finish == FINISH_STOP_STRING and text is not None:
+            text = trim_at_stop(text, specs[seq_id].stop)
+        found.append(SeqResult(seq_id, ids, text, FINISH_LENGTH if finish == FINISH_LENGTH else "stop"))
+    return found
+
