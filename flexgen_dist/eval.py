@@ -20,7 +20,7 @@ from pathlib import Path
 from . import DEFAULT_MODEL
 from .errors import UserError
 from .frontend.api import LLM
-from .frontend.cli import add_model_args, dist_from_args, llm_kwargs_from_args, run_command
+from .frontend.cli import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser, run_command
 
 DEFAULT_TEXT = str(Path(__file__).parent / "data" / "heldout.txt")
 
@@ -43,11 +43,14 @@ def perplexity(scores: list[list[float]]) -> tuple[float, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flexgen_dist.eval", description=__doc__.splitlines()[0])
+    parser = new_parser("python -m flexgen_dist.eval", __doc__.splitlines()[0])
     add_model_args(parser, DEFAULT_MODEL)
-    parser.add_argument("--text", default=None, help="UTF-8 text file (default: the bundled held-out text)")
-    parser.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512, at most the model's positions)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    text = group(parser, "prompts and output")
+    text.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text file (default: the bundled held-out text)")
+    text.add_argument("--window", type=int, default=512, metavar="N",
+                      help="tokens per scored window, at most the model's positions")
+    text.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                      help="score only the first N tokens of the text (default: all of it)")
     return parser
 
 

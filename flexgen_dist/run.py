@@ -1,51 +1,98 @@
-"""`python -m flexgen_dist.run`: batch generation from the command line.
+"""`python -m flexgen_dist.run` (also `python -m flexgen_dist`, `flexgen-dist`): batch generation
+from the command line.
 
-With no arguments it runs the bundled default model on a few built-in prompts and prints their
-continuations, then one summary line with prefill, decode and total throughput.
+Without arguments it runs the bundled model on 64 prompts from its held-out text, prints the
+policy it chose, the first continuations and a summary line with prefill, decode and total
+throughput. `--input FILE.jsonl --output FILE.jsonl` runs a job: validated before the model
+loads, results saved as blocks finish, resumed by running the same command again.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 
-from pathlib import Path
+from . import DEFAULT_MODEL, __version__
+from .frontend.cli import add_model_args, dist_from_args, group, new_parser, run_command, start_pipeline
+from .frontend.job import run_job
+from .frontend.signals import StopSignals
 
-from . import DEFAULT_MODEL
-from .engine.trace import Tracer
-from .frontend.api import LLM
-from .frontend.cli import add_model_args, dist_from_args, llm_kwargs_from_args, run_command, start_pipeline
-from .frontend.jobfiles import check_writable, read_jsonl, write_jsonl, write_stats
-from .planning.placement import Workload
+DESCRIPTION = """\
+Batch generation with a model whose weights and KV cache may not fit in GPU memory.
+A job (--input, --output) is checked whole before the model loads, saves its results as
+blocks finish, and resumes when the same command runs again after a crash or Ctrl-C."""
+EPILOG = """\
+examples:
+  python -m flexgen_dist.run                                  the bundled model on 64 bundled prompts
+  python -m flexgen_dist.run --prompt "Return the number of"   a one-off prompt
+  python -m flexgen_dist.run --model DIR --input jobs.jsonl --output results.jsonl
+                                                              a job; run it again to resume
+  python -m flexgen_dist.run --model DIR --input jobs.jsonl --output results.jsonl --shard 0/4
+                                                              a quarter of it (then python -m flexgen_dist.merge)
+exit codes: 0 done, 1 the environment failed (disk, a peer rank), 2 bad input or flags,
+130 / 143 stopped by SIGINT / SIGTERM (finished results are kept: run it again to resume)."""
 
-EXAMPLE_PROMPTS = [
-    "The list data type has some more methods.",
-    "Return the number of",
-    "This module provides",
-    "If the optional argument",
-]
+
+def token_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids, e.g. 13,42") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flexgen_dist.run", description=__doc__.splitlines()[0])
+    parser = new_parser("python -m flexgen_dist.run", DESCRIPTION, EPILOG)
     add_model_args(parser, DEFAULT_MODEL)
-    parser.add_argument("--input", help="JSONL prompts: {\"id\": ..., \"prompt\": \"...\"} or {\"id\": ..., \"input_ids\": [...]}")
-    parser.add_argument("--output", help="JSONL results, one line per input line in the same order")
-    parser.add_argument("--prompt-len", type=int, default=None, help="without --input: random prompts of this many tokens")
-    parser.add_argument("--num-prompts", type=int, default=None, help="without --input: how many random prompts (default: one block)")
-    parser.add_argument("--gen-len", type=int, default=32, help="new tokens per prompt")
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trace", help="write a Chrome/Perfetto trace (traceEvents JSON) of every op; rank r > 0 writes FILE.rank<r>.json")
-    parser.add_argument("--ignore-eos", action="store_true", help="generate --gen-len tokens even past EOS (benchmarks)")
-    parser.add_argument("--stats-json", help="also write the run's statistics and policy to this JSON file (rank 0)")
-    parser.add_argument("--no-warmup", action="store_true", help="skip the short untimed warm-up run")
-    parser.add_argument("--stop-token-ids", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
-                        help="comma-separated ids that end a sequence (besides EOS)")
+    io = group(parser, "prompts and output")
+    io.add_argument("--input", metavar="FILE.jsonl",
+                    help='the job: one JSON object a line, {"id", "prompt"} or {"id", "input_ids"} with optional '
+                         "max_new_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids; or OpenAI / vLLM "
+                         "batch lines (default: --prompt, else the bundled prompts)")
+    io.add_argument("--prompt", action="append", metavar="TEXT",
+                    help="a prompt for a one-off run; repeat for several (their continuations are printed)")
+    io.add_argument("--output", metavar="FILE.jsonl",
+                    help="results, one line per prompt in input order, written as blocks finish and resumed by the "
+                         "same command; - for standard output (default: print the continuations; --input needs one)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="start over: replace --output and drop an unfinished run's saved results")
+    io.add_argument("--truncate", choices=("none", "left"), default="none",
+                    help="a prompt too long for the model's positions: an error (none), or cut from the left")
+    io.add_argument("--shard", metavar="I/N",
+                    help="run shard I of N (0-based) of the input into OUTPUT.shard-I-of-N.jsonl; join the shards "
+                         "with python -m flexgen_dist.merge (default: the SLURM array task, else the whole input)")
+    io.add_argument("--num-prompts", type=int, default=None, metavar="N",
+                    help="without --input or --prompt: how many prompts (default: 64 bundled prompts; one block of "
+                         "random ones with --prompt-len)")
+    io.add_argument("--prompt-len", type=int, default=None, metavar="N",
+                    help="without --input or --prompt: random prompts of N tokens, FlexGen's benchmark shape "
+                         "(default: the bundled text prompts; random prompts of 32 tokens without a tokenizer)")
+    gen = group(parser, "generation")
+    gen.add_argument("--max-new-tokens", "--gen-len", dest="max_new_tokens", type=int, default=32, metavar="N",
+                     help="new tokens per prompt, at most (a job line's max_new_tokens overrides it)")
+    gen.add_argument("--do-sample", action="store_true",
+                     help="sample instead of greedy decoding (a job line with a temperature decides for itself)")
+    gen.add_argument("--temperature", type=float, default=1.0, metavar="T", help="softmax temperature when sampling")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                     help="sample among the most likely tokens whose probabilities add up to P (1: all)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S",
+                     help="sampling seed; each prompt draws from (S, its index in the input), so a result does not "
+                          "depend on its block, on a resume or on sharding")
+    gen.add_argument("--stop", action="append", metavar="TEXT",
+                     help="a string that ends a sequence (not included in the text); repeat for several "
+                          "(default: none; EOS always ends one)")
+    gen.add_argument("--stop-token-ids", type=token_ids, default=None, metavar="ID,ID",
+                     help="token ids that end a sequence besides EOS, comma-separated (default: none)")
+    gen.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens even past EOS (benchmarks)")
+    diag = group(parser, "diagnostics")
+    diag.add_argument("--quiet", "-q", action="store_true",
+                      help="no progress bar (or progress lines without a terminal); the start and summary lines stay")
+    diag.add_argument("--no-warmup", action="store_true", help="skip the short untimed warm-up run")
+    diag.add_argument("--trace", metavar="FILE.json",
+                      help="write a Chrome/Perfetto trace of every op; rank r > 0 writes FILE.rank<r>.json (default: none)")
+    diag.add_argument("--stats-json", metavar="FILE",
+                      help="also write the run's statistics and policy as JSON (rank 0; default: none)")
+    diag.add_argument("--version", action="version", version=f"flexgen_dist {__version__}")
     return parser
 
 
@@ -54,73 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     contexts = []
 
     def body() -> int:
-        contexts.append(dist_from_args(args))
-        with start_pipeline(args, contexts[0]) as pipeline:
-            return _run(args, contexts[0], pipeline)
+        with StopSignals() as signals:
+            contexts.append(dist_from_args(args))
+            with start_pipeline(args, contexts[0]) as pipeline:
+                return run_job(args, contexts[0], pipeline, signals)
 
     return run_command(body, rank_of=lambda: contexts[0].rank if contexts else 0)
-
-
-def _run(args: argparse.Namespace, ctx, pipeline) -> int:
-    if args.output and ctx.rank == 0:
-        check_writable(args.output)
-    lines = read_jsonl(args.input) if args.input else None
-    workload = None  # plan for the prompts given, when their lengths are known before tokenizing
-    if lines is None:
-        workload = Workload(args.prompt_len or 32, args.gen_len)
-    elif all(isinstance(line.prompt, list) for line in lines):
-        workload = Workload(max(len(line.prompt) for line in lines), args.gen_len)
-    kwargs = llm_kwargs_from_args(args, ctx, workload)
-    tracer = Tracer(pid=ctx.rank) if args.trace else None
-    llm = LLM(args.model, pipeline=pipeline, tracer=tracer, **kwargs)
-    policy = llm.policy
-    try:
-        if lines is not None:
-            prompts = [line.prompt for line in lines]
-        elif args.prompt_len is not None or llm.tokenizer is None:
-            rng = random.Random(args.seed)
-            count = args.num_prompts or policy.block_size
-            length = args.prompt_len or 32
-            prompts = [[rng.randrange(llm.spec.vocab_size) for _ in range(length)] for _ in range(count)]
-        else:
-            prompts = EXAMPLE_PROMPTS[: args.num_prompts] if args.num_prompts else EXAMPLE_PROMPTS
-        if not args.no_warmup:  # first calls pay torch's lazy initialisation; keep it out of the timing
-            llm.generate([prompts[0]], max_new_tokens=min(2, args.gen_len))
-            if tracer is not None:
-                tracer.reset()
-        result = llm.generate(
-            prompts,
-            max_new_tokens=args.gen_len,
-            do_sample=args.do_sample,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop_token_ids=args.stop_token_ids,
-            ignore_eos=args.ignore_eos,
-        )
-    finally:
-        llm.close()
-    if tracer is not None:
-        path = Path(args.trace)
-        tracer.write(path if ctx.rank == 0 else path.with_suffix(f".rank{ctx.rank}{path.suffix}"))
-    if ctx.rank != 0:
-        return 0  # rank 0 alone writes results and prints the summary
-    if args.output:
-        rows = []
-        for line, out in zip(lines or [None] * len(result.outputs), result.outputs):
-            row = {"id": line.id if line is not None else len(rows), "output_ids": out.output_ids}
-            if out.text is not None:
-                row["text"] = out.text
-            rows.append(row)
-        write_jsonl(args.output, rows)
-    elif lines is None and all(isinstance(p, str) for p in prompts):
-        for prompt, out in zip(prompts, result.outputs):
-            print(f"{prompt!r} -> {out.text!r}")
-    if args.stats_json:
-        write_stats(args.stats_json, result.stats, llm.policy, ctx.world_size)
-    print(f"throughput: {result.stats.summary()}")
-    return 0
 
 
 if __name__ == "__main__":

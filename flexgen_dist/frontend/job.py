@@ -1,0 +1,278 @@
+"""One run of `python -m flexgen_dist.run`: requests in, results out, resumable.
+
+Everything a user can get wrong fails before the weights load:
+1. the requests: the job file read and validated whole (or --prompt, or the bundled prompts);
+2. the model's config and tokenizer: every prompt tokenized and checked against the model;
+3. rank 0 opens the output's resume log (it refuses another run's progress) and tells the other
+   ranks which requests are left (they hold no lock and write nothing);
+4. the model loads; one line says the policy, the block shape and where the weights live;
+5. the blocks run; each block's results are appended and fsynced as it closes, and a progress
+   bar (or a line every 30 s without a terminal) shows prompts done, tokens/s and ETA;
+6. the output is written whole in input order; the last line is the summary.
+SIGINT / SIGTERM stop the run where it is (signals.py); what is finished is on disk already,
+and one line says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from ..engine.trace import Tracer
+from ..errors import EnvironmentFailure, UserError
+from ..parallel.context import DistContext
+from ..parallel.group import Pipeline
+from ..planning.placement import Tier, Workload
+from ..planning.sizes import format_size
+from .api import LLM
+from .cli import llm_kwargs_from_args
+from .fingerprint import model_fingerprint
+from .generation import RunSettings
+from .job_inputs import SHOWN, job_from_args, print_continuations, tokenize_job
+from .jobfiles import JobFile, write_stats
+from .model_source import ModelSource
+from .output_rows import Completion, output_row
+from .resume import ResumeLog, RunIdentity, StdoutLog, open_for_resume, progress_paths
+from .progress import Progress
+from .shards import parse_shard, shard_output_path
+from .signals import Interrupted, StopSignals
+from .tokencheck import PromptTokens
+
+T = TypeVar("T")
+Items = list[tuple[PromptTokens, Completion]]
+
+
+class LogSink:
+    """Results to --output through the resume log (or to standard output with `-`)."""
+
+    def __init__(self, log: ResumeLog | StdoutLog, job: JobFile, model_name: str):
+        self.log, self.job, self.model_name = log, job, model_name
+        self.finished = log.finished
+
+    def add(self, items: Items) -> None:
+        rows = [output_row(p.request, c, model_name=self.model_name, created=self.log.started_at) for p, c in items]
+        try:
+            self.log.append(rows)
+        except OSError as exc:  # a full or failing disk: what is on disk is kept
+            raise EnvironmentFailure(str(exc)) from None
+
+    def finish(self) -> None:
+        try:
+            self.log.finish(self.job.keys)
+        except OSError as exc:
+            raise EnvironmentFailure(f"cannot write the output {self.log.output}: {exc.strerror or exc}; finished "
+                                     f"results are kept: fix this and rerun the same command") from None
+
+    def close(self) -> None:
+        self.log.close()
+
+    def where(self) -> str:
+        return str(self.log.output) if isinstance(self.log, ResumeLog) else "standard output"
+
+    def interrupted(self, name: str) -> str:
+        if not isinstance(self.log, ResumeLog):
+            return f"interrupted by {name}; results were not saved (give --output FILE to make a run resumable)"
+        return (f"interrupted by {name}: {len(self.finished)} of {len(self.job.requests)} results are saved in "
+                f"{progress_paths(self.log.output)[0]}; run the same command again to resume")
+
+
+class PrintSink:
+    """No --output: `prompt -> continuation` lines at the end (`limit` of them; 0: none)."""
+
+    def __init__(self, prepared: list[PromptTokens], stream, limit: int | None):
+        self.prepared, self.stream, self.limit = prepared, stream, limit
+        self.outputs: dict[str, object] = {}
+        self.finished = frozenset()
+
+    def add(self, items: Items) -> None:
+        for p, c in items:
+            self.outputs[p.request.key] = c.text if c.text is not None else list(c.output_ids)
+
+    def finish(self) -> None:
+        if self.limit != 0:
+            print_continuations(self.prepared, self.outputs, self.stream, self.limit)
+
+    def close(self) -> None:
+        pass
+
+    def where(self) -> str:
+        return "standard output"
+
+    def interrupted(self, name: str) -> str:
+        return f"interrupted by {name}; results were not saved (give --output FILE to make a run resumable)"
+
+
+def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, signals: StopSignals) -> int:
+    settings = settings_from_args(args)
+    shard = parse_shard(args.shard, os.environ)
+    source = ModelSource.from_dir(args.model)
+    job = job_from_args(args, source.spec, source.tokenizer is not None, shard)
+    target = output_target(args, shard)
+    prepared = tokenize_job(job, tokenizer=source.tokenizer, spec=source.spec, max_new_tokens=settings.max_new_tokens,
+                            truncate=args.truncate, stop=settings.stop)
+    workload = None
+    if prepared:  # plan for these prompts (a shard may have none)
+        workload = Workload(max(len(p.prompt_ids) for p in prepared), max(p.max_new_tokens for p in prepared))
+    kwargs = llm_kwargs_from_args(args, ctx, workload)
+    info = sys.stderr if target == "-" else sys.stdout  # standard output may carry the results
+    sinks: list[LogSink | PrintSink] = []
+
+    def open_output() -> list[int]:  # rank 0 only: it alone holds the output's lock
+        runtime = kwargs["runtime"]
+        identity = RunIdentity(
+            model=model_fingerprint(source, dtypes=runtime.dtypes(source.spec, runtime.resolve_device()),
+                                    policy=kwargs["policy"]),
+            input_sha256=job.sha256, settings={**settings.record(), "truncate": args.truncate},
+            shard=str(shard), output_format=job.format)
+        sinks.append(open_sink(args, target, identity, job, prepared))
+        return [i for i, p in enumerate(prepared) if p.request.key not in sinks[0].finished]
+
+    try:
+        pending = share_from_rank0(pipeline, open_output)
+        if not pending:
+            if sinks:
+                with signals.deferred():
+                    sinks[0].finish()
+                print(f"nothing to generate: the {len(prepared)} results were finished by an earlier run; "
+                      f"output: {sinks[0].where()}", file=info)
+            return 0
+        tracer = Tracer(pid=ctx.rank) if args.trace else None
+        llm = LLM(source, pipeline=pipeline, tracer=tracer, **kwargs)
+        try:
+            if sinks:
+                print(start_line(llm, ctx.world_size, args.offload_dir), file=info, flush=True)
+            stats = _generate(args, llm, [prepared[i] for i in pending], settings, sinks, signals,
+                              finished=len(prepared) - len(pending), total=len(prepared), tracer=tracer)
+        finally:
+            llm.close()
+        if tracer is not None:
+            path = Path(args.trace)
+            tracer.write(path if ctx.rank == 0 else path.with_suffix(f".rank{ctx.rank}{path.suffix}"))
+        if not sinks:
+            return 0  # rank 0 alone writes results and prints the summary
+        with signals.deferred():
+            sinks[0].finish()
+        if args.stats_json:
+            write_stats(args.stats_json, stats, llm.policy, ctx.world_size)
+        if len(pending) < len(prepared):
+            print(f"resumed: {len(prepared) - len(pending)} of {len(prepared)} results came from an earlier run", file=info)
+        if target is not None:
+            print(f"output: {len(prepared)} results in {sinks[0].where()}", file=info)
+        print(f"throughput: {stats.summary()}", file=info, flush=True)
+        return 0
+    except Interrupted as exc:
+        raise exc.with_message(sinks[0].interrupted(exc.name)) if sinks else exc
+    finally:
+        for sink in sinks:
+            sink.close()
+
+
+def _generate(args, llm: LLM, todo: list[PromptTokens], settings: RunSettings, sinks: list, signals: StopSignals, *,
+              finished: int, total: int, tracer: Tracer | None):
+    if not args.no_warmup:  # first calls pay torch's lazy initialisation; keep it out of the timing
+        llm.generate([list(todo[0].prompt_ids)], max_new_tokens=min(2, settings.max_new_tokens))
+        if tracer is not None:
+            tracer.reset()
+    progress = Progress(total=total, initial=finished, stream=sys.stderr, enabled=bool(sinks) and not args.quiet)
+
+    def on_results(items: Items) -> None:  # a block closed (rank 0)
+        with signals.deferred():  # a signal waits until the block's lines are on disk
+            sinks[0].add(items)
+        progress.update(len(items), sum(len(c.output_ids) for _, c in items))
+
+    try:
+        return llm.generate_requests(todo, settings, on_results)
+    finally:
+        progress.close()
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """The run's generation settings, with flag names in the messages."""
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {args.temperature:g}; leave out --do-sample for greedy decoding")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 turns it off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (1 turns it off), got {args.top_p:g}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if any(not s for s in args.stop or ()):
+        raise UserError("--stop '' would stop at once; give a non-empty string")
+    return RunSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
+                       stop_token_ids=tuple(args.stop_token_ids or ()), ignore_eos=args.ignore_eos)
+
+
+def output_target(args: argparse.Namespace, shard) -> str | None:
+    """This shard's output path; None: print continuations (a run without --input)."""
+    if args.output is None:
+        if args.input is not None:
+            raise UserError("--input needs --output FILE (results are saved as blocks finish, and the same command "
+                            "resumes after a crash) or --output - (standard output, at the end)")
+        if args.overwrite:
+            raise UserError("--overwrite replaces an --output file; give --output FILE")
+        return None
+    return shard_output_path(args.output, shard)
+
+
+def open_sink(args, target: str | None, identity: RunIdentity, job: JobFile, prepared: list[PromptTokens]):
+    if target is None:
+        limit = None if job.path == "--prompt" else 0 if job.path == "random prompts" else SHOWN
+        return PrintSink(prepared, sys.stdout, limit)
+    try:
+        log = open_for_resume(target, identity, overwrite=args.overwrite, input_path=args.input, stream=sys.stdout)
+    except OSError as exc:
+        raise EnvironmentFailure(f"cannot open --output {target!r}: {exc.strerror or exc}") from None
+    return LogSink(log, job, model_name=Path(args.model).name)
+
+
+def share_from_rank0(pipeline: Pipeline, compute: Callable[[], T]) -> T:
+    """Rank 0 computes a value and every rank returns it; rank 0's error raises on every rank
+    (so no rank waits for a run that will not start). With one process, just `compute()`."""
+    if pipeline.world_size == 1:
+        return compute()
+    import torch
+    import torch.distributed as dist
+
+    box: list = [None]
+    error: BaseException | None = None
+    if pipeline.rank == 0:
+        try:
+            box[0] = ("ok", compute())
+        except BaseException as exc:  # told to the others, then raised here
+            error = exc
+            box[0] = ("user" if isinstance(exc, UserError) else "failed", str(exc))
+    device = torch.device(pipeline.ctx.device) if pipeline.ctx.backend == "nccl" else None
+    dist.broadcast_object_list(box, src=0, device=device)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "user":
+        raise UserError(value)  # printed by rank 0 alone
+    if kind == "failed":
+        raise EnvironmentFailure(f"rank 0 could not start the run: {value}")
+    return value
+
+
+def start_line(llm: LLM, world_size: int, offload_dir: str | None) -> str:
+    """The policy, the block shape and where the weights live (rank 0's share of them)."""
+    p = llm.policy
+
+    def split(kind: str) -> str:
+        return "/".join(f"{x:g}" for x in p.percents(kind))
+
+    weights = llm.placement.weight_bytes()
+    where = ", ".join(f"{tier} {format_size(n)}" for tier, n in weights.items() if n) or "none"
+    if weights.get(Tier.DISK):
+        where += f" (disk tier in {offload_dir})"
+    units = llm.units
+    stage = (f"; rank 0 of {world_size} holds schedule layers {units[0].layer_idx}..{units[-1].layer_idx}"
+             if world_size > 1 else "")
+    return (f"policy: blocks of {p.block_size} prompts ({p.gpu_batch_size} x {p.num_gpu_batches} gpu batches); "
+            f"gpu/cpu/disk %: weights {split('w')}, KV cache {split('cache')}, activations {split('act')}; "
+            f"weights: {where}; compute on {llm.device} in {llm.placement.dtypes.compute}{stage}")
