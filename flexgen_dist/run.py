@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "max_new_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids; or OpenAI / vLLM "
                          "batch lines (default: --prompt, else the bundled prompts)")
     io.add_argument("--prompt", action="append", metavar="TEXT",
-                    help="a prompt for a one-off run; repeat for several (their continuations are printed)")
+                    help="a prompt for a one-off run; repeat for several (their continuations are printed; "
+                         "default: none, the bundled prompts run without --input)")
     io.add_argument("--output", metavar="FILE.jsonl",
                     help="results, one line per prompt in input order, written as blocks finish and resumed by the "
                          "same command; - for standard output (default: print the continuations; --input needs one)")

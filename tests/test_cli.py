@@ -75,7 +75,7 @@ def test_bad_percentages(llama_dir, percent, fragment):
 def test_prompt_longer_than_positions(llama_dir, tmp_path):
     src = tmp_path / "long.jsonl"
     src.write_text(json.dumps({"id": 1, "input_ids": [4] * 500}) + "\n")
-    assert_user_error(run_cli("--model", llama_dir, "--input", src), "positions")
+    assert_user_error(run_cli("--model", llama_dir, "--input", src, "--output", tmp_path / "out.jsonl"), "positions")
 
 
 def test_empty_prompt_list(llama_dir, tmp_path):

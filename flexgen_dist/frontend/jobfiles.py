@@ -194,6 +194,7 @@ def write_stats(path: str | Path, stats, policy, world_size: int) -> None:
         "prefill_tokens_per_s": stats.prefill_tokens_per_s,
         "decode_tokens_per_s": stats.decode_tokens_per_s,
         "tokens_per_s": stats.tokens_per_s,
+        "padding_efficiency": stats.padding_efficiency if stats.prompt_slots else None,
         "policy": dataclasses.asdict(policy),
     }
     Path(path).write_text(json.dumps(data, indent=1) + "\n")

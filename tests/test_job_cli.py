@@ -1,0 +1,272 @@
+"""The run command as a job, in process: every bad input is one line naming file and line with
+exit code 2 before the model loads; resuming another run is refused; the OpenAI batch format
+round-trips; shards merge into the whole run; the help explains every flag; progress lines."""
+
+import io
+import json
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexgen_dist import DEFAULT_MODEL, __version__
+from flexgen_dist.frontend import job as job_module
+from flexgen_dist.frontend.progress import Progress
+from flexgen_dist.frontend.resume import ResumeLog, progress_paths
+from flexgen_dist.frontend.signals import Interrupted
+from flexgen_dist.run import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--no-warmup", "--quiet", "--gpu-batch-size", "2"]
+
+
+@pytest.fixture
+def cli(capsys):
+    def call(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield call
+    root = logging.getLogger()  # the command installs a handler on the captured stderr: drop it
+    for handler in list(root.handlers):
+        if getattr(handler, "_flexgen_dist", False):
+            root.removeHandler(handler)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def one_error_line(code, err, fragment):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+GOOD = {"id": "a", "input_ids": [5, 6, 7]}
+BAD_INPUTS = [
+    ([GOOD, {"id": "b", "input_ids": [5]}, {"id": "a", "input_ids": [6]}], 'in.jsonl:3: id "a" is also on line 1'),
+    ([GOOD, {"id": "b", "input_ids": [5, 999]}], "in.jsonl:2: prompt holds token id 999, outside"),
+    ([{"id": "long", "input_ids": [5] * 120}], "in.jsonl:1: the prompt has 120 tokens + max_new_tokens 16 > the model's 128"),
+    ([GOOD, {"id": "x", "input_ids": [5], "max_new_tokens": 200}], "in.jsonl:2: max_new_tokens 200 leaves no room"),
+    ([GOOD, '{"id": "b", "input_ids": [1, 2'], "in.jsonl:2: not valid JSON"),
+    ([GOOD, {"id": "b"}], "in.jsonl:2: needs a 'prompt' (text) or 'input_ids'"),
+    ([GOOD, {"id": "b", "input_ids": [5], "temperature": -1}], "in.jsonl:2: 'temperature' is -1"),
+    ([GOOD, {"id": "b", "input_ids": [5], "max_tokens": 4}], "in.jsonl:2: unknown key 'max_tokens'"),
+    ([GOOD, {"id": "b", "input_ids": [5], "stop": ["\n"]}], "in.jsonl:2: 'stop' strings need a tokenizer"),
+    ([GOOD, {"id": "b", "input_ids": [5], "stop_token_ids": [400]}], "in.jsonl:2: stop_token_ids holds token id 400"),
+    ([GOOD, {"id": "b", "prompt": "text"}], "in.jsonl:2: the prompt is text but this model has no tokenizer"),
+    ([{"id": i, "input_ids": [5]} for i in range(89)] + [{"id": 89, "input_ids": [5], "seed": -1}],
+     "in.jsonl:90: 'seed' is -1"),  # a typo deep in the file surfaces before anything runs
+]
+
+
+@pytest.mark.parametrize("rows, fragment", BAD_INPUTS)
+def test_every_bad_input_is_one_line_with_file_and_line(cli, llama_dir, tmp_path, rows, fragment):
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    one_error_line(*cli("--model", llama_dir, "--input", src, "--output", out, "--max-new-tokens", 16, *FAST)[::2], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing written, nothing ran
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--max-new-tokens", 0], "--max-new-tokens must be >= 1"),
+    (["--do-sample", "--temperature", 0], "--temperature must be > 0"),
+    (["--input", "IN"], "--input needs --output FILE"),
+    (["--input", "IN", "--prompt", "hi", "--output", "OUT"], "not both"),
+    (["--input", "IN", "--output", "OUT", "--shard", "4/4"], "--shard '4/4'"),
+    (["--input", "IN", "--output", "OUT", "--prompt-len", 8], "--num-prompts and --prompt-len"),
+    (["--stop", "x"], "--stop needs a tokenizer"),
+])
+def test_bad_flags_are_one_line(cli, llama_dir, tmp_path, args, fragment):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    args = [str(tmp_path / "out.jsonl") if a == "OUT" else src if a == "IN" else a for a in args]
+    one_error_line(*cli("--model", llama_dir, *args, *FAST)[::2], fragment)
+
+
+def test_truncate_left_runs_what_is_too_long(cli, llama_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "long", "input_ids": list(range(4, 124))}])
+    out = tmp_path / "out.jsonl"
+    code, stdout, err = cli("--model", llama_dir, "--input", src, "--output", out, "--max-new-tokens", 16,
+                            "--truncate", "left", *FAST)
+    assert code == 0, err
+    row = json.loads(out.read_text())
+    assert row["usage"]["prompt_tokens"] == 128 - 16 and len(row["output_ids"]) == 16
+
+
+def run_ids_job(cli, model, src, out, *extra):
+    code, stdout, err = cli("--model", model, "--input", src, "--output", out, "--max-new-tokens", 6, *FAST, *extra)
+    assert code == 0, err
+    return stdout
+
+
+def test_resuming_another_run_is_refused_and_overwrite_starts_over(cli, llama_dir, tiny_models_cache, tmp_path,
+                                                                   monkeypatch):
+    from tiny_models import random_prompts
+
+    other_model = tiny_models_cache["llama-tied"]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "input_ids": p}
+                                               for i, p in enumerate(random_prompts([3, 9, 5, 7, 4, 6], seed=1))])
+    reference = tmp_path / "reference.jsonl"
+    stdout = run_ids_job(cli, llama_dir, src, reference)
+    assert "% of prompt slots are real tokens" in stdout.splitlines()[-1]
+    out = tmp_path / "out.jsonl"
+    real_add = job_module.LogSink.add
+
+    def add_then_stop(self, items):  # the run is stopped once its first block is saved
+        real_add(self, items)
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(job_module.LogSink, "add", add_then_stop)
+    code, _, err = cli("--model", llama_dir, "--input", src, "--output", out, "--max-new-tokens", 6, *FAST)
+    monkeypatch.undo()
+    assert code == 143 and "interrupted by SIGTERM: 2 of 6 results are saved" in err and "run the same command" in err
+    assert len(progress_paths(out)[0].read_text().splitlines()) == 2 and not out.exists()
+    code, _, err = cli("--model", llama_dir, "--input", src, "--output", out, "--max-new-tokens", 7, *FAST)
+    one_error_line(code, err, "generation settings differ (max_new_tokens: 6 -> 7)")
+    assert "--overwrite" in err
+    code, _, err = cli("--model", other_model, "--input", src, "--output", out,
+                       "--max-new-tokens", 6, *FAST)
+    one_error_line(code, err, "the model differs")
+    write_jsonl(tmp_path / "other.jsonl", [{"id": 0, "input_ids": [5]}])
+    code, _, err = cli("--model", llama_dir, "--input", tmp_path / "other.jsonl", "--output", out,
+                       "--max-new-tokens", 6, *FAST)
+    one_error_line(code, err, "the input file's content differs")
+    stdout = run_ids_job(cli, llama_dir, src, out, "--gpu-batch-size", 3)  # same settings, another block: resumes
+    assert "resumed: 2 of 6 results came from an earlier run" in stdout
+    assert out.read_bytes() == reference.read_bytes()
+    stdout = run_ids_job(cli, llama_dir, src, out, "--overwrite")
+    assert "resumed" not in stdout and out.read_bytes() == reference.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "other.jsonl", "out.jsonl", "reference.jsonl"]
+
+
+def test_a_disk_error_while_saving_is_exit_1_in_one_line(cli, llama_dir, tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD, {"id": "b", "input_ids": [8, 9]}])
+
+    def full(self, rows):
+        raise OSError(28, "cannot append results to out.jsonl.partial: No space left on device; finished results are kept")
+
+    monkeypatch.setattr(ResumeLog, "append", full)
+    code, _, err = cli("--model", llama_dir, "--input", src, "--output", tmp_path / "out.jsonl", *FAST)
+    assert code == 1 and "No space left on device" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+def test_openai_batch_round_trip_and_native_agree(cli, tmp_path):
+    prompts = ["Return the number of", "This module provides", "If the optional argument"]
+    openai = write_jsonl(tmp_path / "batch.jsonl", [
+        {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "mine", "prompt": p, "max_tokens": 5 + i, "temperature": 0}} for i, p in enumerate(prompts)])
+    native = write_jsonl(tmp_path / "native.jsonl", [{"id": i, "prompt": p, "max_new_tokens": 5 + i}
+                                                    for i, p in enumerate(prompts)])
+    for src, out in ((openai, "openai_out.jsonl"), (native, "native_out.jsonl")):
+        code, _, err = cli("--input", src, "--output", tmp_path / out, *FAST)
+        assert code == 0, err
+    answers = [json.loads(line) for line in (tmp_path / "openai_out.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "native_out.jsonl").read_text().splitlines()]
+    assert [a["custom_id"] for a in answers] == ["req-0", "req-1", "req-2"]
+    for answer, row in zip(answers, rows):
+        body = answer["response"]["body"]
+        assert answer["response"]["status_code"] == 200 and answer["error"] is None
+        assert body["model"] == "mine" and body["object"] == "text_completion"
+        assert body["choices"][0]["text"] == row["text"]
+        assert body["choices"][0]["finish_reason"] == row["finish_reason"]
+        assert body["usage"] == row["usage"]
+
+
+def test_shards_merge_into_the_whole_run(cli, llama_dir, tmp_path):
+    from flexgen_dist.merge import main as merge_main
+    from tiny_models import random_prompts
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"p{i}", "input_ids": p}
+                                               for i, p in enumerate(random_prompts([4, 8, 3, 6, 9, 5, 7], seed=2))])
+    run_ids_job(cli, llama_dir, src, tmp_path / "whole.jsonl", "--do-sample")
+    for index in range(3):
+        run_ids_job(cli, llama_dir, src, tmp_path / "out.jsonl", "--do-sample", "--shard", f"{index}/3")
+    assert merge_main(["--input", str(src), str(tmp_path / "out.jsonl")]) == 0
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+
+
+def test_one_off_prompts_stop_strings_and_the_gen_len_alias(cli):
+    prompts = ["Return the number of", "This module provides"]
+    code, out, err = cli(*[a for p in prompts for a in ("--prompt", p)], "--max-new-tokens", 12, *FAST)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("policy: blocks of 2 prompts (2 x 1 gpu batches)") and "weights: gpu" in lines[0]
+    assert [line.split(" -> ")[0] for line in lines[1:3]] == [repr(p) for p in prompts]
+    assert lines[-1].startswith("throughput:")
+    texts = [eval(line.split(" -> ", 1)[1]) for line in lines[1:3]]
+    code, alias_out, _ = cli(*[a for p in prompts for a in ("--prompt", p)], "--gen-len", 12, *FAST)
+    assert alias_out.splitlines()[1:3] == lines[1:3]
+    stop = texts[0][4:7]
+    code, out, _ = cli("--prompt", prompts[0], "--max-new-tokens", 12, "--stop", stop, *FAST)
+    assert out.splitlines()[1] == f"{prompts[0]!r} -> {texts[0][:texts[0].find(stop)]!r}"
+
+
+def test_help_is_grouped_and_every_flag_says_its_default():
+    parser = build_parser()
+    text = parser.format_help()
+    titles = ["model:", "prompts and output:", "generation:", "policy and placement:", "offloading I/O:",
+              "distributed:", "diagnostics:"]
+    assert [text.index(t) for t in titles] == sorted(text.index(t) for t in titles)
+    for action in parser._actions:
+        if action.dest in ("help", "version"):
+            continue
+        shown = parser.formatter_class("x")._get_help_string(action)
+        assert action.help and len(action.help) > 15, action.dest
+        assert "default" in shown, (action.dest, shown)
+    assert "--max-new-tokens N, --gen-len N" in text
+
+
+def test_version_and_the_package_alias(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"flexgen_dist {__version__}"
+    proc = subprocess.run([sys.executable, "-m", "flexgen_dist", "--version"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"flexgen_dist {__version__}"
+
+
+def test_the_console_script_is_the_run_command():
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, name = scripts["flexgen-dist"].split(":")
+    assert getattr(__import__(module, fromlist=[name]), name) is main
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_lines_without_a_terminal_and_a_bar_on_one():
+    clock, stream = Clock(), io.StringIO()
+    progress = Progress(total=200, initial=40, stream=stream, interval_s=0, clock=clock)
+    clock.now += 10
+    progress.update(prompts=20, tokens=1280)
+    progress.tick()
+    progress.close()
+    assert stream.getvalue() == "progress: 60/200 prompts (30%), 128.0 tok/s, ETA 1m10s\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    with Progress(total=10, stream=terminal) as bar:
+        bar.update(prompts=4, tokens=64)
+    assert "4/10" in terminal.getvalue() and "prompt" in terminal.getvalue()
+    quiet = io.StringIO()
+    with Progress(total=10, stream=quiet, enabled=False) as off:
+        off.update(prompts=4, tokens=64)
+        off.close()
+    assert quiet.getvalue() == ""
