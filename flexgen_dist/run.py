@@ -1,7 +1,7 @@
 """`python -m flexgen_dist.run` (also `python -m flexgen_dist`, `flexgen-dist`): batch generation
 from the command line.
 
-Without arguments it runs the bundled model on 64 prompts from its held-out text, prints the
+Without arguments it runs the bundled model on 256 prompts from its held-out text, prints the
 policy it chose, the first continuations and a summary line with prefill, decode and total
 throughput. `--input FILE.jsonl --output FILE.jsonl` runs a job: validated before the model
 loads, results saved as blocks finish, resumed by running the same command again.
@@ -23,7 +23,7 @@ A job (--input, --output) is checked whole before the model loads, saves its res
 blocks finish, and resumes when the same command runs again after a crash or Ctrl-C."""
 EPILOG = """\
 examples:
-  python -m flexgen_dist.run                                  the bundled model on 64 bundled prompts
+  python -m flexgen_dist.run                                  the bundled model on 256 bundled prompts
   python -m flexgen_dist.run --prompt "Return the number of"   a one-off prompt
   python -m flexgen_dist.run --model DIR --input jobs.jsonl --output results.jsonl
                                                               a job; run it again to resume
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run shard I of N (0-based) of the input into OUTPUT.shard-I-of-N.jsonl; join the shards "
                          "with python -m flexgen_dist.merge (default: the SLURM array task, else the whole input)")
     io.add_argument("--num-prompts", type=int, default=None, metavar="N",
-                    help="without --input or --prompt: how many prompts (default: 64 bundled prompts; one block of "
+                    help="without --input or --prompt: how many prompts (default: 256 bundled prompts; one block of "
                          "random ones with --prompt-len)")
     io.add_argument("--prompt-len", type=int, default=None, metavar="N",
                     help="without --input or --prompt: random prompts of N tokens, FlexGen's benchmark shape "

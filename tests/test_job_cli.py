@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flexgen_dist import DEFAULT_MODEL, __version__
+from flexgen_dist import __version__
 from flexgen_dist.frontend import job as job_module
 from flexgen_dist.frontend.progress import Progress
 from flexgen_dist.frontend.resume import ResumeLog, progress_paths

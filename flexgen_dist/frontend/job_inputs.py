@@ -22,7 +22,7 @@ from .shards import Shard
 from .tokencheck import PromptTokens, check_tokens
 
 BUNDLED_TEXT = Path(__file__).resolve().parents[1] / "data" / "heldout.txt"
-DEFAULT_NUM_PROMPTS = 64  # the default run: enough work for its throughput line to mean something
+DEFAULT_NUM_PROMPTS = 256  # the default run: enough work for its throughput line to mean something
 PROMPT_WORDS = 8  # each bundled prompt: the first words of a paragraph of the held-out text
 SHOWN = 4  # continuations printed by a run without --output, beyond which a count is printed
 
@@ -55,8 +55,8 @@ def job_from_args(args: argparse.Namespace, spec: ModelSpec, has_tokenizer: bool
 def bundled_prompts(count: int) -> list[str]:
     """The first words of `count` paragraphs of the bundled held-out text (always the same)."""
     paragraphs = [p.split() for p in BUNDLED_TEXT.read_text(encoding="utf-8").split("\n\n")]
-    starts = [" ".join(words[:PROMPT_WORDS]) for words in paragraphs
-              if len(words) >= PROMPT_WORDS and words[0][:1].isalpha()]
+    starts = list(dict.fromkeys(" ".join(words[:PROMPT_WORDS]) for words in paragraphs
+                                if len(words) >= PROMPT_WORDS and words[0][:1].isalpha()))
     return [starts[i % len(starts)] for i in range(count)]
 
 

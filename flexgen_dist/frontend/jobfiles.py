@@ -25,7 +25,6 @@ from typing import Iterator
 from ..errors import UserError
 from .jobs import Format, GenSettings, Request, check_id, parse_settings, token_ids
 from .openai_batch import is_openai_line, parse_openai_line
-from .outpath import atomic_output, check_output_path
 from .shards import Shard
 
 NATIVE_SETTINGS = {name: name for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids")}
@@ -162,24 +161,6 @@ def read_job_file(path: str | Path, shard: Shard | None = None) -> JobFile:
     requests = [request for request in scanner if shard.selects(request.index)]
     return JobFile(path=str(path), format=scanner.format, sha256=scanner.sha256,
                    num_requests=scanner.num_requests, requests=requests)
-
-
-# Kept for the current run.py; read_job_file / ResumeLog / output_row replace them.
-
-def read_jsonl(path: str | Path) -> list[Request]:
-    """Every request of the file (each has `.id` and `.prompt`, as the former JobLine had)."""
-    return read_job_file(path).requests
-
-
-def check_writable(path: str | Path) -> None:
-    check_output_path(path)
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Atomically: the old file stays whole until the new one is complete."""
-    with atomic_output(path) as f:
-        for row in rows:
-            f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def write_stats(path: str | Path, stats, policy, world_size: int) -> None:

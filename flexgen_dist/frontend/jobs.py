@@ -2,7 +2,7 @@
 
 A `Request` is what a line of `--input` asks for, whatever the file's format: a prompt (text,
 token ids or chat messages) and the generation settings the line overrides. A setting left at
-None takes the run's value (the command line's `--gen-len`, `--temperature`, ...).
+None takes the run's value (the command line's `--max-new-tokens`, `--temperature`, ...).
 Field checks raise `UserError` with `path:line:` first and say how to fix the value.
 """
 
