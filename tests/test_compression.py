@@ -46,8 +46,8 @@ TIERS = {  # weights and cache on each tier, and mixed
 class RecordingSampler(Sampler):
     """Greedy, keeping the logits of every step."""
 
-    def __init__(self, params):
-        super().__init__(params)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, logits, seq_ids):
@@ -57,7 +57,8 @@ class RecordingSampler(Sampler):
 
 def step_logits(model, policy: Policy, prompts, tmp_path, monkeypatch, steps=2) -> list[torch.Tensor]:
     samplers = []
-    monkeypatch.setattr("flexgen_dist.frontend.api.Sampler", lambda params: samplers.append(RecordingSampler(params)) or samplers[-1])
+    monkeypatch.setattr("flexgen_dist.frontend.generation.Sampler",
+                        lambda *args, **kwargs: samplers.append(RecordingSampler(*args, **kwargs)) or samplers[-1])
     with LLM(model, policy=policy, offload_dir=tmp_path, runtime=CPU) as llm:
         llm.generate(prompts, max_new_tokens=steps)
     return samplers[-1].steps

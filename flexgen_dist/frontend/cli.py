@@ -66,6 +66,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
                             "(default: the bundled model)")
     model.add_argument("--device", default=None,
                        help="compute device: cpu, cuda or cuda:N (default: this rank's GPU when there is one, else cpu)")
+    model.add_argument("--compute-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                       help="what layers compute in (default: float32 on the CPU; on a GPU bfloat16 for a bfloat16 "
+                            "checkpoint where supported, else float16)")
     policy = groups["policy and placement"]
     policy.add_argument(
         "--percent",
@@ -153,6 +156,7 @@ def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: W
     if args.gpu_mem is not None:
         capacity = Capacity(parse_size(args.gpu_mem, "--gpu-mem"), parse_size(args.cpu_mem, "--cpu-mem"))
     runtime = Runtime(
+        compute_dtype=args.compute_dtype,
         device=args.device or (ctx.device if ctx.world_size > 1 else None),
         prefetch_depth=args.prefetch_depth,
         disk_io=DiskIO(direct=args.direct_io, drop_page_cache=args.drop_page_cache, threads=args.io_threads),
