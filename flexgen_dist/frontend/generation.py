@@ -22,7 +22,7 @@ from .results import Stats
 from .stop_strings import Decode, StopStrings, trim_at_stop
 from .tokencheck import PromptTokens
 
-CHUNK_BLOCKS = 64  # blocks handed to the engine at once (a multiple of the ranks is used)
+CHUNK_BLOCKS = 64  # blocks handed to the engine at once (a multiple of the ranks)
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,10 @@ def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, gpu_batch_size: i
 def _blocks(specs: Sequence[SeqSpec], chunk: list[int], gpu_batch_size: int, num_gpu_batches: int, pad_id: int,
             decode: Decode | None) -> tuple[list[Block], Sampler]:
     """The chunk's blocks (sorted already: make_blocks keeps the order of equal lengths)."""
-    steps = max(specs[i].max_new_tokens for i in chunk)  # one length for every block of a run (the schedule's)
+    # Every block of one engine run gets the chunk's longest limit: the engine sizes a run's KV
+    # cache from its first block. Rows still stop at their own limit; with one rank a block whose
+    # rows have all stopped ends at once.
+    steps = max(specs[i].max_new_tokens for i in chunk)
     rows_of = make_blocks([list(specs[i].prompt_ids) for i in chunk], gpu_batch_size, num_gpu_batches, pad_id)
     pad_rule = RowRule(steps)
     blocks = []

@@ -23,6 +23,7 @@ from typing import Callable, TypeVar
 
 from ..engine.trace import Tracer
 from ..errors import EnvironmentFailure, UserError
+from ..parallel.comm import PeerError
 from ..parallel.context import DistContext
 from ..parallel.group import Pipeline
 from ..planning.placement import Tier, Workload
@@ -248,7 +249,13 @@ def share_from_rank0(pipeline: Pipeline, compute: Callable[[], T]) -> T:
             error = exc
             box[0] = ("user" if isinstance(exc, UserError) else "failed", str(exc))
     device = torch.device(pipeline.ctx.device) if pipeline.ctx.backend == "nccl" else None
-    dist.broadcast_object_list(box, src=0, device=device)
+    try:
+        dist.broadcast_object_list(box, src=0, device=device)
+    except Exception as exc:  # a peer died or hung: one line naming it, exit 1
+        others = ", ".join(str(r) for r in range(1, pipeline.world_size))
+        what, who = ("telling", f"rank {others}") if pipeline.rank == 0 else ("hearing from", "rank 0")
+        raise PeerError(f"rank {pipeline.rank}: {what} the other ranks which prompts are left failed "
+                        f"({str(exc).splitlines()[0][:200]}); {who} died or hung") from None
     if error is not None:
         raise error
     kind, value = box[0]
