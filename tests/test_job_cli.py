@@ -3,6 +3,7 @@ exit code 2 before the model loads; resuming another run is refused; the OpenAI 
 round-trips; shards merge into the whole run; the help explains every flag; progress lines."""
 
 import io
+import os
 import json
 import logging
 import signal
@@ -270,3 +271,25 @@ def test_progress_lines_without_a_terminal_and_a_bar_on_one():
         off.update(prompts=4, tokens=64)
         off.close()
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.dist
+def test_a_pipeline_applies_each_requests_rules_as_one_process(cli, tmp_path):
+    """Stop strings, stop ids, per-line limits and sampling give the same results on two ranks
+    (the last samples, the first records what it receives) as in one process."""
+    prompts = ["Return the number of", "This module provides", "If the optional argument", "A class definition is",
+               "The list data type has some more methods.", "Compound statements contain"]
+    rows = [{"id": i, "prompt": p} for i, p in enumerate(prompts)]
+    rows[0]["max_new_tokens"], rows[1]["stop"], rows[2]["temperature"], rows[3]["stop_token_ids"] = 3, ["\n"], 0.9, [14]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["--input", src, "--max-new-tokens", 12, "--stop", ".", "--do-sample", "--temperature", 0.7, *FAST]
+    code, _, err = cli(*args, "--output", tmp_path / "one.jsonl")
+    assert code == 0, err
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "flexgen_dist", *map(str, args), "--output", str(tmp_path / "two.jsonl")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = (tmp_path / "one.jsonl").read_text()
+    assert (tmp_path / "two.jsonl").read_text() == one
+    assert {json.loads(line)["finish_reason"] for line in one.splitlines()} == {"stop", "length"}

@@ -32,7 +32,7 @@ from .api import LLM
 from .cli import llm_kwargs_from_args
 from .fingerprint import model_fingerprint
 from .generation import RunSettings
-from .job_inputs import SHOWN, job_from_args, print_continuations, tokenize_job
+from .job_inputs import job_from_args, print_continuations, shown_without_output, tokenize_job
 from .jobfiles import JobFile, write_stats
 from .model_source import ModelSource
 from .output_rows import Completion, output_row
@@ -223,8 +223,7 @@ def output_target(args: argparse.Namespace, shard) -> str | None:
 
 def open_sink(args, target: str | None, identity: RunIdentity, job: JobFile, prepared: list[PromptTokens]):
     if target is None:
-        limit = None if job.path == "--prompt" else 0 if job.path == "random prompts" else SHOWN
-        return PrintSink(prepared, sys.stdout, limit)
+        return PrintSink(prepared, sys.stdout, shown_without_output(job))
     try:
         log = open_for_resume(target, identity, overwrite=args.overwrite, input_path=args.input, stream=sys.stdout)
     except OSError as exc:

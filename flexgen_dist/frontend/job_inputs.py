@@ -25,6 +25,13 @@ BUNDLED_TEXT = Path(__file__).resolve().parents[1] / "data" / "heldout.txt"
 DEFAULT_NUM_PROMPTS = 256  # the default run: enough work for its throughput line to mean something
 PROMPT_WORDS = 8  # each bundled prompt: the first words of a paragraph of the held-out text
 SHOWN = 4  # continuations printed by a run without --output, beyond which a count is printed
+PROMPT_FLAG, BUNDLED, RANDOM = "--prompt", "bundled prompts", "random prompts"  # JobFile.path of each source
+
+
+def shown_without_output(job: JobFile) -> int | None:
+    """Continuations a run without --output prints: every --prompt, the first few bundled ones,
+    none of random token ids (a benchmark)."""
+    return {PROMPT_FLAG: None, RANDOM: 0}.get(job.path, SHOWN)
 
 
 def job_from_args(args: argparse.Namespace, spec: ModelSpec, has_tokenizer: bool, shard: Shard) -> JobFile:
@@ -38,7 +45,7 @@ def job_from_args(args: argparse.Namespace, spec: ModelSpec, has_tokenizer: bool
     if args.prompt:
         if args.num_prompts is not None or args.prompt_len is not None:
             raise UserError("--num-prompts and --prompt-len make prompts when there is no --prompt; drop them")
-        return text_job(list(args.prompt), "--prompt", shard)
+        return text_job(list(args.prompt), PROMPT_FLAG, shard)
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UserError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.prompt_len is not None or not has_tokenizer:
@@ -48,8 +55,8 @@ def job_from_args(args: argparse.Namespace, spec: ModelSpec, has_tokenizer: bool
         count = args.num_prompts or args.gpu_batch_size * args.num_gpu_batches  # one block
         rng = random.Random(args.seed)
         prompts = [[rng.randrange(spec.vocab_size) for _ in range(length)] for _ in range(count)]
-        return ids_job(prompts, "random prompts", shard)
-    return text_job(bundled_prompts(args.num_prompts or DEFAULT_NUM_PROMPTS), "bundled prompts", shard)
+        return ids_job(prompts, RANDOM, shard)
+    return text_job(bundled_prompts(args.num_prompts or DEFAULT_NUM_PROMPTS), BUNDLED, shard)
 
 
 def bundled_prompts(count: int) -> list[str]:

@@ -51,7 +51,7 @@ class Stats:
         return (
             f"prefill {self.prefill_tokens_per_s:.1f} tok/s, decode {self.decode_tokens_per_s:.1f} tok/s, "
             f"total {self.tokens_per_s:.1f} tok/s ({self.generated_tokens} new tokens in {self.total_s:.2f} s, "
-            f"{self.num_sequences} prompts in {self.num_blocks} blocks{padding})"
+            f"{self.num_sequences} prompts in {self.num_blocks} block{'s' if self.num_blocks != 1 else ''}{padding})"
         )
 
 
