@@ -108,3 +108,31 @@ def test_pipeline_equals_one_process_and_keeps_few_sends(tiny_models_cache, tmp_
     # messages of the blocks in flight (every GPU batch of `ranks` blocks).
     for rank, peak in wire.peak_live_sends.items():
         assert 1 <= peak <= ranks * policy.num_gpu_batches, (rank, peak)
+
+
+def test_a_block_whose_rows_all_stopped_ends_on_every_rank(tiny_models_cache, tmp_path, monkeypatch):
+    from flexgen_dist.engine.engine import Engine
+
+    model = tiny_models_cache.get("llama", num_hidden_layers=4)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2)
+    prompts = [[5 + i] * n for i, n in enumerate((3, 9, 6, 4, 8, 5, 7, 2))]  # 2 blocks of 4
+    stop = list(range(300))  # every token stops its row: each sequence ends with its first token
+    with LLM(model, policy=policy, runtime=CPU) as llm:
+        want = [o.output_ids for o in llm.generate(prompts, max_new_tokens=8, stop_token_ids=stop).outputs]
+    computed: dict[str, set] = {}
+    real = Engine._run_unit
+
+    def counting(self, op, walk, state, weights, past):
+        computed.setdefault(threading.current_thread().name, set()).add((op.block_idx, op.token_idx, op.batch_idx))
+        return real(self, op, walk, state, weights, past)
+
+    monkeypatch.setattr(Engine, "_run_unit", counting)
+    got, _ = run_pipeline(model, policy, prompts, 8, 2, tmp_path, stop_token_ids=stop)
+    assert [o.output_ids for o in got.outputs] == want and all(len(ids) == 1 for ids in want)
+    assert len(computed) == 2
+    for thread, tasks in computed.items():
+        # the prefill of each block, and on the first rank at most the first GPU batch of the next
+        # token (computed before the last batch's tokens came back and showed that every row stopped)
+        beyond = {t for t in tasks if t[1] > 0}
+        assert len(beyond) <= 2 * (policy.num_gpu_batches - 1), (thread, sorted(beyond))
+        assert {(b, 0, k) for b in range(2) for k in range(2)} <= tasks

@@ -9,6 +9,8 @@ from flexgen_dist.schedule.block import (
     CloseBlock,
     Compute,
     OpenBlock,
+    RecvControl,
+    SendControl,
     RecvActivation,
     RecvTokens,
     SendActivation,
@@ -60,16 +62,18 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
                 elif isinstance(op, CloseBlock):
                     assert opened[r].get(op.block_idx) == "open", f"rank {r} closes block {op.block_idx} unopened"
                     opened[r][op.block_idx] = "closed"
-                elif isinstance(op, (SendActivation, SendTokens)):
+                elif isinstance(op, (SendActivation, SendTokens, SendControl)):
                     kind = type(op).__name__[4:]
-                    channels[(r, op.dst, kind)].append(((op.block_idx, op.token_idx, op.batch_idx), clock[r]))
-                elif isinstance(op, (RecvActivation, RecvTokens)):
+                    key = (op.block_idx, op.token_idx, op.batch_idx) if hasattr(op, "batch_idx") else (op.block_idx, op.token_idx)
+                    channels[(r, op.dst, kind)].append((key, clock[r]))
+                elif isinstance(op, (RecvActivation, RecvTokens, RecvControl)):
                     assert opened[r].get(op.block_idx) == "open", f"rank {r}: {op} outside its block's lifetime"
                     queue = channels[(op.src, r, type(op).__name__[4:])]
                     if not queue:
                         break  # blocked until the peer sends
                     key, sent_at = queue.popleft()
-                    assert key == (op.block_idx, op.token_idx, op.batch_idx), f"rank {r} expected {op}, got {key}"
+                    want = (op.block_idx, op.token_idx, op.batch_idx) if hasattr(op, "batch_idx") else (op.block_idx, op.token_idx)
+                    assert key == want, f"rank {r} expected {op}, got {key}"
                     received[r].add((type(op).__name__, key))
                     clock[r] = max(clock[r], sent_at)
                 elif isinstance(op, Compute):
@@ -78,6 +82,7 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
                     assert opened[r].get(b) == "open", f"rank {r} computes {op} outside its block's lifetime"
                     if first_layer and r > 0:
                         assert ("RecvActivation", (b, t, k)) in received[r], f"rank {r} computes {op} before its input"
+                        assert ("RecvControl", (b, t)) in received[r], f"rank {r} computes {op} before knowing it is live"
                     if first_layer and r == 0 and t > 0 and P > 1:
                         assert ("RecvTokens", (b, t - 1, k)) in received[r], f"rank 0 embeds {op} before its token"
                     clock[r] += 1

@@ -8,7 +8,7 @@ loads run (thread pool, CUDA streams) in loader.py, messages between ranks in pa
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..model import LayerMath, decoder_layer
-from ..parallel.comm import ACTIVATIONS, TOKENS, Comm, SendHandle
+from ..parallel.comm import Comm, SendHandle
 from ..planning.layout import Unit, UnitKind
 from ..planning.placement import Placement, Workload
 from ..schedule import block as ops
@@ -25,7 +25,8 @@ from ..storage.tiers import DiskReader, torch_dtype
 from ..storage.weights import LoadedWeights, WeightStore
 from .block_io import BlockIO, KVLease
 from .blocks import Block, BlockResult, BlockState
-from .loader import Loader
+from .loader import Loader, Ready
+from .messages import Messages
 from .sampling import Sampler
 from .trace import NoTracer, Tracing
 
@@ -60,7 +61,15 @@ class _Walk:
     cache_loads: dict[ops.LoadCache, object] = field(default_factory=dict)  # -> future of KVLease
     sends: list[SendHandle] = field(default_factory=list)  # not yet completed
     nonfinite: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (block, batch) -> flag per layer
+    dead_from: dict[int, int] = field(default_factory=dict)  # block -> its first task with every row stopped
     phase_s: list[float] = field(default_factory=lambda: [0.0, 0.0])  # prefill, decode
+
+    def is_dead(self, block_idx: int, token_idx: int) -> bool:
+        """Every row of the block stopped before this task (pipelines: its ops load and compute nothing)."""
+        return token_idx >= self.dead_from.get(block_idx, token_idx + 1)
+
+    def mark_dead(self, block_idx: int, token_idx: int) -> None:
+        self.dead_from[block_idx] = min(token_idx, self.dead_from.get(block_idx, token_idx))
 
 
 class Engine:
@@ -85,6 +94,8 @@ class Engine:
                                 reader=reader, rank=self.rank)
         # weight loads in flight, plus the next batch's cache
         self.loader = Loader(workers=config.prefetch_depth + 1, device=self.device, overlap=self.policy.overlap)
+        self.messages = Messages(comm=comm, gpu_batch_size=self.policy.gpu_batch_size, hidden_size=self.spec.hidden_size,
+                                 dtype=self.dtype, tracer=self.tracer) if comm is not None else None
 
     def close(self) -> None:
         self.loader.close()
@@ -173,22 +184,33 @@ class Engine:
     # --- one handler per op ----------------------------------------------------------------------
     def _execute(self, op, walk: _Walk) -> None:
         if isinstance(op, ops.LoadWeight):
+            if walk.is_dead(op.block_idx, op.token_idx):
+                walk.weight_loads[op] = Ready(None)  # a dead task computes nothing
+                return
             name = f"load weight L{op.layer_idx} (block {op.block_idx}, token {op.token_idx})"
             walk.weight_loads[op] = self.loader.submit(self._traced, name, "load", self.weights.load, op.layer_idx)
         elif isinstance(op, ops.FreeWeight):
             loaded = walk.weight_loads.pop(ops.LoadWeight(op.block_idx, op.token_idx, op.layer_idx)).result()
-            self.weights.release(loaded)
+            if loaded is not None:
+                self.weights.release(loaded)
         elif isinstance(op, ops.OpenBlock):
             walk.states[op.block_idx] = self.block_io.open(walk.blocks[op.block_idx])
         elif isinstance(op, ops.CloseBlock):
             self._close_block(walk, op.block_idx)
-        else:
+        elif self.messages is None or not self.messages.handle(op, walk, walk.states[op.block_idx]):
             self._execute_in_block(op, walk, walk.states[op.block_idx])
 
     def _execute_in_block(self, op, walk: _Walk, state: BlockState) -> None:
-        where = f"L{op.layer_idx} " if hasattr(op, "layer_idx") else ""
-        label = f"{where}batch {op.batch_idx} (block {op.block_idx}, token {op.token_idx})"
+        label = f"L{op.layer_idx} batch {op.batch_idx} (block {op.block_idx}, token {op.token_idx})"
         span, io = self.tracer.span, self.block_io
+        if walk.is_dead(op.block_idx, op.token_idx):  # every row stopped: only the messages still flow
+            if isinstance(op, ops.Compute):
+                if op.batch_idx in state.incoming:
+                    state.incoming.pop(op.batch_idx).result()  # an empty input, taken off the wire in order
+                early = walk.cache_loads.pop(ops.LoadCache(*astuple(op)), None)  # prefetched before the news
+                if early is not None:
+                    self.block_io.release(early.result())
+            return
         if isinstance(op, ops.LoadCache):
             walk.cache_loads[op] = self.loader.submit(
                 self._traced, f"load cache {label}", "load", io.load_cache, state, op.token_idx, op.layer_idx, op.batch_idx)
@@ -203,22 +225,6 @@ class Engine:
         elif isinstance(op, ops.LoadActivation):
             with span(f"load activation {label}", "load"):
                 io.load_act(state, op.batch_idx)
-        elif isinstance(op, ops.SendActivation):
-            with span(f"send activation {label} to rank {op.dst}", "send"):
-                walk.sends.append(self.comm.send(state.hidden.pop(op.batch_idx), op.dst, ACTIVATIONS))
-        elif isinstance(op, ops.RecvActivation):
-            width = state.block.prompt_len if op.token_idx == 0 else 1
-            shape = (self.policy.gpu_batch_size, width, self.spec.hidden_size)
-            with span(f"recv activation {label} from rank {op.src}", "recv"):
-                state.incoming[op.batch_idx] = self.comm.recv(shape, self.dtype, op.src, ACTIVATIONS)
-        elif isinstance(op, ops.SendTokens):
-            ids = state.tokens[state.rows(op.batch_idx), op.token_idx].clone()
-            with span(f"send tokens {label} to rank {op.dst}", "send"):
-                walk.sends.append(self.comm.send(ids, op.dst, TOKENS))
-        elif isinstance(op, ops.RecvTokens):
-            with span(f"recv tokens {label} from rank {op.src}", "recv"):
-                ids = self.comm.recv((self.policy.gpu_batch_size,), torch.long, op.src, TOKENS).result()
-            state.record_tokens(op.token_idx, op.batch_idx, ids)
         else:
             raise TypeError(f"unknown op {op!r}")
 

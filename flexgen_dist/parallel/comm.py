@@ -75,7 +75,7 @@ class Comm(Protocol):
     def recv(self, shape, dtype: torch.dtype, src: int, tag: int) -> RecvHandle: ...
 
 
-ACTIVATIONS, TOKENS = 1, 2
+ACTIVATIONS, TOKENS, CONTROL = 1, 2, 3  # CONTROL (is a block still live) goes the activations' way
 
 
 def process_group_timeout(wait_s: float) -> float:
@@ -99,7 +99,7 @@ class PipeComm:
                 f"rank {rank}: setting up the token ring with the other ranks failed "
                 f"({str(exc).splitlines()[0][:200]}); a peer rank died or hung"
             ) from None
-        self._groups = {ACTIVATIONS: None, TOKENS: ring}  # None: the default group
+        self._groups = {ACTIVATIONS: None, CONTROL: None, TOKENS: ring}  # None: the default group
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> SendHandle:
         data = tensor.detach().to(self.wire_device).contiguous()

@@ -15,7 +15,11 @@ embedding, 1..L the decoder layers, L + 1 the head. A rank holds a contiguous ra
 (`StageShape.layers`). With several ranks, the first
 layer of a non-first stage receives its input (`RecvActivation`) and the last layer of a
 non-last stage sends its output (`SendActivation`); the last stage sends each sampled token to
-the first (`SendTokens`), which receives them (`RecvTokens`) before embedding them.
+the first (`SendTokens`), which receives them (`RecvTokens`) before embedding them. Before a
+task's activations, each stage tells the next whether the block is still live (`SendControl`):
+the first stage knows once the previous token of every GPU batch is back, so when every
+sequence of a block has stopped, its remaining tasks are skipped on every rank (their messages
+still flow, empty, so no rank waits for one that never comes).
 
 Blocks run in lanes (schedule/pipeline.py): with P ranks, P blocks are in flight and a lane
 starts its next block as soon as its block is done, so the pipeline does not drain between
@@ -137,6 +141,25 @@ class RecvActivation:
 
 
 @dataclass(frozen=True)
+class SendControl:
+    """Whether (block, token) is still live, from this stage to rank `dst` (the next), before the
+    task's activations: a block whose every sequence has stopped ends on every rank."""
+
+    block_idx: int
+    token_idx: int
+    dst: int
+
+
+@dataclass(frozen=True)
+class RecvControl:
+    """Whether (block, token) is still live, from rank `src` (the previous stage)."""
+
+    block_idx: int
+    token_idx: int
+    src: int
+
+
+@dataclass(frozen=True)
 class SendTokens:
     """Sampled ids of (block, token, batch) from the last stage to the first."""
 
@@ -158,7 +181,7 @@ class RecvTokens:
 
 Op = (
     OpenBlock | CloseBlock | LoadWeight | FreeWeight | LoadCache | StoreCache | LoadActivation | StoreActivation
-    | Compute | SendActivation | RecvActivation | SendTokens | RecvTokens
+    | Compute | SendActivation | RecvActivation | SendControl | RecvControl | SendTokens | RecvTokens
 )
 Task = tuple[int, int]  # (block_idx, token_idx)
 
@@ -279,6 +302,7 @@ def rank_schedule(tasks: list[LaneTask], stage: StageShape, prefetch_depth: int 
                 n = layer_starts[ahead]
                 ops.append(LoadWeight(n.block_idx, n.token_idx, n.layer_idx))
             if layer_idx == first_layer and not stage.is_first:  # the task's inputs from the previous stage
+                ops.append(RecvControl(block_idx, token_idx, stage.rank - 1))
                 ops.extend(RecvActivation(block_idx, token_idx, other, stage.rank - 1) for other in range(num_batches))
         if i == 0 and stage.needs_cache_load(token_idx, layer_idx):
             ops.append(LoadCache(block_idx, token_idx, layer_idx, batch_idx))
@@ -296,6 +320,8 @@ def rank_schedule(tasks: list[LaneTask], stage: StageShape, prefetch_depth: int 
         if layer_idx < last_layer:
             ops.append(StoreActivation(block_idx, token_idx, layer_idx, batch_idx))
         elif not stage.is_last:
+            if batch_idx == 0:  # the first stage has every token of the block by now: live or not
+                ops.append(SendControl(block_idx, token_idx, stage.rank + 1))
             ops.append(SendActivation(block_idx, token_idx, batch_idx, stage.rank + 1))
         elif ring:
             ops.append(SendTokens(block_idx, token_idx, batch_idx, 0))

@@ -1,0 +1,65 @@
+"""A rank's messages in a pipeline: hidden states forward, sampled tokens back to the first rank,
+and whether a block is still live (parallel/comm.py carries them; schedule/block.py orders them).
+
+A block whose every sequence has stopped ends on every rank: the first stage knows once the
+previous token of each GPU batch is back, and says so to the next stage before the task's
+activations (`SendControl`), which passes it on. The remaining tasks of a dead block still send
+and receive their (empty) messages, so no rank ever waits for one that will not come, but they
+load and compute nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..parallel.comm import ACTIVATIONS, CONTROL, TOKENS, Comm
+from ..schedule import block as ops
+from .blocks import BlockState
+
+
+class Messages:
+    def __init__(self, *, comm: Comm, gpu_batch_size: int, hidden_size: int, dtype: torch.dtype, tracer):
+        self.comm, self.gpu_batch_size, self.hidden_size, self.dtype = comm, gpu_batch_size, hidden_size, dtype
+        self.tracer = tracer
+
+    def handle(self, op, walk, state: BlockState) -> bool:
+        """Run `op` if it is a message; False if it is not."""
+        label = f"(block {op.block_idx}, token {op.token_idx})"
+        span = self.tracer.span
+        if isinstance(op, ops.SendActivation):
+            hidden = state.hidden.pop(op.batch_idx, None)
+            if hidden is None:  # a dead task computed nothing: the receiver still expects a message
+                hidden = torch.zeros(self._activation_shape(state, op.token_idx), dtype=self.dtype)
+            with span(f"send activation batch {op.batch_idx} {label} to rank {op.dst}", "send"):
+                walk.sends.append(self.comm.send(hidden, op.dst, ACTIVATIONS))
+        elif isinstance(op, ops.RecvActivation):
+            with span(f"recv activation batch {op.batch_idx} {label} from rank {op.src}", "recv"):
+                shape = self._activation_shape(state, op.token_idx)
+                state.incoming[op.batch_idx] = self.comm.recv(shape, self.dtype, op.src, ACTIVATIONS)
+        elif isinstance(op, ops.SendControl):
+            live = torch.tensor([0 if walk.is_dead(op.block_idx, op.token_idx) else 1], dtype=torch.long)
+            with span(f"send control {label} to rank {op.dst}", "send"):
+                walk.sends.append(self.comm.send(live, op.dst, CONTROL))
+        elif isinstance(op, ops.RecvControl):
+            with span(f"recv control {label} from rank {op.src}", "recv"):
+                live = int(self.comm.recv((1,), torch.long, op.src, CONTROL).result()[0])
+            if not live:
+                walk.mark_dead(op.block_idx, op.token_idx)
+        elif isinstance(op, ops.SendTokens):
+            ids = state.tokens[state.rows(op.batch_idx), op.token_idx].clone()
+            with span(f"send tokens batch {op.batch_idx} {label} to rank {op.dst}", "send"):
+                walk.sends.append(self.comm.send(ids, op.dst, TOKENS))
+        elif isinstance(op, ops.RecvTokens):
+            with span(f"recv tokens batch {op.batch_idx} {label} from rank {op.src}", "recv"):
+                ids = self.comm.recv((self.gpu_batch_size,), torch.long, op.src, TOKENS).result()
+            state.record_tokens(op.token_idx, op.batch_idx, ids)
+            last_batch = op.batch_idx == walk.stage.num_batches - 1
+            if last_batch and op.token_idx + 1 < state.block.max_new_tokens and bool(state.done.all()):
+                walk.mark_dead(op.block_idx, op.token_idx + 1)  # every row stopped: the rest of the block ends
+        else:
+            return False
+        return True
+
+    def _activation_shape(self, state: BlockState, token_idx: int) -> tuple[int, int, int]:
+        width = state.block.prompt_len if token_idx == 0 else 1
+        return (self.gpu_batch_size, width, self.hidden_size)
