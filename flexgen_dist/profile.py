@@ -114,7 +114,16 @@ def machine_hardware(device: str, offload_dir: str | Path | None, *, hardware: s
         return hardware_from_arg(hardware)
     # No offload folder: no disk tier (disk_mem = 0), but Speeds wants a disk rate: the temp folder's.
     folder = offload_dir if offload_dir is not None else tempfile.gettempdir()
-    profiled = load_or_profile(device, folder, compute_dtype=compute_dtype, profile_if_missing=profile_if_missing)
+    try:
+        profiled = load_or_profile(device, folder, compute_dtype=compute_dtype, profile_if_missing=profile_if_missing)
+    except (UserError, OSError) as exc:
+        if offload_dir is None:
+            raise
+        # An offload folder too small or not writable to measure: plan with the temp folder's disk
+        # speed; the checks of the folder itself (space, permissions) come before anything is written.
+        logger.warning("could not measure the offload folder's disk (%s); planning with the temp folder's", exc)
+        profiled = load_or_profile(device, tempfile.gettempdir(), compute_dtype=compute_dtype,
+                                   profile_if_missing=profile_if_missing)
     return profiled.with_capacities(detect_capacities(device, offload_dir))
 
 

@@ -83,7 +83,7 @@ def tiny_tmpfs(tmp_path):
 
 
 def test_an_offload_dir_too_small_is_refused_before_any_write(llama_dir, tiny_tmpfs):
-    with pytest.raises(UserError, match="free but this run writes"):
+    with pytest.raises(UserError, match="on the disk tier but 64.00 KiB are available"):
         LLM(llama_dir, policy=Policy(w_gpu_percent=0, w_cpu_percent=0), offload_dir=tiny_tmpfs, runtime=CPU)
     leftovers = [p for p in tiny_tmpfs.rglob("*") if p.is_file() and not p.name.endswith(".json")]
     assert not leftovers, leftovers

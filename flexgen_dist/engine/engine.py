@@ -102,16 +102,21 @@ class Engine:
         self.block_io.close_pools()
 
     def run(self, blocks: list[Block], sampler: Sampler,
-            on_block_done: Callable[[int, BlockResult], None] | None = None) -> RunResult:
+            on_block_done: Callable[[int, BlockResult], None] | None = None,
+            gpu_batch_size: int | None = None) -> RunResult:
         """Run every block through this rank's layers; blocks must be the same on every rank.
         `on_block_done(block_idx, result)` is called as each block closes on this rank (its
-        results are meaningful on the first stage, which holds every sampled token)."""
-        workload = Workload(max(b.prompt_len for b in blocks), blocks[0].max_new_tokens)
-        self.block_io.resize(self.placement.resized(workload))
+        results are meaningful on the first stage, which holds every sampled token).
+        gpu_batch_size: this run's, when smaller than the plan's (fewer prompts than a block)."""
+        policy = self.policy.replace(gpu_batch_size=gpu_batch_size or self.policy.gpu_batch_size)
+        workload = Workload(max(b.prompt_len for b in blocks), max(b.max_new_tokens for b in blocks))
+        self.block_io.resize(self.placement.resized(workload, policy))
+        if self.messages is not None:
+            self.messages.gpu_batch_size = policy.gpu_batch_size
         layers = sorted(self.units)
         stage = ops.StageShape(
             layers=range(layers[0], layers[-1] + 1),
-            num_batches=self.policy.num_gpu_batches,
+            num_batches=policy.num_gpu_batches,
             cache_layers=frozenset(i for i, unit in self.units.items() if unit.has_cache),
             rank=self.rank,
             num_ranks=self.num_ranks,

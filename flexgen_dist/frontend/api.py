@@ -18,17 +18,17 @@ from ..engine.trace import Tracing
 from ..errors import NotSupportedYet, UserError
 from ..model import make_math
 from ..parallel.group import Pipeline
-from ..parallel.partition import stage_units
-from ..planning.capacity import Capacity, fit_policy
-from ..planning.layout import model_units
-from ..planning.placement import Buffers, Placement, Tier, plan_placement
+from ..planning.fit import PolicyDoesNotFit, check_policy
+from ..planning.placement import Buffers, Placement, Tier, Workload
 from ..planning.policy import Policy
+from ..planning.search import SearchOptions
 from ..planning.sizes import format_size
 from ..storage.tiers import DiskReader
 from ..storage.weights import WeightStore
 from .generation import RunSettings, SeqResult, SeqSpec, SpecMaker, run_sequences
 from .model_source import ModelSource
 from .output_rows import Completion
+from .planner import Capacity, PlanChoice, block_for, plan_for
 from .prompts import make_blocks, prepare_prompts
 from .results import GenerationResult, Output, Stats
 from .runtime import Runtime
@@ -42,10 +42,17 @@ class LLM:
 
     model: a local Hugging Face folder (config.json, safetensors weights, tokenizer files), or a
         `ModelSource` (e.g. `ModelSource.random(config, seed)` for benchmarks).
-    policy: where tensors live and how blocks are cut (default: everything on the compute device).
-    offload_dir: folder for disk-tier weights (kept and reused) and KV cache (temporary).
+    policy: where tensors live and how blocks are cut. None (the default): chosen by the planner
+        (cost model and search) for this machine and the runtime's workload. A given policy is
+        checked against the memory there is and refused, naming the tier, if it does not fit.
+    offload_dir: folder for disk-tier weights (kept and reused) and KV cache (temporary); without
+        one nothing goes to disk.
     runtime: device, dtypes, prefetch depth, disk reads, the workload to plan for (`Runtime`).
-    capacity: per-rank gpu / cpu memory; the policy's percentages are then fitted to it.
+    capacity: per-rank memory over what is detected, or a hardware description (`Capacity`).
+    search: what the planner may choose (compression, CPU attention, block shapes) and a latency bound.
+    base: with `policy=None`, the settings the planner keeps (e.g. `Policy(compress_weight=True)`).
+    plan: a plan made already (`planner.plan_for`, e.g. to print it or to record its policy first);
+        then policy, capacity, search and base are not used.
     pipeline: this rank's place in a multi-rank pipeline (`Pipeline.start(ctx)`); the caller owns
         its process group.
     tracer: records a span per op (`--trace`).
@@ -59,6 +66,9 @@ class LLM:
         offload_dir: str | Path | None = None,
         runtime: Runtime | None = None,
         capacity: Capacity | None = None,
+        search: SearchOptions | None = None,
+        base: Policy | None = None,
+        plan: PlanChoice | None = None,
         pipeline: Pipeline | None = None,
         tracer: Tracing | None = None,
     ):
@@ -68,14 +78,14 @@ class LLM:
         self.device = self.runtime.resolve_device()
         self.pipeline = pipeline if pipeline is not None and pipeline.world_size > 1 else None
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
-        units = model_units(self.spec)
-        if self.pipeline is not None:
-            units = stage_units(units, self.pipeline.world_size, self.pipeline.rank, self.pipeline.stage_layers)
-        elif pipeline is not None and pipeline.stage_layers not in (None, [self.spec.num_layers]):
-            raise UserError("--stage-layers needs one entry per rank; with one process, drop it")
-        self.units = units
-        self.placement = self._plan(policy or Policy(), capacity)
+        self.plan = plan or plan_for(self.spec, runtime=self.runtime, policy=policy, capacity=capacity or Capacity(),
+                                     options=search or SearchOptions(), offload_dir=self.offload_dir,
+                                     pipeline=pipeline, base=base)
+        self.auto = self.plan.searched
+        log.info("%s", self.plan.log_line())
+        self.placement, self.units = self.plan.placement, self.plan.units
         self.policy = self.placement.policy
+        units = self.units
         reader = None
         if self.placement.has_disk():
             buf = self.placement.buffer("read buffers")
@@ -96,34 +106,6 @@ class LLM:
     def from_config(cls, config, seed: int = 0, **kwargs) -> "LLM":
         """A model with seeded random weights (for benchmarks): explicit, never implied by a path."""
         return cls(ModelSource.random(config, seed), **kwargs)
-
-    def _plan(self, policy: Policy, capacity: Capacity | None) -> Placement:
-        dtypes = self.runtime.dtypes(self.spec, self.device)
-        io = self.runtime.disk_io
-        buffers = Buffers(
-            separate_gpu=self.device.type == "cuda",
-            prefetch_depth=self.runtime.prefetch_depth,
-            io_threads=io.threads,
-            chunk_bytes=io.chunk_bytes,
-            num_ranks=self.pipeline.world_size if self.pipeline else 1,
-        )
-        workload = self.runtime.workload_for(self.spec)
-
-        def build(p: Policy) -> Placement:
-            return plan_placement(self.spec, self.units, p, dtypes=dtypes, workload=workload, buffers=buffers)
-
-        if capacity is not None:
-            policy = fit_policy(policy, capacity, build)
-            log.info("fitted to gpu %s, cpu %s: weights %g/%g %%, cache %g/%g %% on gpu/cpu",
-                     format_size(capacity.gpu_mem), format_size(capacity.cpu_mem), policy.w_gpu_percent,
-                     policy.w_cpu_percent, policy.cache_gpu_percent, policy.cache_cpu_percent)
-        placement = build(policy)
-        on_disk = [kind for kind, part in (("weights", placement.weight_bytes()), ("KV cache", placement.cache_bytes()),
-                                           ("activations", placement.act_bytes())) if part[Tier.DISK] > 0]
-        if on_disk and self.offload_dir is None:
-            raise UserError(f"the policy puts {', '.join(on_disk)} on disk but no offload folder was given; "
-                            "pass offload_dir (CLI: --offload-dir DIR)")
-        return placement
 
     def generate(
         self,
@@ -174,11 +156,28 @@ class LLM:
         return self._run(specs, deliver)
 
     def _run(self, specs: list[SeqSpec], on_results: Callable[[list[SeqResult]], None]) -> Stats:
-        return run_sequences(self.engine, specs, gpu_batch_size=self.policy.gpu_batch_size,
-                             num_gpu_batches=self.policy.num_gpu_batches, pad_id=self._pad_id,
+        # A planned block shrinks to fewer prompts (less padding, the same outputs); a given one is kept.
+        policy = block_for(self.policy, len(specs)) if self.auto else self.policy
+        self._check_workload(specs, policy)
+        return run_sequences(self.engine, specs, gpu_batch_size=policy.gpu_batch_size,
+                             num_gpu_batches=policy.num_gpu_batches, pad_id=self._pad_id,
                              decode=self.decode if self.tokenizer is not None else None,
                              num_ranks=self.pipeline.world_size if self.pipeline else 1,
                              holds_results=self._holds_results, on_results=on_results)
+
+    def _check_workload(self, specs: list[SeqSpec], policy: Policy) -> None:
+        """Prompts or limits longer than planned for need a bigger KV cache: refuse, before any
+        work, a run that would no longer fit (the plan was made for `Runtime.workload`)."""
+        planned = self.placement.workload
+        needed = Workload(max(len(s.prompt_ids) for s in specs), max(s.max_new_tokens for s in specs))
+        if needed.prompt_len <= planned.prompt_len and needed.seq_len <= planned.seq_len:
+            return
+        try:
+            check_policy(self.placement.resized(needed, policy), self.plan.hardware)
+        except PolicyDoesNotFit as exc:
+            raise UserError(f"prompts of up to {needed.prompt_len} tokens with {needed.gen_len} new ones need more "
+                            f"memory than planned for ({planned.prompt_len} + {planned.gen_len}): {exc}; plan for them "
+                            "with Runtime(workload=Workload(...))") from None
 
     @property
     def _holds_results(self) -> bool:

@@ -14,11 +14,12 @@ from ..parallel.context import DistContext
 from ..parallel.context import setup_logging as dist_setup_logging
 from ..parallel.group import Pipeline
 from ..parallel.partition import parse_stage_layers
-from ..planning.capacity import Capacity
 from ..planning.placement import Workload
 from ..planning.policy import Policy
+from ..planning.search import SearchOptions
 from ..planning.sizes import parse_size
 from ..storage.tiers import DiskIO
+from .planner import Capacity
 from .runtime import Runtime
 from .signals import Interrupted
 
@@ -70,26 +71,60 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
                        help="what layers compute in (default: float32 on the CPU; on a GPU bfloat16 for a bfloat16 "
                             "checkpoint where supported, else float16)")
     policy = groups["policy and placement"]
+    policy.add_argument("--policy", choices=("auto", "manual"), default="auto",
+                        help="auto: the planner chooses the block shape and where every tensor lives, from this "
+                             "machine's memory and profiled speeds; manual: --percent and the block flags as given "
+                             "(giving --percent means manual)")
+    policy.add_argument("--print-policy", action="store_true",
+                        help="print the chosen policy, the planned memory per tier against the capacity and the "
+                             "predicted throughput, and exit without loading weights")
     policy.add_argument(
         "--percent",
         nargs=6,
         type=float,
         metavar=("W_GPU", "W_CPU", "CACHE_GPU", "CACHE_CPU", "ACT_GPU", "ACT_CPU"),
-        default=[100, 0, 100, 0, 100, 0],
+        default=None,
         help="percent of weights, KV cache and activations on the gpu and cpu tiers; the disk takes the rest "
-             "(default: 100 0 100 0 100 0, everything on the compute device)",
+             "(default: chosen by the planner; with --policy manual, 100 0 100 0 100 0)",
     )
-    policy.add_argument("--gpu-batch-size", type=int, default=16, metavar="N", help="sequences computed together in one call")
-    policy.add_argument("--num-gpu-batches", type=int, default=1, metavar="K",
+    policy.add_argument("--gpu-batch-size", type=int, default=None, metavar="N",
+                        help="sequences computed together in one call (default: chosen by the planner; 16 when "
+                             "--num-gpu-batches or --policy manual is given)")
+    policy.add_argument("--num-gpu-batches", type=int, default=None, metavar="K",
                         help="GPU batches per block: a block is N x K prompts, and each layer's weights are loaded "
-                             "once per token for the whole block")
+                             "once per token for the whole block (default: chosen by the planner; 1 when "
+                             "--gpu-batch-size or --policy manual is given)")
+    policy.add_argument("--max-latency", type=float, default=None, metavar="S",
+                        help="the planner's bound on the seconds one block takes from its prefill to its last token "
+                             "(default: none, throughput first)")
+    policy.add_argument("--allow-compression", action="store_true",
+                        help="let the planner choose 4-bit weights and cache and a 16-bit cache (lossy)")
     policy.add_argument("--gpu-mem", default=None, metavar="SIZE",
-                        help="per-rank capacity of the gpu tier, e.g. 8G; with --cpu-mem the percentages are fitted "
-                             "to these capacities instead of --percent (default: use --percent)")
+                        help="this rank's gpu tier, e.g. 8G (default: the GPU's free memory; without a GPU, "
+                             "host memory, shared with the cpu tier)")
     policy.add_argument("--cpu-mem", default=None, metavar="SIZE",
-                        help="per-rank capacity of the cpu tier, e.g. 32G (with --gpu-mem; default: use --percent)")
+                        help="this rank's cpu tier, e.g. 32G (default: its share of the available host memory, "
+                             "within a container's memory limit)")
+    policy.add_argument("--disk-mem", default=None, metavar="SIZE",
+                        help="this rank's disk tier, e.g. 500G (default: its share of the offload folder's free space)")
+    policy.add_argument("--hardware", default=None, metavar="FILE.json",
+                        help="plan for the machine this describes (python -m flexgen_dist.profile writes one; "
+                             "or a preset: flexgen-t4) instead of this one (default: this machine)")
     policy.add_argument("--cpu-cache-compute", action="store_true",
                         help="run decode attention on the CPU over the host-memory KV cache, in place")
+    policy.add_argument("--compress-weight", action="store_true",
+                        help="store weights as groups of 4-bit values (see --compress-bits), dequantized once per "
+                             "layer per block")
+    policy.add_argument("--compress-cache", action="store_true", help="store the KV cache as groups of 4-bit values")
+    policy.add_argument("--compress-bits", type=int, default=4, metavar="N", help="bits per compressed value: 4 or 8")
+    policy.add_argument("--compress-group-size", type=int, default=64, metavar="N",
+                        help="values sharing one scale and minimum")
+    policy.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="storage of an uncompressed KV cache (default: the compute dtype, which keeps greedy "
+                             "output equal to transformers)")
+    policy.add_argument("--attn-sparsity", type=float, default=1.0, metavar="F",
+                        help="in decoding, use only the values of the top F of each head's attention positions "
+                             "(1 = dense, 0.1 = the paper's sparse setting)")
     policy.add_argument("--no-overlap", action="store_true",
                         help="load serially instead of prefetching the next layer and batch (same tokens; for debugging)")
     offload = groups["offloading I/O"]
@@ -104,6 +139,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
                          help="read disk-tier weights with O_DIRECT (bypasses the page cache)")
     offload.add_argument("--drop-page-cache", action="store_true",
                          help="evict disk-tier weight pages after each read, so reads measure the disk, not RAM")
+    offload.add_argument("--verify-offload", action="store_true",
+                         help="re-check the checksum of every reused offload-folder file before the run")
     dist = groups["distributed"]
     dist.add_argument("--stage-layers", default=None, metavar="L0,L1,...",
                       help="with several ranks: decoder layers per rank, e.g. 10,12,10 (default: balanced by cost)")
@@ -115,20 +152,34 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
                                        help="log placement and progress details (every rank, with its number)")
 
 
-def policy_from_args(args: argparse.Namespace) -> Policy:
-    w_gpu, w_cpu, c_gpu, c_cpu, a_gpu, a_cpu = args.percent
-    return Policy(
-        gpu_batch_size=args.gpu_batch_size,
-        num_gpu_batches=args.num_gpu_batches,
-        w_gpu_percent=w_gpu,
-        w_cpu_percent=w_cpu,
-        cache_gpu_percent=c_gpu,
-        cache_cpu_percent=c_cpu,
-        act_gpu_percent=a_gpu,
-        act_cpu_percent=a_cpu,
-        overlap=not args.no_overlap,
-        cpu_cache_compute=args.cpu_cache_compute,
-    )
+def policy_from_args(args: argparse.Namespace) -> tuple[Policy | None, Policy, SearchOptions]:
+    """(the policy, or None for the planner; what the planner keeps; what it may choose)."""
+    from ..planning.compression import CompressionConfig
+
+    for flag, value in (("--gpu-batch-size", args.gpu_batch_size), ("--num-gpu-batches", args.num_gpu_batches)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be a whole number >= 1, got {value}")
+    compression = CompressionConfig(bits=args.compress_bits, group_size=args.compress_group_size)
+    switches = dict(overlap=not args.no_overlap, cpu_cache_compute=args.cpu_cache_compute,
+                    compress_weight=args.compress_weight, compress_cache=args.compress_cache, compression=compression,
+                    cache_dtype=args.cache_dtype, attn_sparsity=args.attn_sparsity)
+    manual = args.policy == "manual" or args.percent is not None
+    if manual:
+        w_gpu, w_cpu, c_gpu, c_cpu, a_gpu, a_cpu = args.percent if args.percent is not None else (100, 0, 100, 0, 100, 0)
+        policy = Policy(gpu_batch_size=args.gpu_batch_size or 16, num_gpu_batches=args.num_gpu_batches or 1,
+                        w_gpu_percent=w_gpu, w_cpu_percent=w_cpu, cache_gpu_percent=c_gpu, cache_cpu_percent=c_cpu,
+                        act_gpu_percent=a_gpu, act_cpu_percent=a_cpu, **switches)
+        return policy, policy, SearchOptions()
+    if args.max_latency is not None and args.max_latency <= 0:
+        raise UserError(f"--max-latency must be a positive number of seconds, got {args.max_latency:g}")
+    grid = {}
+    if args.gpu_batch_size is not None or args.num_gpu_batches is not None:  # the block as given, placed by the planner
+        grid = {"gpu_batch_sizes": (args.gpu_batch_size or 16,), "num_gpu_batches": (args.num_gpu_batches or 1,)}
+    given = args.compress_weight or args.compress_cache or args.cache_dtype is not None or args.attn_sparsity < 1
+    options = SearchOptions(allow_compression=args.allow_compression and not given,
+                            allow_cache_16bit=args.allow_compression and args.cache_dtype is None,
+                            allow_cpu_attention=not args.cpu_cache_compute, max_latency=args.max_latency, **grid)
+    return None, Policy(**switches), options
 
 
 def dist_from_args(args: argparse.Namespace) -> DistContext:
@@ -146,23 +197,26 @@ def start_pipeline(args: argparse.Namespace, ctx: DistContext) -> Pipeline:
     return Pipeline.start(ctx, timeout_s=args.comm_timeout, stage_layers=stage_layers)
 
 
-def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: Workload | None = None) -> dict:
+def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: Workload | None = None,
+                         num_prompts: int | None = None) -> dict:
     """Keyword arguments of `LLM` from the shared flags (policy, offload folder, runtime, capacity)."""
-    if (args.gpu_mem is None) != (args.cpu_mem is None):
-        raise UserError("give both --gpu-mem and --cpu-mem (per rank), or neither")
     if args.io_threads < 1:
         raise UserError(f"--io-threads must be >= 1, got {args.io_threads}")
-    capacity = None
-    if args.gpu_mem is not None:
-        capacity = Capacity(parse_size(args.gpu_mem, "--gpu-mem"), parse_size(args.cpu_mem, "--cpu-mem"))
+    sizes = {name: parse_size(getattr(args, name), f"--{name.replace('_', '-')}") if getattr(args, name) else None
+             for name in ("gpu_mem", "cpu_mem", "disk_mem")}
+    capacity = Capacity(**sizes, hardware=args.hardware)
+    policy, base, search = policy_from_args(args)
     runtime = Runtime(
         compute_dtype=args.compute_dtype,
         device=args.device or (ctx.device if ctx.world_size > 1 else None),
         prefetch_depth=args.prefetch_depth,
         disk_io=DiskIO(direct=args.direct_io, drop_page_cache=args.drop_page_cache, threads=args.io_threads),
+        verify_offload=args.verify_offload,
         workload=workload,
+        num_prompts=num_prompts,
     )
-    return {"policy": policy_from_args(args), "offload_dir": args.offload_dir, "runtime": runtime, "capacity": capacity}
+    return {"policy": policy, "base": base, "search": search, "offload_dir": args.offload_dir, "runtime": runtime,
+            "capacity": capacity}
 
 
 def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0) -> int:

@@ -148,7 +148,7 @@ def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, gpu_batch_size: i
                 totals.generated_tokens += sum(len(r.output_ids) for r in found)
                 on_results(found)
 
-        run = engine.run(blocks, sampler, on_block_done=block_done)
+        run = engine.run(blocks, sampler, on_block_done=block_done, gpu_batch_size=gpu_batch_size)
         totals.prefill_s += run.prefill_s
         totals.decode_s += run.decode_s
         totals.num_blocks += len(blocks)
@@ -160,16 +160,15 @@ def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, gpu_batch_size: i
 
 def _blocks(specs: Sequence[SeqSpec], chunk: list[int], gpu_batch_size: int, num_gpu_batches: int, pad_id: int,
             decode: Decode | None) -> tuple[list[Block], Sampler]:
-    """The chunk's blocks (sorted already: make_blocks keeps the order of equal lengths)."""
-    # Every block of one engine run gets the chunk's longest limit: the engine sizes a run's KV
-    # cache from its first block. Rows still stop at their own limit; with one rank a block whose
-    # rows have all stopped ends at once.
-    steps = max(specs[i].max_new_tokens for i in chunk)
+    """The chunk's blocks (sorted already: make_blocks keeps the order of equal lengths). A block
+    runs as many steps as its longest row's limit; a row stops at its own (and a block whose rows
+    have all stopped ends at once)."""
     rows_of = make_blocks([list(specs[i].prompt_ids) for i in chunk], gpu_batch_size, num_gpu_batches, pad_id)
-    pad_rule = RowRule(steps)
     blocks = []
     for rows in rows_of:
         seq_ids = [chunk[r] if r >= 0 else -1 for r in rows.seq_ids]
+        steps = max(specs[seq_id].max_new_tokens for seq_id in seq_ids if seq_id >= 0)
+        pad_rule = RowRule(steps)
         rules = tuple(_rule(specs[seq_id], decode) if seq_id >= 0 else pad_rule for seq_id in seq_ids)
         blocks.append(Block(rows.input_ids, rows.prompt_mask, seq_ids, steps, frozenset(), rules=rules))
     sampler = Sampler(rows={i: specs[i].sampling for i in chunk})

@@ -36,6 +36,7 @@ from .job_inputs import job_from_args, print_continuations, shown_without_output
 from .jobfiles import JobFile, write_stats
 from .model_source import ModelSource
 from .output_rows import Completion, output_row
+from .planner import plan_for
 from .resume import ResumeLog, RunIdentity, StdoutLog, open_for_resume, progress_paths
 from .progress import Progress
 from .shards import parse_shard, shard_output_path
@@ -117,15 +118,21 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
     workload = None
     if prepared:  # plan for these prompts (a shard may have none)
         workload = Workload(max(len(p.prompt_ids) for p in prepared), max(p.max_new_tokens for p in prepared))
-    kwargs = llm_kwargs_from_args(args, ctx, workload)
+    kwargs = llm_kwargs_from_args(args, ctx, workload, num_prompts=len(prepared) or None)
     info = sys.stderr if target == "-" else sys.stdout  # standard output may carry the results
+    runtime = kwargs["runtime"]
+    plan = plan_for(source.spec, runtime=runtime, policy=kwargs["policy"], capacity=kwargs["capacity"],
+                    options=kwargs["search"], offload_dir=kwargs["offload_dir"], pipeline=pipeline, base=kwargs["base"])
+    if args.print_policy:
+        if ctx.rank == 0:
+            print(plan.summary(), file=info)
+        return 0
     sinks: list[LogSink | PrintSink] = []
 
     def open_output() -> list[int]:  # rank 0 only: it alone holds the output's lock
-        runtime = kwargs["runtime"]
         identity = RunIdentity(
             model=model_fingerprint(source, dtypes=runtime.dtypes(source.spec, runtime.resolve_device()),
-                                    policy=kwargs["policy"]),
+                                    policy=plan.placement.policy),
             input_sha256=job.sha256, settings={**settings.record(), "truncate": args.truncate},
             shard=str(shard), output_format=job.format)
         sinks.append(open_sink(args, target, identity, job, prepared))
@@ -141,7 +148,7 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
                       f"output: {sinks[0].where()}", file=info)
             return 0
         tracer = Tracer(pid=ctx.rank) if args.trace else None
-        llm = LLM(source, pipeline=pipeline, tracer=tracer, **kwargs)
+        llm = LLM(source, plan=plan, runtime=runtime, offload_dir=kwargs["offload_dir"], pipeline=pipeline, tracer=tracer)
         try:
             if sinks:
                 print(start_line(llm, ctx.world_size, args.offload_dir), file=info, flush=True)
@@ -279,6 +286,8 @@ def start_line(llm: LLM, world_size: int, offload_dir: str | None) -> str:
     units = llm.units
     stage = (f"; rank 0 of {world_size} holds schedule layers {units[0].layer_idx}..{units[-1].layer_idx}"
              if world_size > 1 else "")
+    how = "chosen by the planner" if llm.plan.searched else "as given"
     return (f"policy: blocks of {p.block_size} prompts ({p.gpu_batch_size} x {p.num_gpu_batches} gpu batches); "
             f"gpu/cpu/disk %: weights {split('w')}, KV cache {split('cache')}, activations {split('act')}; "
-            f"weights: {where}; compute on {llm.device} in {llm.placement.dtypes.compute}{stage}")
+            f"weights: {where}; compute on {llm.device} in {llm.placement.dtypes.compute}{stage} "
+            f"({how}; predicted {llm.plan.estimate.throughput:.1f} tok/s)")

@@ -52,7 +52,9 @@ def job_from_args(args: argparse.Namespace, spec: ModelSpec, has_tokenizer: bool
         length = args.prompt_len if args.prompt_len is not None else 32
         if length < 1:
             raise UserError(f"--prompt-len must be >= 1, got {length}")
-        count = args.num_prompts or args.gpu_batch_size * args.num_gpu_batches  # one block
+        # one block of the given shape; for the planner, as many as the bundled prompts
+        count = args.num_prompts or ((args.gpu_batch_size or 16) * (args.num_gpu_batches or 1)
+                                     if args.gpu_batch_size or args.num_gpu_batches else DEFAULT_NUM_PROMPTS)
         rng = random.Random(args.seed)
         prompts = [[rng.randrange(spec.vocab_size) for _ in range(length)] for _ in range(count)]
         return ids_job(prompts, RANDOM, shard)

@@ -95,34 +95,56 @@ def rank_hardware(capacity: Capacity, *, device: str, offload_dir: str | Path | 
     hw = machine_hardware(device, offload_dir, hardware=capacity.hardware, compute_dtype=compute_dtype)
     if capacity.hardware is None:
         hw = rank_share(hw, local_world_size=local_world_size)
-    disk = capacity.disk_mem if offload_dir is not None else 0  # no offload folder: no disk tier
-    hw = apply_overrides(hw, gpu_mem=capacity.gpu_mem, cpu_mem=capacity.cpu_mem, disk_mem=disk)
+    hw = apply_overrides(hw, gpu_mem=capacity.gpu_mem, cpu_mem=capacity.cpu_mem, disk_mem=capacity.disk_mem)
+    if offload_dir is None:  # no offload folder: no disk tier
+        hw = hw.with_capacities(dataclasses.replace(hw.capacities, disk_mem=0))
     if pipeline is not None and pipeline.world_size > 1:
         hw = _smallest_over_ranks(hw, pipeline)
     return hw
 
 
 def _smallest_over_ranks(hw: Hardware, pipeline) -> Hardware:
-    import torch.distributed as dist
-
-    every: list = [None] * pipeline.world_size
-    dist.all_gather_object(every, hw.capacities)
+    every = pipeline.gather(hw.capacities)
     smallest = {name: min(getattr(c, name) for c in every) for name in ("gpu_mem", "cpu_mem", "host_mem", "disk_mem")}
     return hw.with_capacities(dataclasses.replace(hw.capacities, **smallest))
 
 
+def plan_for(spec: ModelSpec, *, runtime, policy: Policy | None, capacity: Capacity, options: SearchOptions,
+             offload_dir: str | Path | None, pipeline=None, base: Policy | None = None) -> PlanChoice:
+    """This rank's plan for `runtime`'s device, dtypes and workload: the planner's choice when
+    `policy` is None (`base` fixes what it may not change), else `policy` checked."""
+    device = runtime.resolve_device()
+    dtypes = runtime.dtypes(spec, device)
+    if policy is not None:
+        on_disk = [kind for kind, pct in (("weights", policy.percents("w")), ("KV cache", policy.percents("cache")),
+                                          ("activations", policy.percents("act"))) if pct[2] > 0]
+        if on_disk and offload_dir is None:
+            raise UserError(f"the policy puts {', '.join(on_disk)} on disk but no offload folder was given; "
+                            "pass offload_dir (CLI: --offload-dir DIR)")
+    active = pipeline if pipeline is not None and pipeline.world_size > 1 else None
+    io = runtime.disk_io
+    buffers = Buffers(separate_gpu=device.type == "cuda", prefetch_depth=runtime.prefetch_depth,
+                      io_threads=io.threads, chunk_bytes=io.chunk_bytes, num_ranks=active.world_size if active else 1)
+    hardware = rank_hardware(capacity, device=str(device), offload_dir=offload_dir, compute_dtype=dtypes.compute,
+                             local_world_size=active.ctx.local_world_size if active else 1, pipeline=active)
+    return make_plan(spec, policy=policy, hardware=hardware, dtypes=dtypes, workload=runtime.workload_for(spec),
+                     buffers=buffers, num_prompts=runtime.num_prompts, options=options,
+                     rank=active.rank if active else 0, stage_layers=pipeline.stage_layers if pipeline else None,
+                     base=base)
+
+
 def make_plan(spec: ModelSpec, *, policy: Policy | None, hardware: Hardware, dtypes: Dtypes, workload: Workload,
               buffers: Buffers, num_prompts: int | None, options: SearchOptions, rank: int = 0,
-              stage_layers: list[int] | None = None) -> PlanChoice:
+              stage_layers: list[int] | None = None, base: Policy | None = None) -> PlanChoice:
     """The placement of rank `rank` of `buffers.num_ranks`: searched when `policy` is None, else
     `policy` checked against the hardware's capacities (`PolicyDoesNotFit`, a UserError)."""
     all_units = model_units(spec)
     num_ranks = buffers.num_ranks
-    guide = policy or Policy()
+    guide = policy or base or Policy()
     stages = _stages(spec, all_units, guide, hardware, dtypes, workload, num_ranks, stage_layers)
     if policy is None:
         plan = search(spec, stages, hardware, dtypes=dtypes, workload=workload, buffers=buffers,
-                      num_prompts=num_prompts, options=options)
+                      num_prompts=num_prompts, base=base or Policy(), options=options)
         placement = plan.placements[rank] if num_ranks > 1 else plan.placement
         return PlanChoice(placement, stages[rank], plan.estimate, hardware, searched=True)
     placements = [plan_placement(spec, units, policy, dtypes=dtypes, workload=workload, buffers=buffers) for units in stages]

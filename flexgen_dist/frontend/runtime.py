@@ -28,6 +28,9 @@ class Runtime:
     """How disk-tier tensors are read (threads, O_DIRECT, page-cache eviction)."""
     verify_offload: bool = False
     """Re-check the checksum of every reused offload-folder file before the run."""
+    num_prompts: int | None = None
+    """How many prompts the plan is for (the planner's throughput counts the last block's
+    padding); None: many."""
     workload: Workload | None = None
     """The widest prompt and the new tokens the plan is sized for (default: the model's positions);
     a longer run re-sizes the KV cache and buffers for itself."""
@@ -73,4 +76,7 @@ class Runtime:
         return Dtypes(compute=compute, storage=storage)
 
     def workload_for(self, spec: ModelSpec) -> Workload:
-        return self.workload or Workload(prompt_len=spec.max_positions, gen_len=0)
+        """The workload to plan for: the runtime's, else prompts of up to half the model's
+        positions with up to a quarter more (a longer run re-checks that it still fits)."""
+        return self.workload or Workload(prompt_len=min(512, spec.max_positions // 2),
+                                         gen_len=max(1, min(128, spec.max_positions // 4)))

@@ -72,6 +72,8 @@ class DistContext:
     """Compute device of this rank: "cpu" or "cuda:N"."""
     launcher: str
     """What started this process: "single", "torchrun", "slurm" or "mpi"."""
+    local_world_size: int = 1
+    """Ranks on this node (they share its host memory, disk and CPU cores)."""
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -134,6 +136,7 @@ class DistContext:
             backend=backend,
             device=device,
             launcher=launcher,
+            local_world_size=ranks.local_world_size,
         )
 
     # ---- pipeline position ----------------------------------------------------------------------

@@ -52,6 +52,25 @@ class Pipeline:
     def world_size(self) -> int:
         return self.ctx.world_size
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (every rank must call it); one line naming the
+        failure when a peer dies meanwhile."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        from .comm import PeerError
+
+        every: list = [None] * self.world_size
+        try:
+            dist.all_gather_object(every, obj)
+        except Exception as exc:
+            others = [r for r in range(self.world_size) if r != self.rank]
+            who = f"rank {others[0]}" if len(others) == 1 else "one of ranks " + ", ".join(map(str, others))
+            raise PeerError(f"rank {self.rank}: exchanging the ranks' plans failed ({str(exc).splitlines()[0][:200]}); "
+                            f"{who} died or hung") from None
+        return every
+
     def close(self) -> None:
         """Leave the process group. Safe to call twice."""
         if self._started:

@@ -14,7 +14,7 @@ the workload and the engine's buffer settings it gives:
   ones, in the compute dtype), KV scratch pairs, disk read buffers, send/receive buffers between
   ranks, and an estimate of one batch's compute workspace.
 
-The weight store, the engine, the capacity fit and the footprint that `-v` prints all read this
+The weight store, the engine, the planner (cost model, search, checks) and `--print-policy` read this
 object, so what is planned is what is allocated (tests/test_placement.py measures the tensors).
 """
 
@@ -314,9 +314,11 @@ class Placement:
             n > 0 for n in (self.weight_bytes()[Tier.DISK], self.cache_bytes()[Tier.DISK], self.act_bytes()[Tier.DISK])
         )
 
-    def resized(self, workload: Workload) -> "Placement":
-        """The same placement for another workload (cache, activation and buffer sizes change)."""
-        return plan_placement(self.spec, self.units, self.policy, dtypes=self.dtypes, workload=workload, buffers=self.buffers)
+    def resized(self, workload: Workload, policy: Policy | None = None) -> "Placement":
+        """The same placement for another workload (cache, activation and buffer sizes change),
+        and optionally another policy (a smaller block for fewer prompts)."""
+        return plan_placement(self.spec, self.units, policy or self.policy, dtypes=self.dtypes, workload=workload,
+                              buffers=self.buffers)
 
 
 def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, workload: Workload, buffers: Buffers) -> Placement:
