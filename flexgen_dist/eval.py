@@ -20,6 +20,8 @@ from pathlib import Path
 from . import DEFAULT_MODEL
 from .errors import UserError
 from .frontend.api import LLM
+from .frontend.model_source import ModelSource
+from .planning.placement import Workload
 from .frontend.cli import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser, run_command
 
 DEFAULT_TEXT = str(Path(__file__).parent / "data" / "heldout.txt")
@@ -67,15 +69,18 @@ def _eval(args: argparse.Namespace) -> int:
     if not text_path.is_file():
         raise UserError(f"text file {str(text_path)!r} does not exist")
     text = text_path.read_text(encoding="utf-8")
-    llm = LLM(args.model, **llm_kwargs_from_args(args, ctx))
+    source = ModelSource.from_dir(args.model)
+    if source.tokenizer is None:
+        raise UserError(f"model {args.model!r} has no tokenizer, so it cannot score text")
+    window = min(args.window, source.spec.max_positions)
+    if window < 2:
+        raise UserError(f"--window must be at least 2, got {args.window}")
+    ids = list(source.tokenizer(text, add_special_tokens=False)["input_ids"])
+    chunks = windows(ids, window, args.max_tokens)
+    # the plan is for these windows: as many prompts, each as long as a window, scored (no new tokens)
+    kwargs = llm_kwargs_from_args(args, ctx, Workload(max(len(c) for c in chunks), 1), num_prompts=len(chunks))
+    llm = LLM(source, **kwargs)
     try:
-        if llm.tokenizer is None:
-            raise UserError(f"model {args.model!r} has no tokenizer, so it cannot score text")
-        window = min(args.window, llm.spec.max_positions)
-        if window < 2:
-            raise UserError(f"--window must be at least 2, got {args.window}")
-        ids = list(llm.tokenizer(text, add_special_tokens=False)["input_ids"])
-        chunks = windows(ids, window, args.max_tokens)
         scores = llm.score(chunks)
     finally:
         llm.close()

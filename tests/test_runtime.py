@@ -35,9 +35,10 @@ def test_process_group_outlasts_the_engines_bounded_wait(monkeypatch):
     seen = []
     monkeypatch.setattr(DistContext, "init_process_group", lambda self, timeout_s: seen.append(timeout_s))
     monkeypatch.setattr("flexgen_dist.parallel.comm.PipeComm.__init__", lambda self, *a, **k: None)
-    ctx = DistContext(rank=0, world_size=2, local_rank=0, master_addr="127.0.0.1", master_port=29500,
-                      backend="gloo", device="cpu", launcher="torchrun")
-    Pipeline.start(ctx, timeout_s=30)
-    # the engine's waits (30 s) fire first and name the peer; the process group's own timeout,
-    # which aborts the process under NCCL, comes well after
-    assert seen == [process_group_timeout(30)] and seen[0] >= 2 * 30
+    for backend in ("nccl", "gloo"):
+        ctx = DistContext(rank=0, world_size=2, local_rank=0, master_addr="127.0.0.1", master_port=29500,
+                          backend=backend, device="cpu", launcher="torchrun")
+        Pipeline.start(ctx, timeout_s=30)
+    # under NCCL the engine's waits (30 s) fire first and name the peer; the process group's own
+    # timeout, which aborts the process, comes well after. gloo only raises in the waiting call.
+    assert seen == [process_group_timeout(30, "nccl"), 30] and seen[0] >= 2 * 30

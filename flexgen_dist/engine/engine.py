@@ -103,12 +103,15 @@ class Engine:
 
     def run(self, blocks: list[Block], sampler: Sampler,
             on_block_done: Callable[[int, BlockResult], None] | None = None,
-            gpu_batch_size: int | None = None) -> RunResult:
+            block_shape: tuple[int, int] | None = None) -> RunResult:
         """Run every block through this rank's layers; blocks must be the same on every rank.
         `on_block_done(block_idx, result)` is called as each block closes on this rank (its
         results are meaningful on the first stage, which holds every sampled token).
-        gpu_batch_size: this run's, when smaller than the plan's (fewer prompts than a block)."""
-        policy = self.policy.replace(gpu_batch_size=gpu_batch_size or self.policy.gpu_batch_size)
+        block_shape: this run's (gpu batch size, gpu batches), when smaller than the plan's (fewer
+        prompts than a block)."""
+        policy = self.policy
+        if block_shape is not None:
+            policy = policy.replace(gpu_batch_size=block_shape[0], num_gpu_batches=block_shape[1])
         workload = Workload(max(b.prompt_len for b in blocks), max(b.max_new_tokens for b in blocks))
         self.block_io.resize(self.placement.resized(workload, policy))
         if self.messages is not None:

@@ -194,11 +194,12 @@ class LLM:
         if self.pipeline is not None:
             raise NotSupportedYet("score() over several ranks is not supported yet; run it in one process")
         prepared = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens=0)  # scoring adds no position
+        policy = block_for(self.policy, len(prepared.ids)) if self.auto else self.policy
         blocks = [
             Block(rows.input_ids, rows.prompt_mask, rows.seq_ids, 1, frozenset(), score=True)
-            for rows in make_blocks(prepared.ids, self.policy.gpu_batch_size, self.policy.num_gpu_batches, self._pad_id)
+            for rows in make_blocks(prepared.ids, policy.gpu_batch_size, policy.num_gpu_batches, self._pad_id)
         ]
-        run = self.engine.run(blocks, Sampler(SamplingParams()))
+        run = self.engine.run(blocks, Sampler(SamplingParams()), block_shape=(policy.gpu_batch_size, policy.num_gpu_batches))
         scores: dict[int, list[float]] = {}
         for block, res in zip(blocks, run.blocks):
             for seq_id, row_scores in zip(block.seq_ids, res.scores):

@@ -148,7 +148,7 @@ def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, gpu_batch_size: i
                 totals.generated_tokens += sum(len(r.output_ids) for r in found)
                 on_results(found)
 
-        run = engine.run(blocks, sampler, on_block_done=block_done, gpu_batch_size=gpu_batch_size)
+        run = engine.run(blocks, sampler, on_block_done=block_done, block_shape=(gpu_batch_size, num_gpu_batches))
         totals.prefill_s += run.prefill_s
         totals.decode_s += run.decode_s
         totals.num_blocks += len(blocks)

@@ -172,8 +172,10 @@ def _stages(spec, all_units, guide: Policy, hardware, dtypes, workload, num_rank
 
 
 def block_for(policy: Policy, num_prompts: int) -> Policy:
-    """A planned block shrunk to the prompts there are: fewer rows per GPU batch when one block
-    would otherwise be mostly padding (less memory, the same outputs)."""
+    """A planned block shrunk to the prompts there are, when one block would otherwise be mostly
+    padding: first fewer GPU batches (a batch of one row computes as slowly as a full one), then
+    fewer rows per batch. Never more memory than planned; the same outputs."""
     if num_prompts >= policy.block_size:
         return policy
-    return policy.replace(gpu_batch_size=max(1, math.ceil(num_prompts / policy.num_gpu_batches)))
+    batches = min(policy.num_gpu_batches, math.ceil(num_prompts / policy.gpu_batch_size))
+    return policy.replace(num_gpu_batches=batches, gpu_batch_size=math.ceil(num_prompts / batches))

@@ -78,10 +78,12 @@ class Comm(Protocol):
 ACTIVATIONS, TOKENS, CONTROL = 1, 2, 3  # CONTROL (is a block still live) goes the activations' way
 
 
-def process_group_timeout(wait_s: float) -> float:
-    """The process group's own timeout (NCCL's watchdog aborts the process when it fires): longer
-    than the engine's bounded waits, so a dead peer is reported by name before the watchdog acts."""
-    return 2 * wait_s + 60
+def process_group_timeout(wait_s: float, backend: str = "nccl") -> float:
+    """The process group's own timeout. NCCL's watchdog aborts the process when it fires, so there
+    it is longer than the engine's bounded waits: a dead peer is reported by name first. gloo
+    only raises in the waiting call, so there it is the wait itself (collectives such as the
+    ranks' exchange of plans give up as soon as the engine's waits would)."""
+    return 2 * wait_s + 60 if backend == "nccl" else wait_s
 
 
 class PipeComm:
@@ -93,7 +95,8 @@ class PipeComm:
         # gloo moves host tensors only; NCCL moves device tensors
         self.wire_device = torch.device("cpu") if backend == "gloo" else device
         try:
-            ring = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=process_group_timeout(timeout_s)))
+            ring = dist.new_group(list(range(world_size)),
+                                  timeout=timedelta(seconds=process_group_timeout(timeout_s, backend)))
         except Exception as exc:  # a peer died or hung while the groups were being set up
             raise PeerError(
                 f"rank {rank}: setting up the token ring with the other ranks failed "

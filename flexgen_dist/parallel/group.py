@@ -34,7 +34,7 @@ class Pipeline:
 
             from .comm import PipeComm, process_group_timeout
 
-            ctx.init_process_group(process_group_timeout(timeout_s))
+            ctx.init_process_group(process_group_timeout(timeout_s, ctx.backend))
             pipeline._started = True
             try:
                 pipeline.comm = PipeComm(ctx.rank, ctx.world_size, ctx.backend, torch.device(ctx.device), timeout_s)
