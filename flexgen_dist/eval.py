@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens per scored window, at most the model's positions")
     text.add_argument("--max-tokens", type=int, default=None, metavar="N",
                       help="score only the first N tokens of the text (default: all of it)")
+    text.add_argument("--through-cache", action="store_true",
+                         help="score one decode step at a time, each prediction reading the KV cache as generation "
+                              "does: shows a compressed or 16-bit cache and sparse attention, which scoring a whole "
+                              "window at once (the default) never reads")
     return parser
 
 
@@ -81,11 +85,12 @@ def _eval(args: argparse.Namespace) -> int:
     kwargs = llm_kwargs_from_args(args, ctx, Workload(max(len(c) for c in chunks), 1), num_prompts=len(chunks))
     llm = LLM(source, **kwargs)
     try:
-        scores = llm.score(chunks)
+        scores = llm.score(chunks, through_cache=args.through_cache)
     finally:
         llm.close()
     ppl, count = perplexity(scores)
-    print(f"scored {count} tokens in {len(chunks)} windows of up to {window} tokens from {text_path.name}")
+    how = ", one decode step at a time" if args.through_cache else ""
+    print(f"scored {count} tokens in {len(chunks)} windows of up to {window} tokens from {text_path.name}{how}")
     print(f"perplexity: {ppl:.4f}")
     return 0
 

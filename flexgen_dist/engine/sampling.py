@@ -96,3 +96,26 @@ class Sampler:
             filtered = _filter(logits[row_idx].float().cpu() / p.temperature, p.top_k, p.top_p)
             out[row_idx] = torch.multinomial(filtered.softmax(-1), 1, generator=self._generator(seq_id, row))[0]
         return out
+
+
+class TeacherForcing:
+    """A 'sampler' that feeds each sequence its own next token and records that token's
+    log-probability: scoring a text one decode step at a time, so every step reads the KV cache
+    as generation does (where its compression, 16-bit storage or sparse attention show)."""
+
+    def __init__(self, targets: Mapping[int, list[int]]):
+        self.targets = {seq_id: list(ids) for seq_id, ids in targets.items()}
+        self.scores: dict[int, list[float]] = {seq_id: [] for seq_id in self.targets}
+
+    def __call__(self, logits: torch.Tensor, seq_ids: list[int]) -> torch.Tensor:
+        """logits (B, V) fp32 -> the forced ids (B,); padding rows (seq_id < 0) get 0."""
+        logp = logits.float().log_softmax(-1).cpu()
+        out = torch.zeros(len(seq_ids), dtype=torch.long)
+        for row, seq_id in enumerate(seq_ids):
+            done = self.scores.get(seq_id)
+            if done is None or len(done) >= len(self.targets[seq_id]):
+                continue  # padding, or a row past its own text
+            target = self.targets[seq_id][len(done)]
+            done.append(float(logp[row, target]))
+            out[row] = target
+        return out

@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..engine.blocks import Block
+from ..engine.blocks import Block, RowRule
 from ..engine.engine import Engine, EngineConfig
-from ..engine.sampling import Sampler, SamplingParams
+from ..engine.sampling import Sampler, SamplingParams, TeacherForcing
 from ..engine.trace import Tracing
 from ..errors import NotSupportedYet, UserError
 from ..model import make_math
@@ -188,11 +188,17 @@ class LLM:
         """Text of generated ids, special tokens skipped (the `text` of every result)."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def score(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[float]]:
+    def score(self, prompts: Sequence[str] | Sequence[Sequence[int]], through_cache: bool = False) -> list[list[float]]:
         """Log-probability of every prompt token after the first, given the tokens before it
-        (natural log), through the same engine and policy as `generate`. For perplexity."""
+        (natural log), through the same engine and policy as `generate`. For perplexity.
+
+        through_cache: score one decode step at a time (each token fed as if it had been
+        generated), so every prediction reads the KV cache as generation does: the way to see a
+        compressed or 16-bit cache or sparse attention, which a prefill never reads."""
         if self.pipeline is not None:
             raise NotSupportedYet("score() over several ranks is not supported yet; run it in one process")
+        if through_cache:
+            return self._score_through_cache(prompts)
         prepared = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens=0)  # scoring adds no position
         policy = block_for(self.policy, len(prepared.ids)) if self.auto else self.policy
         blocks = [
@@ -206,6 +212,23 @@ class LLM:
                 if seq_id >= 0:
                     scores[seq_id] = row_scores
         return [scores[i] for i in range(len(prepared.ids))]
+
+    def _score_through_cache(self, prompts) -> list[list[float]]:
+        prepared = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens=0)
+        texts = [ids for ids in prepared.ids if len(ids) >= 2]
+        if len(texts) != len(prepared.ids):
+            raise UserError("every text scored through the cache needs at least two tokens")
+        forcing = TeacherForcing({i: ids[1:] for i, ids in enumerate(texts)})
+        policy = block_for(self.policy, len(texts)) if self.auto else self.policy
+        starts = [ids[:1] for ids in texts]  # the first token is context; the rest come one step at a time
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        for rows in make_blocks([starts[i] for i in order], policy.gpu_batch_size, policy.num_gpu_batches, self._pad_id):
+            seq_ids = [order[r] if r >= 0 else -1 for r in rows.seq_ids]
+            limits = [len(texts[s]) - 1 if s >= 0 else 1 for s in seq_ids]
+            rules = tuple(RowRule(limit) for limit in limits)
+            block = Block(rows.input_ids, rows.prompt_mask, seq_ids, max(limits), frozenset(), rules=rules)
+            self.engine.run([block], forcing, block_shape=(policy.gpu_batch_size, policy.num_gpu_batches))
+        return [forcing.scores[i] for i in range(len(texts))]
 
     @property
     def _pad_id(self) -> int:
