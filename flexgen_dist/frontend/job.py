@@ -164,7 +164,7 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
         with signals.deferred():
             sinks[0].finish()
         if args.stats_json:
-            write_stats(args.stats_json, stats, llm.policy, ctx.world_size)
+            write_stats(args.stats_json, stats, llm.policy, ctx.world_size, plan=llm.plan)
         if len(pending) < len(prepared):
             print(f"resumed: {len(prepared) - len(pending)} of {len(prepared)} results came from an earlier run", file=info)
         if target is not None:

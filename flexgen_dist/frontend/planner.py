@@ -62,6 +62,15 @@ class PlanChoice:
     estimate: Estimate
     hardware: Hardware
     searched: bool
+    process_rss: int = 0  # bytes the process held in host memory when the plan was made (runtime, tokenizer)
+
+    @property
+    def predicted_peak_rss(self) -> int:
+        """The process's peak in host memory: what it held already, plus every planned host byte
+        (without a GPU the gpu tier is host memory too)."""
+        used = self.placement.bytes_per_tier()
+        host = used[Tier.CPU] + (0 if self.hardware.capacities.has_gpu else used[Tier.GPU])
+        return self.process_rss + host
 
     def summary(self) -> str:
         """The chosen policy, the planned peak per tier against the capacity, the prediction."""
@@ -74,7 +83,7 @@ class PlanChoice:
         bound = (f"; a decode step {step.seconds:.3g} s, {step.bound}-bound (compute {step.compute_s:.3g} s, "
                  f"loads {step.load_s:.3g} s)") if step is not None else ""
         return (f"policy ({how}): {policy_flags(p.policy)}\n"
-                f"planned peak memory: {memory}\n"
+                f"planned peak memory: {memory}; process peak {format_size(self.predicted_peak_rss)} of host memory\n"
                 f"predicted: {est.throughput:.4g} tokens/s ({est.num_blocks} block(s), prefill {est.prefill_s:.3g} s, "
                 f"decode {est.decode_s:.3g} s{bound})\n"
                 f"hardware: {hw.name}")
@@ -127,10 +136,13 @@ def plan_for(spec: ModelSpec, *, runtime, policy: Policy | None, capacity: Capac
                       io_threads=io.threads, chunk_bytes=io.chunk_bytes, num_ranks=active.world_size if active else 1)
     hardware = rank_hardware(capacity, device=str(device), offload_dir=offload_dir, compute_dtype=dtypes.compute,
                              local_world_size=active.ctx.local_world_size if active else 1, pipeline=active)
-    return make_plan(spec, policy=policy, hardware=hardware, dtypes=dtypes, workload=runtime.workload_for(spec),
-                     buffers=buffers, num_prompts=runtime.num_prompts, options=options,
-                     rank=active.rank if active else 0, stage_layers=pipeline.stage_layers if pipeline else None,
-                     base=base)
+    choice = make_plan(spec, policy=policy, hardware=hardware, dtypes=dtypes, workload=runtime.workload_for(spec),
+                       buffers=buffers, num_prompts=runtime.num_prompts, options=options,
+                       rank=active.rank if active else 0, stage_layers=pipeline.stage_layers if pipeline else None,
+                       base=base)
+    import psutil
+
+    return dataclasses.replace(choice, process_rss=psutil.Process().memory_info().rss)
 
 
 def make_plan(spec: ModelSpec, *, policy: Policy | None, hardware: Hardware, dtypes: Dtypes, workload: Workload,
