@@ -20,81 +20,17 @@ object, so what is planned is what is allocated (tests/test_placement.py measure
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-from .compression import CompressionConfig, compressed_nbytes, compressed_row_bytes, compressed_shapes
+from .compression import CompressionConfig, compressed_nbytes
 from .layout import Unit
 from .policy import Policy
 from .spec import ModelSpec
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1}
-READ_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to this
-SLOT_ALIGN = 256  # bytes: every piece of a slot starts on a multiple of this
-ATTENTION_QUERY_CHUNK = 1024  # queries per prefill attention call (model/layers.py): bounds its scores
-
-
-class Tier(enum.Enum):
-    GPU = "gpu"  # the compute device (host memory on a machine without a GPU)
-    CPU = "cpu"  # host memory (pinned where a GPU makes that pay)
-    DISK = "disk"  # files in the offload folder
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def dtype_bytes(name: str) -> int:
-    try:
-        return DTYPE_BYTES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPE_BYTES)}") from None
-
-
-def choose_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list[Tier]:
-    """Tier of each tensor, splitting a list of tensors by cumulative size (FlexGen's rule).
-
-    A tensor goes to the tier whose percentage range holds the midpoint of its cumulative size,
-    so gpu gets about `percents[0]` % of the bytes, cpu the next `percents[1]` %, disk the rest."""
-    total = sum(sizes)
-    if total == 0:
-        return [Tier.GPU] * len(sizes)
-    gpu_end, cpu_end = percents[0], percents[0] + percents[1]
-    tiers, acc = [], 0
-    for size in sizes:
-        mid = (acc + size / 2) / total * 100
-        acc += size
-        tiers.append(Tier.GPU if mid < gpu_end else Tier.CPU if mid < cpu_end else Tier.DISK)
-    return tiers
-
-
-@dataclass(frozen=True)
-class SlotPiece:
-    """A tensor view carved out of a flat byte slot."""
-
-    name: str  # the weight's name (or "k" / "v" in a KV scratch pair)
-    part: str  # "value" (in the compute dtype, what layers read), or a compressed part: "data", "scale", "mins"
-    offset: int  # bytes from the slot's start
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def _compressed_parts(name: str, shape: tuple[int, ...], config: CompressionConfig) -> list[tuple[str, str, tuple[int, ...], str]]:
-    shapes = compressed_shapes(shape, config)
-    return [(name, "data", shapes.data, "uint8"), (name, "scale", shapes.stats, "float16"), (name, "mins", shapes.stats, "float16")]
-
-
-def pack(pieces: list[tuple[str, str, tuple[int, ...], str]]) -> tuple[tuple[SlotPiece, ...], int]:
-    """Lay pieces (name, part, shape, dtype) out one after another, each start aligned; returns the
-    pieces with their offsets and the slot's length in bytes."""
-    out, end = [], 0
-    for name, part, shape, dtype in pieces:
-        out.append(SlotPiece(name, part, end, tuple(shape), dtype))
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        end += -(-numel * dtype_bytes(dtype) // SLOT_ALIGN) * SLOT_ALIGN
-    return tuple(out), end
-
+from .tiers import (  # noqa: F401 (re-exported: the placement's vocabulary)
+    ATTENTION_QUERY_CHUNK, DTYPE_BYTES, READ_ALIGN, SLOT_ALIGN, SlotPiece, Tier, choose_tiers, compressed_parts,
+    dtype_bytes, pack, slot_bytes,
+)
+from .working import Dims, working_buffers
 
 @dataclass(frozen=True)
 class Dtypes:
@@ -213,8 +149,8 @@ class Placement:
         pieces = [("k", "value", shape, self.dtypes.compute), ("v", "value", shape, self.dtypes.compute)]
         if self.policy.compress_cache and any(_staged(c.k_tier, self.buffers) or _staged(c.v_tier, self.buffers)
                                               for c in self.caches.values() if not c.in_place):
-            pieces += _compressed_parts("k", shape, self.policy.compression)
-            pieces += _compressed_parts("v", shape, self.policy.compression)
+            pieces += compressed_parts("k", shape, self.policy.compression)
+            pieces += compressed_parts("v", shape, self.policy.compression)
         return pack(pieces)[0]
 
     def buffer(self, name: str) -> BufferPlace:
@@ -235,7 +171,7 @@ class Placement:
                     continue
                 name = f"{w.layer_idx}.{w.name}"
                 if w.compressed:
-                    pieces += _compressed_parts(name, w.shape, self.policy.compression)
+                    pieces += compressed_parts(name, w.shape, self.policy.compression)
                 else:
                     dtype = self.dtypes.compute if tier is Tier.GPU else self.dtypes.storage
                     pieces.append((name, "value", w.shape, dtype))
@@ -246,7 +182,7 @@ class Placement:
         if w.tier is Tier.DISK:
             return w.nbytes
         if w.compressed:
-            return pack(_compressed_parts(w.name, w.shape, self.policy.compression))[1]
+            return pack(compressed_parts(w.name, w.shape, self.policy.compression))[1]
         return pack([(w.name, "value", w.shape, self.dtypes.compute if w.tier is Tier.GPU else self.dtypes.storage)])[1]
 
     def cache_footprint(self, c: CachePlace, tier: Tier) -> int:
@@ -256,7 +192,7 @@ class Placement:
             return c.nbytes
         shape = self.cache_shape(self.workload.seq_len)
         if c.compressed:
-            return pack(_compressed_parts("c", shape, self.policy.compression))[1]
+            return pack(compressed_parts("c", shape, self.policy.compression))[1]
         return pack([("c", "value", shape, self.cache_dtype)])[1]
 
     def weight_bytes(self) -> dict[Tier, int]:
@@ -276,7 +212,7 @@ class Placement:
                 if where is tier:
                     name = f"L{c.layer_idx}b{c.batch_idx}{which}"
                     if c.compressed:
-                        pieces += _compressed_parts(name, shape, self.policy.compression)
+                        pieces += compressed_parts(name, shape, self.policy.compression)
                     else:
                         pieces.append((name, "value", shape, self.cache_dtype))
         return pack(pieces)
@@ -340,7 +276,7 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
             places.append(WeightPlace(unit.layer_idx, ws.name, ws.shape, tier, nbytes, compressed))
         weights[unit.layer_idx] = tuple(places)
         layouts[unit.layer_idx] = _weight_slot_layout(places, dtypes, config, buffers)
-    spec_dims = _Dims.of(spec)
+    spec_dims = Dims.of(spec)
     gbs, num_batches = policy.gpu_batch_size, policy.num_gpu_batches
     cache_shape = (workload.seq_len, gbs, spec.num_kv_heads, spec.head_dim)
     if policy.compress_cache:
@@ -364,7 +300,7 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
         for batch_idx, tier in enumerate(choose_tiers([1] * num_batches, policy.percents("act")))
     )
     placement = Placement(policy, dtypes, workload, buffers, weights, layouts, caches, acts, (), spec, units)
-    working = _working_buffers(placement, spec_dims, compute)
+    working = working_buffers(placement, spec_dims, compute)
     return Placement(policy, dtypes, workload, buffers, weights, layouts, caches, acts, working, spec, units)
 
 
@@ -379,18 +315,11 @@ def _weight_slot_layout(places, dtypes: Dtypes, config: CompressionConfig, buffe
     pieces = []
     for w in places:
         if w.compressed and _staged(w.tier, buffers):
-            pieces += _compressed_parts(w.name, w.shape, config)
+            pieces += compressed_parts(w.name, w.shape, config)
     for w in places:
         if not w.resident:
             pieces.append((w.name, "value", w.shape, dtypes.compute))
     return pack(pieces)[0]
-
-
-def _slot_bytes(layout: tuple[SlotPiece, ...]) -> int:
-    if not layout:
-        return 0
-    last = layout[-1]
-    return pack([(last.name, last.part, last.shape, last.dtype)])[1] + last.offset
 
 
 def _attends_in_place(k_tier: Tier, v_tier: Tier, policy: Policy, buffers: Buffers) -> bool:
@@ -403,79 +332,3 @@ def _attends_in_place(k_tier: Tier, v_tier: Tier, policy: Policy, buffers: Buffe
     return policy.cpu_cache_compute and k_tier is Tier.CPU and v_tier is Tier.CPU
 
 
-@dataclass(frozen=True)
-class _Dims:
-    hidden: int
-    kv_dim: int
-    q_dim: int
-    intermediate: int
-    num_heads: int
-    vocab: int
-
-    @classmethod
-    def of(cls, spec: ModelSpec) -> "_Dims":
-        return cls(spec.hidden_size, spec.kv_dim, spec.num_heads * spec.head_dim, spec.intermediate_size,
-                   spec.num_heads, spec.vocab_size)
-
-
-def _working_buffers(p: Placement, dims: _Dims, compute: int) -> tuple[BufferPlace, ...]:
-    b, policy, w = p.buffers, p.policy, p.workload
-    device_tier = Tier.GPU
-    out = []
-    slot_bytes = max((_slot_bytes(layout) for layout in p.slot_layouts.values()), default=0)
-    if slot_bytes:
-        out.append(BufferPlace("weight slots", device_tier, b.prefetch_depth + 1, slot_bytes))
-    if any(not c.in_place for c in p.caches.values()):
-        out.append(BufferPlace("kv scratch", device_tier, 2, _slot_bytes(p.scratch_layout(w.seq_len))))
-    host = Tier.CPU if b.separate_gpu else Tier.GPU  # without a GPU, the gpu tier is the host memory it runs in
-    if p.has_disk():
-        out.append(BufferPlace("read buffers", host, max(1, b.io_threads), _read_buffer_bytes(p, dims)))
-    if b.num_ranks > 1:
-        # Receives of a task's input (every GPU batch) and the sends not yet completed.
-        wire = Tier.GPU  # gloo's host buffers without a GPU, NCCL's device buffers with one
-        each = policy.gpu_batch_size * w.prompt_len * dims.hidden * compute
-        out.append(BufferPlace("send/recv", wire, 2 * policy.num_gpu_batches, each))
-    out.append(BufferPlace("compute workspace", device_tier, 1, _workspace_bytes(p, dims, compute), estimate=True))
-    return tuple(out)
-
-
-def _read_buffer_bytes(p: Placement, dims: _Dims) -> int:
-    """One read: a chunk of whole rows (at least one row, at most the largest disk tensor), plus
-    O_DIRECT's alignment slack. A compressed tensor is three files (data, scale, mins)."""
-    storage, compute = dtype_bytes(p.dtypes.storage), dtype_bytes(p.dtypes.compute)
-    config = p.policy.compression
-    tensors = []  # (bytes of a row, bytes of the tensor) of every disk file
-
-    def add(shape: tuple[int, ...], compressed: bool, itemsize: int) -> None:
-        if compressed:
-            rows = compressed_row_bytes(shape, config)
-            tensors.extend((part, part * shape[0]) for part in (rows.data, rows.scale))
-        else:
-            row = itemsize
-            for dim in shape[1:]:
-                row *= dim
-            tensors.append((row, row * shape[0]))
-
-    for places in p.weights.values():
-        for place in places:
-            if place.tier is Tier.DISK:
-                add(place.shape, place.compressed, storage)
-    if p.cache_bytes()[Tier.DISK]:
-        add(p.cache_shape(p.workload.seq_len), p.policy.compress_cache, dtype_bytes(p.cache_dtype))
-    if p.act_bytes()[Tier.DISK]:
-        add((p.workload.prompt_len, p.policy.gpu_batch_size, dims.hidden), False, compute)
-    need = max(min(total, max(row, p.buffers.chunk_bytes)) for row, total in tensors)
-    return need + 2 * READ_ALIGN
-
-
-def _workspace_bytes(p: Placement, dims: _Dims, compute: int) -> int:
-    """Transient memory of one GPU batch's layer compute (an estimate): the peak of the prefill's
-    phases, not their sum. Attention: the input and its norm, q, k, v and their rotated copies, the
-    output, and the scores of one chunk of queries in fp32 (the math backend's worst case). MLP:
-    the input and its norm, gate, up, the activation and the product. Head: fp32 logits."""
-    gbs, prompt, seq = p.policy.gpu_batch_size, p.workload.prompt_len, p.workload.seq_len
-    attention = gbs * prompt * (2 * dims.hidden + 3 * dims.q_dim + 3 * dims.kv_dim) * compute
-    attention += gbs * max(dims.num_heads, 1) * min(prompt, ATTENTION_QUERY_CHUNK) * seq * 4
-    mlp = gbs * prompt * (2 * dims.hidden + 4 * dims.intermediate) * compute
-    head = gbs * (prompt if p.buffers.scoring else 1) * dims.vocab * 4
-    return max(attention, mlp, head)

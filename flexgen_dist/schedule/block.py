@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .pipeline import LaneTask, Task, token_receives  # noqa: F401 (Task, LaneTask: the schedule's vocabulary)
+
 
 @dataclass(frozen=True)
 class OpenBlock:
@@ -183,20 +185,6 @@ Op = (
     OpenBlock | CloseBlock | LoadWeight | FreeWeight | LoadCache | StoreCache | LoadActivation | StoreActivation
     | Compute | SendActivation | RecvActivation | SendControl | RecvControl | SendTokens | RecvTokens
 )
-Task = tuple[int, int]  # (block_idx, token_idx)
-
-
-@dataclass(frozen=True)
-class LaneTask:
-    """A task and the pipeline lane it runs in (schedule/pipeline.py)."""
-
-    block_idx: int
-    token_idx: int
-    lane: int = 0
-
-    @property
-    def task(self) -> Task:
-        return (self.block_idx, self.token_idx)
 
 
 @dataclass(frozen=True)
@@ -237,40 +225,6 @@ def compute_order(tasks: list[LaneTask], stage: StageShape) -> list[Compute]:
     ]
 
 
-def _token_receives(tasks: list[LaneTask]) -> tuple[dict[int, int], dict[int, list[int]]]:
-    """When the first stage receives the tokens the last stage sampled in each task.
-
-    The last stage sends them in task order, and receives match sends in the order they are
-    posted, so the first stage must post its receives in task order too. A task's tokens are
-    needed by its block's next task; a block's final tokens are needed by nobody, and are received
-    just before its lane's next task (so the block closes before the lane's next block opens), or
-    at the end. Moving a receive earlier than that only waits longer, never wrongly, so a backward
-    pass makes the positions non-decreasing in task order.
-    Returns ({task index: index of the task that consumes it}, {task index: receives posted at its
-    start, in task order}); position len(tasks) means after the last task."""
-    n = len(tasks)
-    next_of_block: dict[int, int] = {}
-    consumer: dict[int, int] = {}
-    want = [n] * n
-    for i in range(n - 1, -1, -1):
-        block = tasks[i].block_idx
-        if block in next_of_block:
-            consumer[i] = want[i] = next_of_block[block]
-        next_of_block[block] = i
-    next_in_lane: dict[int, int] = {}
-    for i in range(n - 1, -1, -1):
-        if i not in consumer and tasks[i].lane in next_in_lane:
-            want[i] = next_in_lane[tasks[i].lane]
-        next_in_lane[tasks[i].lane] = i
-    for i in range(n - 2, -1, -1):
-        want[i] = min(want[i], want[i + 1])
-    early: dict[int, list[int]] = {}
-    for i in range(n):
-        if consumer.get(i) != want[i]:  # not received right before its consumer's compute
-            early.setdefault(want[i], []).append(i)
-    return {i: c for i, c in consumer.items() if want[i] == c}, early
-
-
 def rank_schedule(tasks: list[LaneTask], stage: StageShape, prefetch_depth: int = 1) -> list[Op]:
     """All ops of this rank for the given tasks (schedule/pipeline.py orders them), in issue order.
 
@@ -285,7 +239,7 @@ def rank_schedule(tasks: list[LaneTask], stage: StageShape, prefetch_depth: int 
     layer_starts = computes[::num_batches]  # the first compute of every (block, token, layer)
     first_layer, last_layer, last_batch = stage.layers[0], stage.layers[-1], num_batches - 1
     ring = stage.num_ranks > 1
-    at_consumer, early = _token_receives(tasks) if ring and stage.is_first else ({}, {})
+    at_consumer, early = token_receives(tasks) if ring and stage.is_first else ({}, {})
     consumed_by = {consumer: tasks[i].task for i, consumer in at_consumer.items()}
     per_task = len(stage.layers) * num_batches
     src = stage.num_ranks - 1

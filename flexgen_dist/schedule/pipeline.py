@@ -10,7 +10,57 @@ One rank: one lane, one block after another with all its tokens (the plain FlexG
 
 from __future__ import annotations
 
-from .block import LaneTask, Task
+from dataclasses import dataclass
+
+Task = tuple[int, int]  # (block_idx, token_idx)
+
+
+@dataclass(frozen=True)
+class LaneTask:
+    """A task and the pipeline lane it runs in (schedule/pipeline.py)."""
+
+    block_idx: int
+    token_idx: int
+    lane: int = 0
+
+    @property
+    def task(self) -> Task:
+        return (self.block_idx, self.token_idx)
+
+
+
+def token_receives(tasks: list[LaneTask]) -> tuple[dict[int, int], dict[int, list[int]]]:
+    """When the first stage receives the tokens the last stage sampled in each task.
+
+    The last stage sends them in task order, and receives match sends in the order they are
+    posted, so the first stage must post its receives in task order too. A task's tokens are
+    needed by its block's next task; a block's final tokens are needed by nobody, and are received
+    just before its lane's next task (so the block closes before the lane's next block opens), or
+    at the end. Moving a receive earlier than that only waits longer, never wrongly, so a backward
+    pass makes the positions non-decreasing in task order.
+    Returns ({task index: index of the task that consumes it}, {task index: receives posted at its
+    start, in task order}); position len(tasks) means after the last task."""
+    n = len(tasks)
+    next_of_block: dict[int, int] = {}
+    consumer: dict[int, int] = {}
+    want = [n] * n
+    for i in range(n - 1, -1, -1):
+        block = tasks[i].block_idx
+        if block in next_of_block:
+            consumer[i] = want[i] = next_of_block[block]
+        next_of_block[block] = i
+    next_in_lane: dict[int, int] = {}
+    for i in range(n - 1, -1, -1):
+        if i not in consumer and tasks[i].lane in next_in_lane:
+            want[i] = next_in_lane[tasks[i].lane]
+        next_in_lane[tasks[i].lane] = i
+    for i in range(n - 2, -1, -1):
+        want[i] = min(want[i], want[i + 1])
+    early: dict[int, list[int]] = {}
+    for i in range(n):
+        if consumer.get(i) != want[i]:  # not received right before its consumer's compute
+            early.setdefault(want[i], []).append(i)
+    return {i: c for i, c in consumer.items() if want[i] == c}, early
 
 
 def lane_tasks(block_tokens: list[int], num_ranks: int) -> list[LaneTask]:
