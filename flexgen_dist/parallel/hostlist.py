@@ -1,9 +1,11 @@
-"""SLURM host lists ("node[01-04,07],gpu-a[3,5-6]") expanded in pure Python, as
-`scontrol show hostnames` does, so finding rank 0's host needs no SLURM command on the node."""
+"""Hosts: SLURM host lists ("node[01-04,07],gpu-a[3,5-6]") expanded in pure Python, as
+`scontrol show hostnames` does, so finding rank 0's host needs no SLURM command on the node; and
+this host's free port and reachable address, for a rendezvous no launcher arranged."""
 
 from __future__ import annotations
 
 import re
+import socket
 
 from flexgen_dist.errors import UserError
 
@@ -79,3 +81,33 @@ def _expand_brackets(body: str, nodelist: str, var: str) -> list[str]:
         width = len(start_text)  # "01-10" keeps two digits; "8-10" has no padding
         out += [str(number).zfill(width) for number in range(start, end + 1)]
     return out
+
+
+def free_port() -> int:
+    """A TCP port free right now on this host (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _reachable_address() -> str:
+    """This host's address as other nodes see it: its name's address unless that is loopback."""
+    hostname = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(hostname)
+    except OSError:
+        addr = ""
+    if addr and not addr.startswith("127."):
+        return addr
+    try:  # the address of the interface with a route out; connect() on UDP sends nothing
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("10.255.255.255", 1))
+            addr = sock.getsockname()[0]
+        if addr and not addr.startswith(("127.", "0.")):
+            return addr
+    except OSError:
+        pass
+    return hostname
+
+
+# ---- small helpers --------------------------------------------------------------------------------

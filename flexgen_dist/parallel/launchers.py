@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from flexgen_dist.errors import UserError
 
-from .hostlist import first_host
+from .hostlist import _reachable_address, first_host, free_port  # noqa: F401 (free_port: callers import it here)
 
 logger = logging.getLogger(__name__)
 
@@ -288,36 +288,6 @@ def _mpi_exchange(rank: int, world_size: int, size_var: str, given_addr: str | N
         chosen = (addr, given_port if given_port is not None else free_port())
     addr, port = comm.bcast(chosen, root=0)
     return _Ranks(rank, world_size, local_rank, local_world_size, addr, port)
-
-
-def free_port() -> int:
-    """A TCP port free right now on this host (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-def _reachable_address() -> str:
-    """This host's address as other nodes see it: its name's address unless that is loopback."""
-    hostname = socket.gethostname()
-    try:
-        addr = socket.gethostbyname(hostname)
-    except OSError:
-        addr = ""
-    if addr and not addr.startswith("127."):
-        return addr
-    try:  # the address of the interface with a route out; connect() on UDP sends nothing
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect(("10.255.255.255", 1))
-            addr = sock.getsockname()[0]
-        if addr and not addr.startswith(("127.", "0.")):
-            return addr
-    except OSError:
-        pass
-    return hostname
-
-
-# ---- small helpers --------------------------------------------------------------------------------
 
 
 def _detect_cuda_device_count() -> int:
