@@ -9,6 +9,7 @@ names inside a unit mirror the checkpoint's module names, so loading is a copy; 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from .spec import ModelSpec
@@ -29,10 +30,7 @@ class WeightSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

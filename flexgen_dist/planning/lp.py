@@ -36,7 +36,8 @@ from .fit import Lattice, Point, lattices
 from .folding import FoldedRank
 from .hardware import Hardware
 from .layout import Unit, UnitKind
-from .placement import SLOT_ALIGN, Buffers, Dtypes, Placement, Tier, Workload, dtype_bytes
+from .placement import Buffers, Dtypes, Placement, Tier, Workload
+from .tiers import piece_bytes
 from .policy import Policy
 
 TIERS = (Tier.GPU, Tier.CPU, Tier.DISK)
@@ -206,16 +207,13 @@ class _WeightTerms:
 
     def slot(self, layer_idx: int) -> _Linear:
         """Bytes of the layer's staging slot: every non-resident piece, each aligned."""
-        def piece_bytes(p: Placement, w) -> float:
+        def slot_share(p: Placement, w) -> float:
             total = 0
             for piece in p.slot_layouts[layer_idx]:
                 if piece.name == w.name:
-                    numel = 1
-                    for dim in piece.shape:
-                        numel *= dim
-                    total += -(-numel * dtype_bytes(piece.dtype) // SLOT_ALIGN) * SLOT_ALIGN
+                    total += piece_bytes(piece.shape, piece.dtype)
             return total
-        return self.expr(layer_idx, piece_bytes)
+        return self.expr(layer_idx, slot_share)
 
 
 def _groups(rank: FoldedRank) -> list[tuple[Unit, bool, int]]:

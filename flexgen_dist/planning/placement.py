@@ -20,6 +20,7 @@ object, so what is planned is what is allocated (tests/test_placement.py measure
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .compression import CompressionConfig, compressed_nbytes
@@ -71,10 +72,7 @@ class WeightPlace:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
     @property
     def resident(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from .compression import CompressionConfig, compressed_shapes
@@ -68,11 +69,13 @@ def pack(pieces: list[tuple[str, str, tuple[int, ...], str]]) -> tuple[tuple[Slo
     out, end = [], 0
     for name, part, shape, dtype in pieces:
         out.append(SlotPiece(name, part, end, tuple(shape), dtype))
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        end += -(-numel * dtype_bytes(dtype) // SLOT_ALIGN) * SLOT_ALIGN
+        end += piece_bytes(shape, dtype)
     return tuple(out), end
+
+
+def piece_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    """What one piece takes in a slot: its bytes, rounded up to the alignment of the next one."""
+    return -(-math.prod(shape) * dtype_bytes(dtype) // SLOT_ALIGN) * SLOT_ALIGN
 
 
 

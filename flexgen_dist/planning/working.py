@@ -3,6 +3,7 @@ send/receive buffers, and an estimate of one GPU batch's compute workspace (pure
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,9 +65,7 @@ def _read_buffer_bytes(p: Placement, dims: Dims) -> int:
             rows = compressed_row_bytes(shape, config)
             tensors.extend((part, part * shape[0]) for part in (rows.data, rows.scale))
         else:
-            row = itemsize
-            for dim in shape[1:]:
-                row *= dim
+            row = itemsize * math.prod(shape[1:])
             tensors.append((row, row * shape[0]))
 
     for places in p.weights.values():

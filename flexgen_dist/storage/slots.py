@@ -13,6 +13,7 @@ streams and both are no-ops.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -54,10 +55,7 @@ class Slot:
         """The piece's tensor (its first `rows` rows when given: a shorter sequence)."""
         shape = piece.shape if rows is None else (rows, *piece.shape[1:])
         dtype = _DTYPES[piece.dtype]
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         return self.data[piece.offset : piece.offset + nbytes].view(dtype).view(shape)
 
 
