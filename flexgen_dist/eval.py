@@ -21,6 +21,7 @@ from . import DEFAULT_MODEL
 from .errors import UserError
 from .frontend.api import LLM
 from .frontend.model_source import ModelSource
+from .frontend.planner import plan_for
 from .planning.placement import Workload
 from .frontend.cli import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser, run_command
 
@@ -81,8 +82,16 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"--window must be at least 2, got {args.window}")
     ids = list(source.tokenizer(text, add_special_tokens=False)["input_ids"])
     chunks = windows(ids, window, args.max_tokens)
-    # the plan is for these windows: as many prompts, each as long as a window, scored (no new tokens)
-    kwargs = llm_kwargs_from_args(args, ctx, Workload(max(len(c) for c in chunks), 1), num_prompts=len(chunks))
+    # the plan is for these windows: as many prompts, each as long as a window, scored (no new
+    # tokens); or, through the cache, each a one-token prompt followed by the rest fed step by step
+    longest = max(len(c) for c in chunks)
+    workload = Workload(1, longest - 1) if args.through_cache else Workload(longest, 1)
+    kwargs = llm_kwargs_from_args(args, ctx, workload, num_prompts=len(chunks))
+    if args.print_policy:
+        plan = plan_for(source.spec, runtime=kwargs["runtime"], policy=kwargs["policy"], capacity=kwargs["capacity"],
+                        options=kwargs["search"], offload_dir=kwargs["offload_dir"], base=kwargs["base"])
+        print(plan.summary())
+        return 0
     llm = LLM(source, **kwargs)
     try:
         scores = llm.score(chunks, through_cache=args.through_cache)
