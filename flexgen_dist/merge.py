@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from .frontend.oneline import OneLineParser
 from .errors import UserError
 from .frontend.jobfiles import JobFileScanner
 from .frontend.outpath import atomic_output, check_output_path
@@ -114,7 +115,7 @@ def _expand(patterns: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flexgen_dist.merge", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m flexgen_dist.merge", description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="the job file the shards were run on (gives the order)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing merged output")
     parser.add_argument("output", help="the merged output (the --output the shard runs were given)")

@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from .frontend.oneline import OneLineParser
 from .errors import UserError
 from .planning.detect import detect_capacities
 from .planning.hardware import Hardware
@@ -159,7 +160,7 @@ def format_table(hardware: Hardware) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flexgen_dist.profile", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m flexgen_dist.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda where there is one)")
     parser.add_argument("--dtype", default=None, help="compute dtype (default: float32 on cpu, float16 on cuda)")
     parser.add_argument("--offload-dir", default=".", help="folder whose disk to measure: the one you pass to run")

@@ -92,6 +92,26 @@ def test_compare_prints_each_attempt_with_its_bound_and_the_in_memory_ratio(tiny
     assert data["ours"][-1]["bound"]["decode_tokens_per_s"] > 0
 
 
+def test_ours_flags_reach_every_run_of_ours_and_bad_ones_stop_before_any_work(tiny_models_cache, tmp_path):
+    model = tiny_models_cache.get("llama", num_hidden_layers=2)
+    out = tmp_path / "compare.json"
+    proc = _bench(["--model", str(model), "--prompt-len", "8", "--gen-len", "2", "--systems", "ours", "--blocks", "2x1",
+                   "--ours-flags=--compress-weight --compress-cache", "--offload-dir", str(tmp_path / "off"),
+                   "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for system in ("ours", "ours-in-memory"):
+        fields = data[system][0]["result"]["policy_fields"]
+        assert fields["compress_weight"] and fields["compress_cache"], (system, fields)
+
+    for flags, said in (("--compress-bits x", "invalid int value"), ("--no-such-flag", "has no --no-such-flag"),
+                        ("--offload-dir /elsewhere", "set by the bench itself")):
+        proc = _bench(["--shape", "opt-125m", "--systems", "ours", f"--ours-flags={flags}",
+                       "--offload-dir", str(tmp_path / "bad")], tmp_path)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --ours-flags") and said in proc.stderr, proc.stderr
+        assert not (tmp_path / "bad").exists()  # refused before the checkpoint is written
+
+
 def test_sweep_writes_a_csv_and_a_chart(tmp_path):
     csv_path, png = tmp_path / "sweep.csv", tmp_path / "sweep.png"
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None

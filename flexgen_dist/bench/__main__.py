@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..frontend.oneline import OneLineParser
 from .. import DEFAULT_MODEL
 from ..errors import UserError
 from ..frontend.cli import run_command
@@ -35,7 +36,7 @@ SWEEP_BLOCKS = "8x1,32x1,32x4"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flexgen_dist.bench", description=__doc__.splitlines()[0],
+    parser = OneLineParser(prog="python -m flexgen_dist.bench", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", default=None, help="Hugging Face model folder (default: --shape, else the bundled model)")
     parser.add_argument("--shape", default=None, help="a random-weight OPT checkpoint of this shape: opt-125m, opt-1.3b, opt-6.7b, ...")
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--blocks", default=None,
                          help=f"our blocks tried (gpu batch size x gpu batches), while they fit (default: {COMPARE_BLOCKS}; "
                               f"with --sweep {SWEEP_BLOCKS})")
+    compare.add_argument("--ours-flags", default="",
+                         help="more flags of python -m flexgen_dist.run for every run of ours, in one quoted string, "
+                              "e.g. --ours-flags='--compress-weight --compress-cache'")
     sweep = parser.add_argument_group("throughput against latency (--sweep)")
     sweep.add_argument("--sweep", action="store_true", help="run a grid of our policies (--blocks x --placements) and the "
                                                             "baselines (--batches), write --sweep-csv and --sweep-png")
@@ -141,6 +145,7 @@ def _model_dir(args: argparse.Namespace, offload: Path) -> Path:
 def _workload(args: argparse.Namespace):
     from .compare import Workload
 
+    ours_args = _ours_flags(args.ours_flags)
     offload = Path(args.offload_dir or tempfile.mkdtemp(prefix="flexgen-bench-"))
     offload.mkdir(parents=True, exist_ok=True)
     mem_limit = parse_size(args.mem_limit, "--mem-limit") if args.mem_limit else None
@@ -150,7 +155,30 @@ def _workload(args: argparse.Namespace):
         budget = mem_limit - int(1.5 * 2**30) if mem_limit else None
     if budget is not None and budget <= 0:
         raise UserError("--mem-limit leaves no budget after 1.5 GiB for the process itself; raise it or give --budget")
-    return Workload(_model_dir(args, offload), args.prompt_len, args.gen_len, mem_limit, budget, offload)
+    return Workload(_model_dir(args, offload), args.prompt_len, args.gen_len, mem_limit, budget, offload,
+                    ours_args=ours_args)
+
+
+def _ours_flags(text: str) -> tuple[str, ...]:
+    """--ours-flags, checked against run's parser now rather than after minutes of baselines."""
+    import shlex
+
+    from ..run import build_parser
+
+    flags = tuple(shlex.split(text))
+    owned = {"--model", "--prompt-len", "--gen-len", "--seed", "--stats-json", "--offload-dir", "--num-prompts"}
+    clash = sorted(owned & {f.split("=")[0] for f in flags})
+    if clash:
+        raise UserError(f"--ours-flags: {', '.join(clash)} are set by the bench itself; leave them out")
+    parser = build_parser()
+    parser.exit_on_error = False
+    try:
+        _, unknown = parser.parse_known_args(list(flags))
+    except argparse.ArgumentError as exc:
+        raise UserError(f"--ours-flags {text!r}: {exc}") from None
+    if unknown:
+        raise UserError(f"--ours-flags {text!r}: python -m flexgen_dist.run has no {' '.join(unknown)}")
+    return flags
 
 
 def _bounds(args: argparse.Namespace, w):

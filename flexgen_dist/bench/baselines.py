@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from flexgen_dist.frontend.oneline import OneLineParser
 from flexgen_dist.bench.memlimit import evict_from_page_cache, format_size, parse_size
 from flexgen_dist.errors import UserError
 
@@ -250,7 +251,7 @@ def _run(args) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m flexgen_dist.bench.baselines",
         description="One baseline run (transformers in memory, or Accelerate disk offload); prints one JSON line.",
     )

@@ -39,6 +39,7 @@ class Workload:
     budget: int | None  # bytes each system may place in RAM (Accelerate's max_memory; our tiers)
     offload_dir: Path
     seed: int = 0
+    ours_args: tuple[str, ...] = ()  # flags of `flexgen_dist.run` given to every run of ours (e.g. compression)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def ours_command(w: Workload, run: OursRun, stats_path: Path) -> list[str]:
         # On a machine without a GPU both tiers are RAM: half the budget each (the gpu tier holds
         # fp32 copies ready to compute, the cpu tier 16-bit copies); the rest goes to disk.
         cmd += ["--gpu-mem", str(w.budget // 2), "--cpu-mem", str(w.budget // 2)]
-    return cmd + list(run.extra_args)
+    return cmd + list(w.ours_args) + list(run.extra_args)
 
 
 def run_ours(w: Workload, run: OursRun, bounds: BoundModel | None = None) -> Attempt:

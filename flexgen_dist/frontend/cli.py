@@ -19,6 +19,7 @@ from ..planning.policy import Policy
 from ..planning.search import SearchOptions
 from ..planning.sizes import parse_size
 from ..storage.tiers import DiskIO
+from .oneline import OneLineParser
 from .planner import Capacity
 from .runtime import Runtime
 from .signals import Interrupted
@@ -46,7 +47,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def new_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A parser whose help shows defaults, with the option groups of GROUPS (in that order;
     a group a command does not use is not shown). Description and epilog keep their lines."""
-    parser = argparse.ArgumentParser(prog=prog, usage=f"{prog} [options]", description=description, epilog=epilog,
+    parser = OneLineParser(prog=prog, usage=f"{prog} [options]", description=description, epilog=epilog,
                                      formatter_class=HelpFormatter)
     parser._flexgen_groups = {title: parser.add_argument_group(title) for title in GROUPS}
     return parser

@@ -16,6 +16,12 @@ from .compression import CompressionConfig
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
+MAX_GPU_BATCHES = 4096
+"""Most GPU batches in a block (the placement lists each batch's cache for each layer)."""
+MAX_BLOCK_SIZE = 1 << 20
+"""Most sequences in a block: every one of them holds a KV cache for the whole block's run."""
+
+
 @dataclass(frozen=True)
 class Policy:
     gpu_batch_size: int = 1
@@ -60,6 +66,10 @@ class Policy:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"policy: {name} must be a whole number >= 1, got {value!r}")
+        if self.num_gpu_batches > MAX_GPU_BATCHES or self.gpu_batch_size * self.num_gpu_batches > MAX_BLOCK_SIZE:
+            raise UserError(f"policy: a block of {self.gpu_batch_size} x {self.num_gpu_batches} gpu batches is past the "
+                            f"limits ({MAX_GPU_BATCHES} gpu batches, {MAX_BLOCK_SIZE} sequences); give smaller "
+                            f"--gpu-batch-size / --num-gpu-batches")
         for kind in ("w", "cache", "act"):
             gpu = getattr(self, f"{kind}_gpu_percent")
             cpu = getattr(self, f"{kind}_cpu_percent")

@@ -1,0 +1,986 @@
+"""The cases of tools/hostile_audit.py: bad flags, model folders, inputs, outputs, offload
+folders, environment limits, launchers, and the merge / profile / eval / bench commands.
+
+Each case says what a user should see: "user" (exit 2, one line), "env" (exit 1, one line),
+"ok" (exit 0; a check compares the output with the reference run where there is one) or "sig".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hostile_audit import Case, CaseDir, Result, Skip
+
+PY = sys.executable
+RUN = [PY, "-m", "flexgen_dist.run"]
+EVAL = [PY, "-m", "flexgen_dist.eval"]
+MERGE = [PY, "-m", "flexgen_dist.merge"]
+PROFILE = [PY, "-m", "flexgen_dist.profile"]
+BENCH = [PY, "-m", "flexgen_dist.bench"]
+FAST = ["--no-warmup", "--quiet"]
+DISK = ["--percent", "0", "0", "100", "0", "100", "0"]  # every weight on the disk tier
+
+
+def s(*args) -> list[str]:
+    return [str(a) for a in args]
+
+
+def tiny(c: CaseDir, *extra) -> list[str]:
+    """A quick run of the tiny llama on random prompts."""
+    return RUN + s("--model", c.fx.llama, "--prompt-len", 4, "--num-prompts", 4, "--max-new-tokens", 2, *FAST, *extra)
+
+
+def job(c: CaseDir, input_path, *extra, model=None, output="out.jsonl") -> list[str]:
+    """A job of the tiny llama: --input, --output out.jsonl."""
+    return RUN + s("--model", model or c.fx.llama, "--input", input_path, "--output", output, "--max-new-tokens", 4,
+                   *FAST, *extra)
+
+
+def good_job(c: CaseDir, *extra, **kw) -> list[str]:
+    return job(c, c.fx.good, *extra, **kw)
+
+
+def lines(rows) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def good_rows(c: CaseDir) -> list[dict]:
+    return [json.loads(line) for line in c.fx.good.read_text().splitlines()]
+
+
+# ---- checks ---------------------------------------------------------------------------------------
+
+
+def matches_reference(name: str = "out.jsonl", ids: list | None = None):
+    """The output holds every reference id once, in input order, with the reference's tokens."""
+
+    def check(c: CaseDir, r: Result) -> str | None:
+        if r.code != 0:
+            return None
+        path = c.d / name
+        if not path.exists():
+            return f"exit 0 but no {name}"
+        rows = c.read_jsonl(name)
+        got = [json.dumps(row.get("id")) for row in rows]
+        want = ids if ids is not None else list(c.fx.reference)
+        if got != want:
+            return f"silent wrong output: ids {got} != {want}"
+        for row in rows:
+            key = json.dumps(row["id"])
+            if key in c.fx.reference and row["output_ids"] != c.fx.reference[key]:
+                return f"silent wrong output: id {key} gave {row['output_ids']}, reference {c.fx.reference[key]}"
+        return None
+
+    return check
+
+
+def nothing_written(*names):
+    def check(c: CaseDir, r: Result) -> str | None:
+        made = [n for n in names if (c.d / n).exists()]
+        return f"left {made} behind after an error" if made else None
+
+    return check
+
+
+def message_has(*fragments):
+    def check(c: CaseDir, r: Result) -> str | None:
+        missing = [f for f in fragments if f not in r.message]
+        return f"message lacks {missing}" if missing else None
+
+    return check
+
+
+def partial_nonempty(c: CaseDir, name: str = "out.jsonl") -> bool:
+    path = c.d / f"{name}.partial"
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def stdout_has(text):
+    def check(c: CaseDir, r: Result) -> str | None:
+        return None if r.code != 0 or text in r.stdout else f"stdout lacks {text!r}"
+
+    return check
+
+
+# ---- setups ---------------------------------------------------------------------------------------
+
+
+def write_input(content: str | bytes, name: str = "in.jsonl"):
+    def setup(c: CaseDir) -> None:
+        c.write(name, content)
+
+    return setup
+
+
+def fifo(name: str):
+    def setup(c: CaseDir) -> None:
+        os.mkfifo(c.d / name)
+
+    return setup
+
+
+def model_with(mutate):
+    """A copy of the tiny llama at `model/`, changed by mutate(path)."""
+
+    def setup(c: CaseDir) -> None:
+        mutate(c.copy_model(c.fx.llama))
+
+    return setup
+
+
+def edit_config(**changes):
+    def mutate(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        for key, value in changes.items():
+            if value is ...:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        (model / "config.json").write_text(json.dumps(config))
+
+    return mutate
+
+
+def edit_weights(fn):
+    def mutate(model: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(model / "model.safetensors")
+        fn(weights)
+        save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+
+    return mutate
+
+
+def _nan(weights):
+    weights["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+
+
+def _inf_embed(weights):
+    weights["model.embed_tokens.weight"][10:20] = float("inf")
+
+
+def _wrong_shape(weights):
+    import torch
+
+    weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 64)
+
+
+def _int_dtype(weights):
+    weights["model.layers.0.input_layernorm.weight"] = weights["model.layers.0.input_layernorm.weight"].to(
+        __import__("torch").int32)
+
+
+def _missing_tensor(weights):
+    del weights["model.layers.1.self_attn.o_proj.weight"]
+
+
+def truncate_file(name: str, keep: float):
+    def mutate(model: Path) -> None:
+        path = model / name
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * keep)])
+
+    return mutate
+
+
+def garbage_same_size(model: Path) -> None:
+    path = model / "model.safetensors"
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
+def header_length(value: int):
+    def mutate(model: Path) -> None:
+        path = model / "model.safetensors"
+        data = bytearray(path.read_bytes())
+        data[:8] = struct.pack("<Q", value)
+        path.write_bytes(bytes(data))
+
+    return mutate
+
+
+def header_offsets_past_end(model: Path) -> None:
+    """A well-formed header whose last tensor ends past the file (a copy cut short by exactly its data)."""
+    path = model / "model.safetensors"
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    path.write_bytes(data[: 8 + length + 16])
+
+
+def sharded_missing_shard(c: CaseDir) -> None:
+    model = c.copy_model(c.fx.sharded)
+    shards = sorted(model.glob("model-*.safetensors"))
+    shards[-1].unlink()
+
+
+def sharded_index_garbage(c: CaseDir) -> None:
+    model = c.copy_model(c.fx.sharded)
+    (model / "model.safetensors.index.json").write_text("{not json")
+
+
+def sharded_index_wrong_file(c: CaseDir) -> None:
+    model = c.copy_model(c.fx.sharded)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../fixtures/llama/model.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def opt_weights_in_llama(c: CaseDir) -> None:
+    model = c.copy_model(c.fx.llama)
+    (model / "model.safetensors").write_bytes((c.fx.opt / "model.safetensors").read_bytes())
+
+
+def pickle_named_safetensors(model: Path) -> None:
+    import torch
+
+    torch.save({"x": torch.zeros(3)}, model / "model.safetensors")
+
+
+def safetensors_dir(model: Path) -> None:
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").mkdir()
+
+
+def safetensors_fifo(model: Path) -> None:
+    (model / "model.safetensors").unlink()
+    os.mkfifo(model / "model.safetensors")
+
+
+def safetensors_symlink(model: Path) -> None:
+    target = model.parent / "blobs" / "abc123"
+    target.parent.mkdir()
+    (model / "model.safetensors").rename(target)
+    (model / "model.safetensors").symlink_to(target)
+
+
+def tokenizer_garbage(model: Path) -> None:
+    (model / "tokenizer.json").write_text("{this is not a tokenizer")
+
+
+def config_text(text: bytes):
+    def mutate(model: Path) -> None:
+        (model / "config.json").write_bytes(text)
+
+    return mutate
+
+
+# ---- offload folder -------------------------------------------------------------------------------
+
+
+def populated_offload(c: CaseDir) -> Path:
+    """Run the tiny job once with every weight on disk in `off/`; returns the weights folder."""
+    proc = subprocess.run(good_job(c, *DISK, "--offload-dir", "off", output="first.jsonl"), cwd=c.d,
+                          env=c.data["env"], capture_output=True, text=True, timeout=300)
+    if proc.returncode:
+        raise Skip(f"the populating run failed: {proc.stderr.strip()[-100:]}")
+    folders = list((c.d / "off").glob("weights-*"))
+    if len(folders) != 1:
+        raise Skip(f"expected one weights folder, found {folders}")
+    return folders[0]
+
+
+def first_bin(folder: Path) -> Path:
+    return sorted(folder.glob("*.bin"))[0]
+
+
+def offload_then(change):
+    def setup(c: CaseDir) -> None:
+        change(c, populated_offload(c))
+        (c.d / "first.jsonl").unlink()
+
+    return setup
+
+
+def torn_weight(c: CaseDir, folder: Path) -> None:
+    path = first_bin(folder)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def corrupt_same_size_same_mtime(c: CaseDir, folder: Path) -> None:
+    path = first_bin(folder)
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    for i in range(0, len(data), 4):
+        data[i : i + 4] = struct.pack("<f", 7.0)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def planted_symlink(c: CaseDir, folder: Path) -> None:
+    victim = c.write("victim.txt", "the user's precious file\n")
+    path = first_bin(folder)
+    path.unlink()
+    path.symlink_to(victim)
+
+
+def planted_entry_fifo(c: CaseDir, folder: Path) -> None:
+    entry = sorted(folder.glob("*.entry.json"))[0]
+    entry.unlink()
+    os.mkfifo(entry)
+
+
+def garbage_entry(c: CaseDir, folder: Path) -> None:
+    sorted(folder.glob("*.entry.json"))[0].write_bytes(b"\xff\xfe garbage")
+
+
+def chown_nobody(c: CaseDir, folder: Path) -> None:
+    os.chown(folder, 65534, 65534)
+
+
+def group_writable(c: CaseDir, folder: Path) -> None:
+    os.chmod(folder, 0o770)
+
+
+def stale_temp(c: CaseDir, folder: Path) -> None:
+    (folder / ".x.bin.12345.deadbeef.tmp").write_bytes(b"half a file")
+
+
+def weights_folder_is_symlink(c: CaseDir, folder: Path) -> None:
+    elsewhere = c.d / "elsewhere"
+    folder.rename(elsewhere)
+    folder.symlink_to(elsewhere)
+
+
+# ---- environment ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def signal_job_setup(c: CaseDir) -> None:
+    """A job of the bundled model long enough to be interrupted: 400 text prompts, small blocks."""
+    c.write("in.jsonl", lines({"id": i, "prompt": f"Line {i}: the function returns"} for i in range(400)))
+
+
+def signal_job(c: CaseDir) -> list[str]:
+    return RUN + s("--input", "in.jsonl", "--output", "out.jsonl", "--max-new-tokens", 24, "--policy", "manual",
+                   "--gpu-batch-size", 2, *FAST)
+
+
+def interrupted_check(c: CaseDir, r: Result) -> str | None:
+    if r.code not in (130, 143):
+        return None
+    if (c.d / "out.jsonl").exists():
+        return "an interrupted run wrote the final output"
+    if not partial_nonempty(c):
+        return "finished results were not kept"
+    if "run the same command again" not in r.message:
+        return "the line does not say how to resume"
+    return None
+
+
+def sigterm_then_resume(c: CaseDir) -> None:
+    signal_job_setup(c)
+    env = c.data["env"]
+    proc = subprocess.Popen(signal_job(c), cwd=c.d, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not partial_nonempty(c):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    if not partial_nonempty(c):
+        raise Skip("the first run ended before it could be interrupted")
+
+
+def resumed_check(c: CaseDir, r: Result) -> str | None:
+    if r.code != 0:
+        return None
+    ids = [row["id"] for row in c.read_jsonl("out.jsonl")]
+    if ids != list(range(400)):
+        return f"resumed output ids are not 0..399 in order (got {len(ids)})"
+    if (c.d / "out.jsonl.partial").exists() or (c.d / "out.jsonl.run.json").exists():
+        return "progress files left after a finished run"
+    return None
+
+
+# ---- merge ----------------------------------------------------------------------------------------
+
+
+def merge_setup(*, missing: int | None = None, duplicate: bool = False, garbage: bool = False, foreign: bool = False):
+    def setup(c: CaseDir) -> None:
+        c.write("in.jsonl", lines({"id": i, "input_ids": [5, 6]} for i in range(4)))
+        for index in range(2):
+            if index == missing:
+                continue
+            rows = [{"id": i, "output_ids": [7]} for i in range(4) if i % 2 == index]
+            if duplicate and index == 1:
+                rows.append({"id": 0, "output_ids": [7]})
+            if foreign and index == 1:
+                rows.append({"id": 99, "output_ids": [7]})
+            text = lines(rows) if not (garbage and index == 0) else "not json\n"
+            c.write(f"out.shard-{index}-of-2.jsonl", text)
+
+    return setup
+
+
+# ---- the cases ------------------------------------------------------------------------------------
+
+
+def flag_cases() -> list[Case]:
+    bad = [  # (name, flags) for the tiny quick run: every one is the user's mistake
+        ("max-new-tokens-text", ["--max-new-tokens", "abc"]),
+        ("max-new-tokens-zero", ["--max-new-tokens", "0"]),
+        ("max-new-tokens-negative", ["--max-new-tokens", "-5"]),
+        ("max-new-tokens-huge", ["--max-new-tokens", str(10**12)]),
+        ("gpu-batch-size-zero", ["--gpu-batch-size", "0"]),
+        ("gpu-batch-size-negative", ["--gpu-batch-size", "-1"]),
+        ("gpu-batch-size-float", ["--gpu-batch-size", "2.5"]),
+        ("gpu-batch-size-huge-manual", ["--policy", "manual", "--gpu-batch-size", str(10**9)]),
+        ("num-gpu-batches-zero", ["--num-gpu-batches", "0"]),
+        ("num-gpu-batches-huge-manual", ["--policy", "manual", "--num-gpu-batches", str(10**9)]),
+        ("percent-five-values", ["--percent", "1", "2", "3", "4", "5"]),
+        ("percent-over-100", ["--percent", "150", "0", "100", "0", "100", "0"]),
+        ("percent-negative", ["--percent", "-10", "110", "100", "0", "100", "0"]),
+        ("percent-nan", ["--percent", "nan", "0", "100", "0", "100", "0"]),
+        ("percent-inf", ["--percent", "inf", "0", "100", "0", "100", "0"]),
+        ("percent-sum-over-100", ["--percent", "60", "60", "100", "0", "100", "0"]),
+        ("percent-with-gpu-mem", ["--percent", "100", "0", "100", "0", "100", "0", "--gpu-mem", "1G"]),
+        ("manual-with-max-latency", ["--policy", "manual", "--max-latency", "5"]),
+        ("percent-with-max-latency", ["--percent", "100", "0", "100", "0", "100", "0", "--max-latency", "5"]),
+        ("manual-with-allow-compression", ["--policy", "manual", "--allow-compression"]),
+        ("max-latency-zero", ["--max-latency", "0"]),
+        ("max-latency-negative", ["--max-latency", "-1"]),
+        ("max-latency-nan", ["--max-latency", "nan"]),
+        ("max-latency-impossible", ["--max-latency", "1e-9"]),
+        ("shard-out-of-range", ["--shard", "4/4"]),
+        ("shard-zero-count", ["--shard", "0/0"]),
+        ("shard-text", ["--shard", "first"]),
+        ("shard-negative", ["--shard", "-1/4"]),
+        ("temperature-zero-sampling", ["--do-sample", "--temperature", "0"]),
+        ("temperature-negative", ["--temperature", "-1"]),
+        ("temperature-nan", ["--do-sample", "--temperature", "nan"]),
+        ("temperature-inf", ["--do-sample", "--temperature", "inf"]),
+        ("top-p-zero", ["--top-p", "0"]),
+        ("top-p-over-1", ["--top-p", "1.5"]),
+        ("top-p-nan", ["--top-p", "nan"]),
+        ("top-k-negative", ["--top-k", "-1"]),
+        ("seed-negative", ["--seed", "-1"]),
+        ("seed-huge", ["--seed", str(2**64)]),
+        ("stop-empty", ["--stop", ""]),
+        ("stop-token-ids-text", ["--stop-token-ids", "a,b"]),
+        ("stop-token-ids-outside-vocab", ["--stop-token-ids", "999999"]),
+        ("stop-token-ids-negative", ["--stop-token-ids=-1"]),
+        ("gpu-mem-text", ["--gpu-mem", "lots"]),
+        ("gpu-mem-negative", ["--gpu-mem", "-1G"]),
+        ("cpu-mem-one-byte", ["--cpu-mem", "1", "--gpu-mem", "1"]),
+        ("disk-mem-text", ["--disk-mem", "1X"]),
+        ("hardware-missing", ["--hardware", "nope.json"]),
+        ("prefetch-depth-zero", ["--prefetch-depth", "0"]),
+        ("prefetch-depth-huge", ["--prefetch-depth", str(10**9)]),
+        ("io-threads-zero", ["--io-threads", "0"]),
+        ("io-threads-huge", ["--io-threads", str(10**7)]),
+        ("compress-bits-3", ["--compress-weight", "--compress-bits", "3"]),
+        ("compress-group-size-zero", ["--compress-weight", "--compress-group-size", "0"]),
+        ("compress-group-size-negative", ["--compress-cache", "--compress-group-size", "-4"]),
+        ("attn-sparsity-zero", ["--attn-sparsity", "0"]),
+        ("attn-sparsity-two", ["--attn-sparsity", "2"]),
+        ("attn-sparsity-nan", ["--attn-sparsity", "nan"]),
+        ("comm-timeout-zero", ["--comm-timeout", "0"]),
+        ("comm-timeout-negative", ["--comm-timeout", "-1"]),
+        ("comm-timeout-nan", ["--comm-timeout", "nan"]),
+        ("device-cuda-without-gpu", ["--device", "cuda"]),
+        ("device-unknown", ["--device", "tpu"]),
+        ("device-garbage", ["--device", "cuda:x"]),
+        ("stage-layers-one-process", ["--stage-layers", "1,1"]),
+        ("stage-layers-text", ["--stage-layers", "a,b"]),
+        ("num-prompts-zero", ["--num-prompts", "0"]),
+        ("prompt-len-zero", ["--prompt-len", "0"]),
+        ("prompt-len-past-positions", ["--prompt-len", "100000"]),
+        ("overwrite-without-output", ["--overwrite"]),
+        ("unknown-flag", ["--frobnicate"]),
+    ]
+    cases = [Case(f"flag-{name}", "flags", "user", (lambda c, f=flags: tiny(c, *f))) for name, flags in bad]
+    cases += [
+        Case("flag-num-prompts-huge", "flags", "user",
+             lambda c: RUN + s("--model", c.fx.llama, "--prompt-len", 4, "--num-prompts", 10**12, *FAST), timeout=60),
+        Case("flag-top-k-past-vocab", "flags", "ok|user", lambda c: tiny(c, "--do-sample", "--top-k", 10**6)),
+        Case("flag-prompt-and-input", "flags", "user",
+             lambda c: RUN + s("--model", c.fx.llama, "--prompt", "hi", "--input", c.fx.good, "--output", "o.jsonl")),
+        Case("flag-input-without-output", "flags", "user", lambda c: RUN + s("--model", c.fx.llama, "--input", c.fx.good)),
+        Case("flag-input-with-prompt-len", "flags", "user", lambda c: good_job(c, "--prompt-len", 4)),
+        Case("flag-model-missing", "flags", "user", lambda c: RUN + s("--model", "no-such-model", *FAST)),
+        Case("flag-model-is-a-file", "flags", "user", lambda c: RUN + s("--model", c.fx.good, *FAST)),
+        Case("flag-hardware-garbage", "flags", "user", setup=write_input("{not json", "hw.json"),
+             argv=lambda c: tiny(c, "--hardware", "hw.json")),
+        Case("flag-hardware-folder", "flags", "user", lambda c: tiny(c, "--hardware", c.d)),
+        Case("flag-stop-without-tokenizer", "flags", "user",
+             lambda c: RUN + s("--model", c.fx.opt, "--prompt-len", 4, "--num-prompts", 2, "--stop", "x", *FAST)),
+    ]
+    return cases
+
+
+def model_cases() -> list[Case]:
+    def bad_model(name: str, mutate, expect: str = "user", **kw) -> Case:
+        return Case(f"model-{name}", "model", expect, setup=model_with(mutate),
+                    argv=lambda c: good_job(c, model="model"), **kw)
+
+    return [
+        bad_model("config-missing", lambda m: (m / "config.json").unlink()),
+        bad_model("config-not-json", config_text(b"{model_type: llama")),
+        bad_model("config-not-utf8", config_text(b'{"model_type": "llama\xff"}')),
+        bad_model("config-empty", config_text(b"")),
+        bad_model("config-a-list", config_text(b"[1, 2]")),
+        bad_model("config-is-folder", lambda m: ((m / "config.json").unlink(), (m / "config.json").mkdir())),
+        bad_model("config-hidden-size-string", edit_config(hidden_size="64")),
+        bad_model("config-layers-fraction", edit_config(num_hidden_layers=2.5)),
+        bad_model("config-layers-negative", edit_config(num_hidden_layers=-1)),
+        bad_model("config-heads-not-dividing", edit_config(num_attention_heads=5)),
+        bad_model("config-vocab-zero", edit_config(vocab_size=0)),
+        bad_model("config-vocab-bool", edit_config(vocab_size=True)),
+        bad_model("config-positions-zero", edit_config(max_position_embeddings=0)),
+        bad_model("config-model-type-gpt2", edit_config(model_type="gpt2")),
+        bad_model("config-model-type-missing", edit_config(model_type=...)),
+        bad_model("config-rope-unknown", edit_config(rope_scaling={"rope_type": "yarn", "factor": 2.0})),
+        bad_model("config-dtype-int8", edit_config(torch_dtype="int8", dtype="int8")),
+        bad_model("config-eps-negative", edit_config(rms_norm_eps=-1.0)),
+        bad_model("config-nan", config_text(b'{"model_type": "llama", "hidden_size": NaN}')),
+        bad_model("safetensors-missing", lambda m: (m / "model.safetensors").unlink()),
+        bad_model("safetensors-truncated-half", truncate_file("model.safetensors", 0.5)),
+        bad_model("safetensors-truncated-header", truncate_file("model.safetensors", 0.001)),
+        bad_model("safetensors-empty", truncate_file("model.safetensors", 0.0)),
+        bad_model("safetensors-garbage-same-size", garbage_same_size),
+        bad_model("safetensors-header-length-huge", header_length(2**63)),
+        bad_model("safetensors-header-length-zero", header_length(0)),
+        bad_model("safetensors-data-cut-off", header_offsets_past_end),
+        bad_model("safetensors-pickle-by-name", pickle_named_safetensors),
+        bad_model("safetensors-is-folder", safetensors_dir),
+        bad_model("safetensors-fifo", safetensors_fifo, timeout=60),
+        bad_model("safetensors-symlink-blob", safetensors_symlink, expect="ok", check=matches_reference()),
+        bad_model("weights-nan", edit_weights(_nan)),
+        bad_model("weights-inf-embedding-rows", edit_weights(_inf_embed)),
+        bad_model("weights-wrong-shape", edit_weights(_wrong_shape)),
+        bad_model("weights-int-dtype", edit_weights(_int_dtype)),
+        bad_model("weights-tensor-missing", edit_weights(_missing_tensor)),
+        bad_model("tokenizer-garbage", tokenizer_garbage),
+        Case("model-opt-weights-llama-config", "model", "user", setup=opt_weights_in_llama,
+             argv=lambda c: good_job(c, model="model")),
+        Case("model-shard-missing", "model", "user", setup=sharded_missing_shard, argv=lambda c: good_job(c, model="model")),
+        Case("model-shard-index-garbage", "model", "user", setup=sharded_index_garbage,
+             argv=lambda c: good_job(c, model="model")),
+        Case("model-shard-index-points-outside", "model", "user", setup=sharded_index_wrong_file,
+             argv=lambda c: good_job(c, model="model")),
+    ]
+
+
+def input_cases() -> list[Case]:
+    def rows_of(c):
+        return good_rows(c)
+
+    def bad_input(name: str, content, expect: str = "user", **kw) -> Case:
+        return Case(f"input-{name}", "input", expect, setup=write_input(content),
+                    argv=lambda c: job(c, "in.jsonl"), check=kw.pop("check", nothing_written("out.jsonl")), **kw)
+
+    def derived(name: str, make, expect: str = "ok", check=None, **kw) -> Case:
+        """An input made from the good one by make(text) -> bytes."""
+
+        def setup(c: CaseDir) -> None:
+            c.write("in.jsonl", make(c.fx.good.read_text()))
+
+        return Case(f"input-{name}", "input", expect, setup=setup, argv=lambda c: job(c, "in.jsonl"),
+                    check=check or (matches_reference() if expect == "ok" else nothing_written("out.jsonl")), **kw)
+
+    def dup_id(text: str) -> bytes:
+        rows = [json.loads(x) for x in text.splitlines()]
+        rows[3]["id"] = rows[1]["id"]
+        return lines(rows).encode()
+
+    def mixed_ids(text: str) -> bytes:
+        rows = [json.loads(x) for x in text.splitlines()][:2]
+        rows[0]["id"], rows[1]["id"] = 1, "1"
+        return lines(rows).encode()
+
+    def unknown_fields(text: str) -> bytes:
+        rows = [json.loads(x) for x in text.splitlines()]
+        for row in rows:
+            row.update(label="mine", meta={"a": [1, 2]}, Temperature=7)
+        return lines(rows).encode()
+
+    def mixed_id_check(c: CaseDir, r: Result) -> str | None:
+        if r.code != 0:
+            return None
+        rows = c.read_jsonl("out.jsonl")
+        ids = [row["id"] for row in rows]
+        if ids != [1, "1"]:
+            return f"ids came back as {ids!r}, not [1, '1']"
+        ref = list(c.fx.reference.values())
+        if [row["output_ids"] for row in rows] != ref[:2]:
+            return "silent wrong output for mixed-type ids"
+        return None
+
+    openai = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hello", "max_tokens": 3}}
+
+    def oa(**changes):
+        row = json.loads(json.dumps(openai))
+        for key, value in changes.items():
+            if key.startswith("body_"):
+                if value is ...:
+                    row["body"].pop(key[5:], None)
+                else:
+                    row["body"][key[5:]] = value
+            elif value is ...:
+                row.pop(key, None)
+            else:
+                row[key] = value
+        return lines([row])
+
+    return [
+        derived("non-utf8", lambda t: t.encode().replace(b'"p2"', b'"p\xff2"'), expect="user"),
+        derived("latin1-prompt", lambda t: b'{"id": 1, "prompt": "caf\xe9"}\n', expect="user"),
+        derived("bom", lambda t: b"\xef\xbb\xbf" + t.encode()),
+        derived("crlf", lambda t: t.replace("\n", "\r\n").encode()),
+        derived("blank-lines", lambda t: ("\n\n" + t.replace("\n", "\n   \n")).encode()),
+        derived("no-final-newline", lambda t: t.rstrip("\n").encode()),
+        derived("duplicate-ids", dup_id, expect="user"),
+        derived("mixed-type-ids", mixed_ids, check=mixed_id_check),
+        derived("unknown-fields", unknown_fields),
+        derived("nul-byte", lambda t: t.encode().replace(b"}\n", b"}\x00\n", 1), expect="user"),
+        bad_input("empty-file", ""),
+        bad_input("only-blank-lines", "\n\n  \n"),
+        bad_input("json-array-line", "[1, 2, 3]\n"),
+        bad_input("id-float", lines([{"id": 1.5, "input_ids": [5, 6]}])),
+        bad_input("id-bool", lines([{"id": True, "input_ids": [5, 6]}])),
+        bad_input("id-huge-int", '{"id": ' + "9" * 5000 + ', "input_ids": [5, 6]}\n'),
+        bad_input("deep-nesting", '{"id": 1, "input_ids": [5], "x": ' + "[" * 100000 + "]" * 100000 + "}\n"),
+        bad_input("empty-prompt", lines([{"id": 1, "prompt": ""}])),
+        bad_input("empty-input-ids", lines([{"id": 1, "input_ids": []}])),
+        bad_input("input-ids-outside-vocab", lines([{"id": 1, "input_ids": [5, 100000]}])),
+        bad_input("input-ids-strings", lines([{"id": 1, "input_ids": ["5", "6"]}])),
+        bad_input("max-new-tokens-string", lines([{"id": 1, "input_ids": [5], "max_new_tokens": "5"}])),
+        bad_input("max-new-tokens-zero", lines([{"id": 1, "input_ids": [5], "max_new_tokens": 0}])),
+        bad_input("temperature-nan", '{"id": 1, "input_ids": [5], "temperature": NaN}\n'),
+        bad_input("duplicate-key", '{"id": 1, "id": 2, "input_ids": [5]}\n'),
+        bad_input("huge-line", lines([{"id": 1, "prompt": "word " * 400_000}]), timeout=120),
+        bad_input("mixed-formats", lines([{"id": 1, "input_ids": [5]}, json.loads(oa())])),
+        bad_input("openai-no-body", oa(body=...)),
+        bad_input("openai-body-string", oa(body="hello")),
+        bad_input("openai-method-get", oa(method="GET")),
+        bad_input("openai-bad-url", oa(url="/v1/embeddings")),
+        bad_input("openai-no-custom-id", oa(custom_id=...)),
+        bad_input("openai-n-2", oa(body_n=2)),
+        bad_input("openai-logprobs", oa(body_logprobs=True)),
+        bad_input("openai-unknown-body-field", oa(body_frequency_penalty_x=1)),
+        bad_input("openai-chat-without-template", oa(url="/v1/chat/completions", body_prompt=...,
+                                                     body_messages=[{"role": "user", "content": "hi"}])),
+        bad_input("openai-messages-on-completions", oa(body_messages=[{"role": "user", "content": "hi"}])),
+        bad_input("openai-max-tokens-negative", oa(body_max_tokens=-1)),
+        Case("input-openai-good", "input", "ok", setup=write_input(oa()), argv=lambda c: job(c, "in.jsonl"),
+             check=lambda c, r: None if r.code or c.read_jsonl("out.jsonl")[0]["custom_id"] == "a" else "bad custom_id"),
+        Case("input-is-folder", "input", "user", argv=lambda c: job(c, c.d)),
+        Case("input-fifo", "input", "user", setup=fifo("in.jsonl"), argv=lambda c: job(c, "in.jsonl"), timeout=60),
+        Case("input-dev-zero", "input", "user", argv=lambda c: job(c, "/dev/zero"), timeout=60),
+        Case("input-dev-stdin", "input", "user", argv=lambda c: job(c, "/dev/stdin"), timeout=60),
+        Case("input-missing", "input", "user", argv=lambda c: job(c, "nope.jsonl")),
+        Case("input-symlink", "input", "ok", setup=lambda c: (c.d / "in.jsonl").symlink_to(c.fx.good),
+             argv=lambda c: job(c, "in.jsonl"), check=matches_reference()),
+        Case("input-unreadable", "input", "user", setup=_unreadable_input, argv=lambda c: job(c, "in.jsonl")),
+    ]
+
+
+def _unreadable_input(c: CaseDir) -> None:
+    """A job file the process cannot read: chmod 000 does not stop root, so read it through a
+    folder it cannot search as user nobody... simpler: a file on a tmpfs mounted noexec does
+    not help either; we use a path component that is a file."""
+    c.write("in.jsonl", c.fx.good.read_text())
+    os.chmod(c.d / "in.jsonl", 0)
+    if os.geteuid() == 0:
+        raise Skip("root reads a mode-000 file")
+
+
+def output_cases() -> list[Case]:
+    def protected(name: str, text: str = "the user's file\n"):
+        def setup(c: CaseDir) -> None:
+            c.write(name, text)
+
+        return setup
+
+    def symlink_to_victim(name: str):
+        def setup(c: CaseDir) -> None:
+            victim = c.write("victim.txt", "the user's precious file\n")
+            (c.d / name).symlink_to(victim)
+
+        return setup
+
+    def readonly_folder(c: CaseDir) -> None:
+        mount = c.mount_tmpfs("ro", "size=1m")
+        (mount / "keep.txt").write_text("x")
+        c.remount_ro(mount)
+
+    def full_disk(c: CaseDir) -> None:
+        mount = c.mount_tmpfs("full", "size=16k")
+        try:
+            (mount / "filler").write_bytes(b"x" * (16 << 10))
+        except OSError:
+            pass
+
+    return [
+        Case("output-is-folder", "output", "user", setup=lambda c: (c.d / "o").mkdir(),
+             argv=lambda c: good_job(c, output="o")),
+        Case("output-trailing-slash", "output", "user", argv=lambda c: good_job(c, output="newdir/")),
+        Case("output-dev-null", "output", "user", argv=lambda c: good_job(c, output="/dev/null")),
+        Case("output-dev-full", "output", "user", argv=lambda c: good_job(c, output="/dev/full")),
+        Case("output-fifo", "output", "user", setup=fifo("o.jsonl"), argv=lambda c: good_job(c, output="o.jsonl"), timeout=60),
+        Case("output-symlink", "output", "user", setup=symlink_to_victim("o.jsonl"), argv=lambda c: good_job(c, output="o.jsonl")),
+        Case("output-partial-symlink", "output", "user", setup=symlink_to_victim("o.jsonl.partial"),
+             argv=lambda c: good_job(c, output="o.jsonl")),
+        Case("output-missing-folder", "output", "user", argv=lambda c: good_job(c, output="no/such/o.jsonl")),
+        Case("output-read-only-folder", "output", "user", setup=readonly_folder, argv=lambda c: good_job(c, output="ro/o.jsonl")),
+        Case("output-same-as-input", "output", "user", setup=protected("in.jsonl", ""),
+             argv=lambda c: job(c, "in.jsonl", output="in.jsonl")),
+        Case("output-same-as-input-via-link", "output", "user",
+             setup=lambda c: (c.write("in.jsonl", c.fx.good.read_text()), os.link(c.d / "in.jsonl", c.d / "o.jsonl")),
+             argv=lambda c: job(c, "in.jsonl", output="o.jsonl")),
+        Case("output-exists", "output", "user", setup=protected("o.jsonl"), argv=lambda c: good_job(c, output="o.jsonl")),
+        Case("output-exists-overwrite", "output", "ok", setup=protected("o.jsonl"), owns=("o.jsonl",),
+             argv=lambda c: good_job(c, "--overwrite", output="o.jsonl"), check=matches_reference("o.jsonl")),
+        Case("output-empty-string", "output", "user", argv=lambda c: good_job(c, output="")),
+        Case("output-disk-full", "output", "env", setup=full_disk, argv=lambda c: good_job(c, output="full/o.jsonl")),
+        Case("output-stdout", "output", "ok", argv=lambda c: good_job(c, output="-"),
+             check=lambda c, r: None if r.code or r.stdout.count('"output_ids"') == 6 else "stdout lacks the 6 results"),
+        Case("trace-missing-folder", "output", "user", argv=lambda c: good_job(c, "--trace", "no/such/t.json"),
+             check=nothing_written("out.jsonl")),
+        Case("trace-is-folder", "output", "user", setup=lambda c: (c.d / "t").mkdir(),
+             argv=lambda c: good_job(c, "--trace", "t"), check=nothing_written("out.jsonl")),
+        Case("trace-same-as-input", "output", "user", setup=lambda c: c.write("in.jsonl", c.fx.good.read_text()),
+             argv=lambda c: job(c, "in.jsonl", "--trace", "in.jsonl")),
+        Case("trace-symlink", "output", "user", setup=symlink_to_victim("t.json"), argv=lambda c: good_job(c, "--trace", "t.json")),
+        Case("stats-json-missing-folder", "output", "user", argv=lambda c: good_job(c, "--stats-json", "no/such/s.json"),
+             check=nothing_written("out.jsonl")),
+        Case("stats-json-same-as-input", "output", "user", setup=lambda c: c.write("in.jsonl", c.fx.good.read_text()),
+             argv=lambda c: job(c, "in.jsonl", "--stats-json", "in.jsonl")),
+        Case("stats-json-same-as-output", "output", "user", argv=lambda c: good_job(c, "--stats-json", "out.jsonl")),
+        Case("stats-json-symlink", "output", "user", setup=symlink_to_victim("s.json"),
+             argv=lambda c: good_job(c, "--stats-json", "s.json")),
+        Case("stats-json-dev-full", "output", "user|env", argv=lambda c: good_job(c, "--stats-json", "/dev/full")),
+    ]
+
+
+def offload_cases() -> list[Case]:
+    def disk_job(c: CaseDir, *extra) -> list[str]:
+        return good_job(c, *DISK, "--offload-dir", "off", *extra)
+
+    def small_tmpfs(c: CaseDir) -> None:
+        c.mount_tmpfs("off", "size=1m")
+
+    def readonly_offload(c: CaseDir) -> None:
+        mount = c.mount_tmpfs("off", "size=4m")
+        c.remount_ro(mount)
+
+    def bundled_disk_job(c: CaseDir) -> list[str]:
+        return RUN + s("--prompt-len", 4, "--num-prompts", 2, "--max-new-tokens", 2, *DISK, "--offload-dir", "off", *FAST)
+
+    return [
+        Case("offload-none-given", "offload", "user", argv=lambda c: good_job(c, *DISK), check=nothing_written("out.jsonl")),
+        Case("offload-is-file", "offload", "user", setup=lambda c: c.write("off", "precious\n"), argv=disk_job),
+        Case("offload-dev-null", "offload", "user", argv=lambda c: good_job(c, *DISK, "--offload-dir", "/dev/null")),
+        Case("offload-read-only", "offload", "user", setup=readonly_offload, argv=disk_job),
+        Case("offload-no-space", "offload", "user|env", setup=small_tmpfs, argv=bundled_disk_job),
+        Case("offload-owned-by-nobody", "offload", "user", setup=offload_then(chown_nobody), argv=disk_job,
+             owns=("off/*",)),
+        Case("offload-group-writable", "offload", "user", setup=offload_then(group_writable), argv=disk_job,
+             owns=("off/*",)),
+        Case("offload-symlink-planted", "offload", "ok", setup=offload_then(planted_symlink), argv=disk_job,
+             owns=("off/*",), check=matches_reference()),
+        Case("offload-torn-weight", "offload", "ok", setup=offload_then(torn_weight), argv=disk_job,
+             owns=("off/*",), check=matches_reference()),
+        Case("offload-corrupt-verify", "offload", "ok", setup=offload_then(corrupt_same_size_same_mtime),
+             argv=lambda c: disk_job(c, "--verify-offload"), owns=("off/*",), check=matches_reference()),
+        Case("offload-entry-fifo", "offload", "ok", setup=offload_then(planted_entry_fifo), argv=disk_job,
+             owns=("off/*",), check=matches_reference(), timeout=60),
+        Case("offload-entry-garbage", "offload", "ok", setup=offload_then(garbage_entry), argv=disk_job,
+             owns=("off/*",), check=matches_reference()),
+        Case("offload-stale-temp", "offload", "ok", setup=offload_then(stale_temp), argv=disk_job,
+             owns=("off/*",), check=matches_reference()),
+        Case("offload-weights-folder-symlink", "offload", "user", setup=offload_then(weights_folder_is_symlink),
+             argv=disk_job, owns=("off/*",)),
+        Case("offload-dir-symlink-to-folder", "offload", "ok",
+             setup=lambda c: ((c.d / "real").mkdir(), (c.d / "off").symlink_to(c.d / "real")),
+             argv=disk_job, owns=("real/*",), check=matches_reference()),
+        Case("offload-kv-cache-on-disk", "offload", "ok",
+             argv=lambda c: good_job(c, "--percent", "100", "0", "0", "0", "100", "0", "--offload-dir", "off"),
+             check=matches_reference()),
+    ]
+
+
+def env_cases() -> list[Case]:
+    def ro_home(c: CaseDir) -> None:
+        mount = c.mount_tmpfs("home", "size=1m")
+        c.remount_ro(mount)
+
+    def cache_garbage(c: CaseDir) -> None:
+        cache = c.d / "cache"
+        cache.mkdir()
+        src = Path(c.data["env"]["FLEXGEN_CACHE_DIR"])
+        for path in src.glob("hardware-*.json") if src.is_dir() else ():
+            (cache / path.name).write_text("{garbage")
+        if not list(cache.iterdir()):
+            import socket as _socket
+
+            (cache / f"hardware-{_socket.gethostname()}-cpu-float32-tmp.json").write_text("{garbage")
+
+    return [
+        Case("env-rlimit-as-tiny", "env", "env", lambda c: good_job(c), rlimit_as=400 << 20),
+        Case("env-rlimit-as-run", "env", "env|user",
+             lambda c: tiny(c, "--policy", "manual", "--gpu-batch-size", 4096, "--prompt-len", 64), rlimit_as=3 << 30),
+        Case("env-cgroup-small", "env", "ok|env|user", lambda c: RUN + s("--max-new-tokens", 4, *FAST), cgroup_bytes=180 << 20,
+             timeout=180),
+        Case("env-sigterm-mid-run", "env", "sig", setup=signal_job_setup, argv=signal_job,
+             signal_when=(signal.SIGTERM, partial_nonempty), check=interrupted_check, timeout=180),
+        Case("env-sigint-mid-run", "env", "sig", setup=signal_job_setup, argv=signal_job,
+             signal_when=(signal.SIGINT, partial_nonempty), check=interrupted_check, timeout=180),
+        Case("env-sigint-at-start", "env", "sig", setup=signal_job_setup, argv=signal_job,
+             signal_when=(signal.SIGINT, lambda c: _waited(c, 0.4)), timeout=60),
+        Case("env-sigterm-at-start", "env", "sig", setup=signal_job_setup, argv=signal_job,
+             signal_when=(signal.SIGTERM, lambda c: _waited(c, 0.4)), timeout=60),
+        Case("env-resume-after-sigterm", "env", "ok", setup=sigterm_then_resume,
+             argv=signal_job, owns=("out.jsonl*",), check=resumed_check, timeout=240),
+        Case("env-read-only-home", "env", "ok", setup=ro_home, env=lambda c: {"HOME": str(c.d / "home"), "FLEXGEN_CACHE_DIR": None},
+             argv=lambda c: tiny(c)),
+        Case("env-cache-dir-is-file", "env", "ok|user", setup=lambda c: c.write("cachefile", "x"),
+             env=lambda c: {"FLEXGEN_CACHE_DIR": str(c.d / "cachefile")}, argv=lambda c: tiny(c), owns=("cachefile",)),
+        Case("env-cache-garbage", "env", "ok", setup=cache_garbage, env=lambda c: {"FLEXGEN_CACHE_DIR": str(c.d / "cache")},
+             argv=lambda c: tiny(c), owns=("cache/*",)),
+        Case("env-tmpdir-missing", "env", "ok|user", env={"TMPDIR": "/nonexistent/tmp"}, argv=lambda c: tiny(c)),
+    ]
+
+
+def _waited(c: CaseDir, seconds: float) -> bool:
+    start = c.data.setdefault("t0", time.monotonic())
+    return time.monotonic() - start >= seconds
+
+
+def dist_cases() -> list[Case]:
+    def peerless(rank: int):
+        return lambda c: {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+
+    return [
+        Case("dist-rank-without-world-size", "dist", "user", env={"RANK": "0"}, argv=lambda c: tiny(c)),
+        Case("dist-world-size-without-rank", "dist", "user", env={"WORLD_SIZE": "2"}, argv=lambda c: tiny(c)),
+        Case("dist-rank-past-world", "dist", "user", env={"RANK": "3", "WORLD_SIZE": "2"}, argv=lambda c: tiny(c)),
+        Case("dist-world-size-text", "dist", "user", env={"RANK": "0", "WORLD_SIZE": "two"}, argv=lambda c: tiny(c)),
+        Case("dist-master-port-bad", "dist", "user", env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "99999"},
+             argv=lambda c: tiny(c)),
+        Case("dist-no-peer-rank0", "dist", "env", env=peerless(0), argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
+        Case("dist-no-peer-rank1", "dist", "env", env=peerless(1), argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
+        Case("dist-ompi-rank-without-size", "dist", "user", env={"OMPI_COMM_WORLD_RANK": "0"}, argv=lambda c: tiny(c)),
+        Case("dist-slurm-procid-without-ntasks", "dist", "user", env={"SLURM_PROCID": "0", "SLURM_JOB_ID": "7"},
+             argv=lambda c: tiny(c)),
+        Case("dist-slurm-array-without-count", "dist", "user", env={"SLURM_ARRAY_TASK_ID": "1"},
+             argv=lambda c: good_job(c)),
+        Case("dist-eval-with-ranks", "dist", "user", env=peerless(0), argv=lambda c: EVAL + s("--comm-timeout", 3), timeout=90),
+    ]
+
+
+def other_command_cases() -> list[Case]:
+    def text_file(content: bytes):
+        return write_input(content, "t.txt")
+
+    def eval_tiny(c: CaseDir, *extra) -> list[str]:
+        return EVAL + s("--model", c.fx.llama, "--max-tokens", 64, *extra)
+
+    return [
+        # eval
+        Case("eval-window-one", "eval", "user", lambda c: eval_tiny(c, "--window", 1)),
+        Case("eval-window-zero", "eval", "user", lambda c: eval_tiny(c, "--window", 0)),
+        Case("eval-window-negative", "eval", "user", lambda c: eval_tiny(c, "--window", -3)),
+        Case("eval-max-tokens-zero", "eval", "user", lambda c: EVAL + s("--model", c.fx.llama, "--max-tokens", 0)),
+        Case("eval-max-tokens-negative", "eval", "user", lambda c: EVAL + s("--model", c.fx.llama, "--max-tokens", -5)),
+        Case("eval-text-missing", "eval", "user", lambda c: eval_tiny(c, "--text", "nope.txt")),
+        Case("eval-text-not-utf8", "eval", "user", setup=text_file(b"caf\xe9 au lait " * 20), argv=lambda c: eval_tiny(c, "--text", "t.txt")),
+        Case("eval-text-empty", "eval", "user", setup=text_file(b""), argv=lambda c: eval_tiny(c, "--text", "t.txt")),
+        Case("eval-text-one-char", "eval", "user", setup=text_file(b"x"), argv=lambda c: eval_tiny(c, "--text", "t.txt")),
+        Case("eval-text-folder", "eval", "user", lambda c: eval_tiny(c, "--text", c.d)),
+        Case("eval-text-fifo", "eval", "user", setup=fifo("t.txt"), argv=lambda c: eval_tiny(c, "--text", "t.txt"), timeout=60),
+        Case("eval-text-dev-zero", "eval", "user", lambda c: eval_tiny(c, "--text", "/dev/zero"), timeout=60),
+        Case("eval-no-tokenizer", "eval", "user", lambda c: EVAL + s("--model", c.fx.opt)),
+        Case("eval-percent-with-gpu-mem", "eval", "user",
+             lambda c: eval_tiny(c, "--percent", "100", "0", "100", "0", "100", "0", "--gpu-mem", "1G")),
+        Case("eval-good", "eval", "ok", setup=text_file(b"hello world, this is a test of the evaluation. " * 4),
+             argv=lambda c: eval_tiny(c, "--text", "t.txt"), check=stdout_has("perplexity:")),
+        # merge
+        Case("merge-good", "merge", "ok", setup=merge_setup(), argv=lambda c: MERGE + s("--input", "in.jsonl", "out.jsonl"),
+             check=lambda c, r: None if r.code or [x["id"] for x in c.read_jsonl("out.jsonl")] == [0, 1, 2, 3] else "wrong order"),
+        Case("merge-missing-shard", "merge", "user", setup=merge_setup(missing=1),
+             argv=lambda c: MERGE + s("--input", "in.jsonl", "out.jsonl"), check=nothing_written("out.jsonl")),
+        Case("merge-duplicate-id", "merge", "user", setup=merge_setup(duplicate=True),
+             argv=lambda c: MERGE + s("--input", "in.jsonl", "out.jsonl"), check=nothing_written("out.jsonl")),
+        Case("merge-foreign-id", "merge", "user", setup=merge_setup(foreign=True),
+             argv=lambda c: MERGE + s("--input", "in.jsonl", "out.jsonl"), check=nothing_written("out.jsonl")),
+        Case("merge-garbage-shard", "merge", "user", setup=merge_setup(garbage=True),
+             argv=lambda c: MERGE + s("--input", "in.jsonl", "out.jsonl"), check=nothing_written("out.jsonl")),
+        Case("merge-output-is-input", "merge", "user", setup=merge_setup(),
+             argv=lambda c: MERGE + s("--input", "in.jsonl", "in.jsonl", "out.shard-0-of-2.jsonl", "out.shard-1-of-2.jsonl")),
+        Case("merge-output-exists", "merge", "user", setup=lambda c: (merge_setup()(c), c.write("out.jsonl", "mine\n")),
+             argv=lambda c: MERGE + s("--input", "in.jsonl", "out.jsonl")),
+        Case("merge-output-is-shard", "merge", "user", setup=merge_setup(),
+             argv=lambda c: MERGE + s("--input", "in.jsonl", "--overwrite", "out.shard-0-of-2.jsonl",
+                                      "out.shard-0-of-2.jsonl", "out.shard-1-of-2.jsonl")),
+        Case("merge-input-missing", "merge", "user", setup=merge_setup(),
+             argv=lambda c: MERGE + s("--input", "nope.jsonl", "out.jsonl")),
+        Case("merge-no-input-flag", "merge", "user", setup=merge_setup(), argv=lambda c: MERGE + s("out.jsonl")),
+        Case("merge-shard-fifo", "merge", "user", setup=lambda c: (merge_setup()(c), os.mkfifo(c.d / "f.jsonl")),
+             argv=lambda c: MERGE + s("--input", "in.jsonl", "out.jsonl", "out.shard-0-of-2.jsonl", "f.jsonl"), timeout=60),
+        Case("merge-output-folder", "merge", "user", setup=lambda c: (merge_setup()(c), (c.d / "m").mkdir()),
+             argv=lambda c: MERGE + s("--input", "in.jsonl", "m", "out.shard-0-of-2.jsonl", "out.shard-1-of-2.jsonl")),
+        Case("merge-output-symlink", "merge", "user",
+             setup=lambda c: (merge_setup()(c), c.write("victim.txt", "precious\n"), (c.d / "m.jsonl").symlink_to(c.d / "victim.txt")),
+             argv=lambda c: MERGE + s("--input", "in.jsonl", "--overwrite", "m.jsonl", "out.shard-0-of-2.jsonl",
+                                      "out.shard-1-of-2.jsonl")),
+        # profile
+        Case("profile-device-unknown", "profile", "user", lambda c: PROFILE + s("--quick", "--device", "tpu")),
+        Case("profile-device-cuda", "profile", "user", lambda c: PROFILE + s("--quick", "--device", "cuda")),
+        Case("profile-dtype-int8", "profile", "user", lambda c: PROFILE + s("--quick", "--dtype", "int8")),
+        Case("profile-offload-missing", "profile", "user", lambda c: PROFILE + s("--quick", "--offload-dir", "nope/deeper")),
+        Case("profile-offload-is-file", "profile", "user", setup=lambda c: c.write("f", "precious\n"),
+             argv=lambda c: PROFILE + s("--quick", "--offload-dir", "f")),
+        Case("profile-out-missing-folder", "profile", "user", lambda c: PROFILE + s("--quick", "--out", "no/such/hw.json")),
+        Case("profile-out-folder", "profile", "user", setup=lambda c: (c.d / "hw").mkdir(),
+             argv=lambda c: PROFILE + s("--quick", "--out", "hw")),
+        Case("profile-out-symlink", "profile", "user",
+             setup=lambda c: (c.write("victim.txt", "precious\n"), (c.d / "hw.json").symlink_to(c.d / "victim.txt")),
+             argv=lambda c: PROFILE + s("--quick", "--out", "hw.json")),
+        Case("profile-offload-read-only", "profile", "user|env",
+             setup=lambda c: c.remount_ro(c.mount_tmpfs("ro", "size=1m")),
+             argv=lambda c: PROFILE + s("--quick", "--offload-dir", "ro")),
+        # bench (cheap: refused before anything runs)
+        Case("bench-systems-unknown", "bench", "user", lambda c: BENCH + s("--systems", "ours,vllm")),
+        Case("bench-blocks-zero", "bench", "user", lambda c: BENCH + s("--blocks", "0x1")),
+        Case("bench-batches-text", "bench", "user", lambda c: BENCH + s("--batches", "a,b")),
+        Case("bench-ranks-zero", "bench", "user", lambda c: BENCH + s("--ranks", "0")),
+        Case("bench-ranks-and-sweep", "bench", "user", lambda c: BENCH + s("--ranks", "1,2", "--sweep")),
+        Case("bench-shape-unknown", "bench", "user", lambda c: BENCH + s("--shape", "opt-9000b", "--offload-dir", "b")),
+        Case("bench-model-and-shape", "bench", "user", lambda c: BENCH + s("--model", c.fx.llama, "--shape", "opt-125m")),
+        Case("bench-mem-limit-text", "bench", "user", lambda c: BENCH + s("--mem-limit", "lots", "--offload-dir", "b")),
+        Case("bench-mem-limit-too-small", "bench", "user", lambda c: BENCH + s("--mem-limit", "1G", "--offload-dir", "b")),
+        Case("bench-prompt-len-negative", "bench", "user",
+             lambda c: BENCH + s("--prompt-len", -1, "--systems", "ours", "--blocks", "1x1", "--offload-dir", "b"), timeout=90),
+        Case("bench-gen-len-zero", "bench", "user",
+             lambda c: BENCH + s("--gen-len", 0, "--systems", "ours", "--blocks", "1x1", "--offload-dir", "b"), timeout=90),
+        Case("bench-json-missing-folder", "bench", "user",
+             lambda c: BENCH + s("--systems", "ours", "--blocks", "1x1", "--prompt-len", 4, "--gen-len", 2,
+                                 "--offload-dir", "b", "--json", "no/such/r.json"), timeout=180),
+        Case("bench-default-temp-folder", "bench", "user", lambda c: BENCH + s("--systems", "ours", "--blocks", "0x0")),
+        Case("bench-cores-zero", "bench", "user", lambda c: BENCH + s("--ranks", "1", "--cores", "0", "--offload-dir", "b"),
+             timeout=90),
+    ]
+
+
+def all_cases() -> list[Case]:
+    return flag_cases() + model_cases() + input_cases() + output_cases() + offload_cases() + env_cases() + \
+        dist_cases() + other_command_cases()
