@@ -78,7 +78,19 @@ def test_every_bad_input_is_one_line_with_file_and_line(cli, llama_dir, tmp_path
 
 @pytest.mark.parametrize("args, fragment", [
     (["--max-new-tokens", 0], "--max-new-tokens must be >= 1"),
-    (["--do-sample", "--temperature", 0], "--temperature must be > 0"),
+    (["--do-sample", "--temperature", 0], "--temperature must be a finite number > 0"),
+    (["--do-sample", "--temperature", "nan"], "--temperature must be a finite number > 0"),
+    (["--do-sample", "--temperature", "inf"], "--temperature must be a finite number > 0"),
+    (["--stop-token-ids", "999999"], "--stop-token-ids: 999999 is outside the model's vocabulary"),
+    (["--policy", "manual", "--max-latency", 5], "--max-latency guides the planner, but --policy manual"),
+    (["--percent", 100, 0, 100, 0, 100, 0, "--allow-compression"], "--allow-compression guides the planner, but --percent"),
+    (["--comm-timeout", 0], "--comm-timeout must be a positive number"),
+    (["--comm-timeout", "nan"], "--comm-timeout must be a positive number"),
+    (["--io-threads", 1000], "--io-threads must be between 1 and 64"),
+    (["--prefetch-depth", 10**9], "--prefetch-depth must be between 1 and 64"),
+    (["--policy", "manual", "--num-gpu-batches", 10**9], "is past the limits"),
+    (["--num-gpu-batches", 10**9], "is past the limits"),  # before a block of random prompts is made up
+    (["--num-prompts", 10**9, "--prompt-len", 8], "random tokens is past the"),
     (["--input", "IN"], "--input needs --output FILE"),
     (["--input", "IN", "--prompt", "hi", "--output", "OUT"], "not both"),
     (["--input", "IN", "--output", "OUT", "--shard", "4/4"], "--shard '4/4'"),
@@ -89,6 +101,19 @@ def test_bad_flags_are_one_line(cli, llama_dir, tmp_path, args, fragment):
     src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
     args = [str(tmp_path / "out.jsonl") if a == "OUT" else src if a == "IN" else a for a in args]
     one_error_line(*cli("--model", llama_dir, *args, *FAST)[::2], fragment)
+
+
+@pytest.mark.parametrize("module, args, fragment", [
+    ("run", ["--gpu-batch-size", "1.5"], "argument --gpu-batch-size: invalid int value"),
+    ("run", ["--percent", "1", "2"], "argument --percent: expected 6 arguments"),
+    ("merge", [], "the following arguments are required"),
+    ("bench", ["--gen-len", "x"], "argument --gen-len: invalid int value"),
+])
+def test_a_flag_the_parser_refuses_is_one_line_too(module, args, fragment):
+    proc = subprocess.run([sys.executable, "-m", f"flexgen_dist.{module}", *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    one_error_line(proc.returncode, proc.stderr, fragment)
+    assert f"flexgen_dist.{module} --help" in proc.stderr
 
 
 def test_truncate_left_runs_what_is_too_long(cli, llama_dir, tmp_path):

@@ -9,6 +9,8 @@ sampled sequences may share a block.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -29,8 +31,8 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(f"temperature must be a finite number > 0, got {self.temperature}; use do_sample=False for greedy")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -4,6 +4,7 @@ one-line error handling every command uses (exit code 2, no traceback)."""
 from __future__ import annotations
 
 import argparse
+import math
 import logging
 import sys
 from typing import Callable
@@ -24,6 +25,8 @@ from .planner import Capacity
 from .runtime import Runtime
 from .signals import Interrupted
 
+
+MAX_THREADS = 64  # --io-threads and --prefetch-depth (one loading thread per layer ahead)
 
 GROUPS = ("model", "prompts and output", "generation", "policy and placement", "offloading I/O", "distributed",
           "diagnostics")
@@ -166,6 +169,10 @@ def policy_from_args(args: argparse.Namespace) -> tuple[Policy | None, Policy, S
                     cache_dtype=args.cache_dtype, attn_sparsity=args.attn_sparsity)
     manual = args.policy == "manual" or args.percent is not None
     if manual:
+        why = "--percent" if args.percent is not None else "--policy manual"
+        for flag, given in (("--max-latency", args.max_latency is not None), ("--allow-compression", args.allow_compression)):
+            if given:
+                raise UserError(f"{flag} guides the planner, but {why} fixes the policy; give one or the other")
         w_gpu, w_cpu, c_gpu, c_cpu, a_gpu, a_cpu = args.percent if args.percent is not None else (100, 0, 100, 0, 100, 0)
         policy = Policy(gpu_batch_size=args.gpu_batch_size or 16, num_gpu_batches=args.num_gpu_batches or 1,
                         w_gpu_percent=w_gpu, w_cpu_percent=w_cpu, cache_gpu_percent=c_gpu, cache_cpu_percent=c_cpu,
@@ -194,6 +201,8 @@ def dist_from_args(args: argparse.Namespace) -> DistContext:
 
 def start_pipeline(args: argparse.Namespace, ctx: DistContext) -> Pipeline:
     """The run's process group (none with one process); the command that calls this closes it."""
+    if not (math.isfinite(args.comm_timeout) and args.comm_timeout > 0):
+        raise UserError(f"--comm-timeout must be a positive number of seconds, got {args.comm_timeout:g}")
     stage_layers = parse_stage_layers(args.stage_layers) if args.stage_layers else None
     return Pipeline.start(ctx, timeout_s=args.comm_timeout, stage_layers=stage_layers)
 
@@ -201,8 +210,10 @@ def start_pipeline(args: argparse.Namespace, ctx: DistContext) -> Pipeline:
 def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: Workload | None = None,
                          num_prompts: int | None = None) -> dict:
     """Keyword arguments of `LLM` from the shared flags (policy, offload folder, runtime, capacity)."""
-    if args.io_threads < 1:
-        raise UserError(f"--io-threads must be >= 1, got {args.io_threads}")
+    if not 1 <= args.io_threads <= MAX_THREADS:
+        raise UserError(f"--io-threads must be between 1 and {MAX_THREADS}, got {args.io_threads}")
+    if not 1 <= args.prefetch_depth <= MAX_THREADS:
+        raise UserError(f"--prefetch-depth must be between 1 and {MAX_THREADS} layers, got {args.prefetch_depth}")
     sizes = {name: parse_size(getattr(args, name), f"--{name.replace('_', '-')}") if getattr(args, name) else None
              for name in ("gpu_mem", "cpu_mem", "disk_mem")}
     capacity = Capacity(**sizes, hardware=args.hardware)

@@ -16,6 +16,7 @@ and one line says how to resume.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -111,6 +112,10 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
     settings = settings_from_args(args)
     shard = parse_shard(args.shard, os.environ)
     source = ModelSource.from_dir(args.model)
+    outside = [i for i in settings.stop_token_ids if not 0 <= i < source.spec.vocab_size]
+    if outside:
+        raise UserError(f"--stop-token-ids: {outside[0]} is outside the model's vocabulary (ids 0 to "
+                        f"{source.spec.vocab_size - 1})")
     job = job_from_args(args, source.spec, source.tokenizer is not None, shard)
     target = output_target(args, shard)
     prepared = tokenize_job(job, tokenizer=source.tokenizer, spec=source.spec, max_new_tokens=settings.max_new_tokens,
@@ -201,8 +206,9 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """The run's generation settings, with flag names in the messages."""
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature must be > 0, got {args.temperature:g}; leave out --do-sample for greedy decoding")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UserError(f"--temperature must be a finite number > 0, got {args.temperature:g}; "
+                        f"leave out --do-sample for greedy decoding")
     if args.top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 turns it off), got {args.top_k}")
     if not 0 < args.top_p <= 1:

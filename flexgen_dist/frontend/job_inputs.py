@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import UserError
+from ..planning.policy import check_block
 from ..planning.spec import ModelSpec
 from .jobfiles import JobFile, read_job_file
 from .jobs import Request
@@ -26,6 +27,9 @@ DEFAULT_NUM_PROMPTS = 256  # the default run: enough work for its throughput lin
 PROMPT_WORDS = 8  # each bundled prompt: the first words of a paragraph of the held-out text
 SHOWN = 4  # continuations printed by a run without --output, beyond which a count is printed
 PROMPT_FLAG, BUNDLED, RANDOM = "--prompt", "bundled prompts", "random prompts"  # JobFile.path of each source
+
+
+MAX_RANDOM_TOKENS = 1 << 24  # random prompt tokens made up for a benchmark (held as Python lists)
 
 
 def shown_without_output(job: JobFile) -> int | None:
@@ -53,8 +57,13 @@ def job_from_args(args: argparse.Namespace, spec: ModelSpec, has_tokenizer: bool
         if length < 1:
             raise UserError(f"--prompt-len must be >= 1, got {length}")
         # one block of the given shape; for the planner, as many as the bundled prompts
-        count = args.num_prompts or ((args.gpu_batch_size or 16) * (args.num_gpu_batches or 1)
-                                     if args.gpu_batch_size or args.num_gpu_batches else DEFAULT_NUM_PROMPTS)
+        block = (args.gpu_batch_size or 16, args.num_gpu_batches or 1)
+        check_block(*block)
+        count = args.num_prompts or (block[0] * block[1] if args.gpu_batch_size or args.num_gpu_batches
+                                     else DEFAULT_NUM_PROMPTS)
+        if count * length > MAX_RANDOM_TOKENS:
+            raise UserError(f"--num-prompts {count} x --prompt-len {length} random tokens is past the {MAX_RANDOM_TOKENS} "
+                            f"this makes up; give fewer, or a job file with --input")
         rng = random.Random(args.seed)
         prompts = [[rng.randrange(spec.vocab_size) for _ in range(length)] for _ in range(count)]
         return ids_job(prompts, RANDOM, shard)

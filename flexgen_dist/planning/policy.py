@@ -22,6 +22,14 @@ MAX_BLOCK_SIZE = 1 << 20
 """Most sequences in a block: every one of them holds a KV cache for the whole block's run."""
 
 
+def check_block(gpu_batch_size: int, num_gpu_batches: int) -> None:
+    """UserError when a block is past MAX_GPU_BATCHES or MAX_BLOCK_SIZE."""
+    if num_gpu_batches > MAX_GPU_BATCHES or gpu_batch_size * num_gpu_batches > MAX_BLOCK_SIZE:
+        raise UserError(f"policy: a block of {gpu_batch_size} x {num_gpu_batches} gpu batches is past the limits "
+                        f"({MAX_GPU_BATCHES} gpu batches, {MAX_BLOCK_SIZE} sequences); give smaller "
+                        f"--gpu-batch-size / --num-gpu-batches")
+
+
 @dataclass(frozen=True)
 class Policy:
     gpu_batch_size: int = 1
@@ -66,10 +74,7 @@ class Policy:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"policy: {name} must be a whole number >= 1, got {value!r}")
-        if self.num_gpu_batches > MAX_GPU_BATCHES or self.gpu_batch_size * self.num_gpu_batches > MAX_BLOCK_SIZE:
-            raise UserError(f"policy: a block of {self.gpu_batch_size} x {self.num_gpu_batches} gpu batches is past the "
-                            f"limits ({MAX_GPU_BATCHES} gpu batches, {MAX_BLOCK_SIZE} sequences); give smaller "
-                            f"--gpu-batch-size / --num-gpu-batches")
+        check_block(self.gpu_batch_size, self.num_gpu_batches)
         for kind in ("w", "cache", "act"):
             gpu = getattr(self, f"{kind}_gpu_percent")
             cpu = getattr(self, f"{kind}_cpu_percent")
