@@ -87,3 +87,34 @@ def test_an_offload_dir_too_small_is_refused_before_any_write(llama_dir, tiny_tm
         LLM(llama_dir, policy=Policy(w_gpu_percent=0, w_cpu_percent=0), offload_dir=tiny_tmpfs, runtime=CPU)
     leftovers = [p for p in tiny_tmpfs.rglob("*") if p.is_file() and not p.name.endswith(".json")]
     assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("module", ["run", "eval"])
+def test_an_address_space_too_small_for_torch_is_one_line(module):
+    import resource
+
+    def cap():  # 400 MiB: torch's import would abort with std::bad_alloc
+        resource.setrlimit(resource.RLIMIT_AS, (400 << 20, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", f"flexgen_dist.{module}"], capture_output=True, text=True,
+                          preexec_fn=cap, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ulimit -v" in lines[0] and "400 MiB" in lines[0], proc.stderr[-2000:]
+
+
+def test_a_memory_cgroup_too_small_to_start_is_named(monkeypatch, capsys):
+    from pathlib import Path
+
+    from flexgen_dist.frontend import startup
+    from flexgen_dist.planning import detect
+
+    group = detect.CgroupMemory(version=1, group=Path("/sys/fs/cgroup/memory/job"), limit=180 << 20, working_set=20 << 20)
+    monkeypatch.setattr(detect, "cgroup_memory", lambda: group)
+    with pytest.raises(SystemExit) as stop:
+        startup.refuse_too_little_memory()
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/sys/fs/cgroup/memory/job leaves 160 MiB (limit 180 MiB)" in err
+    monkeypatch.setattr(detect, "cgroup_memory", lambda: detect.CgroupMemory(1, Path("/g"), 8 << 30, 1 << 30))
+    startup.refuse_too_little_memory()  # room enough: no exit

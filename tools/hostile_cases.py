@@ -450,7 +450,7 @@ def flag_cases() -> list[Case]:
         ("percent-nan", ["--percent", "nan", "0", "100", "0", "100", "0"]),
         ("percent-inf", ["--percent", "inf", "0", "100", "0", "100", "0"]),
         ("percent-sum-over-100", ["--percent", "60", "60", "100", "0", "100", "0"]),
-        ("percent-with-gpu-mem", ["--percent", "100", "0", "100", "0", "100", "0", "--gpu-mem", "1G"]),
+        ("percent-past-gpu-mem", ["--percent", "100", "0", "100", "0", "100", "0", "--gpu-mem", "4K"]),
         ("manual-with-max-latency", ["--policy", "manual", "--max-latency", "5"]),
         ("percent-with-max-latency", ["--percent", "100", "0", "100", "0", "100", "0", "--max-latency", "5"]),
         ("manual-with-allow-compression", ["--policy", "manual", "--allow-compression"]),
@@ -507,6 +507,8 @@ def flag_cases() -> list[Case]:
     ]
     cases = [Case(f"flag-{name}", "flags", "user", (lambda c, f=flags: tiny(c, *f))) for name, flags in bad]
     cases += [
+        Case("flag-percent-within-gpu-mem", "flags", "ok",
+             lambda c: tiny(c, "--percent", 100, 0, 100, 0, 100, 0, "--gpu-mem", "1G")),
         Case("flag-num-prompts-huge", "flags", "user",
              lambda c: RUN + s("--model", c.fx.llama, "--prompt-len", 4, "--num-prompts", 10**12, *FAST), timeout=60),
         Case("flag-top-k-past-vocab", "flags", "ok|user", lambda c: tiny(c, "--do-sample", "--top-k", 10**6)),
@@ -835,7 +837,7 @@ def env_cases() -> list[Case]:
 
     return [
         Case("env-rlimit-as-tiny", "env", "env", lambda c: good_job(c), rlimit_as=400 << 20),
-        Case("env-rlimit-as-run", "env", "env|user",
+        Case("env-rlimit-as-run", "env", "ok|env|user",
              lambda c: tiny(c, "--policy", "manual", "--gpu-batch-size", 4096, "--prompt-len", 64), rlimit_as=3 << 30),
         Case("env-cgroup-small", "env", "ok|env|user", lambda c: RUN + s("--max-new-tokens", 4, *FAST), cgroup_bytes=180 << 20,
              timeout=180),
@@ -909,8 +911,12 @@ def other_command_cases() -> list[Case]:
         Case("eval-text-fifo", "eval", "user", setup=fifo("t.txt"), argv=lambda c: eval_tiny(c, "--text", "t.txt"), timeout=60),
         Case("eval-text-dev-zero", "eval", "user", lambda c: eval_tiny(c, "--text", "/dev/zero"), timeout=60),
         Case("eval-no-tokenizer", "eval", "user", lambda c: EVAL + s("--model", c.fx.opt)),
-        Case("eval-percent-with-gpu-mem", "eval", "user",
-             lambda c: eval_tiny(c, "--percent", "100", "0", "100", "0", "100", "0", "--gpu-mem", "1G")),
+        Case("eval-percent-past-gpu-mem", "eval", "user",
+             lambda c: eval_tiny(c, "--percent", "100", "0", "100", "0", "100", "0", "--gpu-mem", "4K")),
+        # a given policy that fits the capacities runs (checked against them, not refused for being given)
+        Case("eval-percent-within-gpu-mem", "eval", "ok",
+             lambda c: eval_tiny(c, "--percent", "100", "0", "100", "0", "100", "0", "--gpu-mem", "1G"),
+             check=stdout_has("perplexity:")),
         Case("eval-good", "eval", "ok", setup=text_file(b"hello world, this is a test of the evaluation. " * 4),
              argv=lambda c: eval_tiny(c, "--text", "t.txt"), check=stdout_has("perplexity:")),
         # merge

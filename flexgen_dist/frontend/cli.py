@@ -245,6 +245,10 @@ def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0)
     except (PeerError, EnvironmentFailure) as exc:
         logging.getLogger("flexgen_dist").error("%s", exc)
         return 1
+    except MemoryError:
+        print("error: out of memory (the process's address space or RAM ran out); give it more, or lower "
+              "--cpu-mem so the plan offloads more", file=sys.stderr)
+        return 1
     except Interrupted as exc:
         if rank_of() == 0:
             print(exc.message, file=sys.stderr)
