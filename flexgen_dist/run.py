@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .frontend.startup import refuse_too_little_memory
+from .frontend.startup import bounded_heap, refuse_too_little_memory
 
 refuse_too_little_memory()  # before torch is imported (below)
+bounded_heap()
 
 from . import DEFAULT_MODEL, __version__
 from .frontend.cli import add_model_args, dist_from_args, group, new_parser, run_command, start_pipeline

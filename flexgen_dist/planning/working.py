@@ -82,12 +82,14 @@ def _read_buffer_bytes(p: Placement, dims: Dims) -> int:
 
 def _workspace_bytes(p: Placement, dims: Dims, compute: int) -> int:
     """Transient memory of one GPU batch's layer compute (an estimate): the peak of the prefill's
-    phases, not their sum. Attention: the input and its norm, q, k, v and their rotated copies, the
-    output, and the scores of one chunk of queries in fp32 (the math backend's worst case). MLP:
-    the input and its norm, gate, up, the activation and the product. Head: fp32 logits."""
+    phases, not their sum. Attention: the input and its norm, q, k, v, RoPE's temporaries (q's
+    rotated half, its concatenation and the two products while q itself is alive), the output, and
+    the scores of one chunk of queries in fp32 (the math backend's worst case). MLP: the attention
+    output (alive until the layer returns), the input and its norm, gate, up, the activation and
+    the product. Head: fp32 logits. Checked against the resident set of one layer's prefill."""
     gbs, prompt, seq = p.policy.gpu_batch_size, p.workload.prompt_len, p.workload.seq_len
-    attention = gbs * prompt * (2 * dims.hidden + 3 * dims.q_dim + 3 * dims.kv_dim) * compute
+    attention = gbs * prompt * (2 * dims.hidden + 5 * dims.q_dim + 3 * dims.kv_dim) * compute
     attention += gbs * max(dims.num_heads, 1) * min(prompt, ATTENTION_QUERY_CHUNK) * seq * 4
-    mlp = gbs * prompt * (2 * dims.hidden + 4 * dims.intermediate) * compute
+    mlp = gbs * prompt * (2 * dims.hidden + dims.q_dim + 4 * dims.intermediate) * compute
     head = gbs * (prompt if p.buffers.scoring else 1) * dims.vocab * 4
     return max(attention, mlp, head)
