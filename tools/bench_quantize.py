@@ -1,6 +1,11 @@
 """Dequantization throughput against a plain fp16 -> fp32 copy of the same weight.
 
     PYTHONPATH=$PWD python tools/bench_quantize.py [--rows 2048] [--cols 2048] [--repeats 50]
+    PYTHONPATH=$PWD python tools/bench_quantize.py --layer 2048 --block 128   # one decoder layer
+
+With --layer H: one OPT decoder layer of hidden size H (q, k, v, o: H x H; fc1: 4H x H; fc2:
+H x 4H): the time to dequantize all its weights (once per layer per block) against the time of
+that layer's decode matmuls for a block of --block sequences (one token each), in fp32.
 
 Dequantization runs once per layer per block in the decode path, so what matters is its cost
 relative to what an uncompressed fp16 weight costs anyway: one fp16 -> fp32 conversion. Both are
@@ -35,7 +40,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--cols", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--layer", type=int, default=None, metavar="H", help="one OPT layer of hidden size H")
+    parser.add_argument("--block", type=int, default=128, help="sequences of a block (with --layer)")
     args = parser.parse_args()
+    if args.layer:
+        layer_against_compute(args.layer, args.block, args.repeats)
+        return
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(args.rows, args.cols, generator=generator).to(torch.float16)
@@ -63,6 +73,33 @@ def main() -> None:
             seconds = median_seconds(fn, args.repeats)
             print(f"  {label:34s} {seconds * 1e3:7.3f} ms  {output_gb / seconds:6.2f} GB/s  "
                   f"{seconds / reference:5.2f}x the time of {reference_name}")
+
+
+def layer_against_compute(hidden: int, block: int, repeats: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
+    weights = [torch.randn(*shape, generator=generator).to(torch.float16) for shape in shapes]
+    outs = [torch.empty(shape, dtype=torch.float32) for shape in shapes]
+    x = torch.randn(block, hidden, generator=generator)
+    x4 = torch.randn(block, 4 * hidden, generator=generator)
+    inputs = [x] * 5 + [x4]
+
+    def compute() -> None:  # the layer's six matmuls for one decode step of the block
+        for inp, weight in zip(inputs, outs):
+            torch.nn.functional.linear(inp, weight)
+
+    compute_s = median_seconds(compute, repeats)
+    convert_s = median_seconds(lambda: [o.copy_(w) for o, w in zip(outs, weights)], repeats)
+    params = sum(w.numel() for w in weights)
+    print(f"OPT layer, hidden {hidden} ({params / 1e6:.1f} M weights), block {block}, {torch.get_num_threads()} threads, "
+          f"median of {repeats}")
+    print(f"  decode compute of the block (fp32 matmuls)  {compute_s * 1e3:8.2f} ms")
+    print(f"  fp16 -> fp32 conversion of the layer        {convert_s * 1e3:8.2f} ms  {convert_s / compute_s:5.2f}x the compute")
+    for bits in (4, 8):
+        quantized = [quantize(w, CompressionConfig(bits=bits, group_size=64)) for w in weights]
+        seconds = median_seconds(lambda: [dequantize(q, out=o) for q, o in zip(quantized, outs)], repeats)
+        print(f"  {bits}-bit dequantization of the layer         {seconds * 1e3:8.2f} ms  "
+              f"{seconds / compute_s:5.2f}x the compute")
 
 
 if __name__ == "__main__":
