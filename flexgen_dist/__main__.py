@@ -2,7 +2,12 @@
 
 import sys
 
-from .run import main
+from .frontend.signals import HeldSignals
+
+if __name__ == "__main__":  # before the imports of .run, which take seconds (see run.py)
+    HeldSignals.install()
+
+from .run import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

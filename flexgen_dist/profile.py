@@ -103,7 +103,12 @@ def load_or_profile(device: str, offload_dir: str | Path, *, compute_dtype: str 
     logger.info("no hardware profile for this machine yet: measuring a quick one (a few seconds); "
                 "for a more accurate one run %s", how)
     hardware = profile_machine(device, offload_dir, compute_dtype=dtype_name, quick=True)
-    hardware.save(path)
+    try:
+        hardware.save(path)
+    except OSError as exc:  # a read-only HOME, FLEXGEN_CACHE_DIR naming a file: only the next run pays
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        logger.warning("cannot cache the hardware profile in %s (%s); going on without it (the next run measures "
+                       "again): set FLEXGEN_CACHE_DIR to a writable folder", path.parent, reason or exc)
     return hardware
 
 

@@ -9,6 +9,11 @@ loads, results saved as blocks finish, resumed by running the same command again
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: hold a SIGINT / SIGTERM sent while the imports below take seconds
+    from .frontend.signals import HeldSignals
+
+    HeldSignals.install()
+
 import argparse
 import sys
 

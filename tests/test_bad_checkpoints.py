@@ -282,6 +282,21 @@ CONFIG_CASES = {
                                                    "high_freq_factor": 1.0, "original_max_position_embeddings": 32}),
                              "high_freq_factor 1.0 must be greater than low_freq_factor 4.0"),
     "rope type unknown": (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}), "rope scaling type 'yarn'"),
+    # a 4.x rope_scaling beside transformers 5's rope_parameters: transformers would use the scaling
+    "rope_scaling type unknown": (dict(rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+                                       rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+                                  "'rope_scaling' has rope scaling type 'yarn', which is not implemented here "
+                                  "(positions would be encoded wrongly); supported: default, linear, llama3"),
+    "rope legacy type key unknown": (dict(rope_parameters=DELETE, rope_scaling={"type": "dynamic", "factor": 2.0}),
+                                     "'rope_scaling' has rope scaling type 'dynamic'"),
+    "rope type not a string": (dict(rope_parameters={"rope_type": 3}), "'rope_parameters' has rope_type 3 (an integer)"),
+    "rope both, differing": (dict(rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+                                  rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                             "has both 'rope_parameters' {\"rope_theta\": 10000.0, \"rope_type\": \"default\"} (an object) "
+                             "and 'rope_scaling'"),
+    "dtype int8": (dict(dtype="int8"), "'dtype' is \"int8\" (a string), expected one of float32, float16, bfloat16"),
+    "torch_dtype int8": (dict(dtype=DELETE, torch_dtype="int8"), "'torch_dtype' is \"int8\" (a string), expected one"),
+    "dtype a number": (dict(dtype=16), "'dtype' is 16 (an integer), expected a string"),
     "model_type a list": (dict(model_type=["llama"]), "model_type [\"llama\"] (a list), which is not supported"),
     "quantized": (dict(quantization_config={"quant_method": "gptq"}), "quantized checkpoints are not supported"),
     "NaN epsilon": (dict(rms_norm_eps=float("nan")), "'rms_norm_eps' is NaN (not a finite number)"),
@@ -330,6 +345,42 @@ def test_missing_optional_fields_take_transformers_defaults(llama):
     assert (spec.num_kv_heads, spec.head_dim, spec.norm_eps) == (4, 16, 1e-6)
     assert (spec.tie_word_embeddings, spec.pad_token_id, spec.rope_theta, spec.rope_scaling) == (False, None, 10000.0, None)
     assert spec.max_positions == 2048
+
+
+def test_rope_and_dtype_spellings_that_are_read(llama):
+    """What real configs write is still read: 4.x rope_scaling (with the legacy "type" key) and
+    rope_theta beside it, both keys when they agree, torch_dtype, and "torch.float16"."""
+    linear = {"type": "linear", "factor": 2.0}
+    set_config(llama, rope_parameters=DELETE, rope_scaling=linear, rope_theta=20000.0, dtype=DELETE,
+               torch_dtype="torch.float16")
+    spec = ModelSpec.from_dir(llama)
+    assert (spec.rope_theta, spec.rope_scaling["rope_type"], spec.rope_scaling["factor"]) == (20000.0, "linear", 2.0)
+    assert spec.dtype == "float16"
+    set_config(llama, rope_parameters={"rope_type": "linear", "factor": 2.0}, dtype="bfloat16")
+    spec = ModelSpec.from_dir(llama)
+    assert (spec.rope_scaling["rope_type"], spec.dtype) == ("linear", "bfloat16")
+
+
+TOKENIZER_CASES = {
+    "garbage": ("tokenizer.json", "{this is not a tokenizer",
+                "'{dir}/tokenizer.json' is not valid JSON (line 1, column 2"),
+    "a list": ("tokenizer.json", "[1, 2]", "'{dir}/tokenizer.json' holds a JSON list, not an object"),
+    "not a tokenizer": ("tokenizer.json", '{"version": "1.0", "model": {"type": "Nope"}}',
+                        "cannot load the tokenizer in '{dir}'"),
+    "config garbage": ("tokenizer_config.json", "{", "'{dir}/tokenizer_config.json' is not valid JSON"),
+    "nested too deeply": ("tokenizer.json", "[" * 100_000 + "]" * 100_000, "'{dir}/tokenizer.json' is nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_damaged_tokenizer_is_one_line(case, tiny_models_cache, tmp_path, capsys):
+    model_dir = copy_model(tiny_models_cache.get("llama", tokenizer=True), tmp_path)
+    capsys.readouterr()  # making the fixture prints progress
+    name, text, fragment = TOKENIZER_CASES[case]
+    (model_dir / name).write_text(text)
+    code, lines = run_in_process(model_dir, capsys)
+    assert_one_line(code, lines, 2, fragment.format(dir=model_dir))
+    assert "restore the tokenizer files" in lines[0]
 
 
 def test_opt_heads_must_divide_hidden(opt_dir, tmp_path):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -363,6 +364,41 @@ def test_load_or_profile_uses_the_cache_or_says_how(tmp_path):
     path.write_text("{}")
     with pytest.raises(UserError, match="field schema_version"):
         profile.load_or_profile("cpu", tmp_path, profile_if_missing=False, environ=environ)
+
+
+@pytest.mark.parametrize("where", ["a file", "read-only"])
+def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch, caplog, where):
+    """A read-only HOME or FLEXGEN_CACHE_DIR naming a file: the measured profile is used, not cached."""
+    from flexgen_dist import profile
+
+    machine = cpu_machine()
+    monkeypatch.setattr(profile, "profile_machine", lambda *args, **kw: machine)
+    cache = tmp_path / "cache"
+    if where == "a file":
+        cache.write_text("x")
+        reason = "a file is in the way"
+    else:
+        def read_only(self, path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+        monkeypatch.setattr(Hardware, "save", read_only)
+        reason = os.strerror(errno.EROFS)
+    with caplog.at_level("WARNING", logger="flexgen_dist.profile"):
+        got = profile.load_or_profile("cpu", tmp_path, environ={"FLEXGEN_CACHE_DIR": str(cache)})
+    assert got == machine
+    [record] = [r for r in caplog.records if r.name == "flexgen_dist.profile"]
+    assert f"cannot cache the hardware profile in {cache} ({reason})" in record.getMessage()
+    assert "FLEXGEN_CACHE_DIR" in record.getMessage()
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def disk_full(self, target):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "replace", disk_full)
+    with pytest.raises(OSError):
+        cpu_machine().save(tmp_path / "hw.json")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_disk_falls_back_when_o_direct_is_refused(tmp_path, monkeypatch):

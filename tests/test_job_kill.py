@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flexgen_dist.frontend.resume import progress_paths
-from flexgen_dist.frontend.signals import Interrupted, StopSignals
+from flexgen_dist.frontend.signals import HeldSignals, Interrupted, StopSignals
 from flexgen_dist.run import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,3 +210,50 @@ def test_a_signal_while_results_are_saved_waits_for_the_save():
             raise AssertionError("the deferred signal must be raised when the section ends")
     assert saved and info.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers are restored
+
+
+def test_a_signal_held_during_the_start_is_raised_by_the_first_stop_signals():
+    original = signal.getsignal(signal.SIGTERM)
+    HeldSignals.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # held: the process goes on
+        assert isinstance(signal.getsignal(signal.SIGTERM), HeldSignals)
+        with pytest.raises(Interrupted) as info:
+            with StopSignals():
+                raise AssertionError("a held signal must stop the command before its body runs")
+    finally:
+        if isinstance(signal.getsignal(signal.SIGTERM), HeldSignals):
+            signal.signal(signal.SIGTERM, original)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert info.value.exit_code == 143
+    assert info.value.message == "interrupted by SIGTERM while starting; nothing was done"
+    assert signal.getsignal(signal.SIGTERM) is original  # what HeldSignals replaced, not HeldSignals
+
+
+# The command's module installs HeldSignals before its imports (run.py, under `python -m`);
+# here the child installs it, signals itself at once, then runs the command.
+EARLY_CHILD = r"""
+import json, os, signal, sys
+from flexgen_dist.frontend.signals import HeldSignals
+HeldSignals.install()
+signum, count = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(count):
+    os.kill(os.getpid(), signum)
+from flexgen_dist.run import main
+sys.exit(main(json.loads(sys.argv[3])))
+"""
+
+
+@pytest.mark.parametrize("signum, count", [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 2)])
+def test_a_signal_during_the_start_ends_in_one_line(job, tmp_path, signum, count):
+    """Once: raised when the job starts; twice (a stuck start): the process leaves at once. Either
+    way one line, 128 + the signal, and no output."""
+    model, src, _ = job
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([sys.executable, "-c", EARLY_CHILD, str(int(signum)), str(count),
+                           json.dumps(job_args(model, src, out))],
+                          capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp_path)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"interrupted by {name} while starting; nothing was done"]
+    assert list(tmp_path.iterdir()) == []

@@ -76,6 +76,15 @@ def test_native_bad_line_names_file_and_line(tmp_path, bad, fragment):
     refused(path, 3, fragment)
 
 
+def test_a_line_nested_too_deeply_is_one_line(tmp_path):
+    # json.loads recurses once per level: 100000 levels overflow the stack (RecursionError).
+    deep = b"[" * 100_000 + b"]" * 100_000
+    path = write_lines(tmp_path, [GOOD, b'{"id": 1, "input_ids": [5], "x": ' + deep + b"}"])
+    refused(path, 2, "the JSON is nested too deeply to read")
+    path = write_lines(tmp_path, [b'{"custom_id": "a", "body": ' + deep + b"}"], name="batch.jsonl")
+    refused(path, 1, "nested too deeply")
+
+
 OPENAI_BAD = [
     ({**openai(), "method": "GET"}, "use \"POST\""),
     ({**openai(), "url": "/v1/embeddings"}, "is not supported"),

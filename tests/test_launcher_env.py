@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from flexgen_dist.errors import UserError
 from flexgen_dist.parallel.context import DistContext
 from flexgen_dist.parallel.launchers import slurm_job_port, torchrun_agent_serves_store
 from launcher_envs import ompi_env, sbatch_batch_step_env, slurm_env, torchrun_env
@@ -135,3 +136,21 @@ def test_batch_step_of_one_task_is_quiet(no_mpi4py, caplog):
     with caplog.at_level(logging.WARNING, logger="flexgen_dist.parallel.launchers"):
         ctx = DistContext.from_env(sbatch_batch_step_env(ntasks=1), cuda_device_count=0)
     assert ctx.launcher == "single" and caplog.text == ""
+
+
+def test_batch_step_without_ntasks_is_one_process(no_mpi4py, caplog):
+    # `sbatch job.sh` without --ntasks: slurmd sets SLURM_NTASKS only when the job asked for a task
+    # count, and slurmstepd sets SLURM_PROCID=0 in the batch step: a plain run there is one process.
+    env = {key: value for key, value in sbatch_batch_step_env().items() if key not in ("SLURM_NTASKS", "SLURM_NPROCS")}
+    with caplog.at_level(logging.WARNING, logger="flexgen_dist.parallel.launchers"):
+        ctx = DistContext.from_env(env, cuda_device_count=0)
+    assert (ctx.launcher, ctx.world_size) == ("single", 1) and caplog.text == ""
+
+
+@pytest.mark.parametrize("drop", [(), ("SLURM_NTASKS", "SLURM_NPROCS")], ids=["with-ntasks", "without-ntasks"])
+def test_a_task_past_the_first_outside_srun_is_refused(no_mpi4py, drop):
+    # Only srun starts task N > 0, and it sets SLURM_STEP_ID: without one, running as one process
+    # would silently repeat rank 0's whole run.
+    env = {key: value for key, value in sbatch_batch_step_env(ntasks=4, SLURM_PROCID="2").items() if key not in drop}
+    with pytest.raises(UserError, match=r"^SLURM_PROCID=2 but this process is not in an srun step \(no SLURM_STEP_ID\)"):
+        DistContext.from_env(env, cuda_device_count=0)

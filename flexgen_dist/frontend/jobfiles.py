@@ -117,6 +117,9 @@ class JobFileScanner:
             raise UserError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object") from None
         except ValueError as exc:  # from the hooks
             raise UserError(f"{where}: {exc}") from None
+        except RecursionError:  # the parser recurses once per level: thousands of [[[... exhaust the stack
+            raise UserError(f"{where}: the JSON is nested too deeply to read; a line holds one flat object of "
+                            "settings (lists and objects a few levels deep at most)") from None
         if not isinstance(obj, dict):
             raise UserError(f"{where}: a JSON {type(obj).__name__}, not an object; each line must be one JSON object {{...}}")
         return obj

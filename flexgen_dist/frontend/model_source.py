@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+from ..io_errors import file_error
 from ..model.checkpoint import CheckpointSource, RandomSource, WeightSource
 from ..planning.layout import model_units
 from ..planning.spec import ModelSpec
@@ -40,16 +42,61 @@ class ModelSource:
 _PLAIN_TOKENIZERS = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_RESTORE = "restore the tokenizer files from the checkpoint (or delete them all to run on token ids only)"
+
+
 def _load_tokenizer(model_dir: Path):
-    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    """The folder's tokenizer, or None without tokenizer files. A damaged file is a one-line
+    UserError naming it: its JSON is checked here (file, line, column), and whatever else the
+    tokenizers library refuses is reported with the folder and its reason."""
+    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
         return None
-    if (model_dir / "tokenizer.json").is_file() and _tokenizer_class(model_dir) in _PLAIN_TOKENIZERS:
-        from transformers import PreTrainedTokenizerFast
+    for name in _TOKENIZER_JSON:
+        _check_json(model_dir / name)
+    try:
+        if (model_dir / "tokenizer.json").is_file() and _tokenizer_class(model_dir) in _PLAIN_TOKENIZERS:
+            from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
-    from transformers import AutoTokenizer
+            return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except OSError as exc:
+        if exc.errno is not None:
+            raise file_error(exc, exc.filename or model_dir, "read") from None
+        raise UserError(f"cannot load the tokenizer in {str(model_dir)!r}: {_first_line(exc)}; {_RESTORE}") from None
+    except Exception as exc:  # the tokenizers library raises plain Exceptions for a file it cannot parse
+        raise UserError(f"cannot load the tokenizer in {str(model_dir)!r}: {_first_line(exc)}; {_RESTORE}") from None
+
+
+def _check_json(path: Path) -> None:
+    """A tokenizer JSON file, if present, is UTF-8 JSON holding an object."""
+    if not path.is_file():
+        return
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise file_error(exc, path, "read") from None
+    try:
+        value = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{str(path)!r} is not UTF-8 text (undecodable byte at offset {exc.start}); {_RESTORE}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{str(path)!r} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                        f"{_RESTORE}") from None
+    except RecursionError:
+        raise UserError(f"{str(path)!r} is nested too deeply to be a tokenizer file; {_RESTORE}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{str(path)!r} holds a JSON {type(value).__name__}, not an object; {_RESTORE}")
+
+
+def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"it has no {exc.args[0]!r} entry" if exc.args else "an entry is missing"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _tokenizer_class(model_dir: Path) -> str | None:

@@ -6,11 +6,16 @@ files, and what is finished is already on disk (results are appended as each blo
 Inside `with signals.deferred():` (an append in progress) the signal waits for the end of the
 block. A second signal while the first is being handled is ignored, so the clean-up completes.
 The command then exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+
+A command's imports take seconds (torch) before `StopSignals` can be entered. `HeldSignals.install()`
+as the first statement of a command's module holds a signal arriving then; the first `StopSignals`
+entered raises it, so an early Ctrl-C or SIGTERM also ends in one line and 130 / 143.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -36,6 +41,32 @@ class Interrupted(BaseException):
         return Interrupted(self.signum, message)
 
 
+class HeldSignals:
+    """The handler of SIGINT and SIGTERM while a command starts: remembers the first signal. The
+    state lives in the handler the signal module holds, where StopSignals finds it."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.replaced: dict[int, object] = {}  # the handlers in place before, restored by StopSignals
+
+    @classmethod
+    def install(cls) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        held = cls()
+        for signum in HANDLED:
+            held.replaced[signum] = signal.signal(signum, held)
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            return
+        # A second signal: the start is stuck (an import on a hung file system?). Nothing has been
+        # written yet, so leave at once rather than wait for StopSignals.
+        os.write(2, f"interrupted by {signal.Signals(signum).name} while starting; nothing was done\n".encode())
+        os._exit(128 + signum)
+
+
 class StopSignals:
     def __init__(self) -> None:
         self._previous: dict[int, object] = {}
@@ -45,8 +76,16 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            held = None
             for signum in HANDLED:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                previous = signal.signal(signum, self._handle)
+                if isinstance(previous, HeldSignals):
+                    held, previous = previous, previous.replaced.get(signum, signal.SIG_DFL)
+                self._previous[signum] = previous
+            if held is not None and held.signum is not None:  # it came while the command started
+                self.__exit__()
+                raise Interrupted(held.signum, f"interrupted by {signal.Signals(held.signum).name} while "
+                                               "starting; nothing was done")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -92,6 +92,15 @@ def _detect_launcher(env: Mapping[str, str]) -> str:
         # mpirun in an sbatch script (the SLURM_* variables describe the batch step), or on a
         # node where mpirun's daemons were started by srun (a step of fewer tasks than ranks)
         return "mpi"
+    procid = env.get("SLURM_PROCID", "0").strip()
+    if procid != "0":
+        # Only srun starts tasks past the first, and it sets SLURM_STEP_ID; a batch script (the batch
+        # step, where SLURM_PROCID=0 and SLURM_NTASKS only with --ntasks) runs one process. Rank N
+        # outside a step would silently redo rank 0's whole run.
+        raise UserError(
+            f"SLURM_PROCID={procid} but this process is not in an srun step (no SLURM_STEP_ID): start the ranks "
+            "with srun python -m flexgen_dist.run ..., or unset SLURM_PROCID to run one process"
+        )
     if "SLURM_PROCID" in env and env.get("SLURM_NTASKS", "1").strip() not in ("", "1"):
         logger.warning(
             "SLURM_NTASKS=%s but this process was not started by srun (no SLURM_STEP_ID): running as one "

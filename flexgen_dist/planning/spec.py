@@ -97,22 +97,67 @@ def _common(f: ConfigFields) -> dict:
         eos_token_ids=f.token_ids("eos_token_id"),
         pad_token_id=f.token_id("pad_token_id"),
         bos_token_id=f.token_id("bos_token_id"),
-        dtype=f.text("dtype", None) or f.text("torch_dtype", None) or "float32",
+        dtype=_checkpoint_dtype(f),
         raw=f.config,
     )
 
 
+ROPE_TYPES = ("default", "linear", "llama3")  # what model/layers.py rope_inv_freq computes
+# The dtypes a checkpoint's weights may be stored in (model/validate.py FLOAT_DTYPES); float64 runs as float32.
+CHECKPOINT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _checkpoint_dtype(f: ConfigFields) -> str:
+    """`dtype` (transformers 5) or `torch_dtype` (4.x): one of CHECKPOINT_DTYPES. Anything else
+    (int8, a quantized type) describes weights this runtime cannot compute with."""
+    found = None
+    for key in ("dtype", "torch_dtype"):
+        value = f.text(key, None)
+        if value is None:
+            continue
+        name = value.removeprefix("torch.")  # some old configs wrote "torch.float16"
+        if name not in CHECKPOINT_DTYPES:
+            raise f.bad(key, value, f"one of {', '.join(CHECKPOINT_DTYPES)} (the weights' floating-point type; "
+                                    "quantized checkpoints are not supported)")
+        found = found or name
+    return found or "float32"
+
+
+def _rope_type(rope: dict) -> str:
+    return rope.get("rope_type") or rope.get("type") or "default"
+
+
 def _rope_parameters(f: ConfigFields) -> tuple[float, dict | None]:
     # transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in rope_theta/rope_scaling.
-    params = f.object("rope_parameters") or {}
-    scaling = f.object("rope_scaling") or {}
-    rope = ConfigFields({**scaling, **params}, f"{f.where} (rope_parameters / rope_scaling)", f.model_type)
+    # transformers 5 lets a `rope_scaling` replace `rope_parameters` whole (its rope_theta too), so a
+    # config holding both, different, is ambiguous: refused rather than guessed.
+    given = {key: value for key in ("rope_parameters", "rope_scaling") if (value := f.object(key))}
+    for key, value in given.items():
+        rope_type = _rope_type(value)
+        if not isinstance(rope_type, str):
+            raise UserError(f"{f.where}: {key!r} has rope_type {describe(rope_type)}, expected a string such as "
+                            f"\"linear\"; correct it in config.json or restore the checkpoint's config.json")
+        if rope_type not in ROPE_TYPES:
+            raise UserError(
+                f"{f.where}: {key!r} has rope scaling type {rope_type!r}, which is not implemented here "
+                f"(positions would be encoded wrongly); supported: {', '.join(ROPE_TYPES)}: use a checkpoint "
+                "with one of these"
+            )
+    if len(given) == 2:
+        params, scaling = ({k: v for k, v in d.items() if k != "type"} | {"rope_type": _rope_type(d)}
+                           for d in given.values())
+        if params != scaling:
+            raise UserError(
+                f"{f.where} has both 'rope_parameters' {describe(given['rope_parameters'])} and 'rope_scaling' "
+                f"{describe(given['rope_scaling'])}, which differ; keep the one the checkpoint was trained with "
+                "and delete the other"
+            )
+    rope = ConfigFields({k: v for d in given.values() for k, v in d.items()},
+                        f"{f.where} ({' / '.join(given) or 'rope_parameters'})", f.model_type)
     theta = rope.number("rope_theta") or f.number("rope_theta", 10000.0)
-    rope_type = rope.text("rope_type", None) or rope.text("type", None) or "default"
+    rope_type = _rope_type(rope.config)
     if rope_type == "default":
         return theta, None
-    if rope_type not in ("linear", "llama3"):
-        raise UserError(f"{f.where}: rope scaling type {rope_type!r} is not supported; supported: default, linear, llama3")
     merged = {**rope.config, "rope_type": rope_type, "factor": rope.number("factor", required=True)}
     if rope_type == "llama3":
         low = merged["low_freq_factor"] = rope.number("low_freq_factor", required=True)
