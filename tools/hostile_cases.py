@@ -881,7 +881,8 @@ def dist_cases() -> list[Case]:
         Case("dist-no-peer-rank0", "dist", "env", env=peerless(0), argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
         Case("dist-no-peer-rank1", "dist", "env", env=peerless(1), argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
         Case("dist-ompi-rank-without-size", "dist", "user", env={"OMPI_COMM_WORLD_RANK": "0"}, argv=lambda c: tiny(c)),
-        Case("dist-slurm-procid-without-ntasks", "dist", "user", env={"SLURM_PROCID": "0", "SLURM_JOB_ID": "7"},
+        # a plain `sbatch job.sh` without --ntasks: slurmstepd sets SLURM_PROCID=0 and no SLURM_NTASKS
+        Case("dist-slurm-procid-without-ntasks", "dist", "ok", env={"SLURM_PROCID": "0", "SLURM_JOB_ID": "7"},
              argv=lambda c: tiny(c)),
         Case("dist-slurm-array-without-count", "dist", "user", env={"SLURM_ARRAY_TASK_ID": "1"},
              argv=lambda c: good_job(c)),
