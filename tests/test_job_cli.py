@@ -2,6 +2,8 @@
 exit code 2 before the model loads; resuming another run is refused; the OpenAI batch format
 round-trips; shards merge into the whole run; the help explains every flag; progress lines."""
 
+import contextlib
+import errno
 import io
 import os
 import json
@@ -182,6 +184,78 @@ def test_a_disk_error_while_saving_is_exit_1_in_one_line(cli, llama_dir, tmp_pat
     code, _, err = cli("--model", llama_dir, "--input", src, "--output", tmp_path / "out.jsonl", *FAST)
     assert code == 1 and "No space left on device" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+def plant_link(tmp_path, name):
+    (tmp_path / "victim.txt").write_text("precious\n")
+    (tmp_path / name).symlink_to(tmp_path / "victim.txt")
+
+
+@pytest.mark.parametrize("flag", ["--trace", "--stats-json"])
+@pytest.mark.parametrize("where, setup, fragment", [
+    ("no/such/f.json", None, "does not exist; create it first"),
+    ("dir", lambda d: (d / "dir").mkdir(), "is a folder; refusing to write there"),
+    ("IN", None, "is the input file"),
+    ("OUT", None, "is the --output file"),
+    ("OUT.partial", None, "is the output's progress file"),
+    ("f.json", lambda d: plant_link(d, "f.json"), "is a symbolic link; refusing to write there"),
+    ("-", None, "standard output is not possible here"),
+    ("/dev/full", None, "is a device"),
+])
+def test_a_trace_or_stats_path_that_cannot_be_written_is_refused_before_the_run(cli, llama_dir, tmp_path, flag, where,
+                                                                              setup, fragment):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    if setup is not None:
+        setup(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    out = tmp_path / "out.jsonl"
+    path = {"IN": str(src), "OUT": str(out), "OUT.partial": f"{out}.partial"}.get(where, where)
+    path = path if path.startswith(("/", "-")) else str(tmp_path / path)
+    code, _, err = cli("--model", llama_dir, "--input", src, "--output", out, flag, path, *FAST)
+    one_error_line(code, err, fragment)
+    assert flag in err
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before  # nothing written: no output, no progress file, the input and the victim intact
+
+
+def test_trace_and_stats_json_must_differ(cli, llama_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    same = tmp_path / "s.json"
+    one_error_line(*cli("--model", llama_dir, "--input", src, "--output", tmp_path / "out.jsonl", "--trace", same,
+                        "--stats-json", same, *FAST)[::2], "is the --trace file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_trace_and_stats_are_written_whole_and_a_full_disk_is_exit_1(cli, llama_dir, tmp_path, monkeypatch):
+    from flexgen_dist.frontend import side_files
+
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    out, stats, trace = tmp_path / "out.jsonl", tmp_path / "stats.json", tmp_path / "trace.json"
+    stats.write_text("an older run's stats\n")  # replaced, not refused: like a compiler's -o
+    run_ids_job(cli, llama_dir, src, out, "--stats-json", stats, "--trace", trace)
+    assert json.loads(stats.read_text())["generated_tokens"] == 6
+    assert any(e["ph"] == "X" for e in json.loads(trace.read_text())["traceEvents"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "stats.json", "trace.json"]
+
+    real = side_files.atomic_output
+
+    @contextlib.contextmanager
+    def full_disk(path):
+        with real(path) as f:
+            class Half:  # writes part of the bytes, then the disk is full
+                def write(self, data):
+                    f.write(data[: len(data) // 2])
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            yield Half()
+
+    monkeypatch.setattr(side_files, "atomic_output", full_disk)
+    code, _, err = cli("--model", llama_dir, "--input", src, "--output", out, "--overwrite", "--stats-json", stats,
+                       *FAST)
+    assert code == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot write --stats-json" in lines[0] and "No space left on device" in lines[0]
+    assert json.loads(stats.read_text())["generated_tokens"] == 6  # the old file stays whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "stats.json", "trace.json"]
 
 
 def test_openai_batch_round_trip_and_native_agree(cli, tmp_path):

@@ -9,10 +9,8 @@ Open the file in chrome://tracing or ui.perfetto.dev.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
-from pathlib import Path
 from typing import ContextManager, Protocol
 
 
@@ -67,8 +65,9 @@ class Tracer:
             meta.append({"name": "process_name", "ph": "M", "pid": self.pid, "args": {"name": f"rank {self.pid}"}})
             return meta + list(self._events)
 
-    def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
+    def document(self) -> dict:
+        """The trace as Chrome's JSON object format (the front end writes it to `--trace`)."""
+        return {"traceEvents": self.events(), "displayTimeUnit": "ms"}
 
 
 class NoTracer:

@@ -34,13 +34,14 @@ from .cli import llm_kwargs_from_args
 from .fingerprint import model_fingerprint
 from .generation import RunSettings
 from .job_inputs import job_from_args, print_continuations, shown_without_output, tokenize_job
-from .jobfiles import JobFile, write_stats
+from .jobfiles import JobFile
 from .model_source import ModelSource
 from .output_rows import Completion, output_row
 from .planner import plan_for
 from .resume import ResumeLog, RunIdentity, StdoutLog, open_for_resume, progress_paths
 from .progress import Progress
 from .shards import parse_shard, shard_output_path
+from .side_files import check_side_files, stats_record, trace_path, write_json_file
 from .signals import Interrupted, StopSignals
 from .tokencheck import PromptTokens
 
@@ -118,6 +119,7 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
                         f"{source.spec.vocab_size - 1})")
     job = job_from_args(args, source.spec, source.tokenizer is not None, shard)
     target = output_target(args, shard)
+    check_side_files(args, output=target, world_size=ctx.world_size)
     prepared = tokenize_job(job, tokenizer=source.tokenizer, spec=source.spec, max_new_tokens=settings.max_new_tokens,
                             truncate=args.truncate, stop=settings.stop)
     workload = None
@@ -162,14 +164,15 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
         finally:
             llm.close()
         if tracer is not None:
-            path = Path(args.trace)
-            tracer.write(path if ctx.rank == 0 else path.with_suffix(f".rank{ctx.rank}{path.suffix}"))
+            write_json_file(trace_path(args.trace, ctx.rank), tracer.document(), flag="--trace",
+                            indent=None)
         if not sinks:
             return 0  # rank 0 alone writes results and prints the summary
         with signals.deferred():
             sinks[0].finish()
         if args.stats_json:
-            write_stats(args.stats_json, stats, llm.policy, ctx.world_size, plan=llm.plan)
+            write_json_file(args.stats_json, stats_record(stats, llm.policy, ctx.world_size, plan=llm.plan),
+                            flag="--stats-json")
         if len(pending) < len(prepared):
             print(f"resumed: {len(prepared) - len(pending)} of {len(prepared)} results came from an earlier run", file=info)
         if target is not None:

@@ -43,15 +43,19 @@ def describe_kind(mode: int) -> str:
 
 
 def check_output_path(path: str | os.PathLike, *, input_path: str | os.PathLike | None = None,
-                      companions: tuple[str, ...] = (), flag: str = "--output") -> None:
+                      companions: tuple[str, ...] = (), flag: str = "--output", allow_stdout: bool = True) -> None:
     """Fail before the job runs, not after hours of work, and never write over something that is
     not a plain file. `companions` are further files the run will create next to the output (its
-    progress files); they get the same checks."""
+    progress files); they get the same checks. `allow_stdout=False`: a file it must be (`-` is
+    refused), e.g. a trace beside results that go to standard output."""
     text = os.fspath(path)
+    or_stdout = ", or - for standard output" if allow_stdout else ""
     if text == STDOUT:
-        return
+        if allow_stdout:
+            return
+        raise UserError(f"{flag} -: standard output is not possible here; give a file name")
     if not text:
-        raise UserError(f"{flag} is empty; give a file name, or - for standard output")
+        raise UserError(f"{flag} is empty; give a file name{or_stdout}")
     if text.endswith(os.sep) or (os.altsep and text.endswith(os.altsep)):
         raise UserError(f"{flag} {text!r} names a folder; give a file name inside it, e.g. {text}results.jsonl")
     target = Path(text)
@@ -61,10 +65,10 @@ def check_output_path(path: str | os.PathLike, *, input_path: str | os.PathLike 
         except FileNotFoundError:
             continue
         if not stat.S_ISREG(mode):
-            what = "the output" if candidate == target else "the progress file"
+            what = "" if candidate == target else f": the progress file {str(candidate)!r}"
             raise UserError(
-                f"{flag} {text!r}: {what} {str(candidate)!r} is {describe_kind(mode)}; refusing to write there: "
-                f"give the path of a regular file (- for standard output)"
+                f"{flag} {text!r}{what} is {describe_kind(mode)}; refusing to write there: "
+                f"give the path of a regular file{or_stdout}"
             )
     parent = target.absolute().parent
     if not parent.is_dir():
