@@ -17,6 +17,7 @@ others, after a barrier): ranks measuring at once would share the disk and the C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -27,10 +28,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .frontend.oneline import OneLineParser
+from .frontend.outpath import check_output_path
 from .errors import UserError
 from .planning.detect import detect_capacities
 from .planning.hardware import Hardware
 from .planning.presets import hardware_from_arg
+from .storage.atomic_files import check_offload_folder
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +75,9 @@ def profile_machine(device: str, offload_dir: str | Path, *, compute_dtype: str 
     dtype = getattr(torch, dtype_name, None)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UserError(f"--dtype {dtype_name!r} is not float32, float16 or bfloat16")
-    capacities = detect_capacities(device, offload_dir)
     torch_device = torch.device(device if device_type == "cpu" or ":" in device else "cuda:0")
     speeds, notes = measure_speeds(torch_device, dtype, Path(offload_dir).expanduser(), quick=quick)
+    capacities = detect_capacities(device, offload_dir)  # logs them: after what can fail
     what = torch.cuda.get_device_name(torch_device) if device_type == "cuda" else "CPU"
     name = f"profiled{' (quick)' if quick else ''}: {socket.gethostname()} {device_type} ({what})"
     return Hardware(name=name, capacities=capacities, speeds=speeds, notes=notes)
@@ -118,6 +121,8 @@ def machine_hardware(device: str, offload_dir: str | Path | None, *, hardware: s
     file or preset as written, else this machine's profiled speeds with capacities detected now."""
     if hardware is not None:
         return hardware_from_arg(hardware)
+    if offload_dir is not None:  # a folder the run cannot use is the error, not a profile of it
+        check_offload_folder(offload_dir)
     # No offload folder: no disk tier (disk_mem = 0), but Speeds wants a disk rate: the temp folder's.
     folder = offload_dir if offload_dir is not None else tempfile.gettempdir()
     try:
@@ -125,11 +130,14 @@ def machine_hardware(device: str, offload_dir: str | Path | None, *, hardware: s
     except (UserError, OSError) as exc:
         if offload_dir is None:
             raise
-        # An offload folder too small or not writable to measure: plan with the temp folder's disk
-        # speed; the checks of the folder itself (space, permissions) come before anything is written.
-        logger.warning("could not measure the offload folder's disk (%s); planning with the temp folder's", exc)
+        # An offload folder too small to measure: plan with the temp folder's disk speed. Not a
+        # warning: the run's own check of the folder's space follows, and its error (if any)
+        # should be the one line the user reads.
+        note = f"disk speeds of {tempfile.gettempdir()}: the offload folder could not be measured ({exc})"
+        logger.info("%s", note)
         profiled = load_or_profile(device, tempfile.gettempdir(), compute_dtype=compute_dtype,
                                    profile_if_missing=profile_if_missing)
+        profiled = dataclasses.replace(profiled, notes=(*profiled.notes, note))
     return profiled.with_capacities(detect_capacities(device, offload_dir))
 
 
@@ -172,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON here instead of the per-machine cache")
     parser.add_argument("--quick", action="store_true", help="small sizes: seconds, less accurate")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .frontend.cli import run_command
 
     def body() -> int:
+        # the paths first: a typo fails in a second, with one line and before any log line
+        check_offload_folder(args.offload_dir, create=False)
+        if args.out is not None:
+            check_output_path(args.out, flag="--out", allow_stdout=False)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -336,6 +338,7 @@ print("ok")
 
 def test_profiler_quick_writes_a_loadable_profile(tmp_path):
     out = tmp_path / "hw.json"
+    (tmp_path / "offload").mkdir()  # the folder to measure must exist (a typo is an error, not a new folder)
     env = {**os.environ, "PYTHONPATH": str(REPO), "FLEXGEN_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run(
         [sys.executable, "-m", "flexgen_dist.profile", "--device", "cpu", "--quick", "--out", str(out),
@@ -348,6 +351,64 @@ def test_profiler_quick_writes_a_loadable_profile(tmp_path):
     assert "disk read" in proc.stdout and str(out) in proc.stdout
     assert not (tmp_path / "cache").exists()  # --out, not the cache
     assert not any((tmp_path / "offload").iterdir())  # the disk test file is gone
+
+
+def _plant_link(d):
+    (d / "victim.txt").write_text("precious\n")
+    (d / "hw.json").symlink_to(d / "victim.txt")
+
+
+@pytest.mark.parametrize("args, setup, fragment", [
+    (["--offload-dir", "nope/deeper"], None, "--offload-dir nope/deeper does not exist; create it"),
+    (["--offload-dir", "f"], lambda d: (d / "f").write_text("precious\n"), "--offload-dir f is not a folder"),
+    (["--out", "no/such/hw.json"], None, "cannot write --out 'no/such/hw.json': folder"),
+    (["--out", "hw"], lambda d: (d / "hw").mkdir(), "--out 'hw' is a folder; refusing to write there"),
+    (["--out", "hw.json"], _plant_link, "--out 'hw.json' is a symbolic link; refusing to write there"),
+    (["--out", "-"], None, "--out -: standard output is not possible here"),
+])
+def test_profiler_refuses_bad_paths_in_one_line_before_measuring(tmp_path, monkeypatch, capsys, args, setup, fragment):
+    from flexgen_dist import profile
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLEXGEN_CACHE_DIR", str(tmp_path / "cache"))
+    if setup is not None:
+        setup(tmp_path)
+    before = {p.name: (p.read_bytes() if p.is_file() else None) for p in tmp_path.iterdir()}
+
+    def measured(*a, **k):
+        raise AssertionError("measured before the paths were checked")
+
+    monkeypatch.setattr(profile, "profile_machine", measured)
+    assert profile.main(["--device", "cpu", "--quick", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith("error: ") and fragment in err, err
+    assert {p.name: (p.read_bytes() if p.is_file() else None) for p in tmp_path.iterdir()} == before
+
+
+def test_the_runs_offload_folder_is_checked_before_its_disk_is_profiled(tmp_path, monkeypatch, caplog):
+    from flexgen_dist import profile
+
+    calls = []
+
+    def load_or_profile(device, folder, **kwargs):
+        calls.append(str(folder))
+        if str(folder) == str(tmp_path / "small"):
+            raise UserError(f"{folder} has only 1.00 MiB free, too little to measure its disk")
+        return cpu_machine()
+
+    monkeypatch.setattr(profile, "load_or_profile", load_or_profile)
+    (tmp_path / "f").write_text("precious\n")
+    with pytest.raises(UserError, match="is not a folder"):
+        profile.machine_hardware("cpu", tmp_path / "f")
+    with pytest.raises(UserError, match="is not a folder"):
+        profile.machine_hardware("cpu", "/dev/null")
+    assert calls == []  # refused before any profile was loaded or measured
+    (tmp_path / "small").mkdir()
+    with caplog.at_level(logging.INFO):
+        machine = profile.machine_hardware("cpu", tmp_path / "small")
+    assert calls == [str(tmp_path / "small"), tempfile.gettempdir()]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # the run's own check speaks, if any
+    assert any("could not be measured" in note for note in machine.notes)
 
 
 def test_load_or_profile_uses_the_cache_or_says_how(tmp_path):

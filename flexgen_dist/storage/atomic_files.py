@@ -116,14 +116,16 @@ def remove_leftovers(dir_fd: int) -> list[str]:
     return removed
 
 
-def check_offload_space(offload_dir: str | Path, planned_bytes: int) -> None:
-    """Refuse, before any work, an offload folder this run cannot fill: raises `UserError` when
-    `offload_dir` is not a folder, cannot be created, cannot be written, or has fewer than
-    `planned_bytes` bytes free (what the run will still write there, not what is already there).
-    """
+def check_offload_folder(offload_dir: str | Path, *, create: bool = True) -> None:
+    """Refuse, before any work, an offload folder that cannot be used: raises `UserError` when
+    `offload_dir` is not a folder, is missing (`create=False`) or cannot be created, or cannot be
+    written."""
     path = Path(offload_dir)
     if path.exists() and not path.is_dir():
-        raise UserError(f"--offload-dir {path} is not a folder; give a folder (it is created if missing)")
+        created = " (it is created if missing)" if create else ""
+        raise UserError(f"--offload-dir {path} is not a folder; give a folder{created}")
+    if not create and not path.exists():
+        raise UserError(f"--offload-dir {path} does not exist; create it or give an existing folder")
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -134,6 +136,16 @@ def check_offload_space(offload_dir: str | Path, planned_bytes: int) -> None:
     except OSError as exc:
         raise UserError(f"--offload-dir {path} is not writable ({exc.strerror}); choose a folder you can write") from None
     unlink_quietly(None, str(probe))
+
+
+def check_offload_space(offload_dir: str | Path, planned_bytes: int) -> None:
+    """Refuse, before any work, an offload folder this run cannot fill: raises `UserError` when
+    `offload_dir` is not a usable folder (`check_offload_folder`; it is created if missing) or has
+    fewer than `planned_bytes` bytes free (what the run will still write there, not what is
+    already there).
+    """
+    path = Path(offload_dir)
+    check_offload_folder(path)
     vfs = os.statvfs(path)
     free = vfs.f_bavail * vfs.f_frsize
     if free < planned_bytes:
