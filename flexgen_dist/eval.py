@@ -26,19 +26,38 @@ from . import DEFAULT_MODEL
 from .errors import UserError
 from .frontend.api import LLM
 from .frontend.model_source import ModelSource
+from .frontend.outpath import describe_kind
 from .frontend.planner import plan_for
 from .planning.placement import Workload
 from .frontend.cli import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser, run_command
 
 DEFAULT_TEXT = str(Path(__file__).parent / "data" / "heldout.txt")
+MIN_TOKENS = 2  # a window's first token is context only: two tokens score one
+
+
+def read_text(path: Path) -> str:
+    """The text to score, or a `UserError` naming the file (and the first bad byte's offset)."""
+    if not path.exists():
+        raise UserError(f"text file {str(path)!r} does not exist")
+    if not path.is_file():  # a FIFO or /dev/zero would block or never end
+        raise UserError(f"text file {str(path)!r} is {describe_kind(path.stat().st_mode)}; give a regular text file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read text file {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"text file {str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                        f"{exc.start} cannot be decoded); convert it to UTF-8, e.g. with iconv -t utf-8") from None
 
 
 def windows(ids: list[int], window: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Non-overlapping windows of `window` tokens (the last one may be shorter, >= 2 tokens)."""
+    """Non-overlapping windows of `window` tokens (the last one may be shorter, >= MIN_TOKENS)."""
     if max_tokens is not None:
         ids = ids[:max_tokens]
     out = [ids[i : i + window] for i in range(0, len(ids), window)]
-    return [w for w in out if len(w) >= 2]
+    return [w for w in out if len(w) >= MIN_TOKENS]
 
 
 def perplexity(scores: list[list[float]]) -> tuple[float, int]:
@@ -75,10 +94,11 @@ def _eval(args: argparse.Namespace) -> int:
     ctx = dist_from_args(args)
     if ctx.world_size > 1:
         raise UserError("eval runs in one process; start it without torchrun / mpirun")
+    if args.max_tokens is not None and args.max_tokens < MIN_TOKENS:
+        raise UserError(f"--max-tokens must be at least {MIN_TOKENS} (a scored token needs one before it), "
+                        f"got {args.max_tokens}; leave it out to score the whole text")
     text_path = Path(args.text or DEFAULT_TEXT)
-    if not text_path.is_file():
-        raise UserError(f"text file {str(text_path)!r} does not exist")
-    text = text_path.read_text(encoding="utf-8")
+    text = read_text(text_path)
     source = ModelSource.from_dir(args.model)
     if source.tokenizer is None:
         raise UserError(f"model {args.model!r} has no tokenizer, so it cannot score text")
@@ -87,6 +107,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"--window must be at least 2, got {args.window}")
     ids = list(source.tokenizer(text, add_special_tokens=False)["input_ids"])
     chunks = windows(ids, window, args.max_tokens)
+    if not chunks:
+        raise UserError(f"text file {str(text_path)!r} is {len(ids)} token{'' if len(ids) == 1 else 's'} long; "
+                        f"scoring needs at least {MIN_TOKENS} (a scored token needs one before it): give a longer text")
     # the plan is for these windows: as many prompts, each as long as a window, scored (no new
     # tokens); or, through the cache, each a one-token prompt followed by the rest fed step by step
     longest = max(len(c) for c in chunks)
