@@ -9,10 +9,12 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from flexgen_dist.bench.sweep import CSV_COLUMNS
+from flexgen_dist.errors import UserError
 from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.dist
@@ -40,6 +42,61 @@ def test_ranks_table_and_json(tmp_path):
 def test_bad_ranks_is_a_user_error():
     proc = subprocess.run([sys.executable, "-m", "flexgen_dist.bench", "--ranks", "one"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --ranks")
+
+
+def _plant_link(folder, name):
+    (folder / "victim.txt").write_text("precious\n")
+    (folder / name).symlink_to(folder / "victim.txt")
+
+
+@pytest.mark.parametrize("args, setup, fragment", [
+    (["--model", "M", "--shape", "opt-125m"], None, "give --model or --shape, not both"),
+    (["--prompt-len", -1, "--systems", "ours", "--blocks", "1x1"], None, "--prompt-len must be >= 1, got -1"),
+    (["--gen-len", 0, "--systems", "ours", "--blocks", "1x1"], None, "--gen-len must be >= 1, got 0"),
+    (["--ranks", 1, "--cores", 0], None, "--cores must be >= 1, got 0"),
+    (["--ranks", 1, "--gpu-batch-size", 0], None, "--gpu-batch-size must be >= 1, got 0"),
+    (["--budget", "0"], None, "--budget must be a positive size"),
+    (["--json", "no/such/r.json"], None, "cannot write --json 'no/such/r.json': folder"),
+    (["--json", "r.json"], lambda d: _plant_link(d, "r.json"), "--json 'r.json' is a symbolic link"),
+    (["--sweep", "--placements", "moon"], None, "--placements"),
+    (["--offload-dir", "f"], lambda d: (d / "f").write_text("precious\n"), "--offload-dir f is not a folder"),
+])
+def test_bench_flags_are_checked_before_any_folder_or_run(tmp_path, monkeypatch, capsys, args, setup, fragment):
+    from flexgen_dist.bench import __main__ as bench
+
+    work, temp = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir(), temp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where a default offload folder would appear
+    if setup is not None:
+        setup(work)
+    before = {p.name: (p.read_bytes() if p.is_file() else None) for p in work.iterdir()}
+
+    def ran(*a, **k):
+        raise AssertionError("the bench started before its flags were checked")
+
+    monkeypatch.setattr(bench, "_command", ran)
+    code = bench.main([str(work if a == "M" else a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [err.strip()] and err.startswith("error: ") and fragment in err, err
+    assert {p.name: (p.read_bytes() if p.is_file() else None) for p in work.iterdir()} == before
+    assert list(temp.iterdir()) == []
+
+
+def test_the_default_offload_folder_is_removed_when_the_bench_ends(tmp_path, monkeypatch):
+    from flexgen_dist.bench import __main__ as bench
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = []
+
+    def fails(args, offload):
+        seen.append(offload)
+        (offload / "checkpoint").write_text("random weights")
+        raise UserError("a run of ours was refused")
+
+    monkeypatch.setattr(bench, "_command", fails)
+    assert bench.main(["--systems", "ours", "--blocks", "1x1"]) == 2
+    assert seen and seen[0].parent == tmp_path and list(tmp_path.iterdir()) == []
 
 
 BOUND_LINE = re.compile(r"^(ours|ours-in-memory) (\d+x\d+): prefill [\d.]+, decode [\d.]+, total [\d.]+ tok/s; "

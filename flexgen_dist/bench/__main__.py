@@ -18,7 +18,6 @@ Pipeline scaling (decode throughput per rank count, with per-rank capacities):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,7 +28,10 @@ from ..frontend.oneline import OneLineParser
 from .. import DEFAULT_MODEL
 from ..errors import UserError
 from ..frontend.cli import run_command
-from ..planning.sizes import format_size, parse_size
+from ..frontend.side_files import write_json_file
+from . import checks
+from .checks import check_args
+from ..planning.sizes import format_size
 
 COMPARE_BLOCKS = "8x1,16x1,32x1,32x2,32x4,32x8"
 SWEEP_BLOCKS = "8x1,32x1,32x4"
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", default=None, help="a random-weight OPT checkpoint of this shape: opt-125m, opt-1.3b, opt-6.7b, ...")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen-len", type=int, default=16)
-    parser.add_argument("--offload-dir", default=None, help="disk tier / offload folder (default: a temporary folder)")
+    parser.add_argument("--offload-dir", default=None,
+                        help="disk tier / offload folder (default: a temporary folder, removed at the end)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--hardware", default=None,
                         help="speeds the bound is computed from: a JSON file of python -m flexgen_dist.profile --out, or a "
@@ -89,11 +92,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.ranks and args.sweep:
-        raise UserError("give --ranks (pipeline scaling) or --sweep, not both")
+    check_args(args)  # everything cheap first: no folder made, no model written, no child run
+    if args.offload_dir is not None:
+        return _command(args, Path(args.offload_dir))
+    with tempfile.TemporaryDirectory(prefix="flexgen-bench-") as folder:  # removed however the bench ends
+        return _command(args, Path(folder))
+
+
+def _command(args: argparse.Namespace, offload: Path) -> int:
     if args.ranks:
-        return _scaling(args)
-    return _sweep(args) if args.sweep else _compare(args)
+        return _scaling(args, offload)
+    return _sweep(args, offload) if args.sweep else _compare(args, offload)
 
 
 def _say(text: str) -> None:
@@ -101,84 +110,23 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text!r} must be comma-separated whole numbers, e.g. 1,2") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{flag} {text!r} must list whole numbers >= 1")
-    return values
-
-
-def _blocks(text: str) -> list[tuple[int, int]]:
-    try:
-        blocks = [tuple(int(x) for x in b.lower().split("x")) for b in text.split(",") if b.strip()]
-        assert blocks and all(len(b) == 2 and min(b) >= 1 for b in blocks)
-    except (ValueError, AssertionError):
-        raise UserError(f"--blocks {text!r} must look like 8x1,32x4 (gpu batch size x gpu batches)") from None
-    return blocks
-
-
-def _systems(text: str) -> list[str]:
-    systems = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = set(systems) - {"ours", "transformers", "accelerate"}
-    if unknown or not systems:
-        raise UserError(f"--systems: unknown {', '.join(sorted(unknown)) or 'none given'}; use ours, transformers, accelerate")
-    return systems
-
-
 def _model_dir(args: argparse.Namespace, offload: Path) -> Path:
-    if args.model and args.shape:
-        raise UserError("give --model or --shape, not both")
-    if args.shape:
-        from .checkpoints import SHAPES, make_random_checkpoint
+    if args.shape:  # known: check_args
+        from .checkpoints import make_random_checkpoint
 
-        if args.shape not in SHAPES:
-            raise UserError(f"unknown --shape {args.shape!r}; known: {', '.join(SHAPES)}")
         path = offload / f"checkpoint-{args.shape}"
         _say(f"checkpoint: random {args.shape} weights in {path} (written once, then reused)")
         return make_random_checkpoint(args.shape, path)
     return Path(args.model or DEFAULT_MODEL)
 
 
-def _workload(args: argparse.Namespace):
+def _workload(args: argparse.Namespace, offload: Path):
     from .compare import Workload
 
-    ours_args = _ours_flags(args.ours_flags)
-    offload = Path(args.offload_dir or tempfile.mkdtemp(prefix="flexgen-bench-"))
-    offload.mkdir(parents=True, exist_ok=True)
-    mem_limit = parse_size(args.mem_limit, "--mem-limit") if args.mem_limit else None
-    if args.budget:
-        budget = parse_size(args.budget, "--budget")
-    else:
-        budget = mem_limit - int(1.5 * 2**30) if mem_limit else None
-    if budget is not None and budget <= 0:
-        raise UserError("--mem-limit leaves no budget after 1.5 GiB for the process itself; raise it or give --budget")
+    ours_args = checks.ours_flags(args.ours_flags)
+    mem_limit, budget = checks.memory(args)
     return Workload(_model_dir(args, offload), args.prompt_len, args.gen_len, mem_limit, budget, offload,
                     ours_args=ours_args)
-
-
-def _ours_flags(text: str) -> tuple[str, ...]:
-    """--ours-flags, checked against run's parser now rather than after minutes of baselines."""
-    import shlex
-
-    from ..run import build_parser
-
-    flags = tuple(shlex.split(text))
-    owned = {"--model", "--prompt-len", "--gen-len", "--seed", "--stats-json", "--offload-dir", "--num-prompts"}
-    clash = sorted(owned & {f.split("=")[0] for f in flags})
-    if clash:
-        raise UserError(f"--ours-flags: {', '.join(clash)} are set by the bench itself; leave them out")
-    parser = build_parser()
-    parser.exit_on_error = False
-    try:
-        _, unknown = parser.parse_known_args(list(flags))
-    except argparse.ArgumentError as exc:
-        raise UserError(f"--ours-flags {text!r}: {exc}") from None
-    if unknown:
-        raise UserError(f"--ours-flags {text!r}: python -m flexgen_dist.run has no {' '.join(unknown)}")
-    return flags
 
 
 def _bounds(args: argparse.Namespace, w):
@@ -197,14 +145,14 @@ def _header(args: argparse.Namespace, w, bounds) -> str:
             f"bounds: {bounds.hardware.name}, from {bounds.hardware_source}")
 
 
-def _compare(args: argparse.Namespace) -> int:
+def _compare(args: argparse.Namespace, offload: Path) -> int:
     from .compare import IN_MEMORY, best_baseline, best_ours, in_memory_run, offload_ratio, run_ours
     from .report import format_attempt, format_table
 
-    systems = _systems(args.systems)
-    blocks = _blocks(args.blocks or COMPARE_BLOCKS)
-    batches = _int_list(args.batches, "--batches")
-    w = _workload(args)
+    systems = checks.systems(args.systems)
+    blocks = checks.blocks(args.blocks or COMPARE_BLOCKS)
+    batches = checks.int_list(args.batches, "--batches")
+    w = _workload(args, offload)
     bounds = _bounds(args, w)
     show = lambda a: _say(format_attempt(a))  # noqa: E731
     best, attempts = {}, {}
@@ -239,26 +187,24 @@ def _compare(args: argparse.Namespace) -> int:
     if args.json:
         data = {s: [a.to_dict() for a in runs] for s, runs in attempts.items()}
         data["hardware"] = bounds.hardware_source
-        Path(args.json).write_text(json.dumps(data, indent=1, default=str))
+        write_json_file(args.json, data, flag="--json")
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def _sweep(args: argparse.Namespace, offload: Path) -> int:
     from .plot import MISSING, plot_sweep, require_matplotlib
     from .report import format_attempt, format_sweep_table
     from .sweep import frontier_by_system, grid_runs, parse_placements, planner_points, run_flags, run_sweep, write_csv
 
     png = args.sweep_png
-    if png:
-        require_matplotlib()  # before the sweep, not after it
-    else:
+    if not png:  # given: check_args found matplotlib
         try:
             require_matplotlib()
             png = "sweep.png"
         except UserError:
             _say(f"no chart: {MISSING}")
-    systems = _systems(args.systems)
-    groups = grid_runs(_blocks(args.blocks or SWEEP_BLOCKS), parse_placements(args.placements))
+    systems = checks.systems(args.systems)
+    groups = grid_runs(checks.blocks(args.blocks or SWEEP_BLOCKS), parse_placements(args.placements))
     latencies = []
     if args.max_latencies:
         try:
@@ -267,8 +213,8 @@ def _sweep(args: argparse.Namespace) -> int:
         except (ValueError, AssertionError):
             raise UserError(f"--max-latencies {args.max_latencies!r} must be comma-separated seconds > 0, e.g. 10,60") from None
     planner = planner_points(latencies, run_flags())
-    batches = _int_list(args.batches, "--batches")
-    w = _workload(args)
+    batches = checks.int_list(args.batches, "--batches")
+    w = _workload(args, offload)
     bounds = _bounds(args, w)
     count = sum(map(len, groups)) + len(planner) if "ours" in systems else 0
     _say(f"sweep: up to {count} runs of ours, then {', '.join(s for s in systems if s != 'ours') or 'no baselines'} "
@@ -284,17 +230,16 @@ def _sweep(args: argparse.Namespace) -> int:
                                     f"cap {format_size(w.mem_limit) if w.mem_limit else 'none'}")
         print(f"chart: {png}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"hardware": bounds.hardware_source, "runs": [a.to_dict() for a in rows]},
-                                              indent=1, default=str))
+        write_json_file(args.json, {"hardware": bounds.hardware_source, "runs": [a.to_dict() for a in rows]},
+                        flag="--json")
     return 0
 
 
-def _scaling(args: argparse.Namespace) -> int:
+def _scaling(args: argparse.Namespace, offload: Path) -> int:
     from .scaling import format_table, run_ranks
 
-    ranks = _int_list(args.ranks, "--ranks")
+    ranks = checks.int_list(args.ranks, "--ranks")
     block = args.gpu_batch_size * args.num_gpu_batches
-    offload = Path(args.offload_dir or tempfile.mkdtemp(prefix="flexgen-bench-"))
     model = _model_dir(args, offload)
     run_args = [
         "--model", str(model), "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len),
@@ -318,7 +263,7 @@ def _scaling(args: argparse.Namespace) -> int:
           f"{args.cores} cores shared, page cache {'dropped' if args.drop_page_cache else 'kept'}")
     print(format_table(runs))
     if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ for r in runs], indent=1))
+        write_json_file(args.json, [r.__dict__ for r in runs], flag="--json")
     return 0
 
 

@@ -76,8 +76,8 @@ def write_json_file(path: str | os.PathLike, data: object, *, flag: str, indent:
         with atomic_output(path) as f:
             f.write(text.encode())
     except OSError as exc:
-        raise EnvironmentFailure(f"cannot write {flag} {os.fspath(path)!r}: {exc.strerror or exc}; the results "
-                                 f"are saved: free space or choose another {flag} path") from None
+        raise EnvironmentFailure(f"cannot write {flag} {os.fspath(path)!r}: {exc.strerror or exc}; free space "
+                                 f"or choose another {flag} path") from None
 
 
 def stats_record(stats, policy, world_size: int, plan=None) -> dict:
