@@ -15,7 +15,6 @@ of the selected shard are kept, and the whole file is hashed for the resume iden
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -165,38 +164,3 @@ def read_job_file(path: str | Path, shard: Shard | None = None) -> JobFile:
     return JobFile(path=str(path), format=scanner.format, sha256=scanner.sha256,
                    num_requests=scanner.num_requests, requests=requests)
 
-
-def write_stats(path: str | Path, stats, policy, world_size: int, plan=None) -> None:
-    """Machine-readable run statistics (what benchmarks parse), with the plan's prediction and
-    this process's memory (peak resident set, and what it held when the plan was made)."""
-    data = {
-        "world_size": world_size,
-        "prefill_s": stats.prefill_s,
-        "decode_s": stats.decode_s,
-        "total_s": stats.total_s,
-        "prompt_tokens": stats.prompt_tokens,
-        "generated_tokens": stats.generated_tokens,
-        "prefill_tokens_per_s": stats.prefill_tokens_per_s,
-        "decode_tokens_per_s": stats.decode_tokens_per_s,
-        "tokens_per_s": stats.tokens_per_s,
-        "padding_efficiency": stats.padding_efficiency if stats.prompt_slots else None,
-        "policy": dataclasses.asdict(policy),
-    }
-    if plan is not None:
-        import resource
-
-        data["planned"] = {
-            "searched": plan.searched,
-            "tokens_per_s": plan.estimate.throughput,
-            "prefill_s": plan.estimate.prefill_s,
-            "decode_s": plan.estimate.decode_s,
-            "bytes_per_tier": {str(tier): n for tier, n in plan.placement.bytes_per_tier().items()},
-            "process_rss_at_plan": plan.process_rss,
-            "peak_rss": plan.predicted_peak_rss,
-            "dtypes": dataclasses.asdict(plan.placement.dtypes),
-            "workload": dataclasses.asdict(plan.placement.workload),
-            "buffers": dataclasses.asdict(plan.placement.buffers),
-            "hardware": plan.hardware.name,
-        }
-        data["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    Path(path).write_text(json.dumps(data, indent=1, default=str) + "\n")
