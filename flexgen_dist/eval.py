@@ -17,10 +17,9 @@ import math
 import sys
 from pathlib import Path
 
-from .frontend.startup import bounded_heap, refuse_too_little_memory
+from .frontend.startup import refuse_too_little_memory
 
 refuse_too_little_memory()  # before torch is imported (below)
-bounded_heap()
 
 from . import DEFAULT_MODEL
 from .errors import UserError

@@ -165,6 +165,14 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, rows: int, dim: int, 
     return 2 * rows * dim * dim / _seconds(lambda: F.linear(x, w), device, repeats)
 
 
+def elementwise_bw(device: torch.device, dtype: torch.dtype, rows: int, dim: int, repeats: int) -> float:
+    """Bytes/s of `a * b` into a new tensor (two reads, one write), as a layer's norms, RoPE and
+    residual adds do: a fresh output each time, so its page faults (or the allocator) count."""
+    a = torch.randn(rows, dim, device=device, dtype=dtype)
+    b = torch.randn(rows, dim, device=device, dtype=dtype)
+    return 3 * a.numel() * a.element_size() / _seconds(lambda: a * b, device, repeats)
+
+
 def attention_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int],
                     repeats: int, *, decode: bool) -> float:
     """SDPA with a boolean mask as the engine passes one: causal prefill over `seq` tokens, or one
@@ -236,6 +244,7 @@ def measure_speeds(device: torch.device, dtype: torch.dtype, offload_dir: Path, 
         cpu_attention_flops=attention_flops(torch.device("cpu"), dtype, shapes.cpu_attention, r, decode=True),
         quantize_bw=quantize,
         dequantize_bw=dequantize,
+        elementwise_bw=elementwise_bw(device, dtype, 8 * shapes.prefill_rows, shapes.dim, r),  # 16 MiB+: not a cache's
     )
     notes = (
         f"disk ({offload_dir}): {disk_how}",

@@ -166,6 +166,7 @@ def format_table(hardware: Hardware) -> str:
         ("attention, decode on CPU", rate(s.cpu_attention_flops, "FLOP/s")),
         ("4-bit quantize", rate(s.quantize_bw, "B/s")),
         ("4-bit dequantize", rate(s.dequantize_bw, "B/s")),
+        ("elementwise passes", rate(s.elementwise_bw, "B/s")),
     ]
     width = max(len(label) for label, _ in rows)
     lines = [hardware.name] + [f"  {label:<{width}}  {value.strip()}" for label, value in rows]

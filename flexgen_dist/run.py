@@ -17,10 +17,9 @@ if __name__ == "__main__":  # first: hold a SIGINT / SIGTERM sent while the impo
 import argparse
 import sys
 
-from .frontend.startup import bounded_heap, refuse_too_little_memory
+from .frontend.startup import refuse_too_little_memory
 
 refuse_too_little_memory()  # before torch is imported (below)
-bounded_heap()
 
 from . import DEFAULT_MODEL, __version__
 from .frontend.cli import add_model_args, dist_from_args, group, new_parser, run_command, start_pipeline

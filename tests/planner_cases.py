@@ -29,7 +29,7 @@ def gpu_machine(gpu_mem=GiB, cpu_mem=8 * GiB, disk_mem=100 * GiB) -> Hardware:
         capacities=Capacities(has_gpu=True, gpu_mem=gpu_mem, cpu_mem=cpu_mem, host_mem=cpu_mem, disk_mem=disk_mem),
         speeds=Speeds(compute_dtype="float16", h2d_bw=1e10, d2h_bw=5e9, disk_read_bw=1e9, disk_write_bw=5e8,
                       matmul_flops=1e13, decode_matmul_flops=2e12, attention_flops=5e12, decode_attention_flops=1e11,
-                      cpu_attention_flops=2e10, quantize_bw=5e10, dequantize_bw=1e11),
+                      cpu_attention_flops=2e10, quantize_bw=5e10, dequantize_bw=1e11, elementwise_bw=5e10),
     )
 
 
@@ -40,7 +40,7 @@ def cpu_machine(host_mem=GiB, disk_mem=100 * GiB) -> Hardware:
         capacities=Capacities(has_gpu=False, gpu_mem=host_mem, cpu_mem=host_mem, host_mem=host_mem, disk_mem=disk_mem),
         speeds=Speeds(compute_dtype="float32", h2d_bw=8e9, d2h_bw=8e9, disk_read_bw=1.5e9, disk_write_bw=1e9,
                       matmul_flops=2e11, decode_matmul_flops=4e10, attention_flops=5e10, decode_attention_flops=5e9,
-                      cpu_attention_flops=5e9, quantize_bw=2e9, dequantize_bw=4e9),
+                      cpu_attention_flops=5e9, quantize_bw=2e9, dequantize_bw=4e9, elementwise_bw=5e10),
     )
 
 

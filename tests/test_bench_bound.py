@@ -25,7 +25,7 @@ GiB = 2**30
 def _hardware(disk_read_bw: float) -> Hardware:
     speeds = Speeds(compute_dtype="float32", h2d_bw=10e9, d2h_bw=10e9, disk_read_bw=disk_read_bw, disk_write_bw=1e9,
                     matmul_flops=1e11, decode_matmul_flops=1e10, attention_flops=1e11, decode_attention_flops=1e10,
-                    cpu_attention_flops=1e10, quantize_bw=1e9, dequantize_bw=1e9)
+                    cpu_attention_flops=1e10, quantize_bw=1e9, dequantize_bw=1e9, elementwise_bw=5e10)
     capacities = Capacities(has_gpu=False, gpu_mem=16 * GiB, cpu_mem=16 * GiB, host_mem=16 * GiB, disk_mem=100 * GiB)
     return Hardware(name="test machine", capacities=capacities, speeds=speeds)
 

@@ -11,27 +11,6 @@ MIN_ADDRESS_SPACE = 1 << 30  # torch + transformers import in ~700 MiB of addres
 MIN_START_MEMORY = 320 << 20  # their import's resident set is ~250 MiB
 
 
-MMAP_THRESHOLD = 4 << 20
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-
-
-def bounded_heap() -> None:
-    """Buffers of 4 MiB and more come from mmap and go back to the system when freed. glibc's
-    default threshold rises to 32 MiB as such buffers are freed, after which the heap of a process
-    that allocates and frees layer-sized temporaries fragments and keeps what the plan counted as
-    freed (measured: the default run's peak 8% over its plan; Accelerate under a 4 GiB cap, 5 GiB of
-    heap for 2 GiB of live data). The planner's peak is only a promise with this. Not glibc: no-op."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 def refuse_too_little_memory() -> None:
     """Exit 1 with one line when RLIMIT_AS or the binding memory cgroup leaves too little to start."""
     problem = _address_space_problem() or _cgroup_problem()

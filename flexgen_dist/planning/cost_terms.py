@@ -25,9 +25,12 @@ never faster than streaming the weights from device memory once per GPU batch (a
 decode matmul of a few rows is memory bound, which is what makes tiny GPU batches slow);
 attention at its profiled rates, on the device or on the CPU.
 
-Small costs left out: elementwise ops (norms, activations, softmax), the embedding lookup,
-device-to-device copies on a GPU, receives of hidden states from the previous rank, and the
-CPU work of issuing copies.
+Elementwise ops (norms, activations, RoPE, residual adds, the cache's new rows) as passes over
+memory at the profiled elementwise rate: small next to the matmuls of a large model, most of the
+time of a small one (the bundled model's prefill: 70 %).
+
+Small costs left out: device-to-device copies on a GPU, receives of hidden states from the
+previous rank, and the CPU work of issuing kernels and copies.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Work:
     """Seconds of each kind of work (one layer of one task, or a sum of them)."""
 
     matmul: float = 0.0  # linear layers on the compute device
+    elementwise: float = 0.0  # norms, activations, RoPE, residual adds: memory-bound passes on the compute device
     attention: float = 0.0  # attention on the compute device
     cpu_attention: float = 0.0  # decode attention on the CPU over a host cache, with its q and output transfers
     codec: float = 0.0  # quantize, dequantize and dtype conversion on the compute device
@@ -68,7 +72,7 @@ class Work:
 
     def compute_path(self, separate_gpu: bool) -> float:
         """Seconds on the compute path; without a GPU the host copies are on it too."""
-        serial = self.matmul + self.attention + self.cpu_attention + self.codec + self.cache_store + self.act_io
+        serial = self.matmul + self.elementwise + self.attention + self.cpu_attention + self.codec + self.cache_store + self.act_io
         return serial if separate_gpu else serial + self.weight_link + self.cache_link
 
     def load_path(self, separate_gpu: bool) -> float:
@@ -181,7 +185,23 @@ def matmul_work(p: Placement, speeds: Speeds, unit: Unit, token_idx: float) -> W
     rows = p.policy.gpu_batch_size * width
     rate = speeds.matmul_flops if width > 1 else speeds.decode_matmul_flops
     one_batch = max(2 * rows * numel / rate, numel * dtype_bytes(p.dtypes.compute) / device_read_bw(p, speeds))
-    return Work(matmul=p.policy.num_gpu_batches * one_batch)
+    passes = rows * _elementwise_per_row(p, unit) * dtype_bytes(p.dtypes.compute) / speeds.elementwise_bw
+    return Work(matmul=p.policy.num_gpu_batches * one_batch, elementwise=p.policy.num_gpu_batches * passes)
+
+
+def _elementwise_per_row(p: Placement, unit: Unit) -> int:
+    """Values read or written by a unit's elementwise ops per row (token), counted from the layer
+    math (model/llama.py, model/opt.py): per decoder layer two norms (7 passes over the hidden
+    size each), RoPE on q and k (10 passes each), the attention output's transposes (2 over q),
+    two residual adds (3 each), the activation and gating (5 over the intermediate size) and the
+    cache's new rows (2 over k and v each)."""
+    spec = p.spec
+    hidden, q_dim, kv_dim = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    if unit.kind is UnitKind.BLOCK:
+        return 20 * hidden + 12 * q_dim + 14 * kv_dim + 5 * spec.intermediate_size
+    if unit.kind is UnitKind.HEAD:  # the final norm, logits to fp32 and the argmax over them
+        return 7 * hidden + 3 * spec.vocab_size
+    return 2 * hidden  # the embedding's gather writes a row, positions add one
 
 
 def _cpu_attention(p: Placement, c: CachePlace) -> bool:

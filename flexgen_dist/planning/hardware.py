@@ -32,7 +32,7 @@ from .sizes import format_size, parse_size
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: speeds.elementwise_bw
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -107,6 +107,10 @@ class Speeds:
     """4-bit group-wise quantization on the compute device, bytes/s of the compute_dtype input."""
     dequantize_bw: float
     """4-bit dequantization on the compute device, bytes/s of the compute_dtype output."""
+    elementwise_bw: float
+    """Elementwise passes on the compute device (norms, activations, RoPE, residual adds, the
+    cache's new rows), bytes/s read and written: `a * b` into a new tensor of a prefill's size.
+    Next to matmuls these are small in a large model and most of the time of a small one."""
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -289,7 +293,7 @@ def rank_share(machine: Hardware, *, local_world_size: int, ranks_per_gpu: int =
     )
     device = {name: getattr(s, name) / gpu for name in (
         "h2d_bw", "d2h_bw", "matmul_flops", "decode_matmul_flops", "attention_flops",
-        "decode_attention_flops", "quantize_bw", "dequantize_bw")}
+        "decode_attention_flops", "quantize_bw", "dequantize_bw", "elementwise_bw")}
     speeds = dataclasses.replace(
         s, **device, disk_read_bw=s.disk_read_bw / node, disk_write_bw=s.disk_write_bw / node,
         cpu_attention_flops=s.cpu_attention_flops / node,

@@ -52,10 +52,13 @@ FLEXGEN_T4 = Hardware(
         # per flop: 79e9 B/s); dequantization is memory bound the same way.
         quantize_bw=0.079 * _T,
         dequantize_bw=0.079 * _T,
+        # Not in FlexGen's cost model either (it leaves elementwise ops out). ESTIMATE: 60 % of
+        # the T4's 320 GB/s memory bandwidth.
+        elementwise_bw=0.192 * _T,
     ),
     notes=(
         "speeds: FlexGen experimental/cost_model.py CostModelConfig (fitted on GCP T4 runs)",
-        "quantize_bw, dequantize_bw: estimates (not in FlexGen's cost model)",
+        "quantize_bw, dequantize_bw, elementwise_bw: estimates (not in FlexGen's cost model)",
     ),
 )
 
