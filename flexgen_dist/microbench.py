@@ -190,33 +190,23 @@ def attention_flops(device: torch.device, dtype: torch.dtype, shape: tuple[int, 
     return 4 * B * T * S * nh * hd / seconds
 
 
-# STAND-IN for flexgen_dist/storage/quantize.py, which is being written: group-wise (64) 4-bit
-# asymmetric min-max with torch ops. Switch these two to its quantize/dequantize when it lands.
-QUANT_KERNEL = "stand-in (torch ops in microbench.py), not storage/quantize.py"
-_GROUP = 64
-
-
-def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups = x.reshape(-1, _GROUP)  # (G, 64)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # (G, 1)
-    scale = (high - low).clamp(min=1e-8) / 15
-    q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.uint8)  # (G, 64)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scale, low  # (G, 32): two values a byte
-
-
-def _dequantize(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    q = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], _GROUP)  # (G, 64)
-    return q.to(dtype) * scale + low
+QUANT_KERNEL = "storage/quantize.py (4-bit, groups of 64, into a pooled buffer as the engine does)"
 
 
 def quant_bandwidths(device: torch.device, dtype: torch.dtype, side: int, repeats: int) -> tuple[float, float]:
-    """(quantize, dequantize) bytes/s of the compute_dtype tensor (side, side)."""
+    """(quantize, dequantize) bytes/s of the compute_dtype tensor (side, side), with the engine's
+    own kernels: dequantization into an existing buffer (the weight slot, the KV scratch)."""
+    from .planning.compression import CompressionConfig
+    from .storage.quantize import dequantize, quantize
+
+    config = CompressionConfig(bits=4, group_size=64)
     x = torch.randn(side, side, device=device, dtype=dtype)
+    out = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
-    packed, scale, low = _quantize(x)
-    quantize = nbytes / _seconds(lambda: _quantize(x), device, repeats)
-    dequantize = nbytes / _seconds(lambda: _dequantize(packed, scale, low, dtype), device, repeats)
-    return quantize, dequantize
+    q = quantize(x, config)
+    quantize_bw = nbytes / _seconds(lambda: quantize(x, config), device, repeats)
+    dequantize_bw = nbytes / _seconds(lambda: dequantize(q, out=out), device, repeats)
+    return quantize_bw, dequantize_bw
 
 
 # --- all ----------------------------------------------------------------------------------------
