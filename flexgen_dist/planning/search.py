@@ -120,7 +120,7 @@ def search(spec: ModelSpec, stages: Sequence[Sequence[Unit]], hardware: Hardware
             settled.append((_exact_estimate(problems, policies, num_prompts), policies, lp_throughput))
         if len(settled) >= options.finalists and any(_within_latency(e, options) for e, _, _ in settled):
             break
-    if not results:  # the LP's buffers are maxima over tiers: try the smallest plan on the exact placement
+    if not settled:  # the LP's buffers are maxima over tiers: try the smallest plan on the exact placement
         fitted = [fit_down(problem, _smallest(base, options)) for problem in problems]
         if all(policy is not None for policy in fitted):
             policies = [polish(problem, policy) for problem, policy in zip(problems, fitted)]
@@ -254,8 +254,10 @@ def _exact_estimate(problems: list[RankProblem], policies: list[Policy], num_pro
 
 
 def _smallest(base: Policy, options: SearchOptions) -> Policy:
-    """One sequence per block, everything on disk, compressed if allowed."""
-    smallest = base.replace(gpu_batch_size=1, num_gpu_batches=1, w_gpu_percent=0, w_cpu_percent=0,
+    """The smallest block of the grid (the block itself when one is given), everything on disk,
+    compressed if allowed."""
+    smallest = base.replace(gpu_batch_size=min(options.gpu_batch_sizes), num_gpu_batches=min(options.num_gpu_batches),
+                            w_gpu_percent=0, w_cpu_percent=0,
                             cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0)
     if options.allow_compression:
         smallest = smallest.replace(compress_weight=True, compress_cache=True)
@@ -275,6 +277,11 @@ def _nothing_fits(problems: list[RankProblem], base: Policy, options: SearchOpti
     what = "all weights, KV cache and activations" if limit.tiers == ("disk",) else \
         "the working set: weight slots, KV scratch, compute workspace"
     where = f"rank {rank}'s " if len(problems) > 1 else "the "
-    return UserError(f"the smallest plan (1 sequence per block, everything on disk) needs {format_size(need)} on "
-                     f"{where}{limit_label(idx, limit)} ({what}) but {format_size(limit.capacity)} are available; "
-                     "give this rank more memory or use more ranks")
+    if smallest.block_size == 1:
+        plan, fix = "the smallest plan (1 sequence per block, everything on disk)", "give this rank more memory or use more ranks"
+    else:  # the block was given
+        plan = (f"the smallest plan with blocks of {smallest.gpu_batch_size} x {smallest.num_gpu_batches} "
+                f"(everything on disk)")
+        fix = "give a smaller --gpu-batch-size / --num-gpu-batches (or leave them to the planner), or more memory"
+    return UserError(f"{plan} needs {format_size(need)} on {where}{limit_label(idx, limit)} ({what}) but "
+                     f"{format_size(limit.capacity)} are available; {fix}")

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from .placement import BufferPlace, Placement
 
 
+HOST_HEAP_SLACK = 64 << 20  # two of glibc's largest heap-served blocks (its mmap threshold tops out at 32 MiB)
+
+
 @dataclass(frozen=True)
 class Dims:
     hidden: int
@@ -55,7 +58,10 @@ def working_buffers(p: Placement, dims: Dims, compute: int) -> tuple[BufferPlace
     # caching allocator) and the holes between them: measured at about half a workspace on the
     # bundled model's default run (peak 1.12x the plan without it). Forcing every temporary back
     # to the system instead (a fixed 4 MiB mmap threshold) made elementwise ops 2-4x slower.
-    out.append(BufferPlace("allocator slack", device_tier, 1, workspace // 2, estimate=True))
+    # glibc returns blocks over its threshold (at most 32 MiB) at once, so on the host the slack
+    # is bounded; CUDA's caching allocator keeps every size.
+    slack = workspace // 2 if b.separate_gpu else min(workspace // 2, HOST_HEAP_SLACK)
+    out.append(BufferPlace("allocator slack", device_tier, 1, slack, estimate=True))
     return tuple(out)
 
 
@@ -94,7 +100,8 @@ def _workspace_bytes(p: Placement, dims: Dims, compute: int) -> int:
     output (alive until the layer returns), the input and its norm, gate, up, the activation and
     the product. Head: fp32 logits. Checked against the resident set of one layer's prefill."""
     gbs, prompt, seq = p.policy.gpu_batch_size, p.workload.prompt_len, p.workload.seq_len
-    attention = gbs * prompt * (2 * dims.hidden + 5 * dims.q_dim + 3 * dims.kv_dim) * compute
+    rope = 2 * dims.q_dim if p.spec.family == "llama" else 0  # OPT's positions are added to the embedding
+    attention = gbs * prompt * (2 * dims.hidden + 3 * dims.q_dim + rope + 3 * dims.kv_dim) * compute
     attention += gbs * max(dims.num_heads, 1) * min(prompt, ATTENTION_QUERY_CHUNK) * seq * 4
     mlp = gbs * prompt * (2 * dims.hidden + dims.q_dim + 4 * dims.intermediate) * compute
     head = gbs * (prompt if p.buffers.scoring else 1) * dims.vocab * 4
