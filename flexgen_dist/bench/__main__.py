@@ -54,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--systems", default="ours,transformers,accelerate", help="comma-separated: ours, transformers, accelerate")
     compare.add_argument("--mem-limit", default=None, help="cap every system's memory (cgroup; page cache evicted before each run)")
     compare.add_argument("--budget", default=None,
-                         help="RAM Accelerate may fill with weights (its max_memory), and our tiers' capacities when "
-                              "there is no cap (under a cap our planner reads the cgroup's limit itself); "
+                         help="RAM each system may fill with weights and cache (Accelerate's max_memory; our tiers); "
                               "default: the cap minus 1.5 GiB for the process itself, none without a cap")
     compare.add_argument("--batches", default="8,16,32,64", help="batches tried for the baselines, while they fit")
     compare.add_argument("--blocks", default=None,
