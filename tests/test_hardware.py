@@ -259,9 +259,10 @@ def test_no_cgroup_files_means_no_limit(tmp_path):
 
 def test_host_memory_is_capped_by_the_cgroup(tmp_path):
     fake_proc(tmp_path, ["0::/small"], [V2_MOUNT])
-    group(tmp_path, "/sys/fs/cgroup/small", memory__max=str(64 << 20), memory__current=str(16 << 20))
+    group(tmp_path, "/sys/fs/cgroup/small", memory__max=str(4 << 30), memory__current=str(1 << 30))
     usable, found = detect.host_memory(tmp_path)
-    assert usable == 48 << 20 and found.limit == 64 << 20
+    # the headroom (3 GiB) less the page cache's reserve (an eighth of the limit)
+    assert usable == (3 << 30) - (512 << 20) and found.limit == 4 << 30
 
 
 # --- detection on this machine and GPU mapping --------------------------------------------------

@@ -44,6 +44,7 @@ def run_one(args, flags: list[str], mem_limit: int) -> dict:
     pinned += ["--cpu-cache-compute"] if p["cpu_cache_compute"] else []
     return {
         "policy_flags": pinned,
+        "planned_bytes": planned["bytes_per_tier"],
         "flags": flags,
         "policy": f"{p['gpu_batch_size']}x{p['num_gpu_batches']} w {p['w_gpu_percent']:g}/{p['w_cpu_percent']:g} "
                   f"cache {p['cache_gpu_percent']:g}/{p['cache_cpu_percent']:g} act {p['act_gpu_percent']:g}/"
@@ -89,7 +90,11 @@ def main() -> int:
     if not args.no_tight and "error" not in auto:
         # The auto run's policy, given by hand, in a cgroup of its predicted peak + 10 %.
         tight = int(auto["predicted_peak_rss"] * 1.1)
-        results["tight"] = run_one(args, auto["policy_flags"], tight)
+        # Its tiers' planned bytes as the capacities: the check passes exactly, whatever the
+        # smaller group's detected headroom (less its page-cache reserve) would say.
+        sizes = auto["planned_bytes"]
+        results["tight"] = run_one(args, auto["policy_flags"] + ["--gpu-mem", str(sizes["gpu"]), "--cpu-mem",
+                                                                 str(sizes["cpu"])], tight)
         print(row(f"auto in {format_size(tight)}", results["tight"]), flush=True)
     print("| run | policy | measured tok/s | predicted tok/s | measured / predicted | peak RSS measured / predicted | times measured / predicted |")
     for name, r in results.items():

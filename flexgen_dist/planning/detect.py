@@ -199,13 +199,22 @@ def cgroup_memory(root: Path = Path("/")) -> CgroupMemory | None:
     return min(found, key=lambda c: c.headroom, default=None)
 
 
+def page_cache_reserve(limit: int) -> int:
+    """What a cgroup-limited process leaves unplanned: the page cache its disk reads and writes go
+    through is charged to the same group, and a group filled to its limit with anonymous memory
+    makes the kernel reclaim that cache on every read (measured: a plan of 3.95 of 4 GiB decoded
+    2.9x slower than predicted, one of 2.4 GiB within 5 %). An eighth of the limit, at least 256 MiB."""
+    return max(256 << 20, limit // 8)
+
+
 def host_memory(root: Path = Path("/")) -> tuple[int, CgroupMemory | None]:
-    """(bytes of host RAM this process may still allocate, the binding cgroup limit or None)."""
+    """(bytes of host RAM this process may plan to use, the binding cgroup limit or None). Under a
+    cgroup limit its headroom less `page_cache_reserve`."""
     available = psutil.virtual_memory().available
     group = cgroup_memory(root)
     if group is None:
         return available, None
-    return min(available, group.headroom), group
+    return max(0, min(available, group.headroom - page_cache_reserve(group.limit))), group
 
 
 # --- GPU ----------------------------------------------------------------------------------------
