@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import pytest
 
@@ -135,15 +134,18 @@ def test_sharded_checkpoint(arch, tiny_models_cache, tmp_path):
     _assert_outputs_equal(result, plain, prompts, setup.max_new_tokens)
 
 
-def _files_with_mtimes(folder) -> dict[str, int]:
-    """Data files under `folder` (not JSON metadata such as a manifest) and their mtimes."""
+def _files_with_mtimes(folder) -> dict[str, tuple[int, int]]:
+    """Data files under `folder` (not JSON metadata such as a manifest) with their inode and mtime.
+    A file replaced by another (written under a temporary name and renamed) gets a new inode as
+    long as the old one is held open (see the test), whatever the clock's resolution."""
     found = {}
     for root, _, names in os.walk(folder):
         for name in names:
             if name.endswith(".json"):
                 continue
             path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = os.stat(path).st_mtime_ns
+            st = os.stat(path)
+            found[os.path.relpath(path, folder)] = (st.st_ino, st.st_mtime_ns)
     return found
 
 
@@ -153,8 +155,12 @@ def test_second_llm_reuses_disk_weights(llama_dir, tmp_path):
     first = _generate(llama_dir, prompts, setup, setup.max_new_tokens, tmp_path)
     written = _files_with_mtimes(tmp_path)
     assert written, "weights-on-disk wrote no files into offload_dir"
-    time.sleep(0.05)
-    second = _generate(llama_dir, prompts, setup, setup.max_new_tokens, tmp_path)
+    held = [open(tmp_path / name, "rb") for name in written]  # their inodes cannot be reused meanwhile
+    try:
+        second = _generate(llama_dir, prompts, setup, setup.max_new_tokens, tmp_path)
+    finally:
+        for f in held:
+            f.close()
     again = _files_with_mtimes(tmp_path)
     rewritten = [name for name, mtime in written.items() if again.get(name) != mtime]
     assert not rewritten, f"the second LLM rewrote (or removed) {rewritten}"
