@@ -93,8 +93,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         q = q.reshape(B, nkv, g * T, hd)  # (B, nkv, g * T, hd): query head i * g + j at rows j * T ...
         mask = mask.expand(B, 1, T, mask.shape[-1]).repeat(1, 1, g, 1)  # (B, 1, g * T, S)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, nkv, g * T, hd)
-    out = out.view(B, nh, T, hd)
-    return out.transpose(1, 2).reshape(B, T, nh * hd)
+    # reshape, not view: CUDA's kernels return this with other strides than the CPU's
+    return _ungrouped(out, nh, T)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

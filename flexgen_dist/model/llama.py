@@ -28,9 +28,9 @@ class LlamaMath:
         q = linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
         k = linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
         v = linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
-        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q = q.reshape(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.reshape(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.reshape(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         cos, sin = rope_cos_sin(self.inv_freq, step.positions, x.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 

@@ -31,9 +31,9 @@ class OptMath:
         q = linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
         k = linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
         v = linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
-        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, nh, hd).transpose(1, 2)
-        v = v.view(B, T, nh, hd).transpose(1, 2)
+        q = q.reshape(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.reshape(B, T, nh, hd).transpose(1, 2)
+        v = v.reshape(B, T, nh, hd).transpose(1, 2)
         return q, k, v
 
     def finish(self, w, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""A kernel's result may come back in another memory layout than the CPU's (CUDA's memory-efficient
+attention returns (B, h, T, hd) with the T and h strides swapped); the engine must not assume one.
+
+On the CPU the kernels are wrapped to return the same values in such a layout, and the greedy
+tokens must not change: a `.view` on a kernel's result dies here with "view size is not
+compatible" as it would on the first GPU run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flexgen_dist import LLM, Policy, Runtime
+from conftest import hf_greedy, unambiguous_prompts
+
+_ALL_ON_DEVICE = dict(w_gpu_percent=100, w_cpu_percent=0, cache_gpu_percent=100,
+                      cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0)
+LENGTHS = (5, 9, 3, 12)
+NEW_TOKENS = 6
+
+
+def _swap_strides(out: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
+    """The same values with the strides of `dims` exchanged (a non-contiguous, valid layout)."""
+    a, b = dims
+    return out.transpose(a, b).contiguous().transpose(a, b)
+
+
+@pytest.fixture
+def odd_kernel_layouts(monkeypatch):
+    """SDPA returns (B, h, T, hd) laid out as (B, T, h, hd), as CUDA's efficient kernel does; a
+    3-d linear returns (B, T, C) laid out as (T, B, C)."""
+    sdpa, linear = F.scaled_dot_product_attention, F.linear
+    calls = {"sdpa": 0, "linear": 0}
+
+    def odd_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        out = sdpa(*args, **kwargs)
+        return _swap_strides(out, (1, 2)) if out.dim() == 4 and out.shape[1] > 1 and out.shape[2] > 1 else out
+
+    def odd_linear(*args, **kwargs):
+        calls["linear"] += 1
+        out = linear(*args, **kwargs)
+        return _swap_strides(out, (0, 1)) if out.dim() == 3 and out.shape[0] > 1 and out.shape[1] > 1 else out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", odd_sdpa)
+    monkeypatch.setattr(F, "linear", odd_linear)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "opt"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_tokens_do_not_depend_on_the_kernels_memory_layout(arch, kv_heads, tiny_models_cache, tmp_path, request):
+    overrides = {} if arch == "opt" else dict(num_attention_heads=8, num_key_value_heads=kv_heads)
+    if arch == "opt" and kv_heads != 1:
+        pytest.skip("OPT has no grouped-query attention")
+    model_dir = tiny_models_cache.get(arch, **overrides)
+    prompts = unambiguous_prompts(model_dir, LENGTHS, NEW_TOKENS, seed=3)
+    want = [hf_greedy(model_dir, p, NEW_TOKENS) for p in prompts]  # before the kernels are wrapped
+    calls = request.getfixturevalue("odd_kernel_layouts")
+    policy = Policy(**_ALL_ON_DEVICE, gpu_batch_size=2, num_gpu_batches=2)
+    with LLM(str(model_dir), policy=policy, offload_dir=str(tmp_path), runtime=Runtime(device="cpu")) as llm:
+        result = llm.generate(prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert calls["sdpa"] > 0 and calls["linear"] > 0, "the wrapped kernels were not used"
+    assert [list(out.output_ids) for out in result.outputs] == want
