@@ -229,3 +229,32 @@ def test_string_prompts(tiny_models_cache, tmp_path):
         assert list(out.output_ids) == want, f"{text!r}: engine {list(out.output_ids)} != {want}"
         assert out.text in (tokenizer.decode(want, skip_special_tokens=True),
                             tokenizer.decode(want, skip_special_tokens=False))
+
+
+@pytest.mark.dist
+def test_a_rank_holding_one_cache_layer_matches_transformers(tiny_models_cache, tmp_path):
+    """Three ranks over a 3-layer model: the middle rank holds one decoder layer, the only one
+    with a cache there; one GPU batch and one block make one lane, so each compute's next
+    compute reads the rows it stores. The cache is on disk (read into scratch, not in place),
+    so a load issued before that store reads stale rows (issue 18, item 10)."""
+    import json
+    import subprocess
+    import sys
+
+    model_dir = tiny_models_cache.get("llama", num_hidden_layers=3)
+    n = 8
+    prompts = unambiguous_prompts(model_dir, [9, 6], n, seed=18)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps({"id": f"p{i}", "input_ids": p}) + "\n" for i, p in enumerate(prompts)))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+           "-m", "flexgen_dist.run", "--model", str(model_dir), "--input", str(inputs), "--output", str(out),
+           "--gen-len", str(n), "--gpu-batch-size", str(len(prompts)), "--num-gpu-batches", "1",
+           "--percent", "100", "0", "0", "0", "100", "0", "--stage-layers", "1,1,1",
+           "--offload-dir", str(tmp_path / "offload"), "--comm-timeout", "120"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {row["id"]: row["output_ids"] for row in map(json.loads, out.read_text().splitlines())}
+    for i, prompt in enumerate(prompts):
+        assert got[f"p{i}"] == hf_greedy(model_dir, prompt, n), f"prompt {i}"

@@ -8,6 +8,7 @@ import pytest
 from flexgen_dist.schedule.block import (
     CloseBlock,
     Compute,
+    LoadCache,
     OpenBlock,
     RecvControl,
     SendControl,
@@ -16,6 +17,7 @@ from flexgen_dist.schedule.block import (
     SendActivation,
     SendTokens,
     StageShape,
+    StoreCache,
     rank_schedule,
 )
 from flexgen_dist.schedule.block import LaneTask
@@ -48,6 +50,7 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
     channels = defaultdict(deque)  # (src, dst, kind) -> deque of ((block, token, batch), time)
     pos, clock = [0] * P, [0] * P
     received = [set() for _ in range(P)]
+    stored = [set() for _ in range(P)]  # (block, token, layer, batch) whose new cache rows are stored
     computes = 0
     while True:
         progressed = False
@@ -76,6 +79,11 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
                     assert key == want, f"rank {r} expected {op}, got {key}"
                     received[r].add((type(op).__name__, key))
                     clock[r] = max(clock[r], sent_at)
+                elif isinstance(op, StoreCache):
+                    stored[r].add((op.block_idx, op.token_idx, op.layer_idx, op.batch_idx))
+                elif isinstance(op, LoadCache):
+                    b, t, j, k = op.block_idx, op.token_idx, op.layer_idx, op.batch_idx
+                    assert (b, t - 1, j, k) in stored[r], f"rank {r}: {op} reads rows not yet stored"
                 elif isinstance(op, Compute):
                     b, t, j, k = op.block_idx, op.token_idx, op.layer_idx, op.batch_idx
                     first_layer = j == stage_list[r].layers[0]
@@ -114,6 +122,8 @@ def simulate(layers_per_rank, num_blocks, num_tokens, num_batches):
         ([2, 1, 1, 3], 7, 2, 2),
         ([2, 2], 1, 3, 1),  # fewer blocks than ranks
         ([2, 3], 5, [3, 1, 4, 2, 5], 2),  # blocks of different lengths: lanes start new blocks at once
+        ([2, 1, 2], 1, 4, 1),  # the middle rank holds one cache layer, one GPU batch, one lane
+        ([2, 1, 2], 3, [1, 5, 2], 1),  # ... and a lane left alone when the others ran out of blocks
     ],
 )
 def test_every_send_meets_its_receive_without_deadlock(layers_per_rank, num_blocks, num_tokens, num_batches):

@@ -157,3 +157,67 @@ def test_prefetch_depth_bounds_weights_in_flight():
             elif isinstance(op, FreeWeight):
                 live.remove(LoadWeight(op.block_idx, op.token_idx, op.layer_idx))
         assert peak == depth + 1  # the computing layer plus `depth` layers ahead
+
+
+def _compositions(total: int, parts: int):
+    """Every way to split `total` decoder layers into `parts` non-empty, contiguous stages."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(1, total - parts + 2):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+def _pipeline_stages(decoder_layers_per_rank, num_batches):
+    """Global layers 0 (embedding), 1..D (decoder layers, each with a cache), D + 1 (head), split
+    as given: the first rank also holds the embedding, the last the head."""
+    num_ranks, num_decoder = len(decoder_layers_per_rank), sum(decoder_layers_per_rank)
+    cache_layers = frozenset(range(1, num_decoder + 1))
+    out, start = [], 0
+    for rank, n in enumerate(decoder_layers_per_rank):
+        stop = start + n + (rank == 0) + (rank == num_ranks - 1)
+        out.append(StageShape(range(start, stop), num_batches, cache_layers, rank=rank, num_ranks=num_ranks))
+        start = stop
+    return out
+
+
+# Decoder layers per rank for 1..3 decoder layers over 1..3 ranks: the middle rank of (1, 1, 1)
+# holds exactly one layer, and it keeps a cache.
+SPLITS = [split for d in (1, 2, 3) for p in (1, 2, 3) if p <= d for split in _compositions(d, p)]
+BLOCK_TOKENS = ([1], [4], [3, 1], [1, 4, 2], [2, 2, 2])  # unequal lengths leave one lane running alone
+
+
+@pytest.mark.parametrize("num_batches", [1, 2, 3])
+@pytest.mark.parametrize("split", SPLITS, ids=str)
+def test_every_cache_load_follows_the_store_of_the_rows_it_reads(split, num_batches):
+    """Per cache (block, layer, batch) the ops run compute, store, load, compute, store, ...:
+    a decode step never reads its cache before the previous step's rows are stored. And the load
+    still overlaps: it is requested before the compute that precedes its own, unless that very
+    compute writes the rows it reads (then right after their store)."""
+    for stage, num_lanes, block_tokens, depth in itertools.product(
+            _pipeline_stages(split, num_batches), (1, 2, 3), BLOCK_TOKENS, (1, 2)):
+        case = (f"layers {list(stage.layers)} of split {split}, {num_batches} batches, {num_lanes} lanes, "
+                f"blocks {block_tokens}, depth {depth}")
+        tasks = lane_tasks(block_tokens, num_lanes)
+        ops = rank_schedule(tasks, stage, depth)
+        per_cache: dict[tuple, list] = {}  # (block, layer, batch) -> its ops in issue order
+        for op in ops:
+            if isinstance(op, (LoadCache, StoreCache, Compute)) and op.layer_idx in stage.cache_layers:
+                per_cache.setdefault((op.block_idx, op.layer_idx, op.batch_idx), []).append(op)
+        for (b, j, k), seen in per_cache.items():
+            want = [Compute(b, 0, j, k), StoreCache(b, 0, j, k)]
+            for t in range(1, block_tokens[b]):
+                want += [LoadCache(b, t, j, k), Compute(b, t, j, k), StoreCache(b, t, j, k)]
+            assert seen == want, f"{case}: cache of block {b}, layer {j}, batch {k} sees {seen}"
+        computes = [op for op in ops if isinstance(op, Compute)]
+        pos = {op: i for i, op in enumerate(ops)}
+        for before, compute in zip(computes, computes[1:]):
+            load = LoadCache(*dataclasses.astuple(compute))
+            if load not in pos:
+                continue
+            if load == LoadCache(before.block_idx, before.token_idx + 1, before.layer_idx, before.batch_idx):
+                store = StoreCache(*dataclasses.astuple(before))
+                assert pos[load] == pos[store] + 1, f"{case}: {load} not right after its rows' store"
+            else:
+                assert pos[load] < pos[before], f"{case}: {load} no longer overlaps {before}"

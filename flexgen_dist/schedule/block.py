@@ -7,7 +7,9 @@ resolved here, with explicit indices:
 
 - the next layer's weights (`LoadWeight`) are requested when a layer starts, so they load while
   it computes; the next task's first layer is requested when the last layer starts;
-- the next compute's KV cache (`LoadCache`) is requested just before the current compute;
+- the next compute's KV cache (`LoadCache`) is requested just before the current compute, unless
+  the current compute stores the rows it reads (a stage of one cache layer, one GPU batch, one
+  lane): then right after that `StoreCache`;
 - `StoreCache` / `StoreActivation` follow their compute.
 
 Every op's `layer_idx` is the GLOBAL schedule layer, the same on every rank: 0 is the input
@@ -260,10 +262,12 @@ def rank_schedule(tasks: list[LaneTask], stage: StageShape, prefetch_depth: int 
                 ops.extend(RecvActivation(block_idx, token_idx, other, stage.rank - 1) for other in range(num_batches))
         if i == 0 and stage.needs_cache_load(token_idx, layer_idx):
             ops.append(LoadCache(block_idx, token_idx, layer_idx, batch_idx))
-        if i + 1 < len(computes):  # prefetch the next compute's cache
-            n = computes[i + 1]
-            if stage.needs_cache_load(n.token_idx, n.layer_idx):
-                ops.append(LoadCache(n.block_idx, n.token_idx, n.layer_idx, n.batch_idx))
+        next_load = _next_cache_load(computes, i, stage)
+        # A stage of one cache layer, one GPU batch, one lane: the next compute reads the rows this
+        # one stores, so its load waits for that store; every other load overlaps this compute.
+        reads_this_store = next_load is not None and _cache_of(next_load) == _cache_of(c)
+        if next_load is not None and not reads_this_store:
+            ops.append(next_load)
         if layer_idx == first_layer and task_idx in consumed_by:  # the previous token, just in time
             ops.append(RecvTokens(*consumed_by[task_idx], batch_idx, src))
         if layer_idx > first_layer:
@@ -271,6 +275,8 @@ def rank_schedule(tasks: list[LaneTask], stage: StageShape, prefetch_depth: int 
         ops.append(c)
         if layer_idx in stage.cache_layers:
             ops.append(StoreCache(block_idx, token_idx, layer_idx, batch_idx))
+        if reads_this_store:
+            ops.append(next_load)
         if layer_idx < last_layer:
             ops.append(StoreActivation(block_idx, token_idx, layer_idx, batch_idx))
         elif not stage.is_last:
@@ -284,6 +290,21 @@ def rank_schedule(tasks: list[LaneTask], stage: StageShape, prefetch_depth: int 
     for j in early.get(len(tasks), ()):
         ops.extend(RecvTokens(*tasks[j].task, other, src) for other in range(num_batches))
     return _with_block_lifetimes(ops)
+
+
+def _next_cache_load(computes: list[Compute], i: int, stage: StageShape) -> LoadCache | None:
+    """The load of the KV cache that the compute after `computes[i]` reads, if it reads one."""
+    if i + 1 == len(computes):
+        return None
+    n = computes[i + 1]
+    if not stage.needs_cache_load(n.token_idx, n.layer_idx):
+        return None
+    return LoadCache(n.block_idx, n.token_idx, n.layer_idx, n.batch_idx)
+
+
+def _cache_of(op: Compute | LoadCache) -> tuple[int, int, int]:
+    """The KV cache an op touches: (block, layer, batch)."""
+    return op.block_idx, op.layer_idx, op.batch_idx
 
 
 def _with_block_lifetimes(ops: list[Op]) -> list[Op]:
