@@ -29,19 +29,20 @@ class _Send:
 
 
 class _Recv:
-    def __init__(self, channel: queue.Queue):
-        self._channel = channel
+    def __init__(self, channel: queue.Queue, arrive):
+        self._channel, self._arrive = channel, arrive
 
     def result(self) -> torch.Tensor:
         tensor, sent = self._channel.get(timeout=60)
         sent.taken.set()
-        return tensor
+        return self._arrive(tensor)
 
 
 class Wire:
     """Channels between in-process ranks; a send completes when its receiver takes it."""
 
-    def __init__(self):
+    def __init__(self, arrive=lambda tensor: tensor):
+        self.arrive = arrive  # what a receiver gets for the tensor that was sent
         self.channels: dict[tuple, queue.Queue] = {}
         self.lock = threading.Lock()
         self.live_sends: dict[int, weakref.WeakSet] = {}
@@ -83,11 +84,11 @@ class LoopbackComm:
         return handle
 
     def recv(self, shape, dtype, src, tag):
-        return _Recv(self.wire.channel(src, self.rank, tag))
+        return _Recv(self.wire.channel(src, self.rank, tag), self.wire.arrive)
 
 
-def run_pipeline(model, policy, prompts, max_new_tokens, ranks, tmp_path, **generate):
-    wire = Wire()
+def run_pipeline(model, policy, prompts, max_new_tokens, ranks, tmp_path, wire=None, **generate):
+    wire = wire or Wire()
     barrier, shared = threading.Barrier(ranks), [None] * ranks
     results, errors = {}, []
 
@@ -153,3 +154,42 @@ def test_a_block_whose_rows_all_stopped_ends_on_every_rank(tiny_models_cache, tm
         beyond = {t for t in tasks if t[1] > 0}
         assert len(beyond) <= 2 * (policy.num_gpu_batches - 1), (thread, sorted(beyond))
         assert {(b, 0, k) for b in range(2) for k in range(2)} <= tasks
+
+
+class OnAnotherDevice(torch.Tensor):
+    """What NCCL hands a receiver: a tensor on another device than the one the engine computes
+    on (under NCCL, the GPU while token state lives on the host). Using it in any way other than
+    moving it with `.to(device=...)` fails, as mixing devices does on a GPU."""
+
+    misuses: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        with torch._C.DisableTorchFunctionSubclass():
+            if name == "__get__" or name in ("__repr__", "__format__"):  # .shape, .dtype, printing
+                return func(*args, **kwargs)
+            if func is torch.Tensor.to and ("device" in kwargs or any(
+                    isinstance(a, (torch.device, str)) for a in args[1:])):
+                out = func(*args, **kwargs)
+                return out.as_subclass(torch.Tensor)
+        cls.misuses.append(name)
+        raise AssertionError(f"{name} on a tensor received from a peer before it was moved to the engine's device")
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_tensors_from_peers_are_moved_to_the_engines_device_before_use(tiny_models_cache, tmp_path, ranks):
+    """The first review's NCCL crash: rank 0 mixed token ids that arrived on the GPU with its
+    host-side token state in a `torch.where`. Every received tensor (hidden states, token ids,
+    control flags) must cross to the engine's side at the comm boundary, before any use."""
+    model = tiny_models_cache.get("llama", num_hidden_layers=4)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2)
+    prompts = [[5 + i] * n for i, n in enumerate((3, 9, 6, 4, 8, 5))]
+    with LLM(model, policy=policy, runtime=CPU) as llm:
+        want = [o.output_ids for o in llm.generate(prompts, max_new_tokens=5).outputs]
+    OnAnotherDevice.misuses.clear()
+    wire = Wire(arrive=lambda tensor: tensor.as_subclass(OnAnotherDevice))
+    got, _ = run_pipeline(model, policy, prompts, 5, ranks, tmp_path, wire=wire)
+    assert not OnAnotherDevice.misuses
+    assert [o.output_ids for o in got.outputs] == want

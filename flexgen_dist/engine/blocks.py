@@ -22,7 +22,6 @@ import torch
 from ..model import Step
 
 if TYPE_CHECKING:
-    from ..parallel.comm import RecvHandle
     from ..planning.placement import Tier
     from ..storage.slots import Slot
     from .block_io import ActivationHome, KVCache, KVLease
@@ -84,6 +83,13 @@ class BlockResult:
     finish: list[str] | None = None  # per row: FINISH_STOP, FINISH_STOP_STRING or FINISH_LENGTH
 
 
+class Incoming(Protocol):
+    """A hidden state on its way from the previous stage; `result()` waits and gives it on the
+    compute device (engine/messages.py moves it there)."""
+
+    def result(self) -> torch.Tensor: ...
+
+
 @dataclass
 class BlockState:
     block: Block
@@ -98,7 +104,7 @@ class BlockState:
     acts: dict[int, ActivationHome] = field(default_factory=dict)  # batch -> where its hidden state waits
     scratch_dir: Path | None = None  # this block's disk-tier cache and activation files
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> hidden state on the device
-    incoming: dict[int, RecvHandle] = field(default_factory=dict)  # batch -> pending receive of its input
+    incoming: dict[int, Incoming] = field(default_factory=dict)  # batch -> pending receive of its input
     leases: dict[tuple[int, int], KVLease] = field(default_factory=dict)  # (layer, batch) -> buffers in use
     scores: dict[int, list[float]] = field(default_factory=dict)  # row -> prompt token log-probs
     steps: dict[tuple[int, int], Step] = field(default_factory=dict)  # (token, batch) -> step inputs
@@ -169,7 +175,8 @@ class BlockState:
         Each running row then stops at a stop id, a stop string or its own limit."""
         rows = self.rows(batch_idx)
         done = self.done[rows]
-        ids = torch.where(done, torch.zeros_like(ids), ids.to(done.device))
+        ids = ids.to(done.device)
+        ids = torch.where(done, torch.zeros_like(ids), ids)
         self.tokens[rows, token_idx] = ids
         for row, token, stopped in zip(range(rows.start, rows.stop), ids.tolist(), done.tolist()):
             if stopped:

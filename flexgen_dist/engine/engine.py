@@ -95,7 +95,7 @@ class Engine:
         # weight loads in flight, plus the next batch's cache
         self.loader = Loader(workers=config.prefetch_depth + 1, device=self.device, overlap=self.policy.overlap)
         self.messages = Messages(comm=comm, gpu_batch_size=self.policy.gpu_batch_size, hidden_size=self.spec.hidden_size,
-                                 dtype=self.dtype, tracer=self.tracer) if comm is not None else None
+                                 dtype=self.dtype, device=self.device, tracer=self.tracer) if comm is not None else None
 
     def close(self) -> None:
         self.loader.close()
@@ -240,7 +240,7 @@ class Engine:
         span, batch_idx = self.tracer.span, op.batch_idx
         if batch_idx in state.incoming:  # this stage's input, from the previous stage
             with span(f"recv activation wait {label}", "recv"):
-                state.hidden[batch_idx] = state.incoming.pop(batch_idx).result().to(self.device, self.dtype)
+                state.hidden[batch_idx] = state.incoming.pop(batch_idx).result()  # on the device (messages.py)
         with span(f"wait load {label}", "wait"):
             loaded: LoadedWeights = walk.weight_loads[ops.LoadWeight(op.block_idx, op.token_idx, op.layer_idx)].result()
             past = walk.cache_loads.pop(ops.LoadCache(op.block_idx, op.token_idx, op.layer_idx, batch_idx), None)

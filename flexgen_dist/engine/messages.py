@@ -6,6 +6,11 @@ previous token of each GPU batch is back, and says so to the next stage before t
 activations (`SendControl`), which passes it on. The remaining tasks of a dead block still send
 and receive their (empty) messages, so no rank ever waits for one that will not come, but they
 load and compute nothing.
+
+Every tensor that arrives from a peer crosses to where the engine uses it here, in `_Arriving`,
+and nowhere else: hidden states to the compute device in the compute dtype, token ids and
+control flags to the host, where the block's token state lives. Under NCCL they arrive on the
+GPU; a tensor on one device mixed with one on another is a crash the CPU never shows.
 """
 
 from __future__ import annotations
@@ -17,10 +22,27 @@ from ..schedule import block as ops
 from .blocks import BlockState
 
 
+HOST = torch.device("cpu")
+
+
+class _Arriving:
+    """A receive in flight; its tensor is moved to `device` (and `dtype`) as it is taken."""
+
+    def __init__(self, pending, device: torch.device, dtype: torch.dtype | None = None):
+        self._pending, self._device, self._dtype = pending, device, dtype
+
+    def result(self) -> torch.Tensor:
+        return self._pending.result().to(device=self._device, dtype=self._dtype)
+
+
 class Messages:
-    def __init__(self, *, comm: Comm, gpu_batch_size: int, hidden_size: int, dtype: torch.dtype, tracer):
+    def __init__(self, *, comm: Comm, gpu_batch_size: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device, tracer):
         self.comm, self.gpu_batch_size, self.hidden_size, self.dtype = comm, gpu_batch_size, hidden_size, dtype
-        self.tracer = tracer
+        self.device, self.tracer = device, tracer
+
+    def _recv(self, shape, dtype: torch.dtype, src: int, tag: int, device: torch.device) -> _Arriving:
+        return _Arriving(self.comm.recv(shape, dtype, src, tag), device, dtype)
 
     def handle(self, op, walk, state: BlockState) -> bool:
         """Run `op` if it is a message; False if it is not."""
@@ -35,14 +57,14 @@ class Messages:
         elif isinstance(op, ops.RecvActivation):
             with span(f"recv activation batch {op.batch_idx} {label} from rank {op.src}", "recv"):
                 shape = self._activation_shape(state, op.token_idx)
-                state.incoming[op.batch_idx] = self.comm.recv(shape, self.dtype, op.src, ACTIVATIONS)
+                state.incoming[op.batch_idx] = self._recv(shape, self.dtype, op.src, ACTIVATIONS, self.device)
         elif isinstance(op, ops.SendControl):
             live = torch.tensor([0 if walk.is_dead(op.block_idx, op.token_idx) else 1], dtype=torch.long)
             with span(f"send control {label} to rank {op.dst}", "send"):
                 walk.sends.append(self.comm.send(live, op.dst, CONTROL))
         elif isinstance(op, ops.RecvControl):
             with span(f"recv control {label} from rank {op.src}", "recv"):
-                live = int(self.comm.recv((1,), torch.long, op.src, CONTROL).result()[0])
+                live = int(self._recv((1,), torch.long, op.src, CONTROL, HOST).result()[0])
             if not live:
                 walk.mark_dead(op.block_idx, op.token_idx)
         elif isinstance(op, ops.SendTokens):
@@ -51,7 +73,7 @@ class Messages:
                 walk.sends.append(self.comm.send(ids, op.dst, TOKENS))
         elif isinstance(op, ops.RecvTokens):
             with span(f"recv tokens batch {op.batch_idx} {label} from rank {op.src}", "recv"):
-                ids = self.comm.recv((self.gpu_batch_size,), torch.long, op.src, TOKENS).result()
+                ids = self._recv((self.gpu_batch_size,), torch.long, op.src, TOKENS, HOST).result()
             state.record_tokens(op.token_idx, op.batch_idx, ids)
             last_batch = op.batch_idx == walk.stage.num_batches - 1
             if last_batch and op.token_idx + 1 < state.block.max_new_tokens and bool(state.done.all()):
