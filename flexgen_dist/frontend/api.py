@@ -82,6 +82,8 @@ class LLM:
                                      options=search or SearchOptions(), offload_dir=self.offload_dir,
                                      pipeline=pipeline, base=base)
         self.auto = self.plan.searched
+        if self.pipeline is not None:  # wait for a peer as long as the plan's tasks may take
+            self.pipeline.expect_tasks(self.plan.estimate.longest_task_s)
         log.info("%s", self.plan.log_line())
         self.placement, self.units = self.plan.placement, self.plan.units
         self.policy = self.placement.policy

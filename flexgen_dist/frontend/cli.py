@@ -151,7 +151,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     dist.add_argument("--comm-backend", choices=("gloo", "nccl"), default=None,
                       help="process-group backend (default: nccl when each rank owns a GPU, else gloo)")
     dist.add_argument("--comm-timeout", type=float, default=300.0, metavar="S",
-                      help="seconds to wait for a peer rank before stopping with an error that names it")
+                      help="seconds to wait at least for a peer rank before stopping with an error that names it "
+                           "(longer when the plan predicts tasks that long waits could cut short)")
     groups["diagnostics"].add_argument("--verbose", "-v", action="store_true",
                                        help="log placement and progress details (every rank, with its number)")
 

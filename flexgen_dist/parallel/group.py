@@ -1,7 +1,7 @@
 """The process group of a multi-rank run: created and destroyed here, and nowhere else.
 
     with Pipeline.start(ctx, timeout_s=300) as pipeline:
-        llm = LLM(model, pipeline=pipeline, ...)
+        llm = LLM(model, pipeline=pipeline, ...)  # waits longer once its plan predicts long tasks
 
 With one process (world size 1) nothing is created and `pipeline.comm` is None: the single-GPU
 (or CPU) fallback needs no process group at all.
@@ -21,23 +21,29 @@ class Pipeline:
     def __init__(self, ctx: DistContext, timeout_s: float, stage_layers: Sequence[int] | None = None):
         self.ctx = ctx
         self.timeout_s = timeout_s
+        self.wait = None  # CommWait with several ranks: how long to wait for a peer (`start`, `expect_tasks`)
         self.stage_layers = list(stage_layers) if stage_layers is not None else None
         self.comm = None
         self._started = False
 
     @classmethod
     def start(cls, ctx: DistContext, timeout_s: float = 300.0, stage_layers: Sequence[int] | None = None) -> "Pipeline":
-        """Join the process group (every rank must call it); a no-op with one process."""
+        """Join the process group (every rank must call it); a no-op with one process.
+
+        timeout_s: the least a rank waits for a peer (--comm-timeout); `expect_tasks` raises it
+        when the plan predicts tasks that long waits could cut short."""
         pipeline = cls(ctx, timeout_s, stage_layers)
         if ctx.world_size > 1:
             import torch
 
-            from .comm import PipeComm, process_group_timeout
+            from .comm import CommWait, PipeComm, process_group_timeout
 
+            pipeline.wait = CommWait.floor(timeout_s)
             ctx.init_process_group(process_group_timeout(timeout_s, ctx.backend))
             pipeline._started = True
             try:
-                pipeline.comm = PipeComm(ctx.rank, ctx.world_size, ctx.backend, torch.device(ctx.device), timeout_s)
+                pipeline.comm = PipeComm(ctx.rank, ctx.world_size, ctx.backend, torch.device(ctx.device),
+                                         pipeline.wait)
             except BaseException:
                 pipeline.close()
                 raise
@@ -52,6 +58,18 @@ class Pipeline:
     def world_size(self) -> int:
         return self.ctx.world_size
 
+    def expect_tasks(self, task_s: float) -> None:
+        """The plan predicts that a rank's longest task takes `task_s` seconds: wait for a peer
+        as long as that needs (`comm.wait_for_tasks`), never less than `timeout_s`."""
+        if self.world_size == 1:
+            return
+        from .comm import PipeComm, wait_for_tasks
+
+        self.wait = wait_for_tasks(task_s, self.world_size, self.timeout_s)
+        if isinstance(self.comm, PipeComm):
+            self.comm.set_wait(self.wait)
+        log.info("rank %d waits up to %g s for a peer (%s)", self.rank, self.wait.seconds, self.wait.source)
+
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order (every rank must call it); one line naming the
         failure when a peer dies meanwhile."""
@@ -59,7 +77,7 @@ class Pipeline:
             return [obj]
         import torch.distributed as dist
 
-        from .comm import PeerError
+        from .comm import CommWait, PeerError, first_line, process_group_timeout
 
         every: list = [None] * self.world_size
         try:
@@ -67,8 +85,10 @@ class Pipeline:
         except Exception as exc:
             others = [r for r in range(self.world_size) if r != self.rank]
             who = f"rank {others[0]}" if len(others) == 1 else "one of ranks " + ", ".join(map(str, others))
-            raise PeerError(f"rank {self.rank}: exchanging the ranks' plans failed ({str(exc).splitlines()[0][:200]}); "
-                            f"{who} died or hung") from None
+            wait = self.wait or CommWait.floor(self.timeout_s)
+            waited = process_group_timeout(wait.seconds, self.ctx.backend)  # a collective waits out its group's timeout
+            raise PeerError(f"rank {self.rank}: exchanging the ranks' plans (all_gather_object) failed after waiting at "
+                            f"most {waited:g} s ({wait.source}) ({first_line(exc)}); {who} died or hung") from None
         return every
 
     def close(self) -> None:

@@ -119,6 +119,12 @@ class Estimate:
     def total_s(self) -> float:
         return self.prefill_s + self.decode_s
 
+    @property
+    def longest_task_s(self) -> float:
+        """The longest task of any rank, its sends included (they run beside it): what a rank may
+        wait for its peer to finish before a message comes (parallel/comm.py, `wait_for_tasks`)."""
+        return max(max(t.seconds, t.send_s) for stage in self.stages for t in stage.tasks())
+
 
 # --- one rank ------------------------------------------------------------------------------------
 
