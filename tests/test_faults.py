@@ -38,6 +38,13 @@ def test_a_layer_that_overflows_is_named(overflowing_llama):
             llm.generate([[5, 6, 7], [8, 9]], max_new_tokens=3)
 
 
+def test_an_overflow_is_named_before_it_is_sampled(overflowing_llama):
+    """Sampling NaN logits would die in torch.multinomial: the flags are read before it."""
+    with LLM(overflowing_llama, policy=Policy(gpu_batch_size=2), runtime=CPU) as llm:
+        with pytest.raises(UserError, match=r"decoder layer 1 \(schedule layer 2\) holds inf or NaN"):
+            llm.generate([[5, 6, 7], [8, 9]], max_new_tokens=3, do_sample=True, temperature=0.7)
+
+
 def test_the_cli_stops_with_one_line_instead_of_printing_zeros(overflowing_llama):
     proc = subprocess.run([sys.executable, "-m", "flexgen_dist.run", "--model", str(overflowing_llama), "--prompt-len", "4",
                            "--gen-len", "3", "--no-warmup"], env=ENV, capture_output=True, text=True, timeout=300)

@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from ..errors import UserError
 from ..model import LayerMath, decoder_layer
 from ..parallel.comm import Comm, SendHandle
 from ..planning.layout import Unit, UnitKind
@@ -25,6 +24,7 @@ from ..storage.tiers import DiskReader, torch_dtype
 from ..storage.weights import LoadedWeights, WeightStore
 from .block_io import BlockIO, KVLease
 from .blocks import Block, BlockResult, BlockState
+from .finite import FiniteWatch, TaskKey
 from .loader import Loader, Ready
 from .messages import Messages
 from .sampling import Sampler
@@ -54,13 +54,13 @@ class _Walk:
     tasks: list[ops.LaneTask]
     stage: ops.StageShape
     sampler: Sampler
+    finite: FiniteWatch  # inf / NaN in layer outputs, read one task late
     on_block_done: Callable[[int, BlockResult], None] | None = None  # (block_idx, its result)
     states: dict[int, BlockState] = field(default_factory=dict)  # open blocks
     results: dict[int, BlockResult] = field(default_factory=dict)  # closed blocks
     weight_loads: dict[ops.LoadWeight, object] = field(default_factory=dict)  # -> future of LoadedWeights
     cache_loads: dict[ops.LoadCache, object] = field(default_factory=dict)  # -> future of KVLease
     sends: list[SendHandle] = field(default_factory=list)  # not yet completed
-    nonfinite: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (block, batch) -> flag per layer
     dead_from: dict[int, int] = field(default_factory=dict)  # block -> its first task with every row stopped
     phase_s: list[float] = field(default_factory=lambda: [0.0, 0.0])  # prefill, decode
 
@@ -125,13 +125,15 @@ class Engine:
             num_ranks=self.num_ranks,
         )
         tasks = lane_tasks([block.max_new_tokens for block in blocks], self.num_ranks)
-        walk = _Walk(blocks, tasks, stage, sampler, on_block_done)
+        finite = FiniteWatch(stage.layers, self.device, self._describe, self.placement.dtypes.compute)
+        walk = _Walk(blocks, tasks, stage, sampler, finite, on_block_done)
         try:
             plan = ops.rank_schedule(tasks, stage, self.config.prefetch_depth)
             while plan:
                 plan = self._walk(plan, walk)
             for handle in walk.sends:
                 handle.wait()
+            walk.finite.read_all()
         except BaseException:
             self._tear_down(walk, failed=True)
             raise
@@ -164,6 +166,12 @@ class Engine:
     def _tear_down(self, walk: _Walk, failed: bool) -> None:
         """Loads finished and given back, open blocks closed (their files removed), KV memory freed."""
         self._drop_loads(walk)
+        if self.device.type == "cuda":  # copies into host memory (KV stores) may still run: let them land first
+            try:
+                torch.cuda.synchronize(self.device)
+            except RuntimeError:
+                if not failed:
+                    raise  # after a failure, that failure is the error to report (a CUDA one comes back here)
         for state in list(walk.states.values()):
             self.block_io.close(state)
         walk.states.clear()
@@ -185,6 +193,7 @@ class Engine:
         walk.cache_loads.clear()
 
     def _close_block(self, walk: _Walk, block_idx: int) -> None:
+        walk.finite.read_block(block_idx)  # no result leaves with an unread NaN behind it
         result = walk.results[block_idx] = self.block_io.close(walk.states.pop(block_idx))
         if walk.on_block_done is not None:
             walk.on_block_done(block_idx, result)
@@ -251,47 +260,33 @@ class Engine:
     def _run_unit(self, op: ops.Compute, walk: _Walk, state: BlockState, weights, past: KVLease | None) -> None:
         token_idx, batch_idx = op.token_idx, op.batch_idx
         unit = self.units[op.layer_idx]
+        task = TaskKey(op.block_idx, token_idx, batch_idx)
         step = state.step(token_idx, batch_idx, self.device, self.spec.sliding_window)
         if unit.kind is UnitKind.EMBED:
             ids = state.input_ids(token_idx, batch_idx).to(self.device)
-            state.hidden[batch_idx] = self.math.embed(weights, ids, step)
-            self._note_finite(walk, op, state.hidden[batch_idx])
+            state.hidden[batch_idx] = out = self.math.embed(weights, ids, step)
         elif unit.kind is UnitKind.BLOCK:
             kv = self.block_io.lease_for_compute(state, op.layer_idx, batch_idx, past)
-            state.hidden[batch_idx] = decoder_layer(self.math, weights, state.hidden.pop(batch_idx), step, kv)
-            self._note_finite(walk, op, state.hidden[batch_idx])
-        else:
+            state.hidden[batch_idx] = out = decoder_layer(self.math, weights, state.hidden.pop(batch_idx), step, kv)
+        else:  # the head, always a stage's last layer
             logits = self.math.head(weights, state.hidden.pop(batch_idx), step)  # (B, T, V)
-            self._note_finite(walk, op, logits)
+            # sampling waits for the logits anyway: read the flags now, before NaN is sampled
+            walk.finite.note(task, op.layer_idx, logits)
+            walk.finite.task_done(task, read_now=True)
             if not step.last_only:
                 state.record_scores(batch_idx, logits)
             seq_ids = state.block.seq_ids[state.rows(batch_idx)]
             state.record_tokens(token_idx, batch_idx, walk.sampler(logits[:, -1], seq_ids))
-        if op.layer_idx == walk.stage.layers[-1]:
             state.forget_step(token_idx, batch_idx)  # this token's step inputs are not needed again
-
-    def _note_finite(self, walk: _Walk, op: ops.Compute, x: torch.Tensor) -> None:
-        """Flag a layer output holding inf or NaN (on the device: no wait per layer); at the
-        stage's last layer, stop with the first flagged layer's name. Without this, NaN logits
-        sample token 0 forever and the run ends "successfully"."""
-        key = (op.block_idx, op.batch_idx)
-        layers = walk.stage.layers
-        flags = walk.nonfinite.get(key)
-        if flags is None:
-            flags = walk.nonfinite[key] = torch.zeros(len(layers), dtype=torch.bool, device=x.device)
-        flags[op.layer_idx - layers[0]] = ~torch.isfinite(x).all()
-        if op.layer_idx != layers[-1]:
             return
-        del walk.nonfinite[key]
-        if bool(flags.any()):
-            first = layers[0] + int(flags.nonzero()[0])
-            kind = self.units[first].kind.value
-            where = {"embed": "the embedding", "head": "the head"}.get(kind, f"decoder layer {first - 1}")
-            raise UserError(
-                f"the output of {where} (schedule layer {first}) holds inf or NaN at token {op.token_idx} of block "
-                f"{op.block_idx}: the checkpoint's values overflow {self.placement.dtypes.compute}; compute in float32 "
-                "(or bfloat16 on a GPU) with --compute-dtype"
-            )
+        walk.finite.note(task, op.layer_idx, out)
+        if op.layer_idx == walk.stage.layers[-1]:
+            state.forget_step(token_idx, batch_idx)
+            walk.finite.task_done(task, read_now=False)
+
+    def _describe(self, layer_idx: int) -> str:
+        kind = self.units[layer_idx].kind.value
+        return {"embed": "the embedding", "head": "the head"}.get(kind, f"decoder layer {layer_idx - 1}")
 
     def _traced(self, name: str, cat: str, fn, *args):
         """fn(*args) inside a trace span, on whichever thread runs it."""

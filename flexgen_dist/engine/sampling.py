@@ -87,15 +87,16 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seq_ids: list[int]) -> torch.Tensor:
         """logits (B, V) fp32 -> next token ids (B,) on the CPU; seq_ids name each row's sequence
         (-1 for a row that only pads the block: it gets the greedy token, which is dropped)."""
-        out = logits.argmax(dim=-1).cpu()
-        for row_idx, seq_id in enumerate(seq_ids):
-            if seq_id < 0:
-                continue
-            row = self.row(seq_id)
+        sampled = [(row_idx, seq_id, self.row(seq_id)) for row_idx, seq_id in enumerate(seq_ids)
+                   if seq_id >= 0 and self.row(seq_id).params.do_sample]
+        out = logits.argmax(dim=-1).cpu()  # the one wait for the device of a greedy batch
+        if not sampled:
+            return out
+        # the sampled rows come over in one copy (the argmax above already waited), not one per row
+        rows = logits[[row_idx for row_idx, _, _ in sampled]].float().cpu()  # (n, V)
+        for host_row, (row_idx, seq_id, row) in zip(rows, sampled):
             p = row.params
-            if not p.do_sample:
-                continue
-            filtered = _filter(logits[row_idx].float().cpu() / p.temperature, p.top_k, p.top_p)
+            filtered = _filter(host_row / p.temperature, p.top_k, p.top_p)
             out[row_idx] = torch.multinomial(filtered.softmax(-1), 1, generator=self._generator(seq_id, row))[0]
         return out
 
