@@ -86,18 +86,39 @@ def _big_llama(tmp_path_factory):
                        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512)
 
 
-def test_overlap_on_and_off_give_bitwise_equal_tokens(tmp_path, tmp_path_factory):
-    from flexgen_dist import LLM, Policy
+SLEEP_CYCLES = 100_000_000  # ~50 ms of a ~2 GHz GPU: longer than a layer's disk read
 
-    # weights half in pinned host memory, cache half on the host: every step loads over the link
-    policy = Policy(gpu_batch_size=8, num_gpu_batches=2, w_gpu_percent=20, w_cpu_percent=80,
+
+def test_overlap_on_and_off_give_bitwise_equal_tokens(tmp_path, tmp_path_factory, monkeypatch):
+    """Every device slot is given back while the compute stream is held up (a sleep queued just
+    before), so the kernels that read it have not run yet when the next load may write it: a load
+    that does not wait for the slot's event (or copies on another stream than the one that
+    waited) overwrites weights still to be read, and the tokens change. The disk-tier weights are
+    over 8 MiB, so their reads are cut into chunks copied from the reader's threads."""
+    from flexgen_dist import LLM, Policy
+    from flexgen_dist.storage.slots import SlotPool
+    from flexgen_dist.storage.tiers import DiskTensor
+
+    real_give = SlotPool.give
+
+    def give_late(self, slot):
+        if slot.data.is_cuda:
+            torch.cuda._sleep(SLEEP_CYCLES)  # on the giving (compute) thread's stream
+        real_give(self, slot)
+
+    monkeypatch.setattr(SlotPool, "give", give_late)
+    # weights on gpu / pinned host / disk (the MLP's up and down projections, 11 MiB each in
+    # float32), cache half on the host: every step loads over the link and from the disk
+    policy = Policy(gpu_batch_size=8, num_gpu_batches=2, w_gpu_percent=20, w_cpu_percent=30,
                     cache_gpu_percent=50, cache_cpu_percent=50)
-    prompts = tiny_models.random_prompts([40, 64, 17, 50] * 8, seed=3)
+    prompts = tiny_models.random_prompts([40, 64, 17, 50] * 4, seed=3)
     outs = []
     for overlap in (True, False):
         with LLM.from_config(_big_llama(tmp_path_factory), seed=1, policy=policy.replace(overlap=overlap),
                              offload_dir=tmp_path) as llm:
-            outs.append([o.output_ids for o in llm.generate(prompts, max_new_tokens=16).outputs])
+            on_disk = [t for placed in llm.weights.tensors.values() for t in placed.values() if isinstance(t, DiskTensor)]
+            assert any(t.nbytes > 8 << 20 and t.nbytes > llm.reader.buffer_bytes for t in on_disk)
+            outs.append([o.output_ids for o in llm.generate(prompts, max_new_tokens=8).outputs])
     assert outs[0] == outs[1]
 
 
@@ -110,6 +131,44 @@ def test_cuda_and_cuda_0_are_one_device(tmp_path, llama_dir):
             devices.append(llm.device)
             outs.append([o.output_ids for o in llm.generate(tiny_models.random_prompts([5, 9, 12], seed=1), max_new_tokens=6).outputs])
     assert devices == [torch.device("cuda:0")] * 2 and outs[0] == outs[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_one_process_on_the_second_gpu(llama_dir, tmp_path):
+    """`--device cuda:1` in a process whose current device is 0: the tokens are right and
+    nothing is allocated on GPU 0 (streams, events, pinned memory all on GPU 1)."""
+    from flexgen_dist import Runtime
+
+    policy = POLICIES["mixed-tiers"]  # weights on gpu, pinned host and disk
+    before = torch.cuda.current_device()
+    torch.cuda.set_device(0)
+    try:
+        on_gpu0 = torch.cuda.memory_allocated(0)
+        compared, llm = check_16bit_against_fp32(llama_dir, policy, tmp_path, runtime=Runtime(device="cuda:1"))
+        try:
+            assert llm.device == torch.device("cuda:1") and torch.cuda.current_device() == 1
+            assert compared >= len(PROMPT_LENGTHS)
+            resident = [t.data for placed in llm.weights.tensors.values() for t in placed.values() if t.tier.value == "gpu"]
+            assert resident and all(t.device == llm.device for t in resident)
+            assert torch.cuda.memory_allocated(0) == on_gpu0
+        finally:
+            llm.close()
+    finally:
+        torch.cuda.set_device(before)
+
+
+def test_pinned_host_memory_is_unpinned_when_its_pool_is_dropped():
+    import gc
+
+    from flexgen_dist.storage.slots import SlotPool
+
+    pool = SlotPool(2, 1 << 20, torch.device("cpu"), pin=torch.device("cuda", torch.cuda.current_device()))
+    data = [slot.data for slot in pool.slots]  # kept: the memory outlives the pool, its pinning does not
+    assert all(d.is_pinned() for d in data)
+    pool.cycle = pool
+    del pool
+    gc.collect()
+    assert not any(d.is_pinned() for d in data)
 
 
 def test_sampling_on_the_gpu_does_not_depend_on_the_block(llama_dir):
@@ -137,6 +196,9 @@ def test_gpu_memory_returns_to_its_baseline_after_generate(llama_dir, tmp_path):
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=50, w_cpu_percent=50,
                     cache_gpu_percent=50, cache_cpu_percent=50)
     with LLM(llama_dir, policy=policy, offload_dir=tmp_path) as llm:
+        # warm up first: cuBLAS allocates its workspaces on the first matmul of each stream and
+        # keeps them (counted by memory_allocated); what must not grow is what a run leaves behind
+        llm.generate(tiny_models.random_prompts([5, 30, 12, 7, 21], seed=4), max_new_tokens=8)
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
         for _ in range(2):

@@ -116,7 +116,7 @@ class BlockIO:
         if tier not in self.cache_pools:
             nbytes = self.placement.cache_layout(tier)[1]
             device = self.device if tier is Tier.GPU else torch.device("cpu")
-            pin = tier is Tier.CPU and self.device.type == "cuda"  # async host-to-device copies
+            pin = self.device if tier is Tier.CPU and self.device.type == "cuda" else None  # async copies
             self.cache_pools[tier] = SlotPool(self.placement.blocks_in_flight, nbytes, device, pin=pin)
         return self.cache_pools[tier]
 

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from ..engine.blocks import Block, RowRule
 from ..engine.engine import Engine, EngineConfig
 from ..engine.sampling import Sampler, SamplingParams, TeacherForcing
@@ -76,6 +78,8 @@ class LLM:
         self.runtime = runtime or Runtime()
         self.spec, self.tokenizer = source.spec, source.tokenizer
         self.device = self.runtime.resolve_device()
+        if self.device.type == "cuda":  # streams, events and host registration use the current device's
+            torch.cuda.set_device(self.device)
         self.pipeline = pipeline if pipeline is not None and pipeline.world_size > 1 else None
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
         self.plan = plan or plan_for(self.spec, runtime=self.runtime, policy=policy, capacity=capacity or Capacity(),

@@ -69,7 +69,7 @@ class Runtime:
             compute = self.compute_dtype
         elif device.type == "cpu":
             compute = "float32"
-        elif storage == "bfloat16" and torch.cuda.is_bf16_supported():
+        elif storage == "bfloat16" and _native_bf16(device):
             compute = "bfloat16"
         else:
             compute = "float16"
@@ -80,3 +80,11 @@ class Runtime:
         positions with up to a quarter more (a longer run re-checks that it still fits)."""
         return self.workload or Workload(prompt_len=min(512, spec.max_positions // 2),
                                          gen_len=max(1, min(128, spec.max_positions // 4)))
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether the compute device itself has bfloat16 (compute capability 8.0+). Asked of that
+    device, not the current one, and without emulation: a T4 "supports" bfloat16 by emulation,
+    then runs attention on the slow math path."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)

@@ -13,19 +13,25 @@ streams and both are no-ops.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..planning.placement import SlotPiece
 
+log = logging.getLogger(__name__)
+
 
 class StreamOrder:
-    """Events between the stream that last used a slot and the stream that reuses it."""
+    """Events between the stream that last used a slot and the stream that reuses it, on
+    `device`'s streams (named, not the calling thread's current device: a fresh thread's is 0)."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
 
     def mark_released(self):
@@ -33,13 +39,13 @@ class StreamOrder:
         if not self.cuda:
             return None
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream())
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def wait_released(self, event) -> None:
         """Queue work after `event` on the current stream (the writer's)."""
         if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+            torch.cuda.current_stream(self.device).wait_event(event)
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
@@ -59,38 +65,70 @@ class Slot:
         return self.data[piece.offset : piece.offset + nbytes].view(dtype).view(shape)
 
 
-def pin_in_place(data: torch.Tensor) -> None:
-    """Page-lock a host tensor where it is, at its exact size. (`pin_memory=True` goes through the
-    caching host allocator, which rounds every block up to a power of two and keeps it: a plan
-    counting the real size would be off by up to 2x.)"""
-    err = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel() * data.element_size(), 0)
+CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context, not one
+
+
+def pin_in_place(data: torch.Tensor, device: torch.device) -> None:
+    """Page-lock a host tensor where it is, at its exact size, for copies to and from `device`.
+    (`pin_memory=True` goes through the caching host allocator, which rounds every block up to a
+    power of two and keeps it: a plan counting the real size would be off by up to 2x.)"""
+    nbytes = data.numel() * data.element_size()
+    with torch.cuda.device(device):  # that device's context, never a new one on device 0
+        err = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), nbytes, CUDA_HOST_REGISTER_PORTABLE)
     if int(getattr(err, "value", err)) != 0:
-        raise RuntimeError(f"cudaHostRegister of {data.numel() * data.element_size()} bytes failed (error {err})")
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed (error {err})")
 
 
 def unpin(data: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(data.data_ptr())
 
 
-class SlotPool:
-    """`count` slots of `nbytes` each on `device`; host slots are page-locked in place when `pin`."""
+def _unpin_all(pinned: list[torch.Tensor], device: torch.device) -> None:
+    """Unregister every tensor of `pinned` (emptied) once `device` has finished what it queued:
+    a copy from or into these pages may still be in flight. Called once, by `close` or when the
+    owner is collected; until then the list keeps the memory alive, so registered pages are never
+    freed."""
+    if not pinned:
+        return
+    with torch.cuda.device(device):
+        try:
+            torch.cuda.synchronize(device)
+        except RuntimeError as exc:  # a broken context runs nothing more: unregistering is safe
+            log.warning("synchronize before unpinning host memory failed: %s", exc)
+        while pinned:
+            unpin(pinned.pop())
 
-    def __init__(self, count: int, nbytes: int, device: torch.device, pin: bool = False, order: StreamOrder | None = None):
+
+class SlotPool:
+    """`count` slots of `nbytes` each on `device`. Host slots are page-locked in place for the
+    CUDA device `pin` (None: not pinned), and unpinned by `close` or, for a pool dropped without
+    it, when the pool is collected."""
+
+    def __init__(self, count: int, nbytes: int, device: torch.device, pin: torch.device | None = None,
+                 order: StreamOrder | None = None):
+        if pin is True:
+            raise TypeError("pin takes the CUDA device that copies to and from the slots, not a bool")
         self.nbytes_each = nbytes
         self.order = order or StreamOrder(device)
         self.slots = [Slot(i, torch.empty(nbytes, dtype=torch.uint8, device=device)) for i in range(count)]
-        self._pinned = pin and device.type == "cpu" and torch.cuda.is_available() and nbytes > 0
-        for slot in self.slots if self._pinned else ():
-            pin_in_place(slot.data)
+        self._unpin = None
+        if pin and device.type == "cpu" and torch.cuda.is_available() and nbytes > 0:
+            pinned: list[torch.Tensor] = []  # held by the finalizer, not by the pool
+            self._unpin = weakref.finalize(self, _unpin_all, pinned, torch.device(pin))
+            try:
+                for slot in self.slots:
+                    pin_in_place(slot.data, pin)
+                    pinned.append(slot.data)
+            except BaseException:
+                self._unpin()  # what was pinned before the failure
+                raise
         self._free = list(reversed(self.slots))
         self._cond = threading.Condition()
 
     def close(self) -> None:
         """Unpin host slots (the memory goes when the pool is dropped)."""
-        if self._pinned:
-            self._pinned = False
-            for slot in self.slots:
-                unpin(slot.data)
+        if self._unpin is not None:
+            self._unpin()
 
     @property
     def nbytes(self) -> int:

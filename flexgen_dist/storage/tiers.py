@@ -107,18 +107,21 @@ class DiskReader:
             self._pool = None
 
     def read_into(self, out: torch.Tensor, src: "DiskTensor", start: int, stop: int) -> None:
-        """out[:stop - start] = rows start:stop of src."""
+        """out[:stop - start] = rows start:stop of src. Into device memory, every chunk is copied on
+        the caller's current stream (a loader's), also from the reader threads: on a thread of
+        their own the copies would go to the device's default stream, the compute stream."""
         row_bytes = src.row_bytes
         rows_per_chunk = max(1, (self.buffer_bytes - 2 * READ_ALIGN) // max(1, row_bytes))
         chunks = [(a, min(a + rows_per_chunk, stop)) for a in range(start, stop, rows_per_chunk)]
+        stream = torch.cuda.current_stream(out.device) if out.device.type == "cuda" else None
         if self._pool is None or len(chunks) == 1:
             for a, b in chunks:
-                self._read_chunk(out, src, start, a, b)
+                self._read_chunk(out, src, start, a, b, stream)
             return
-        for fut in [self._pool.submit(self._read_chunk, out, src, start, a, b) for a, b in chunks]:
+        for fut in [self._pool.submit(self._read_chunk, out, src, start, a, b, stream) for a, b in chunks]:
             fut.result()
 
-    def _read_chunk(self, out: torch.Tensor, src: "DiskTensor", base: int, start: int, stop: int) -> None:
+    def _read_chunk(self, out: torch.Tensor, src: "DiskTensor", base: int, start: int, stop: int, stream) -> None:
         first, nbytes = start * src.row_bytes, (stop - start) * src.row_bytes
         lead = first % READ_ALIGN if self.io.direct else 0  # O_DIRECT reads from the aligned offset below
         span = -(-(lead + nbytes) // READ_ALIGN) * READ_ALIGN if self.io.direct else nbytes
@@ -131,9 +134,14 @@ class DiskReader:
                 raise OSError(f"{src.path} is shorter than expected ({got - lead} of {nbytes} bytes at {first})")
             rows = buf[lead : lead + nbytes].view(src.dtype).view((stop - start, *src.shape[1:]))
             dst = out[start - base : stop - base]
-            dst.copy_(rows, non_blocking=dst.device.type == "cuda")
-            if dst.device.type == "cuda":
-                torch.cuda.current_stream(dst.device).synchronize()  # the buffer is reused next
+            if stream is None:
+                dst.copy_(rows)
+                return
+            with torch.cuda.stream(stream):
+                dst.copy_(rows, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(stream)
+            copied.synchronize()  # the buffer is reused next: wait for this copy only, not the compute stream
         finally:
             self._free.put(raw)
 

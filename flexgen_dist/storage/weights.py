@@ -63,13 +63,23 @@ class WeightStore:
         self.compute_dtype = torch_dtype(placement.dtypes.compute)
         self.storage_dtype = torch_dtype(placement.dtypes.storage)
         self.config = placement.policy.compression
-        pin = placement.policy.pin_weight and device.type == "cuda"
+        pin = device if placement.policy.pin_weight and device.type == "cuda" else None
         self.arenas: dict[Tier, SlotPool] = {}  # one slot each: every weight of a memory tier
+        self.slots: SlotPool | None = None
+        try:
+            self._build(placement, units, source, offload_dir, reader, verify, pin)
+        except BaseException:
+            self.close()  # unpin what was pinned now, not whenever the store is collected
+            raise
+
+    def _build(self, placement: Placement, units: list[Unit], source, offload_dir, reader, verify: bool,
+               pin: torch.device | None) -> None:
+        device = self.device
         self._views: dict[str, torch.Tensor] = {}  # "{layer}.{name}" or "...{name}.{part}" -> its arena view
         for tier, where in ((Tier.GPU, device), (Tier.CPU, torch.device("cpu"))):
             pieces, nbytes = placement.weight_layout(tier)
             if nbytes:
-                self.arenas[tier] = SlotPool(1, nbytes, where, pin=pin and tier is Tier.CPU)
+                self.arenas[tier] = SlotPool(1, nbytes, where, pin=pin if tier is Tier.CPU else None)
                 arena = self.arenas[tier].take()
                 for piece in pieces:
                     key = piece.name if piece.part == "value" else f"{piece.name}.{piece.part}"
@@ -146,6 +156,7 @@ class WeightStore:
         return CompressedTensor(*parts, shape=ws.shape, config=self.config, tier=Tier.DISK), wrote
 
     def close(self) -> None:
+        """Unpin the host arena (a store dropped without this unpins when it is collected)."""
         for pool in (*self.arenas.values(), *([self.slots] if self.slots else [])):
             pool.close()
 
