@@ -85,8 +85,10 @@ sys.exit(run.main(argv))
 
 
 def job_args(model, src, out, *extra):
+    # fp32 on the CPU: on a GPU machine the default (CUDA, 16 bits) need not give the same bytes
+    # across the block shapes a killed and a resumed run compare
     return ["--model", str(model), "--input", str(src), "--output", str(out), "--max-new-tokens", str(NEW_TOKENS),
-            "--gpu-batch-size", "2", "--no-warmup", "--quiet", *map(str, extra)]
+            "--gpu-batch-size", "2", "--no-warmup", "--quiet", "--device", "cpu", *map(str, extra)]
 
 
 def start_child(point, args):
