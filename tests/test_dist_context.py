@@ -471,3 +471,76 @@ def test_two_gloo_ranks_under_mpirun():
     )
     assert proc.returncode == 0, proc.stderr
     check_two_ranks(parse_results([proc.stdout]), "mpi")
+
+
+# ---- one GPU per task (srun --gpus-per-task=1, --gpu-bind) ---------------------------------------------
+
+
+@pytest.fixture
+def visible_gpus(monkeypatch):
+    """Fakes what torch sees: `visible_gpus(n)` makes n CUDA devices visible to this process."""
+
+    def make(count: int) -> None:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+    return make
+
+
+def _slurm_node_of(tasks: int, localid: int, **extra) -> dict:
+    """srun task `localid` of `tasks` tasks on the first node of the step."""
+    return slurm_env(procid=localid, ntasks=tasks, localid=localid, SLURM_NODEID="0",
+                     SLURM_STEP_TASKS_PER_NODE=str(tasks), **extra)
+
+
+@pytest.mark.parametrize("binding", [
+    {"SLURM_GPUS_PER_TASK": "1"},  # srun --gpus-per-task=1 (binds each task to its GPU since Slurm 21.08)
+    {"SLURM_GPUS_PER_TASK": "a100:1"},
+    {"SLURM_TRES_PER_TASK": "cpu=4,gres/gpu=1"},  # Slurm 23.11+ spells --gpus-per-task this way
+    {"SLURM_GPU_BIND": "map_gpu:0,1,2,3"},  # srun --gpu-bind=map_gpu:...
+    {"SLURM_GPU_BIND": "verbose,single:1"},
+])
+@pytest.mark.parametrize("localid", [1, 3])
+def test_a_task_bound_to_its_own_gpu_uses_nccl_on_cuda0(visible_gpus, binding, localid):
+    visible_gpus(1)  # CUDA_VISIBLE_DEVICES names this task's GPU only
+    ctx = DistContext.from_env(_slurm_node_of(4, localid, CUDA_VISIBLE_DEVICES=str(localid), **binding))
+    assert (ctx.local_rank, ctx.local_world_size) == (localid, 4)
+    assert (ctx.backend, ctx.device) == ("nccl", "cuda:0")
+
+
+def test_tasks_bound_to_two_gpus_each_use_the_first_of_theirs(visible_gpus):
+    visible_gpus(2)
+    ctx = DistContext.from_env(_slurm_node_of(4, 3, SLURM_GPUS_PER_TASK="2", CUDA_VISIBLE_DEVICES="6,7"))
+    assert (ctx.backend, ctx.device) == ("nccl", "cuda:0")
+
+
+def test_tasks_that_see_every_gpu_of_the_node_pick_theirs_by_local_rank(visible_gpus):
+    visible_gpus(4)
+    for localid in range(4):
+        ctx = DistContext.from_env(_slurm_node_of(4, localid, CUDA_VISIBLE_DEVICES="0,1,2,3"))
+        assert (ctx.backend, ctx.device) == ("nccl", f"cuda:{localid}")
+
+
+@pytest.mark.parametrize("binding", [{}, {"SLURM_GPU_BIND": "none", "SLURM_GPUS_PER_TASK": "1"},
+                                     {"SLURM_TRES_PER_TASK": "cpu=4"}, {"SLURM_GPU_BIND": "closest"}])
+def test_two_tasks_sharing_one_gpu_use_gloo(visible_gpus, binding):
+    visible_gpus(1)  # srun --gres=gpu:1 --ntasks-per-node=2: both tasks see the node's one GPU
+    ctx = DistContext.from_env(_slurm_node_of(2, 1, CUDA_VISIBLE_DEVICES="0", **binding))
+    assert (ctx.backend, ctx.device) == ("gloo", "cuda:0")
+
+
+@pytest.mark.parametrize("binding", [{}, {"SLURM_GPUS_PER_TASK": "1"}])
+def test_no_gpu_is_gloo_on_the_cpu(visible_gpus, binding):
+    visible_gpus(0)
+    ctx = DistContext.from_env(_slurm_node_of(2, 1, **binding))
+    assert (ctx.backend, ctx.device) == ("gloo", "cpu")
+
+
+def test_gpu_binding_of_an_outer_srun_is_not_read_under_torchrun(visible_gpus):
+    # torchrun inside `srun --gpus-per-task=1`: its workers share the one GPU the srun task got
+    visible_gpus(1)
+    ctx = DistContext.from_env(torchrun_env(rank=1, world_size=2, local_rank=1, local_world_size=2,
+                                            **_slurm_node_of(1, 0, SLURM_GPUS_PER_TASK="1")))
+    assert (ctx.launcher, ctx.backend, ctx.device) == ("torchrun", "gloo", "cuda:0")

@@ -61,7 +61,8 @@ class DistContext:
     world_size: int
     """Number of ranks (= pipeline stages). 1 means no process group at all."""
     local_rank: int
-    """Rank among the processes on this node; picks the GPU."""
+    """Rank among the processes on this node; picks the GPU, unless the launcher bound each task
+    to GPUs of its own (srun --gpus-per-task, --gpu-bind): then it uses the first it sees."""
     master_addr: str
     """Address of rank 0's rendezvous store (TCP)."""
     master_port: int
@@ -125,8 +126,8 @@ class DistContext:
             )
         if cuda_device_count is None:
             cuda_device_count = _detect_cuda_device_count()
-        backend = choose_backend(ranks.local_world_size, cuda_device_count, comm_backend)
-        device = f"cuda:{ranks.local_rank % cuda_device_count}" if cuda_device_count > 0 else "cpu"
+        backend = choose_backend(ranks.local_world_size, cuda_device_count, comm_backend, gpus_bound=ranks.gpus_bound)
+        device = choose_device(ranks.local_rank, cuda_device_count, gpus_bound=ranks.gpus_bound)
         return cls(
             rank=ranks.rank,
             world_size=ranks.world_size,
@@ -222,25 +223,40 @@ class DistContext:
             dist.destroy_process_group()
 
 
-def choose_backend(local_world_size: int, cuda_device_count: int, comm_backend: str | None = None) -> str:
-    """NCCL when every rank on this node owns a GPU, else gloo; `comm_backend` overrides.
+def owns_gpu(local_world_size: int, cuda_device_count: int, *, gpus_bound: bool = False) -> bool:
+    """Each rank on this node has a GPU of its own: the launcher bound GPUs to each task
+    (`gpus_bound`, e.g. `srun --gpus-per-task=1`: every task sees one GPU, its own), or this
+    process sees a GPU per local rank."""
+    return cuda_device_count > 0 and (gpus_bound or local_world_size <= cuda_device_count)
+
+
+def choose_device(local_rank: int, cuda_device_count: int, *, gpus_bound: bool = False) -> str:
+    """The first GPU this process sees when they are all its own (`gpus_bound`); else the
+    local rank's (shared in turn when there are fewer GPUs than local ranks); the CPU without."""
+    if cuda_device_count < 1:
+        return "cpu"
+    return "cuda:0" if gpus_bound else f"cuda:{local_rank % cuda_device_count}"
+
+
+def choose_backend(local_world_size: int, cuda_device_count: int, comm_backend: str | None = None, *,
+                   gpus_bound: bool = False) -> str:
+    """NCCL when every rank on this node owns a GPU (`owns_gpu`), else gloo; `comm_backend` overrides.
 
     Several ranks sharing one GPU is not supported by NCCL, so that case falls back to gloo too.
     """
+    own = owns_gpu(local_world_size, cuda_device_count, gpus_bound=gpus_bound)
     if comm_backend is not None:
         if comm_backend not in BACKENDS:
             raise UserError(f"comm backend {comm_backend!r} is unknown: use one of {', '.join(BACKENDS)}")
         if comm_backend == "nccl" and cuda_device_count < 1:
             raise UserError("comm backend 'nccl' needs CUDA but no GPU is visible: use gloo or run on GPUs")
-        if comm_backend == "nccl" and local_world_size > cuda_device_count:
+        if comm_backend == "nccl" and not own:
             logger.warning(
                 "comm backend nccl with %d ranks on this node but %d GPUs: ranks share a GPU, which NCCL "
                 "rejects; use gloo if initialisation fails", local_world_size, cuda_device_count,
             )
         return comm_backend
-    if cuda_device_count > 0 and local_world_size <= cuda_device_count:
-        return "nccl"
-    return "gloo"
+    return "nccl" if own else "gloo"
 
 
 def setup_logging(ctx: DistContext, verbose: bool) -> None:

@@ -41,6 +41,7 @@ class _Ranks:
     local_world_size: int
     master_addr: str
     master_port: int
+    gpus_bound: bool = False  # the launcher gave each task GPUs of its own: all this process sees are its
 
 
 class _MpiVars(NamedTuple):
@@ -208,7 +209,31 @@ def _slurm_ranks(env: Mapping[str, str]) -> _Ranks:
         master_port = slurm_job_port(_env_int(env, "SLURM_JOB_ID"))
     else:
         master_port = DEFAULT_MASTER_PORT
-    return _Ranks(rank, world_size, local_rank, local_world_size, master_addr, master_port)
+    return _Ranks(rank, world_size, local_rank, local_world_size, master_addr, master_port,
+                  gpus_bound=_slurm_binds_gpus(env, local_world_size))
+
+
+def _slurm_binds_gpus(env: Mapping[str, str], local_world_size: int) -> bool:
+    """srun gave each task GPUs of its own (CUDA_VISIBLE_DEVICES names only them): `--gpus-per-task`
+    (SLURM_GPUS_PER_TASK, or SLURM_TRES_PER_TASK="...,gres/gpu=N" since Slurm 23.11; it implies
+    `--gpu-bind=per_task:N`) or a `--gpu-bind` that gives each task GPUs no other task has
+    (SLURM_GPU_BIND: per_task:N, single:1, map_gpu with a GPU per local task). `--gpu-bind=none`
+    or `closest`, and no such variable, bind nothing: the tasks may share what they see."""
+    # e.g. "verbose,map_gpu:0,1"
+    bind = re.sub(r"^((verbose|quiet),)+", "", env.get("SLURM_GPU_BIND", "").strip().lower())
+    kind, _, value = bind.partition(":")
+    if kind == "none":
+        return False
+    if kind == "per_task" or (kind == "single" and value.strip() == "1"):
+        return True
+    if kind == "map_gpu":  # local task i gets entry i, the list reused in turn when it is shorter
+        gpus = [gpu.strip() for gpu in value.split(",")][:local_world_size]
+        return len(gpus) == local_world_size and len(set(gpus)) == len(gpus)
+    per_task = re.search(r"(\d+)\s*$", env.get("SLURM_GPUS_PER_TASK", ""))  # "1" or "a100:1"
+    if per_task is not None and int(per_task.group(1)) >= 1:
+        return True
+    tres = re.search(r"gres/gpu(?::[\w.-]+)?[=:](\d+)", env.get("SLURM_TRES_PER_TASK", ""))
+    return tres is not None and int(tres.group(1)) >= 1
 
 
 def slurm_job_port(job_id: int) -> int:
