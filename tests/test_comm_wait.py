@@ -101,7 +101,8 @@ def test_the_process_groups_outlast_the_wait_the_plan_set(fake_dist):
     comm.set_wait(wait)
     assert comm.wait == wait
     assert {group for group, _ in fake_dist.pg_timeouts} == {None, "ring"}  # the default group and the token ring
-    assert all(seconds == process_group_timeout(wait.seconds, "nccl") > wait.seconds for _, seconds in fake_dist.pg_timeouts)
+    above = process_group_timeout(wait.seconds, "nccl")
+    assert above > wait.seconds and all(seconds == above for _, seconds in fake_dist.pg_timeouts)
 
 
 def test_a_pipeline_takes_its_wait_from_the_plans_longest_task(fake_dist, monkeypatch):
