@@ -209,8 +209,10 @@ def test_switch_sets_follow_the_options_and_the_machine():
 
 
 def test_compression_is_chosen_when_it_pays_and_only_when_allowed():
-    # little host memory and a slow disk: 4-bit weights fit in memory, 16-bit ones do not
-    spec = opt_spec(layers=8, hidden=256, heads=4, ffn=1024)
+    # little host memory and a slow disk: 4-bit weights fit in memory, 16-bit ones do not. Layers
+    # enough that a dequantization's scratch (up to a weight in fp32 per loader thread) is small
+    # beside a third of the weights on the GPU.
+    spec = opt_spec(layers=32, hidden=256, heads=4, ffn=1024)
     weights = sum(u.numel for u in model_units(spec)) * 2
     machine = gpu_machine(gpu_mem=weights // 3, cpu_mem=weights // 2)
     st = settings(machine)

@@ -10,6 +10,11 @@
 With `sparsity` < 1 (FlexGen's sparse attention), decoding reads every key but only the values of
 the top `sparsity` fraction of past positions per head, from the tier where the value cache
 lives (`values`): a disk cache is read at those rows only.
+
+Keys that are not read in place by SDPA (a stored cache, sparse attention's scores) are read in
+chunks of positions sized by planning/working.py, which counts one such chunk in the placement.
+No step reads a value back to the host (a sync per layer on a GPU) unless the values it needs live
+on another tier: positions chosen on the device gather values in device memory there.
 """
 
 from __future__ import annotations
@@ -17,21 +22,62 @@ from __future__ import annotations
 import torch
 
 from ..model.layers import attention, chunked_attention, sparse_attention
-from ..storage.tiers import copy, read_rows, to_compute
+from ..planning.working import attention_chunk_positions
+from ..storage.compressed import CompressedTensor
+from ..storage.quantize import QuantizedTensor, dequantize
+from ..storage.tiers import MemoryTensor, copy, read_rows, to_compute
 
-_CHUNK = 256  # positions converted at a time by StoredKV
+
+def _chunk(q: torch.Tensor, kv_dim: int, device: torch.device) -> int:
+    """Positions per chunk for queries q (B, nh, T, hd) over keys of kv_dim on `device`."""
+    B, nh, T, _ = q.shape
+    return attention_chunk_positions(batch=B, kv_dim=kv_dim, num_heads=nh, queries=T, on_gpu=device.type == "cuda")
+
+
+def _scores_in_chunks(qg: torch.Tensor, read_keys, stop: int, chunk: int) -> torch.Tensor:
+    """Raw scores (B, nkv, g, stop) of grouped fp32 queries qg (B, nkv, g, hd) over keys read a
+    chunk of positions at a time: read_keys(a, b) -> (B, nkv, b - a, hd) fp32."""
+    parts = [qg @ read_keys(a, min(stop, a + chunk)).transpose(-1, -2) for a in range(0, stop, chunk)]
+    return torch.cat(parts, dim=-1)  # (B, nkv, g, stop)
 
 
 def _gather_values(source, positions: torch.Tensor, num_kv_heads: int, device: torch.device) -> torch.Tensor:
     """Values at positions (B, nh, k) of a (S, B, nkv, hd) value cache (a tensor or a tier
-    tensor) -> (B, nh, k, hd) fp32: query head h reads kv head h // (nh // nkv)."""
+    tensor) -> (B, nh, k, hd) fp32: query head h reads kv head h // (nh // nkv).
+
+    A cache in the memory the positions are in is gathered there, no value read back to the host.
+    Elsewhere (host memory beside a GPU, a file) the host reads the distinct positions only: one
+    sync, and only the rows used cross the link."""
     B, nh, k = positions.shape
+    memory = _in_memory(source)
+    if memory is not None and memory[0].device == positions.device:
+        where = positions.device
+        index = (positions, torch.arange(B, device=where)[:, None, None],
+                 (torch.arange(nh, device=where) // (nh // num_kv_heads))[None, :, None])
+        if len(memory) == 1:
+            return memory[0][index].float().to(device)  # (B, nh, k, hd)
+        data, scale, mins = (part[index].reshape(B * nh * k, -1) for part in memory)  # a (position, head) a row
+        gathered = QuantizedTensor(data, scale, mins, (B * nh * k, source.shape[-1]), torch.float32, source.config)
+        return dequantize(gathered).reshape(B, nh, k, -1).to(device)  # (B, nh, k, hd)
     rows, where = torch.unique(positions.cpu(), return_inverse=True)  # sorted distinct positions
     block = source.index_select(0, rows.to(source.device)).float() if isinstance(source, torch.Tensor) \
         else read_rows(source, rows, device, torch.float32)  # (n, B, nkv, hd)
-    batch = torch.arange(B)[:, None, None]
-    head = (torch.arange(nh) // (nh // num_kv_heads))[None, :, None]
+    batch = torch.arange(B, device=block.device)[:, None, None]
+    head = (torch.arange(nh, device=block.device) // (nh // num_kv_heads))[None, :, None]
     return block[where.to(block.device), batch, head].to(device)  # (B, nh, k, hd)
+
+
+def _in_memory(source) -> tuple[torch.Tensor, ...] | None:
+    """The tensor(s) holding a cache in memory: (values,), or (data, scale, mins) of a cache
+    quantized along its last dimension; None for a file (or anything else read through its tier)."""
+    if isinstance(source, torch.Tensor):
+        return (source,)
+    if isinstance(source, MemoryTensor):
+        return (source.data,)
+    if isinstance(source, CompressedTensor) and all(isinstance(p, MemoryTensor) for p in source.parts) \
+            and source.config.resolve_group_dim(len(source.shape)) == len(source.shape) - 1:
+        return tuple(p.data for p in source.parts)
+    return None
 
 
 class DenseKV:
@@ -53,7 +99,10 @@ class DenseKV:
         stop = slots.stop
         keys = self.k[:stop].permute(1, 2, 0, 3)  # (B, nkv, S, hd), a view
         if self.sparsity < 1:
-            scores_of = lambda qg: qg.to(keys.device) @ keys.float().transpose(-1, -2)  # noqa: E731
+            # fp32 keys a chunk at a time: never an fp32 copy of the whole key cache
+            chunk = _chunk(q, keys.shape[1] * keys.shape[3], keys.device)
+            read_keys = lambda a, b: keys[:, :, a:b].float()  # noqa: E731
+            scores_of = lambda qg: _scores_in_chunks(qg.to(keys.device), read_keys, stop, chunk)  # noqa: E731
             values_at = lambda pos: _gather_values(self.values, pos, keys.shape[1], keys.device)  # noqa: E731
             return sparse_attention(q, scores_of, stop, mask, scale, self.sparsity, values_at, self._v_new)
         values = self.v[:stop].permute(1, 2, 0, 3)
@@ -85,13 +134,12 @@ class StoredKV:
     def attend(self, q: torch.Tensor, mask: torch.Tensor, scale: float, slots: slice) -> torch.Tensor:
         stop = slots.stop
         q = q.to(self.attend_on)
+        _, num_kv_heads, _, head_dim = self._k_new.shape
+        chunk = _chunk(q, num_kv_heads * head_dim, self.attend_on)
         if self.sparsity < 1:
-            def scores_of(qg):
-                parts = [qg @ self._rows(self.k, a, min(stop, a + _CHUNK)).transpose(-1, -2) for a in range(0, stop, _CHUNK)]
-                return torch.cat(parts, dim=-1)  # (B, nkv, g, S)
-
-            num_kv_heads = self._v_new.shape[1]
+            read_keys = lambda a, b: self._rows(self.k, a, b)  # noqa: E731
+            scores_of = lambda qg: _scores_in_chunks(qg, read_keys, stop, chunk)  # noqa: E731
             values_at = lambda pos: _gather_values(self.v, pos, num_kv_heads, self.attend_on)  # noqa: E731
             return sparse_attention(q, scores_of, stop, mask, scale, self.sparsity, values_at, self._v_new)
         read_kv = lambda a, b: (self._rows(self.k, a, b), self._rows(self.v, a, b))  # noqa: E731
-        return chunked_attention(q, read_kv, stop, mask, scale, _CHUNK)
+        return chunked_attention(q, read_kv, stop, mask, scale, chunk)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..parallel.partition import partition_layers
+from ..planning import detect
 from ..planning.cost_model import Estimate, estimate, estimate_pipeline, partition_costs
 from ..planning.fit import check_policy, policy_flags
 from ..planning.hardware import Hardware, apply_overrides, rank_share
@@ -98,18 +99,37 @@ class PlanChoice:
 def rank_hardware(capacity: Capacity, *, device: str, offload_dir: str | Path | None, compute_dtype: str,
                   local_world_size: int, pipeline=None) -> Hardware:
     """This rank's hardware: the machine's (or `--hardware`), its share of the node, the overrides;
-    in a pipeline, the smallest of every rank's capacities (so all ranks plan alike)."""
-    from ..profile import machine_hardware  # torch: only when planning for this machine
+    in a pipeline, the smallest of every rank's capacities (so all ranks plan alike).
 
-    hw = machine_hardware(device, offload_dir, hardware=capacity.hardware, compute_dtype=compute_dtype)
+    Detected capacities are shared: host RAM and disk among the node's ranks, a GPU among the
+    local ranks that run on it; then the rank's GPU reserve (CUDA context, cuBLAS, NCCL:
+    `detect.gpu_reserve`) comes off its share. A `--hardware` description is planned as written."""
+    from .. import profile  # torch: only when planning for this machine
+
+    hw = profile.machine_hardware(device, offload_dir, hardware=capacity.hardware, compute_dtype=compute_dtype)
     if capacity.hardware is None:
-        hw = rank_share(hw, local_world_size=local_world_size)
+        hw = _detected_share(hw, local_world_size, pipeline)
     hw = apply_overrides(hw, gpu_mem=capacity.gpu_mem, cpu_mem=capacity.cpu_mem, disk_mem=capacity.disk_mem)
     if offload_dir is None:  # no offload folder: no disk tier
         hw = hw.with_capacities(dataclasses.replace(hw.capacities, disk_mem=0))
     if pipeline is not None and pipeline.world_size > 1:
         hw = _smallest_over_ranks(hw, pipeline)
     return hw
+
+
+def _detected_share(hw: Hardware, local_world_size: int, pipeline) -> Hardware:
+    ctx = pipeline.ctx if pipeline is not None else None
+    if not hw.capacities.has_gpu:
+        return rank_share(hw, local_world_size=local_world_size)
+    sharing = detect.ranks_per_gpu(ctx.local_rank if ctx else 0, local_world_size, detect.cuda_device_count())
+    hw = rank_share(hw, local_world_size=local_world_size, ranks_per_gpu=sharing)
+    reserve = detect.gpu_reserve(context_created=detect.cuda_context_created(), backend=ctx.backend if ctx else None,
+                                 world_size=ctx.world_size if ctx else 1)
+    c = hw.capacities
+    log.info("GPU memory reserved outside the plan (CUDA context, kernels, cuBLAS%s): %s of %s%s",
+             ", NCCL" if ctx and ctx.backend == "nccl" else "", format_size(reserve), format_size(c.gpu_mem),
+             f" (this rank's 1/{sharing} of the GPU)" if sharing > 1 else "")
+    return hw.with_capacities(dataclasses.replace(c, gpu_mem=max(0, c.gpu_mem - reserve)))
 
 
 def _smallest_over_ranks(hw: Hardware, pipeline) -> Hardware:

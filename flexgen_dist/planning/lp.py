@@ -270,6 +270,10 @@ def _time_rows(prog: _Program, rank: FoldedRank, pure: dict[Tier, Placement], ha
     return objective, constant_s
 
 
+# Estimates of bounded temporaries (planning/working.py) that exist whatever the tiers.
+FIXED_ESTIMATES = ("dequantize scratch", "attention chunk", "attention chunk on host")
+
+
 def _memory_rows(prog: _Program, rank: FoldedRank, pure: dict[Tier, Placement], hardware: Hardware,
                  weights: _WeightTerms, counts: dict, num: dict) -> None:
     """Bytes per tier, linear in the variables, under every memory limit of the hardware."""
@@ -287,12 +291,17 @@ def _memory_rows(prog: _Program, rank: FoldedRank, pure: dict[Tier, Placement], 
     used[Tier.GPU].add(_Linear(0.0, {slot: num_slots}))
     # buffers that exist as soon as one tensor needs them: the KV scratch pair, the read buffers
     biggest: dict[str, tuple[Tier, int]] = {}
+    fixed: dict[str, tuple[Tier, int]] = {}
     for p in pure.values():
         for buf in p.working:
             if buf.name in ("send/recv", "compute workspace") and p is pure[Tier.GPU]:
                 used[buf.tier].add(_Linear(buf.nbytes))
             elif buf.name in ("kv scratch", "read buffers") and buf.nbytes > biggest.get(buf.name, (None, -1))[1]:
                 biggest[buf.name] = (buf.tier, buf.nbytes)
+            elif buf.name in FIXED_ESTIMATES and buf.nbytes > fixed.get(buf.name, (None, -1))[1]:
+                fixed[buf.name] = (buf.tier, buf.nbytes)
+    for tier, nbytes in fixed.values():  # small and all but constant across tiers: their largest
+        used[tier].add(_Linear(nbytes))
     if "kv scratch" in biggest:
         scratch = prog.var("scratch", 1, True)
         used[biggest["kv scratch"][0]].add(_Linear(0.0, {scratch: biggest["kv scratch"][1]}))

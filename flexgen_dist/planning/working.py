@@ -1,5 +1,10 @@
 """The engine's working buffers of a placement: weight slots, KV scratch pairs, disk read buffers,
-send/receive buffers, and an estimate of one GPU batch's compute workspace (pure Python)."""
+send/receive buffers, and estimates of one GPU batch's compute workspace, of dequantization's
+scratch and of the chunk attention reads a stored cache in (pure Python).
+
+The sizes of the last two are chosen here and used by the storage and engine code
+(`storage/quantize.py`, `engine/kv_views.py`), so what runs is what is counted.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .compression import compressed_row_bytes
+from .compression import compressed_row_bytes, compressed_shapes
 from .spec import ModelSpec
 from .tiers import ATTENTION_QUERY_CHUNK, READ_ALIGN, Tier, dtype_bytes, slot_bytes
 
@@ -16,6 +21,20 @@ if TYPE_CHECKING:
 
 
 HOST_HEAP_SLACK = 64 << 20  # two of glibc's largest heap-served blocks (its mmap threshold tops out at 32 MiB)
+
+# Values dequantized at a time (storage/quantize.py): 16 MiB of fp32 scratch, whatever the size of
+# the tensor. A 70B-class MLP weight (8192 x 28672) would otherwise take a 0.9 GiB fp32 scratch
+# per loader stream; 16 MiB is still thousands of GPU threads' worth of work per kernel.
+DEQUANTIZE_CHUNK_VALUES = 1 << 22
+
+# Attention over a cache stored otherwise than it is read (16-bit on a CPU that computes in fp32,
+# or quantized), and sparse attention's scores, read the keys (and values) in chunks of positions
+# (engine/kv_views.py). A chunk is sized in bytes, so it stays bounded at any batch size, and in
+# positions: on a GPU up to 4096 (each chunk costs a dozen kernel launches: few, large chunks),
+# on the CPU up to 256 (the chunk's fp32 keys and values stay near the caches).
+ATTENTION_CHUNK_BYTES = {True: 64 << 20, False: 16 << 20}  # keyed by "on a GPU"
+ATTENTION_CHUNK_MAX_POSITIONS = {True: 4096, False: 256}
+ATTENTION_CHUNK_MIN_POSITIONS = 16
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,14 @@ def working_buffers(p: Placement, dims: Dims, compute: int) -> tuple[BufferPlace
         wire = Tier.GPU  # gloo's host buffers without a GPU, NCCL's device buffers with one
         each = policy.gpu_batch_size * w.prompt_len * dims.hidden * compute
         out.append(BufferPlace("send/recv", wire, 2 * policy.num_gpu_batches, each))
+    scratch = _dequantize_scratch(p)
+    if scratch:
+        # Each loader thread (prefetch_depth + 1, each on its own CUDA stream, whose freed blocks
+        # the caching allocator keeps for that stream) may dequantize at once, and the compute
+        # thread too when attention reads a compressed cache.
+        dequantizers = b.prefetch_depth + 1 + any(c.compressed for c in p.caches.values())
+        out.append(BufferPlace("dequantize scratch", device_tier, dequantizers, scratch, estimate=True))
+    out.extend(_attention_chunks(p, dims))
     workspace = _workspace_bytes(p, dims, compute)
     out.append(BufferPlace("compute workspace", device_tier, 1, workspace, estimate=True))
     # Freed temporaries the allocator keeps (glibc's heap below its mmap threshold, torch's CUDA
@@ -106,3 +133,66 @@ def _workspace_bytes(p: Placement, dims: Dims, compute: int) -> int:
     mlp = gbs * prompt * (2 * dims.hidden + dims.q_dim + 4 * dims.intermediate) * compute
     head = gbs * (prompt if p.buffers.scoring else 1) * dims.vocab * 4
     return max(attention, mlp, head)
+
+
+def dequantize_scratch_bytes(row_values: int, numel: int, config) -> int:
+    """Temporaries of one `dequantize` of a tensor whose rows (leading index) hold `row_values`
+    padded values, `numel` in all: a chunk of whole rows of about DEQUANTIZE_CHUNK_VALUES (at
+    least one row) as fp32 scratch, its scales and minimums in fp32, and with 4 bits one nibble
+    plane (uint8, half the chunk's values) at a time."""
+    per_chunk = max(1, DEQUANTIZE_CHUNK_VALUES // max(1, row_values)) * row_values
+    values = min(numel, per_chunk)
+    stats = -(-values // config.group_size)
+    return values * 4 + 2 * stats * 4 + (values // 2 if config.bits == 4 else 0)
+
+
+def _dequantize_scratch(p: Placement) -> int:
+    """The largest dequantization scratch of the rank's compressed weights and caches (0: none)."""
+    config = p.policy.compression
+    shapes = [w.shape for places in p.weights.values() for w in places if w.compressed]
+    if any(c.compressed for c in p.caches.values()):
+        shapes.append(p.cache_shape(p.workload.seq_len))
+    best = 0
+    for shape in shapes:
+        stats = compressed_shapes(shape, config).stats  # (rows, *other, groups)
+        row_values = math.prod(stats[1:]) * config.group_size
+        best = max(best, dequantize_scratch_bytes(row_values, shape[0] * row_values, config))
+    return best
+
+
+def attention_position_bytes(batch: int, kv_dim: int, num_heads: int, queries: int = 1) -> int:
+    """fp32 bytes one cache position adds to a chunk of attention: its keys and values (B, kv_dim)
+    each, and per query its score, its weight and a masked copy (B, heads)."""
+    return batch * (2 * kv_dim + 3 * num_heads * queries) * 4
+
+
+def attention_chunk_positions(*, batch: int, kv_dim: int, num_heads: int, on_gpu: bool, queries: int = 1) -> int:
+    """Positions per chunk of attention over a stored cache (see ATTENTION_CHUNK_BYTES)."""
+    fit = ATTENTION_CHUNK_BYTES[on_gpu] // attention_position_bytes(batch, kv_dim, num_heads, queries)
+    return max(ATTENTION_CHUNK_MIN_POSITIONS, min(ATTENTION_CHUNK_MAX_POSITIONS[on_gpu], fit))
+
+
+def _attention_chunks(p: Placement, dims: Dims) -> list[BufferPlace]:
+    """One chunk of decode attention read piece by piece (engine/kv_views.py): over a cache read in
+    place but stored otherwise than the compute dtype (StoredKV), and the keys of sparse attention;
+    where attention runs: the compute device ("attention chunk"), or host memory with CPU attention
+    beside a GPU ("attention chunk on host"). One (layer, batch) computes at a time."""
+    from .placement import BufferPlace
+
+    b, policy = p.buffers, p.policy
+    sparse = policy.attn_sparsity < 1
+    stored = policy.compress_cache or p.cache_dtype != p.dtypes.compute
+    tiers = set()
+    for c in p.caches.values():
+        if sparse or (c.in_place and stored):
+            on_host = b.separate_gpu and c.in_place and c.k_tier is Tier.CPU  # CPU attention
+            tiers.add(Tier.CPU if on_host else Tier.GPU)
+    gbs, out = policy.gpu_batch_size, []
+    for tier, name in ((Tier.GPU, "attention chunk"), (Tier.CPU, "attention chunk on host")):
+        if tier in tiers:
+            on_gpu = b.separate_gpu and tier is Tier.GPU
+            positions = min(p.workload.seq_len, attention_chunk_positions(
+                batch=gbs, kv_dim=dims.kv_dim, num_heads=dims.num_heads, on_gpu=on_gpu))
+            out.append(BufferPlace(name, tier, 1, positions * attention_position_bytes(gbs, dims.kv_dim, dims.num_heads),
+                                   estimate=True))
+    return out

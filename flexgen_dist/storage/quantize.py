@@ -17,8 +17,14 @@ whole tensor would put there (a group never spans rows). So a KV cache can appen
 row per decode step, and a disk tier can read a row range of each part.
 
 Arithmetic is fp32 whatever the stored dtype (fp16 arithmetic on AVX2 CPUs is slow). The work
-goes in chunks of rows that fit in the L2 cache: dequantization makes four passes (two nibble
-copies, a multiply, an add) and those passes then hit the cache instead of memory.
+goes in chunks of whole rows: on the CPU chunks that fit in the L2 cache (dequantization makes
+four passes, two nibble copies, a multiply, an add, and those passes then hit the cache instead
+of memory); everywhere at most DEQUANTIZE_CHUNK_VALUES values (planning/working.py), so the fp32
+temporaries of a dequantization are bounded whatever the tensor's size, and the planner counts them.
+
+Nothing here reads a value back to the host (on a GPU, a sync per call): a NaN is not refused
+when quantized but kept (its group dequantizes to NaN), for the engine's check of each layer's
+output to report; a checkpoint's weights are checked for NaN when they are read.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..planning.compression import CompressionConfig, compressed_shapes
+from ..planning.working import DEQUANTIZE_CHUNK_VALUES
 
 # Values per chunk and per thread: ~1 MiB of fp32, half an L2 cache of the development CPUs;
 # measured 2.0x the cost of a plain fp16->fp32 copy, against 2.8x for one pass over 16 MiB.
@@ -166,12 +173,12 @@ def dequantize(
     """The values of `q` as a `dtype` tensor of `q.shape` on `q`'s device.
 
     With `out` (shape `q.shape`, on `q`'s device; its dtype wins over `dtype`) the values are
-    written there and `out` is returned: the engine dequantizes into pooled buffers. A
-    contiguous fp32 `out` grouped along its last dimension, with no padding (the hot case:
-    weights and KV caches whose dims are multiples of the group size) is written in place; the
-    only temporaries are fp32 copies of the scales and minimums (1/32 of the output with groups
-    of 64) and a cache-sized chunk of nibbles. Otherwise chunks go through one fp32 scratch
-    chunk and are copied into `out`.
+    written there and `out` is returned: the engine dequantizes into pooled buffers. Rows go in
+    chunks of at most DEQUANTIZE_CHUNK_VALUES values (at least one row). A contiguous fp32 `out`
+    grouped along its last dimension, with no padding (weights and KV caches whose dims are
+    multiples of the group size) is written in place; the only temporaries are the chunk's
+    scales and minimums in fp32 and a chunk of nibbles. Otherwise each chunk goes through one
+    fp32 scratch chunk and is copied into `out` (the case of a 16-bit `out` on a GPU).
     """
     if out is None:
         out = torch.empty(q.shape, dtype=dtype, device=q.device)
@@ -186,12 +193,13 @@ def dequantize(
     other, dim_size = tuple(out_moved.shape[1:-1]), out_moved.shape[-1]
     padded = q.scale.shape[-1] * config.group_size
     direct = out.dtype == torch.float32 and out_moved.is_contiguous() and dim_size == padded
-    budget = _CHUNK_VALUES_PER_THREAD * torch.get_num_threads() if q.device.type == "cpu" else out.numel()
-    chunk_rows = _chunk_rows(out_moved, padded, budget)
-    # fp32 statistics once (1/group_size of the output), not per chunk
+    budget = DEQUANTIZE_CHUNK_VALUES
+    if q.device.type == "cpu":
+        budget = min(budget, _CHUNK_VALUES_PER_THREAD * torch.get_num_threads())
+    chunk_rows = min(q.shape[0], _chunk_rows(out_moved, padded, budget))
     rows_shape = (q.shape[0], -1)
-    scale = q.scale.view(rows_shape).float()  # (rows, vectors_per_row * num_groups)
-    mins = q.mins.view(rows_shape).float()
+    scale = q.scale.view(rows_shape)  # (rows, vectors_per_row * num_groups), float16
+    mins = q.mins.view(rows_shape)
     data = q.data.view(rows_shape)  # (rows, vectors_per_row * packed bytes)
     scratch = None
     for start in range(0, q.shape[0], chunk_rows):
@@ -202,7 +210,8 @@ def dequantize(
             if scratch is None:
                 scratch = torch.empty((chunk_rows, *other, padded), dtype=torch.float32, device=q.device)
             values = scratch[: stop - start].view(-1, padded)
-        _dequantize_vectors(data[start:stop], scale[start:stop], mins[start:stop], values, config)
+        # the chunk's statistics in fp32 (1/group_size of its values each)
+        _dequantize_vectors(data[start:stop], scale[start:stop].float(), mins[start:stop].float(), values, config)
         if not direct:
             out_moved[start:stop].copy_(values.view(stop - start, *other, padded)[..., :dim_size])
     return out
@@ -212,10 +221,8 @@ def _quantize_vectors(values: torch.Tensor, config: CompressionConfig):
     """Codes (uint8, one per value) and fp16 scale and minimum per group of (n, padded) fp32."""
     vectors, padded = values.shape
     groups = values.view(vectors, -1, config.group_size)  # (n, num_groups, group_size)
-    lo = groups.amin(-1).clamp_(-_CLAMP, _CLAMP)
+    lo = groups.amin(-1).clamp_(-_CLAMP, _CLAMP)  # NaN stays NaN: so do the group's minimum and scale
     hi = groups.amax(-1).clamp_(-_CLAMP, _CLAMP)
-    if torch.isnan(lo).any() or torch.isnan(hi).any():
-        raise ValueError("cannot quantize a tensor that holds NaN")
     mins = _fp16_toward(lo, float("-inf"))  # <= lo: the group stays above the stored minimum
     scale = _fp16_toward((hi - mins.float()) / config.levels, float("inf"))  # covers hi
     scale32 = scale.float()
