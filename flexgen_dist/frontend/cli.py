@@ -71,9 +71,11 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
                             "(default: the bundled model)")
     model.add_argument("--device", default=None,
                        help="compute device: cpu, cuda or cuda:N (default: this rank's GPU when there is one, else cpu)")
-    model.add_argument("--compute-dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                       help="what layers compute in (default: float32 on the CPU; on a GPU bfloat16 for a bfloat16 "
-                            "checkpoint where supported, else float16)")
+    model.add_argument("--compute-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                       help="what layers compute in. auto: on a CPU, for a 16-bit checkpoint, float32 or the "
+                            "checkpoint's dtype, whichever this machine's profile predicts faster (float32 for a "
+                            "float32 checkpoint); on a GPU bfloat16 for a bfloat16 checkpoint where supported, "
+                            "else float16")
     policy = groups["policy and placement"]
     policy.add_argument("--policy", choices=("auto", "manual"), default="auto",
                         help="auto: the planner chooses the block shape and where every tensor lives, from this "
@@ -220,7 +222,7 @@ def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: W
     capacity = Capacity(**sizes, hardware=args.hardware)
     policy, base, search = policy_from_args(args)
     runtime = Runtime(
-        compute_dtype=args.compute_dtype,
+        compute_dtype=None if args.compute_dtype in (None, "auto") else args.compute_dtype,
         device=args.device or (ctx.device if ctx.world_size > 1 else None),
         prefetch_depth=args.prefetch_depth,
         disk_io=DiskIO(direct=args.direct_io, drop_page_cache=args.drop_page_cache, threads=args.io_threads),

@@ -138,7 +138,7 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
 
     def open_output() -> list[int]:  # rank 0 only: it alone holds the output's lock
         identity = RunIdentity(
-            model=model_fingerprint(source, dtypes=runtime.dtypes(source.spec, runtime.resolve_device()),
+            model=model_fingerprint(source, dtypes=plan.placement.dtypes,
                                     policy=plan.placement.policy),
             input_sha256=job.sha256, settings={**settings.record(), "truncate": args.truncate},
             shard=str(shard), output_format=job.format)

@@ -64,6 +64,7 @@ class PlanChoice:
     hardware: Hardware
     searched: bool
     process_rss: int = 0  # bytes the process held in host memory when the plan was made (runtime, tokenizer)
+    dtype_note: str = ""  # how the compute dtype was chosen, when there was a choice
 
     @property
     def predicted_peak_rss(self) -> int:
@@ -84,6 +85,7 @@ class PlanChoice:
         bound = (f"; a decode step {step.seconds:.3g} s, {step.bound}-bound (compute {step.compute_s:.3g} s, "
                  f"loads {step.load_s:.3g} s)") if step is not None else ""
         return (f"policy ({how}): {policy_flags(p.policy)}\n"
+                f"compute dtype: {p.dtypes.compute} (weights stored in {p.dtypes.storage}){self.dtype_note}\n"
                 f"planned peak memory: {memory}; process peak {format_size(self.predicted_peak_rss)} of host memory\n"
                 f"predicted: {est.throughput:.4g} tokens/s ({est.num_blocks} block(s), prefill {est.prefill_s:.3g} s, "
                 f"decode {est.decode_s:.3g} s{bound})\n"
@@ -93,7 +95,7 @@ class PlanChoice:
         p = self.placement.policy
         where = ", ".join(f"{tier} {format_size(n)}" for tier, n in self.placement.weight_bytes().items() if n)
         return (f"policy {policy_flags(p)} (block {p.gpu_batch_size}x{p.num_gpu_batches}; weights: {where}; "
-                f"predicted {self.estimate.throughput:.2f} tok/s)")
+                f"compute {self.placement.dtypes.compute}{self.dtype_note}; predicted {self.estimate.throughput:.2f} tok/s)")
 
 
 def rank_hardware(capacity: Capacity, *, device: str, offload_dir: str | Path | None, compute_dtype: str,
@@ -143,7 +145,6 @@ def plan_for(spec: ModelSpec, *, runtime, policy: Policy | None, capacity: Capac
     """This rank's plan for `runtime`'s device, dtypes and workload: the planner's choice when
     `policy` is None (`base` fixes what it may not change), else `policy` checked."""
     device = runtime.resolve_device()
-    dtypes = runtime.dtypes(spec, device)
     if policy is not None:
         on_disk = [kind for kind, pct in (("weights", policy.percents("w")), ("KV cache", policy.percents("cache")),
                                           ("activations", policy.percents("act"))) if pct[2] > 0]
@@ -154,15 +155,60 @@ def plan_for(spec: ModelSpec, *, runtime, policy: Policy | None, capacity: Capac
     io = runtime.disk_io
     buffers = Buffers(separate_gpu=device.type == "cuda", prefetch_depth=runtime.prefetch_depth,
                       io_threads=io.threads, chunk_bytes=io.chunk_bytes, num_ranks=active.world_size if active else 1)
-    hardware = rank_hardware(capacity, device=str(device), offload_dir=offload_dir, compute_dtype=dtypes.compute,
-                             local_world_size=active.ctx.local_world_size if active else 1, pipeline=active)
-    choice = make_plan(spec, policy=policy, hardware=hardware, dtypes=dtypes, workload=runtime.workload_for(spec),
-                       buffers=buffers, num_prompts=runtime.num_prompts, options=options,
-                       rank=active.rank if active else 0, stage_layers=pipeline.stage_layers if pipeline else None,
-                       base=base)
+    choices = runtime.dtype_choices(spec, device)
+    if capacity.hardware is not None:  # a description's speeds are of one dtype: compare nothing
+        choices = [d for d in choices if d.compute == _described_dtype(capacity.hardware)] or choices[:1]
+
+    def plan_in(dtypes: Dtypes) -> PlanChoice:
+        hardware = rank_hardware(capacity, device=str(device), offload_dir=offload_dir, compute_dtype=dtypes.compute,
+                                 local_world_size=active.ctx.local_world_size if active else 1, pipeline=active)
+        return make_plan(spec, policy=policy, hardware=hardware, dtypes=dtypes, workload=runtime.workload_for(spec),
+                         buffers=buffers, num_prompts=runtime.num_prompts, options=options,
+                         rank=active.rank if active else 0, stage_layers=pipeline.stage_layers if pipeline else None,
+                         base=base)
+
+    choice = choose_dtype(choices, plan_in, pipeline=active)
     import psutil
 
     return dataclasses.replace(choice, process_rss=psutil.Process().memory_info().rss)
+
+
+def choose_dtype(choices: list[Dtypes], plan_in, pipeline=None) -> PlanChoice:
+    """The plan of the compute dtype with the highest predicted throughput (each planned with
+    this machine's profile in that dtype: matmuls, attention and elementwise passes in 16 bits
+    may be several times faster or slower than in fp32, and fp32 slots take twice the bytes).
+    A dtype whose plan does not fit loses; if none fits, the first one's error is raised. The
+    ranks of a pipeline choose together: the dtype whose slowest rank is fastest."""
+    if len(choices) == 1:
+        return plan_in(choices[0])
+    plans: dict[str, PlanChoice] = {}
+    first_error: UserError | None = None
+    for dtypes in choices:
+        try:
+            plans[dtypes.compute] = plan_in(dtypes)
+        except UserError as exc:
+            first_error = first_error or exc
+    predicted = {name: plan.estimate.throughput for name, plan in plans.items()}
+    if pipeline is not None:  # every rank must compute in the same dtype: activations cross ranks
+        every = pipeline.gather(predicted)
+        predicted = {name: min(rank.get(name, 0.0) for rank in every) for name in predicted}
+        predicted = {name: value for name, value in predicted.items() if value > 0}
+    if not predicted:
+        raise first_error
+    best = max(predicted, key=predicted.get)
+    others = ", ".join(f"{name} {value:.4g} tok/s" for name, value in predicted.items() if name != best)
+    refused = [d.compute for d in choices if d.compute not in plans]
+    note = f" (chosen by the profile: {best} {predicted[best]:.4g} tok/s predicted"
+    note += f" against {others}" if others else ""
+    note += f"; {', '.join(refused)} does not fit" if refused else ""
+    log.info("compute dtype %s%s", best, note + ")")
+    return dataclasses.replace(plans[best], dtype_note=note + ")")
+
+
+def _described_dtype(hardware: str | Path) -> str:
+    from ..planning.presets import hardware_from_arg
+
+    return hardware_from_arg(hardware).speeds.compute_dtype
 
 
 def make_plan(spec: ModelSpec, *, policy: Policy | None, hardware: Hardware, dtypes: Dtypes, workload: Workload,

@@ -18,8 +18,11 @@ class Runtime:
     device: str | None = None
     """Compute device: "cpu", "cuda" or "cuda:N" (default: this rank's GPU when there is one, else the CPU)."""
     compute_dtype: str | None = None
-    """What layers compute in (default: float32 on the CPU, where 16-bit matmuls are slow; on a GPU
-    bfloat16 for a bfloat16 checkpoint where the GPU supports it, else float16)."""
+    """What layers compute in. None ("auto"): on a GPU bfloat16 for a bfloat16 checkpoint where
+    the GPU has it natively, else float16; on a CPU, for a 16-bit checkpoint, float32 or the
+    checkpoint's own dtype, whichever the planner predicts faster from this machine's profile of
+    each (16-bit matmuls are several times faster than fp32 on some CPUs and several times slower
+    on others); float32 for a float32 checkpoint."""
     storage_dtype: str | None = None
     """Host and disk copies of the weights (default: the checkpoint's dtype)."""
     prefetch_depth: int = 1
@@ -64,16 +67,24 @@ class Runtime:
         return device
 
     def dtypes(self, spec: ModelSpec, device: torch.device) -> Dtypes:
+        """The dtypes when nothing is measured: the first of `dtype_choices`."""
+        return self.dtype_choices(spec, device)[0]
+
+    def dtype_choices(self, spec: ModelSpec, device: torch.device) -> list[Dtypes]:
+        """The dtypes the planner chooses between by predicted throughput (the first where it
+        cannot measure). Computing in the checkpoint's own 16-bit dtype converts nothing; float32
+        widens exactly. Another 16-bit dtype than the checkpoint's would round its weights, so it
+        is never chosen for the user (`compute_dtype` can still ask for it)."""
         storage = self.storage_dtype or (spec.dtype if spec.dtype in DTYPE_BYTES else "float32")
         if self.compute_dtype is not None:
-            compute = self.compute_dtype
-        elif device.type == "cpu":
-            compute = "float32"
+            return [Dtypes(compute=self.compute_dtype, storage=storage)]
+        if device.type == "cpu":
+            computes = ["float32"] if storage == "float32" else ["float32", storage]
         elif storage == "bfloat16" and _native_bf16(device):
-            compute = "bfloat16"
+            computes = ["bfloat16"]
         else:
-            compute = "float16"
-        return Dtypes(compute=compute, storage=storage)
+            computes = ["float16"]
+        return [Dtypes(compute=compute, storage=storage) for compute in computes]
 
     def workload_for(self, spec: ModelSpec) -> Workload:
         """The workload to plan for: the runtime's, else prompts of up to half the model's
