@@ -44,7 +44,8 @@ class Shapes:
     @classmethod
     def for_device(cls, device: torch.device, quick: bool) -> Shapes:
         if quick:
-            return cls(32 << 20, 64 << 20, 1024, 512, 32, (1, 8, 256, 64), (8, 16, 512, 64),
+            # 256 MiB of disk: a 64 MiB test measured a burst (1.42 GB/s where 1 GiB sustains 0.72-0.85)
+            return cls(32 << 20, 256 << 20, 1024, 512, 32, (1, 8, 256, 64), (8, 16, 512, 64),
                        (4, 8, 512, 64), 1024, 3)
         if device.type == "cuda":
             return cls(512 << 20, 1 << 30, 4096, 4096, 32, (4, 32, 2048, 128), (32, 32, 2048, 128),
@@ -123,8 +124,13 @@ def _timed_io(path: Path, buf: mmap.mmap, nbytes: int, *, write: bool) -> tuple[
     raise AssertionError("unreachable: the buffered pass returns or raises")
 
 
-def disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, str]:
-    """(read, write) bytes/s of one file of nbytes in `folder`, and how the cache was bypassed.
+SMALL_READ = 64 << 10  # the piece of the per-read latency test: a small KV-cache piece
+SMALL_READS = 256
+
+
+def disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, float, str]:
+    """(read, write) bytes/s of one file of nbytes in `folder`, the seconds each read call costs
+    beyond its bytes (random SMALL_READ reads of the same file), and how the cache was bypassed.
     The data is random (a compressing file system would flatter zeros); the file is removed."""
     try:
         return _disk_bandwidths(folder, nbytes)
@@ -132,7 +138,7 @@ def disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, str]:
         raise OSError(e.errno, f"cannot measure the disk of {folder}: {e.strerror or e}") from None
 
 
-def _disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, str]:
+def _disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, float, str]:
     folder.mkdir(parents=True, exist_ok=True)
     stat = os.statvfs(folder)
     free = stat.f_bavail * stat.f_frsize
@@ -148,15 +154,49 @@ def _disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, str]:
     try:
         write_s, direct_write = _timed_io(path, buf, nbytes, write=True)
         read_s, direct_read = _timed_io(path, buf, nbytes, write=False)
+        per_read = _small_read_seconds(path, nbytes, direct=direct_read)
     finally:
         path.unlink(missing_ok=True)
         buf.close()
+    read_bw = nbytes / read_s
+    latency = max(0.0, per_read - SMALL_READ / read_bw)
     how = (f"read: {'O_DIRECT' if direct_read else 'posix_fadvise(DONTNEED), then buffered'}; "
-           f"write: {'O_DIRECT' if direct_write else 'buffered'} + fsync; {format_size(nbytes)} file")
-    return nbytes / read_s, nbytes / write_s, how
+           f"write: {'O_DIRECT' if direct_write else 'buffered'} + fsync; {format_size(nbytes)} file; "
+           f"{SMALL_READS} random {format_size(SMALL_READ)} reads for the per-read cost")
+    return read_bw, nbytes / write_s, latency, how
+
+
+def _small_read_seconds(path: Path, nbytes: int, *, direct: bool) -> float:
+    """Median seconds of one SMALL_READ read at a random aligned offset of the file."""
+    import random
+
+    buf = mmap.mmap(-1, SMALL_READ)  # page-aligned, as O_DIRECT needs
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        offsets = random.Random(0).sample(range(nbytes // SMALL_READ), min(SMALL_READS, nbytes // SMALL_READ))
+        times = []
+        for index in offsets:
+            tic = time.perf_counter()
+            if os.preadv(fd, [buf], index * SMALL_READ) < SMALL_READ:
+                raise OSError(errno.EIO, f"short read at byte {index * SMALL_READ} of {path}")
+            times.append(time.perf_counter() - tic)
+        return statistics.median(times)
+    finally:
+        os.close(fd)
+        buf.close()
 
 
 # --- compute ------------------------------------------------------------------------------------
+
+
+def convert_bw(nbytes: int, repeats: int) -> float:
+    """fp16 -> fp32 on the CPU into a reused buffer, as the engine converts weights into their
+    slot: bytes/s of fp32 output."""
+    src = torch.randn(nbytes // 4, dtype=torch.float16)
+    dst = torch.empty(src.shape, dtype=torch.float32)
+    return dst.numel() * 4 / _seconds(lambda: dst.copy_(src), torch.device("cpu"), repeats)
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, rows: int, dim: int, repeats: int) -> float:
@@ -219,7 +259,7 @@ def measure_speeds(device: torch.device, dtype: torch.dtype, offload_dir: Path, 
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the timing events record on the current device's stream
     h2d, d2h = copy_bandwidths(device, shapes.copy_bytes, r)
-    disk_read, disk_write, disk_how = disk_bandwidths(offload_dir, shapes.disk_bytes)
+    disk_read, disk_write, disk_latency, disk_how = disk_bandwidths(offload_dir, shapes.disk_bytes)
     quantize, dequantize = quant_bandwidths(device, dtype, shapes.quant_side, r)
     speeds = Speeds(
         compute_dtype=str(dtype).removeprefix("torch."),
@@ -235,6 +275,8 @@ def measure_speeds(device: torch.device, dtype: torch.dtype, offload_dir: Path, 
         quantize_bw=quantize,
         dequantize_bw=dequantize,
         elementwise_bw=elementwise_bw(device, dtype, 8 * shapes.prefill_rows, shapes.dim, r),  # 16 MiB+: not a cache's
+        disk_read_latency=disk_latency,
+        convert_bw=convert_bw(shapes.copy_bytes, r),
     )
     notes = (
         f"disk ({offload_dir}): {disk_how}",

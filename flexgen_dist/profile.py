@@ -4,11 +4,14 @@
 
 Without --out the result goes to the per-machine cache, one file per host, device, compute dtype
 and the file system of the offload folder (disk speeds differ per file system):
-`$FLEXGEN_CACHE_DIR` or `~/.cache/flexgen_dist`, `hardware-<host>-<device>-<dtype>-<mount>.json`.
+`$FLEXGEN_CACHE_DIR` or `~/.cache/flexgen_dist`,
+`hardware-<host>-<machine>-<device>-<dtype>-<mount>.json`, where <machine> is a short hash of what
+the speeds depend on (CPU model and vector extensions, cores, torch version): a machine that
+changes under the same host name (a new VM, a torch upgrade) is profiled again.
 A file written with --out is what `--hardware FILE.json` reads to plan for this machine elsewhere.
 
 First use without a cached profile: `load_or_profile` measures a quick profile (a few seconds;
-64 MiB of disk I/O, small kernels) and caches it, so planning just works; the full profile
+256 MiB of disk I/O, enough to leave a disk's burst behind; small kernels) and caches it, so planning just works; the full profile
 (about a minute, a 1 GiB disk test) is worth running once per machine, and it replaces the quick
 one. With several ranks per node, profile from one rank (`profile_if_missing=False` on the
 others, after a barrier): ranks measuring at once would share the disk and the CPU.
@@ -56,7 +59,29 @@ def cache_path(device_type: str, compute_dtype: str, offload_dir: str | Path, *,
     folder = Path(environ["FLEXGEN_CACHE_DIR"]) if environ.get("FLEXGEN_CACHE_DIR") else Path.home() / ".cache" / "flexgen_dist"
     mount = re.sub(r"[^A-Za-z0-9.-]+", "_", str(_mount_point(Path(offload_dir))).strip("/")) or "root"
     host = re.sub(r"[^A-Za-z0-9.-]+", "_", socket.gethostname()) or "host"
-    return folder / f"hardware-{host}-{device_type}-{compute_dtype}-{mount}.json"
+    return folder / f"hardware-{host}-{machine_key()}-{device_type}-{compute_dtype}-{mount}.json"
+
+
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_fp16", "amx_tile")
+
+
+def machine_key(cpuinfo: str | None = None) -> str:
+    """8 hex digits naming what the profiled speeds depend on: the CPU's model, its vector
+    extensions that 16-bit and fp32 kernels use, the cores this process may use, torch's version."""
+    import hashlib
+
+    import torch
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    what = "|".join([model, ",".join(f for f in SPEED_FLAGS if f in flags), str(cores), torch.__version__])
+    return hashlib.sha256(what.encode()).hexdigest()[:8]
 
 
 def profile_machine(device: str, offload_dir: str | Path, *, compute_dtype: str | None = None,

@@ -93,16 +93,29 @@ _WORK_FIELDS = tuple(f.name for f in dataclasses.fields(Work))
 
 
 def host_copy_seconds(speeds: Speeds, src_bytes: float, dst_bytes: float) -> float:
-    """A host memory copy that reads src_bytes and writes dst_bytes (a dtype conversion when
-    they differ). Without a GPU h2d_bw is a memcpy's rate, which reads and writes the same count."""
+    """A host memory copy that reads src_bytes and writes dst_bytes: a dtype conversion when they
+    differ, at the profiled conversion rate (into a reused buffer, as the engine does it) where
+    there is one. Without a GPU h2d_bw is a memcpy's rate, which reads and writes the same count."""
+    if dst_bytes > src_bytes and speeds.convert_bw > 0:
+        return dst_bytes / speeds.convert_bw
     return (src_bytes + dst_bytes) / 2 / speeds.h2d_bw
+
+
+def disk_read_seconds(p: Placement, speeds: Speeds, nbytes: float) -> float:
+    """Reading nbytes of one tensor from disk: its bytes at the sequential rate, plus the cost of
+    each read call (one per chunk of the engine's reader), which dominates small pieces such as
+    one GPU batch's KV cache of one layer."""
+    if nbytes <= 0:
+        return 0.0
+    reads = -(-nbytes // p.buffers.chunk_bytes)
+    return nbytes / speeds.disk_read_bw + reads * speeds.disk_read_latency
 
 
 def load_seconds(p: Placement, speeds: Speeds, tier: Tier, src_bytes: float, dst_bytes: float) -> tuple[float, float]:
     """(link, disk) seconds to bring bytes stored on `tier` (src_bytes there) onto the compute
     device (dst_bytes there, in the compute dtype)."""
     separate = p.buffers.separate_gpu
-    disk = src_bytes / speeds.disk_read_bw if tier is Tier.DISK else 0.0
+    disk = disk_read_seconds(p, speeds, src_bytes) if tier is Tier.DISK else 0.0
     if separate:
         link = 0.0 if tier is Tier.GPU else src_bytes / speeds.h2d_bw  # converted on the device: free
     else:
@@ -276,7 +289,7 @@ def act_work(p: Placement, speeds: Speeds, token_idx: float) -> Work:
             seconds += nbytes / speeds.d2h_bw + nbytes / speeds.h2d_bw
         elif act.tier is Tier.DISK:
             write = (nbytes / speeds.d2h_bw if separate else 0.0) + nbytes / speeds.disk_write_bw
-            read = nbytes / speeds.disk_read_bw + (nbytes / speeds.h2d_bw if separate else host_copy_seconds(speeds, nbytes, nbytes))
+            read = disk_read_seconds(p, speeds, nbytes) + (nbytes / speeds.h2d_bw if separate else host_copy_seconds(speeds, nbytes, nbytes))
             seconds += write + read
     return Work(act_io=seconds)
 

@@ -32,7 +32,7 @@ from .sizes import format_size, parse_size
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: speeds.elementwise_bw
+SCHEMA_VERSION = 3  # 2: speeds.elementwise_bw; 3: speeds.disk_read_latency, speeds.convert_bw
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -112,6 +112,16 @@ class Speeds:
     cache's new rows), bytes/s read and written: `a * b` into a new tensor of a prefill's size.
     Next to matmuls these are small in a large model and most of the time of a small one."""
 
+    disk_read_latency: float = 0.0
+    """Seconds each read call costs beyond its bytes at disk_read_bw (seek, queueing, the system
+    call): measured as random 64 KiB reads of the disk test's file, page cache bypassed, less
+    what their bytes take at the sequential rate. A plan reading many small pieces pays it per
+    piece. 0: not measured (every read at the sequential rate)."""
+    convert_bw: float = 0.0
+    """16-bit storage converted to the fp32 compute dtype on the CPU, into a reused buffer (as the
+    engine converts weights into their slot and a cache into its scratch), bytes/s of output.
+    0: not measured (a conversion at the host copy rate)."""
+
     def __post_init__(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise FieldError("compute_dtype", f"must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
@@ -119,8 +129,11 @@ class Speeds:
             if field.name == "compute_dtype":
                 continue
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise FieldError(field.name, f"must be a positive number, got {value!r}")
+            optional = field.name in ("disk_read_latency", "convert_bw")  # 0: not measured
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or (value == 0 and not optional):
+                what = "a number >= 0" if optional else "a positive number"
+                raise FieldError(field.name, f"must be {what}, got {value!r}")
 
 
 @dataclass(frozen=True)
