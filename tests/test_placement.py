@@ -39,13 +39,14 @@ def by_tier(pairs) -> dict[Tier, int]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "opt-wide-vocab"])  # the last streams its head in chunks
 @pytest.mark.parametrize("policy", [EVERY_TIER, EVERY_TIER.replace(cpu_cache_compute=True, num_gpu_batches=2),
                                     EVERY_TIER.replace(compress_weight=True, compress_cache=True),
                                     EVERY_TIER.replace(cache_dtype="float16", attn_sparsity=0.5)],
                          ids=["every-tier", "cpu-attention", "compressed", "fp16-cache-sparse"])
-def test_planned_bytes_equal_allocated_bytes(request, tmp_path, monkeypatch, arch, policy):
-    model = request.getfixturevalue(f"{arch}_dir")
+def test_planned_bytes_equal_allocated_bytes(request, tiny_models_cache, tmp_path, monkeypatch, arch, policy):
+    wide = arch == "opt-wide-vocab"
+    model = tiny_models_cache.get("opt", vocab_size=2048) if wide else request.getfixturevalue(f"{arch}_dir")
     prompt_len, new_tokens = 9, 5
     opened = []  # per block opened: (KV cache bytes per tier, activation file bytes), measured while open
     real_open = BlockIO.open
@@ -78,6 +79,8 @@ def test_planned_bytes_equal_allocated_bytes(request, tmp_path, monkeypatch, arc
     runtime = Runtime(device="cpu", workload=Workload(prompt_len, new_tokens), disk_io=DiskIO(threads=2, chunk_bytes=64 << 10))
     with LLM(model, policy=policy, offload_dir=tmp_path, runtime=runtime) as llm:
         plan = llm.placement
+        head = plan.weights[max(plan.weights)][-1]
+        assert (head.chunk_rows is not None) == wide
         prompts = [[5 + i] * prompt_len for i in range(2 * policy.block_size)]  # two full blocks of equal width
         llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
 

@@ -87,9 +87,10 @@ def test_the_placement_counts_one_bounded_dequantize_scratch_per_loader_and_the_
     compressed = Policy(compress_weight=True, w_gpu_percent=0, w_cpu_percent=100)
     small, large = _plan(compressed), _plan(compressed, _spec(hidden=4096, intermediate=16384))
     scratch = small.buffer("dequantize scratch")
-    assert scratch.tier is Tier.GPU and scratch.estimate and scratch.count == 1 + 1  # 2 loader threads
-    assert _plan(compressed, prefetch_depth=3).buffer("dequantize scratch").count == 3 + 1
-    both = _plan(compressed.replace(compress_cache=True))  # attention dequantizes the cache too
+    # 2 loader threads, and the compute thread: it dequantizes the rows the embedding gathers
+    assert scratch.tier is Tier.GPU and scratch.estimate and scratch.count == 1 + 1 + 1
+    assert _plan(compressed, prefetch_depth=3).buffer("dequantize scratch").count == 3 + 1 + 1
+    both = _plan(compressed.replace(compress_cache=True))  # attention dequantizes the cache on that thread too
     assert both.buffer("dequantize scratch").count == 1 + 1 + 1
     big = large.buffer("dequantize scratch").nbytes_each
     assert big < 24 * MiB  # a 4096 x 16384 weight is 256 MiB in fp32: the scratch does not grow with it

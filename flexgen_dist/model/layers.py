@@ -101,6 +101,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def embedding(ids: torch.Tensor, table) -> torch.Tensor:
+    """ids (B, T) -> (B, T, width). `table`: a tensor, or a table that reads only the rows asked
+    for from where it lives (storage/rows.py RowTable)."""
+    if isinstance(table, torch.Tensor):
+        return F.embedding(ids, table)
+    return table.gather(ids)
+
+
+def logits(x: torch.Tensor, weight) -> torch.Tensor:
+    """x (B, T, C) -> fp32 logits (B, T, V). `weight`: the (V, C) projection, or one streamed a
+    chunk of vocabulary rows at a time (storage/rows.py StreamedRows): the logits are written
+    chunk by chunk, each chunk's computed as the whole projection would."""
+    if isinstance(weight, torch.Tensor):
+        return linear(x, weight).float()
+    B, T, _ = x.shape
+    out = torch.empty((B, T, weight.shape[0]), dtype=torch.float32, device=x.device)
+    for start, stop, rows in weight.chunks():
+        out[:, :, start:stop] = linear(x, rows)  # (B, T, stop - start), converted to fp32
+    return out
+
+
 def _grouped(q: torch.Tensor, nkv: int) -> torch.Tensor:
     """q (B, nh, T, hd) -> (B, nkv, g * T, hd) in fp32: the g query heads of a kv head in a row."""
     B, nh, T, hd = q.shape

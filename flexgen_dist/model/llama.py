@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..planning.spec import ModelSpec
-from .layers import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq
+from .layers import apply_rope, embedding, linear, logits, rms_norm, rope_cos_sin, rope_inv_freq
 from .decoder import Step
 
 
@@ -17,7 +17,7 @@ class LlamaMath:
         self.scale = spec.head_dim**-0.5
 
     def embed(self, w: dict[str, torch.Tensor], input_ids: torch.Tensor, step: Step) -> torch.Tensor:
-        return F.embedding(input_ids, w["embed_tokens.weight"])  # (B, T, C)
+        return embedding(input_ids, w["embed_tokens.weight"])  # (B, T, C)
 
     def qkv(self, w, x: torch.Tensor, step: Step):
         """x: (B, T, C) -> q (B, nh, T, hd), k and v (B, nkv, T, hd), with RoPE applied."""
@@ -47,4 +47,4 @@ class LlamaMath:
         if step.last_only:
             x = x[:, -1:]
         x = rms_norm(x, w["norm.weight"], self.spec.norm_eps)
-        return linear(x, w["lm_head.weight"]).float()  # (B, T, V)
+        return logits(x, w["lm_head.weight"])  # (B, T, V)

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..planning.spec import ModelSpec
-from .layers import layer_norm, linear
+from .layers import embedding, layer_norm, linear, logits
 from .decoder import Step
 
 
@@ -17,10 +16,10 @@ class OptMath:
         self.scale = spec.head_dim**-0.5
 
     def embed(self, w, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
-        x = F.embedding(input_ids, w["embed_tokens.weight"])  # (B, T, E)
+        x = embedding(input_ids, w["embed_tokens.weight"])  # (B, T, E)
         if "project_in.weight" in w:
             x = linear(x, w["project_in.weight"])  # (B, T, C)
-        return x + F.embedding(step.positions + self.spec.position_offset, w["embed_positions.weight"])
+        return x + embedding(step.positions + self.spec.position_offset, w["embed_positions.weight"])
 
     def qkv(self, w, x: torch.Tensor, step: Step):
         """x: (B, T, C) -> q, k, v, each (B, nh, T, hd)."""
@@ -59,4 +58,4 @@ class OptMath:
             x = layer_norm(x, w["final_layer_norm.weight"], w["final_layer_norm.bias"], self.spec.norm_eps)
         if "project_out.weight" in w:
             x = linear(x, w["project_out.weight"])
-        return linear(x, w["lm_head.weight"]).float()  # (B, T, V)
+        return logits(x, w["lm_head.weight"])  # (B, T, V)

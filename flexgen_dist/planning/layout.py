@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from .spec import ModelSpec
 
 
+# The head's output projection (tied or not): streamed through the weight slot a chunk of
+# vocabulary rows at a time when it is larger than a decoder layer (planning/placement.py).
+HEAD_PROJECTION = "lm_head.weight"
+
+
 class UnitKind(enum.Enum):
     EMBED = "embed"
     BLOCK = "block"  # a decoder layer: it keeps a KV cache
@@ -48,6 +53,11 @@ class Unit:
         return sum(ws.numel for ws in self.weights)
 
 
+def is_lookup(kind: UnitKind, name: str) -> bool:
+    """An embedding table (tokens, OPT's learned positions): read by rows, never multiplied."""
+    return kind is UnitKind.EMBED and name.startswith("embed_")
+
+
 def model_units(spec: ModelSpec) -> list[Unit]:
     """Every unit of the model, in schedule order."""
     return _opt_units(spec) if spec.family == "opt" else _llama_units(spec)
@@ -79,7 +89,7 @@ def _llama_units(spec: ModelSpec) -> list[Unit]:
     head_key = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
     head = (
         WeightSpec("norm.weight", "model.norm.weight", (C,), "ones"),
-        WeightSpec("lm_head.weight", head_key, (V, C)),
+        WeightSpec(HEAD_PROJECTION, head_key, (V, C)),
     )
     return [embed, *blocks, Unit(UnitKind.HEAD, spec.num_layers + 1, head)]
 
@@ -129,5 +139,5 @@ def _opt_units(spec: ModelSpec) -> list[Unit]:
     if opt_has_projection(spec):
         head.append(WeightSpec("project_out.weight", d + "project_out.weight", (E, C)))
     head_key = d + "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-    head.append(WeightSpec("lm_head.weight", head_key, (V, E)))
+    head.append(WeightSpec(HEAD_PROJECTION, head_key, (V, E)))
     return [Unit(UnitKind.EMBED, 0, tuple(embed)), *blocks, Unit(UnitKind.HEAD, spec.num_layers + 1, tuple(head))]

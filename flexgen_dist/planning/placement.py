@@ -14,17 +14,23 @@ the workload and the engine's buffer settings it gives:
   ones, in the compute dtype), KV scratch pairs, disk read buffers, send/receive buffers between
   ranks, and an estimate of one batch's compute workspace.
 
+A slot holds one decoder layer, not the largest unit: the embedding tables are never loaded
+(each step gathers the rows of its tokens from the table's tier), and the head's output
+projection, when it is larger than a decoder layer's slot, is streamed through the slot a chunk
+of vocabulary rows at a time (`WeightPlace.chunk_rows`).
+
 The weight store, the engine, the planner (cost model, search, checks) and `--print-policy` read this
 object, so what is planned is what is allocated (tests/test_placement.py measures the tensors).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from .compression import CompressionConfig, compressed_nbytes
-from .layout import Unit
+from .layout import HEAD_PROJECTION, Unit, UnitKind, is_lookup
 from .policy import Policy
 from .spec import ModelSpec
 from .tiers import (  # noqa: F401 (re-exported: the placement's vocabulary)
@@ -69,6 +75,8 @@ class WeightPlace:
     tier: Tier
     nbytes: int  # on its tier
     compressed: bool = False  # stored as quantized groups (data, scale, mins)
+    gathered: bool = False  # an embedding table: a step reads the rows of its tokens, never the table
+    chunk_rows: int | None = None  # streamed through the slot this many rows at a time (None: loaded whole)
 
     @property
     def numel(self) -> int:
@@ -261,7 +269,6 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
     compute, storage = dtype_bytes(dtypes.compute), dtype_bytes(dtypes.storage)
     config = policy.compression
     weights: dict[int, tuple[WeightPlace, ...]] = {}
-    layouts: dict[int, tuple[SlotPiece, ...]] = {}
     for unit in units:
         tiers = choose_tiers([ws.numel for ws in unit.weights], policy.percents("w"))
         places = []
@@ -271,9 +278,11 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
                 nbytes = compressed_nbytes(ws.shape, config)
             else:
                 nbytes = ws.numel * (compute if tier is Tier.GPU else storage)
-            places.append(WeightPlace(unit.layer_idx, ws.name, ws.shape, tier, nbytes, compressed))
+            places.append(WeightPlace(unit.layer_idx, ws.name, ws.shape, tier, nbytes, compressed,
+                                      gathered=is_lookup(unit.kind, ws.name)))
         weights[unit.layer_idx] = tuple(places)
-        layouts[unit.layer_idx] = _weight_slot_layout(places, dtypes, config, buffers)
+    layouts = _weight_slot_layouts(units, weights, dtypes, config, buffers)
+    weights = {layer_idx: tuple(_chunked(w, layouts[layer_idx]) for w in places) for layer_idx, places in weights.items()}
     spec_dims = Dims.of(spec)
     gbs, num_batches = policy.gpu_batch_size, policy.num_gpu_batches
     cache_shape = (workload.seq_len, gbs, spec.num_kv_heads, spec.head_dim)
@@ -307,16 +316,60 @@ def _staged(tier: Tier, buffers: Buffers) -> bool:
     return tier is Tier.DISK or (tier is Tier.CPU and buffers.separate_gpu)
 
 
-def _weight_slot_layout(places, dtypes: Dtypes, config: CompressionConfig, buffers: Buffers) -> tuple[SlotPiece, ...]:
+def _weight_slot_layouts(units, weights: dict[int, tuple[WeightPlace, ...]], dtypes: Dtypes,
+                         config: CompressionConfig, buffers: Buffers) -> dict[int, tuple[SlotPiece, ...]]:
+    """Every unit's slot layout. Decoder layers first: the largest of theirs is the slot, and the
+    head's output projection gets as many vocabulary rows as fit beside the head's other pieces
+    (all of them when the head fits; the whole head on a rank without decoder layers)."""
+    layouts = {unit.layer_idx: _weight_slot_layout(weights[unit.layer_idx], dtypes, config, buffers)
+               for unit in units if unit.kind is not UnitKind.HEAD}
+    budget = max((slot_bytes(layouts[u.layer_idx]) for u in units if u.kind is UnitKind.BLOCK), default=0)
+    for unit in units:
+        if unit.kind is UnitKind.HEAD:
+            places = weights[unit.layer_idx]
+            whole = _weight_slot_layout(places, dtypes, config, buffers)
+            streams = any(w.name == HEAD_PROJECTION and not w.resident for w in places)
+            rows = _head_rows(places, dtypes, config, buffers, budget) if streams and slot_bytes(whole) > budget > 0 else None
+            layouts[unit.layer_idx] = whole if rows is None else _weight_slot_layout(places, dtypes, config, buffers, rows)
+    return layouts
+
+
+def _head_rows(places, dtypes: Dtypes, config: CompressionConfig, buffers: Buffers, budget: int) -> int:
+    """The most rows of the head's output projection whose slot fits `budget` (at least one)."""
+    streamed = next(w for w in places if w.name == HEAD_PROJECTION)
+    lo, hi = 1, streamed.shape[0]  # the slot grows with the rows: bisect for the largest that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if slot_bytes(_weight_slot_layout(places, dtypes, config, buffers, mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _chunked(w: WeightPlace, layout: tuple[SlotPiece, ...]) -> WeightPlace:
+    """`w` with its chunk rows when its slot piece holds fewer rows than it has."""
+    for piece in layout:
+        if piece.name == w.name and piece.part == "value" and piece.shape[0] < w.shape[0]:
+            return dataclasses.replace(w, chunk_rows=piece.shape[0])
+    return w
+
+
+def _weight_slot_layout(places, dtypes: Dtypes, config: CompressionConfig, buffers: Buffers,
+                        head_rows: int | None = None) -> tuple[SlotPiece, ...]:
     """Where a layer's loaded weights go in a slot: every non-resident weight in the compute
-    dtype, preceded by staging for the compressed bytes of those not already in device memory."""
+    dtype, preceded by staging for the compressed bytes of those not already in device memory.
+    Embedding tables take no room (gathered by rows); with `head_rows`, the head's output
+    projection takes that many rows (a chunk)."""
     pieces = []
-    for w in places:
+    loaded = [(w, (head_rows, *w.shape[1:]) if head_rows is not None and w.name == HEAD_PROJECTION else w.shape)
+              for w in places if not w.gathered]
+    for w, shape in loaded:
         if w.compressed and _staged(w.tier, buffers):
-            pieces += compressed_parts(w.name, w.shape, config)
-    for w in places:
+            pieces += compressed_parts(w.name, shape, config)
+    for w, shape in loaded:
         if not w.resident:
-            pieces.append((w.name, "value", w.shape, dtypes.compute))
+            pieces.append((w.name, "value", shape, dtypes.compute))
     return pack(pieces)[0]
 
 

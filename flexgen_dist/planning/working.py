@@ -75,8 +75,11 @@ def working_buffers(p: Placement, dims: Dims, compute: int) -> tuple[BufferPlace
     if scratch:
         # Each loader thread (prefetch_depth + 1, each on its own CUDA stream, whose freed blocks
         # the caching allocator keeps for that stream) may dequantize at once, and the compute
-        # thread too when attention reads a compressed cache.
-        dequantizers = b.prefetch_depth + 1 + any(c.compressed for c in p.caches.values())
+        # thread too when attention reads a compressed cache, the embedding gathers rows of a
+        # compressed table or the head streams a compressed projection.
+        on_compute = any(c.compressed for c in p.caches.values()) or any(
+            w.compressed and (w.gathered or w.chunk_rows) for places in p.weights.values() for w in places)
+        dequantizers = b.prefetch_depth + 1 + on_compute
         out.append(BufferPlace("dequantize scratch", device_tier, dequantizers, scratch, estimate=True))
     out.extend(_attention_chunks(p, dims))
     workspace = _workspace_bytes(p, dims, compute)
@@ -93,8 +96,9 @@ def working_buffers(p: Placement, dims: Dims, compute: int) -> tuple[BufferPlace
 
 
 def _read_buffer_bytes(p: Placement, dims: Dims) -> int:
-    """One read: a chunk of whole rows (at least one row, at most the largest disk tensor), plus
-    O_DIRECT's alignment slack. A compressed tensor is three files (data, scale, mins)."""
+    """One read: a chunk of whole rows (at least one row, at most the most rows of a disk tensor
+    read at once), plus O_DIRECT's alignment slack. A compressed tensor is three files (data,
+    scale, mins)."""
     storage, compute = dtype_bytes(p.dtypes.storage), dtype_bytes(p.dtypes.compute)
     config = p.policy.compression
     tensors = []  # (bytes of a row, bytes of the tensor) of every disk file
@@ -110,7 +114,10 @@ def _read_buffer_bytes(p: Placement, dims: Dims) -> int:
     for places in p.weights.values():
         for place in places:
             if place.tier is Tier.DISK:
-                add(place.shape, place.compressed, storage)
+                # a gathered table is read a run of token rows at a time (often one), a streamed
+                # projection a chunk at a time: a buffer need not hold more
+                rows = 1 if place.gathered else place.chunk_rows or place.shape[0]
+                add((rows, *place.shape[1:]), place.compressed, storage)
     if p.cache_bytes()[Tier.DISK]:
         add(p.cache_shape(p.workload.seq_len), p.policy.compress_cache, dtype_bytes(p.cache_dtype))
     if p.act_bytes()[Tier.DISK]:
@@ -125,14 +132,23 @@ def _workspace_bytes(p: Placement, dims: Dims, compute: int) -> int:
     rotated half, its concatenation and the two products while q itself is alive), the output, and
     the scores of one chunk of queries in fp32 (the math backend's worst case). MLP: the attention
     output (alive until the layer returns), the input and its norm, gate, up, the activation and
-    the product. Head: fp32 logits. Checked against the resident set of one layer's prefill."""
+    the product. Head: fp32 logits and the logits of one chunk of the vocabulary in the compute
+    dtype (all of it when the projection is loaded whole: converted to fp32 after). Embedding:
+    the gathered rows of the step's tokens (fp32 when dequantized), the hidden state they become,
+    and OPT's positions and their sum. Checked against the resident set of one layer's prefill."""
     gbs, prompt, seq = p.policy.gpu_batch_size, p.workload.prompt_len, p.workload.seq_len
     rope = 2 * dims.q_dim if p.spec.family == "llama" else 0  # OPT's positions are added to the embedding
     attention = gbs * prompt * (2 * dims.hidden + 3 * dims.q_dim + rope + 3 * dims.kv_dim) * compute
     attention += gbs * max(dims.num_heads, 1) * min(prompt, ATTENTION_QUERY_CHUNK) * seq * 4
     mlp = gbs * prompt * (2 * dims.hidden + dims.q_dim + 4 * dims.intermediate) * compute
-    head = gbs * (prompt if p.buffers.scoring else 1) * dims.vocab * 4
-    return max(attention, mlp, head)
+    chunk = dims.vocab if compute < 4 else 0  # linear(...).float(): both alive at once
+    for places in p.weights.values():
+        for w in places:
+            if w.chunk_rows is not None:
+                chunk = w.chunk_rows
+    head = gbs * (prompt if p.buffers.scoring else 1) * (dims.vocab * 4 + chunk * compute)
+    embed = gbs * prompt * (2 * dims.hidden * 4 + 3 * dims.hidden * compute)
+    return max(attention, mlp, head, embed)
 
 
 def dequantize_scratch_bytes(row_values: int, numel: int, config) -> int:
@@ -149,7 +165,9 @@ def dequantize_scratch_bytes(row_values: int, numel: int, config) -> int:
 def _dequantize_scratch(p: Placement) -> int:
     """The largest dequantization scratch of the rank's compressed weights and caches (0: none)."""
     config = p.policy.compression
-    shapes = [w.shape for places in p.weights.values() for w in places if w.compressed]
+    step_rows = p.policy.gpu_batch_size * p.workload.prompt_len  # the most rows a gather dequantizes
+    shapes = [(min(w.shape[0], step_rows) if w.gathered else w.chunk_rows or w.shape[0], *w.shape[1:])
+              for places in p.weights.values() for w in places if w.compressed]
     if any(c.compressed for c in p.caches.values()):
         shapes.append(p.cache_shape(p.workload.seq_len))
     best = 0

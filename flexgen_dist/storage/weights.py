@@ -10,7 +10,9 @@ compressed there.
 Loading a layer fills a slot (a flat buffer on the compute device, planning/placement.py lays it
 out): compressed bytes that are not yet in device memory are copied into the slot's staging
 first, then every non-resident weight is dequantized or converted into the compute dtype. This
-happens once per layer per token of a block, never per GPU batch.
+happens once per layer per token of a block, never per GPU batch. Two weights are not copied
+whole (storage/rows.py): embedding tables, whose rows each step gathers from their tier, and a
+head projection larger than the slot, streamed through it a chunk of rows at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .compressed import CompressedTensor, compressed_in_memory
 from .atomic_files import check_offload_space
 from .offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity
 from .quantize import QuantizedTensor, empty_quantized, quantize
+from .rows import RowTable, StreamedRows
 from .slots import Slot, SlotPool
 from .tiers import DiskReader, DiskTensor, MemoryTensor, copy, torch_dtype
 
@@ -39,9 +42,9 @@ _PARTS = ("data", "scale", "mins")
 
 @dataclass
 class LoadedWeights:
-    """One unit's weights on the compute device; `slot` holds the copied ones (None: all resident)."""
+    """One unit's weights on the compute device; `slot` holds the copied ones (None: none copied)."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | RowTable | StreamedRows]
     slot: Slot | None
 
 
@@ -116,6 +119,7 @@ class WeightStore:
             self._folder.close()
         self.disk_dir = self._folder.path if self._folder is not None else None
         self._layouts = placement.slot_layouts  # layer -> where each loaded tensor goes in a slot
+        self._gathered = {layer_idx: [w.name for w in places if w.gathered] for layer_idx, places in placement.weights.items()}
         slots = [b for b in placement.working if b.name == "weight slots"]
         self.slots = SlotPool(slots[0].count, slots[0].nbytes_each, device) if slots else None
 
@@ -162,9 +166,14 @@ class WeightStore:
 
     def load(self, layer_idx: int) -> LoadedWeights:
         """One unit's weights on the compute device in the compute dtype. Give them back with
-        `release` once the layer is computed."""
+        `release` once the layer is computed. An embedding table that is not resident comes as a
+        `RowTable` (the step gathers its rows), a head projection larger than the slot as
+        `StreamedRows` holding its first chunk."""
         placed = self.tensors[layer_idx]
         out = {name: t.data for name, t in placed.items() if isinstance(t, MemoryTensor) and t.tier is Tier.GPU}
+        for name in self._gathered[layer_idx]:
+            if name not in out:
+                out[name] = RowTable(placed[name], self.device, self.compute_dtype)
         layout = self._layouts[layer_idx]
         if not layout:
             return LoadedWeights(out, None)
@@ -180,6 +189,10 @@ class WeightStore:
             if piece.name in staging:
                 parts = staging[piece.name]
                 stage = QuantizedTensor(parts["data"], parts["scale"], parts["mins"], tuple(view.shape), view.dtype, self.config)
+            if view.shape[0] < src.shape[0]:  # a chunk of rows at a time (planning: WeightPlace.chunk_rows)
+                out[piece.name] = StreamedRows(src, view, stage)
+                out[piece.name].fill(0)
+                continue
             copy(view, _ALL, src, _ALL, stage)
             out[piece.name] = view
         return LoadedWeights(out, slot)
