@@ -197,7 +197,7 @@ def test_partition_costs_balance_by_time():
     # a resident lookup costs only the rows it writes, far less than a layer; the vocabulary matmul more
     assert 0 < resident.first_extra < resident.layer_costs[0] / 50 and resident.first_extra < resident.last_extra
     offloaded = partition_costs(place(spec, policy((0, 100, 100, 0, 100, 0)), hw), hw)
-    assert offloaded.first_extra > 10 * resident.first_extra  # now the table is copied in every task
+    assert offloaded.first_extra == pytest.approx(resident.first_extra)  # gathered by rows wherever it lives
     assert offloaded.layer_costs[0] > resident.layer_costs[0]
     ranges = partition_layers(offloaded.layer_costs, 3, first_extra=offloaded.first_extra,
                               last_extra=offloaded.last_extra)

@@ -161,7 +161,7 @@ def weight_work(p: Placement, speeds: Speeds, layer_idx: int) -> Work:
 def weight_place_work(p: Placement, speeds: Speeds, w: WeightPlace) -> Work:
     """Loading one weight tensor. Compressed weights move their compressed bytes (staged in
     device memory) and are dequantized on the device, whatever their tier."""
-    if w.resident:
+    if w.resident or w.gathered:  # an embedding table is never loaded: a step reads its rows
         return Work()
     dst = w.numel * dtype_bytes(p.dtypes.compute)
     codec = 0.0
