@@ -72,3 +72,20 @@ def test_the_profile_is_keyed_by_the_machine_not_only_its_host_name(monkeypatch)
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert amd != profile.machine_key(CPUINFO.format(model="AMD EPYC", extra="avx512f avx512_bf16"))
     assert profile.machine_key() in profile.cache_path("cpu", "float32", "/tmp").name
+
+
+def test_a_streamed_head_rereads_its_other_chunks_for_every_gpu_batch():
+    """A head larger than a slot: the loader brings one chunk; each GPU batch reads the other
+    chunks on the compute path (none of that overlaps compute)."""
+    from flexgen_dist.planning.placement import Tier, WeightPlace
+
+    hw = cpu_machine()
+    p = _placement(hw, percent=(0, 0, 100, 0, 100, 0))  # 2 GPU batches, weights on disk
+    head = WeightPlace(layer_idx=5, name="lm_head.weight", shape=(3000, 128), tier=Tier.DISK, nbytes=3000 * 128 * 2)
+    whole = cost_terms.weight_place_work(p, hw.speeds, head)
+    streamed = cost_terms.weight_place_work(p, hw.speeds, dataclasses.replace(head, chunk_rows=1000))
+    one_chunk = cost_terms.weight_place_work(p, hw.speeds, dataclasses.replace(head, shape=(1000, 128), nbytes=1000 * 128 * 2))
+    assert streamed.weight_disk == one_chunk.weight_disk < whole.weight_disk
+    per_chunk = one_chunk.weight_disk + one_chunk.weight_link
+    assert streamed.streamed == 2 * p.policy.num_gpu_batches * per_chunk
+    assert streamed.compute_path(False) > one_chunk.compute_path(False)

@@ -60,6 +60,7 @@ class Work:
     cache_disk: float = 0.0  # KV cache read from disk
     cache_store: float = 0.0  # new KV rows to the cache's tier
     act_io: float = 0.0  # hidden states to their tier after a layer and back before the next
+    streamed: float = 0.0  # chunks of a head streamed through its slot while computing: read, copied, decoded
 
     def values(self) -> tuple[float, ...]:
         return tuple(getattr(self, name) for name in _WORK_FIELDS)
@@ -72,7 +73,8 @@ class Work:
 
     def compute_path(self, separate_gpu: bool) -> float:
         """Seconds on the compute path; without a GPU the host copies are on it too."""
-        serial = self.matmul + self.elementwise + self.attention + self.cpu_attention + self.codec + self.cache_store + self.act_io
+        serial = (self.matmul + self.elementwise + self.attention + self.cpu_attention + self.codec + self.cache_store
+                  + self.act_io + self.streamed)
         return serial if separate_gpu else serial + self.weight_link + self.cache_link
 
     def load_path(self, separate_gpu: bool) -> float:
@@ -160,9 +162,18 @@ def weight_work(p: Placement, speeds: Speeds, layer_idx: int) -> Work:
 
 def weight_place_work(p: Placement, speeds: Speeds, w: WeightPlace) -> Work:
     """Loading one weight tensor. Compressed weights move their compressed bytes (staged in
-    device memory) and are dequantized on the device, whatever their tier."""
+    device memory) and are dequantized on the device, whatever their tier. A head larger than a
+    slot streams through it: the loader brings its first chunk, then each GPU batch reads the
+    other chunks while it computes (the batches zig-zag, so each starts with the chunk the one
+    before left), on the compute path."""
     if w.resident or w.gathered:  # an embedding table is never loaded: a step reads its rows
         return Work()
+    if w.chunk_rows is not None and w.chunk_rows < w.shape[0]:
+        chunks = -(-w.shape[0] // w.chunk_rows)
+        first = weight_place_work(p, speeds, dataclasses.replace(
+            w, shape=(w.chunk_rows, *w.shape[1:]), nbytes=-(-w.nbytes // chunks), chunk_rows=None))
+        again = (chunks - 1) * p.policy.num_gpu_batches
+        return dataclasses.replace(first, streamed=again * (first.weight_disk + first.weight_link + first.codec))
     dst = w.numel * dtype_bytes(p.dtypes.compute)
     codec = 0.0
     if w.compressed:
