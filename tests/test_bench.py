@@ -1,6 +1,8 @@
-"""The benchmark end to end: rank scaling, comparing systems with each run's bound and the in-memory
-ratio, and the throughput-latency sweep (numbers not asserted: speed is a benchmark's business,
-not a test's; what is asserted is that they are there, consistent, and in range)."""
+"""The benchmark end to end: rank scaling, comparing systems in several compute dtypes with each
+run's bound and the in-memory ratio, and the throughput-latency sweep. Speeds are not asserted
+(a benchmark's business, not a test's); what is: every system ran in the dtypes asked for, each
+bound is the one computed here for that run's policy and dtype on a machine of known speeds, and
+the ratios, marks and bests printed are those of the numbers in the JSON."""
 
 import csv
 import importlib.util
@@ -60,6 +62,10 @@ def _plant_link(folder, name):
     (["--json", "r.json"], lambda d: _plant_link(d, "r.json"), "--json 'r.json' is a symbolic link"),
     (["--sweep", "--placements", "moon"], None, "--placements"),
     (["--offload-dir", "f"], lambda d: (d / "f").write_text("precious\n"), "--offload-dir f is not a folder"),
+    (["--baseline-dtypes", "float8"], None, "--baseline-dtypes 'float8': use measured or a comma-separated list"),
+    (["--ours-dtypes", "measured,float32"], None, "--ours-dtypes 'measured,float32'"),
+    (["--workload", "long"], None, "unknown --workload 'long'; use short, decode-heavy"),
+    (["--ours-flags=--compute-dtype float16"], None, "give our compute dtypes with --ours-dtypes"),
 ])
 def test_bench_flags_are_checked_before_any_folder_or_run(tmp_path, monkeypatch, capsys, args, setup, fragment):
     from flexgen_dist.bench import __main__ as bench
@@ -83,6 +89,21 @@ def test_bench_flags_are_checked_before_any_folder_or_run(tmp_path, monkeypatch,
     assert list(temp.iterdir()) == []
 
 
+@pytest.mark.parametrize("args, prompt_len, gen_len", [
+    ([], 64, 16),
+    (["--workload", "decode-heavy"], 64, 128),
+    (["--workload", "decode-heavy", "--gen-len", "256"], 64, 256),
+    (["--prompt-len", "32"], 32, 16),
+])
+def test_workload_sets_the_lengths_not_given(args, prompt_len, gen_len):
+    from flexgen_dist.bench.__main__ import build_parser
+    from flexgen_dist.bench.checks import check_args
+
+    parsed = build_parser().parse_args(["--systems", "ours", "--blocks", "1x1", *args])
+    check_args(parsed)
+    assert (parsed.prompt_len, parsed.gen_len) == (prompt_len, gen_len)
+
+
 def test_the_default_offload_folder_is_removed_when_the_bench_ends(tmp_path, monkeypatch):
     from flexgen_dist.bench import __main__ as bench
 
@@ -99,12 +120,30 @@ def test_the_default_offload_folder_is_removed_when_the_bench_ends(tmp_path, mon
     assert seen and seen[0].parent == tmp_path and list(tmp_path.iterdir()) == []
 
 
-BOUND_LINE = re.compile(r"^(ours|ours-in-memory) (\d+x\d+): prefill [\d.]+, decode [\d.]+, total [\d.]+ tok/s; "
+BOUND_LINE = re.compile(r"^(ours|ours-in-memory) (\w+) (\d+x\d+): prefill [\d.]+, decode ([\d.]+), total ([\d.]+) tok/s; "
                         r"decode bound ([\d.]+) tok/s \((compute|load)-bound\) = ([\d.e+-]+) of the bound", re.M)
+GiB = 2**30
 
 
-def _total(line: str) -> float:
-    return float(re.search(r"total ([\d.]+) tok/s", line).group(1))
+def _hardware_file(path):
+    """A CPU machine with known speeds: every bound the bench prints can be computed here."""
+    from flexgen_dist.planning.hardware import Capacities, Hardware, Speeds
+
+    speeds = Speeds(compute_dtype="float32", h2d_bw=10e9, d2h_bw=10e9, disk_read_bw=2e8, disk_write_bw=1e8,
+                    matmul_flops=1e11, decode_matmul_flops=1e10, attention_flops=1e11, decode_attention_flops=1e10,
+                    cpu_attention_flops=1e10, quantize_bw=1e9, dequantize_bw=1e9, elementwise_bw=5e10)
+    capacities = Capacities(has_gpu=False, gpu_mem=16 * GiB, cpu_mem=16 * GiB, host_mem=16 * GiB, disk_mem=100 * GiB)
+    Hardware(name="test machine", capacities=capacities, speeds=speeds).save(path)
+    return path
+
+
+def _expected_bound(model, hardware, attempt, prompt_len, gen_len, offload):
+    """The bound of an attempt's policy, computed here for the dtype the attempt says it ran in."""
+    from flexgen_dist.bench.bound import build_bound_model, policy_from_stats
+
+    bound_model = build_bound_model(model, prompt_len=prompt_len, gen_len=gen_len, offload_dir=offload,
+                                    hardware=hardware, compute_dtype=attempt["dtype"])
+    return bound_model.bound(policy_from_stats(attempt["result"]["policy_fields"])).decode_tokens_per_s
 
 
 def _bench(args, tmp_path, extra_env=None, timeout=300):
@@ -115,59 +154,104 @@ def _bench(args, tmp_path, extra_env=None, timeout=300):
                           timeout=timeout)
 
 
-def test_compare_prints_each_attempt_with_its_bound_and_the_in_memory_ratio(tiny_models_cache, tmp_path):
+def test_compare_runs_every_dtype_and_reports_each_systems_best_with_bounds_and_ratios(tiny_models_cache, tmp_path):
     model = tiny_models_cache.get("llama", num_hidden_layers=4)
-    out = tmp_path / "compare.json"
-    # A 1200 KiB budget (600 KiB a tier) cannot hold the weights on the gpu tier: ours offloads.
+    out, hardware = tmp_path / "compare.json", _hardware_file(tmp_path / "hw.json")
+    # A 1200 KiB budget (600 KiB a tier) cannot hold the fp32 weights on the gpu tier: ours offloads.
     proc = _bench(["--model", str(model), "--prompt-len", "8", "--gen-len", "3", "--systems", "ours,transformers",
                    "--batches", "2", "--blocks", "2x1,2x2", "--budget", "1200K", "--offload-dir", str(tmp_path / "off"),
-                   "--json", str(out)], tmp_path)
+                   "--ours-dtypes", "float32,bfloat16", "--baseline-dtypes", "float32,bfloat16",
+                   "--hardware", str(hardware), "--json", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = {(m.group(1), m.group(2)): m for m in BOUND_LINE.finditer(proc.stderr)}
-    best = max((m for (system, _), m in lines.items() if system == "ours"), key=lambda m: _total(m.group(0)))
-    assert set(lines) == {("ours", "2x1"), ("ours", "2x2"), ("ours-in-memory", best.group(2))}, proc.stderr
-    for m in lines.values():
-        assert float(m.group(3)) > 0
-        assert 0 < float(m.group(5)) < 10
-    # Each attempt's line is printed when it finishes: ours' before the next system starts.
-    assert proc.stderr.index("ours 2x2:") < proc.stderr.index("transformers: batches")
-    assert re.search(r"^transformers 2: prefill [\d.]+, decode [\d.]+", proc.stderr, re.M)
-
-    ratio = re.search(r"^offloaded decode / in-memory decode = ([\d.]+) \(block " + best.group(2), proc.stdout, re.M)
-    assert ratio and float(ratio.group(1)) > 0, proc.stdout
-    assert str(tmp_path / "cache") in proc.stdout  # which profile the bounds came from
-    table = proc.stdout.splitlines()
-    header = next(line for line in table if line.startswith("system"))
-    assert "decode bound" in header and "of bound" in header
-    rows = {line.split()[0]: line for line in table if line.split() and line.split()[0] in ("ours", "transformers", "ours-in-memory")}
-    assert set(rows) == {"ours", "transformers", "ours-in-memory"}
-    assert "1.00x" in rows["ours"]  # the baseline of the ratios is ours, measured in the same run
-
     data = json.loads(out.read_text())
-    assert [a["batch"] for a in data["ours"]] == [2, 4]
+    assert data["dtypes"] == {"ours": ["float32", "bfloat16"], "transformers": ["float32", "bfloat16"]}
+    # Every system ran in every dtype asked for, each dtype at every size while it fitted: the
+    # dtype each attempt reports is the one the child computed in (our plan's, transformers' model).
+    assert [(a["dtype"], a["label"]) for a in data["ours"]] == [
+        ("float32", "2x1"), ("float32", "2x2"), ("bfloat16", "2x1"), ("bfloat16", "2x2")]
+    assert [(a["dtype"], a["batch"]) for a in data["transformers"]] == [("float32", 2), ("bfloat16", 2)]
+    assert [a["result"]["dtype"] for a in data["transformers"]] == ["float32", "bfloat16"]
     assert all(a["ok"] for a in data["ours"] + data["transformers"] + data["ours-in-memory"])
-    offloaded = next(a for a in data["ours"] if a["label"] == best.group(2))["result"]["policy_fields"]
-    in_memory = data["ours-in-memory"][0]["result"]["policy_fields"]
-    assert offloaded["w_gpu_percent"] < 100
-    assert (in_memory["w_gpu_percent"], in_memory["cache_gpu_percent"], in_memory["act_gpu_percent"]) == (100, 100, 100)
-    assert f'{in_memory["gpu_batch_size"]}x{in_memory["num_gpu_batches"]}' == best.group(2)  # the best block again
-    assert data["ours"][-1]["bound"]["decode_tokens_per_s"] > 0
+
+    # Each of our runs is held against the bound of its own policy in its own dtype.
+    lines = {(m.group(1), m.group(2), m.group(3)): m for m in BOUND_LINE.finditer(proc.stderr)}
+    for a in data["ours"] + data["ours-in-memory"]:
+        expected = _expected_bound(model, hardware, a, 8, 3, tmp_path / "off")
+        assert a["bound"]["decode_tokens_per_s"] == pytest.approx(expected, rel=1e-9)
+        assert a["fraction_of_bound"] == pytest.approx(a["result"]["decode_tokens_per_s"] / expected, rel=1e-9)
+        m = lines[(a["system"], a["dtype"], a["label"])]
+        assert float(m.group(6)) == pytest.approx(expected, abs=0.006)
+        assert float(m.group(8)) == pytest.approx(a["fraction_of_bound"], rel=6e-3)  # printed to 3 digits
+    # ... which differs between the dtypes: the gpu tier holds half the bytes in bfloat16.
+    fp32, bf16 = (next(a for a in data["ours"] if a["dtype"] == d and a["label"] == "2x2") for d in ("float32", "bfloat16"))
+    assert fp32["result"]["policy_fields"]["w_gpu_percent"] < bf16["result"]["policy_fields"]["w_gpu_percent"]
+    # Each attempt's line is printed when it finishes: ours' before the next system starts.
+    assert proc.stderr.index("ours bfloat16 2x2:") < proc.stderr.index("transformers float32: batches")
+    assert re.search(r"^transformers bfloat16 2: prefill [\d.]+, decode [\d.]+", proc.stderr, re.M)
+
+    # Ours' best is its highest total over both dtypes, run again with everything in memory.
+    best = max(data["ours"], key=lambda a: a["result"]["total_tokens_per_s"])
+    in_memory = data["ours-in-memory"][0]
+    assert (in_memory["dtype"], in_memory["label"]) == (best["dtype"], best["label"])
+    fields = in_memory["result"]["policy_fields"]
+    assert (fields["w_gpu_percent"], fields["cache_gpu_percent"], fields["act_gpu_percent"]) == (100, 100, 100)
+    ratio = re.search(rf"^offloaded decode / in-memory decode = ([\d.]+) \(block {best['label']}, {best['dtype']}:",
+                      proc.stdout, re.M)
+    assert ratio, proc.stdout
+    assert float(ratio.group(1)) == pytest.approx(
+        best["result"]["decode_tokens_per_s"] / in_memory["result"]["decode_tokens_per_s"], abs=0.006)
+
+    # The table: each system's best in each dtype, its overall best marked, ours / it in total.
+    rows = {}
+    for line in proc.stdout.splitlines():
+        if re.match(r"^[* ] (ours|transformers)", line):
+            cells = line[2:].split()
+            rows[(cells[0], cells[1])] = (line[0] == "*", cells)
+    assert set(rows) == {("ours", "float32"), ("ours", "bfloat16"), ("transformers", "float32"),
+                         ("transformers", "bfloat16"), ("ours-in-memory", best["dtype"])}
+    transformers_best = max(data["transformers"], key=lambda a: a["result"]["total_tokens_per_s"])
+    assert {key for key, (marked, _) in rows.items() if marked} == {
+        ("ours", best["dtype"]), ("transformers", transformers_best["dtype"]), ("ours-in-memory", best["dtype"])}
+    ours_row = rows[("ours", best["dtype"])][1]
+    assert ours_row[3] == str(best["batch"]) and "1.00x" in ours_row
+    for dtype in ("float32", "bfloat16"):  # a dtype's row is its best size
+        in_dtype = [a for a in data["ours"] if a["dtype"] == dtype]
+        top = max(in_dtype, key=lambda a: a["result"]["total_tokens_per_s"])
+        assert rows[("ours", dtype)][1][3] == str(top["batch"])
+
+    # The summary: ours over the baseline's best, in decode and in total, each at its best run.
+    for measure, key in (("decode", "decode_tokens_per_s"), ("total", "total_tokens_per_s")):
+        mine = max(a["result"][key] for a in data["ours"])
+        theirs = max(a["result"][key] for a in data["transformers"])
+        m = re.search(rf"^ours / transformers-best: .*{measure} ([\d.]+)x \(([\d.]+) at (\w+), block (\d+x\d+) / "
+                      rf"([\d.]+) at (\w+), batch 2\)", proc.stdout, re.M)
+        assert m, proc.stdout
+        assert float(m.group(1)) == pytest.approx(mine / theirs, abs=0.006)
+        assert (float(m.group(2)), float(m.group(5))) == (pytest.approx(mine, abs=0.006), pytest.approx(theirs, abs=0.006))
+    assert f"| ours | {best['dtype']}, block {best['label']} |" in proc.stdout
 
 
 def test_ours_flags_reach_every_run_of_ours_and_bad_ones_stop_before_any_work(tiny_models_cache, tmp_path):
     model = tiny_models_cache.get("llama", num_hidden_layers=2)
     out = tmp_path / "compare.json"
+    # No dtype flags: ours runs in each dtype the bench measured as running well here.
     proc = _bench(["--model", str(model), "--prompt-len", "8", "--gen-len", "2", "--systems", "ours", "--blocks", "2x1",
                    "--ours-flags=--compress-weight --compress-cache", "--offload-dir", str(tmp_path / "off"),
                    "--json", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = re.search(r"^compute dtypes: matmul GFLOP/s on cpu .*; running ([\w, ]+?)(?: \(left out|$)", proc.stderr,
+                         re.M)
+    assert measured, proc.stderr
     data = json.loads(out.read_text())
+    assert data["dtypes"] == {"ours": measured.group(1).split(", ")}
+    assert [a["dtype"] for a in data["ours"]] == data["dtypes"]["ours"]
     for system in ("ours", "ours-in-memory"):
         fields = data[system][0]["result"]["policy_fields"]
         assert fields["compress_weight"] and fields["compress_cache"], (system, fields)
 
     for flags, said in (("--compress-bits x", "invalid int value"), ("--no-such-flag", "has no --no-such-flag"),
-                        ("--offload-dir /elsewhere", "set by the bench itself")):
+                        ("--offload-dir /elsewhere", "set by the bench itself"),
+                        ("--compute-dtype float16", "--ours-dtypes")):
         proc = _bench(["--shape", "opt-125m", "--systems", "ours", f"--ours-flags={flags}",
                        "--offload-dir", str(tmp_path / "bad")], tmp_path)
         assert proc.returncode == 2 and proc.stderr.startswith("error: --ours-flags") and said in proc.stderr, proc.stderr
@@ -175,28 +259,37 @@ def test_ours_flags_reach_every_run_of_ours_and_bad_ones_stop_before_any_work(ti
 
 
 def test_sweep_writes_a_csv_and_a_chart(tmp_path):
-    csv_path, png = tmp_path / "sweep.csv", tmp_path / "sweep.png"
+    csv_path, png, hardware = tmp_path / "sweep.csv", tmp_path / "sweep.png", _hardware_file(tmp_path / "hw.json")
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     args = ["--sweep", "--shape", "tiny-opt", "--prompt-len", "8", "--gen-len", "3", "--systems", "ours,transformers",
             "--batches", "2", "--blocks", "2x1,2x2", "--placements", "gpu,disk", "--offload-dir", str(tmp_path / "off"),
-            "--sweep-csv", str(csv_path)]
+            "--ours-dtypes", "float32", "--baseline-dtypes", "bfloat16", "--hardware", str(hardware),
+            "--sweep-csv", str(csv_path), "--json", str(tmp_path / "sweep.json")]
     proc = _bench(args + (["--sweep-png", str(png)] if has_matplotlib else []), tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with csv_path.open() as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         rows = list(reader)
-    assert [(r["system"], r["run"]) for r in rows] == [
-        ("ours", "2x1 gpu"), ("ours", "2x2 gpu"), ("ours", "2x1 disk"), ("ours", "2x2 disk"), ("transformers", "2")]
+    assert [(r["system"], r["dtype"], r["run"]) for r in rows] == [
+        ("ours", "float32", "2x1 gpu"), ("ours", "float32", "2x2 gpu"), ("ours", "float32", "2x1 disk"),
+        ("ours", "float32", "2x2 disk"), ("transformers", "bfloat16", "2")]
     for r in rows:
         assert r["error"] == ""
         # one block per run: its throughput times its latency is the block's generated tokens
         assert float(r["total_tokens_per_s"]) * float(r["block_latency_s"]) == pytest.approx(int(r["batch"]) * 3, rel=1e-6)
         assert int(r["peak_mem_bytes"]) > 0
-    for r in rows[:4]:
-        assert 0 < float(r["of_bound"]) < 10
+    runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
+    checkpoint = tmp_path / "off" / "checkpoint-tiny-opt-float16"
+    for r, a in zip(rows[:4], runs):
+        # of_bound is the run's decode over the bound of its own policy on the given machine
+        expected = _expected_bound(checkpoint, hardware, a, 8, 3, tmp_path / "off")
+        assert float(r["decode_bound_tokens_per_s"]) == pytest.approx(expected, rel=1e-9)
+        assert float(r["of_bound"]) == pytest.approx(float(r["decode_tokens_per_s"]) / expected, rel=1e-9)
+    # a slower disk-bound run: with every weight read from disk each step, its bound is below the in-memory one
+    assert float(rows[2]["decode_bound_tokens_per_s"]) < float(rows[0]["decode_bound_tokens_per_s"])
     assert "w 0/0/100" in rows[2]["policy"] and "w 100/0/0" in rows[0]["policy"]
-    assert re.search(r"^\* ours ", proc.stdout, re.M)  # the frontier is marked in the table
+    assert re.search(r"^\* ours +float32 ", proc.stdout, re.M)  # the frontier is marked in the table
     if has_matplotlib:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"chart: {png}" in proc.stdout

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from flexgen_dist.bench import baselines
+from flexgen_dist.bench import baselines, memlimit
 from flexgen_dist.bench.checkpoints import SHAPES, make_random_checkpoint
 from flexgen_dist.bench.runs import Attempt, baseline_command, best_batch, run_baseline
 from flexgen_dist.bench.memlimit import cgroup_support, evict_from_page_cache, parse_size, run_limited
@@ -19,9 +20,41 @@ from flexgen_dist.errors import UserError
 MiB = 1024**2
 
 # Touches every page of 300 MiB, so the memory is really resident (not only reserved).
-ALLOCATE_300M = "b = bytearray(300 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('allocated')"
-# The peak is polled (every <= 50 ms): hold the memory a little so the last poll sees all of it.
-ALLOCATE_300M_AND_HOLD = ALLOCATE_300M + "; import time; time.sleep(0.3)"
+ALLOCATE_300M = "b = bytearray(300 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('allocated', flush=True)"
+# The peak is polled: the child keeps its memory until the file named by its first argument
+# exists, which `release_when_polled` creates once the parent's poll has seen the memory. Exit 3:
+# never released (the poll never saw it).
+HOLD_UNTIL_RELEASED = """
+import os, sys, time
+{allocate}
+deadline = time.monotonic() + 120
+while not os.path.exists(sys.argv[1]):
+    if time.monotonic() > deadline:
+        sys.exit(3)
+    time.sleep(0.005)
+"""
+
+
+@pytest.fixture
+def release_when_polled(monkeypatch, tmp_path):
+    """(command, release file) for a child that allocates `allocate` (code) and holds it until
+    run_limited's poll has read a peak of at least `threshold` bytes from /proc."""
+    release = tmp_path / "release"
+    real = memlimit._vm_hwm
+
+    def watching(pid):
+        hwm = real(pid)
+        if hwm is not None and hwm >= watching.threshold:
+            release.touch()
+        return hwm
+
+    monkeypatch.setattr(memlimit, "_vm_hwm", watching)
+
+    def command(allocate: str, threshold: int) -> list[str]:
+        watching.threshold = threshold
+        return [sys.executable, "-c", HOLD_UNTIL_RELEASED.format(allocate=allocate), str(release)]
+
+    return command
 
 
 # ---------------------------------------------------------------- parse_size
@@ -58,22 +91,22 @@ def test_parse_size_refuses_bad_text(text):
 # ---------------------------------------------------------------- run_limited
 
 
-def test_run_limited_without_cap_measures_peak_rss():
-    run = run_limited([sys.executable, "-c", ALLOCATE_300M_AND_HOLD], mem_limit=None, timeout_s=60)
+def test_run_limited_without_cap_measures_peak_rss(release_when_polled):
+    run = run_limited(release_when_polled(ALLOCATE_300M, 300 * MiB), mem_limit=None, timeout_s=300)
     assert run.returncode == 0 and run.ok and not run.oom_killed
     assert run.stdout.strip() == "allocated"
     assert run.limit_method == "none"
     assert 300 * MiB <= run.peak_rss_bytes < 600 * MiB
 
 
-def test_run_limited_peak_is_the_childs_own_not_the_parents():
+def test_run_limited_peak_is_the_childs_own_not_the_parents(release_when_polled):
     # Linux carries a parent's RSS high-water mark into its children's ru_maxrss: a large
     # parent must not make a small child look large.
     ballast = bytearray(400 * MiB)
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])
-    run = run_limited([sys.executable, "-c", "import time; time.sleep(0.3)"], mem_limit=None, timeout_s=60)
+    run = run_limited(release_when_polled("", 1), mem_limit=None, timeout_s=300)  # held until polled once
     assert run.ok
-    assert run.peak_rss_bytes < 200 * MiB
+    assert run.peak_rss_bytes is not None and run.peak_rss_bytes < 200 * MiB
     del ballast
 
 
@@ -93,10 +126,12 @@ def test_run_limited_cap_kills_an_allocation_over_it():
     assert "out of memory" in run.describe_failure()
 
 
-def test_run_limited_cap_lets_a_fitting_run_through():
-    run = run_limited([sys.executable, "-c", ALLOCATE_300M_AND_HOLD], mem_limit=1024 * MiB, timeout_s=60)
+def test_run_limited_cap_lets_a_fitting_run_through(release_when_polled):
+    run = run_limited(release_when_polled(ALLOCATE_300M, 300 * MiB), mem_limit=1024 * MiB, timeout_s=300)
     assert run.ok and run.stdout.strip() == "allocated"
     assert run.peak_rss_bytes >= 300 * MiB
+    if run.peak_cgroup_bytes is not None:  # a cgroup charges the child's memory: at least what it touched, at most the cap
+        assert 300 * MiB <= run.peak_cgroup_bytes <= 1024 * MiB
 
 
 def test_run_limited_rlimit_fallback_fails_allocation():
@@ -111,9 +146,13 @@ def test_run_limited_refuses_unknown_method():
 
 
 def test_run_limited_timeout_kills_the_child():
-    run = run_limited([sys.executable, "-c", "import time; time.sleep(30)"], mem_limit=None, timeout_s=0.5)
-    assert run.timed_out and not run.ok and run.wall_s < 10
-    assert "timed out" in run.describe_failure()
+    # Without the kill the child would print 'slept' after 30 s and exit 0.
+    run = run_limited([sys.executable, "-c", "import time; time.sleep(30); print('slept')"], mem_limit=None,
+                      timeout_s=0.5)
+    assert run.timed_out and not run.ok and not run.oom_killed
+    assert run.returncode == -signal.SIGKILL and "slept" not in run.stdout
+    assert run.wall_s >= 0.5  # not killed before its time
+    assert run.describe_failure() == f"timed out after {run.wall_s:.0f} s"
 
 
 def test_evict_from_page_cache_covers_files_and_folders(tmp_path):
@@ -201,8 +240,9 @@ def _check_record(record, system):
 
 
 @pytest.mark.slow
-def test_transformers_child_prints_one_json_line(tiny_opt_dir):
-    cmd = baseline_command("transformers", tiny_opt_dir, 2, 8, 4)
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_transformers_child_prints_one_json_line(tiny_opt_dir, dtype):
+    cmd = baseline_command("transformers", tiny_opt_dir, 2, 8, 4, dtype=dtype)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -211,22 +251,35 @@ def test_transformers_child_prints_one_json_line(tiny_opt_dir):
     record = json.loads(lines[0])
     _check_record(record, "transformers")
     assert record["disk_layers"] == 0 and record["layers_by_tier"] == {"cpu": 2}
+    # the dtype of the model's parameters: the fp16 checkpoint converted to what was asked (fp32 by default on a CPU)
+    assert record["dtype"] == (dtype or "float32")
 
 
 @pytest.mark.slow
-def test_accelerate_child_offloads_layers_to_disk(tiny_opt_dir, tmp_path):
-    # 600 KB holds the embeddings (fp32: 256 KiB + 128 KiB) but not them plus a layer and the
-    # buffer Accelerate keeps for loading offloaded layers.
-    attempt = run_baseline(
-        "accelerate", tiny_opt_dir, 2, 8, 4, max_memory="600KB", offload_folder=tmp_path / "offload",
-        mem_limit=2 * 1024**3, evict=[tiny_opt_dir], timeout_s=300,
-    )
-    assert attempt.ok, attempt.error + "\n" + attempt.stderr_tail
-    _check_record(attempt.result, "accelerate")
-    assert attempt.result["disk_layers"] > 0
-    assert "disk of 2 layers" in attempt.result["notes"]
-    assert sum(attempt.result["layers_by_tier"].values()) == 2
-    assert attempt.peak_rss_bytes > 0 and not attempt.oom_killed
+def test_accelerate_child_offloads_layers_to_disk_and_fewer_in_16_bits(tiny_opt_dir, tmp_path):
+    # 600 KB holds the embeddings in fp32 (256 KiB + 128 KiB) but not them plus a layer and the
+    # buffer Accelerate keeps for loading offloaded layers; in bfloat16 everything is half as big.
+    records = {}
+    for dtype in ("float32", "bfloat16"):
+        attempt = run_baseline(
+            "accelerate", tiny_opt_dir, 2, 8, 4, max_memory="600KB", offload_folder=tmp_path / f"offload-{dtype}",
+            dtype=dtype, mem_limit=2 * 1024**3, evict=[tiny_opt_dir], timeout_s=300,
+        )
+        assert attempt.ok, attempt.error + "\n" + attempt.stderr_tail
+        assert attempt.dtype == attempt.result["dtype"] == dtype
+        _check_record(attempt.result, "accelerate")
+        assert sum(attempt.result["layers_by_tier"].values()) == 2
+        assert attempt.peak_rss_bytes > 0 and not attempt.oom_killed
+        records[dtype] = attempt.result
+    assert records["float32"]["disk_layers"] > 0
+    assert "disk of 2 layers" in records["float32"]["notes"]
+    assert records["bfloat16"]["disk_layers"] < records["float32"]["disk_layers"]
+
+
+def test_baseline_command_passes_the_dtype():
+    cmd = baseline_command("accelerate", "M", 4, 8, 2, max_memory="1G", dtype="bfloat16")
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    assert "--dtype" not in baseline_command("transformers", "M", 4, 8, 2)  # the child's default
 
 
 def test_layer_tiers_reads_accelerate_maps():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import random
+import re
 
 import pytest
 
@@ -192,3 +193,163 @@ def test_attempt_line_names_the_bound_and_flags_a_run_above_it():
     assert "decode bound 200.00 tok/s (load-bound) = 0.5 of the bound" in line and "ABOVE" not in line
     attempt.bound = dataclasses.replace(attempt.bound, decode_tokens_per_s=50.0)
     assert "= 2 of the bound (ABOVE the bound" in format_attempt(attempt)
+
+
+# ---------------------------------------------------------------- compute dtypes
+
+
+def test_the_bound_model_of_a_dtype_computes_in_it_and_is_built_once(bound_model, llama_dir, tmp_path):
+    from flexgen_dist.bench.bound import BoundModels
+
+    path = tmp_path / "hw.json"
+    _hardware(1e8).save(path)
+    built = []
+
+    def build(dtype):
+        built.append(dtype)
+        return build_bound_model(llama_dir, prompt_len=8, gen_len=4, offload_dir=tmp_path, hardware=path,
+                                 compute_dtype=dtype)
+
+    models = BoundModels(build)
+    bf16 = models.for_dtype("bfloat16")
+    assert models.for_dtype("bfloat16") is bf16 and built == ["bfloat16"]
+    assert (bf16.dtypes.compute, models.for_dtype("float32").dtypes.compute) == ("bfloat16", "float32")
+    # the gpu tier holds weights in the compute dtype: half the bytes in bfloat16
+    policy = Policy(gpu_batch_size=2)
+    fp32_bytes = models.for_dtype("float32").placement(policy).weight_bytes()[Tier.GPU]
+    assert models.for_dtype("bfloat16").placement(policy).weight_bytes()[Tier.GPU] < fp32_bytes
+
+
+def _shapes():
+    from flexgen_dist.bench.dtypes import bench_shapes
+
+    return bench_shapes(2048, 64)
+
+
+@pytest.mark.parametrize("machine, rates, run", [
+    # AVX2 only: 16-bit matmuls several times slower than fp32
+    ("avx2", {"float32": (60e9, 140e9), "float16": (10e9, 13e9), "bfloat16": (12e9, 20e9)}, ("float32",)),
+    # AVX-512 BF16 / AMX: bfloat16 several times faster than fp32, float16 not
+    ("bf16 native", {"float32": (58e9, 142e9), "float16": (40e9, 44e9), "bfloat16": (265e9, 415e9)}, ("bfloat16",)),
+    # close: both run, the one with the better worst share first
+    ("close", {"float32": (50e9, 100e9), "float16": (5e9, 5e9), "bfloat16": (45e9, 60e9)}, ("float32", "bfloat16")),
+    # each fastest at one shape and under half at the other: the best worst share still runs
+    ("split", {"float32": (100e9, 10e9), "bfloat16": (10e9, 30e9)}, ("float32",)),
+])
+def test_dtypes_run_are_those_at_least_half_the_fastest_at_every_shape(machine, rates, run):
+    from flexgen_dist.bench.dtypes import choose_dtypes
+
+    choice = choose_dtypes(rates, _shapes())
+    assert choice.run == run, machine
+    assert set(choice.left_out) == set(rates) - set(run)
+
+
+def test_a_left_out_dtype_says_its_share_of_the_fastest_and_where():
+    from flexgen_dist.bench.dtypes import choose_dtypes, describe
+
+    shapes = _shapes()
+    choice = choose_dtypes({"float32": (58e9, 142e9), "bfloat16": (265e9, 415e9)}, shapes)
+    assert choice.left_out == {"float32": f"0.22 of bfloat16 at {shapes[0]}"}
+    line = describe({"float32": (58e9, 142e9), "bfloat16": (265e9, 415e9)}, shapes, choice, "cpu")
+    assert "float32 58.0/142.0; bfloat16 265.0/415.0; running bfloat16 (left out: float32 0.22 of bfloat16" in line
+
+
+def test_bench_shapes_are_a_decode_step_and_a_capped_prefill():
+    from flexgen_dist.bench.dtypes import DECODE_ROWS, PREFILL_ROWS, bench_shapes
+
+    decode, prefill = bench_shapes(2048, 64)
+    assert (decode.rows, decode.dim, prefill.rows, prefill.dim) == (DECODE_ROWS, 2048, PREFILL_ROWS, 2048)
+    assert bench_shapes(64, 2)[1].rows == DECODE_ROWS  # never fewer rows than a decode step
+    assert bench_shapes(64, 16)[1].rows == 128  # the smallest batch (8) of 16-token prompts
+
+
+def test_measure_times_each_dtype_at_each_shape(monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    from flexgen_dist.bench.dtypes import MatmulShape, measure_matmul_rates
+
+    seen = []
+    real = F.linear
+
+    def linear(x, w):
+        seen.append((x.dtype, tuple(x.shape), tuple(w.shape)))
+        return real(x, w)
+
+    monkeypatch.setattr(F, "linear", linear)
+    shapes = (MatmulShape(4, 16), MatmulShape(8, 16))
+    rates = measure_matmul_rates(("float32", "bfloat16"), shapes, repeats=2)
+    assert list(rates) == ["float32", "bfloat16"] and all(len(r) == 2 and min(r) > 0 for r in rates.values())
+    assert {(dtype, x, w) for dtype, x, w in seen} == {
+        (dtype, (rows, 16), (16, 16)) for dtype in (torch.float32, torch.bfloat16) for rows in (4, 8)}
+
+
+@pytest.mark.parametrize("text, allowed, expected", [
+    ("measured", ("float32",), None),
+    ("bfloat16, float32,bfloat16", ("float32", "bfloat16"), ["bfloat16", "float32"]),
+    ("auto", ("auto", "float32"), ["auto"]),
+])
+def test_dtype_flags(text, allowed, expected):
+    from flexgen_dist.bench.dtypes import parse_dtypes
+
+    assert parse_dtypes(text, "--x", allowed) == expected
+
+
+@pytest.mark.parametrize("text", ["", "fp32", "measured,float32", "auto"])
+def test_bad_dtype_flags_are_one_line_user_errors(text):
+    from flexgen_dist.bench.dtypes import DTYPES, parse_dtypes
+
+    with pytest.raises(UserError, match="--baseline-dtypes"):
+        parse_dtypes(text, "--baseline-dtypes", DTYPES)
+
+
+def test_the_grid_runs_every_placement_in_every_dtype():
+    groups = grid_runs([(2, 1)], parse_placements("gpu,disk"), ["float32", "bfloat16"])
+    assert [(g[0].compute_dtype, g[0].label) for g in groups] == [
+        ("float32", "2x1 gpu"), ("float32", "2x1 disk"), ("bfloat16", "2x1 gpu"), ("bfloat16", "2x1 disk")]
+
+
+def _run(system: str, dtype: str, batch: int, decode: float, total: float, label: str = "") -> Attempt:
+    result = {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": decode, "total_tokens_per_s": total,
+              "prefill_s": 1.0, "decode_s": 1.0}
+    return Attempt(system=system, batch=batch, ok=True, result=result, label=label or str(batch), dtype=dtype)
+
+
+def test_summary_holds_ours_against_each_baselines_best_run_per_measure():
+    from flexgen_dist.bench.report import format_summary
+
+    attempts = {
+        "ours": [_run("ours", "float32", 8, 20.0, 14.0, "8x1"), _run("ours", "bfloat16", 32, 24.0, 16.0, "32x1"),
+                 Attempt(system="ours", batch=64, ok=False, error="out of memory", dtype="bfloat16")],
+        # Accelerate's best decode (bfloat16, 16) is not its best total (float32, 8): each ratio uses its own
+        "accelerate": [_run("accelerate", "float32", 8, 10.0, 8.0), _run("accelerate", "bfloat16", 16, 12.0, 7.5)],
+    }
+    text = format_summary(attempts, prompt_len=64, gen_len=128, cap="4.00 GiB")
+    assert text.splitlines()[0] == "summary: prompt 64, 128 new tokens, memory cap 4.00 GiB"
+    assert "| ours | bfloat16, block 32x1 | 100.00 | 24.00 | 16.00 |" in text
+    assert "| accelerate | float32, batch 8 | 100.00 | 10.00 | 8.00 |" in text
+    assert ("ours / accelerate-best: decode 2.00x (24.00 at bfloat16, block 32x1 / 12.00 at bfloat16, batch 16); "
+            "total 2.00x (16.00 at bfloat16, block 32x1 / 8.00 at float32, batch 8)") in text
+
+
+def test_summary_says_when_a_system_has_no_successful_run():
+    from flexgen_dist.bench.report import format_summary
+
+    attempts = {"ours": [_run("ours", "float32", 8, 20.0, 14.0, "8x1")],
+                "accelerate": [Attempt(system="accelerate", batch=8, ok=False, error="out of memory", dtype="float32")]}
+    text = format_summary(attempts, prompt_len=64, gen_len=16, cap="none")
+    assert "| accelerate | failed: out of memory | | | |" in text
+    assert "ours / accelerate-best: decode not measured (accelerate has no successful run)" in text
+
+
+def test_table_marks_each_systems_best_and_names_the_dtype_of_every_row():
+    from flexgen_dist.bench.report import format_table
+
+    ours = [_run("ours", "float32", 8, 20.0, 14.0, "8x1"), _run("ours", "bfloat16", 8, 24.0, 16.0, "8x1"),
+            _run("ours", "bfloat16", 32, 30.0, 12.0, "32x1")]
+    accelerate = [_run("accelerate", "float32", 8, 10.0, 8.0), _run("accelerate", "float32", 16, 11.0, 4.0)]
+    table = format_table("m", {"ours": ours[1], "accelerate": accelerate[0]}, {"ours": ours, "accelerate": accelerate})
+    rows = [(line[0], *line[2:].split()[:4], re.search(r" ([\d.]+x) ", line).group(1)) for line in table.splitlines()[1:]]
+    # (mark, system, dtype, model, batch, ours / it): one row per system and dtype, its best size
+    assert rows == [("*", "ours", "bfloat16", "m", "8", "1.00x"), (" ", "ours", "float32", "m", "8", "1.14x"),
+                    ("*", "accelerate", "float32", "m", "8", "2.00x")]

@@ -1,10 +1,12 @@
 """`python -m flexgen_dist.bench`: throughput benchmarks that print ratios measured in the same run.
 
-Compare systems (default) on FlexGen's workload shape, each at its best batch that fits; each of
-our runs is held against the cost model's bound for its policy, and our best block is run again
-with everything in memory (offloaded decode / in-memory decode):
+Compare systems (default) on FlexGen's workload shape, each in every compute dtype this machine
+runs well (measured: a matmul per dtype at the bench's shapes) and at its best batch that fits;
+each reports its best dtype and batch. Each of our runs is held against the cost model's bound
+for its policy, and our best block is run again with everything in memory (offloaded decode /
+in-memory decode):
 
-    python -m flexgen_dist.bench --shape opt-1.3b --prompt-len 64 --gen-len 16 --mem-limit 4G
+    python -m flexgen_dist.bench --shape opt-1.3b --workload decode-heavy --mem-limit 4G
 
 Throughput against latency (a CSV and a PNG with each system's Pareto frontier):
 
@@ -42,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", default=None, help="Hugging Face model folder (default: --shape, else the bundled model)")
     parser.add_argument("--shape", default=None, help="a random-weight OPT checkpoint of this shape: opt-125m, opt-1.3b, opt-6.7b, ...")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--gen-len", type=int, default=16)
+    parser.add_argument("--checkpoint-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                        help="dtype of the --shape checkpoint's weights (default: float16, as OPT's are)")
+    parser.add_argument("--workload", default="short",
+                        help="prompt and new tokens when --prompt-len / --gen-len are not given: short (64, 16; the "
+                             "default) or decode-heavy (64, 128)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: from --workload)")
+    parser.add_argument("--gen-len", type=int, default=None, help="new tokens per prompt (default: from --workload)")
     parser.add_argument("--offload-dir", default=None,
                         help="disk tier / offload folder (default: a temporary folder, removed at the end)")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -60,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--blocks", default=None,
                          help=f"our blocks tried (gpu batch size x gpu batches), while they fit (default: {COMPARE_BLOCKS}; "
                               f"with --sweep {SWEEP_BLOCKS})")
+    compare.add_argument("--baseline-dtypes", default="measured",
+                         help="compute dtypes of transformers and Accelerate, comma-separated from float32, float16, "
+                              "bfloat16; default: measured, those whose matmul rate here is at least half the "
+                              "fastest's at the bench's shapes")
+    compare.add_argument("--ours-dtypes", default="measured",
+                         help="our compute dtypes (run's --compute-dtype values, auto included where run has it); "
+                              "default: measured, the same as the baselines'")
     compare.add_argument("--ours-flags", default="",
                          help="more flags of python -m flexgen_dist.run for every run of ours, in one quoted string, "
                               "e.g. --ours-flags='--compress-weight --compress-cache'")
@@ -114,9 +128,9 @@ def _model_dir(args: argparse.Namespace, offload: Path) -> Path:
     if args.shape:  # known: check_args
         from .checkpoints import make_random_checkpoint
 
-        path = offload / f"checkpoint-{args.shape}"
-        _say(f"checkpoint: random {args.shape} weights in {path} (written once, then reused)")
-        return make_random_checkpoint(args.shape, path)
+        path = offload / f"checkpoint-{args.shape}-{args.checkpoint_dtype}"
+        _say(f"checkpoint: random {args.shape} weights in {args.checkpoint_dtype} in {path} (written once, then reused)")
+        return make_random_checkpoint(args.shape, path, dtype=args.checkpoint_dtype)
     return Path(args.model or DEFAULT_MODEL)
 
 
@@ -130,45 +144,79 @@ def _workload(args: argparse.Namespace, offload: Path):
 
 
 def _bounds(args: argparse.Namespace, w):
-    from .bound import build_bound_model
+    """The bound models, one per compute dtype, each built (and said) when a run first needs it."""
+    from .bound import BoundModels, build_bound_model
 
-    bounds = build_bound_model(w.model_dir, prompt_len=w.prompt_len, gen_len=w.gen_len, offload_dir=w.offload_dir,
-                               hardware=args.hardware)
-    _say(f"bound: cost model with the speeds of {bounds.hardware_source}")
-    return bounds
+    def build(compute_dtype):
+        return build_bound_model(w.model_dir, prompt_len=w.prompt_len, gen_len=w.gen_len, offload_dir=w.offload_dir,
+                                 hardware=args.hardware, compute_dtype=compute_dtype)
+
+    return BoundModels(build, on_build=lambda dtype, model: _say(
+        f"bound ({model.dtypes.compute}): cost model with the speeds of {model.hardware_source}"))
 
 
-def _header(args: argparse.Namespace, w, bounds) -> str:
+def _dtypes(args: argparse.Namespace, w, systems: list[str]) -> dict[str, list]:
+    """The compute dtypes each of `systems` runs in: as --baseline-dtypes / --ours-dtypes list them,
+    else those this machine computes well, measured now on the compute device (dtypes.py)."""
+    from .dtypes import DTYPES, bench_shapes, choose_dtypes, describe, measure_matmul_rates
+    from ..planning.spec import ModelSpec
+
+    baseline, ours = checks.dtype_lists(args)
+    need = (baseline is None and any(s != "ours" for s in systems)) or (ours is None and "ours" in systems)
+    if need:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        shapes = bench_shapes(ModelSpec.from_dir(w.model_dir).hidden_size, w.prompt_len)
+        rates = measure_matmul_rates(DTYPES, shapes, device=device)
+        choice = choose_dtypes(rates, shapes)
+        _say(describe(rates, shapes, choice, device))
+        measured = list(choice.run)
+        baseline, ours = baseline or measured, ours or measured
+    return {system: (ours if system == "ours" else baseline) for system in systems}
+
+
+def _header(args: argparse.Namespace, w, bounds, dtypes: dict[str, list]) -> str:
+    sources = "; ".join(f"{m.dtypes.compute}: {m.hardware.name}, from {m.hardware_source}" for m in bounds.built.values())
     return (f"machine: {platform.machine()}, {os.cpu_count()} cores; model {args.shape or w.model_dir.name}; "
             f"prompt {w.prompt_len}, gen {w.gen_len}; memory cap {format_size(w.mem_limit) if w.mem_limit else 'none'}, "
             f"budget {format_size(w.budget) if w.budget else 'none'}\n"
-            f"bounds: {bounds.hardware.name}, from {bounds.hardware_source}")
+            f"compute dtypes: " + "; ".join(f"{s} {','.join(d or 'default' for d in ds)}" for s, ds in dtypes.items())
+            + f"\nbounds: {sources or 'none computed'}")
 
 
 def _compare(args: argparse.Namespace, offload: Path) -> int:
     from .compare import IN_MEMORY, best_baseline, best_ours, in_memory_run, offload_ratio, run_ours
-    from .report import format_attempt, format_table
+    from .report import format_attempt, format_summary, format_table
 
     systems = checks.systems(args.systems)
     blocks = checks.blocks(args.blocks or COMPARE_BLOCKS)
     batches = checks.int_list(args.batches, "--batches")
     w = _workload(args, offload)
+    dtypes = _dtypes(args, w, systems)
     bounds = _bounds(args, w)
     show = lambda a: _say(format_attempt(a))  # noqa: E731
     best, attempts = {}, {}
     for system in systems:
-        if system == "ours":
-            _say(f"ours: blocks {', '.join(f'{g}x{n}' for g, n in blocks)} while they fit")
-            best[system], attempts[system] = best_ours(w, blocks, bounds, on_attempt=show)
-        else:
-            _say(f"{system}: batches {', '.join(map(str, sorted(set(batches))))} while they fit")
-            best[system], attempts[system] = best_baseline(system, w, batches, on_attempt=show)
+        attempts[system], best[system] = [], None
+        for dtype in dtypes[system]:
+            if system == "ours":
+                _say(f"ours {dtype}: blocks {', '.join(f'{g}x{n}' for g, n in blocks)} while they fit")
+                found, tried = best_ours(w, blocks, bounds, dtype=dtype, on_attempt=show)
+            else:
+                _say(f"{system} {dtype}: batches {', '.join(map(str, sorted(set(batches))))} while they fit")
+                found, tried = best_baseline(system, w, batches, dtype=dtype, on_attempt=show)
+            attempts[system] += tried
+            if found is not None and (best[system] is None or found.tokens_per_s > best[system].tokens_per_s):
+                best[system] = found
     ratio_line = "offloaded decode / in-memory decode: not measured (no run of ours succeeded)"
     if best.get("ours") is not None:
         p = best["ours"].result["policy_fields"]
         block = (p["gpu_batch_size"], p["num_gpu_batches"])
-        run, note = in_memory_run(w, block, bounds)
-        _say(f"{IN_MEMORY}: block {block[0]}x{block[1]} with everything in memory, {note}")
+        dtype = best["ours"].dtype or None
+        run, note = in_memory_run(w, block, bounds.for_dtype(dtype), compute_dtype=dtype)
+        _say(f"{IN_MEMORY}: block {block[0]}x{block[1]} in {dtype or 'the default dtype'} with everything in memory, "
+             f"{note}")
         in_memory = run_ours(w, run, bounds)
         show(in_memory)
         best[IN_MEMORY], attempts[IN_MEMORY] = (in_memory if in_memory.ok else None), [in_memory]
@@ -176,17 +224,20 @@ def _compare(args: argparse.Namespace, offload: Path) -> int:
         if ratio is None:
             ratio_line = f"offloaded decode / in-memory decode: not measured (the in-memory run failed: {in_memory.error})"
         else:
-            ratio_line = (f"offloaded decode / in-memory decode = {ratio:.2f} (block {block[0]}x{block[1]}: "
+            ratio_line = (f"offloaded decode / in-memory decode = {ratio:.2f} (block {block[0]}x{block[1]}, {dtype}: "
                           f"{best['ours'].result['decode_tokens_per_s']:.2f} / {in_memory.result['decode_tokens_per_s']:.2f} "
                           f"tok/s; the in-memory run had {note})")
             if all(p[f"{kind}_gpu_percent"] >= 100 for kind in ("w", "cache", "act")):
                 ratio_line += "; the offloaded run had everything in memory too: the ratio is run-to-run noise"
-    print(_header(args, w, bounds))
+    print(_header(args, w, bounds, dtypes))
     print(format_table(args.shape or w.model_dir.name, best, attempts))
-    print(ratio_line, flush=True)
+    print(ratio_line)
+    print(format_summary(attempts, prompt_len=w.prompt_len, gen_len=w.gen_len,
+                         cap=format_size(w.mem_limit) if w.mem_limit else "none"), flush=True)
     if args.json:
         data = {s: [a.to_dict() for a in runs] for s, runs in attempts.items()}
-        data["hardware"] = bounds.hardware_source
+        data["hardware"] = {m.dtypes.compute: m.hardware_source for m in bounds.built.values()}
+        data["dtypes"] = dtypes
         write_json_file(args.json, data, flag="--json")
     return 0
 
@@ -204,7 +255,7 @@ def _sweep(args: argparse.Namespace, offload: Path) -> int:
         except UserError:
             _say(f"no chart: {MISSING}")
     systems = checks.systems(args.systems)
-    groups = grid_runs(checks.blocks(args.blocks or SWEEP_BLOCKS), parse_placements(args.placements))
+    blocks, placements = checks.blocks(args.blocks or SWEEP_BLOCKS), parse_placements(args.placements)
     latencies = []
     if args.max_latencies:
         try:
@@ -215,14 +266,17 @@ def _sweep(args: argparse.Namespace, offload: Path) -> int:
     planner = planner_points(latencies, run_flags())
     batches = checks.int_list(args.batches, "--batches")
     w = _workload(args, offload)
+    dtypes = _dtypes(args, w, systems)
+    groups = grid_runs(blocks, placements, dtypes.get("ours", [None]))
     bounds = _bounds(args, w)
     count = sum(map(len, groups)) + len(planner) if "ours" in systems else 0
     _say(f"sweep: up to {count} runs of ours, then {', '.join(s for s in systems if s != 'ours') or 'no baselines'} "
          f"at batches {args.batches} while they fit")
-    rows = run_sweep(w, groups, planner, systems, batches, bounds, on_attempt=lambda a: _say(format_attempt(a)))
+    rows = run_sweep(w, groups, planner, systems, batches, bounds, dtypes=dtypes,
+                     on_attempt=lambda a: _say(format_attempt(a)))
     write_csv(rows, args.sweep_csv)
     frontier = frontier_by_system(rows)
-    print(_header(args, w, bounds))
+    print(_header(args, w, bounds, dtypes))
     print(format_sweep_table(rows, frontier))
     print(f"* = on its system's Pareto frontier; latency = one block, prefill to last token. CSV: {args.sweep_csv}")
     if png:
@@ -230,8 +284,8 @@ def _sweep(args: argparse.Namespace, offload: Path) -> int:
                                     f"cap {format_size(w.mem_limit) if w.mem_limit else 'none'}")
         print(f"chart: {png}", flush=True)
     if args.json:
-        write_json_file(args.json, {"hardware": bounds.hardware_source, "runs": [a.to_dict() for a in rows]},
-                        flag="--json")
+        write_json_file(args.json, {"hardware": {m.dtypes.compute: m.hardware_source for m in bounds.built.values()},
+                                    "dtypes": dtypes, "runs": [a.to_dict() for a in rows]}, flag="--json")
     return 0
 
 

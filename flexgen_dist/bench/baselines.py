@@ -3,14 +3,15 @@ Accelerate's disk offload (`device_map` + `max_memory` + `offload_folder`), each
 process that prints one JSON line.
 
     python -m flexgen_dist.bench.baselines --system accelerate --model DIR --batch 16 \\
-        --prompt-len 64 --gen-len 16 --max-memory 1G --offload-folder /scratch/offload
+        --prompt-len 64 --gen-len 16 --max-memory 1G --offload-folder /scratch/offload --dtype bfloat16
 
 Methodology (the same for both systems, and as FlexGen's `benchmark/hf_ds/hf_opt.py` measures):
 - Random prompts of exactly `--prompt-len` ids drawn from [4, vocab) with `--seed` (no padding,
   no special ids), greedy (`do_sample=False`), `min_new_tokens = max_new_tokens = --gen-len`, so
   every sequence generates exactly gen-len tokens whatever its EOS.
-- Compute in fp32 on the CPU (a 16-bit checkpoint is loaded with `dtype=torch.float32`: 16-bit
-  matmuls are slow on AVX2 CPUs) and in fp16 on a GPU.
+- Compute in `--dtype` (the checkpoint is loaded converted to it): the bench runs every dtype
+  that this machine computes well (dtypes.py measures which) and keeps the best. Without
+  `--dtype`: fp32 on the CPU, fp16 on a GPU.
 - Untimed warm-up: `generate` of 1 token for batch 1. Under Accelerate disk offload this is a
   whole pass over the weights read from the disk, kept anyway (the first call also pays torch's
   lazy initialisation) and reported as `warmup_s`.
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 from flexgen_dist.frontend.oneline import OneLineParser
+from flexgen_dist.bench.dtypes import DTYPES
 from flexgen_dist.bench.memlimit import evict_from_page_cache, format_size, parse_size
 from flexgen_dist.errors import UserError
 
@@ -154,7 +156,7 @@ def _run(args) -> dict:
 
     torch.manual_seed(args.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     config = AutoConfig.from_pretrained(args.model)
 
@@ -226,7 +228,7 @@ def _run(args) -> dict:
         "warmup_s": warmup_s,
         "load_s": load_s,
         "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),  # what it was loaded in
         "threads": torch.get_num_threads(),
         "num_layers": sum(tiers.values()),
         "layers_by_tier": tiers,
@@ -263,6 +265,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-memory", help="accelerate: max_memory of the compute device (cpu here), e.g. 1G")
     parser.add_argument("--max-cpu-memory", help="accelerate on a GPU: max_memory of the cpu (default 0: the rest to disk)")
     parser.add_argument("--offload-folder", help="accelerate: where disk-tier weights go (default: a temporary folder)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="compute dtype, the checkpoint converted to it when loaded (default: float32 on the CPU, "
+                             "float16 on a GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--prefill-timing", choices=("first-forward", "separate"), default="first-forward",

@@ -11,8 +11,9 @@ takes the larger of the two per layer instead, and is at or above the bound (`pr
 
 The bound is computed in the bench's process from the policy the child reports in its stats
 JSON, rebuilt into a placement with the dtypes, workload and buffer settings the child plans with
-(`frontend/runtime.py`'s defaults: on a CPU machine fp32 compute, the checkpoint's dtype stored),
-and the machine's profiled `Hardware` (`flexgen_dist.profile`, measured once and cached).
+(the compute dtype it ran in, the checkpoint's dtype stored), and the machine's profiled
+`Hardware` for that compute dtype (`flexgen_dist.profile`, measured once and cached per dtype);
+`BoundModels` keeps one per compute dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..planning.compression import CompressionConfig
 from ..planning.cost_model import TaskTime, estimate
@@ -111,17 +113,36 @@ class BoundModel:
         )
 
 
+class BoundModels:
+    """One `BoundModel` per compute dtype, each built the first time a run in that dtype asks."""
+
+    def __init__(self, build: Callable[[str | None], BoundModel],
+                 on_build: Callable[[str | None, BoundModel], None] | None = None):
+        self._build = build
+        self._on_build = on_build
+        self.built: dict[str | None, BoundModel] = {}
+
+    def for_dtype(self, compute_dtype: str | None) -> BoundModel:
+        """The bound model of runs computing in `compute_dtype` (None: the engine's default)."""
+        if compute_dtype not in self.built:
+            self.built[compute_dtype] = model = self._build(compute_dtype)
+            if self._on_build is not None:
+                self._on_build(compute_dtype, model)
+        return self.built[compute_dtype]
+
+
 def build_bound_model(model_dir: str | Path, *, prompt_len: int, gen_len: int, offload_dir: str | Path,
-                      hardware: str | Path | None = None) -> BoundModel:
+                      hardware: str | Path | None = None, compute_dtype: str | None = None) -> BoundModel:
     """The child's planning inputs (see the module docstring) and this machine's speeds: the
     `--hardware` file or preset when given, else the cached profile of this host, device, compute
-    dtype and offload file system, measured now (a quick profile, seconds) when there is none."""
+    dtype and offload file system, measured now (a quick profile, seconds) when there is none.
+    `compute_dtype`: what the child computed in (None: the engine's default rule)."""
     from ..frontend.runtime import Runtime  # torch: the device and dtype rules the child follows
     from ..planning.presets import hardware_from_arg
     from ..profile import cache_path, load_or_profile
 
     spec = ModelSpec.from_dir(model_dir)
-    runtime = Runtime()
+    runtime = Runtime(compute_dtype=compute_dtype)
     device = runtime.resolve_device()
     dtypes = runtime.dtypes(spec, device)
     buffers = Buffers(separate_gpu=device.type == "cuda", prefetch_depth=runtime.prefetch_depth,

@@ -12,6 +12,19 @@ from ..planning.sizes import parse_size
 from ..storage.atomic_files import check_offload_folder
 
 PROCESS_RESERVE = int(1.5 * 2**30)  # what a run's own process takes besides the weights and cache it is given
+WORKLOADS = {  # --workload: (prompt tokens, new tokens)
+    "short": (64, 16),  # prefill weighs as much as decoding
+    "decode-heavy": (64, 128),  # decoding dominates: where offloading's cost per step shows
+}
+
+
+def workload(args: argparse.Namespace) -> None:
+    """--prompt-len and --gen-len from --workload where not given (sets them on `args`)."""
+    if args.workload not in WORKLOADS:
+        raise UserError(f"unknown --workload {args.workload!r}; use {', '.join(WORKLOADS)}")
+    prompt_len, gen_len = WORKLOADS[args.workload]
+    args.prompt_len = prompt_len if args.prompt_len is None else args.prompt_len
+    args.gen_len = gen_len if args.gen_len is None else args.gen_len
 
 
 def int_list(text: str, flag: str) -> list[int]:
@@ -63,9 +76,13 @@ def ours_flags(text: str) -> tuple[str, ...]:
 
     flags = tuple(shlex.split(text))
     owned = {"--model", "--prompt-len", "--gen-len", "--seed", "--stats-json", "--offload-dir", "--num-prompts"}
-    clash = sorted(owned & {f.split("=")[0] for f in flags})
+    given = {f.split("=")[0] for f in flags}
+    clash = sorted(owned & given)
     if clash:
         raise UserError(f"--ours-flags: {', '.join(clash)} are set by the bench itself; leave them out")
+    if "--compute-dtype" in given:
+        raise UserError("--ours-flags: give our compute dtypes with --ours-dtypes (e.g. --ours-dtypes float32,bfloat16), "
+                        "not --compute-dtype")
     parser = build_parser()
     parser.exit_on_error = False
     try:
@@ -77,12 +94,29 @@ def ours_flags(text: str) -> tuple[str, ...]:
     return flags
 
 
+def ours_dtype_choices() -> tuple[str, ...]:
+    """What run's --compute-dtype takes (auto among them once run has it)."""
+    from ..run import build_parser
+
+    action = next(a for a in build_parser()._actions if "--compute-dtype" in a.option_strings)
+    return tuple(action.choices)
+
+
+def dtype_lists(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
+    """(--baseline-dtypes, --ours-dtypes): each the dtypes listed, or None to measure."""
+    from .dtypes import DTYPES, parse_dtypes
+
+    return (parse_dtypes(args.baseline_dtypes, "--baseline-dtypes", DTYPES),
+            parse_dtypes(args.ours_dtypes, "--ours-dtypes", ours_dtype_choices()))
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every flag a bench mode uses, in the order a user reads them; raises `UserError`."""
     from .checkpoints import SHAPES
 
     if args.ranks and args.sweep:
         raise UserError("give --ranks (pipeline scaling) or --sweep, not both")
+    workload(args)
     if args.model and args.shape:
         raise UserError("give --model or --shape, not both")
     if args.shape and args.shape not in SHAPES:
@@ -100,6 +134,7 @@ def check_args(args: argparse.Namespace) -> None:
         ours_flags(args.ours_flags)
         systems(args.systems)
         int_list(args.batches, "--batches")
+        dtype_lists(args)
         if args.blocks is not None:
             blocks(args.blocks)
         memory(args)

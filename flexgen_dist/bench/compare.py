@@ -3,8 +3,9 @@
 Every system runs as its own child process (ours: `python -m flexgen_dist.run`; the baselines:
 `python -m flexgen_dist.bench.baselines`), under the same cgroup memory cap when one is given,
 with the checkpoint and offload files evicted from the page cache first, so disk offloading is
-measured against the disk and not against RAM. Each system is tried at increasing batches until
-one no longer fits; its best is reported. Each of our runs is held against the cost model's
+measured against the disk and not against RAM. Each system runs in every compute dtype the bench
+chose (dtypes.py: those this machine computes well), in each at increasing batches until one no
+longer fits; its best dtype and batch are reported. Each of our runs is held against the cost model's
 bound for the policy it used (bound.py), and our best block is run once more with everything in
 memory, so the cost of offloading is one ratio.
 """
@@ -21,7 +22,7 @@ from typing import Callable
 
 from ..planning.policy import Policy
 from ..planning.sizes import format_size
-from .bound import BoundModel, policy_from_stats
+from .bound import BoundModel, BoundModels, policy_from_stats
 from .memlimit import evict_from_page_cache, run_limited
 from .report import policy_text_from_stats
 from .runs import Attempt, best_batch, run_baseline
@@ -53,6 +54,7 @@ class OursRun:
     system: str = "ours"
     label: str = ""  # for people; default: the block, e.g. "8x1"
     extra_args: tuple[str, ...] = ()  # more flags of `flexgen_dist.run` (the sweep's planner points)
+    compute_dtype: str | None = None  # run's --compute-dtype (float32, bfloat16, auto, ...); None: its default
 
     @property
     def name(self) -> str:
@@ -79,9 +81,11 @@ def ours_command(w: Workload, run: OursRun, stats_path: Path) -> list[str]:
         cmd += ["--num-prompts", str(gbs * ngb), "--gpu-batch-size", str(gbs), "--num-gpu-batches", str(ngb)]
     if run.percent is not None:
         cmd += ["--percent", *run.percent]
+    if run.compute_dtype is not None:
+        cmd += ["--compute-dtype", run.compute_dtype]
     if run.use_budget and w.budget is not None:
         # On a machine without a GPU both tiers are RAM: half the budget each (the gpu tier holds
-        # fp32 copies ready to compute, the cpu tier 16-bit copies); the rest goes to disk. The
+        # copies in the compute dtype, the cpu tier in the checkpoint's); the rest goes to disk. The
         # same RAM as Accelerate's max_memory, and the cap's other 1.5 GiB left to the process and
         # the page cache (planning to the cgroup's own limit, 3.7 of 4 GiB, left the kernel
         # reclaiming the page cache on every disk read: decode 5x slower).
@@ -89,7 +93,9 @@ def ours_command(w: Workload, run: OursRun, stats_path: Path) -> list[str]:
     return cmd + list(w.ours_args) + list(run.extra_args)
 
 
-def run_ours(w: Workload, run: OursRun, bounds: BoundModel | None = None) -> Attempt:
+def run_ours(w: Workload, run: OursRun, bounds: BoundModels | None = None) -> Attempt:
+    """One run of our engine as its own child; `bounds` gives the bound of the policy it reports,
+    computed for the dtype it computed in."""
     with tempfile.TemporaryDirectory() as tmp:
         stats_path = Path(tmp) / "stats.json"
         cmd = ours_command(w, run, stats_path)
@@ -98,12 +104,16 @@ def run_ours(w: Workload, run: OursRun, bounds: BoundModel | None = None) -> Att
         batch = run.block[0] * run.block[1] if run.block else 0
         attempt = Attempt(system=run.system, batch=batch, ok=False, label=run.name, oom_killed=child.oom_killed,
                           peak_rss_bytes=child.peak_rss_bytes, peak_cgroup_bytes=child.peak_cgroup_bytes,
-                          limit_method=child.limit_method, command=cmd, stderr_tail=child.stderr[-4000:])
+                          limit_method=child.limit_method, command=cmd, stderr_tail=child.stderr[-4000:],
+                          dtype=run.compute_dtype or "")
         if not child.ok:
             attempt.error = child.describe_failure()
             return attempt
         stats = json.loads(stats_path.read_text())
     p = stats["policy"]
+    # What it computed in: the plan says (an `auto` run chose), else what was asked.
+    computed = stats.get("planned", {}).get("dtypes", {}).get("compute") or run.compute_dtype
+    attempt.dtype = computed or ""
     block = p["gpu_batch_size"] * p["num_gpu_batches"]
     attempt.batch = block
     attempt.ok = True
@@ -119,49 +129,67 @@ def run_ours(w: Workload, run: OursRun, bounds: BoundModel | None = None) -> Att
         "total_tokens_per_s": stats["tokens_per_s"],
         "prefill_s": stats["prefill_s"],
         "decode_s": stats["decode_s"],
+        "dtype": attempt.dtype,
     }
     if bounds is not None:
         try:
-            attempt.bound = bounds.bound(policy_from_stats(p))
+            attempt.bound = bounds.for_dtype(computed if computed != "auto" else None).bound(policy_from_stats(p))
         except (ValueError, TypeError, KeyError) as e:  # the run's numbers stand without it
             attempt.bound_error = f"{type(e).__name__}: {e}"
     return attempt
 
 
-def best_ours(w: Workload, blocks: list[tuple[int, int]], bounds: BoundModel | None = None, *,
+def best_ours(w: Workload, blocks: list[tuple[int, int]], bounds: BoundModels | None = None, *,
+              dtype: str | None = None,
               on_attempt: Callable[[Attempt], None] | None = None) -> tuple[Attempt | None, list[Attempt]]:
-    """Blocks (gpu batch size, gpu batches) tried in order of size while they fit."""
+    """Blocks (gpu batch size, gpu batches) tried in order of size while they fit, computing in
+    `dtype` (run's --compute-dtype; None: its default)."""
     by_size = {gbs * ngb: (gbs, ngb) for gbs, ngb in blocks}
-    return best_batch(lambda size: run_ours(w, OursRun(block=by_size[size]), bounds), by_size, on_attempt=on_attempt)
+    return best_batch(lambda size: run_ours(w, OursRun(block=by_size[size], compute_dtype=dtype), bounds), by_size,
+                      on_attempt=on_attempt)
 
 
-def in_memory_run(w: Workload, block: tuple[int, int], bounds: BoundModel) -> tuple[OursRun, str]:
-    """Our engine at `block` with everything on the compute device, and a note saying whether it
-    runs under the memory cap: it does when its planned bytes fit the budget the offloaded runs
-    were given, else it runs without the cap (it would be OOM-killed under it)."""
-    uncapped = OursRun(block=block, percent=IN_MEMORY_PERCENT, use_budget=False, capped=False, system=IN_MEMORY)
+def in_memory_run(w: Workload, block: tuple[int, int], bounds: BoundModel,
+                  compute_dtype: str | None = None) -> tuple[OursRun, str]:
+    """Our engine at `block` in `compute_dtype` with everything on the compute device (`bounds`:
+    the bound model of that dtype), and a note saying whether it runs under the memory cap: it
+    does when its planned bytes fit the budget the offloaded runs were given, else it runs
+    without the cap (it would be OOM-killed under it)."""
+    uncapped = OursRun(block=block, percent=IN_MEMORY_PERCENT, use_budget=False, capped=False, system=IN_MEMORY,
+                       compute_dtype=compute_dtype)
     if w.mem_limit is None:
         return uncapped, "no memory cap (none was asked for)"
     planned = sum(bounds.placement(Policy(gpu_batch_size=block[0], num_gpu_batches=block[1])).bytes_per_tier().values())
     room = w.budget if w.budget is not None else w.mem_limit
     if planned <= room:
-        return (OursRun(block=block, percent=IN_MEMORY_PERCENT, use_budget=False, capped=True, system=IN_MEMORY),
+        return (OursRun(block=block, percent=IN_MEMORY_PERCENT, use_budget=False, capped=True, system=IN_MEMORY,
+                        compute_dtype=compute_dtype),
                 f"under the same {format_size(w.mem_limit)} cap (its {format_size(planned)} fit the budget)")
     return uncapped, (f"WITHOUT the {format_size(w.mem_limit)} cap: its {format_size(planned)} do not fit "
                       f"the {format_size(room)} budget")
 
 
-def best_baseline(system: str, w: Workload, batches: list[int], *,
+def best_baseline(system: str, w: Workload, batches: list[int], *, dtype: str | None = None,
                   on_attempt: Callable[[Attempt], None] | None = None) -> tuple[Attempt | None, list[Attempt]]:
+    """A baseline at `batches` in increasing order while they fit, computing in `dtype` (None: the
+    child's default)."""
     def one(batch: int) -> Attempt:
+        # One offload folder per dtype: Accelerate writes its disk-tier weights in the compute dtype.
+        folder = w.offload_dir / ("accelerate" + (f"-{dtype}" if dtype else ""))
         return run_baseline(
             system, w.model_dir, batch, w.prompt_len, w.gen_len,
             max_memory=w.budget if system == "accelerate" else None,
-            offload_folder=w.offload_dir / "accelerate" if system == "accelerate" else None,
+            offload_folder=folder if system == "accelerate" else None, dtype=dtype,
             seed=w.seed, mem_limit=w.mem_limit, evict=[w.model_dir, w.offload_dir], env=child_env(),
         )
 
     return best_batch(one, batches, on_attempt=on_attempt)
+
+
+def best_of(attempts: list[Attempt], key: str = "total_tokens_per_s") -> Attempt | None:
+    """The successful attempt with the highest `key` of its result (None: none succeeded)."""
+    done = [a for a in attempts if a.ok and a.result]
+    return max(done, key=lambda a: float(a.result[key])) if done else None
 
 
 def offload_ratio(offloaded: Attempt, in_memory: Attempt) -> float | None:

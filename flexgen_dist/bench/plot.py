@@ -43,7 +43,8 @@ def plot_sweep(rows: Sequence[Attempt], path: str | Path, *, title: str) -> None
         ax.plot([x for x, _ in front], [y for _, y in front], drawstyle="steps-post", color=dots.get_facecolor()[0],
                 alpha=0.8, zorder=2)
         for a, (x, y) in zip(done, points):
-            ax.annotate(a.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, alpha=0.8)
+            ax.annotate(f"{a.label} {a.dtype}".strip(), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        alpha=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("latency of one block, prefill to last token (s, log scale)")
     ax.set_ylabel("generation throughput (generated tokens/s)")

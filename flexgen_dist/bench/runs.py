@@ -37,6 +37,8 @@ class Attempt:
     stderr_tail: str = ""
     label: str = ""
     """What was run, for people: our block ("8x1", "8x1 disk") or a baseline's batch ("8")."""
+    dtype: str = ""
+    """The compute dtype it ran in (what the child reports; as asked when it failed)."""
     bound: Bound | None = None
     """Ours: the cost model's bound for the policy the run used (see bound.py)."""
     bound_error: str = ""
@@ -83,6 +85,7 @@ def baseline_command(
     *,
     max_memory: str | int | None = None,
     offload_folder=None,
+    dtype: str | None = None,
     seed: int = 0,
     threads: int | None = None,
     prefill_timing: str = "first-forward",
@@ -98,6 +101,8 @@ def baseline_command(
         cmd += ["--max-memory", str(max_memory)]
     if offload_folder is not None:
         cmd += ["--offload-folder", str(offload_folder)]
+    if dtype is not None:
+        cmd += ["--dtype", dtype]
     if threads:
         cmd += ["--threads", str(threads)]
     return cmd
@@ -119,7 +124,7 @@ def run_baseline(
     """Run one baseline child, under `mem_limit` bytes when given (`memlimit.run_limited`),
     after evicting the files under `evict` (typically the checkpoint and the offload folder)
     from the page cache, and parse its JSON line. `child_options` are `baseline_command`'s
-    (max_memory, offload_folder, seed, threads, prefill_timing)."""
+    (max_memory, offload_folder, dtype, seed, threads, prefill_timing)."""
     cmd = baseline_command(system, model_dir, batch, prompt_len, gen_len, **child_options)
     evict = [evict] if isinstance(evict, (str, os.PathLike)) else list(evict)
     if evict:
@@ -129,7 +134,8 @@ def run_baseline(
     run: LimitedRun = run_limited(cmd, mem_limit=mem_limit, env=child_env, timeout_s=timeout_s)
     attempt = Attempt(system=system, batch=batch, ok=False, label=str(batch), oom_killed=run.oom_killed,
                       peak_rss_bytes=run.peak_rss_bytes, peak_cgroup_bytes=run.peak_cgroup_bytes,
-                      limit_method=run.limit_method, command=cmd, stderr_tail=run.stderr[-4000:])
+                      limit_method=run.limit_method, command=cmd, stderr_tail=run.stderr[-4000:],
+                      dtype=child_options.get("dtype") or "")
     if not run.ok:
         attempt.error = run.describe_failure()
         return attempt
@@ -140,6 +146,7 @@ def run_baseline(
         attempt.error = f"no JSON line on the child's stdout: {run.stdout[-300:]!r}"
         return attempt
     attempt.ok = True
+    attempt.dtype = attempt.result.get("dtype", attempt.dtype)
     if attempt.peak_rss_bytes is None:
         attempt.peak_rss_bytes = attempt.result.get("peak_rss_bytes")
     return attempt

@@ -15,10 +15,10 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..errors import NotSupportedYet, UserError
-from .bound import BoundModel
+from .bound import BoundModels
 from .compare import OursRun, Workload, best_baseline, run_ours
 from .report import policy_text
 from .runs import Attempt
@@ -34,7 +34,7 @@ PLACEMENTS: dict[str, tuple[float, ...]] = {
 }
 
 CSV_COLUMNS = (
-    "system", "run", "batch", "policy", "prefill_tokens_per_s", "decode_tokens_per_s", "total_tokens_per_s",
+    "system", "dtype", "run", "batch", "policy", "prefill_tokens_per_s", "decode_tokens_per_s", "total_tokens_per_s",
     "block_latency_s", "peak_mem_bytes", "decode_bound_tokens_per_s", "of_bound", "error",
 )
 
@@ -69,14 +69,18 @@ def parse_placements(text: str) -> list[NamedPlacement]:
     return out
 
 
-def grid_runs(blocks: Sequence[tuple[int, int]], placements: Sequence[NamedPlacement]) -> list[list[OursRun]]:
-    """Our runs, one list per placement with its blocks smallest first (a larger block is not
-    tried once a smaller one failed: it needs more memory still). Fixed placements: no budget fit."""
+def grid_runs(blocks: Sequence[tuple[int, int]], placements: Sequence[NamedPlacement],
+              dtypes: Sequence[str | None] = (None,)) -> list[list[OursRun]]:
+    """Our runs, one list per compute dtype and placement with its blocks smallest first (a larger
+    block is not tried once a smaller one failed: it needs more memory still). Fixed placements:
+    no budget fit. A dtype None leaves run's --compute-dtype at its default."""
     groups = []
-    for placement in placements:
-        percent = tuple(f"{x:g}" for x in placement.percent)
-        groups.append([OursRun(block=block, percent=percent, use_budget=False, label=f"{block[0]}x{block[1]} {placement.name}")
-                       for block in sorted(blocks, key=lambda b: (b[0] * b[1], b))])
+    for dtype in dtypes:
+        for placement in placements:
+            percent = tuple(f"{x:g}" for x in placement.percent)
+            groups.append([OursRun(block=block, percent=percent, use_budget=False, compute_dtype=dtype,
+                                   label=f"{block[0]}x{block[1]} {placement.name}")
+                           for block in sorted(blocks, key=lambda b: (b[0] * b[1], b))])
     return groups
 
 
@@ -101,10 +105,10 @@ def run_flags() -> set[str]:
 
 
 def run_sweep(w: Workload, groups: list[list[OursRun]], planner: list[OursRun], systems: Sequence[str],
-              batches: Sequence[int], bounds: BoundModel | None, *,
+              batches: Sequence[int], bounds: BoundModels | None, *, dtypes: Mapping[str, Sequence[str | None]] = {},
               on_attempt: Callable[[Attempt], None]) -> list[Attempt]:
     """Every run of the sweep, in the order run: ours (grid, then the planner's points), then each
-    baseline at its batches while they fit."""
+    baseline in each of its `dtypes` (none given: its default) at its batches while they fit."""
     rows: list[Attempt] = []
 
     def record(attempt: Attempt) -> None:
@@ -122,7 +126,8 @@ def run_sweep(w: Workload, groups: list[list[OursRun]], planner: list[OursRun], 
             record(run_ours(w, run, bounds))
     for system in systems:
         if system != "ours":
-            best_baseline(system, w, list(batches), on_attempt=record)
+            for dtype in dtypes.get(system) or [None]:
+                best_baseline(system, w, list(batches), dtype=dtype, on_attempt=record)
     return rows
 
 
@@ -153,6 +158,7 @@ def csv_row(a: Attempt) -> dict:
     r = a.result or {}
     return {
         "system": a.system,
+        "dtype": a.dtype,
         "run": a.label,
         "batch": a.batch,
         "policy": policy_text(a) if a.ok else "",
