@@ -192,6 +192,8 @@ def format_table(hardware: Hardware) -> str:
         ("4-bit quantize", rate(s.quantize_bw, "B/s")),
         ("4-bit dequantize", rate(s.dequantize_bw, "B/s")),
         ("elementwise passes", rate(s.elementwise_bw, "B/s")),
+        ("disk read, per call", f"{s.disk_read_latency * 1e6:8.1f} us" if s.disk_read_latency else "not measured"),
+        ("16 -> 32-bit conversion", rate(s.convert_bw, "B/s") if s.convert_bw else "not measured"),
     ]
     width = max(len(label) for label, _ in rows)
     lines = [hardware.name] + [f"  {label:<{width}}  {value.strip()}" for label, value in rows]
