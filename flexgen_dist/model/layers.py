@@ -153,16 +153,17 @@ def chunked_attention(q: torch.Tensor, read_kv, length: int, mask: torch.Tensor,
         allowed = mask[..., start:stop].to(k.device).expand(B, 1, T, stop - start).repeat(1, 1, g, 1)  # (B, 1, gT, n)
         scores.masked_fill_(~allowed, float("-inf"))
         peak = scores.amax(-1, keepdim=True)  # (B, nkv, gT, 1)
+        new_best = peak if best is None else torch.maximum(best, peak)
+        # A query whose keys so far are all masked (a padding row, a long left pad) has a best of
+        # -inf: subtract 0 instead, so its weights are exp(-inf) = 0, not exp(-inf + inf) = NaN.
+        shift = new_best.masked_fill(new_best == float("-inf"), 0.0)
+        weights = (scores - shift).exp_()
         if best is None:
-            best = peak
-            weights = (scores - best).exp_()
             total, acc = weights.sum(-1, keepdim=True), weights @ v
-            continue
-        new_best = torch.maximum(best, peak)
-        rescale = (best - new_best).exp_()
-        weights = (scores - new_best).exp_()
-        total = total * rescale + weights.sum(-1, keepdim=True)
-        acc = acc * rescale + weights @ v
+        else:
+            rescale = (best - shift).exp_()  # 0 where nothing was allowed before
+            total = total * rescale + weights.sum(-1, keepdim=True)
+            acc = acc * rescale + weights @ v
         best = new_best
     return _ungrouped(acc / total, nh, T)
 
