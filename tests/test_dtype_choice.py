@@ -26,26 +26,33 @@ def _fp16_spec():
 
 
 def test_a_16_bit_checkpoint_on_the_cpu_may_compute_in_float32_or_its_own_dtype():
-    assert Runtime().dtype_choices(_fp16_spec(), CPU) == [FP32, FP16]
+    assert Runtime().dtype_choices(_fp16_spec(), CPU) == [FP32, FP16, Dtypes("bfloat16", "float16")]
     bf16 = dataclasses.replace(llama_spec(), dtype="bfloat16")
     assert Runtime().dtype_choices(bf16, CPU) == [Dtypes("float32", "bfloat16"), Dtypes("bfloat16", "bfloat16")]
     assert Runtime().dtype_choices(dataclasses.replace(llama_spec(), dtype="float32"), CPU) == [Dtypes("float32", "float32")]
     assert Runtime(compute_dtype="bfloat16").dtype_choices(_fp16_spec(), CPU) == [Dtypes("bfloat16", "float16")]
 
 
-def _machine_where(fp16_speedup: float):
-    """The profile of each dtype: 16-bit compute `fp16_speedup` times fp32's."""
+def _machine_where(fp16_speedup: float, bf16_speedup: float):
+    """The profile of each dtype: 16-bit compute that many times fp32's."""
     fp32 = cpu_machine(host_mem=2 << 30)
     s = fp32.speeds
-    faster = dataclasses.replace(s, compute_dtype="float16", **{name: getattr(s, name) * fp16_speedup for name in (
-        "matmul_flops", "decode_matmul_flops", "attention_flops", "decode_attention_flops", "cpu_attention_flops",
-        "elementwise_bw")})
-    return {"float32": fp32, "float16": dataclasses.replace(fp32, speeds=faster)}
+
+    def scaled(dtype, factor):
+        return dataclasses.replace(fp32, speeds=dataclasses.replace(s, compute_dtype=dtype, **{
+            name: getattr(s, name) * factor for name in ("matmul_flops", "decode_matmul_flops", "attention_flops",
+                                                          "decode_attention_flops", "cpu_attention_flops", "elementwise_bw")}))
+
+    return {"float32": fp32, "float16": scaled("float16", fp16_speedup), "bfloat16": scaled("bfloat16", bf16_speedup)}
 
 
-@pytest.mark.parametrize("fp16_speedup, chosen", [(4.0, "float16"), (0.25, "float32")])
-def test_the_planner_computes_in_the_dtype_its_profile_predicts_faster(monkeypatch, fp16_speedup, chosen):
-    machines = _machine_where(fp16_speedup)
+@pytest.mark.parametrize("fp16_speedup, bf16_speedup, chosen", [
+    (4.0, 0.9, "float16"),  # AVX-512 FP16: the checkpoint's own dtype, nothing converted
+    (0.25, 0.3, "float32"),  # AVX2 only: 16-bit matmuls are slow
+    (0.25, 4.0, "bfloat16"),  # AVX-512 BF16 without FP16 (this development machine)
+])
+def test_the_planner_computes_in_the_dtype_its_profile_predicts_faster(monkeypatch, fp16_speedup, bf16_speedup, chosen):
+    machines = _machine_where(fp16_speedup, bf16_speedup)
     asked = []
 
     def fake_hardware(capacity, *, compute_dtype, **kwargs):
@@ -55,12 +62,13 @@ def test_the_planner_computes_in_the_dtype_its_profile_predicts_faster(monkeypat
     monkeypatch.setattr(planner, "rank_hardware", fake_hardware)
     choice = plan_for(_fp16_spec(), runtime=Runtime(device="cpu"), policy=None, capacity=Capacity(),
                       options=SearchOptions(), offload_dir=None)
-    assert sorted(asked) == ["float16", "float32"]
+    assert sorted(asked) == ["bfloat16", "float16", "float32"]
     assert choice.placement.dtypes == Dtypes(chosen, "float16")
     assert f"compute {chosen}" in choice.log_line()
-    other = "float32" if chosen == "float16" else "float16"
-    assert f"against {other}" in choice.log_line()
+    others = [name for name in machines if name != chosen]
+    assert all(f"{name} " in choice.log_line().split("against", 1)[1] for name in others)
     assert f"compute dtype: {chosen}" in choice.summary()
+    assert ("rounds the float16 weights" in choice.log_line()) == (chosen == "bfloat16")
 
 
 def _fake_plan(throughputs: dict, refused=()):

@@ -1,5 +1,6 @@
 """How often greedy output still equals transformers' (fp32, CPU) when the KV cache is stored in
-16 bits (or compressed), on the bundled model's held-out text.
+16 bits (or compressed), or the layers compute in bfloat16, on the bundled model's held-out text.
+The cache settings compute in float32, so only the cache differs from the reference.
 
     python tools/cache_dtype_match.py [--prompts 100] [--new-tokens 32] [--prompt-tokens 32]
 
@@ -26,6 +27,8 @@ SETTINGS = {
         "flexgen_dist.planning.compression", fromlist=["CompressionConfig"]).CompressionConfig(bits=8)),
     "4-bit cache": Policy(gpu_batch_size=32, compress_cache=True),
 }
+COMPUTE = {name: "float32" for name in SETTINGS}
+SETTINGS["bf16 compute"], COMPUTE["bf16 compute"] = Policy(gpu_batch_size=32), "bfloat16"
 
 
 def main() -> None:
@@ -49,7 +52,7 @@ def main() -> None:
     print(f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy")
     print(f"{'cache':<22} {'same output':>12} {'tokens before the first difference':>36}")
     for name, policy in SETTINGS.items():
-        with LLM(DEFAULT_MODEL, policy=policy, runtime=Runtime(device="cpu")) as llm:
+        with LLM(DEFAULT_MODEL, policy=policy, runtime=Runtime(device="cpu", compute_dtype=COMPUTE[name])) as llm:
             got = [o.output_ids for o in llm.generate(prompts, max_new_tokens=args.new_tokens).outputs]
         same = sum(g == r for g, r in zip(got, reference))
         agree = 0

@@ -198,7 +198,10 @@ def choose_dtype(choices: list[Dtypes], plan_in, pipeline=None) -> PlanChoice:
     best = max(predicted, key=predicted.get)
     others = ", ".join(f"{name} {value:.4g} tok/s" for name, value in predicted.items() if name != best)
     refused = [d.compute for d in choices if d.compute not in plans]
+    rounds = plans[best].placement.dtypes
     note = f" (chosen by the profile: {best} {predicted[best]:.4g} tok/s predicted"
+    if rounds.compute != "float32" and rounds.compute != rounds.storage:
+        note = f" (rounds the {rounds.storage} weights; " + note.removeprefix(" (")
     note += f" against {others}" if others else ""
     note += f"; {', '.join(refused)} does not fit" if refused else ""
     log.info("compute dtype %s%s", best, note + ")")

@@ -19,10 +19,11 @@ class Runtime:
     """Compute device: "cpu", "cuda" or "cuda:N" (default: this rank's GPU when there is one, else the CPU)."""
     compute_dtype: str | None = None
     """What layers compute in. None ("auto"): on a GPU bfloat16 for a bfloat16 checkpoint where
-    the GPU has it natively, else float16; on a CPU, for a 16-bit checkpoint, float32 or the
-    checkpoint's own dtype, whichever the planner predicts faster from this machine's profile of
-    each (16-bit matmuls are several times faster than fp32 on some CPUs and several times slower
-    on others); float32 for a float32 checkpoint."""
+    the GPU has it natively, else float16; on a CPU, for a 16-bit checkpoint, float32, the
+    checkpoint's own dtype or (for a float16 one) bfloat16, whichever the planner predicts
+    fastest from this machine's profile of each (16-bit matmuls are several times faster than
+    fp32 on CPUs with AVX-512 BF16 or AMX and several times slower on AVX2-only ones); float32
+    for a float32 checkpoint. float32 is what gives transformers' fp32 tokens exactly."""
     storage_dtype: str | None = None
     """Host and disk copies of the weights (default: the checkpoint's dtype)."""
     prefetch_depth: int = 1
@@ -73,13 +74,15 @@ class Runtime:
     def dtype_choices(self, spec: ModelSpec, device: torch.device) -> list[Dtypes]:
         """The dtypes the planner chooses between by predicted throughput (the first where it
         cannot measure). Computing in the checkpoint's own 16-bit dtype converts nothing; float32
-        widens exactly. Another 16-bit dtype than the checkpoint's would round its weights, so it
-        is never chosen for the user (`compute_dtype` can still ask for it)."""
+        widens exactly; bfloat16 for a float16 checkpoint rounds each weight to 8 significant bits
+        (fp16 has 11; every fp16 value is in bf16's range): CPUs with bf16 units but slow fp16
+        ones (AVX-512 BF16 without AVX-512 FP16) run it 4-5x faster than fp32. A bfloat16
+        checkpoint is never computed in float16 (its range may not fit)."""
         storage = self.storage_dtype or (spec.dtype if spec.dtype in DTYPE_BYTES else "float32")
         if self.compute_dtype is not None:
             return [Dtypes(compute=self.compute_dtype, storage=storage)]
         if device.type == "cpu":
-            computes = ["float32"] if storage == "float32" else ["float32", storage]
+            computes = {"float32": ["float32"], "float16": ["float32", "float16", "bfloat16"]}.get(storage, ["float32", storage])
         elif storage == "bfloat16" and _native_bf16(device):
             computes = ["bfloat16"]
         else:
