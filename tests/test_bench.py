@@ -244,10 +244,12 @@ def test_ours_flags_reach_every_run_of_ours_and_bad_ones_stop_before_any_work(ti
     assert measured, proc.stderr
     data = json.loads(out.read_text())
     assert data["dtypes"] == {"ours": measured.group(1).split(", ")}
-    assert [a["dtype"] for a in data["ours"]] == data["dtypes"]["ours"]
-    for system in ("ours", "ours-in-memory"):
-        fields = data[system][0]["result"]["policy_fields"]
-        assert fields["compress_weight"] and fields["compress_cache"], (system, fields)
+    # No --budget: after the blocks, the planner's own run for as many prompts as the largest batch.
+    assert [(a["dtype"], a["label"]) for a in data["ours"]] == [
+        (dtype, label) for dtype in data["dtypes"]["ours"] for label in ("2x1", "auto")]
+    for run in data["ours"] + data["ours-in-memory"]:
+        fields = run["result"]["policy_fields"]
+        assert fields["compress_weight"] and fields["compress_cache"], (run["label"], fields)
 
     for flags, said in (("--compress-bits x", "invalid int value"), ("--no-such-flag", "has no --no-such-flag"),
                         ("--offload-dir /elsewhere", "set by the bench itself"),
@@ -305,3 +307,36 @@ def test_sweep_png_without_matplotlib_is_one_line_before_any_run(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --sweep-png needs matplotlib: pip install 'flexgen_dist[plot]'"]
     assert not (tmp_path / "off").exists()  # nothing was run
+
+
+def test_the_auto_run_is_planned_under_the_cap_as_a_user_runs_it(tmp_path, monkeypatch):
+    """Accelerate's budget bounds its weights only; ours bounds weights, cache and buffers. So ours
+    also runs as a user would start it under the cap: no block and no capacities given, the
+    planner sizing both from what it detects; the best of all runs counts."""
+    from flexgen_dist.bench import compare
+    from flexgen_dist.bench.runs import Attempt
+
+    w = compare.Workload(model_dir=tmp_path, prompt_len=8, gen_len=2, mem_limit=4 << 30, budget=(4 << 30) - (3 << 29),
+                         offload_dir=tmp_path)
+    auto = compare.OursRun(block=None, use_budget=False, label="auto", num_prompts=64)
+    cmd = " ".join(compare.ours_command(w, auto, tmp_path / "stats.json"))
+    assert "--num-prompts 64" in cmd and "--gpu-mem" not in cmd and "--gpu-batch-size" not in cmd
+    fixed = " ".join(compare.ours_command(w, compare.OursRun(block=(2, 1)), tmp_path / "stats.json"))
+    assert f"--gpu-mem {w.budget // 2} --cpu-mem {w.budget // 2}" in fixed and "--num-prompts 2" in fixed
+
+    speeds = {"2x1": 5.0, "4x1": 7.0, "auto": 9.0}
+    seen = []
+
+    def fake_run(workload, run, bounds=None):
+        seen.append(run)
+        return Attempt(system="ours", batch=0, ok=True, label=run.name, result={"total_tokens_per_s": speeds[run.name]})
+
+    monkeypatch.setattr(compare, "run_ours", fake_run)
+    best, attempts = compare.best_ours(w, [(2, 1), (4, 1)], dtype="bfloat16", auto_prompts=64)
+    assert [a.label for a in attempts] == ["2x1", "4x1", "auto"] and best.label == "auto"
+    assert (seen[-1].block, seen[-1].use_budget, seen[-1].num_prompts, seen[-1].compute_dtype) == (None, False, 64, "bfloat16")
+    speeds["auto"] = 1.0
+    best, _ = compare.best_ours(w, [(2, 1), (4, 1)], auto_prompts=64)
+    assert best.label == "4x1"
+    _, attempts = compare.best_ours(w, [(2, 1)])
+    assert [a.label for a in attempts] == ["2x1"]  # no auto run when the user gave a budget

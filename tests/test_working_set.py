@@ -197,3 +197,46 @@ def test_gather_and_stream_equal_the_whole_tensor(where, tmp_path):
         assert torch.equal(logits(x, streamed), want)
     assert reads == [1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4]
     reader.close()
+
+
+def test_a_tied_head_is_held_once_where_the_table_is():
+    """OPT ties its head to the input embedding: one checkpoint tensor. With the table resident the
+    head uses it (no second copy, nothing staged); on a slower tier of its own it would be counted
+    twice and loaded every step."""
+    tied = SPECS["opt-1.3b"]()
+    untied = ModelSpec.from_config({**OPT_1_3B, "tie_word_embeddings": False})
+    dtypes, separate = MACHINES["cpu"]
+
+    def plan(spec, gpu_percent):
+        policy = Policy(gpu_batch_size=4, num_gpu_batches=1, w_gpu_percent=gpu_percent, w_cpu_percent=0)
+        return plan_placement(spec, model_units(spec), policy, dtypes=dtypes, workload=Workload(64, 32),
+                              buffers=Buffers(separate_gpu=separate))
+
+    head_bytes = tied.vocab_size * tied.hidden_size * 4
+    everything = plan(tied, 100)
+    assert plan(untied, 100).weight_bytes()[Tier.GPU] - everything.weight_bytes()[Tier.GPU] == head_bytes
+    # Half on the gpu tier: the table is resident, the head's own share would be on disk; it follows the table.
+    half = plan(tied, 50)
+    places = {w.name: w for w in half.weights[max(half.weights)]}
+    assert places[HEAD_PROJECTION].tier is Tier.GPU and places[HEAD_PROJECTION].shared
+    assert not any(piece.name == HEAD_PROJECTION for piece in half.slot_layouts[max(half.weights)])
+    assert half.weight_bytes()[Tier.DISK] < plan(untied, 50).weight_bytes()[Tier.DISK] - head_bytes // 4
+    # On disk both read one file, counted once.
+    on_disk = plan(tied, 0)
+    assert plan(untied, 0).weight_bytes()[Tier.DISK] - on_disk.weight_bytes()[Tier.DISK] == tied.vocab_size * tied.hidden_size * 2
+
+
+@pytest.mark.parametrize("arch", ["llama-tied", "opt"])
+@pytest.mark.parametrize("w_gpu_percent", [50, 0])
+def test_a_tied_head_uses_the_tables_tensor_with_the_same_tokens(arch, w_gpu_percent, tiny_models_cache, tmp_path):
+    model = _wide_vocab(tiny_models_cache, arch)
+    prompts = unambiguous_prompts(model, (5, 9, 12, 7), 6, seed=4)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=w_gpu_percent, w_cpu_percent=0)
+    with LLM(str(model), policy=policy, offload_dir=tmp_path, runtime=Runtime(device="cpu")) as llm:
+        head_layer = max(llm.placement.weights)
+        head = {w.name: w for w in llm.placement.weights[head_layer]}[HEAD_PROJECTION]
+        assert head.shared
+        assert llm.weights.tensors[head_layer][HEAD_PROJECTION] is llm.weights.tensors[0]["embed_tokens.weight"]
+        result = llm.generate(prompts, max_new_tokens=6, do_sample=False)
+    for prompt, out in zip(prompts, result.outputs):
+        assert list(out.output_ids) == hf_greedy(model, prompt, 6)

@@ -201,8 +201,12 @@ def _compare(args: argparse.Namespace, offload: Path) -> int:
         attempts[system], best[system] = [], None
         for dtype in dtypes[system]:
             if system == "ours":
-                _say(f"ours {dtype}: blocks {', '.join(f'{g}x{n}' for g, n in blocks)} while they fit")
-                found, tried = best_ours(w, blocks, bounds, dtype=dtype, on_attempt=show)
+                # Without a --budget of the user's, also as a user runs it: the planner sizes block and
+                # placement under the cap, for as many prompts as the baselines' largest batch.
+                auto = None if args.budget else max(batches)
+                _say(f"ours {dtype}: blocks {', '.join(f'{g}x{n}' for g, n in blocks)} while they fit the budget"
+                     + (f", then the planner's own choice for {auto} prompts" if auto else ""))
+                found, tried = best_ours(w, blocks, bounds, dtype=dtype, auto_prompts=auto, on_attempt=show)
             else:
                 _say(f"{system} {dtype}: batches {', '.join(map(str, sorted(set(batches))))} while they fit")
                 found, tried = best_baseline(system, w, batches, dtype=dtype, on_attempt=show)

@@ -55,6 +55,7 @@ class OursRun:
     label: str = ""  # for people; default: the block, e.g. "8x1"
     extra_args: tuple[str, ...] = ()  # more flags of `flexgen_dist.run` (the sweep's planner points)
     compute_dtype: str | None = None  # run's --compute-dtype (float32, bfloat16, auto, ...); None: its default
+    num_prompts: int | None = None  # with no block: the prompts of the run (None: run's default)
 
     @property
     def name(self) -> str:
@@ -79,6 +80,8 @@ def ours_command(w: Workload, run: OursRun, stats_path: Path) -> list[str]:
         gbs, ngb = run.block
         # One block per run: its time from prefill to last token is the run's (the sweep's latency).
         cmd += ["--num-prompts", str(gbs * ngb), "--gpu-batch-size", str(gbs), "--num-gpu-batches", str(ngb)]
+    elif run.num_prompts is not None:
+        cmd += ["--num-prompts", str(run.num_prompts)]
     if run.percent is not None:
         cmd += ["--percent", *run.percent]
     if run.compute_dtype is not None:
@@ -140,13 +143,27 @@ def run_ours(w: Workload, run: OursRun, bounds: BoundModels | None = None) -> At
 
 
 def best_ours(w: Workload, blocks: list[tuple[int, int]], bounds: BoundModels | None = None, *,
-              dtype: str | None = None,
+              dtype: str | None = None, auto_prompts: int | None = None,
               on_attempt: Callable[[Attempt], None] | None = None) -> tuple[Attempt | None, list[Attempt]]:
     """Blocks (gpu batch size, gpu batches) tried in order of size while they fit, computing in
-    `dtype` (run's --compute-dtype; None: its default)."""
+    `dtype` (run's --compute-dtype; None: its default), each fitted to the budget; then, with
+    `auto_prompts`, one run of that many prompts as a user would start it under the cap: no
+    block, no capacities, the planner sizing both from the memory it detects (the cgroup's limit
+    less its page-cache reserve). Accelerate's budget bounds only its weights; ours bounds
+    weights, cache and buffers together, so this run is the like-for-like one."""
     by_size = {gbs * ngb: (gbs, ngb) for gbs, ngb in blocks}
-    return best_batch(lambda size: run_ours(w, OursRun(block=by_size[size], compute_dtype=dtype), bounds), by_size,
-                      on_attempt=on_attempt)
+    best, attempts = best_batch(lambda size: run_ours(w, OursRun(block=by_size[size], compute_dtype=dtype), bounds),
+                                by_size, on_attempt=on_attempt)
+    if auto_prompts is None:
+        return best, attempts
+    auto = run_ours(w, OursRun(block=None, use_budget=False, label="auto", compute_dtype=dtype,
+                               num_prompts=auto_prompts), bounds)
+    attempts.append(auto)
+    if on_attempt is not None:
+        on_attempt(auto)
+    if auto.ok and (best is None or auto.tokens_per_s > best.tokens_per_s):
+        best = auto
+    return best, attempts
 
 
 def in_memory_run(w: Workload, block: tuple[int, int], bounds: BoundModel,

@@ -42,13 +42,17 @@ class Lattice:
         return out
 
     @classmethod
-    def of(cls, sizes_per_unit: list[list[int]]) -> "Lattice":
-        return cls(tuple(sorted({mid for sizes in sizes_per_unit for mid in cls._mids(sizes)})))
+    def of(cls, mids_per_unit: list[list[float]]) -> "Lattice":
+        return cls(tuple(sorted({mid for mids in mids_per_unit for mid in mids})))
 
-    def positions(self, sizes: list[int]) -> list[int]:
-        """Where each tensor of a unit (given by sizes, in unit order) sits on the lattice."""
+    @classmethod
+    def of_sizes(cls, sizes_per_unit: list[list[int]]) -> "Lattice":
+        return cls.of([cls._mids(sizes) for sizes in sizes_per_unit])
+
+    def positions(self, mids: list[float]) -> list[int]:
+        """Where each tensor of a unit (given by its midpoints, `weight_mids`) sits on the lattice."""
         index = {mid: idx for idx, mid in enumerate(self.mids)}
-        return [index[mid] for mid in self._mids(sizes)]
+        return [index[mid] for mid in mids]
 
     def count(self, end: float) -> int:
         """Tensors a boundary at `end` puts below it (the midpoint rule)."""
@@ -70,12 +74,23 @@ class Lattice:
 Point = tuple[tuple[int, int], ...]  # per kind (w, cache, act): (tensors on gpu, tensors on gpu or cpu)
 
 
+def weight_mids(rank: FoldedRank) -> dict[int, list[float]]:
+    """Each representative's tensors' midpoints. A head tied to the input embedding goes where the
+    table goes (placement.plan_placement), so it takes the table's midpoint: its own is no step."""
+    first: dict[str, float] = {}
+    out = {}
+    for unit in rank.representatives:
+        mids = Lattice._mids([ws.numel for ws in unit.weights])
+        out[unit.layer_idx] = [first.setdefault(ws.key, mid) for ws, mid in zip(unit.weights, mids)]
+    return out
+
+
 def lattices(rank: FoldedRank, policy: Policy) -> dict[str, Lattice]:
     num_batches = policy.num_gpu_batches
     return {
-        "w": Lattice.of([[ws.numel for ws in unit.weights] for unit in rank.representatives]),
-        "cache": Lattice.of([[1] * (2 * num_batches)]),
-        "act": Lattice.of([[1] * num_batches]),
+        "w": Lattice.of(list(weight_mids(rank).values())),
+        "cache": Lattice.of_sizes([[1] * (2 * num_batches)]),
+        "act": Lattice.of_sizes([[1] * num_batches]),
     }
 
 

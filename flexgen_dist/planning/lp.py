@@ -32,7 +32,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .cost_terms import Work, act_work, cache_work, matmul_work, send_seconds, weight_place_work
-from .fit import Lattice, Point, lattices
+from .fit import Lattice, Point, lattices, weight_mids
 from .folding import FoldedRank
 from .hardware import Hardware
 from .layout import Unit, UnitKind
@@ -177,8 +177,7 @@ class _WeightTerms:
                  u: list[int], v: list[int]):
         self.rank, self.pure, self.u, self.v = rank, pure, u, v
         self.speeds, self.sep = hardware.speeds, pure[Tier.GPU].buffers.separate_gpu
-        self.positions = {unit.layer_idx: grid.positions([ws.numel for ws in unit.weights])
-                          for unit in rank.representatives}
+        self.positions = {layer_idx: grid.positions(mids) for layer_idx, mids in weight_mids(rank).items()}
 
     def expr(self, layer_idx: int, quantity) -> _Linear:
         """quantity(placement, weight place) summed over the layer's tensors, as a _Linear."""

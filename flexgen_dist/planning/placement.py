@@ -5,7 +5,9 @@ the workload and the engine's buffer settings it gives:
 
 - every weight tensor: its tier and bytes (gpu: the compute dtype, ready to use; cpu and disk:
   the storage dtype, converted when loaded). Within a unit, weights are split by cumulative size
-  (FlexGen's rule: a tensor goes where the midpoint of its cumulative size falls);
+  (FlexGen's rule: a tensor goes where the midpoint of its cumulative size falls). A head tied
+  to the input embedding (one checkpoint tensor) uses the table's, on the table's tier
+  (`WeightPlace.shared`): no second copy, and no load where the table is resident;
 - every (layer, batch) KV cache of one block: the tier of its keys and of its values (the 2 x
   num_gpu_batches tensors of a layer are split by count), and whether decode attention can read
   it in place or needs a scratch copy on the compute device;
@@ -38,6 +40,7 @@ from .tiers import (  # noqa: F401 (re-exported: the placement's vocabulary)
     dtype_bytes, pack, slot_bytes,
 )
 from .working import Dims, working_buffers
+
 
 @dataclass(frozen=True)
 class Dtypes:
@@ -77,6 +80,7 @@ class WeightPlace:
     compressed: bool = False  # stored as quantized groups (data, scale, mins)
     gathered: bool = False  # an embedding table: a step reads the rows of its tokens, never the table
     chunk_rows: int | None = None  # streamed through the slot this many rows at a time (None: loaded whole)
+    shared: bool = False  # the tensor of an earlier weight of the rank (a tied head): held once, by that one
 
     @property
     def numel(self) -> int:
@@ -173,7 +177,7 @@ class Placement:
         pieces = []
         for places in self.weights.values():
             for w in places:
-                if w.tier is not tier:
+                if w.tier is not tier or w.shared:
                     continue
                 name = f"{w.layer_idx}.{w.name}"
                 if w.compressed:
@@ -185,6 +189,8 @@ class Placement:
 
     def weight_footprint(self, w: WeightPlace) -> int:
         """Bytes `w` adds to its tier: its share of the arena (pieces aligned) or its file(s)."""
+        if w.shared:
+            return 0
         if w.tier is Tier.DISK:
             return w.nbytes
         if w.compressed:
@@ -204,7 +210,7 @@ class Placement:
     def weight_bytes(self) -> dict[Tier, int]:
         """Memory tiers: their arenas; disk: the files."""
         out = {tier: self.weight_layout(tier)[1] for tier in (Tier.GPU, Tier.CPU)}
-        out[Tier.DISK] = sum(w.nbytes for places in self.weights.values() for w in places if w.tier is Tier.DISK)
+        out[Tier.DISK] = sum(w.nbytes for places in self.weights.values() for w in places if w.tier is Tier.DISK and not w.shared)
         return out
 
     def cache_layout(self, tier: Tier) -> tuple[tuple[SlotPiece, ...], int]:
@@ -269,10 +275,18 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
     compute, storage = dtype_bytes(dtypes.compute), dtype_bytes(dtypes.storage)
     config = policy.compression
     weights: dict[int, tuple[WeightPlace, ...]] = {}
+    held: dict[str, WeightPlace] = {}  # checkpoint key -> the first weight holding it
     for unit in units:
         tiers = choose_tiers([ws.numel for ws in unit.weights], policy.percents("w"))
         places = []
         for ws, tier in zip(unit.weights, tiers):
+            first = held.get(ws.key)
+            if first is not None:
+                # A head tied to the input embedding: the table's tensor, wherever that is (no
+                # second copy, no load where the table is resident). Following the table, not the
+                # nearer of the two, keeps bytes falling as the percents fall (the fitting steps).
+                places.append(dataclasses.replace(first, layer_idx=unit.layer_idx, name=ws.name, gathered=False, shared=True))
+                continue
             compressed = policy.compress_weight and len(ws.shape) >= 2  # biases and norms stay as they are
             if compressed:
                 nbytes = compressed_nbytes(ws.shape, config)
@@ -280,6 +294,7 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
                 nbytes = ws.numel * (compute if tier is Tier.GPU else storage)
             places.append(WeightPlace(unit.layer_idx, ws.name, ws.shape, tier, nbytes, compressed,
                                       gathered=is_lookup(unit.kind, ws.name)))
+            held.setdefault(ws.key, places[-1])
         weights[unit.layer_idx] = tuple(places)
     layouts = _weight_slot_layouts(units, weights, dtypes, config, buffers)
     weights = {layer_idx: tuple(_chunked(w, layouts[layer_idx]) for w in places) for layer_idx, places in weights.items()}

@@ -107,11 +107,16 @@ class WeightStore:
             scratch = placement.cache_bytes()[Tier.DISK] + placement.act_bytes()[Tier.DISK]
             check_offload_space(offload_dir, self._folder.missing_bytes(sizes) + scratch)
         self.tensors: dict[int, dict[str, object]] = {}  # layer -> name -> its tier tensor
+        by_key: dict[str, object] = {}  # checkpoint key -> its tier tensor (a tied head shares the table's)
         written = 0
         for unit in units:
             placed = {}
             for ws, place in zip(unit.weights, placement.weights[unit.layer_idx]):
+                if place.shared:
+                    placed[ws.name] = by_key[ws.key]
+                    continue
                 placed[ws.name], wrote = self._place(unit, ws, place, source)
+                by_key.setdefault(ws.key, placed[ws.name])
                 written += wrote
             self.tensors[unit.layer_idx] = placed
         if self._folder is not None:
