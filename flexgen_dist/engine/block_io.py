@@ -29,9 +29,6 @@ from ..storage.tiers import DiskReader, DiskTensor, MemoryTensor, TierTensor, co
 from .blocks import Block, BlockResult, BlockState
 from .kv_views import DenseKV, StoredKV
 
-_ALL = slice(None)
-
-
 @dataclass
 class KVCache:
     """Keys and values of one (layer, batch) of one block, each (S, B, nkv, hd), on their tiers."""

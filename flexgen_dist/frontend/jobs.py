@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from array import array
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import UserError
@@ -34,10 +34,6 @@ class GenSettings:
     seed: int | None = None  # in [0, 2**63)
     stop: tuple[str, ...] | None = None  # stop strings; not included in the output (OpenAI)
     stop_token_ids: tuple[int, ...] | None = None  # ids that end a sequence besides EOS
-
-    def overridden(self) -> dict:
-        """The settings this line sets, by name (for logs and the output)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 NOT_SET = GenSettings()  # shared by the many lines that set nothing (immutable)

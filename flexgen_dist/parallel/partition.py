@@ -199,19 +199,3 @@ def _most_even_split(stage_cost: _StageCosts, num_layers: int, num_stages: int, 
         counts.append(end - start)
         end = start
     return counts[::-1]
-
-
-def stage_units(units: list, num_ranks: int, rank: int, stage_layers: Sequence[int] | None = None) -> list:
-    """This rank's contiguous slice of schedule units: the embedding on the first stage, the head
-    on the last. Stages are balanced by parameter count (a proxy for load and compute time); the
-    embedding counts at a tenth of its size, since its compute is a row lookup."""
-    embed, blocks, head = units[0], units[1:-1], units[-1]
-    ranges = partition_layers(
-        [u.numel for u in blocks],
-        num_ranks,
-        first_extra=embed.numel / 10,
-        last_extra=head.numel,
-        override=list(stage_layers) if stage_layers is not None else None,
-    )
-    mine = [blocks[i] for i in ranges[rank]]
-    return ([embed] if rank == 0 else []) + mine + ([head] if rank == num_ranks - 1 else [])

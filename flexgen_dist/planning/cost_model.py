@@ -83,10 +83,6 @@ class TaskTime:
         """What limits this step: "compute" or "load"."""
         return "compute" if self.compute_s >= self.load_s else "load"
 
-    def by_kind(self) -> dict[str, float]:
-        """Seconds per layer of each kind (one layer, not the sum)."""
-        return {lt.kind: lt.seconds for lt in self.layers}
-
 
 @dataclass(frozen=True)
 class StageTimes:
