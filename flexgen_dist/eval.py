@@ -23,9 +23,9 @@ refuse_too_little_memory()  # before torch is imported (below)
 
 from . import DEFAULT_MODEL
 from .errors import UserError
+from .files import describe_kind
 from .frontend.api import LLM
 from .frontend.model_source import ModelSource
-from .frontend.outpath import describe_kind
 from .frontend.planner import plan_for
 from .planning.placement import Workload
 from .frontend.cli import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser, run_command

@@ -19,7 +19,8 @@ from pathlib import Path
 from .frontend.oneline import OneLineParser
 from .errors import UserError
 from .frontend.jobfiles import JobFileScanner
-from .frontend.outpath import atomic_output, check_output_path
+from .files import atomic_output
+from .frontend.outpath import check_output_path
 from .frontend.output_rows import row_key
 from .frontend.shards import find_shard_outputs
 

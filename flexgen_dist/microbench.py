@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .files import remove_stale_temps, temp_name
 from .planning.hardware import Speeds
 from .planning.sizes import format_size
 
 DISK_CHUNK = 8 << 20  # bytes per read/write call; the engine's DiskIO reads 8 MiB chunks too
+PROBE_NAME = "disk-probe"  # the scratch file measured: temp_name(PROBE_NAME) in the measured folder
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,8 @@ def copy_bandwidths(device: torch.device, nbytes: int, repeats: int) -> tuple[fl
 
 def _io_pass(path: Path, buf: mmap.mmap, nbytes: int, *, write: bool, direct: bool) -> float:
     """Seconds to write (then fsync) or read nbytes sequentially in len(buf) chunks."""
-    flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
-    fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o600)
+    flags = (os.O_WRONLY | os.O_NOFOLLOW) if write else os.O_RDONLY  # the file exists: created exclusively
+    fd = os.open(path, flags | (os.O_DIRECT if direct else 0))
     try:
         if not write and not direct:  # buffered: evict the file's pages (clean: fsynced when written)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -150,7 +152,11 @@ def _disk_bandwidths(folder: Path, nbytes: int) -> tuple[float, float, float, st
     nbytes = max(DISK_CHUNK, nbytes // DISK_CHUNK * DISK_CHUNK)
     buf = mmap.mmap(-1, DISK_CHUNK)  # page-aligned, as O_DIRECT needs
     buf.write(os.urandom(DISK_CHUNK))
-    path = folder / f".flexgen-profile-{os.getpid()}.bin"
+    # A scratch file under this tool's temporary-name scheme (a shared /tmp: never a name someone
+    # could plant a link at), created exclusively; those of killed profiles are removed first.
+    remove_stale_temps(folder, PROBE_NAME)
+    path = folder / temp_name(PROBE_NAME)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
     try:
         write_s, direct_write = _timed_io(path, buf, nbytes, write=True)
         read_s, direct_read = _timed_io(path, buf, nbytes, write=False)

@@ -32,11 +32,11 @@ from pathlib import Path
 
 from .frontend.oneline import OneLineParser
 from .frontend.outpath import check_output_path
-from .errors import UserError
+from .errors import EnvironmentFailure, UserError
+from .files import check_offload_folder
 from .planning.detect import detect_capacities
 from .planning.hardware import Hardware
 from .planning.presets import hardware_from_arg
-from .storage.atomic_files import check_offload_folder
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ def load_or_profile(device: str, offload_dir: str | Path, *, compute_dtype: str 
     hardware = profile_machine(device, offload_dir, compute_dtype=dtype_name, quick=True)
     try:
         hardware.save(path)
-    except OSError as exc:  # a read-only HOME, FLEXGEN_CACHE_DIR naming a file: only the next run pays
-        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+    except (OSError, EnvironmentFailure) as exc:  # a read-only HOME, a file in the way, a full disk: only the next run pays
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else getattr(exc, "strerror", None)
         logger.warning("cannot cache the hardware profile in %s (%s); going on without it (the next run measures "
                        "again): set FLEXGEN_CACHE_DIR to a writable folder", path.parent, reason or exc)
     return hardware

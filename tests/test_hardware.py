@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flexgen_dist.errors import UserError
+from flexgen_dist.errors import EnvironmentFailure, UserError
 from flexgen_dist.planning import detect
 from flexgen_dist.planning.hardware import (
     SCHEMA_VERSION,
@@ -454,11 +454,11 @@ def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch, capl
 
 
 def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
-    def disk_full(self, target):
+    def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(Path, "replace", disk_full)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(EnvironmentFailure, match="the disk is full"):
         cpu_machine().save(tmp_path / "hw.json")
     assert list(tmp_path.iterdir()) == []
 

@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from flexgen_dist.errors import EnvironmentFailure, UserError
-from flexgen_dist.storage import atomic_files, offload_dir, piece_hash
-from flexgen_dist.storage.atomic_files import check_offload_space, host_tag
+from flexgen_dist import files
+from flexgen_dist.files import TEMP_TAG, check_offload_space, host_tag
+from flexgen_dist.storage import offload_dir, piece_hash
 from flexgen_dist.storage.offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity
 from flexgen_dist.storage.tiers import DiskIO, DiskReader, DiskTensor
 
@@ -170,14 +171,14 @@ def test_planted_links_are_never_followed(tmp_path, monkeypatch):
     offload = tmp_path / "offload"
     with OffloadFolder(offload, IDENTITY) as folder:
         path = folder.path
-    predicted = f"tmp.{host_tag()}.{os.getpid()}.0123456789abcdef"
+    predicted = f".{key}.bin.{TEMP_TAG}.{host_tag()}.{os.getpid()}.0123456789abcdef"
     (path / f"{key}.bin").symlink_to(targets["data"])
     (path / f"{key}.entry.json").symlink_to(targets["entry"])
     (path / predicted).symlink_to(targets["temp"])
     names = iter([predicted])
-    real_temp_name = atomic_files.temp_name
-    monkeypatch.setattr(atomic_files, "temp_name", lambda: next(names, None) or real_temp_name())
-    monkeypatch.setattr("flexgen_dist.storage.offload_dir.remove_leftovers", lambda dir_fd: [])  # keep the planted name
+    real_temp_name = files.temp_name
+    monkeypatch.setattr(files, "temp_name", lambda name: next(names, None) or real_temp_name(name))
+    monkeypatch.setattr("flexgen_dist.storage.offload_dir.remove_stale_temps", lambda dir_fd: [])  # keep the planted name
     with OffloadFolder(offload, IDENTITY) as folder:
         assert folder.trusted(key, _nbytes(t)) is None
         folder.write(key, t)  # its first temporary name is the planted link: taken, so another
@@ -224,25 +225,26 @@ def test_leftovers_of_dead_writers_are_removed(tmp_path):
         pytest.skip("the pid of the finished child was reused already")
     host, me = host_tag(), os.getpid()
     old = psutil.Process(me).create_time() - 3600
-    files = {
-        "dead": f"tmp.{host}.{dead.pid}.aa01",
-        "reused_pid": f"tmp.{host}.{me}.aa02",  # our pid, written before we started
-        "live": f"tmp.{host}.{me}.aa03",
-        "foreign_recent": "tmp.otherhost.12.aa04",
-        "foreign_stale": "tmp.otherhost.12.aa05",
+    names = {
+        "dead": f".a.bin.{TEMP_TAG}.{host}.{dead.pid}.{'1' * 16}",
+        "reused_pid": f".b.entry.json.{TEMP_TAG}.{host}.{me}.{'2' * 16}",  # our pid, written before we started
+        "live": f".c.bin.{TEMP_TAG}.{host}.{me}.{'3' * 16}",
+        "foreign_recent": f".d.bin.{TEMP_TAG}.otherhost.12.{'4' * 16}",
+        "foreign_stale": f".e.bin.{TEMP_TAG}.otherhost.12.{'5' * 16}",
         "not_temp": "notes.txt",
+        "old_scheme": f"tmp.{host}.{dead.pid}.aa01",  # not this version's pattern: kept
     }
-    for name in files.values():
+    for name in names.values():
         (path / name).write_bytes(b"x" * 1000)
-    os.utime(path / files["reused_pid"], (old, old))
-    stale = time.time() - atomic_files.FOREIGN_STALE_S - 3600
-    os.utime(path / files["foreign_stale"], (stale, stale))
+    os.utime(path / names["reused_pid"], (old, old))
+    stale = time.time() - files.FOREIGN_STALE_S - 3600
+    os.utime(path / names["foreign_stale"], (stale, stale))
     link_target = tmp_path / "target"
     link_target.write_bytes(b"keep")
-    (path / f"tmp.{host}.{me}.aa06").symlink_to(link_target)
+    (path / f".f.bin.{TEMP_TAG}.{host}.{dead.pid}.{'6' * 16}").symlink_to(link_target)  # a planted link
     OffloadFolder(tmp_path, IDENTITY).close()
     left = {p.name for p in path.iterdir()}
-    assert left == {"identity.json", files["live"], files["foreign_recent"], files["not_temp"]}
+    assert left == {"identity.json", names["live"], names["foreign_recent"], names["not_temp"], names["old_scheme"]}
     assert link_target.read_bytes() == b"keep"
 
 
@@ -306,7 +308,7 @@ def _remount(mount_point, options: str) -> None:
 def test_a_full_disk_is_one_line_and_leaves_no_file(small_tmpfs):
     big = torch.randn(512 * 1024, generator=torch.Generator().manual_seed(1))  # 2 MiB on 1 MiB
     with OffloadFolder(small_tmpfs, IDENTITY) as folder:
-        with pytest.raises(EnvironmentFailure, match="disk full") as info:
+        with pytest.raises(EnvironmentFailure, match="the disk is full") as info:
             folder.write("big.w", big)
         assert "\n" not in str(info.value)
         assert {p.name for p in folder.path.iterdir()} == {"identity.json"}
@@ -344,7 +346,7 @@ def test_piece_hash_is_its_definition_whether_written_or_read(tmp_path, monkeypa
     by_hand = hashlib.sha256(b"".join(hashlib.sha256(data[i : i + 1000]).digest() for i in range(0, size, 1000))).hexdigest()
     dir_fd = os.open(tmp_path, os.O_RDONLY)
     try:
-        written = atomic_files.write_file(dir_fd, "f.bin", memoryview(data), tmp_path)
+        written = offload_dir.write_file(dir_fd, "f.bin", memoryview(data), tmp_path)
         assert (written.size, written.digest) == (size, by_hand)
         assert piece_hash.hash_file(dir_fd, "f.bin") == (size, by_hand)
     finally:
@@ -379,7 +381,7 @@ def test_ranks_write_their_layers_into_one_folder_at_once(tmp_path):
             assert path is not None and torch.equal(_stored(path), _value(key))
         shared = folder.trusted("model.embed", _nbytes(_value("model.embed")))
         assert shared is None or torch.equal(_stored(shared), _value("model.embed"))  # a race may leave it untrusted
-        assert not [p.name for p in folder.path.iterdir() if p.name.startswith("tmp.")]
+        assert not [p.name for p in folder.path.iterdir() if TEMP_TAG in p.name]
 
 
 def test_a_data_file_whose_entry_failed_is_removed(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from flexgen_dist.errors import UserError
+from flexgen_dist.files import TEMP_TAG
 from flexgen_dist.frontend.outpath import check_output_path
 from flexgen_dist.frontend.resume import RunIdentity, StdoutLog, open_for_resume, progress_paths
 
@@ -138,7 +139,7 @@ def test_finish_refuses_a_missing_or_unknown_id_and_keeps_the_progress(tmp_path)
     with pytest.raises(ValueError, match="appears twice"):
         log.finish([key("a"), key("a"), key("b")])
     assert not out.exists() and progress_paths(out)[0].exists()
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(f"*.{TEMP_TAG}.*"))
     log.finish([key("b"), key("a")])
     assert ids_in(out) == ["b", "a"]
 

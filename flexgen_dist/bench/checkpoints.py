@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from flexgen_dist.errors import UserError
+from flexgen_dist.files import fsync_folder, remove_stale_temps, temp_name, write_atomic
 
 # OPT shapes with the real sizes (Zhang et al. 2022, table 1); ffn = 4 * hidden, vocab 50272,
 # 2048 positions, pre-LN. "tiny-opt" is for tests.
@@ -95,14 +96,18 @@ def make_random_checkpoint(shape: str, path, dtype: str = "float16", seed: int =
                 param.normal_(0.0, _INIT_STD, generator=generator)
     model.config.dtype = torch_dtype
 
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Built in a temporary folder beside `path` (one name scheme with every file we write), renamed
+    # whole; folders of killed builds (their pid gone) go first.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name, folders=True)
+    tmp = path.parent / temp_name(path.name)
+    os.mkdir(tmp)
     try:
         model.save_pretrained(tmp, max_shard_size="2GB")
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        write_atomic(tmp / _MARKER, (json.dumps(marker, indent=1) + "\n").encode())
         del model
-        path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

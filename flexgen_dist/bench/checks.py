@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from ..files import check_offload_folder
 from ..frontend.outpath import check_output_path
 from ..planning.sizes import parse_size
-from ..storage.atomic_files import check_offload_folder
 
 PROCESS_RESERVE = int(1.5 * 2**30)  # what a run's own process takes besides the weights and cache it is given
 WORKLOADS = {  # --workload: (prompt tokens, new tokens)

@@ -5,10 +5,12 @@ extra) and imported only here."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
+from ..files import write_atomic
 from .runs import Attempt
 from .sweep import pareto_front
 
@@ -54,5 +56,7 @@ def plot_sweep(rows: Sequence[Attempt], path: str | Path, *, title: str) -> None
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
+    write_atomic(path, image.getvalue())

@@ -13,11 +13,13 @@ bound) join the grid through `planner_points` once run.py has those flags.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from ..errors import NotSupportedYet, UserError
+from ..files import write_atomic
 from .bound import BoundModels
 from .compare import OursRun, Workload, best_baseline, run_ours
 from .report import policy_text
@@ -176,8 +178,9 @@ def csv_row(a: Attempt) -> dict:
 def write_csv(rows: Sequence[Attempt], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for a in rows:
-            writer.writerow(csv_row(a))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for a in rows:
+        writer.writerow(csv_row(a))
+    write_atomic(path, text.getvalue().encode())

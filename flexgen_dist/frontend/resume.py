@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence, TextIO
 
-from ..errors import UserError
-from .outpath import (STDOUT, atomic_output, check_output_path, fsync_folder, open_nofollow,
-                      remove_stale_temps, write_all)
+from ..errors import EnvironmentFailure, UserError
+from ..files import atomic_output, fsync_file, fsync_folder, open_nofollow, remove_stale_temps, write_all
+from .outpath import STDOUT, check_output_path
 from .output_rows import row_key
 
 try:
@@ -119,14 +119,17 @@ class ResumeLog:
         data = b"".join(chunks)
         try:
             write_all(self._fd, data)
-            os.fsync(self._fd)
-        except OSError as exc:
+            fsync_file(self._fd)
+        except (OSError, EnvironmentFailure) as exc:
             try:  # no torn line left behind for a resume in this same process
                 os.ftruncate(self._fd, self._size)
             except OSError:
                 pass
-            raise OSError(exc.errno, f"cannot append results to {self._partial}: {exc.strerror}; "
-                                     f"finished results are kept: fix this and rerun the same command to resume") from exc
+            keep = "finished results are kept: fix this and rerun the same command to resume"
+            if isinstance(exc, EnvironmentFailure):
+                raise EnvironmentFailure(f"cannot append results to {self._partial}: {str(exc).removeprefix('cannot write: ')}"
+                                         f"; {keep}") from None
+            raise OSError(exc.errno, f"cannot append results to {self._partial}: {exc.strerror}; {keep}") from exc
         offset = self._size
         for key, chunk in zip(keys, chunks):
             self._index[key] = (offset, len(chunk))
@@ -142,26 +145,32 @@ class ResumeLog:
                 raise UserError(f"--output {str(self.output)!r} holds other ids than this run's input; "
                                 f"pass --overwrite to start over")
         else:
-            seen: set[str] = set()
-            with atomic_output(self.output) as f:
-                for key in order:
-                    if key in seen:
-                        raise ValueError(f"id {key} appears twice in the order given to finish()")
-                    seen.add(key)
-                    where = self._index.get(key)
-                    if where is None:
-                        raise ValueError(f"cannot finish {self.output}: id {key} has no result yet")
-                    offset, length = where
-                    f.write(os.pread(self._fd, length, offset))
-                extra = [key for key in self._index if key not in seen]
-                if extra:
-                    raise ValueError(f"cannot finish {self.output}: {len(extra)} results are for ids not in "
-                                     f"the order given (first: {extra[0]})")
+            try:
+                self._write_output(order)
+            except EnvironmentFailure as exc:
+                raise EnvironmentFailure(f"{exc}; finished results are kept: fix this and rerun the same command") from None
         # The progress file goes first: a record without a progress file then means "complete".
         self._partial.unlink(missing_ok=True)
         fsync_folder(self.output.absolute().parent)
         self._record.unlink(missing_ok=True)
         self.close()
+
+    def _write_output(self, order: Iterable[str]) -> None:
+        seen: set[str] = set()
+        with atomic_output(self.output) as f:
+            for key in order:
+                if key in seen:
+                    raise ValueError(f"id {key} appears twice in the order given to finish()")
+                seen.add(key)
+                where = self._index.get(key)
+                if where is None:
+                    raise ValueError(f"cannot finish {self.output}: id {key} has no result yet")
+                offset, length = where
+                f.write(os.pread(self._fd, length, offset))
+            extra = [key for key in self._index if key not in seen]
+            if extra:
+                raise ValueError(f"cannot finish {self.output}: {len(extra)} results are for ids not in "
+                                 f"the order given (first: {extra[0]})")
 
     def close(self) -> None:
         """Release the lock; the progress files stay for a later resume."""
@@ -231,7 +240,9 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
         fd, created = open_nofollow(partial, os.O_RDWR | os.O_APPEND), False
     try:
         _lock(fd, output, partial)
-        remove_stale_temps(out)
+        folder = out.absolute().parent
+        for name in (out.name, record_path.name):  # temporary files of a killed earlier run, by exact name
+            remove_stale_temps(folder, name)
         recorded = None if overwrite else _read_record(record_path)
         if recorded is None:
             if not overwrite and out.exists():
@@ -241,7 +252,7 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
                 raise UserError(f"{str(partial)!r} holds results but {str(record_path)!r} (which run made them) is "
                                 f"missing; pass --overwrite to start over")
             os.ftruncate(fd, 0)  # before the new record: old results never pass for the new run's
-            os.fsync(fd)
+            fsync_file(fd, partial)
             started_at = int(time.time())
             with atomic_output(record_path) as f:
                 f.write((json.dumps({**identity.record(), "started_at": started_at}, indent=1) + "\n").encode())
@@ -322,7 +333,7 @@ def _repair(fd: int, partial: Path) -> tuple[dict[str, tuple[int, int]], int]:
         report("%s: dropping %d bytes after the last complete result (%s); they are computed again",
                partial, size - offset, "a damaged line" if damaged else "a line cut by a crash")
         os.ftruncate(fd, offset)
-        os.fsync(fd)
+        fsync_file(fd, partial)
     return index, offset
 
 

@@ -3,7 +3,7 @@
 They are checked with `--output`'s rules (`outpath.check_output_path`) before any work, so a
 typo in a folder name fails in a second instead of after the run (and before the output exists),
 and each must be a path of its own: not the input, not the output or its progress files, not
-the other side file. They are written whole or not at all (`outpath.atomic_output`): a full disk
+the other side file. They are written whole or not at all (`files.atomic_output`): a full disk
 at the end raises `EnvironmentFailure` and leaves no half-written file; a link planted at the
 name is replaced, never followed.
 """
@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 from ..errors import EnvironmentFailure, UserError
-from .outpath import STDOUT, atomic_output, check_output_path
+from ..files import atomic_output
+from .outpath import STDOUT, check_output_path
 from .resume import progress_paths
 
 

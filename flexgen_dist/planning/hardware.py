@@ -16,18 +16,16 @@ the cpu tier: `Capacities.host_mem` then bounds the two tiers together (see `mem
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import write_atomic
 from .sizes import format_size, parse_size
 
 logger = logging.getLogger(__name__)
@@ -231,20 +229,11 @@ class Hardware:
             raise fail(e.field, e.problem) from None
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (a temporary file renamed), so a reader never sees half a file, and
-        two processes saving at once leave one whole file."""
+        """Write atomically (`files.write_atomic`), so a reader never sees half a file, and two
+        processes saving at once leave one whole file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:  # created exclusively, never through a link planted at the name; removed on failure
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.to_dict(), indent=2) + "\n")
-            tmp.replace(path)
-        except BaseException:
-            with contextlib.suppress(OSError):  # a full disk: no half-written temporary left behind
-                tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | Path) -> Hardware:

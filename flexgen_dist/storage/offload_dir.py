@@ -7,7 +7,7 @@ user's `--offload-dir` (which may be a shared place such as /tmp). The folder is
 
 The manifest is one entry per tensor: `<key>.bin` holds the bytes, `<key>.entry.json` records
 the identity digest, the size, the checksum computed while writing, and the mtime of the data
-file; each is written atomically (`atomic_files.write_file`), the entry last. Ranks of a pipeline
+file; each is written atomically (`write_file`, through `files.replacing`), the entry last. Ranks of a pipeline
 write their own layers into the same folder at once, so there is no shared manifest file to
 clobber; the rule is lock-free: a reader trusts a tensor only when its entry exists, matches this
 identity and the expected size, and the data file is a plain file of ours whose size and mtime
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from .atomic_files import remove_leftovers, unlink_quietly, write_file
-from .piece_hash import hash_file, scheme
+from ..errors import EnvironmentFailure, UserError
+from ..files import remove_stale_temps, replacing, unlink_quietly, write_all
+from .piece_hash import PieceHasher, hash_file, hashing_pool, pieces, scheme
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class OffloadFolder:
         self._dir_fd = _open_private_folder(self.path)
         self._close = weakref.finalize(self, os.close, self._dir_fd)
         self._verified: set[str] = set()  # keys hashed (or written) by this process: not hashed again
-        removed = remove_leftovers(self._dir_fd)
+        removed = remove_stale_temps(self._dir_fd)  # a private folder: every file is ours
         if removed:
             log.info("removed %d temporary files of interrupted runs from %s", len(removed), self.path)
         self._note_identity()
@@ -214,6 +214,41 @@ class OffloadFolder:
         except OSError:
             pass
         write_file(self._dir_fd, IDENTITY_NOTE, note, self.path)
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What `write_file` wrote: enough to trust the file later without reading it again."""
+
+    size: int
+    digest: str  # `piece_hash` digest of the bytes, computed while writing them
+    mtime_ns: int  # of the inode we wrote (a rename keeps it)
+
+
+def write_file(dir_fd: int, name: str, data: memoryview, where: Path) -> WrittenFile:
+    """Write `data` as file `name` of the folder open as `dir_fd` (whose path is `where`, for
+    messages): whole or not at all, hashed while written. Raises `EnvironmentFailure` when the
+    disk fails us (full, quota, I/O error, anything else); `name` is left as it was."""
+    try:
+        with replacing(dir_fd, name, where=where) as fd:
+            digest = _write_hashed(fd, data, where / name)
+            mtime_ns = os.fstat(fd).st_mtime_ns
+    except OSError as exc:
+        raise EnvironmentFailure(f"cannot write {str(where / name)!r}: {exc.strerror or exc}") from None
+    return WrittenFile(size=len(data), digest=digest, mtime_ns=mtime_ns)
+
+
+def _write_hashed(fd: int, data: memoryview, path: Path) -> str:
+    """Write all of `data` to `fd`, returning its digest: each piece is hashed on other threads
+    while it is written (both release the GIL), so hashing costs no wall time on a machine with
+    cores to spare."""
+    parts = pieces(data)
+    with hashing_pool(len(parts)) as pool:
+        hasher = PieceHasher(pool)
+        for piece in parts:
+            hasher.add(piece)
+            write_all(fd, piece, path)
+        return hasher.hexdigest()
 
 
 def _open_private_folder(path: Path) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import pwrite_all
 from ..io_errors import file_error
 from ..planning.placement import READ_ALIGN, Tier
 
@@ -186,10 +187,8 @@ class DiskTensor:
         view = memoryview(data.view(-1).view(torch.uint8).numpy())
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
-            try:
-                offset, done = start * self.row_bytes, 0
-                while done < len(view):  # a short write (disk full, signal) is retried, never ignored
-                    done += os.pwrite(fd, view[done:], offset + done)
+            try:  # a short write goes on; one that writes nothing, a full disk, EIO: EnvironmentFailure
+                pwrite_all(fd, view, start * self.row_bytes, self.path)
             finally:
                 os.close(fd)
         except OSError as exc:  # a full disk mid-run: one line, exit 1

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..files import check_offload_space
 from ..planning.layout import Unit
 from ..planning.placement import Placement, Tier, WeightPlace
 from .compressed import CompressedTensor, compressed_in_memory
-from .atomic_files import check_offload_space
 from .offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity
 from .quantize import QuantizedTensor, empty_quantized, quantize
 from .rows import RowTable, StreamedRows
