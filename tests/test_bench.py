@@ -38,7 +38,19 @@ def test_ranks_table_and_json(tmp_path):
     # 600 KiB cannot hold the 756 KiB of fp32 weights of one rank, so some went to disk at 1 rank; none at 2
     disk = [100 - r["policy"]["w_gpu_percent"] - r["policy"]["w_cpu_percent"] for r in rows]
     assert disk[0] > disk[1]
+    # The table: each row's placement and decode from the JSON, its ratio that decode over 1 rank's
     assert "decode vs 1 rank" in proc.stdout
+    table = re.findall(r"^ +(\d+) +(\d+)/(\d+)/(\d+) +([\d.]+) +([\d.]+) +([\d.]+)x +([\d.]+)x$", proc.stdout, re.M)
+    assert [int(t[0]) for t in table] == [1, 2], proc.stdout
+    for (ranks, w_gpu, w_cpu, w_disk, decode, total, ratio, per_rank), r in zip(table, rows):
+        p = r["policy"]
+        assert (int(w_gpu), int(w_cpu), int(w_disk)) == (round(p["w_gpu_percent"]), round(p["w_cpu_percent"]),
+                                                          round(100 - p["w_gpu_percent"] - p["w_cpu_percent"]))
+        assert (float(decode), float(total)) == (pytest.approx(r["decode_tokens_per_s"], abs=0.006),
+                                                 pytest.approx(r["tokens_per_s"], abs=0.006))
+        expected = r["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+        assert float(ratio) == pytest.approx(expected, abs=0.006)
+        assert float(per_rank) == pytest.approx(expected / int(ranks), abs=0.006)
 
 
 def test_bad_ranks_is_a_user_error():

@@ -3,11 +3,12 @@ dead or hung rank stops the others with an error that names it."""
 
 import json
 import os
+import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.dist
 # CUDA hidden: ranks compute in fp32 on the CPU over gloo, as the single-process reference does
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 MPIRUN = shutil.which("mpirun")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,38 +103,84 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def long_model(tmp_path_factory):
-    # long enough positions for a job that runs for minutes unless interrupted
-    return make_tiny_model("llama", tmp_path_factory.mktemp("long") / "llama", max_position_embeddings=4096)
+# The job runs on both ranks until rank 1 is about to send its first token ids back to rank 0 and
+# rank 0 is about to wait for them; each says so on stderr and holds there: rank 1 for good (alive
+# and connected, it never sends), rank 0 until the file named by its second argument exists. The
+# test then kills rank 1 or leaves it hung and creates the file, so rank 0's wait starts when the
+# fault is certain. As "rank0-least-wait" rank 0 waits as little as its plan allows once it has a
+# plan (the floor --comm-timeout drops to 1 ms; the setup's waits, before the plan, keep it).
+RANK_CHILD = r"""
+import json, os, sys, threading, time
+from flexgen_dist import run
+from flexgen_dist.parallel import comm
+from flexgen_dist.parallel.group import Pipeline
+
+role, go, argv = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+if role == "stop":
+    send = comm.PipeComm.send
+    def send_or_stop(self, tensor, dst, tag):
+        if tag == comm.TOKENS:
+            print("rank 1 stops before sending token ids", file=sys.stderr, flush=True)
+            threading.Event().wait()
+        return send(self, tensor, dst, tag)
+    comm.PipeComm.send = send_or_stop
+else:
+    result = comm.RecvHandle.result
+    def result_after_go(self):
+        if not os.path.exists(go):
+            print("rank 0 holds before waiting for token ids", file=sys.stderr, flush=True)
+        while not os.path.exists(go):
+            time.sleep(0.01)
+        return result(self)
+    comm.RecvHandle.result = result_after_go
+    if role == "rank0-least-wait":
+        expect = Pipeline.expect_tasks
+        def expect_least(self, task_s):
+            self.timeout_s = 0.001
+            expect(self, task_s)
+        Pipeline.expect_tasks = expect_least
+sys.exit(run.main(argv))
+"""
 
 
 @pytest.mark.parametrize("fault", ["dies", "hangs"])
-def test_a_failed_rank_stops_the_others_with_its_name(long_model, tmp_path, fault):
-    timeout = 8
-    port = _free_port()
+def test_a_failed_rank_stops_the_others_with_its_name(models, tmp_path, fault):
+    """Rank 0 waits for token ids from rank 1, which has stopped before sending them. A dead rank 1
+    is noticed without waiting out the wait (a long one here); a hung one when the wait (as short
+    as the plan allows here) runs out."""
+    port, go = _free_port(), tmp_path / "go"
     ranks = []
-    for rank in range(2):
+    for rank, role in enumerate(["rank0-least-wait" if fault == "hangs" else "rank0", "stop"]):
         env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        cmd = [sys.executable, "-m", "flexgen_dist.run", "--model", str(long_model), "--prompt-len", "4",
-               "--num-prompts", "16", "--gpu-batch-size", "8", "--gen-len", "4000", "--no-warmup",
-               "--comm-timeout", str(timeout), "--output", str(tmp_path / "out.jsonl"), "--verbose"]
-        ranks.append(RankProcess(cmd, env))
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
+        argv = ["--model", str(models["llama"]), "--prompt-len", "4", "--num-prompts", "4", "--gpu-batch-size", "2",
+                "--gen-len", "4", "--no-warmup", "--comm-timeout", "300", "--output", str(tmp_path / "out.jsonl"),
+                "--verbose"]
+        ranks.append(RankProcess([sys.executable, "-c", RANK_CHILD, role, str(go), json.dumps(argv)], env))
     rank0, rank1 = ranks
     try:
-        # The fault comes after both ranks joined (the rendezvous waits at least 60 s, however short
-        # --comm-timeout is, so a slow start is not a fault); from then on only the pipeline's
-        # sends and receives wait on rank 1, each for at most --comm-timeout.
-        for rank in ranks:
-            rank.wait_for_line("process group ready", timeout_s=600)
-        os.kill(rank1.proc.pid, signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
+        rank1.wait_for_line("rank 1 stops before sending token ids", timeout_s=600)
+        rank0.wait_for_line("rank 0 holds before waiting for token ids", timeout_s=600)
+        if fault == "dies":
+            rank1.kill()
+        go.touch()
         code, err = rank0.finish(timeout_s=600)  # an upper bound for a hung test, not a measurement
+        rank1_alive = rank1.proc.poll() is None
     finally:
         for rank in ranks:
             rank.kill()
     assert code == 1, err[-3000:]  # a dead or hung peer: exit code 1, one line
     assert "Traceback" not in err, err[-3000:]
     errors = [line for line in err.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "rank 1 died or hung" in errors[0], err[-3000:]
+    assert len(errors) == 1, err[-3000:]
+    assert "rank 0: receiving token ids from rank 1 " in errors[0], errors[0]
+    assert errors[0].endswith("; rank 1 died or hung"), errors[0]
+    wait_s = re.search(r"rank 0 waits up to (\S+) s for a peer", err).group(1)
+    if fault == "dies":
+        assert wait_s == "300" and "timed out" not in errors[0].lower(), errors[0]  # not waited out
+    else:
+        assert rank1_alive  # a hang, not a death
+        assert float(wait_s) < 300, wait_s  # the plan's, not --comm-timeout
+        waited = rf"(timed out after|failed after waiting at most) {re.escape(wait_s)} s "
+        assert re.search(waited, errors[0]), errors[0]
     assert not (tmp_path / "out.jsonl").exists()

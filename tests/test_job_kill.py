@@ -1,10 +1,10 @@
 """A running job killed and resumed: SIGKILL at six points of one chain of reruns (during the
 first block, after a block is saved, in the middle of writing a block, while the weights load,
-while the output is written, after it is complete) and once from outside when the progress file
-grows; SIGINT and SIGTERM keep what is finished, remove the scratch files and exit 130 / 143.
-After every kill no result is lost, duplicated or changed, and the last rerun's output is the
-uninterrupted run's, byte for byte. Children kill themselves at the point or print a line and
-wait: every step waits for an event, never for a time."""
+while the output is written, after it is complete) and once from outside while it runs on after
+its first block is saved; SIGINT and SIGTERM keep what is finished, remove the scratch files and
+exit 130 / 143. After every kill no result is lost, duplicated or changed, and the last rerun's
+output is the uninterrupted run's, byte for byte. Children kill themselves at the point or print
+a line and wait: every step waits for an event, never for a time."""
 
 import json
 import logging
@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +79,15 @@ elif point == "wait_after_block":  # say when a block is saved, then wait (for a
         print("block saved", flush=True)
         sys.stdin.readline()
     progress.Progress.update = update_then_wait
+elif point == "hold_finish":  # say when each block is saved and go on; wait before the output is finished
+    update, finish = progress.Progress.update, job.LogSink.finish
+    def update_then_say(self, prompts, tokens):
+        update(self, prompts, tokens)
+        print("block saved", flush=True)
+    def wait_then_finish(self):
+        sys.stdin.readline()  # the test never answers: it kills first
+        finish(self)
+    progress.Progress.update, job.LogSink.finish = update_then_say, wait_then_finish
 sys.exit(run.main(argv))
 """
 
@@ -167,17 +175,24 @@ def test_sigkill_at_six_points_then_resume_loses_and_repeats_nothing(job, refere
 
 
 def test_sigkill_from_outside_once_results_appear(job, reference, tmp_path, capsys):
+    """Killed from outside wherever the child is once its first block is saved (it runs on, and
+    is only held before the output is finished, so the run cannot end first): the saved results
+    survive unchanged and the rerun reuses them."""
     model, src, _ = job
     out = tmp_path / "out.jsonl"
     partial = progress_paths(out)[0]
-    child = start_child("none", job_args(model, src, out))
-    while not (partial.exists() and partial.stat().st_size > 0) and child.poll() is None:
-        time.sleep(0.01)  # poll for the event (the first saved block), however long it takes
+    child = start_child("hold_finish", job_args(model, src, out))
+    assert "block saved\n" in iter(child.stdout.readline, "")  # read up to it: the first block's lines are on disk
     os.kill(child.pid, signal.SIGKILL)
-    child.communicate(timeout=120)
-    if partial.exists():
-        assert set(lines_by_id(partial)) <= {json.loads(line)["id"] for line in reference.splitlines()}
-    run_in_process(job_args(model, src, out), capsys)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, err
+    assert not out.exists()
+    expected = {json.loads(line)["id"]: json.loads(line) for line in reference.splitlines()}
+    found = lines_by_id(partial)
+    assert len(found) >= 2  # at least the first block (a torn last line aside)
+    assert all(row == expected[key] for key, row in found.items())
+    stdout = run_in_process(job_args(model, src, out), capsys)
+    assert f"resumed: {len(found)} of 12 results came from an earlier run" in stdout
     assert out.read_bytes() == reference
 
 
