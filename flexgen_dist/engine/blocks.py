@@ -3,7 +3,7 @@
 A block is `num_gpu_batches` x `gpu_batch_size` sequences, left padded to one width. Its state
 holds, with one type per field: the tokens generated so far and which rows have stopped, the
 per-step inputs of every layer (positions and attention masks), the KV cache and activation
-homes opened for it (see block_io.py), and the hidden states in flight between layers.
+homes opened for it (homes.py; block_io.py opens them), and the hidden states in flight between layers.
 
 Each row stops by its own rule (`RowRule`): its own token limit, its stop ids (EOS among them),
 and its stop strings, tested by a matcher the front end hands in. The rules are evaluated from
@@ -24,7 +24,7 @@ from ..model import Step
 if TYPE_CHECKING:
     from ..planning.placement import Tier
     from ..storage.slots import Slot
-    from .block_io import ActivationHome, KVCache, KVLease
+    from .homes import ActivationHome, KVCache, KVLease
 
 
 FINISH_STOP = "stop"  # a stop id (EOS among them)

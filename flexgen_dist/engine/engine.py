@@ -22,9 +22,10 @@ from ..schedule import block as ops
 from ..schedule.pipeline import lane_tasks, remaining_tasks
 from ..storage.tiers import DiskReader, torch_dtype
 from ..storage.weights import LoadedWeights, WeightStore
-from .block_io import BlockIO, KVLease
+from .block_io import BlockIO
 from .blocks import Block, BlockResult, BlockState
 from .finite import FiniteWatch, TaskKey
+from .homes import KVLease
 from .loader import Loader, Ready
 from .messages import Messages
 from .sampling import Sampler
