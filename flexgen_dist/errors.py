@@ -15,3 +15,10 @@ class NotSupportedYet(UserError):
 
 class EnvironmentFailure(RuntimeError):
     """The environment failed the run (disk full, I/O error): one line saying what and where."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message for a one-line error: its first line, at most 200 characters; the
+    type's name when the message is empty (`str(exc).splitlines()[0]` raises IndexError then)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from flexgen_dist.errors import first_line
 from flexgen_dist.parallel import comm as comm_module
 from flexgen_dist.parallel.comm import (
     ACTIVATIONS,
@@ -15,7 +16,6 @@ from flexgen_dist.parallel.comm import (
     CommWait,
     PeerError,
     PipeComm,
-    first_line,
     process_group_timeout,
     wait_for_tasks,
 )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from ..engine.trace import Tracer
-from ..errors import EnvironmentFailure, UserError
+from ..errors import EnvironmentFailure, UserError, first_line
 from ..parallel.comm import PeerError
 from ..parallel.context import DistContext
 from ..parallel.group import Pipeline
@@ -270,7 +270,7 @@ def share_from_rank0(pipeline: Pipeline, compute: Callable[[], T]) -> T:
         others = ", ".join(str(r) for r in range(1, pipeline.world_size))
         what, who = ("telling", f"rank {others}") if pipeline.rank == 0 else ("hearing from", "rank 0")
         raise PeerError(f"rank {pipeline.rank}: {what} the other ranks which prompts are left failed "
-                        f"({str(exc).splitlines()[0][:200]}); {who} died or hung") from None
+                        f"({first_line(exc)}); {who} died or hung") from None
     if error is not None:
         raise error
     kind, value = box[0]

@@ -15,7 +15,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, Sequence
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .jobs import Request
 
 Tokenize = Callable[[str], Sequence[int]]
@@ -74,8 +74,7 @@ def _check_one(request: Request, tokenize: Tokenize | None, vocab_size: int, max
         try:
             ids = array("i", chat_template(list(request.messages)))
         except Exception as exc:  # the template's own checks, e.g. "roles must alternate"
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"{where}: the chat template rejects these messages: {message}") from None
+            raise UserError(f"{where}: the chat template rejects these messages: {first_line(exc)}") from None
     elif request.text is not None:
         ids = array("i", tokenize(request.text))
     else:

@@ -26,17 +26,13 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from ..errors import first_line
+
 log = logging.getLogger(__name__)
 
 
 class PeerError(RuntimeError):
     """A peer rank died, hung, or closed its connection."""
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first line, at most 200 characters; its type's name when its message is empty."""
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 # --- how long to wait -------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ class Pipeline:
             return [obj]
         import torch.distributed as dist
 
-        from .comm import CommWait, PeerError, first_line, process_group_timeout
+        from ..errors import first_line
+        from .comm import CommWait, PeerError, process_group_timeout
 
         every: list = [None] * self.world_size
         try:

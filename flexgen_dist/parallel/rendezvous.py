@@ -29,6 +29,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from ..errors import first_line
 from .comm import PeerError
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def join_process_group(
     except Exception as exc:  # gloo raises when a rank dies between the roll call and connecting
         raise RendezvousError(
             f"rank {rank}: all {world_size} ranks met at {where} but connecting the {backend} process group "
-            f"failed ({_first_line(exc)}); a rank died while connecting"
+            f"failed ({first_line(exc)}); a rank died while connecting"
         ) from None
 
 
@@ -94,7 +95,7 @@ def _open_store(rank: int, addr: str, port: int, where: str, rendezvous_timeout_
             return dist.TCPStore(addr, port, None, True, store_timeout, wait_for_workers=False)
         except dist.DistError as exc:
             raise RendezvousError(
-                f"rank 0: cannot listen on port {port} for the rendezvous ({_first_line(exc)}); another job or "
+                f"rank 0: cannot listen on port {port} for the rendezvous ({first_line(exc)}); another job or "
                 "a second rank 0 holds it: set MASTER_PORT to a free port"
             ) from None
     _wait_until_listening(rank, addr, port, where, rendezvous_timeout_s, deadline)
@@ -102,7 +103,7 @@ def _open_store(rank: int, addr: str, port: int, where: str, rendezvous_timeout_
         return dist.TCPStore(addr, port, None, False, store_timeout)
     except dist.DistError as exc:
         raise RendezvousError(
-            f"rank {rank}: {where} answered but is not rank 0's rendezvous store ({_first_line(exc)}): "
+            f"rank {rank}: {where} answered but is not rank 0's rendezvous store ({first_line(exc)}): "
             "check MASTER_ADDR / MASTER_PORT"
         ) from None
 
@@ -155,7 +156,7 @@ def _roll_call(store, rank: int, world_size: int, where: str, rendezvous_timeout
             pause = min(2 * pause, _MAX_PAUSE_S)
     except dist.DistError as exc:
         raise RendezvousError(
-            f"rank {rank}: lost rank 0's rendezvous store at {where} ({_first_line(exc)}); rank 0 died"
+            f"rank {rank}: lost rank 0's rendezvous store at {where} ({first_line(exc)}); rank 0 died"
         ) from None
     logger.debug("rank %d: all %d ranks checked in at %s", rank, world_size, where)
 
@@ -194,8 +195,3 @@ def _name_ranks(ranks: list[int]) -> str:
 def _where(addr: str, port: int) -> str:
     host = f"[{addr}]" if ":" in addr else addr  # IPv6
     return f"{host}:{port}"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
