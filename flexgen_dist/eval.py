@@ -28,7 +28,8 @@ from .frontend.api import LLM
 from .frontend.model_source import ModelSource
 from .frontend.planner import plan_for
 from .planning.placement import Workload
-from .frontend.cli import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser, run_command
+from .frontend.cli import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser
+from .frontend.shell import run_command
 
 DEFAULT_TEXT = str(Path(__file__).parent / "data" / "heldout.txt")
 MIN_TOKENS = 2  # a window's first token is context only: two tokens score one

@@ -19,7 +19,6 @@ others, after a barrier): ranks measuring at once would share the disk and the C
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON here instead of the per-machine cache")
     parser.add_argument("--quick", action="store_true", help="small sizes: seconds, less accurate")
     args = parser.parse_args(argv)
-    from .frontend.cli import run_command
+    from .frontend.shell import run_command
 
     def body() -> int:
         # the paths first: a typo fails in a second, with one line and before any log line

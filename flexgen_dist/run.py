@@ -22,7 +22,8 @@ from .frontend.startup import refuse_too_little_memory
 refuse_too_little_memory()  # before torch is imported (below)
 
 from . import DEFAULT_MODEL, __version__
-from .frontend.cli import add_model_args, dist_from_args, group, new_parser, run_command, start_pipeline
+from .frontend.cli import add_model_args, dist_from_args, group, new_parser, start_pipeline
+from .frontend.shell import run_command
 from .frontend.job import run_job
 from .frontend.signals import StopSignals
 

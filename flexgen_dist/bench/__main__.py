@@ -29,7 +29,7 @@ from pathlib import Path
 from ..frontend.oneline import OneLineParser
 from .. import DEFAULT_MODEL
 from ..errors import UserError
-from ..frontend.cli import run_command
+from ..frontend.shell import run_command
 from ..frontend.side_files import write_json_file
 from . import checks
 from .checks import check_args

@@ -1,16 +1,13 @@
-"""Flags shared by the commands (run, eval, bench): model, policy, offload folder; and the
-one-line error handling every command uses (exit code 2, no traceback)."""
+"""Flags shared by the commands (run, eval, bench): model, policy, offload folder. The one-line
+error handling every command runs in is shell.py's."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import logging
-import sys
-from typing import Callable
 
-from ..errors import EnvironmentFailure, UserError
-from ..parallel.comm import PeerError
+from ..errors import UserError
 from ..parallel.context import DistContext
 from ..parallel.context import setup_logging as dist_setup_logging
 from ..parallel.group import Pipeline
@@ -23,7 +20,6 @@ from ..storage.tiers import DiskIO
 from .oneline import OneLineParser
 from .planner import Capacity
 from .runtime import Runtime
-from .signals import Interrupted
 
 
 MAX_THREADS = 64  # --io-threads and --prefetch-depth (one loading thread per layer ahead)
@@ -232,31 +228,3 @@ def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: W
     )
     return {"policy": policy, "base": base, "search": search, "offload_dir": args.offload_dir, "runtime": runtime,
             "capacity": capacity}
-
-
-def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0) -> int:
-    """Run a command's body: a user's mistake becomes one line on stderr and exit code 2 (printed
-    by rank 0 only: every rank sees the same input); a failure of the environment (a dead or hung
-    peer, a full disk), one line and exit code 1; SIGINT / SIGTERM (see signals.py), one line
-    from rank 0 and 128 + the signal number."""
-    try:
-        return main()
-    except UserError as exc:
-        if rank_of() == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (PeerError, EnvironmentFailure) as exc:
-        logging.getLogger("flexgen_dist").error("%s", exc)
-        return 1
-    except MemoryError:
-        print("error: out of memory (the process's address space or RAM ran out); give it more, or lower "
-              "--cpu-mem so the plan offloads more", file=sys.stderr)
-        return 1
-    except Interrupted as exc:
-        if rank_of() == 0:
-            print(exc.message, file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        if rank_of() == 0:
-            print("interrupted by SIGINT", file=sys.stderr)
-        return 130

@@ -1,0 +1,40 @@
+"""The process shell every command runs its body in: a user's mistake, a failure of the
+environment, a signal each end as one line on stderr and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from ..errors import EnvironmentFailure, UserError
+from ..parallel.comm import PeerError
+from .signals import Interrupted
+
+
+def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0) -> int:
+    """Run a command's body: a user's mistake becomes one line on stderr and exit code 2 (printed
+    by rank 0 only: every rank sees the same input); a failure of the environment (a dead or hung
+    peer, a full disk), one line and exit code 1; SIGINT / SIGTERM (see signals.py), one line
+    from rank 0 and 128 + the signal number."""
+    try:
+        return main()
+    except UserError as exc:
+        if rank_of() == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (PeerError, EnvironmentFailure) as exc:
+        logging.getLogger("flexgen_dist").error("%s", exc)
+        return 1
+    except MemoryError:
+        print("error: out of memory (the process's address space or RAM ran out); give it more, or lower "
+              "--cpu-mem so the plan offloads more", file=sys.stderr)
+        return 1
+    except Interrupted as exc:
+        if rank_of() == 0:
+            print(exc.message, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if rank_of() == 0:
+            print("interrupted by SIGINT", file=sys.stderr)
+        return 130
