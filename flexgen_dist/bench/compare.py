@@ -203,12 +203,6 @@ def best_baseline(system: str, w: Workload, batches: list[int], *, dtype: str | 
     return best_batch(one, batches, on_attempt=on_attempt)
 
 
-def best_of(attempts: list[Attempt], key: str = "total_tokens_per_s") -> Attempt | None:
-    """The successful attempt with the highest `key` of its result (None: none succeeded)."""
-    done = [a for a in attempts if a.ok and a.result]
-    return max(done, key=lambda a: float(a.result[key])) if done else None
-
-
 def offload_ratio(offloaded: Attempt, in_memory: Attempt) -> float | None:
     """Offloaded decode throughput / in-memory decode throughput at the same block."""
     if not (offloaded.ok and in_memory.ok):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..planning.sizes import format_size
-from .runs import Attempt
+from .runs import Attempt, best_of
 
 
 ABOVE_BOUND = 1.05  # a measured rate this far over its bound says the bound is off, not the run
@@ -119,8 +119,6 @@ def format_summary(attempts: dict[str, list[Attempt]], *, prompt_len: int, gen_l
     block, its prefill, decode and total tokens/s; then ours over each other system's best, in
     decode and in total, each system at its best run for that measure (over all its dtypes and
     batches). Markdown, so it pastes into the README."""
-    from .compare import best_of
-
     lines = [f"summary: prompt {prompt_len}, {gen_len} new tokens, memory cap {cap}", "",
              "| system | dtype, block | prefill | decode | total tok/s |", "| --- | --- | --- | --- | --- |"]
     for system, tried in attempts.items():

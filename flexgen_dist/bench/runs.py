@@ -175,3 +175,9 @@ def best_batch(run_fn: Callable[[int], Attempt], batches: Iterable[int], *,
         if best is None or attempt.tokens_per_s > best.tokens_per_s:
             best = attempt
     return best, attempts
+
+
+def best_of(attempts: list[Attempt], key: str = "total_tokens_per_s") -> Attempt | None:
+    """The successful attempt with the highest `key` of its result (None: none succeeded)."""
+    done = [a for a in attempts if a.ok and a.result]
+    return max(done, key=lambda a: float(a.result[key])) if done else None
