@@ -23,6 +23,7 @@ from ..parallel.partition import partition_layers
 from ..planning import detect
 from ..planning.cost_model import Estimate, estimate, estimate_pipeline, partition_costs
 from ..planning.fit import check_policy, policy_flags
+from ..planning.gpu_overhead import gpu_reserve, ranks_per_gpu
 from ..planning.hardware import Hardware, apply_overrides, rank_share
 from ..planning.layout import Unit, model_units
 from ..planning.placement import Buffers, Dtypes, Placement, Tier, Workload, plan_placement
@@ -105,7 +106,7 @@ def rank_hardware(capacity: Capacity, *, device: str, offload_dir: str | Path | 
 
     Detected capacities are shared: host RAM and disk among the node's ranks, a GPU among the
     local ranks that run on it; then the rank's GPU reserve (CUDA context, cuBLAS, NCCL:
-    `detect.gpu_reserve`) comes off its share. A `--hardware` description is planned as written."""
+    `gpu_overhead.gpu_reserve`) comes off its share. A `--hardware` description is planned as written."""
     from .. import profile  # torch: only when planning for this machine
 
     hw = profile.machine_hardware(device, offload_dir, hardware=capacity.hardware, compute_dtype=compute_dtype)
@@ -123,10 +124,10 @@ def _detected_share(hw: Hardware, local_world_size: int, pipeline) -> Hardware:
     ctx = pipeline.ctx if pipeline is not None else None
     if not hw.capacities.has_gpu:
         return rank_share(hw, local_world_size=local_world_size)
-    sharing = detect.ranks_per_gpu(ctx.local_rank if ctx else 0, local_world_size, detect.cuda_device_count())
+    sharing = ranks_per_gpu(ctx.local_rank if ctx else 0, local_world_size, detect.cuda_device_count())
     hw = rank_share(hw, local_world_size=local_world_size, ranks_per_gpu=sharing)
-    reserve = detect.gpu_reserve(context_created=detect.cuda_context_created(), backend=ctx.backend if ctx else None,
-                                 world_size=ctx.world_size if ctx else 1)
+    reserve = gpu_reserve(context_created=detect.cuda_context_created(), backend=ctx.backend if ctx else None,
+                          world_size=ctx.world_size if ctx else 1)
     c = hw.capacities
     log.info("GPU memory reserved outside the plan (CUDA context, kernels, cuBLAS%s): %s of %s%s",
              ", NCCL" if ctx and ctx.backend == "nccl" else "", format_size(reserve), format_size(c.gpu_mem),

@@ -6,10 +6,7 @@ Host RAM: what this process may still allocate, not what the machine has. It is 
 - psutil's `available` (MemAvailable: free plus reclaimable page cache, after every other
   process on the machine), and
 - the headroom of every memory cgroup this process is in (a container's or a SLURM job's limit),
-  v1 and v2, walking up from the process's group to the hierarchy's root: limit minus the group's
-  working set (usage minus inactive file cache, which the kernel reclaims before it OOM-kills;
-  active file cache is counted as used, which errs on the safe side). v2's memory.high counts as
-  a limit: above it the kernel throttles the group hard.
+  v1 and v2: limit minus the group's working set (cgroups.py).
 Total RAM would ignore other processes and the container's limit; the cgroup limit alone would
 ignore that psutil inside a container reports the host's memory. Swap is not counted.
 What this process already holds (torch, Python) is in use and so is not available: detect before
@@ -17,11 +14,12 @@ loading the model, and on a node with several ranks detect on all of them before
 
 GPU: free memory (other processes on the GPU count), from NVML, else torch.cuda.mem_get_info.
 What the process will take outside the plan (its CUDA context, unless one exists already, the
-kernels loaded on first use, cuBLAS workspaces, NCCL communicators) is `gpu_reserve`, which the
-planner subtracts from a detected capacity (frontend/planner.py), after dividing a GPU that
-several local ranks share (`ranks_per_gpu`). The CUDA index is mapped to NVML's through
-CUDA_VISIBLE_DEVICES (indices or UUIDs); with it unset, NVML's order is taken as CUDA's, which holds unless CUDA_DEVICE_ORDER=FASTEST_FIRST
-reorders a node of mixed GPUs (set CUDA_DEVICE_ORDER=PCI_BUS_ID there).
+kernels loaded on first use, cuBLAS workspaces, NCCL communicators) is gpu_overhead.py's
+`gpu_reserve`, which the planner subtracts from a detected capacity (frontend/planner.py), after
+dividing a GPU that several local ranks share (`ranks_per_gpu`). The CUDA index is mapped to
+NVML's through CUDA_VISIBLE_DEVICES (indices or UUIDs); with it unset, NVML's order is taken as
+CUDA's, which holds unless CUDA_DEVICE_ORDER=FASTEST_FIRST reorders a node of mixed GPUs (set
+CUDA_DEVICE_ORDER=PCI_BUS_ID there).
 
 Disk: free space (for this user) of the file system of the offload folder's nearest existing
 parent. Files an earlier run left in the folder are not counted as free.
@@ -32,173 +30,20 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
 
 from ..errors import UserError
+from .cgroups import CgroupMemory, cgroup_memory
 from .hardware import Capacities
 from .sizes import format_size
 
 logger = logging.getLogger(__name__)
 
-# cgroup v1 writes "no limit" as the largest page-counter value (2^63 - 4096 on 4 KiB pages,
-# rounded to the page size); anything this large (1 EiB) is no limit either.
-V1_UNLIMITED = 1 << 60
 
-
-@dataclass(frozen=True)
-class CgroupMemory:
-    """The memory limit that binds this process: the group with the least headroom."""
-
-    version: int
-    """1 or 2: which cgroup hierarchy."""
-    group: Path
-    """The group folder holding the limit (this process's own group or one of its ancestors)."""
-    limit: int
-    """Bytes: memory.max / memory.high (v2) or memory.limit_in_bytes (v1)."""
-    working_set: int
-    """Bytes the group uses that the kernel will not reclaim: usage minus inactive file cache."""
-
-    @property
-    def headroom(self) -> int:
-        return max(0, self.limit - self.working_set)
-
-
-@dataclass(frozen=True)
-class _Mount:
-    mount_point: str  # where it is mounted (absolute, in this process's view)
-    root: str  # which folder of the hierarchy the mount shows
-    fstype: str
-    super_options: tuple[str, ...]
-
-
-def _unescape(path: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        path = path.replace(code, char)
-    return path
-
-
-def _mounts(root: Path) -> list[_Mount]:
-    try:
-        lines = (root / "proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return []
-    mounts = []
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(tail) < 3:
-            continue
-        mounts.append(_Mount(_unescape(fields[4]), _unescape(fields[3]), tail[0], tuple(tail[2].split(","))))
-    return mounts
-
-
-def _own_groups(root: Path) -> list[tuple[list[str], str]]:
-    """(controllers, group path) per line of /proc/self/cgroup; v2 has no controllers."""
-    try:
-        lines = (root / "proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return []
-    groups = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            groups.append(([c for c in parts[1].split(",") if c], parts[2]))
-    return groups
-
-
-def _group_dir(root: Path, mount: _Mount, group_path: str) -> tuple[Path, Path]:
-    """(the group's folder, the mount's folder), both under `root`.
-
-    The group path is relative to the hierarchy's root and the mount may show a subtree of it
-    (a container without a cgroup namespace sees /docker/<id> mounted at /sys/fs/cgroup/...):
-    strip the mount's root. A group outside the mounted subtree ("/../x" in a cgroup namespace)
-    or missing on disk: the mount's folder, the nearest group this process can see.
-    """
-    mount_dir = root / mount.mount_point.lstrip("/")
-    mount_root = mount.root.rstrip("/")
-    if group_path == mount_root or group_path.startswith(mount_root + "/"):
-        relative = group_path[len(mount_root):].lstrip("/")
-        group_dir = mount_dir / relative
-        if ".." not in Path(relative).parts and group_dir.is_dir():
-            return group_dir, mount_dir
-    return mount_dir, mount_dir
-
-
-def _up_to(group_dir: Path, mount_dir: Path) -> Iterator[Path]:
-    path = group_dir
-    while True:
-        yield path
-        if path == mount_dir or path.parent == path:
-            return
-        path = path.parent
-
-
-def _read_int(path: Path) -> int | None:
-    """An integer file; None when absent, unreadable or "max"."""
-    try:
-        text = path.read_text().split()
-    except OSError:
-        return None
-    if not text or text[0] == "max":
-        return None
-    try:
-        return int(text[0])
-    except ValueError:
-        return None
-
-
-def _stat_value(path: Path, keys: tuple[str, ...]) -> int:
-    """The first of `keys` found in a memory.stat file, else 0."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return 0
-    values = dict(line.split(maxsplit=1) for line in lines if len(line.split()) == 2)
-    for key in keys:
-        if key in values and values[key].isdigit():
-            return int(values[key])
-    return 0
-
-
-def _limits_v2(group_dir: Path, mount_dir: Path) -> Iterator[CgroupMemory]:
-    for path in _up_to(group_dir, mount_dir):
-        limits = [v for v in (_read_int(path / "memory.max"), _read_int(path / "memory.high")) if v is not None]
-        if limits:
-            usage = _read_int(path / "memory.current") or 0
-            inactive = _stat_value(path / "memory.stat", ("inactive_file",))
-            yield CgroupMemory(2, path, min(limits), max(0, usage - inactive))
-
-
-def _limits_v1(group_dir: Path, mount_dir: Path) -> Iterator[CgroupMemory]:
-    for path in _up_to(group_dir, mount_dir):
-        limit = _read_int(path / "memory.limit_in_bytes")
-        if limit is not None and limit < V1_UNLIMITED:
-            usage = _read_int(path / "memory.usage_in_bytes") or 0
-            # total_* counts the group's descendants too, as usage_in_bytes does
-            inactive = _stat_value(path / "memory.stat", ("total_inactive_file", "inactive_file"))
-            yield CgroupMemory(1, path, limit, max(0, usage - inactive))
-
-
-def cgroup_memory(root: Path = Path("/")) -> CgroupMemory | None:
-    """The memory limit with the least headroom over this process's cgroups (v1 and v2 together:
-    a hybrid host may limit in either), or None where no group is limited.
-
-    `root` is the file system's root, so tests can build a fake /proc and /sys/fs/cgroup."""
-    groups = _own_groups(root)
-    v2_path = next((path for controllers, path in groups if not controllers), None)
-    v1_path = next((path for controllers, path in groups if "memory" in controllers), None)
-    found: list[CgroupMemory] = []
-    for mount in _mounts(root):
-        if mount.fstype == "cgroup2" and v2_path is not None:
-            found.extend(_limits_v2(*_group_dir(root, mount, v2_path)))
-        elif mount.fstype == "cgroup" and "memory" in mount.super_options and v1_path is not None:
-            found.extend(_limits_v1(*_group_dir(root, mount, v1_path)))
-    return min(found, key=lambda c: c.headroom, default=None)
+# --- host RAM -----------------------------------------------------------------------------------
 
 
 def page_cache_reserve(limit: int) -> int:
@@ -269,46 +114,6 @@ def gpu_memory(cuda_index: int, *, environ: Mapping[str, str] | None = None) -> 
     return _nvml_free(cuda_index, environ.get("CUDA_VISIBLE_DEVICES")) or _torch_free(cuda_index)
 
 
-# GPU memory a rank uses outside torch's allocator or outside the plan. Not measured on this
-# machine's GPU (none was at hand); the numbers are documented figures, rounded up:
-# - the CUDA context: ~300-500 MiB of device memory at creation with CUDA 12's lazy module
-#   loading (more without it), counted by NVML / mem_get_info but by no torch allocator. A
-#   context this process already created is in the free memory detected, so is not reserved again.
-CUDA_CONTEXT_BYTES = 512 << 20
-# - kernels loaded on first use (lazy loading): cuBLAS / cuBLASLt, attention and elementwise kernels.
-CUDA_MODULES_BYTES = 256 << 20
-# - cuBLAS and cuBLASLt workspaces, one each per (thread, stream) that runs matmuls: 32 MiB each
-#   on Hopper and later (torch's default, cuBLAS's recommendation), 4 MiB and 1 MiB before. Only
-#   the compute stream runs matmuls (loader streams copy and dequantize).
-CUBLAS_WORKSPACE_BYTES = 2 * (32 << 20)
-MATMUL_STREAMS = 1
-# - an NCCL communicator: device buffers per channel and peer (NCCL_BUFFSIZE, 4 MiB, per channel,
-#   up to 32 channels between two GPUs) and its own structures; reported from ~100 MiB for
-#   send/receive to over 1 GiB for collectives over many channels (NVIDIA/nccl #864, #986, #1685).
-#   A rank of the pipeline holds the default group's (the ranks' exchange of plans), one per
-#   peer it sends to or receives from, and the token ring's.
-NCCL_COMMUNICATOR_BYTES = 256 << 20
-
-
-def nccl_communicators(world_size: int) -> int:
-    """NCCL communicators a rank of a pipeline of `world_size` ranks may hold (see above)."""
-    if world_size < 2:
-        return 0
-    return 1 + min(2, world_size - 1) + 1  # the default group, its pairs with each neighbour, the token ring
-
-
-def gpu_reserve(*, context_created: bool, backend: str | None, world_size: int = 1) -> int:
-    """Bytes of a rank's GPU to leave out of its plan: the CUDA context (unless created before
-    the GPU's free memory was read), kernels loaded later, cuBLAS workspaces, and with NCCL its
-    communicators."""
-    reserve = CUDA_MODULES_BYTES + MATMUL_STREAMS * CUBLAS_WORKSPACE_BYTES
-    if not context_created:
-        reserve += CUDA_CONTEXT_BYTES
-    if backend == "nccl":
-        reserve += nccl_communicators(world_size) * NCCL_COMMUNICATOR_BYTES
-    return reserve
-
-
 def cuda_context_created() -> bool:
     """This process has a CUDA context already (so free GPU memory read now excludes it)."""
     import sys
@@ -322,13 +127,6 @@ def cuda_device_count() -> int:
     import torch  # lazily: only with a GPU
 
     return torch.cuda.device_count()
-
-
-def ranks_per_gpu(local_rank: int, local_world_size: int, gpu_count: int) -> int:
-    """Local ranks on the GPU of `local_rank`, which takes GPU local_rank % gpu_count (as
-    parallel/context.py assigns them): 2 ranks on 1 GPU share it, 4 on 2 share two each."""
-    gpu_count = max(1, gpu_count)
-    return sum(1 for r in range(local_world_size) if r % gpu_count == local_rank % gpu_count)
 
 
 # --- disk ---------------------------------------------------------------------------------------
