@@ -10,7 +10,8 @@ import pytest
 
 from flexgen_dist.errors import UserError
 from flexgen_dist.parallel.context import DistContext
-from flexgen_dist.parallel.launchers import slurm_job_port, torchrun_agent_serves_store
+from flexgen_dist.parallel.launchers import torchrun_agent_serves_store
+from flexgen_dist.parallel.slurm import slurm_job_port
 from launcher_envs import ompi_env, sbatch_batch_step_env, slurm_env, torchrun_env
 
 

@@ -39,10 +39,10 @@ from .launchers import (
     _mpi_ranks,
     _port,
     _Ranks,
-    _slurm_ranks,
     _torchrun_ranks,
     torchrun_agent_serves_store,
 )
+from .slurm import _slurm_ranks
 
 logger = logging.getLogger(__name__)
 
