@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from flexgen_dist.planning.hardware import Capacities, Hardware, Speeds
 from flexgen_dist.planning.layout import model_units
-from flexgen_dist.planning.placement import Buffers, Dtypes, Workload, plan_placement
+from flexgen_dist.planning.place import plan_placement
+from flexgen_dist.planning.placement import Buffers, Dtypes, Workload
 from flexgen_dist.planning.policy import Policy
 from flexgen_dist.planning.spec import ModelSpec
 

@@ -82,7 +82,8 @@ def _fake_plan(throughputs: dict, refused=()):
 
 def _placement():
     from flexgen_dist.planning.layout import model_units
-    from flexgen_dist.planning.placement import Buffers, Workload, plan_placement
+    from flexgen_dist.planning.place import plan_placement
+    from flexgen_dist.planning.placement import Buffers, Workload
     from flexgen_dist.planning.policy import Policy
 
     spec = _fp16_spec()

@@ -11,7 +11,8 @@ import torch
 from flexgen_dist import LLM, Policy, Runtime, Workload
 from flexgen_dist.engine.block_io import BlockIO
 from flexgen_dist.planning.layout import model_units
-from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, plan_placement
+from flexgen_dist.planning.place import plan_placement
+from flexgen_dist.planning.placement import Buffers, Dtypes, Tier
 from flexgen_dist.planning.spec import ModelSpec
 from flexgen_dist.storage.compressed import CompressedTensor
 from flexgen_dist.storage.tiers import DiskIO, DiskTensor, MemoryTensor
@@ -174,3 +175,41 @@ def test_placement_counts_each_block_in_flight_and_every_batch():
     assert two.buffer("send/recv").nbytes == 2 * 2 * 3 * 10 * spec.hidden_size * 4
     weights = sum(u.numel for u in units) * 4
     assert one.weight_bytes() == {Tier.GPU: weights, Tier.CPU: 0, Tier.DISK: 0}
+
+
+def test_a_call_is_sized_once_in_the_front_end_and_the_engine_never_plans(llama_dir, monkeypatch):
+    from flexgen_dist.engine.engine import Engine
+    from flexgen_dist.frontend import api
+    from flexgen_dist.planning import fit, place
+
+    running, sized = [], []
+
+    def planning(real):
+        def wrapped(*args, **kwargs):
+            assert not running, f"{real.__name__} called while the engine runs"
+            return real(*args, **kwargs)
+        return wrapped
+
+    for module, name in ((place, "plan_placement"), (fit, "check_policy"), (api, "check_policy")):
+        monkeypatch.setattr(module, name, planning(getattr(module, name)))
+    real_plan = api.plan_placement
+    monkeypatch.setattr(api, "plan_placement", planning(lambda *a, **k: sized.append(k["workload"]) or real_plan(*a, **k)))
+    real_run = Engine.run
+
+    def run(self, *args, **kwargs):
+        running.append(True)
+        try:
+            return real_run(self, *args, **kwargs)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(Engine, "run", run)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2)
+    with LLM(llama_dir, policy=policy, runtime=Runtime(device="cpu", workload=Workload(8, 4))) as llm:
+        llm.generate([[5 + i] * 8 for i in range(4)], max_new_tokens=4)  # the workload planned for
+        assert sized == []
+        for _ in range(2):
+            llm.generate([[7 + i] * 5 for i in range(4)], max_new_tokens=3)  # another one: sized once
+        assert sized == [Workload(5, 3)]
+        llm.score([[5 + i] * 6 for i in range(4)])
+        assert sized == [Workload(5, 3), Workload(6, 1)]

@@ -25,7 +25,8 @@ from flexgen_dist.planning import detect, gpu_overhead, working
 from flexgen_dist.planning.compression import CompressionConfig
 from flexgen_dist.planning.hardware import Capacities
 from flexgen_dist.planning.layout import model_units
-from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, Workload, plan_placement
+from flexgen_dist.planning.place import plan_placement
+from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, Workload
 from flexgen_dist.planning.policy import Policy
 from flexgen_dist.planning.presets import FLEXGEN_T4
 from flexgen_dist.planning.spec import ModelSpec

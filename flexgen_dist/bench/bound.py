@@ -28,7 +28,8 @@ from ..planning.compression import CompressionConfig
 from ..planning.cost_model import TaskTime, estimate
 from ..planning.hardware import Hardware
 from ..planning.layout import Unit, model_units
-from ..planning.placement import Buffers, Dtypes, Placement, Workload, plan_placement
+from ..planning.place import plan_placement
+from ..planning.placement import Buffers, Dtypes, Placement, Workload
 from ..planning.policy import Policy
 from ..planning.spec import ModelSpec
 

@@ -17,7 +17,7 @@ import torch
 from ..model import LayerMath, decoder_layer
 from ..parallel.comm import Comm, SendHandle
 from ..planning.layout import Unit, UnitKind
-from ..planning.placement import Placement, Workload
+from ..planning.placement import Placement
 from ..schedule import block as ops
 from ..schedule.pipeline import lane_tasks, remaining_tasks
 from ..storage.tiers import DiskReader, torch_dtype
@@ -104,17 +104,17 @@ class Engine:
 
     def run(self, blocks: list[Block], sampler: Sampler,
             on_block_done: Callable[[int, BlockResult], None] | None = None,
-            block_shape: tuple[int, int] | None = None) -> RunResult:
+            placement: Placement | None = None) -> RunResult:
         """Run every block through this rank's layers; blocks must be the same on every rank.
         `on_block_done(block_idx, result)` is called as each block closes on this rank (its
         results are meaningful on the first stage, which holds every sampled token).
-        block_shape: this run's (gpu batch size, gpu batches), when smaller than the plan's (fewer
-        prompts than a block)."""
-        policy = self.policy
-        if block_shape is not None:
-            policy = policy.replace(gpu_batch_size=block_shape[0], num_gpu_batches=block_shape[1])
-        workload = Workload(max(b.prompt_len for b in blocks), max(b.max_new_tokens for b in blocks))
-        self.block_io.resize(self.placement.resized(workload, policy))
+        placement: this run's, sized by the front end for its blocks (their widest prompt, their
+        limit, their shape); default: the engine's own. The engine only checks that the blocks
+        fit it: it never plans."""
+        placement = placement or self.placement
+        policy = placement.policy
+        self._check_fit(blocks, placement)
+        self.block_io.resize(placement)
         if self.messages is not None:
             self.messages.gpu_batch_size = policy.gpu_batch_size
         layers = sorted(self.units)
@@ -140,6 +140,17 @@ class Engine:
             raise
         self._tear_down(walk, failed=False)
         return RunResult([walk.results.get(b, BlockResult([])) for b in range(len(blocks))], *walk.phase_s)
+
+    @staticmethod
+    def _check_fit(blocks: list[Block], placement: Placement) -> None:
+        """Blocks wider, longer or of another shape than their placement would overrun its buffers."""
+        w, rows = placement.workload, placement.policy.block_size
+        for block_idx, block in enumerate(blocks):
+            if (block.input_ids.shape[0] != rows or block.prompt_len > w.prompt_len
+                    or block.prompt_len + block.max_new_tokens > w.seq_len):
+                raise ValueError(f"block {block_idx} ({block.input_ids.shape[0]} rows, prompt {block.prompt_len} + "
+                                 f"{block.max_new_tokens} new) does not fit its placement ({rows} rows, prompt "
+                                 f"{w.prompt_len} + {w.gen_len}): size the placement for the blocks first")
 
     def _walk(self, plan: list, walk: _Walk) -> list:
         """Execute ops in order; returns a new plan when a block finished early (one rank), else []."""

@@ -7,6 +7,7 @@ wires the layers together.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,7 +22,8 @@ from ..errors import NotSupportedYet, UserError
 from ..model import make_math
 from ..parallel.group import Pipeline
 from ..planning.fit import PolicyDoesNotFit, check_policy
-from ..planning.placement import Buffers, Placement, Tier, Workload
+from ..planning.place import plan_placement
+from ..planning.placement import Placement, Tier, Workload
 from ..planning.policy import Policy
 from ..planning.search import SearchOptions
 from ..planning.sizes import format_size
@@ -91,6 +93,7 @@ class LLM:
         log.info("%s", self.plan.log_line())
         self.placement, self.units = self.plan.placement, self.plan.units
         self.policy = self.placement.policy
+        self._sized: tuple[tuple, Placement] | None = None  # the last call's re-sized placement, by its key
         units = self.units
         reader = None
         if self.placement.has_disk():
@@ -162,28 +165,41 @@ class LLM:
         return self._run(specs, deliver)
 
     def _run(self, specs: list[SeqSpec], on_results: Callable[[list[SeqResult]], None]) -> Stats:
-        # A planned block shrinks to fewer prompts (less padding, the same outputs); a given one is kept.
-        policy = block_for(self.policy, len(specs)) if self.auto else self.policy
-        self._check_workload(specs, policy)
-        return run_sequences(self.engine, specs, gpu_batch_size=policy.gpu_batch_size,
-                             num_gpu_batches=policy.num_gpu_batches, pad_id=self._pad_id,
+        needed = Workload(max(len(s.prompt_ids) for s in specs), max(s.max_new_tokens for s in specs))
+        placement = self._placement_for(len(specs), needed)
+        return run_sequences(self.engine, specs, placement=placement, pad_id=self._pad_id,
                              decode=self.decode if self.tokenizer is not None else None,
                              num_ranks=self.pipeline.world_size if self.pipeline else 1,
                              holds_results=self._holds_results, on_results=on_results)
 
-    def _check_workload(self, specs: list[SeqSpec], policy: Policy) -> None:
-        """Prompts or limits longer than planned for need a bigger KV cache: refuse, before any
-        work, a run that would no longer fit (the plan was made for `Runtime.workload`)."""
-        planned = self.placement.workload
-        needed = Workload(max(len(s.prompt_ids) for s in specs), max(s.max_new_tokens for s in specs))
-        if needed.prompt_len <= planned.prompt_len and needed.seq_len <= planned.seq_len:
-            return
-        try:
-            check_policy(self.placement.resized(needed, policy), self.plan.hardware)
-        except PolicyDoesNotFit as exc:
-            raise UserError(f"prompts of up to {needed.prompt_len} tokens with {needed.gen_len} new ones need more "
-                            f"memory than planned for ({planned.prompt_len} + {planned.gen_len}): {exc}; plan for them "
-                            "with Runtime(workload=Workload(...))") from None
+    def _placement_for(self, num_prompts: int, needed: Workload, scoring: bool = False) -> Placement:
+        """The placement a call runs with, sized here, before the engine runs (the engine never
+        plans): the plan's when the call is the workload it was planned for, else the plan's
+        tiers re-sized once for the call's lengths, its block (a planned block shrinks to fewer
+        prompts: less padding, the same outputs; a given one is kept) and scoring (the head's
+        logits of every prompt position). One that needs more memory than planned on some tier
+        is checked against the memory there is first. The last re-sized one is kept for the
+        next call of the same workload."""
+        planned = self.placement
+        policy = block_for(self.policy, num_prompts) if self.auto else self.policy
+        key = (needed, policy, dataclasses.replace(planned.buffers, scoring=scoring))
+        if key == (planned.workload, planned.policy, planned.buffers):
+            return planned
+        if self._sized is not None and self._sized[0] == key:
+            return self._sized[1]
+        sized = plan_placement(planned.spec, planned.units, policy, dtypes=planned.dtypes, workload=needed, buffers=key[2])
+        before, after = planned.bytes_per_tier(), sized.bytes_per_tier()
+        if any(after[tier] > before[tier] for tier in Tier):
+            try:
+                check_policy(sized, self.plan.hardware)
+            except PolicyDoesNotFit as exc:
+                what = "scoring prompts" if scoring else "prompts"
+                raise UserError(f"{what} of up to {needed.prompt_len} tokens with {needed.gen_len} new ones need more "
+                                f"memory than planned for ({planned.workload.prompt_len} + {planned.workload.gen_len}"
+                                f"{', scoring' if planned.buffers.scoring else ''}): {exc}; plan for them with "
+                                f"Runtime(workload=Workload(...){', scoring=True' if scoring else ''})") from None
+        self._sized = (key, sized)
+        return sized
 
     @property
     def _holds_results(self) -> bool:
@@ -206,12 +222,14 @@ class LLM:
         if through_cache:
             return self._score_through_cache(prompts)
         prepared = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens=0)  # scoring adds no position
-        policy = block_for(self.policy, len(prepared.ids)) if self.auto else self.policy
+        # every prompt position's logits (B, P, V) in fp32: a placement that counts them
+        placement = self._placement_for(len(prepared.ids), Workload(max(map(len, prepared.ids)), 1), scoring=True)
+        policy = placement.policy
         blocks = [
             Block(rows.input_ids, rows.prompt_mask, rows.seq_ids, 1, frozenset(), score=True)
             for rows in make_blocks(prepared.ids, policy.gpu_batch_size, policy.num_gpu_batches, self._pad_id)
         ]
-        run = self.engine.run(blocks, Sampler(SamplingParams()), block_shape=(policy.gpu_batch_size, policy.num_gpu_batches))
+        run = self.engine.run(blocks, Sampler(SamplingParams()), placement=placement)
         scores: dict[int, list[float]] = {}
         for block, res in zip(blocks, run.blocks):
             for seq_id, row_scores in zip(block.seq_ids, res.scores):
@@ -225,7 +243,8 @@ class LLM:
         if len(texts) != len(prepared.ids):
             raise UserError("every text scored through the cache needs at least two tokens")
         forcing = TeacherForcing({i: ids[1:] for i, ids in enumerate(texts)})
-        policy = block_for(self.policy, len(texts)) if self.auto else self.policy
+        placement = self._placement_for(len(texts), Workload(1, max(len(ids) for ids in texts) - 1))
+        policy = placement.policy
         starts = [ids[:1] for ids in texts]  # the first token is context; the rest come one step at a time
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         for rows in make_blocks([starts[i] for i in order], policy.gpu_batch_size, policy.num_gpu_batches, self._pad_id):
@@ -233,7 +252,7 @@ class LLM:
             limits = [len(texts[s]) - 1 if s >= 0 else 1 for s in seq_ids]
             rules = tuple(RowRule(limit) for limit in limits)
             block = Block(rows.input_ids, rows.prompt_mask, seq_ids, max(limits), frozenset(), rules=rules)
-            self.engine.run([block], forcing, block_shape=(policy.gpu_batch_size, policy.num_gpu_batches))
+            self.engine.run([block], forcing, placement=placement)
         return [forcing.scores[i] for i in range(len(texts))]
 
     @property

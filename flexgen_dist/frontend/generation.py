@@ -17,6 +17,7 @@ from ..engine.blocks import FINISH_LENGTH, FINISH_STOP_STRING, Block, BlockResul
 from ..engine.engine import Engine
 from ..engine.sampling import RowSampling, Sampler, SamplingParams
 from ..errors import UserError
+from ..planning.placement import Placement
 from .prompts import make_blocks
 from .results import Stats
 from .stop_strings import Decode, StopStrings, trim_at_stop
@@ -127,13 +128,15 @@ class RunTotals:
                      num_sequences=self.num_sequences, prompt_slots=self.prompt_slots)
 
 
-def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, gpu_batch_size: int, num_gpu_batches: int,
-                  pad_id: int, decode: Decode | None, num_ranks: int, holds_results: bool,
+def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, placement: Placement, pad_id: int,
+                  decode: Decode | None, num_ranks: int, holds_results: bool,
                   on_results: Callable[[list[SeqResult]], None]) -> Stats:
-    """Generate every spec; `on_results` hears each block's results as it closes (on the rank
-    that holds them: `holds_results`). Every rank must call this with the same specs."""
+    """Generate every spec with `placement` (sized by the caller for these specs: their longest
+    prompt and limit, their block); `on_results` hears each block's results as it closes (on the
+    rank that holds them: `holds_results`). Every rank must call this with the same specs."""
     if any(spec.stop for spec in specs) and decode is None:
         raise UserError("stop strings need a tokenizer to decode the output; this model has none: use stop token ids")
+    gpu_batch_size, num_gpu_batches = placement.policy.gpu_batch_size, placement.policy.num_gpu_batches
     order = sorted(range(len(specs)), key=lambda i: (-len(specs[i].prompt_ids), -specs[i].max_new_tokens))
     block_size = gpu_batch_size * num_gpu_batches
     per_chunk = block_size * max(num_ranks, CHUNK_BLOCKS // num_ranks * num_ranks)
@@ -148,7 +151,7 @@ def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, gpu_batch_size: i
                 totals.generated_tokens += sum(len(r.output_ids) for r in found)
                 on_results(found)
 
-        run = engine.run(blocks, sampler, on_block_done=block_done, block_shape=(gpu_batch_size, num_gpu_batches))
+        run = engine.run(blocks, sampler, on_block_done=block_done, placement=placement)
         totals.prefill_s += run.prefill_s
         totals.decode_s += run.decode_s
         totals.num_blocks += len(blocks)

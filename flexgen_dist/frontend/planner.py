@@ -26,7 +26,8 @@ from ..planning.fit import check_policy, policy_flags
 from ..planning.gpu_overhead import gpu_reserve, ranks_per_gpu
 from ..planning.hardware import Hardware, apply_overrides, rank_share
 from ..planning.layout import Unit, model_units
-from ..planning.placement import Buffers, Dtypes, Placement, Tier, Workload, plan_placement
+from ..planning.place import plan_placement
+from ..planning.placement import Buffers, Dtypes, Placement, Tier, Workload
 from ..planning.policy import Policy
 from ..planning.search import SearchOptions, search
 from ..planning.sizes import format_size

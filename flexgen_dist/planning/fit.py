@@ -76,7 +76,7 @@ Point = tuple[tuple[int, int], ...]  # per kind (w, cache, act): (tensors on gpu
 
 def weight_mids(rank: FoldedRank) -> dict[int, list[float]]:
     """Each representative's tensors' midpoints. A head tied to the input embedding goes where the
-    table goes (placement.plan_placement), so it takes the table's midpoint: its own is no step."""
+    table goes (place.plan_placement), so it takes the table's midpoint: its own is no step."""
     first: dict[str, float] = {}
     out = {}
     for unit in rank.representatives:

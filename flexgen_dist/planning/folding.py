@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .layout import Unit
-from .placement import Buffers, Dtypes, Placement, Tier, Workload, plan_placement
+from .place import plan_placement
+from .placement import Buffers, Dtypes, Placement, Tier, Workload
 from .policy import Policy
 from .spec import ModelSpec
 

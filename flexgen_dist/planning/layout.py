@@ -16,7 +16,7 @@ from .spec import ModelSpec
 
 
 # The head's output projection (tied or not): streamed through the weight slot a chunk of
-# vocabulary rows at a time when it is larger than a decoder layer (planning/placement.py).
+# vocabulary rows at a time when it is larger than a decoder layer (planning/place.py).
 HEAD_PROJECTION = "lm_head.weight"
 
 

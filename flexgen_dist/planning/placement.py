@@ -1,45 +1,40 @@
 """Where every tensor of a rank lives, and how many bytes it takes there (pure Python, no torch).
 
-`plan_placement` is the one place that picks a tier. For a rank's units, a `Policy`, the dtypes,
-the workload and the engine's buffer settings it gives:
+A `Placement` records, for a rank's units, a `Policy`, the dtypes, the workload and the engine's
+buffer settings:
 
 - every weight tensor: its tier and bytes (gpu: the compute dtype, ready to use; cpu and disk:
-  the storage dtype, converted when loaded). Within a unit, weights are split by cumulative size
-  (FlexGen's rule: a tensor goes where the midpoint of its cumulative size falls). A head tied
-  to the input embedding (one checkpoint tensor) uses the table's, on the table's tier
-  (`WeightPlace.shared`): no second copy, and no load where the table is resident;
-- every (layer, batch) KV cache of one block: the tier of its keys and of its values (the 2 x
-  num_gpu_batches tensors of a layer are split by count), and whether decode attention can read
-  it in place or needs a scratch copy on the compute device;
+  the storage dtype, converted when loaded); a head tied to the input embedding (one checkpoint
+  tensor) uses the table's, on the table's tier (`WeightPlace.shared`);
+- every (layer, batch) KV cache of one block: the tier of its keys and of its values, and
+  whether decode attention can read it in place or needs a scratch copy on the compute device;
 - every GPU batch's activations (hidden states between layers) of one block: its tier;
-- the engine's working buffers: weight staging slots (the computing layer and the prefetched
-  ones, in the compute dtype), KV scratch pairs, disk read buffers, send/receive buffers between
-  ranks, and an estimate of one batch's compute workspace.
+- the engine's working buffers (planning/working.py): weight staging slots, KV scratch pairs,
+  disk read buffers, send/receive buffers between ranks, and estimates of compute memory.
 
-A slot holds one decoder layer, not the largest unit: the embedding tables are never loaded
-(each step gathers the rows of its tokens from the table's tier), and the head's output
-projection, when it is larger than a decoder layer's slot, is streamed through the slot a chunk
-of vocabulary rows at a time (`WeightPlace.chunk_rows`).
-
-The weight store, the engine, the planner (cost model, search, checks) and `--print-policy` read this
-object, so what is planned is what is allocated (tests/test_placement.py measures the tensors).
+`place.plan_placement` is the one place that makes one (it picks every tier). The weight store,
+the engine, the planner (cost model, search, checks) and `--print-policy` read this object, so
+what is planned is what is allocated (tests/test_placement.py measures the tensors).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .compression import CompressionConfig, compressed_nbytes
-from .layout import HEAD_PROJECTION, Unit, UnitKind, is_lookup
+from .layout import Unit
 from .policy import Policy
 from .spec import ModelSpec
-from .tiers import (  # noqa: F401 (re-exported: the placement's vocabulary)
+from .tiers import (
     ATTENTION_QUERY_CHUNK, DTYPE_BYTES, READ_ALIGN, SLOT_ALIGN, SlotPiece, Tier, choose_tiers, compressed_parts,
     dtype_bytes, pack, slot_bytes,
 )
-from .working import Dims, working_buffers
+
+__all__ = [  # the records, and tiers.py's vocabulary that their readers use with them
+    "ActPlace", "BufferPlace", "Buffers", "CachePlace", "Dtypes", "Placement", "WeightPlace", "Workload", "staged",
+    "ATTENTION_QUERY_CHUNK", "DTYPE_BYTES", "READ_ALIGN", "SLOT_ALIGN", "SlotPiece", "Tier", "choose_tiers",
+    "compressed_parts", "dtype_bytes", "pack", "slot_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -67,7 +62,7 @@ class Buffers:
     io_threads: int = 2  # threads reading disk tensors, each with one read buffer
     chunk_bytes: int = 8 << 20  # bytes per disk read
     num_ranks: int = 1  # pipeline stages; a rank keeps that many blocks in flight
-    scoring: bool = False  # the head computes logits of every prompt position (perplexity)
+    scoring: bool = False  # the head computes fp32 logits of every prompt position (LLM.score, Runtime.scoring)
 
 
 @dataclass(frozen=True)
@@ -157,7 +152,7 @@ class Placement:
         caches that are not in device memory (read there first, then dequantized)."""
         shape = self.cache_shape(seq_len)
         pieces = [("k", "value", shape, self.dtypes.compute), ("v", "value", shape, self.dtypes.compute)]
-        if self.policy.compress_cache and any(_staged(c.k_tier, self.buffers) or _staged(c.v_tier, self.buffers)
+        if self.policy.compress_cache and any(staged(c.k_tier, self.buffers) or staged(c.v_tier, self.buffers)
                                               for c in self.caches.values() if not c.in_place):
             pieces += compressed_parts("k", shape, self.policy.compression)
             pieces += compressed_parts("v", shape, self.policy.compression)
@@ -262,139 +257,7 @@ class Placement:
             n > 0 for n in (self.weight_bytes()[Tier.DISK], self.cache_bytes()[Tier.DISK], self.act_bytes()[Tier.DISK])
         )
 
-    def resized(self, workload: Workload, policy: Policy | None = None) -> "Placement":
-        """The same placement for another workload (cache, activation and buffer sizes change),
-        and optionally another policy (a smaller block for fewer prompts)."""
-        return plan_placement(self.spec, self.units, policy or self.policy, dtypes=self.dtypes, workload=workload,
-                              buffers=self.buffers)
 
-
-def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, workload: Workload, buffers: Buffers) -> Placement:
-    """The placement of a rank holding `units` of the model `spec` (see the module docstring)."""
-    units = tuple(units)
-    compute, storage = dtype_bytes(dtypes.compute), dtype_bytes(dtypes.storage)
-    config = policy.compression
-    weights: dict[int, tuple[WeightPlace, ...]] = {}
-    held: dict[str, WeightPlace] = {}  # checkpoint key -> the first weight holding it
-    for unit in units:
-        tiers = choose_tiers([ws.numel for ws in unit.weights], policy.percents("w"))
-        places = []
-        for ws, tier in zip(unit.weights, tiers):
-            first = held.get(ws.key)
-            if first is not None:
-                # A head tied to the input embedding: the table's tensor, wherever that is (no
-                # second copy, no load where the table is resident). Following the table, not the
-                # nearer of the two, keeps bytes falling as the percents fall (the fitting steps).
-                places.append(dataclasses.replace(first, layer_idx=unit.layer_idx, name=ws.name, gathered=False, shared=True))
-                continue
-            compressed = policy.compress_weight and len(ws.shape) >= 2  # biases and norms stay as they are
-            if compressed:
-                nbytes = compressed_nbytes(ws.shape, config)
-            else:
-                nbytes = ws.numel * (compute if tier is Tier.GPU else storage)
-            places.append(WeightPlace(unit.layer_idx, ws.name, ws.shape, tier, nbytes, compressed,
-                                      gathered=is_lookup(unit.kind, ws.name)))
-            held.setdefault(ws.key, places[-1])
-        weights[unit.layer_idx] = tuple(places)
-    layouts = _weight_slot_layouts(units, weights, dtypes, config, buffers)
-    weights = {layer_idx: tuple(_chunked(w, layouts[layer_idx]) for w in places) for layer_idx, places in weights.items()}
-    spec_dims = Dims.of(spec)
-    gbs, num_batches = policy.gpu_batch_size, policy.num_gpu_batches
-    cache_shape = (workload.seq_len, gbs, spec.num_kv_heads, spec.head_dim)
-    if policy.compress_cache:
-        cache_each = compressed_nbytes(cache_shape, config)
-    else:
-        cache_each = workload.seq_len * gbs * spec_dims.kv_dim * dtype_bytes(policy.cache_dtype or dtypes.compute)
-    cache_tiers = choose_tiers([1] * (2 * num_batches), policy.percents("cache"))
-    caches = {}
-    for unit in units:
-        if not unit.has_cache:
-            continue
-        for batch_idx in range(num_batches):
-            k_tier, v_tier = cache_tiers[2 * batch_idx], cache_tiers[2 * batch_idx + 1]
-            caches[(unit.layer_idx, batch_idx)] = CachePlace(
-                unit.layer_idx, batch_idx, k_tier, v_tier, cache_each,
-                in_place=_attends_in_place(k_tier, v_tier, policy, buffers), compressed=policy.compress_cache,
-            )
-    act_each = gbs * workload.prompt_len * spec_dims.hidden * compute
-    acts = tuple(
-        ActPlace(batch_idx, tier, act_each)
-        for batch_idx, tier in enumerate(choose_tiers([1] * num_batches, policy.percents("act")))
-    )
-    placement = Placement(policy, dtypes, workload, buffers, weights, layouts, caches, acts, (), spec, units)
-    working = working_buffers(placement, spec_dims, compute)
-    return Placement(policy, dtypes, workload, buffers, weights, layouts, caches, acts, working, spec, units)
-
-
-def _staged(tier: Tier, buffers: Buffers) -> bool:
+def staged(tier: Tier, buffers: Buffers) -> bool:
     """Compressed bytes on this tier must first be brought into device memory to be dequantized."""
     return tier is Tier.DISK or (tier is Tier.CPU and buffers.separate_gpu)
-
-
-def _weight_slot_layouts(units, weights: dict[int, tuple[WeightPlace, ...]], dtypes: Dtypes,
-                         config: CompressionConfig, buffers: Buffers) -> dict[int, tuple[SlotPiece, ...]]:
-    """Every unit's slot layout. Decoder layers first: the largest of theirs is the slot, and the
-    head's output projection gets as many vocabulary rows as fit beside the head's other pieces
-    (all of them when the head fits; the whole head on a rank without decoder layers)."""
-    layouts = {unit.layer_idx: _weight_slot_layout(weights[unit.layer_idx], dtypes, config, buffers)
-               for unit in units if unit.kind is not UnitKind.HEAD}
-    budget = max((slot_bytes(layouts[u.layer_idx]) for u in units if u.kind is UnitKind.BLOCK), default=0)
-    for unit in units:
-        if unit.kind is UnitKind.HEAD:
-            places = weights[unit.layer_idx]
-            whole = _weight_slot_layout(places, dtypes, config, buffers)
-            streams = any(w.name == HEAD_PROJECTION and not w.resident for w in places)
-            rows = _head_rows(places, dtypes, config, buffers, budget) if streams and slot_bytes(whole) > budget > 0 else None
-            layouts[unit.layer_idx] = whole if rows is None else _weight_slot_layout(places, dtypes, config, buffers, rows)
-    return layouts
-
-
-def _head_rows(places, dtypes: Dtypes, config: CompressionConfig, buffers: Buffers, budget: int) -> int:
-    """The most rows of the head's output projection whose slot fits `budget` (at least one)."""
-    streamed = next(w for w in places if w.name == HEAD_PROJECTION)
-    lo, hi = 1, streamed.shape[0]  # the slot grows with the rows: bisect for the largest that fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if slot_bytes(_weight_slot_layout(places, dtypes, config, buffers, mid)) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _chunked(w: WeightPlace, layout: tuple[SlotPiece, ...]) -> WeightPlace:
-    """`w` with its chunk rows when its slot piece holds fewer rows than it has."""
-    for piece in layout:
-        if piece.name == w.name and piece.part == "value" and piece.shape[0] < w.shape[0]:
-            return dataclasses.replace(w, chunk_rows=piece.shape[0])
-    return w
-
-
-def _weight_slot_layout(places, dtypes: Dtypes, config: CompressionConfig, buffers: Buffers,
-                        head_rows: int | None = None) -> tuple[SlotPiece, ...]:
-    """Where a layer's loaded weights go in a slot: every non-resident weight in the compute
-    dtype, preceded by staging for the compressed bytes of those not already in device memory.
-    Embedding tables take no room (gathered by rows); with `head_rows`, the head's output
-    projection takes that many rows (a chunk)."""
-    pieces = []
-    loaded = [(w, (head_rows, *w.shape[1:]) if head_rows is not None and w.name == HEAD_PROJECTION else w.shape)
-              for w in places if not w.gathered]
-    for w, shape in loaded:
-        if w.compressed and _staged(w.tier, buffers):
-            pieces += compressed_parts(w.name, shape, config)
-    for w, shape in loaded:
-        if not w.resident:
-            pieces.append((w.name, "value", shape, dtypes.compute))
-    return pack(pieces)[0]
-
-
-def _attends_in_place(k_tier: Tier, v_tier: Tier, policy: Policy, buffers: Buffers) -> bool:
-    """Decode attention reads the cache where it lives: device memory (both tiers on a machine
-    without a GPU), or host memory with CPU attention. A 16-bit or compressed cache is converted
-    piece by piece as attention reads it, never copied whole."""
-    on_device = {Tier.GPU} if buffers.separate_gpu else {Tier.GPU, Tier.CPU}
-    if k_tier in on_device and v_tier in on_device:
-        return True
-    return policy.cpu_cache_compute and k_tier is Tier.CPU and v_tier is Tier.CPU
-
-

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .compression import compressed_row_bytes, compressed_shapes
+from .placement import BufferPlace, Placement
 from .spec import ModelSpec
 from .tiers import ATTENTION_QUERY_CHUNK, READ_ALIGN, Tier, dtype_bytes, slot_bytes
-
-if TYPE_CHECKING:
-    from .placement import BufferPlace, Placement
 
 
 HOST_HEAP_SLACK = 64 << 20  # two of glibc's largest heap-served blocks (its mmap threshold tops out at 32 MiB)
@@ -53,8 +50,6 @@ class Dims:
 
 
 def working_buffers(p: Placement, dims: Dims, compute: int) -> tuple[BufferPlace, ...]:
-    from .placement import BufferPlace
-
     b, policy, w = p.buffers, p.policy, p.workload
     device_tier = Tier.GPU
     out = []
@@ -195,8 +190,6 @@ def _attention_chunks(p: Placement, dims: Dims) -> list[BufferPlace]:
     place but stored otherwise than the compute dtype (StoredKV), and the keys of sparse attention;
     where attention runs: the compute device ("attention chunk"), or host memory with CPU attention
     beside a GPU ("attention chunk on host"). One (layer, batch) computes at a time."""
-    from .placement import BufferPlace
-
     b, policy = p.buffers, p.policy
     sparse = policy.attn_sparsity < 1
     stored = policy.compress_cache or p.cache_dtype != p.dtypes.compute

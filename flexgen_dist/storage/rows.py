@@ -1,4 +1,4 @@
-"""Weights that are never loaded whole into a slot (planning/placement.py sizes the slot to one
+"""Weights that are never loaded whole into a slot (planning/place.py sizes the slot to one
 decoder layer):
 
 - `RowTable`: an embedding table read where it lives, only the rows of a step's tokens: a gather

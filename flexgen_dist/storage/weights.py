@@ -7,7 +7,7 @@ and reused while the checkpoint, the dtype and the compression settings are unch
 weight compression every 2-D weight is quantized once, when it is written to its tier, and stays
 compressed there.
 
-Loading a layer fills a slot (a flat buffer on the compute device, planning/placement.py lays it
+Loading a layer fills a slot (a flat buffer on the compute device, planning/place.py lays it
 out): compressed bytes that are not yet in device memory are copied into the slot's staging
 first, then every non-resident weight is dequantized or converted into the compute dtype. This
 happens once per layer per token of a block, never per GPU batch. Two weights are not copied
