@@ -13,6 +13,7 @@ line printed is `perplexity: X`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -115,6 +116,8 @@ def _eval(args: argparse.Namespace) -> int:
     longest = max(len(c) for c in chunks)
     workload = Workload(1, longest - 1) if args.through_cache else Workload(longest, 1)
     kwargs = llm_kwargs_from_args(args, ctx, workload, num_prompts=len(chunks))
+    if not args.through_cache:  # the head's logits of every window position: the plan counts them
+        kwargs["runtime"] = dataclasses.replace(kwargs["runtime"], scoring=True)
     if args.print_policy:
         plan = plan_for(source.spec, runtime=kwargs["runtime"], policy=kwargs["policy"], capacity=kwargs["capacity"],
                         options=kwargs["search"], offload_dir=kwargs["offload_dir"], base=kwargs["base"])

@@ -177,6 +177,55 @@ def test_placement_counts_each_block_in_flight_and_every_batch():
     assert one.weight_bytes() == {Tier.GPU: weights, Tier.CPU: 0, Tier.DISK: 0}
 
 
+def test_scoring_plans_the_logits_of_every_prompt_position():
+    """`LLM.score` keeps the head's fp32 logits of every prompt position (B, P, V): a scoring
+    placement counts them, so its working bytes grow with the prompt; generation keeps one
+    position's."""
+    spec = ModelSpec.from_config(dict(model_type="opt", hidden_size=64, ffn_dim=128, num_attention_heads=4,
+                                      num_hidden_layers=2, vocab_size=4096, max_position_embeddings=512))
+    units = model_units(spec)
+
+    def gpu_working(prompt_len: int, scoring: bool) -> int:
+        plan = plan_placement(spec, units, Policy(gpu_batch_size=2), dtypes=Dtypes("float32", "float32"),
+                              workload=Workload(prompt_len, 1), buffers=Buffers(separate_gpu=False, scoring=scoring))
+        return plan.working_bytes()[Tier.GPU]
+
+    lengths = (16, 32, 64, 128)
+    scored = [gpu_working(n, scoring=True) for n in lengths]
+    assert scored == sorted(scored) and len(set(scored)) == len(scored)
+    for n, planned in zip(lengths, scored):
+        assert planned >= 2 * n * spec.vocab_size * 4  # the logits alone
+        assert planned > gpu_working(n, scoring=False)
+
+
+@pytest.mark.parametrize("planned_for_scoring", [True, False], ids=["planned-scoring", "planned-generation"])
+def test_a_score_runs_planned_bytes_cover_its_logits(tiny_models_cache, monkeypatch, planned_for_scoring):
+    from flexgen_dist.engine.engine import Engine
+    from flexgen_dist.model.opt import OptMath
+
+    model = tiny_models_cache.get("opt", vocab_size=2048)
+    logits = []  # storage bytes of every logits tensor the head returned
+    real_head = OptMath.head
+    monkeypatch.setattr(OptMath, "head", lambda self, w, x, step: logits.append(out := real_head(self, w, x, step))
+                        or out)
+    used = []  # the placement each engine run was handed
+    real_run = Engine.run
+    monkeypatch.setattr(Engine, "run", lambda self, *a, **k: used.append(k["placement"]) or real_run(self, *a, **k))
+    prompt_len, policy = 24, Policy(gpu_batch_size=2, num_gpu_batches=1)
+    runtime = Runtime(device="cpu", workload=Workload(prompt_len, 1), scoring=planned_for_scoring)
+    with LLM(model, policy=policy, runtime=runtime) as llm:
+        scores = llm.score([[5 + i] * prompt_len for i in range(2)])
+    assert [len(s) for s in scores] == [prompt_len - 1] * 2
+    [placement] = used
+    assert placement.buffers.scoring and (placement is llm.placement) == planned_for_scoring  # re-sized when not
+    biggest = max(t.untyped_storage().nbytes() for t in logits)
+    assert biggest == 2 * prompt_len * 2048 * 4  # (B, P, V) fp32
+    assert placement.buffer("compute workspace").nbytes >= biggest
+    as_generation = plan_placement(placement.spec, placement.units, placement.policy, dtypes=placement.dtypes,
+                                   workload=placement.workload, buffers=Buffers(separate_gpu=False))
+    assert as_generation.buffer("compute workspace").nbytes < biggest  # what the plan missed before
+
+
 def test_a_call_is_sized_once_in_the_front_end_and_the_engine_never_plans(llama_dir, monkeypatch):
     from flexgen_dist.engine.engine import Engine
     from flexgen_dist.frontend import api

@@ -156,7 +156,8 @@ def plan_for(spec: ModelSpec, *, runtime, policy: Policy | None, capacity: Capac
     active = pipeline if pipeline is not None and pipeline.world_size > 1 else None
     io = runtime.disk_io
     buffers = Buffers(separate_gpu=device.type == "cuda", prefetch_depth=runtime.prefetch_depth,
-                      io_threads=io.threads, chunk_bytes=io.chunk_bytes, num_ranks=active.world_size if active else 1)
+                      io_threads=io.threads, chunk_bytes=io.chunk_bytes, num_ranks=active.world_size if active else 1,
+                      scoring=runtime.scoring)
     choices = runtime.dtype_choices(spec, device)
     if capacity.hardware is not None:  # a description's speeds are of one dtype: compare nothing
         choices = [d for d in choices if d.compute == _described_dtype(capacity.hardware)] or choices[:1]

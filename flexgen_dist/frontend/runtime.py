@@ -38,6 +38,9 @@ class Runtime:
     workload: Workload | None = None
     """The widest prompt and the new tokens the plan is sized for (default: the model's positions);
     a longer run re-sizes the KV cache and buffers for itself."""
+    scoring: bool = False
+    """Plan for `LLM.score`: the head's fp32 logits of every prompt position (batch, prompt,
+    vocabulary), not only of the last one, count in the plan's compute memory."""
 
     def __post_init__(self) -> None:
         for name in ("compute_dtype", "storage_dtype"):
