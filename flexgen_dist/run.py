@@ -80,12 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen = group(parser, "generation")
     gen.add_argument("--max-new-tokens", "--gen-len", dest="max_new_tokens", type=int, default=32, metavar="N",
                      help="new tokens per prompt, at most (a job line's max_new_tokens overrides it)")
-    gen.add_argument("--do-sample", action="store_true",
-                     help="sample instead of greedy decoding (a job line with a temperature decides for itself)")
-    gen.add_argument("--temperature", type=float, default=1.0, metavar="T", help="softmax temperature when sampling")
-    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens (0: all)")
-    gen.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                     help="sample among the most likely tokens whose probabilities add up to P (1: all)")
+    gen.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
+                     help="sample instead of greedy decoding, or not (a job line with a temperature decides for "
+                          "itself; default: the model's generation_config.json, else greedy)")
+    gen.add_argument("--temperature", type=float, default=None, metavar="T",
+                     help="softmax temperature when sampling (default: generation_config.json's, else 1)")
+    gen.add_argument("--top-k", type=int, default=None, metavar="K",
+                     help="sample among the K most likely tokens (0: all; default: generation_config.json's, else 0)")
+    gen.add_argument("--top-p", type=float, default=None, metavar="P",
+                     help="sample among the most likely tokens whose probabilities add up to P (1: all; default: "
+                          "generation_config.json's, else 1)")
     gen.add_argument("--seed", type=int, default=0, metavar="S",
                      help="sampling seed; each prompt draws from (S, its index in the input), so a result does not "
                           "depend on its block, on a resume or on sharding")

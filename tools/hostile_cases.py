@@ -24,7 +24,9 @@ from hostile_setups import (
     safetensors_fifo, safetensors_symlink, tokenizer_garbage, config_text, offload_then, torn_weight,
     corrupt_same_size_same_mtime, planted_symlink, planted_entry_fifo, garbage_entry, chown_nobody,
     group_writable, stale_temp, weights_folder_is_symlink, free_port, signal_job_setup, signal_job,
-    interrupted_check, sigterm_then_resume, resumed_check, merge_setup,
+    interrupted_check, sigterm_then_resume, resumed_check, merge_setup, message_has,
+    in_model_folder_setup, in_model_folder_job, in_model_folder_check, generation_config, eos_from_reference,
+    stops_at_generation_eos, tied_with_own_head, immutable, overwrite_then_interrupted,
 )
 
 
@@ -120,6 +122,12 @@ def flag_cases() -> list[Case]:
         Case("flag-hardware-garbage", "flags", "user", setup=write_input("{not json", "hw.json"),
              argv=lambda c: tiny(c, "--hardware", "hw.json")),
         Case("flag-hardware-folder", "flags", "user", lambda c: tiny(c, "--hardware", c.d)),
+        # bytes that are not UTF-8 reach Python as surrogateescape characters (the tokenizer raised on them)
+        Case("flag-prompt-not-utf8", "flags", "user", lambda c: RUN + s("--model", c.fx.llama, "--prompt",
+                                                                        os.fsdecode(b"caf\xe9"), *FAST),
+             check=message_has("--prompt: byte 0xe9 at character 4 is not UTF-8")),
+        Case("flag-stop-not-utf8", "flags", "user", lambda c: tiny(c, "--stop", os.fsdecode(b"\xff")),
+             check=message_has("--stop: byte 0xff")),
         Case("flag-stop-without-tokenizer", "flags", "user",
              lambda c: RUN + s("--model", c.fx.opt, "--prompt-len", 4, "--num-prompts", 2, "--stop", "x", *FAST)),
     ]
@@ -169,6 +177,20 @@ def model_cases() -> list[Case]:
         bad_model("weights-int-dtype", edit_weights(weights_int_dtype)),
         bad_model("weights-tensor-missing", edit_weights(weights_missing_tensor)),
         bad_model("tokenizer-garbage", tokenizer_garbage),
+        bad_model("generation-config-not-json", generation_config("{eos_token_id: [2, 7]")),
+        bad_model("generation-config-a-list", generation_config("[2, 7]")),
+        bad_model("generation-config-eos-string", generation_config({"eos_token_id": "2"})),
+        bad_model("generation-config-eos-outside-vocab", generation_config({"eos_token_id": [2, 10**6]})),
+        bad_model("generation-config-temperature-string", generation_config({"temperature": "hot"})),
+        bad_model("generation-config-do-sample-string", generation_config({"do_sample": "false"})),
+        bad_model("generation-config-sampling-at-temperature-0", generation_config({"do_sample": True, "temperature": 0})),
+        bad_model("generation-config-is-folder", lambda m: ((m / "generation_config.json").unlink(missing_ok=True),
+                                                          (m / "generation_config.json").mkdir())),
+        # transformers stops at every id of generation_config.json's list (Llama-3-Instruct's end of turn)
+        Case("model-generation-config-eos-list", "model", "ok", setup=eos_from_reference,
+             argv=lambda c: good_job(c, model="model"), check=stops_at_generation_eos),
+        # tie_word_embeddings with a distinct stored lm_head: transformers 5 keeps the stored head
+        bad_model("tied-config-with-own-head", tied_with_own_head, expect="ok", check=matches_reference()),
         Case("model-opt-weights-llama-config", "model", "user", setup=opt_weights_in_llama,
              argv=lambda c: good_job(c, model="model")),
         Case("model-shard-missing", "model", "user", setup=sharded_missing_shard, argv=lambda c: good_job(c, model="model")),
@@ -251,6 +273,15 @@ def input_cases() -> list[Case]:
         derived("mixed-type-ids", mixed_ids, check=mixed_id_check),
         derived("unknown-fields", unknown_fields),
         derived("nul-byte", lambda t: t.encode().replace(b"}\n", b"}\x00\n", 1), expect="user"),
+        bad_input("lone-surrogate-id", '{"id": "a\\ud800", "input_ids": [5, 6]}\n'),
+        bad_input("lone-surrogate-prompt", '{"id": 1, "prompt": "x\\udfff y"}\n'),
+        bad_input("lone-surrogate-in-own-field", '{"id": 1, "input_ids": [5], "meta": {"k": "\\ud83d"}}\n'),
+        bad_input("openai-lone-surrogate-custom-id", '{"custom_id": "a\\ud800", "method": "POST", "url": '
+                  '"/v1/completions", "body": {"prompt": "hi"}}\n'),
+        # a key of the user's own named like an OpenAI one (the page a prompt is about) is not a format switch
+        derived("native-with-url-key", lambda t: lines({**row, "url": "https://example.com", "method": "GET"}
+                                                       for row in map(json.loads, t.splitlines())).encode()),
+        bad_input("openai-prompt-outside-body", oa(body=..., prompt="hi")),
         bad_input("empty-file", ""),
         bad_input("only-blank-lines", "\n\n  \n"),
         bad_input("json-array-line", "[1, 2, 3]\n"),
@@ -350,6 +381,14 @@ def output_cases() -> list[Case]:
         Case("output-exists-overwrite", "output", "ok", setup=protected("o.jsonl"), owns=("o.jsonl",),
              argv=lambda c: good_job(c, "--overwrite", output="o.jsonl"), check=matches_reference("o.jsonl")),
         Case("output-empty-string", "output", "user", argv=lambda c: good_job(c, output="")),
+        # a file that cannot be replaced (chattr +i, or another user's in a sticky folder) was found after the run
+        Case("output-immutable-overwrite", "output", "user", setup=immutable("o.jsonl"),
+             argv=lambda c: good_job(c, "--overwrite", output="o.jsonl"), check=nothing_written("o.jsonl.partial")),
+        Case("stats-json-immutable", "output", "user", setup=immutable("s.json", "{}\n"),
+             argv=lambda c: good_job(c, "--stats-json", "s.json"), check=nothing_written("out.jsonl")),
+        # the job's own progress files beside the model must not make the model "differ"
+        Case("output-in-model-folder-resume", "output", "ok", setup=in_model_folder_setup, argv=in_model_folder_job,
+             owns=("model/out.jsonl*",), check=in_model_folder_check, timeout=240),
         Case("output-disk-full", "output", "env", setup=full_disk, argv=lambda c: good_job(c, output="full/o.jsonl")),
         Case("output-stdout", "output", "ok", argv=lambda c: good_job(c, output="-"),
              check=lambda c, r: None if r.code or r.stdout.count('"output_ids"') == 6 else "stdout lacks the 6 results"),
@@ -448,6 +487,11 @@ def env_cases() -> list[Case]:
              signal_when=(signal.SIGINT, lambda c: _waited(c, 0.4)), timeout=60),
         Case("env-sigterm-at-start", "env", "sig", setup=signal_job_setup, argv=signal_job,
              signal_when=(signal.SIGTERM, lambda c: _waited(c, 0.4)), timeout=60),
+        Case("env-sigterm-overwrite-run", "env", "sig", setup=overwrite_then_interrupted,
+             argv=lambda c: signal_job(c) + ["--overwrite"], owns=("out.jsonl*",),
+             signal_when=(signal.SIGTERM, partial_nonempty),
+             check=lambda c, r: None if r.code not in (130, 143) or "again without --overwrite to resume" in r.message
+             else "the line tells to rerun with --overwrite, which would discard the saved results", timeout=180),
         Case("env-resume-after-sigterm", "env", "ok", setup=sigterm_then_resume,
              argv=signal_job, owns=("out.jsonl*",), check=resumed_check, timeout=240),
         Case("env-read-only-home", "env", "ok", setup=ro_home, env=lambda c: {"HOME": str(c.d / "home"), "FLEXGEN_CACHE_DIR": None},

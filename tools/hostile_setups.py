@@ -406,6 +406,102 @@ def resumed_check(c: CaseDir, r: Result) -> str | None:
     return None
 
 
+def in_model_folder_setup(c: CaseDir) -> None:
+    """A copy of the bundled model with the long job's input, output and progress files inside
+    it, interrupted by SIGTERM once its first blocks are saved (the rerun must resume)."""
+    model = c.copy_model(c.fx.bundled)
+    c.write("model/in.jsonl", lines({"id": i, "prompt": f"Line {i}: the function returns"} for i in range(400)))
+    proc = subprocess.Popen(in_model_folder_job(c), cwd=c.d, env=c.data["env"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not partial_nonempty(c, "model/out.jsonl"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    if not partial_nonempty(c, "model/out.jsonl"):
+        raise Skip("the first run ended before it could be interrupted")
+    (model / "notes.txt").write_text("the user's notes beside the model\n")
+
+
+def in_model_folder_job(c: CaseDir) -> list[str]:
+    return RUN + s("--model", "model", "--input", "model/in.jsonl", "--output", "model/out.jsonl", "--max-new-tokens",
+                   24, "--policy", "manual", "--gpu-batch-size", 2, *FAST)
+
+
+def in_model_folder_check(c: CaseDir, r: Result) -> str | None:
+    if r.code != 0:
+        return None
+    if "resumed:" not in r.stdout:
+        return "the rerun did not resume"
+    ids = [row["id"] for row in c.read_jsonl("model/out.jsonl")]
+    return None if ids == list(range(400)) else f"resumed output ids are not 0..399 in order (got {len(ids)})"
+
+
+# ---- the model's generation config, tied heads -----------------------------------------------------
+
+
+def generation_config(content):
+    """A model mutation: write generation_config.json (a dict as JSON, or text as it is)."""
+
+    def mutate(model: Path) -> None:
+        (model / "generation_config.json").write_text(content if isinstance(content, str) else json.dumps(content))
+
+    return mutate
+
+
+def eos_from_reference(c: CaseDir) -> None:
+    """The tiny llama with generation_config.json listing, besides EOS 2, a token the reference
+    continuation of the first good prompt emits at its step 1 (config.json's EOS stays 2)."""
+    model = c.copy_model(c.fx.llama)
+    token = next(iter(c.fx.reference.values()))[1]
+    c.data["eos"] = token
+    generation_config({"bos_token_id": 1, "eos_token_id": [2, token], "pad_token_id": 0})(model)
+
+
+def stops_at_generation_eos(c: CaseDir, r: Result) -> str | None:
+    """Each row is the reference cut after the first generation-config EOS, finish_reason "stop"
+    there (transformers stops at it; config.json alone does not list it)."""
+    if r.code != 0:
+        return None
+    token = c.data["eos"]
+    rows = {json.dumps(row["id"]): row for row in c.read_jsonl("out.jsonl")}
+    for key, ref in c.fx.reference.items():
+        want = ref[:ref.index(token) + 1] if token in ref else ref
+        row = rows.get(key)
+        if row is None or row["output_ids"] != want:
+            return f"silent wrong output: id {key} gave {row and row['output_ids']}, transformers stops at {want}"
+        if token in ref and row["finish_reason"] != "stop":
+            return f"id {key} stopped at the generation config's EOS with finish_reason {row['finish_reason']!r}"
+    return None
+
+
+def tied_with_own_head(model: Path) -> None:
+    """config.json says tie_word_embeddings; the checkpoint keeps its distinct lm_head.weight
+    (transformers 5 then keeps the stored head: the reference's logits)."""
+    edit_config(tie_word_embeddings=True)(model)
+
+
+# ---- outputs that cannot be replaced -----------------------------------------------------------------
+
+
+def immutable(name: str, text: str = "the user's file\n"):
+    def setup(c: CaseDir) -> None:
+        path = c.write(name, text)
+        proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+        if proc.returncode:
+            raise Skip(f"cannot chattr +i ({proc.stderr.strip()[:80]})")
+        c.cleanups.append(lambda: subprocess.run(["chattr", "-i", str(path)], capture_output=True))
+
+    return setup
+
+
+def overwrite_then_interrupted(c: CaseDir) -> None:
+    """The long job with --overwrite over an existing output, stopped by SIGTERM after its first
+    blocks: its one line must not say to run the same command (with --overwrite) again."""
+    signal_job_setup(c)
+    c.write("out.jsonl", "the user's old results\n")
+
+
 # ---- merge ----------------------------------------------------------------------------------------
 
 

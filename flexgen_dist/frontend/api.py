@@ -22,6 +22,7 @@ from ..errors import NotSupportedYet, UserError
 from ..model import make_math
 from ..parallel.group import Pipeline
 from ..planning.fit import PolicyDoesNotFit, check_policy
+from ..planning.generation_config import GenerationDefaults
 from ..planning.place import plan_placement
 from ..planning.placement import Placement, Tier, Workload
 from ..planning.policy import Policy
@@ -79,6 +80,7 @@ class LLM:
         source = model if isinstance(model, ModelSource) else ModelSource.from_dir(model)
         self.runtime = runtime or Runtime()
         self.spec, self.tokenizer = source.spec, source.tokenizer
+        self.generation = source.generation or GenerationDefaults(source.spec.eos_token_ids)
         self.device = self.runtime.resolve_device()
         if self.device.type == "cuda":  # streams, events and host registration use the current device's
             torch.cuda.set_device(self.device)
@@ -120,10 +122,10 @@ class LLM:
         self,
         prompts: Sequence[str] | Sequence[Sequence[int]],
         max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int = 0,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool = False,
@@ -132,9 +134,13 @@ class LLM:
         """Continue each prompt by up to `max_new_tokens` tokens.
 
         stop: strings that end a sequence (needs a tokenizer); the text is cut before them.
-        ignore_eos: generate all `max_new_tokens` even past EOS (benchmarks measure a fixed length)."""
-        settings = RunSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()),
+        ignore_eos: generate all `max_new_tokens` even past EOS (benchmarks measure a fixed length).
+        do_sample, temperature, top_k, top_p: None takes the model's generation_config.json value, as
+        transformers' generate does (else greedy, 1, off, 1)."""
+        sampling = self.generation.sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        settings = RunSettings(max_new_tokens=max_new_tokens, do_sample=sampling["do_sample"],
+                               temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
+                               seed=seed, stop=tuple(stop or ()), from_model=sampling["from_file"],
                                stop_token_ids=tuple(int(i) for i in (stop_token_ids or ())), ignore_eos=ignore_eos)
         prepared = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens)
         maker = SpecMaker(settings, self.spec.eos_token_ids)

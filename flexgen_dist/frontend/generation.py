@@ -39,6 +39,7 @@ class RunSettings:
     stop: tuple[str, ...] = ()  # stop strings (not included in the text)
     stop_token_ids: tuple[int, ...] = ()  # besides EOS
     ignore_eos: bool = False  # run to max_new_tokens past EOS (benchmarks)
+    from_model: tuple[str, ...] = ()  # the sampling fields the model's generation_config.json gave (said, not compared)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

@@ -27,6 +27,7 @@ from ..errors import EnvironmentFailure, UserError, first_line
 from ..parallel.comm import PeerError
 from ..parallel.context import DistContext
 from ..parallel.group import Pipeline
+from ..planning.generation_config import NAME as GENERATION_CONFIG, GenerationDefaults
 from ..planning.placement import Tier, Workload
 from ..planning.sizes import format_size
 from .api import LLM
@@ -35,6 +36,7 @@ from .fingerprint import model_fingerprint
 from .generation import RunSettings
 from .job_inputs import job_from_args, print_continuations, shown_without_output, tokenize_job
 from .jobfiles import JobFile
+from .jobs import check_text
 from .model_source import ModelSource
 from .output_rows import Completion, output_row
 from .planner import plan_for
@@ -68,7 +70,7 @@ class LogSink:
             self.log.finish(self.job.keys)
         except OSError as exc:
             raise EnvironmentFailure(f"cannot write the output {self.log.output}: {exc.strerror or exc}; finished "
-                                     f"results are kept: fix this and rerun the same command") from None
+                                     f"results are kept: fix this and {self.log.rerun} to resume") from None
 
     def close(self) -> None:
         self.log.close()
@@ -80,7 +82,7 @@ class LogSink:
         if not isinstance(self.log, ResumeLog):
             return f"interrupted by {name}; results were not saved (give --output FILE to make a run resumable)"
         return (f"interrupted by {name}: {len(self.finished)} of {len(self.job.requests)} results are saved in "
-                f"{progress_paths(self.log.output)[0]}; run the same command again to resume")
+                f"{progress_paths(self.log.output)[0]}; {self.log.rerun} to resume")
 
 
 class PrintSink:
@@ -110,9 +112,10 @@ class PrintSink:
 
 
 def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, signals: StopSignals) -> int:
-    settings = settings_from_args(args)
+    check_generation_flags(args)
     shard = parse_shard(args.shard, os.environ)
     source = ModelSource.from_dir(args.model)
+    settings = settings_from_args(args, source.generation)
     outside = [i for i in settings.stop_token_ids if not 0 <= i < source.spec.vocab_size]
     if outside:
         raise UserError(f"--stop-token-ids: {outside[0]} is outside the model's vocabulary (ids 0 to "
@@ -158,7 +161,9 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
         llm = LLM(source, plan=plan, runtime=runtime, offload_dir=kwargs["offload_dir"], pipeline=pipeline, tracer=tracer)
         try:
             if sinks:
-                print(start_line(llm, ctx.world_size, args.offload_dir), file=info, flush=True)
+                generation = source.generation or GenerationDefaults(source.spec.eos_token_ids)
+                print(f"{start_line(llm, ctx.world_size, args.offload_dir)}; "
+                      f"{settings_line(settings, source.spec.eos_token_ids, generation.source)}", file=info, flush=True)
             stats = _generate(args, llm, [prepared[i] for i in pending], settings, sinks, signals,
                               finished=len(prepared) - len(pending), total=len(prepared), tracer=tracer)
         finally:
@@ -205,24 +210,51 @@ def _generate(args, llm: LLM, todo: list[PromptTokens], settings: RunSettings, s
         progress.close()
 
 
-def settings_from_args(args: argparse.Namespace) -> RunSettings:
-    """The run's generation settings, with flag names in the messages."""
+def check_generation_flags(args: argparse.Namespace) -> None:
+    """The generation flags the user gave, with flag names in the messages (before any file is read)."""
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not (math.isfinite(args.temperature) and args.temperature > 0):
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UserError(f"--temperature must be a finite number > 0, got {args.temperature:g}; "
-                        f"leave out --do-sample for greedy decoding")
-    if args.top_k < 0:
+                        f"give --no-do-sample for greedy decoding")
+    if args.top_k is not None and args.top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 turns it off), got {args.top_k}")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1] (1 turns it off), got {args.top_p:g}")
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
-    if any(not s for s in args.stop or ()):
-        raise UserError("--stop '' would stop at once; give a non-empty string")
-    return RunSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
-                       stop_token_ids=tuple(args.stop_token_ids or ()), ignore_eos=args.ignore_eos)
+    for text in args.stop or ():
+        if not text:
+            raise UserError("--stop '' would stop at once; give a non-empty string")
+        check_text(text, "--stop")
+
+
+def settings_from_args(args: argparse.Namespace, generation: GenerationDefaults | None = None) -> RunSettings:
+    """The run's generation settings: the flags given, else the model's generation_config.json."""
+    check_generation_flags(args)
+    sampling = (generation or GenerationDefaults(())).sampling(
+        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if sampling["do_sample"] and sampling["temperature"] == 0:
+        raise UserError(f"sampling with the temperature 0 of {GENERATION_CONFIG}: give --temperature T > 0, "
+                        f"or --no-do-sample")
+    return RunSettings(max_new_tokens=args.max_new_tokens, do_sample=sampling["do_sample"],
+                       temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
+                       seed=args.seed, stop=tuple(args.stop or ()), stop_token_ids=tuple(args.stop_token_ids or ()),
+                       ignore_eos=args.ignore_eos, from_model=sampling["from_file"])
+
+
+def settings_line(settings: RunSettings, eos_ids, eos_source: str) -> str:
+    """How the run generates, and which settings the model's generation_config.json gave."""
+    if settings.do_sample:
+        how = (f"sampling (temperature {settings.temperature:g}, top-k {settings.top_k or 'off'}, "
+               f"top-p {settings.top_p:g}, seed {settings.seed})")
+    else:
+        how = "greedy"
+    eos = "ignored (--ignore-eos)" if settings.ignore_eos else (
+        f"{', '.join(str(i) for i in eos_ids)} (from {eos_source})" if eos_ids else f"none (from {eos_source})")
+    given = (f"; from {GENERATION_CONFIG}: {', '.join(settings.from_model)} (flags override them)"
+             if settings.from_model else "")
+    return f"generation: {how}; EOS ids {eos}; at most {settings.max_new_tokens} new tokens{given}"
 
 
 def output_target(args: argparse.Namespace, shard) -> str | None:

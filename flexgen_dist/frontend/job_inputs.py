@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..planning.policy import check_block
 from ..planning.spec import ModelSpec
 from .jobfiles import JobFile, read_job_file
-from .jobs import Request
+from .jobs import Request, check_text
 from .shards import Shard
 from .tokencheck import PromptTokens, check_tokens
 
@@ -49,6 +49,8 @@ def job_from_args(args: argparse.Namespace, spec: ModelSpec, has_tokenizer: bool
     if args.prompt:
         if args.num_prompts is not None or args.prompt_len is not None:
             raise UserError("--num-prompts and --prompt-len make prompts when there is no --prompt; drop them")
+        for number, text in enumerate(args.prompt, start=1):
+            check_text(text, PROMPT_FLAG if len(args.prompt) == 1 else f"{PROMPT_FLAG} (the {_ordinal(number)})")
         return text_job(list(args.prompt), PROMPT_FLAG, shard)
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UserError(f"--num-prompts must be >= 1, got {args.num_prompts}")
@@ -68,6 +70,11 @@ def job_from_args(args: argparse.Namespace, spec: ModelSpec, has_tokenizer: bool
         prompts = [[rng.randrange(spec.vocab_size) for _ in range(length)] for _ in range(count)]
         return ids_job(prompts, RANDOM, shard)
     return text_job(bundled_prompts(args.num_prompts or DEFAULT_NUM_PROMPTS), BUNDLED, shard)
+
+
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
 
 
 def bundled_prompts(count: int) -> list[str]:

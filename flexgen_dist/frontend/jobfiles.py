@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
-from .jobs import Format, GenSettings, Request, check_id, parse_settings, token_ids
+from .jobs import Format, GenSettings, Request, check_id, check_strings, parse_settings, token_ids
 from .openai_batch import is_openai_line, parse_openai_line
 from .shards import Shard
 
@@ -35,6 +35,8 @@ NATIVE_MISNAMED = {
     "messages": "chat messages need the OpenAI batch format ({\"custom_id\", \"method\", \"url\": \"/v1/chat/completions\", \"body\"})",
     "n": "one completion per line: repeat the line with another id",
 }
+TOO_DEEP = ("the JSON is nested too deeply to read; a line holds one flat object of settings (lists and objects a "
+            "few levels deep at most)")
 FORMAT_NAMES = {"native": "a native line ({\"id\", \"prompt\" or \"input_ids\"})", "openai": "an OpenAI batch line"}
 
 
@@ -117,10 +119,14 @@ class JobFileScanner:
         except ValueError as exc:  # from the hooks
             raise UserError(f"{where}: {exc}") from None
         except RecursionError:  # the parser recurses once per level: thousands of [[[... exhaust the stack
-            raise UserError(f"{where}: the JSON is nested too deeply to read; a line holds one flat object of "
-                            "settings (lists and objects a few levels deep at most)") from None
+            raise UserError(f"{where}: {TOO_DEEP}") from None
         if not isinstance(obj, dict):
             raise UserError(f"{where}: a JSON {type(obj).__name__}, not an object; each line must be one JSON object {{...}}")
+        if "\\u" in text:  # only a \u escape makes a lone surrogate (the bytes were checked as UTF-8)
+            try:
+                check_strings(obj, where)
+            except RecursionError:
+                raise UserError(f"{where}: {TOO_DEEP}") from None
         return obj
 
 

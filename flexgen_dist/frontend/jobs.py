@@ -78,6 +78,43 @@ class Request:
         return list(self.messages)
 
 
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first UTF-16 surrogate in `text` (not a character: UTF-8 cannot hold it,
+    the tokenizer and the output writer fail on it), or None. JSON's "\\ud800" escape and an
+    argument of bytes that are not UTF-8 (read with surrogateescape) both make one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuse text that is not valid Unicode, naming `where` (path:line or a flag)."""
+    at = lone_surrogate(text)
+    if at is None:
+        return
+    code = ord(text[at])
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte of a command-line argument, kept by surrogateescape
+        raise UserError(f"{where}: byte 0x{code - 0xDC00:02x} at character {at + 1} is not UTF-8; pass UTF-8 text")
+    raise UserError(f"{where}: character {at + 1} is \\u{code:04x}, half of a UTF-16 surrogate pair without its "
+                    f"other half, which is not text; write the character itself, or both halves of its pair")
+
+
+def check_strings(value, where: str, name: str = "the line") -> None:
+    """Every string in a parsed JSON value (keys too) is valid Unicode; `where` is path:line and
+    `name` the field that holds `value`, for the message."""
+    if isinstance(value, str):
+        check_text(value, f"{where}: {name}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, f"{where}: a key in {name}")
+            check_strings(item, where, repr(key))
+    elif isinstance(value, list):
+        for item in value:
+            check_strings(item, where, name)
+
+
 def id_key(value: str | int) -> str:
     """Canonical text of an id, so that "7" and 7 stay different ids and compare across files."""
     return json.dumps(value, ensure_ascii=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,8 +12,12 @@ from typing import Any
 from ..errors import UserError
 from ..io_errors import file_error
 from ..model.checkpoint import CheckpointSource, RandomSource, WeightSource
+from ..model.validate import scan_checkpoint
+from ..planning.generation_config import GenerationDefaults, read_generation_config
 from ..planning.layout import model_units
 from ..planning.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,13 +26,24 @@ class ModelSource:
     weights: WeightSource
     tokenizer: Any | None  # a transformers tokenizer, when the folder has one
     name: str
+    generation: GenerationDefaults | None = None  # generation_config.json's defaults; None: the spec's EOS only
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelSource":
-        """A local Hugging Face folder: config.json, safetensors weights, tokenizer files if any."""
+        """A local Hugging Face folder: config.json, safetensors weights, tokenizer files if any,
+        generation_config.json if any. The spec is what transformers 5 would run: its EOS ids are
+        the generation config's where there is one, and a head that config.json ties to the input
+        embedding but the checkpoint stores on its own is the stored one (transformers 5 ties
+        only when the two are equal, and then either gives the same logits)."""
         spec = ModelSpec.from_dir(model_dir)
+        generation = read_generation_config(model_dir, config_eos=spec.eos_token_ids, vocab_size=spec.vocab_size)
+        spec = dataclasses.replace(spec, eos_token_ids=generation.eos_token_ids)
+        if spec.tie_word_embeddings and "lm_head.weight" in scan_checkpoint(model_dir):
+            log.info("%s: config.json ties the head to the input embedding, but the checkpoint holds its own "
+                     "lm_head.weight: using it, as transformers 5 does", model_dir)
+            spec = dataclasses.replace(spec, tie_word_embeddings=False)
         weights = CheckpointSource(model_dir, model_units(spec))  # every header checked against the config first
-        return cls(spec, weights, _load_tokenizer(Path(model_dir)), str(model_dir))
+        return cls(spec, weights, _load_tokenizer(Path(model_dir)), str(model_dir), generation)
 
     @classmethod
     def random(cls, config, seed: int = 0) -> "ModelSource":

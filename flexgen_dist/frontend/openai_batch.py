@@ -39,7 +39,18 @@ DEFAULT_ONLY = {
 }
 
 
+NATIVE_PROMPT_KEYS = ("prompt", "input_ids")  # a native line's prompt; an OpenAI line keeps it in its body
+
+
 def is_openai_line(obj: dict) -> bool:
+    """An OpenAI batch line has custom_id, method, url and body, and a line with a custom_id is
+    one (a part missing or a stray native key is then refused by name). Otherwise a line with a
+    native prompt is native even with keys of the user's own named like the others (the `url` and
+    `method` of a page to summarise); one with neither is an OpenAI line that lacks parts."""
+    if "custom_id" in obj or all(key in obj for key in TOP_KEYS):
+        return True
+    if any(key in obj for key in NATIVE_PROMPT_KEYS):
+        return False
     return any(key in obj for key in TOP_KEYS)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import struct
 from pathlib import Path
 
 from ..errors import UserError
@@ -52,7 +53,50 @@ def check_output_path(path: str | os.PathLike, *, input_path: str | os.PathLike 
         raise UserError(f"cannot write {flag} {text!r}: folder {str(parent)!r} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {flag} {text!r}: folder {str(parent)!r} is not writable; choose another folder")
+    for candidate in (target, *(Path(c) for c in companions)):
+        why = _cannot_replace(candidate, parent)
+        if why:
+            what = "" if candidate == target else f": the progress file {str(candidate)!r}"
+            raise UserError(f"cannot write {flag} {text!r}{what}: {why}")
     if input_path is not None and target.exists():
         with contextlib.suppress(OSError):
             if os.path.samefile(target, input_path):
                 raise UserError(f"{flag} {text!r} is the input file; choose another output file")
+
+
+_FS_IOC_GETFLAGS = 0x80086601  # Linux: the inode flags that chattr sets
+_IMMUTABLE, _APPEND_ONLY = 0x10, 0x20
+
+
+def _cannot_replace(path: Path, parent: Path) -> str | None:
+    """Why the run could not replace an existing file at `path` (files.atomic_output renames a
+    new file over it at the end, after all the work), or None. Permission bits do not matter
+    for a rename; an immutable or append-only file, and another user's file in a sticky folder
+    (such as /tmp), cannot be replaced, even by root for the first."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None  # absent: created, which the folder check covers
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except (ImportError, OSError):
+        fd = None
+    if fd is not None:
+        try:
+            flags = struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("l", 0)))[0]
+        except OSError:  # a file system without inode flags
+            flags = 0
+        finally:
+            os.close(fd)
+        if flags & (_IMMUTABLE | _APPEND_ONLY):
+            kind = "immutable" if flags & _IMMUTABLE else "append-only"
+            return (f"{str(path)!r} is {kind} (chattr +{'i' if flags & _IMMUTABLE else 'a'}), so it cannot be "
+                    f"replaced; clear that with chattr -{'i' if flags & _IMMUTABLE else 'a'}, or choose another file")
+    euid = os.geteuid() if hasattr(os, "geteuid") else 0
+    folder = os.stat(parent)
+    if folder.st_mode & stat.S_ISVTX and euid not in (0, st.st_uid, folder.st_uid):
+        return (f"{str(path)!r} belongs to another user in a sticky folder ({str(parent)!r}), so it cannot be "
+                f"replaced; choose another file")
+    return None

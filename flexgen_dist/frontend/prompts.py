@@ -9,6 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..planning.spec import ModelSpec
+from .jobs import check_text
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ def prepare_prompts(prompts, tokenizer, spec: ModelSpec, max_new_tokens: int) ->
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise UserError(f"prompt {i} is text but the model has no tokenizer; give token ids instead")
+            check_text(prompt, f"prompt {i}")
             tokens = list(tokenizer(prompt)["input_ids"])
         else:
             try:

@@ -88,8 +88,9 @@ class ResumeLog:
     """The progress of one output file. Build with `open_for_resume`."""
 
     def __init__(self, output: Path, fd: int, index: dict[str, tuple[int, int]], size: int,
-                 started_at: int, complete_order: list[str] | None) -> None:
+                 started_at: int, complete_order: list[str] | None, rerun: str = "run the same command again") -> None:
         self.output = output
+        self.rerun = rerun  # how to resume: never "the same command" when that holds --overwrite
         self._partial, self._record = progress_paths(output)
         self._fd = fd
         self._index = index  # id key -> (offset, length) of its line in the progress file
@@ -125,7 +126,7 @@ class ResumeLog:
                 os.ftruncate(self._fd, self._size)
             except OSError:
                 pass
-            keep = "finished results are kept: fix this and rerun the same command to resume"
+            keep = f"finished results are kept: fix this and {self.rerun} to resume"
             if isinstance(exc, EnvironmentFailure):
                 raise EnvironmentFailure(f"cannot append results to {self._partial}: {str(exc).removeprefix('cannot write: ')}"
                                          f"; {keep}") from None
@@ -148,7 +149,7 @@ class ResumeLog:
             try:
                 self._write_output(order)
             except EnvironmentFailure as exc:
-                raise EnvironmentFailure(f"{exc}; finished results are kept: fix this and rerun the same command") from None
+                raise EnvironmentFailure(f"{exc}; finished results are kept: fix this and {self.rerun} to resume") from None
         # The progress file goes first: a record without a progress file then means "complete".
         self._partial.unlink(missing_ok=True)
         fsync_folder(self.output.absolute().parent)
@@ -233,6 +234,8 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
         return StdoutLog(stream or sys.stdout)
     out = Path(output)
     partial, record_path = progress_paths(out)
+    # --overwrite would start over and discard what this run saves: resuming is the command without it
+    rerun = "run the command again without --overwrite" if overwrite else "run the same command again"
     check_output_path(output, input_path=input_path, companions=(str(partial), str(record_path)))
     try:
         fd, created = open_nofollow(partial, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL), True
@@ -256,7 +259,7 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
             started_at = int(time.time())
             with atomic_output(record_path) as f:
                 f.write((json.dumps({**identity.record(), "started_at": started_at}, indent=1) + "\n").encode())
-            return ResumeLog(out, fd, {}, 0, started_at, None)
+            return ResumeLog(out, fd, {}, 0, started_at, None, rerun)
         differences = identity.differences(recorded)
         if differences:
             raise UserError(f"cannot resume {output!r}: {'; '.join(differences)} from the unfinished run recorded in "
@@ -270,10 +273,10 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
             record_path.unlink()
             fsync_folder(out.absolute().parent)
             log.info("%s is complete (%d results); nothing to resume", output, len(keys))
-            return ResumeLog(out, fd, dict.fromkeys(keys, (0, 0)), 0, started_at, keys)
+            return ResumeLog(out, fd, dict.fromkeys(keys, (0, 0)), 0, started_at, keys, rerun)
         index, size = _repair(fd, partial)
         log.info("resuming %s: %d results already finished", output, len(index))
-        return ResumeLog(out, fd, index, size, started_at, None)
+        return ResumeLog(out, fd, index, size, started_at, None, rerun)
     except BaseException:
         os.close(fd)
         if created:

@@ -19,32 +19,31 @@ from ..io_errors import file_error
 _FIX = "correct it in config.json or restore the checkpoint's config.json"
 
 
-def read_config_file(path: Path) -> dict:
-    """The settings object of a config.json file (UTF-8 JSON holding an object)."""
+def read_config_file(path: Path, *, restore: str = "restore the checkpoint's config.json") -> dict:
+    """The settings object of a config.json file (UTF-8 JSON holding an object); `restore` ends
+    each message (what to do about the file)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise file_error(exc, path, "read") from None
     if not data.strip():
-        raise UserError(f"{str(path)!r} is empty; restore the checkpoint's config.json")
+        raise UserError(f"{str(path)!r} is empty; {restore}")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(
-            f"{str(path)!r} is not UTF-8 text (undecodable byte at offset {exc.start}); "
-            "restore the checkpoint's config.json"
+            f"{str(path)!r} is not UTF-8 text (undecodable byte at offset {exc.start}); {restore}"
         ) from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(
-            f"{str(path)!r} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-            "restore the checkpoint's config.json"
+            f"{str(path)!r} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); {restore}"
         ) from None
     if not isinstance(config, dict):
+        example = ' ({"model_type": ..., "hidden_size": ...})' if path.name == "config.json" else ""
         raise UserError(
-            f"{str(path)!r} holds {describe(config)}, expected a JSON object of settings "
-            '({"model_type": ..., "hidden_size": ...}); restore the checkpoint\'s config.json'
+            f"{str(path)!r} holds {describe(config)}, expected a JSON object of settings{example}; {restore}"
         )
     return config
 
@@ -80,13 +79,14 @@ class ConfigFields:
     """Checked reads of one config's fields. `where` names the file in messages; `model_type`
     says which model needs a required field."""
 
-    def __init__(self, config: dict, where: str, model_type: str):
+    def __init__(self, config: dict, where: str, model_type: str, fix: str = _FIX):
         self.config = config
         self.where = where
         self.model_type = model_type
+        self.fix = fix
 
     def bad(self, key: str, value: Any, expected: str) -> UserError:
-        return UserError(f"{self.where}: {key!r} is {describe(value)}, expected {expected}; {_FIX}")
+        return UserError(f"{self.where}: {key!r} is {describe(value)}, expected {expected}; {self.fix}")
 
     def _value(self, key: str, required: bool, expected: str):
         if key not in self.config:
@@ -169,4 +169,4 @@ class ConfigFields:
     def require(self, condition: bool, message: str) -> None:
         """A relation between fields (heads divide the hidden size, ...): `message` says which."""
         if not condition:
-            raise UserError(f"{self.where}: {message}; {_FIX}")
+            raise UserError(f"{self.where}: {message}; {self.fix}")
