@@ -198,3 +198,19 @@ def test_a_changed_generation_config_is_another_model(cli, llama_dir, tmp_path, 
     (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     one_error_line(*cli("--model", model, "--input", src, "--output", out, "--max-new-tokens", 4, *FAST)[::2],
                    "the model differs")
+
+
+def test_another_users_output_in_a_sticky_folder_is_refused_before_the_run(tmp_path, monkeypatch):
+    """Like /tmp: the final rename over another user's file fails (EPERM) after all the work."""
+    from flexgen_dist.errors import UserError
+    from flexgen_dist.frontend import outpath
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chmod(folder, 0o1777)
+    (folder / "out.jsonl").write_text("someone else's results\n")
+    outpath.check_output_path(folder / "out.jsonl")  # our own file: replaceable
+    monkeypatch.setattr(outpath.os, "geteuid", lambda: 4242)  # a user who owns neither the file nor the folder
+    with pytest.raises(UserError, match="belongs to another user in a sticky folder"):
+        outpath.check_output_path(folder / "out.jsonl")
+    outpath.check_output_path(folder / "new.jsonl")  # a new file there is fine
