@@ -5,12 +5,19 @@ Without shard files it takes `results.shard-*-of-N.jsonl` next to `results.jsonl
 all N are there. Shard files may also be named (or given as one quoted glob). The input file gives
 the order; every id of the input must be in exactly one shard output, and every line of the
 shard outputs must answer an id of the input. The merged file is written whole or not at all.
+
+Provenance: a shard run records which run made its output (`OUT.made-by.json`: the model's
+fingerprint, the input file's hash, the generation settings, the output format, the shard). Shards
+that other runs made (another model, other settings, another version of the input) are refused,
+naming the two shards and the first thing that differs. Shards without such a record (written by
+hand, or by an older version) are merged on their ids alone, but never mixed with recorded ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -22,6 +29,7 @@ from .frontend.jobfiles import JobFileScanner
 from .files import atomic_output
 from .frontend.outpath import check_output_path
 from .frontend.output_rows import row_key
+from .frontend.resume import provenance_path, read_run_record
 from .frontend.shards import find_shard_outputs
 
 
@@ -40,6 +48,7 @@ def merge_shards(input_path: str | Path, output_path: str | Path, shard_paths: l
     for shard in shard_paths:
         if os.path.exists(output) and os.path.samefile(shard, output):
             raise UserError(f"{str(shard)!r} is both a shard and the merge output; choose another output")
+    check_provenance(input_path, [Path(p) for p in shard_paths])
     index, files = _index_shards([Path(p) for p in shard_paths])
     try:
         count = 0
@@ -61,6 +70,57 @@ def merge_shards(input_path: str | Path, output_path: str | Path, shard_paths: l
     finally:
         for _, fd in files:
             os.close(fd)
+
+
+def check_provenance(input_path: str | Path, shards: list[Path]) -> None:
+    """Refuse shards made by different runs, or from another version of the input (one line
+    naming the shards and the first field that differs)."""
+    fix = "rerun that shard (the same command with --overwrite) and merge again"
+    records = [(path, read_run_record(provenance_path(path), fix=fix)) for path in shards]
+    made = [(path, record) for path, record in records if record is not None]
+    if not made:
+        return  # no shard says which run made it: the ids alone are checked
+    first_path, first = made[0]
+    for path, record in records:
+        if record is None:
+            raise UserError(f"{path} has no record of the run that made it ({provenance_path(path).name}) but "
+                            f"{first_path} has; rerun {path} with the command of the other shards and merge again")
+        difference = _first_difference(first, record)
+        if difference:
+            raise UserError(f"{path} and {first_path} were made by different runs: {difference}; rerun the odd shard "
+                            f"with the model and settings of the others (--overwrite) and merge again")
+    input_sha256 = _sha256(input_path)
+    if input_sha256 is not None and first["input_sha256"] != input_sha256:
+        raise UserError(f"the shards were made from another version of {os.fspath(input_path)!r} (its content "
+                        f"changed since {first_path} was made); merge with the file they ran on, or rerun the "
+                        f"shards (--overwrite) on this one")
+
+
+def _first_difference(a: dict, b: dict) -> str | None:
+    if a["model"] != b["model"]:
+        return "the model differs (its weights, config, tokenizer, dtypes or compression)"
+    for name in sorted(set(a["settings"]) | set(b["settings"])):
+        if a["settings"].get(name) != b["settings"].get(name):
+            return (f"the generation setting {name} differs ({json.dumps(b['settings'].get(name))} against "
+                    f"{json.dumps(a['settings'].get(name))})")
+    if a["output_format"] != b["output_format"]:
+        return f"the output format differs ({b['output_format']} against {a['output_format']})"
+    if a["shard"].partition("/")[2] != b["shard"].partition("/")[2]:
+        return f"the shard count differs ({b['shard']} against {a['shard']})"
+    if a["input_sha256"] != b["input_sha256"]:
+        return "the input file's content differs (they ran on different versions of it)"
+    return None
+
+
+def _sha256(path: str | Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None  # the input's own checks say what is wrong with it
+    return digest.hexdigest()
 
 
 def _index_shards(paths: list[Path]) -> tuple[dict[str, tuple[int, int, int]], list[tuple[str, int]]]:

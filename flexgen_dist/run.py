@@ -11,8 +11,10 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # first: hold a SIGINT / SIGTERM sent while the imports below take seconds
     from .frontend.signals import HeldSignals
+    from .frontend.streams import hold_standard_descriptors
 
     HeldSignals.install()
+    hold_standard_descriptors()  # a closed descriptor 1 must not become the next file opened
 
 import argparse
 import sys
@@ -40,7 +42,8 @@ examples:
   python -m flexgen_dist.run --model DIR --input jobs.jsonl --output results.jsonl --shard 0/4
                                                               a quarter of it (then python -m flexgen_dist.merge)
 exit codes: 0 done, 1 the environment failed (disk, a peer rank), 2 bad input or flags,
-130 / 143 stopped by SIGINT / SIGTERM (finished results are kept: run it again to resume)."""
+130 / 143 stopped by SIGINT / SIGTERM (finished results are kept: run it again to resume),
+141 standard output's reader went away (a broken pipe; saved results are kept, as for a signal)."""
 
 
 def token_ids(text: str) -> list[int]:

@@ -211,10 +211,29 @@ def test_sigint_and_sigterm_keep_finished_results_and_remove_scratch(job, refere
     name = signal.Signals(signum).name
     assert last == f"interrupted by {name}: 2 of 12 results are saved in {out}.partial; run the same command again to resume"
     assert len(lines_by_id(progress_paths(out)[0])) == 2
-    assert not list(offload.glob("cache-rank*")), "the run's scratch files are left behind"
+    assert not list(offload.glob(".kv-cache.*")), "the run's scratch files are left behind"
     stdout = run_in_process(args, capsys)
     assert "resumed: 2 of 12 results came from an earlier run" in stdout
     assert out.read_bytes() == reference
+
+
+def test_the_scratch_folder_of_a_sigkilled_run_is_removed_by_the_next_run(job, reference, tmp_path, capsys):
+    from flexgen_dist.files import temp_name
+
+    model, src, _ = job
+    out, offload = tmp_path / "out.jsonl", tmp_path / "offload"
+    args = job_args(model, src, out, "--percent", 100, 0, 0, 0, 100, 0, "--offload-dir", offload)  # KV cache on disk
+    child = start_child("first_block", args)  # SIGKILLs itself while its first block is open
+    child.communicate(timeout=300)
+    assert child.returncode == -signal.SIGKILL
+    left = list(offload.glob(".kv-cache.*"))
+    assert left and all(path.is_dir() for path in left)  # the open block's cache, nobody's now
+    alive = offload / temp_name("kv-cache")  # a live run's (this process's) folder: not to be touched
+    alive.mkdir()
+    (alive / "layer0_batch0_k.bin").write_bytes(b"in use")
+    stdout = run_in_process(args, capsys)
+    assert out.read_bytes() == reference
+    assert list(offload.glob(".kv-cache.*")) == [alive] and (alive / "layer0_batch0_k.bin").read_bytes() == b"in use"
 
 
 def test_a_signal_while_results_are_saved_waits_for_the_save():

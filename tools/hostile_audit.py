@@ -43,7 +43,7 @@ TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 sys.path[:0] = [str(TOOLS), str(REPO / "tests"), str(REPO)]
 
-EXPECTED_CODES = {"user": {2}, "env": {1}, "ok": {0}, "sig": {130, 143}}
+EXPECTED_CODES = {"user": {2}, "env": {1}, "ok": {0}, "sig": {130, 143}, "pipe": {141}}
 ERROR_CODES = {1, 2, 130, 143}
 DEFAULT_TIMEOUT_S = 120.0
 

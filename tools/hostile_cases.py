@@ -3,7 +3,8 @@ folders, environment limits, launchers, and the merge / profile / eval / bench c
 commands, checks and setups are in tools/hostile_setups.py).
 
 Each case says what a user should see: "user" (exit 2, one line), "env" (exit 1, one line),
-"ok" (exit 0; a check compares the output with the reference run where there is one) or "sig".
+"ok" (exit 0; a check compares the output with the reference run where there is one), "sig", or
+"pipe" (141: standard output's reader went away, quietly).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from hostile_setups import (
     interrupted_check, sigterm_then_resume, resumed_check, merge_setup, message_has,
     in_model_folder_setup, in_model_folder_job, in_model_folder_check, generation_config, eos_from_reference,
     stops_at_generation_eos, tied_with_own_head, immutable, overwrite_then_interrupted,
+)
+from hostile_setups import (
+    stdout_closed, stdout_to, stdout_head_1, quiet_stderr, complete_output, unfinished_job,
+    partial_foreign_id, partial_edited_line, partial_fixed, record_field, stale_kv_scratch, stale_kv_scratch_removed,
+    merge_made_by,
 )
 
 
@@ -631,6 +637,76 @@ def other_command_cases() -> list[Case]:
     ]
 
 
+def stream_cases() -> list[Case]:
+    """Standard output that fails: closed, a reader that goes away, a full disk, ASCII only."""
+    from hostile_setups import message_has
+
+    text = ["--prompt", "héllo wörld", "--prompt", "naïve café"]
+    return [
+        Case("stdout-closed-prints-results", "stdout", "user", argv=lambda c: stdout_closed(tiny(c))),
+        Case("stdout-closed-dash-output", "stdout", "user", argv=lambda c: stdout_closed(good_job(c, output="-")),
+             check=message_has("standard output is closed")),
+        Case("stdout-closed-file-output", "stdout", "ok", argv=lambda c: stdout_closed(good_job(c)),
+             check=matches_reference()),
+        Case("stdout-broken-pipe-prints-results", "stdout", "ok|pipe", argv=lambda c: stdout_head_1(tiny(c)),
+             check=quiet_stderr),
+        Case("stdout-broken-pipe-file-output", "stdout", "ok|pipe", argv=lambda c: stdout_head_1(good_job(c)),
+             check=lambda c, r: quiet_stderr(c, r) or complete_output()(c, r)),
+        Case("stdout-dev-full", "stdout", "env", argv=lambda c: stdout_to("/dev/full", tiny(c)),
+             check=message_has("cannot write to standard output: No space left on device")),
+        Case("stdout-dev-full-dash-output", "stdout", "env", argv=lambda c: stdout_to("/dev/full", good_job(c, output="-"))),
+        Case("stdout-dev-full-file-output", "stdout", "env", argv=lambda c: stdout_to("/dev/full", good_job(c)),
+             owns=("out.jsonl*",)),
+        Case("stdout-ascii-encoding", "stdout", "ok", env={"PYTHONIOENCODING": "ascii"},
+             argv=lambda c: RUN + s("--model", c.fx.llama, "--max-new-tokens", 2, *FAST, *text),
+             check=stdout_has("'h\\xe9llo w\\xf6rld' -> ")),
+        Case("stdout-ascii-encoding-dash-output", "stdout", "ok", env={"PYTHONIOENCODING": "ascii"},
+             setup=write_input(lines({"id": f"é{i}", "prompt": p} for i, p in enumerate(text[1::2]))),
+             argv=lambda c: job(c, "in.jsonl", output="-"),
+             check=lambda c, r: None if r.code or ('"id": "\\u00e90"' in r.stdout and r.stdout.isascii())
+             else "the JSON lines are not escaped"),
+        Case("stdout-lc-all-c", "stdout", "ok", env={"LC_ALL": "C", "LANG": "C"},
+             argv=lambda c: RUN + s("--model", c.fx.llama, "--max-new-tokens", 2, *FAST, *text)),
+    ]
+
+
+def progress_file_cases() -> list[Case]:
+    """Progress files are input too; merge checks which runs made its shards; scratch of dead runs."""
+    from hostile_setups import message_has
+
+    def merge(c: CaseDir) -> list[str]:
+        return MERGE + s("--input", "in.jsonl", "out.jsonl")
+
+    return [
+        Case("partial-id-not-in-input", "progress", "user", setup=unfinished_job(partial_foreign_id),
+             argv=lambda c: good_job(c), check=message_has("out.jsonl.partial:3: id \"not-in-input\" is not in")),
+        Case("partial-edited-line", "progress", "user", setup=unfinished_job(partial_edited_line),
+             argv=lambda c: good_job(c), check=message_has("out.jsonl.partial:2: not a result line")),
+        Case("partial-foreign-line-removed-resumes", "progress", "ok", setup=unfinished_job(partial_fixed),
+             argv=lambda c: good_job(c), owns=("out.jsonl*",), check=matches_reference()),
+        Case("run-json-settings-a-list", "progress", "user", setup=unfinished_job(record_field("settings", [])),
+             argv=lambda c: good_job(c), check=message_has("out.jsonl.run.json:", "'settings' is a list")),
+        Case("run-json-started-at-text", "progress", "user",
+             setup=unfinished_job(record_field("started_at", "yesterday")), argv=lambda c: good_job(c)),
+        Case("run-json-model-number", "progress", "user", setup=unfinished_job(record_field("model", 5)),
+             argv=lambda c: good_job(c)),
+        Case("merge-made-by-one-run", "merge", "ok", setup=merge_made_by(), argv=merge),
+        Case("merge-other-settings", "merge", "user", setup=merge_made_by(odd={"settings": {"max_new_tokens": 8}}),
+             argv=merge, check=message_has("out.shard-1-of-2.jsonl and", "max_new_tokens differs")),
+        Case("merge-other-model", "merge", "user", setup=merge_made_by(odd={"model": "n" * 64}), argv=merge,
+             check=message_has("the model differs")),
+        Case("merge-other-output-format", "merge", "user", setup=merge_made_by(odd={"output_format": "openai"}),
+             argv=merge),
+        Case("merge-older-input", "merge", "user", setup=merge_made_by(old_input=True), argv=merge,
+             check=message_has("another version of 'in.jsonl'")),
+        Case("merge-record-wrong-type", "merge", "user", setup=merge_made_by(damaged=True), argv=merge),
+        Case("merge-record-missing-for-one", "merge", "user", setup=merge_made_by(only_one=True), argv=merge),
+        Case("offload-stale-kv-scratch", "offload", "ok", setup=stale_kv_scratch, owns=("off/*",),
+             argv=lambda c: good_job(c, "--percent", "100", "0", "0", "0", "100", "0", "--offload-dir", "off"),
+             check=stale_kv_scratch_removed),
+    ]
+
+
 def all_cases() -> list[Case]:
     return flag_cases() + model_cases() + input_cases() + output_cases() + offload_cases() + env_cases() + \
-        dist_cases() + other_command_cases()
+        dist_cases() + other_command_cases() + stream_cases() + progress_file_cases()

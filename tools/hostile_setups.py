@@ -520,3 +520,134 @@ def merge_setup(*, missing: int | None = None, duplicate: bool = False, garbage:
             c.write(f"out.shard-{index}-of-2.jsonl", text)
 
     return setup
+
+
+# ---- standard output, progress files, provenance, scratch (issue items 5, 6, 9, 10) ---------------
+
+
+def shell(script: str, argv: list[str]) -> list[str]:
+    """`argv` run by bash with `script` around it ("$@" is the command)."""
+    return ["bash", "-c", script, "bash", *argv]
+
+
+def stdout_closed(argv: list[str]) -> list[str]:
+    return shell('exec "$@" >&-', argv)
+
+
+def stdout_to(path: str, argv: list[str]) -> list[str]:
+    return shell(f'exec "$@" >{path}', argv)
+
+
+def stdout_head_1(argv: list[str]) -> list[str]:
+    """`argv | head -1`, exiting with the command's code (141: ended by the broken pipe)."""
+    return shell('"$@" | head -1; exit "${PIPESTATUS[0]}"', argv)
+
+
+def quiet_stderr(c: CaseDir, r: Result) -> str | None:
+    return f"the broken pipe printed {len(r.err_lines)} lines" if r.code == 141 and r.err_lines else None
+
+
+def complete_output(name: str = "out.jsonl"):
+    """Whatever the exit (0, or 141 for a reader gone after the results were saved), the output
+    is the reference run's."""
+
+    def check(c: CaseDir, r: Result) -> str | None:
+        return matches_reference(name)(c, Result(r.case, code=0))
+
+    return check
+
+
+def unfinished_job(change=None):
+    """Progress files of the good job, as a run killed before finishing leaves them: every result
+    in out.jsonl.partial and the run record; then change(c) edits them."""
+
+    def setup(c: CaseDir) -> None:
+        code = ("import sys; from flexgen_dist.frontend import resume; "
+                "resume.ResumeLog.finish = lambda self, order: self.close(); "
+                "from flexgen_dist.run import main; sys.exit(main(sys.argv[1:]))")
+        proc = subprocess.run([PY, "-c", code, *good_job(c)[3:]], cwd=c.d, env=c.data["env"], capture_output=True,
+                              text=True, timeout=300)
+        if proc.returncode or not partial_nonempty(c):
+            raise Skip(f"the unfinished run failed: {proc.stderr.strip()[-100:]}")
+        if change is not None:
+            change(c)
+
+    return setup
+
+
+def partial_foreign_id(c: CaseDir) -> None:
+    path = c.d / "out.jsonl.partial"
+    rows = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(rows[:2]) + json.dumps({"id": "not-in-input", "output_ids": [1]}) + "\n" + "".join(rows[2:]))
+
+
+def partial_edited_line(c: CaseDir) -> None:
+    path = c.d / "out.jsonl.partial"
+    rows = path.read_text().splitlines(keepends=True)
+    path.write_text(rows[0] + rows[1][: len(rows[1]) // 2] + "\n" + "".join(rows[2:]))
+
+
+def partial_fixed(c: CaseDir) -> None:
+    """A foreign line put in and taken out again, as the message says to."""
+    path = c.d / "out.jsonl.partial"
+    before = path.read_text()
+    partial_foreign_id(c)
+    path.write_text(before)
+
+
+def record_field(name: str, value):
+    def change(c: CaseDir) -> None:
+        path = c.d / "out.jsonl.run.json"
+        record = json.loads(path.read_text())
+        record[name] = value
+        path.write_text(json.dumps(record, indent=1) + "\n")
+
+    return change
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def stale_kv_scratch(c: CaseDir) -> None:
+    """The KV-cache scratch folder a SIGKILLed run left in the offload folder: named for its dead
+    pid, as block_io names it."""
+    from flexgen_dist.files import host_tag
+
+    folder = c.d / "off" / f".kv-cache.flexgen-tmp.{host_tag()}.{dead_pid()}.0123456789abcdef"
+    folder.mkdir(parents=True, mode=0o700)
+    (folder / "layer0_batch0_k.bin").write_bytes(b"\0" * 4096)
+    c.data["stale"] = folder
+
+
+def stale_kv_scratch_removed(c: CaseDir, r: Result) -> str | None:
+    if r.code == 0 and c.data["stale"].exists():
+        return "the dead run's KV scratch folder is still there"
+    return matches_reference()(c, r)
+
+
+def merge_made_by(*, odd: dict | None = None, old_input: bool = False, damaged: bool = False, only_one: bool = False):
+    """Shards as merge_setup writes them, each with the record of the run that made it; shard 1's
+    record changed by `odd`, or both made from an older in.jsonl, or one record of the wrong type."""
+
+    def setup(c: CaseDir) -> None:
+        import hashlib
+
+        merge_setup()(c)
+        text = (c.d / "in.jsonl").read_bytes()
+        made_from = hashlib.sha256(text.replace(b"[5, 6]", b"[5, 7]") if old_input else text).hexdigest()
+        for index in range(2):
+            if only_one and index == 1:
+                continue
+            record = {"version": 1, "model": "m" * 64, "input_sha256": made_from,
+                      "settings": {"max_new_tokens": 4, "seed": 0, "truncate": "none"}, "shard": f"{index}/2",
+                      "output_format": "native", "started_at": 1700000000}
+            if index == 1:
+                record.update(odd or {})
+                if damaged:
+                    record["settings"] = "max_new_tokens=4"
+            c.write(f"out.shard-{index}-of-2.jsonl.made-by.json", json.dumps(record, indent=1) + "\n")
+
+    return setup

@@ -12,12 +12,13 @@ their batch's tier (`store_act` / `load_act`).
 
 from __future__ import annotations
 
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..files import remove_stale_temps, temp_name
 from ..io_errors import file_error
 from ..model import KVView
 from ..planning.placement import CachePlace, Placement, Tier
@@ -28,6 +29,9 @@ from ..storage.tiers import DiskReader, DiskTensor, MemoryTensor, TierTensor, co
 from .blocks import Block, BlockResult, BlockState
 from .homes import ActivationHome, KVCache, KVLease
 from .kv_views import DenseKV, StoredKV
+
+
+SCRATCH_NAME = "kv-cache"  # a block's scratch folder is temp_name(SCRATCH_NAME) in the offload folder
 
 
 class BlockIO:
@@ -44,6 +48,7 @@ class BlockIO:
         self.order = StreamOrder(device)
         self.scratch: SlotPool | None = None  # KV scratch pairs
         self.cache_pools: dict[Tier, SlotPool] = {}  # a slot per open block on each memory tier
+        self._swept = False  # the scratch folders of dead runs removed from offload_dir
 
     def resize(self, placement: Placement) -> None:
         """Use `placement` (the same tiers, sized for another workload) from the next run on. Only
@@ -77,9 +82,8 @@ class BlockIO:
         p = self.placement
         state = BlockState.start(block, p.policy.gpu_batch_size)
         if self.placement.has_disk() and self.offload_dir is not None:
-            try:  # private (0o700), with a name nobody can predict
-                Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
-                state.scratch_dir = Path(tempfile.mkdtemp(prefix=f"cache-rank{self.rank}-", dir=self.offload_dir))
+            try:
+                state.scratch_dir = self._scratch_folder()
             except OSError as exc:
                 raise file_error(exc, self.offload_dir, "create a folder in") from None
         rows = block.prompt_len + block.max_new_tokens
@@ -101,6 +105,24 @@ class BlockIO:
                 file = DiskTensor(path, (block.prompt_len, p.policy.gpu_batch_size, self.spec.hidden_size), self.dtype, self.reader)
             state.acts[act.batch_idx] = ActivationHome(act.tier, self.device, self.dtype, file)
         return state
+
+    def _scratch_folder(self) -> Path:
+        """A block's folder for its disk KV cache and activations: private (0o700), named as a
+        temporary of this process (files.temp_name: host, pid, random), so that a run killed with
+        SIGKILL leaves a folder the next run in this offload folder can prove dead and remove."""
+        folder = Path(self.offload_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not self._swept:
+            remove_stale_temps(folder, SCRATCH_NAME, folders=True)
+            self._swept = True
+        for _ in range(8):  # a fresh random name collides only with a planted one
+            path = folder / temp_name(SCRATCH_NAME)
+            try:
+                os.mkdir(path, 0o700)
+                return path
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no fresh scratch folder name in {folder}")
 
     def _cache_tensor(self, state: BlockState, place: CachePlace, which: str, tier: Tier, shape) -> TierTensor:
         config = self.placement.policy.compression

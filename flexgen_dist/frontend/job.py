@@ -38,6 +38,7 @@ from .job_inputs import job_from_args, print_continuations, shown_without_output
 from .jobfiles import JobFile
 from .jobs import check_text
 from .model_source import ModelSource
+from .outpath import STDOUT
 from .output_rows import Completion, output_row
 from .planner import plan_for
 from .resume import ResumeLog, RunIdentity, StdoutLog, open_for_resume, progress_paths
@@ -45,6 +46,7 @@ from .progress import Progress
 from .shards import parse_shard, shard_output_path
 from .side_files import check_side_files, stats_record, trace_path, write_json_file
 from .signals import Interrupted, StopSignals
+from .streams import stdout_closed_at_start
 from .tokencheck import PromptTokens
 
 T = TypeVar("T")
@@ -146,6 +148,10 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
             input_sha256=job.sha256, settings={**settings.record(), "truncate": args.truncate},
             shard=str(shard), output_format=job.format)
         sinks.append(open_sink(args, target, identity, job, prepared))
+        if isinstance(sinks[0], LogSink) and isinstance(sinks[0].log, ResumeLog):
+            sinks[0].log.check_ids(job.keys, args.input)  # saved results of ids the input lacks: refused now
+            if shard.count > 1:
+                sinks[0].log.keep_provenance(identity)  # merge checks that one run made every shard
         return [i for i, p in enumerate(prepared) if p.request.key not in sinks[0].finished]
 
     try:
@@ -270,6 +276,10 @@ def output_target(args: argparse.Namespace, shard) -> str | None:
 
 
 def open_sink(args, target: str | None, identity: RunIdentity, job: JobFile, prepared: list[PromptTokens]):
+    if target in (None, STDOUT) and stdout_closed_at_start():
+        flag = "--output -" if target == STDOUT else "a run without --output (it prints the continuations)"
+        raise UserError(f"standard output is closed (>&-), so {flag} has nowhere to put the results; give "
+                        f"--output FILE, or send standard output to a file or /dev/null")
     if target is None:
         return PrintSink(prepared, sys.stdout, shown_without_output(job))
     try:

@@ -9,6 +9,8 @@ Files, for `--output OUT`:
   output format) and start time. A rerun with another identity is refused; `--overwrite` starts over.
 - `OUT` itself appears only at the end, whole (`finish`: input order, each id once, temp file +
   fsync + rename), then the two progress files are removed (the progress file first).
+- `OUT.made-by.json`, for a shard (`--shard I/N`, N > 1) only (`keep_provenance`): the run record,
+  written just before `OUT` and kept, so that `merge` can refuse shards that other runs made.
 
 States found at open (without --overwrite): nothing -> a fresh run; record + progress -> resume;
 record without progress while OUT exists -> the earlier run was killed after its rename: OUT is
@@ -29,8 +31,9 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence, TextIO
 
 from ..errors import EnvironmentFailure, UserError
-from ..files import atomic_output, fsync_file, fsync_folder, open_nofollow, remove_stale_temps, write_all
+from ..files import atomic_output, fsync_file, fsync_folder, open_nofollow, remove_stale_temps, write_all, write_atomic
 from .outpath import STDOUT, check_output_path
+from .streams import can_encode
 from .output_rows import row_key
 
 try:
@@ -47,6 +50,11 @@ def progress_paths(output: str | os.PathLike) -> tuple[Path, Path]:
     """(progress file, run record) of an output file."""
     output = os.fspath(output)
     return Path(output + ".partial"), Path(output + ".run.json")
+
+
+def provenance_path(output: str | os.PathLike) -> Path:
+    """Which run made a finished shard output (its run record, kept for `merge`)."""
+    return Path(os.fspath(output) + ".made-by.json")
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class ResumeLog:
         self._size = size
         self.started_at = started_at  # Unix time the run first started (OpenAI's `created`)
         self._complete_order = complete_order  # set when OUT was already complete at open
+        self._made_by: dict | None = None  # the run record to keep beside the output (keep_provenance)
 
     @property
     def finished(self):
@@ -106,6 +115,30 @@ class ResumeLog:
     @property
     def complete(self) -> bool:
         return self._complete_order is not None
+
+    def keep_provenance(self, identity: RunIdentity) -> None:
+        """Write the run record beside the output (`provenance_path`) when the run finishes, just
+        before the output, and keep it: a shard's, so that `merge` can tell which run made it."""
+        self._made_by = {**identity.record(), "started_at": self.started_at}
+
+    def check_ids(self, keys: Iterable[str], input_path: str | os.PathLike | None) -> None:
+        """Refuse saved results for ids this run's input does not have, naming the progress
+        file's line, before anything is computed (finish() could not write the output)."""
+        keys = list(keys)
+        source = f"{os.fspath(input_path)!r}" if input_path is not None else "this run's prompts"
+        if self.complete:
+            if keys != self._complete_order:
+                raise UserError(f"--output {str(self.output)!r} is complete but does not answer the ids of {source} in "
+                                f"order; it holds another run's results: choose another --output, or pass --overwrite")
+            return
+        wanted = set(keys)
+        foreign = [(offset, key) for key, (offset, _) in self._index.items() if key not in wanted]
+        if not foreign:
+            return
+        offset, key = min(foreign)
+        raise UserError(f"{self._partial}:{_line_at(self._fd, offset)}: id {key} is not in {source} ({len(foreign)} "
+                        f"such saved results); the file was edited or belongs to other prompts: delete those lines "
+                        f"and rerun the same command (the other results are kept), or pass --overwrite to start over")
 
     def append(self, rows: Sequence[dict]) -> None:
         """Append finished output lines (one call per block): whole lines, one fsync."""
@@ -147,6 +180,8 @@ class ResumeLog:
                                 f"pass --overwrite to start over")
         else:
             try:
+                if self._made_by is not None:  # before the output: a finished shard always says who made it
+                    write_atomic(provenance_path(self.output), (json.dumps(self._made_by, indent=1) + "\n").encode())
                 self._write_output(order)
             except EnvironmentFailure as exc:
                 raise EnvironmentFailure(f"{exc}; finished results are kept: fix this and {self.rerun} to resume") from None
@@ -209,7 +244,10 @@ class StdoutLog:
             key = row_key(row)
             if key in self._lines:
                 raise ValueError(f"id {key} already has a result; each id is written once")
-            self._lines[key] = json.dumps(row, ensure_ascii=False) + "\n"
+            line = json.dumps(row, ensure_ascii=False) + "\n"
+            if not can_encode(self._stream, line):  # an ASCII-only terminal: the same JSON, escaped
+                line = json.dumps(row) + "\n"
+            self._lines[key] = line
 
     def finish(self, order: Iterable[str]) -> None:
         order = list(order)
@@ -297,6 +335,15 @@ def _lock(fd: int, output: str, partial: Path) -> None:
 
 
 def _read_record(path: Path) -> dict | None:
+    fix = (f"restore it to resume, or pass --overwrite to start over (move "
+           f"{path.name.removesuffix('.run.json')}.partial aside first to keep its saved results)")
+    return read_run_record(path, fix=fix)
+
+
+def read_run_record(path: Path, *, fix: str) -> dict | None:
+    """A run record (the progress record, or a finished shard's provenance), its fields checked
+    by type; None if there is none. A record that cannot be read is one line naming the file
+    (and the field's line), ending with `fix`."""
     try:
         fd = open_nofollow(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -308,8 +355,30 @@ def _read_record(path: Path) -> dict | None:
     except ValueError:
         record = None
     if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
-        raise UserError(f"{str(path)!r} is not a run record this version can read; pass --overwrite to start over")
+        raise UserError(f"{str(path)!r} is not a run record this version can read; {fix}")
+    for name, kind in RECORD_FIELDS.items():
+        value = record.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            line = _line_of_key(data, name)
+            raise UserError(f"{path}:{line}: the run record's {name!r} is {_json_kind(value)}, not {_json_kind(kind())}; "
+                            f"the file was edited or damaged: {fix}")
     return record
+
+
+RECORD_FIELDS = {"model": str, "input_sha256": str, "settings": dict, "shard": str, "output_format": str,
+                 "started_at": int}
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "missing (or null)"
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a whole number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _line_of_key(data: bytes, name: str) -> int:
+    at = data.find(f'"{name}"'.encode())
+    return data.count(b"\n", 0, at) + 1 if at >= 0 else 1
 
 
 def _repair(fd: int, partial: Path) -> tuple[dict[str, tuple[int, int]], int]:
@@ -318,19 +387,24 @@ def _repair(fd: int, partial: Path) -> tuple[dict[str, tuple[int, int]], int]:
     index: dict[str, tuple[int, int]] = {}
     offset = 0
     damaged = False
+    size = os.fstat(fd).st_size
     with open(os.dup(fd), "rb") as f:
         f.seek(0)
-        for raw in f:
+        for line_no, raw in enumerate(f, start=1):
             if not raw.endswith(b"\n"):
                 break
             try:
                 key = row_key(json.loads(raw))
             except (ValueError, KeyError, TypeError):
+                if b"\0" not in raw and offset + len(raw) < size:  # results follow, and no zeros of a power loss:
+                    # an edit, not a crash (which leaves a torn last line, or zeros in its last write)
+                    raise UserError(f"{partial}:{line_no}: not a result line (an 'id' or 'custom_id' and the output); "
+                                    f"the file was edited or damaged: delete or fix that line and rerun the same "
+                                    f"command (the other results are kept), or pass --overwrite to start over") from None
                 damaged = True
                 break
             index.setdefault(key, (offset, len(raw)))
             offset += len(raw)
-    size = os.fstat(fd).st_size
     if offset < size:
         report = log.warning if damaged else log.info
         report("%s: dropping %d bytes after the last complete result (%s); they are computed again",
@@ -338,6 +412,10 @@ def _repair(fd: int, partial: Path) -> tuple[dict[str, tuple[int, int]], int]:
         os.ftruncate(fd, offset)
         fsync_file(fd, partial)
     return index, offset
+
+
+def _line_at(fd: int, offset: int) -> int:
+    return os.pread(fd, offset, 0).count(b"\n") + 1
 
 
 def _keys_of_output(out: Path) -> list[str]:

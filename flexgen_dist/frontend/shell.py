@@ -10,15 +10,21 @@ from typing import Callable
 from ..errors import EnvironmentFailure, UserError
 from ..parallel.comm import PeerError
 from .signals import Interrupted
+from .streams import SIGPIPE_EXIT, OutputClosed, guarded_stdout
 
 
 def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0) -> int:
     """Run a command's body: a user's mistake becomes one line on stderr and exit code 2 (printed
     by rank 0 only: every rank sees the same input); a failure of the environment (a dead or hung
     peer, a full disk), one line and exit code 1; SIGINT / SIGTERM (see signals.py), one line
-    from rank 0 and 128 + the signal number."""
+    from rank 0 and 128 + the signal number. Standard output is guarded while it runs
+    (streams.py): closed, it is /dev/null; a broken pipe ends the command quietly with 141; a
+    failed write is one line and exit 1."""
     try:
-        return main()
+        with guarded_stdout():
+            return main()
+    except OutputClosed:
+        return SIGPIPE_EXIT
     except UserError as exc:
         if rank_of() == 0:
             print(f"error: {exc}", file=sys.stderr)
