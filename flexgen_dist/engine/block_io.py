@@ -94,7 +94,9 @@ class BlockIO:
                 state.cache_slots[tier] = slot = self._cache_pool(tier).take()
                 for piece in pieces:
                     key = piece.name if piece.part == "value" else f"{piece.name}.{piece.part}"
-                    state.cache_views[key] = slot.view(piece, rows)
+                    # On the compute device attention reads a cache in place: heads-major there.
+                    heads_major = tier is Tier.GPU and piece.part == "value"
+                    state.cache_views[key] = slot.heads_major_view(piece, rows) if heads_major else slot.view(piece, rows)
         for key, place in p.caches.items():
             pair = [self._cache_tensor(state, place, which, tier, shape) for which, tier in (("k", place.k_tier), ("v", place.v_tier))]
             state.caches[key] = KVCache(pair[0], pair[1], place)

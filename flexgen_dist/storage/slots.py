@@ -64,6 +64,15 @@ class Slot:
         nbytes = math.prod(shape) * dtype.itemsize
         return self.data[piece.offset : piece.offset + nbytes].view(dtype).view(shape)
 
+    def heads_major_view(self, piece: SlotPiece, rows: int) -> torch.Tensor:
+        """A KV cache piece indexed as (S, B, nkv, hd), position first as every reader and writer
+        expects, but laid out (B, nkv, S, hd): each head's positions are contiguous, as attention
+        reads them. On a CPU, SDPA over a position-major cache (rows of one head 128 bytes apart
+        every B * kv_dim) runs 3-5x slower than over this layout (64 rows, 168 positions: 213-290
+        ms against 41 ms a layer), and copying it into that layout first costs as much."""
+        seq, batch, heads, head_dim = self.view(piece, rows).shape
+        return self.view(piece, rows).view(batch, heads, seq, head_dim).permute(2, 0, 1, 3)
+
 
 CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context, not one
 
