@@ -31,6 +31,7 @@ from .frontend.outpath import check_output_path
 from .frontend.output_rows import row_key
 from .frontend.resume import provenance_path, read_run_record
 from .frontend.shards import find_shard_outputs
+from .frontend.shell import run_command
 
 
 def merge_shards(input_path: str | Path, output_path: str | Path, shard_paths: list[str | Path], *,
@@ -182,17 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="the merged output (the --output the shard runs were given)")
     parser.add_argument("shards", nargs="*", help="shard outputs (default: OUTPUT's .shard-I-of-N files)")
     args = parser.parse_args(argv)
-    try:
-        shards = _expand(args.shards) if args.shards else [str(p) for p in find_shard_outputs(args.output)]
-        count = merge_shards(args.input, args.output, shards, overwrite=args.overwrite)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"merged {count} results from {len(shards)} shard outputs into {args.output}")
-    return 0
+
+    def body() -> int:
+        try:
+            shards = _expand(args.shards) if args.shards else [str(p) for p in find_shard_outputs(args.output)]
+            count = merge_shards(args.input, args.output, shards, overwrite=args.overwrite)
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"merged {count} results from {len(shards)} shard outputs into {args.output}")
+        return 0
+
+    return run_command(body)  # one-line errors; standard output guarded (closed, broken, full)
 
 
 if __name__ == "__main__":

@@ -106,3 +106,18 @@ def test_json_lines_on_an_ascii_only_stream_are_escaped_json():
     stream.seek(0)
     (line,) = stream.read().splitlines()
     assert line.isascii() and json.loads(line) == {"id": "é", "output_ids": [1], "text": "naïve"}
+
+
+def test_merge_with_a_full_or_closed_stdout_keeps_the_merged_file(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "input_ids": [5]}) + "\n" for i in range(4)))
+    for index in range(2):
+        rows = [{"id": i, "output_ids": [7]} for i in range(4) if i % 2 == index]
+        (tmp_path / f"out.shard-{index}-of-2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    merge = [sys.executable, "-m", "flexgen_dist.merge", "--input", str(src), "--overwrite", str(tmp_path / "out.jsonl")]
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(merge, env=ENV, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 1 and lines(proc.stderr) == ["cannot write to standard output: No space left on device"]
+    assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    proc = subprocess.run(merge, env=ENV, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 0 and proc.stderr == ""
