@@ -53,6 +53,22 @@ def test_an_edited_line_among_results_is_refused_not_dropped_with_what_follows(t
     assert partial.read_bytes() == before
 
 
+@pytest.mark.parametrize("edited", [{"id": "b", "output_ids": "7 8"}, {"id": "b", "output_ids": [7, None]},
+                                    {"id": "b"}, {"custom_id": "b", "response": "ok"}, ["b", 7]])
+def test_a_line_edited_into_another_shape_is_refused_and_dropped_only_when_last(tmp_path, edited):
+    out = saved(tmp_path, "a")
+    partial, _ = progress_paths(out)
+    with open(partial, "ab") as f:
+        f.write(json.dumps(edited).encode() + b"\n" + json.dumps(row("c")).encode() + b"\n")
+    before = partial.read_bytes()
+    with pytest.raises(UserError, match=r"out\.jsonl\.partial:2: not a result line"):
+        open_for_resume(out, IDENTITY)
+    assert partial.read_bytes() == before
+    partial.write_bytes(before[: before.rindex(b"{", 0, len(before) - 1)])  # the edited line is the last one
+    with open_for_resume(out, IDENTITY) as log:  # as a crash's last line: dropped, computed again
+        assert set(log.finished) == {key("a")}
+
+
 @pytest.mark.parametrize("field, value, kind", [
     ("settings", [], "a list, not an object"),
     ("settings", "max_new_tokens=4", "a string, not an object"),

@@ -394,7 +394,10 @@ def _repair(fd: int, partial: Path) -> tuple[dict[str, tuple[int, int]], int]:
             if not raw.endswith(b"\n"):
                 break
             try:
-                key = row_key(json.loads(raw))
+                row = json.loads(raw)
+                key = row_key(row)
+                if not _is_result(row):
+                    raise ValueError("an id without its output")
             except (ValueError, KeyError, TypeError):
                 if b"\0" not in raw and offset + len(raw) < size:  # results follow, and no zeros of a power loss:
                     # an edit, not a crash (which leaves a torn last line, or zeros in its last write)
@@ -412,6 +415,16 @@ def _repair(fd: int, partial: Path) -> tuple[dict[str, tuple[int, int]], int]:
         os.ftruncate(fd, offset)
         fsync_file(fd, partial)
     return index, offset
+
+
+def _is_result(row: dict) -> bool:
+    """The shape of a result line (output_rows.py): native lines carry their token ids, OpenAI
+    batch lines their response body; a line edited into another shape is not copied into OUT."""
+    if "custom_id" in row:
+        response = row.get("response")
+        return isinstance(response, dict) and isinstance(response.get("body"), dict)
+    ids = row.get("output_ids")
+    return isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
 
 
 def _line_at(fd: int, offset: int) -> int:
