@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,9 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
-def start_rank(rank: int, world_size: int, port: int, rendezvous_timeout_s: float, addr="127.0.0.1") -> RankProcess:
+def start_rank(rank: int, world_size: int, port: int, rendezvous_timeout_s: float, addr="127.0.0.1",
+               argv: list[str] | None = None) -> RankProcess:
+    """A rank running RANK_SCRIPT, or `python argv...` (the CLI) when argv is given."""
     env = {
         name: value for name, value in os.environ.items()
         if not name.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_"))
@@ -50,7 +54,56 @@ def start_rank(rank: int, world_size: int, port: int, rendezvous_timeout_s: floa
                MASTER_ADDR=addr, MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return RankProcess([sys.executable, "-c", RANK_SCRIPT, str(rendezvous_timeout_s)], env)
+    return RankProcess([sys.executable, *(argv or ["-c", RANK_SCRIPT, str(rendezvous_timeout_s)])], env)
+
+
+class OtherService:
+    """An unrelated TCP service on a free loopback port: accepts every connection, then stays
+    silent (reply None) or answers whatever it receives with `reply`. `greeted` is set once a
+    client sent bytes: c10d's greeting, past the rendezvous's plain connect probe, which sends none."""
+
+    def __init__(self, reply: bytes | None = None):
+        self.reply = reply
+        self.greeted = threading.Event()
+        self._closed = threading.Event()
+        self._connections: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._connections.append(connection)
+            threading.Thread(target=self._talk, args=(connection,), daemon=True).start()
+
+    def _talk(self, connection: socket.socket) -> None:
+        try:
+            while connection.recv(4096):
+                self.greeted.set()
+                if self.reply is not None:
+                    connection.sendall(self.reply)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "OtherService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._closed.set()
+        self._listener.close()
+        for connection in self._connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)  # wakes its reader
+            except OSError:
+                pass
+            connection.close()
 
 
 def the_error(stderr: str) -> str:
@@ -137,3 +190,33 @@ def test_rank0_port_in_use():
     assert code == 1, stderr[-3000:]
     line = the_error(stderr)
     assert f"rank 0: cannot listen on port {port}" in line and "EADDRINUSE" in line and "MASTER_PORT" in line
+
+
+@pytest.mark.parametrize("reply", [None, b"HTTP/1.0 400 Bad Request\r\n\r\n"], ids=["silent", "garbage"])
+def test_another_service_at_master_port_ends_the_rank(reply):
+    # c10d's client waited for the service's answer in C++ without a timeout: forever when silent.
+    with OtherService(reply) as service:
+        [(code, stderr)] = finish_all([start_rank(1, 2, service.port, rendezvous_timeout_s=2)], timeout_s=300)
+        assert service.greeted.is_set()  # the rank got past the plain connect, to the store's greeting
+    assert code == 1, stderr[-3000:]
+    line = the_error(stderr)
+    assert f"rank 1: 127.0.0.1:{service.port} " in line and "check MASTER_ADDR / MASTER_PORT" in line
+    if reply is None:
+        assert "accepted the connection but is not rank 0's rendezvous store (no store's answer in 2 s)" in line
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_ends_a_rank_waiting_for_another_service(signum):
+    # The CLI itself: its signal handling, and --comm-timeout long enough that only the signal ends the wait.
+    with OtherService() as service:
+        rank1 = start_rank(1, 2, service.port, rendezvous_timeout_s=600,
+                           argv=["-m", "flexgen_dist.run", "--comm-timeout", "600"])
+        try:
+            while not service.greeted.wait(timeout=0.1):  # the rank is in the wait once it greeted
+                assert rank1.proc.poll() is None, rank1.stderr[-3000:]
+            rank1.proc.send_signal(signum)
+            code, stderr = rank1.finish(timeout_s=60)  # a safety net: it ends at once
+        finally:
+            rank1.kill()
+    assert code == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]

@@ -27,7 +27,7 @@ from hostile_setups import (
     group_writable, stale_temp, weights_folder_is_symlink, free_port, signal_job_setup, signal_job,
     interrupted_check, sigterm_then_resume, resumed_check, merge_setup, message_has,
     in_model_folder_setup, in_model_folder_job, in_model_folder_check, generation_config, eos_from_reference,
-    stops_at_generation_eos, tied_with_own_head, immutable, overwrite_then_interrupted,
+    stops_at_generation_eos, tied_with_own_head, immutable, overwrite_then_interrupted, other_service,
 )
 from hostile_setups import (
     stdout_closed, stdout_to, stdout_head_1, quiet_stderr, complete_output, unfinished_job,
@@ -520,6 +520,10 @@ def dist_cases() -> list[Case]:
         return lambda c: {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
 
+    def at_other_service(c: CaseDir) -> dict:  # rank 1, its MASTER_PORT held by an unrelated service
+        return {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(c.data["port"])}
+
     return [
         Case("dist-rank-without-world-size", "dist", "user", env={"RANK": "0"}, argv=lambda c: tiny(c)),
         Case("dist-world-size-without-rank", "dist", "user", env={"WORLD_SIZE": "2"}, argv=lambda c: tiny(c)),
@@ -529,6 +533,11 @@ def dist_cases() -> list[Case]:
              argv=lambda c: tiny(c)),
         Case("dist-no-peer-rank0", "dist", "env", env=peerless(0), argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
         Case("dist-no-peer-rank1", "dist", "env", env=peerless(1), argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
+        # it accepts, then never answers (or answers garbage): c10d's client waited forever, deaf to SIGTERM
+        Case("dist-master-port-silent-service", "dist", "env", setup=other_service(None), env=at_other_service,
+             argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
+        Case("dist-master-port-garbage-service", "dist", "env", setup=other_service(b"HTTP/1.0 400 Bad Request\r\n\r\n"),
+             env=at_other_service, argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
         Case("dist-ompi-rank-without-size", "dist", "user", env={"OMPI_COMM_WORLD_RANK": "0"}, argv=lambda c: tiny(c)),
         # a plain `sbatch job.sh` without --ntasks: slurmstepd sets SLURM_PROCID=0 and no SLURM_NTASKS
         Case("dist-slurm-procid-without-ntasks", "dist", "ok", env={"SLURM_PROCID": "0", "SLURM_JOB_ID": "7"},

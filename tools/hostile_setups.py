@@ -4,6 +4,7 @@ the command runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -358,6 +360,46 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def other_service(reply: bytes | None):
+    """Setup: an unrelated TCP service on a free port (c.data["port"]) that accepts every connection,
+    then stays silent (reply None) or answers whatever it receives with `reply`; stopped after the case."""
+    def setup(c: CaseDir) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.1)
+        closed = threading.Event()
+        connections: list[socket.socket] = []
+
+        def talk(connection: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while connection.recv(4096):
+                    if reply is not None:
+                        connection.sendall(reply)
+
+        def accept() -> None:
+            while not closed.is_set():
+                try:
+                    connection, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                connections.append(connection)
+                threading.Thread(target=talk, args=(connection,), daemon=True).start()
+
+        def stop() -> None:
+            closed.set()
+            listener.close()
+            for connection in connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)  # wakes its reader
+                connection.close()
+
+        threading.Thread(target=accept, daemon=True).start()
+        c.data["port"] = listener.getsockname()[1]
+        c.cleanups.append(stop)
+    return setup
 
 
 def signal_job_setup(c: CaseDir) -> None:

@@ -177,7 +177,9 @@ class DistContext:
         at least MIN_RENDEZVOUS_TIMEOUT_S: ranks start apart by seconds to minutes (imports from a
         shared file system, a node that boots slowly), which is no sign of a hung peer.
         Raises `RendezvousError` (a `PeerError`, one line naming the ranks that did not join) when
-        the ranks do not all meet in time, rank 0 cannot be reached, or its port is taken.
+        the ranks do not all meet in time, rank 0 cannot be reached, its port is taken, or what
+        answers at its address is not its store (another service: the wait for an answer is
+        bounded by timeout_s).
         """
         if self.world_size == 1:
             return

@@ -11,7 +11,11 @@ The steps, all under one deadline:
 1. Rank 0 listens (a `TCPStore` server). A port in use fails at once. Under torchrun, whose
    agent already serves a store at MASTER_PORT, every rank is that store's client instead.
 2. The other ranks connect, retrying while rank 0 does not listen yet. The retries are plain
-   Python sockets: c10d's own client retries print C++ stack traces on every attempt.
+   Python sockets: c10d's own client retries print C++ stack traces on every attempt. Once
+   something accepts, c10d's client greets it (a ping) and waits for the answer in C++ with no
+   timeout: an unrelated service at MASTER_PORT that never answers would hold the rank forever,
+   deaf to SIGTERM. So the greeting runs in a helper thread while this one waits at most
+   --comm-timeout (within the deadline), a slice at a time, so a signal's handler runs.
 3. Roll call: rank r adds 1 to its key (a second process given the same rank reads 2 and stops),
    then every rank waits until all ranks' keys exist, asking the store again after a growing pause.
    When rank 0's deadline passes first it writes its verdict into the store and waits (briefly)
@@ -22,8 +26,11 @@ The steps, all under one deadline:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
+import threading
 import time
 from datetime import timedelta
 
@@ -42,6 +49,9 @@ FAILED_SEEN_KEY = "flexgen_dist/rendezvous/failed_seen"  # how many ranks have r
 _FIRST_PAUSE_S = 0.01
 _MAX_PAUSE_S = 1.0
 _LISTED_RANKS = 8  # a message names at most this many missing ranks
+# While the main thread waits for the store's greeting, it wakes this often to run a signal's handler
+# (a signal delivered to another thread interrupts no wait of the main thread).
+_SIGNAL_SLICE_S = 0.1
 # How long rank 0 keeps its store up after giving up, for the ranks that joined to read why (they
 # ask at least every _MAX_PAUSE_S); once it exits they could only say that rank 0 went away.
 _VERDICT_GRACE_S = 5.0
@@ -64,7 +74,8 @@ def join_process_group(
 ) -> None:
     """Meet the other ranks at rank 0's store, then initialise torch.distributed's default group.
 
-    timeout_s: the process group's timeout for every later collective and point-to-point wait.
+    timeout_s: the process group's timeout for every later collective and point-to-point wait, and
+        the longest wait for rank 0's store to answer once something accepted the connection.
     rendezvous_timeout_s: how long to wait for all ranks to arrive, measured from this call.
     store_served_by_launcher: the launcher serves the store at master_addr:master_port (torchrun's
         agent does, a fresh one per attempt), so rank 0 joins it as a client instead of listening.
@@ -73,7 +84,7 @@ def join_process_group(
     where = _where(master_addr, master_port)
     deadline = time.monotonic() + rendezvous_timeout_s
     store = _open_store(
-        rank, master_addr, master_port, where, rendezvous_timeout_s, deadline, store_served_by_launcher
+        rank, master_addr, master_port, where, timeout_s, rendezvous_timeout_s, deadline, store_served_by_launcher
     )
     _roll_call(store, rank, world_size, where, rendezvous_timeout_s, deadline)
     try:
@@ -87,8 +98,8 @@ def join_process_group(
         ) from None
 
 
-def _open_store(rank: int, addr: str, port: int, where: str, rendezvous_timeout_s: float, deadline: float,
-                store_served_by_launcher: bool):
+def _open_store(rank: int, addr: str, port: int, where: str, timeout_s: float, rendezvous_timeout_s: float,
+                deadline: float, store_served_by_launcher: bool):
     store_timeout = timedelta(seconds=rendezvous_timeout_s)
     if rank == 0 and not store_served_by_launcher:
         try:
@@ -99,13 +110,68 @@ def _open_store(rank: int, addr: str, port: int, where: str, rendezvous_timeout_
                 "a second rank 0 holds it: set MASTER_PORT to a free port"
             ) from None
     _wait_until_listening(rank, addr, port, where, rendezvous_timeout_s, deadline)
-    try:
-        return dist.TCPStore(addr, port, None, False, store_timeout)
-    except dist.DistError as exc:
+    # A store answers its greeting at once (its server thread listens before anything can connect);
+    # waiting for it is waiting for a peer, so --comm-timeout bounds it, as does the deadline.
+    answer_s = max(0.1, min(timeout_s, deadline - time.monotonic()))
+    store = _connect_client(rank, addr, port, where, answer_s)
+    store.set_timeout(store_timeout)  # a later `get` waits for keys as long as the rendezvous does
+    return store
+
+
+def _connect_client(rank: int, addr: str, port: int, where: str, answer_s: float):
+    """c10d's client store at addr:port, once it answered; `RendezvousError` when it does not
+    answer as a store within answer_s seconds.
+
+    c10d's constructor greets the server and waits for its answer in C++ without a timeout, and
+    retries in C++ sleeps: neither ends for a signal. It runs in a daemon thread that is left
+    behind when it does not finish (blocked on a socket, it holds nothing the exit needs); this
+    thread waits in slices, so SIGINT / SIGTERM raise here as anywhere. c10d retries a wrong
+    answer (garbage) until its own timeout, half of ours, so that its reason usually arrives
+    before we give up; it logs each retry on stderr: quieted while it runs, the error says what
+    went wrong."""
+    outcome: dict = {}
+    done = threading.Event()
+
+    def connect() -> None:
+        try:
+            outcome["store"] = dist.TCPStore(addr, port, None, False, timedelta(seconds=answer_s / 2))
+        except BaseException as exc:  # reported by the waiting thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    give_up = time.monotonic() + answer_s
+    with _c10d_logs_quieted():
+        threading.Thread(target=connect, name=f"rendezvous-connect-{where}", daemon=True).start()
+        while not done.wait(max(0.0, min(_SIGNAL_SLICE_S, give_up - time.monotonic()))):
+            if time.monotonic() >= give_up:
+                raise RendezvousError(
+                    f"rank {rank}: {where} accepted the connection but is not rank 0's rendezvous store (no "
+                    f"store's answer in {answer_s:.3g} s): check MASTER_ADDR / MASTER_PORT"
+                )
+    if "error" in outcome:
         raise RendezvousError(
-            f"rank {rank}: {where} answered but is not rank 0's rendezvous store ({first_line(exc)}): "
-            "check MASTER_ADDR / MASTER_PORT"
+            f"rank {rank}: {where} answered but is not rank 0's rendezvous store "
+            f"({first_line(outcome['error'])}): check MASTER_ADDR / MASTER_PORT"
         ) from None
+    return outcome["store"]
+
+
+@contextlib.contextmanager
+def _c10d_logs_quieted():
+    """Standard error (descriptor 2) on /dev/null: c10d's C++ log lines have no switch in Python."""
+    try:
+        sys_err = os.dup(2)
+    except OSError:  # descriptor 2 closed: nothing to quiet
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(sys_err, 2)
+        os.close(sys_err)
 
 
 def _wait_until_listening(rank: int, addr: str, port: int, where: str, rendezvous_timeout_s: float, deadline: float):
