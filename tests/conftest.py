@@ -176,3 +176,22 @@ def _hf_greedy_fixture():
 def _unambiguous_prompts_fixture():
     """`unambiguous_prompts(model_dir, lengths, max_new_tokens, seed=0)` (see the function)."""
     return unambiguous_prompts
+
+
+@pytest.fixture
+def cli(capsys):
+    """python -m flexgen_dist.run in this process: call(*args) -> (exit code, stdout, stderr)."""
+    import logging
+
+    from flexgen_dist.run import main
+
+    def call(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield call
+    root = logging.getLogger()  # the command installs a handler on the captured stderr: drop it
+    for handler in list(root.handlers):
+        if getattr(handler, "_flexgen_dist", False):
+            root.removeHandler(handler)

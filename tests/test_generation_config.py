@@ -3,31 +3,16 @@ each against what transformers 5 does with the same folder (its `generate` with 
 reads generation_config.json itself; `from_pretrained` decides the tying)."""
 
 import json
-import logging
 import shutil
 
 import pytest
 import torch
 
 from flexgen_dist import LLM
-from flexgen_dist.run import main
 
 FAST = ["--no-warmup", "--quiet", "--gpu-batch-size", "2", "--device", "cpu"]
 NEW_TOKENS = 10
 
-
-@pytest.fixture
-def cli(capsys):
-    def call(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield call
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_flexgen_dist", False):
-            root.removeHandler(handler)
 
 
 def hf_generate(model_dir, prompt, max_new_tokens=NEW_TOKENS):

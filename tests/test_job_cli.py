@@ -7,7 +7,6 @@ import errno
 import io
 import os
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -27,19 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 # equal on a GPU machine too (there the default computes on CUDA in 16 bits)
 FAST = ["--no-warmup", "--quiet", "--gpu-batch-size", "2", "--device", "cpu"]
 
-
-@pytest.fixture
-def cli(capsys):
-    def call(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield call
-    root = logging.getLogger()  # the command installs a handler on the captured stderr: drop it
-    for handler in list(root.handlers):
-        if getattr(handler, "_flexgen_dist", False):
-            root.removeHandler(handler)
 
 
 def write_jsonl(path, rows):

@@ -4,7 +4,6 @@ an output that cannot be replaced, resume advice that would discard results, and
 output sits in the model folder (its own progress files changed the model's fingerprint)."""
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -18,24 +17,10 @@ from flexgen_dist.frontend import job as job_module
 from flexgen_dist.frontend.jobfiles import read_job_file
 from flexgen_dist.frontend.resume import progress_paths
 from flexgen_dist.frontend.signals import Interrupted
-from flexgen_dist.run import main
 
 FAST = ["--no-warmup", "--quiet", "--gpu-batch-size", "2", "--device", "cpu"]
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16], [17, 18, 19, 20], [21, 22]]
 
-
-@pytest.fixture
-def cli(capsys):
-    def call(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield call
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_flexgen_dist", False):
-            root.removeHandler(handler)
 
 
 def one_error_line(code, err, fragment):
