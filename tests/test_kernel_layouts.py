@@ -66,32 +66,41 @@ def test_tokens_do_not_depend_on_the_kernels_memory_layout(arch, kv_heads, tiny_
     assert [list(out.output_ids) for out in result.outputs] == want
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_a_cache_attended_in_place_is_stored_heads_major_with_the_same_tokens(arch, tiny_models_cache, monkeypatch):
-    """Decode attention reads each head's positions: a cache on the compute device is laid out
+_CACHE_ON = {  # the cache on one tier (weights and activations on the compute device)
+    "gpu": _ALL_ON_DEVICE,
+    "cpu": dict(_ALL_ON_DEVICE, cache_gpu_percent=0, cache_cpu_percent=100),
+    "disk": dict(_ALL_ON_DEVICE, cache_gpu_percent=0, cache_cpu_percent=0),
+}
+
+
+@pytest.mark.parametrize("arch,tier", [("llama", "gpu"), ("opt", "gpu"), ("llama", "cpu"), ("llama", "disk"), ("opt", "disk")])
+def test_attention_reads_a_heads_major_cache_with_the_same_tokens(arch, tier, tiny_models_cache, monkeypatch, tmp_path):
+    """Decode attention reads each head's positions: the KV view attention reads is laid out
     (B, nkv, S, hd) under its (S, B, nkv, hd) indexing (SDPA over position-major rows runs 3-5x
-    slower on a CPU). Writes at a position and reads of positions see the same values as before."""
+    slower on a CPU): the cache itself where attention reads it in place (the compute device; host
+    memory on a machine without a GPU), else the scratch pair a disk-tier cache is loaded into.
+    Writes at a position and reads of positions see the same values as before."""
     from flexgen_dist.engine.block_io import BlockIO
 
     model = tiny_models_cache.get(arch, num_key_value_heads=2) if arch == "llama" else tiny_models_cache.get(arch)
     layouts = []
-    real_open = BlockIO.open
+    real_lease = BlockIO.lease_for_compute
 
-    def recording_open(self, block):
-        state = real_open(self, block)
-        for kv in state.caches.values():
-            for t in (kv.k, kv.v):
-                seq, batch, heads, dim = t.data.shape
-                layouts.append((t.data.stride(), (heads * seq * dim, seq * dim, dim, 1)))
-        return state
+    def recording_lease(self, state, layer_idx, batch_idx, loaded):
+        view = real_lease(self, state, layer_idx, batch_idx, loaded)
+        for t in (view.k, view.v):
+            data = getattr(t, "data", t)  # a tier tensor's memory, or the tensor itself
+            seq, batch, heads, dim = data.shape
+            layouts.append((data.stride(), (heads * seq * dim, seq * dim, dim, 1), seq))
+        return view
 
-    monkeypatch.setattr(BlockIO, "open", recording_open)
+    monkeypatch.setattr(BlockIO, "lease_for_compute", recording_lease)
     prompts = unambiguous_prompts(model, LENGTHS, NEW_TOKENS, seed=5)
-    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, **_ALL_ON_DEVICE)
-    with LLM(str(model), policy=policy, runtime=Runtime(device="cpu")) as llm:
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, **_CACHE_ON[tier])
+    with LLM(str(model), policy=policy, offload_dir=str(tmp_path), runtime=Runtime(device="cpu")) as llm:
         result = llm.generate(prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert layouts
-    for stride, expected in layouts:  # (S, B, nkv, hd) indexing over (B, nkv, S, hd) memory
+    assert layouts and all(seq > 1 for *_, seq in layouts)
+    for stride, expected, _ in layouts:  # (S, B, nkv, hd) indexing over (B, nkv, S, hd) memory
         assert (stride[1], stride[2], stride[0], stride[3]) == expected
     for prompt, out in zip(prompts, result.outputs):
         assert list(out.output_ids) == hf_greedy(model, prompt, NEW_TOKENS)

@@ -94,8 +94,9 @@ class BlockIO:
                 state.cache_slots[tier] = slot = self._cache_pool(tier).take()
                 for piece in pieces:
                     key = piece.name if piece.part == "value" else f"{piece.name}.{piece.part}"
-                    # On the compute device attention reads a cache in place: heads-major there.
-                    heads_major = tier is Tier.GPU and piece.part == "value"
+                    # Where attention reads a cache in place (the compute device's memory; host
+                    # memory too on a machine without a GPU) it is laid out heads-major.
+                    heads_major = piece.part == "value" and (tier is Tier.GPU or self.device.type == "cpu")
                     state.cache_views[key] = slot.heads_major_view(piece, rows) if heads_major else slot.view(piece, rows)
         for key, place in p.caches.items():
             pair = [self._cache_tensor(state, place, which, tier, shape) for which, tier in (("k", place.k_tier), ("v", place.v_tier))]
@@ -207,7 +208,8 @@ class BlockIO:
         slot = self.scratch.take()
         rows = block.prompt_len + block.max_new_tokens
         pieces = {(piece.name, piece.part): piece for piece in p.scratch_layout(p.workload.seq_len)}
-        k, v = slot.view(pieces[("k", "value")], rows), slot.view(pieces[("v", "value")], rows)
+        # heads-major, as attention reads it: the copy into scratch lays it out on the way
+        k, v = (slot.heads_major_view(pieces[(which, "value")], rows) for which in ("k", "v"))
         staging = {}
         if ("k", "data") in pieces:
             for which in ("k", "v"):

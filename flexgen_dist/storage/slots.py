@@ -69,7 +69,9 @@ class Slot:
         expects, but laid out (B, nkv, S, hd): each head's positions are contiguous, as attention
         reads them. On a CPU, SDPA over a position-major cache (rows of one head 128 bytes apart
         every B * kv_dim) runs 3-5x slower than over this layout (64 rows, 168 positions: 213-290
-        ms against 41 ms a layer), and copying it into that layout first costs as much."""
+        ms against 41 ms a layer). A scratch copy of a cache loaded from host memory or disk is
+        laid out so by the copy that loads it: converting fp16 into a bf16 layout heads-major costs
+        40 ms against 24 ms straight (64 rows, 168 positions, OPT-1.3B's 32 heads), and saves 100."""
         seq, batch, heads, head_dim = self.view(piece, rows).shape
         return self.view(piece, rows).view(batch, heads, seq, head_dim).permute(2, 0, 1, 3)
 
