@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .files import remove_stale_temps, temp_name
-from .planning.hardware import Speeds
+from .planning.hardware import DECODE_MATMUL_ROWS, Speeds
 from .planning.sizes import format_size
 
 DISK_CHUNK = 8 << 20  # bytes per read/write call; the engine's DiskIO reads 8 MiB chunks too
@@ -47,12 +47,12 @@ class Shapes:
     def for_device(cls, device: torch.device, quick: bool) -> Shapes:
         if quick:
             # 256 MiB of disk: a 64 MiB test measured a burst (1.42 GB/s where 1 GiB sustains 0.72-0.85)
-            return cls(32 << 20, 256 << 20, 1024, 512, 32, (1, 8, 256, 64), (8, 16, 512, 64),
+            return cls(32 << 20, 256 << 20, 1024, 512, DECODE_MATMUL_ROWS, (1, 8, 256, 64), (8, 16, 512, 64),
                        (4, 8, 512, 64), 1024, 3)
         if device.type == "cuda":
-            return cls(512 << 20, 1 << 30, 4096, 4096, 32, (4, 32, 2048, 128), (32, 32, 2048, 128),
+            return cls(512 << 20, 1 << 30, 4096, 4096, DECODE_MATMUL_ROWS, (4, 32, 2048, 128), (32, 32, 2048, 128),
                        (8, 16, 1024, 64), 2048, 7)
-        return cls(256 << 20, 1 << 30, 2048, 2048, 32, (2, 16, 1024, 64), (8, 16, 1024, 64),
+        return cls(256 << 20, 1 << 30, 2048, 2048, DECODE_MATMUL_ROWS, (2, 16, 1024, 64), (8, 16, 1024, 64),
                    (8, 16, 1024, 64), 2048, 5)
 
 

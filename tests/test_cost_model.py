@@ -39,6 +39,13 @@ def _elementwise(spec, rows: int, itemsize: int, speeds) -> float:
     return rows * per_row * itemsize / speeds.elementwise_bw
 
 
+def _gemm(sp, rows: int, numel: int) -> float:
+    """A GEMM by hand: the weights' fixed time (what the 32-row decode rate takes beyond the peak
+    rate) plus each row at the peak (prefill) rate."""
+    fixed = 2 * 32 / sp.decode_matmul_flops - 2 * 32 / sp.matmul_flops
+    return numel * (fixed + 2 * rows / sp.matmul_flops)
+
+
 def _one_layer():
     spec = opt_spec(layers=1)
     block = next(unit for unit in model_units(spec) if unit.has_cache)
@@ -55,13 +62,12 @@ def test_a_decode_step_and_a_prefill_by_hand_on_a_gpu():
     p = place(spec, policy((0, 100, 100, 0, 100, 0), gbs=b, num_batches=k), hw)  # weights in host memory
     sp = hw.speeds
     link = numel * 2 / sp.h2d_bw  # fp16 storage, once per task
-    read = matmul_numel * 2 / (sp.decode_attention_flops * 2 / 2)  # each batch streams the fp16 weights
     decode = task_time(p, hw, t).layers[1]
-    matmul = k * max(2 * b * matmul_numel / sp.decode_matmul_flops, read)
+    matmul = k * _gemm(sp, b, matmul_numel)
     compute = matmul + k * 2 * b * (s + t) * q_dim * 2 / sp.decode_attention_flops + k * _elementwise(spec, b, 2, sp)
     assert decode.kind == "block" and decode.seconds == pytest.approx(max(compute, link), rel=1e-12)
     prefill = task_time(p, hw, 0).layers[1]
-    matmul = k * max(2 * b * s * matmul_numel / sp.matmul_flops, read)
+    matmul = k * _gemm(sp, b * s, matmul_numel)
     compute = matmul + k * 4 * b * s * s * q_dim / sp.attention_flops + k * _elementwise(spec, b * s, 2, sp)
     assert prefill.seconds == pytest.approx(max(compute, link), rel=1e-12)
     off = place(spec, policy((0, 100, 100, 0, 100, 0), gbs=b, num_batches=k, overlap=False), hw)
@@ -75,8 +81,7 @@ def test_without_a_gpu_the_host_copy_of_weights_adds_to_compute():
     p = place(spec, policy((0, 100, 100, 0, 100, 0), gbs=b, num_batches=k), hw)
     sp = hw.speeds
     convert = (numel * 2 + numel * 4) / 2 / sp.h2d_bw  # fp16 host copy converted to fp32
-    read = matmul_numel * 4 / (sp.decode_attention_flops * 4 / 2)  # each batch streams the fp32 weights
-    matmul = k * max(2 * b * matmul_numel / sp.decode_matmul_flops, read)
+    matmul = k * _gemm(sp, b, matmul_numel)
     compute = matmul + k * 2 * b * (s + t) * q_dim * 2 / sp.decode_attention_flops + k * _elementwise(spec, b, 4, sp)
     assert task_time(p, hw, t).layers[1].seconds == pytest.approx(compute + convert, rel=1e-12)
 
@@ -226,3 +231,15 @@ def test_all_combinations_price_without_error():
                                compress_cache=cache), hw)
         est = estimate(p, hw)
         assert est.throughput > 0 and est.decode.work.matmul > 0
+
+
+def test_a_gemm_of_more_rows_runs_at_a_higher_rate():
+    """The profile's two GEMM rates (32 rows, many rows) price every batch: 64 rows cost less than
+    twice 32 rows, 32 rows run at the decode rate, and many rows approach the prefill rate."""
+    from flexgen_dist.planning.cost_terms import matmul_seconds
+
+    sp = cpu_machine().speeds
+    numel = 1 << 20
+    assert 2 * 32 * numel / matmul_seconds(sp, 32, numel) == pytest.approx(sp.decode_matmul_flops, rel=1e-9)
+    assert matmul_seconds(sp, 64, numel) < 2 * matmul_seconds(sp, 32, numel)
+    assert 2 * 4096 * numel / matmul_seconds(sp, 4096, numel) > 0.95 * sp.matmul_flops

@@ -20,8 +20,9 @@ and what they are called here.
     mm_flops_p/_g     Speeds.matmul_flops / decode_matmul_flops
     bmm_flops_p/_g    Speeds.attention_flops / decode_attention_flops
     cpu_flops         Speeds.cpu_attention_flops
-    (not in the paper) cost_terms.device_read_bw: the device's streaming read rate, which
-                      bounds a matmul from below (weights read once per GPU batch)
+    (not in the paper) a GEMM of r rows takes a fixed time (its weights streamed once per GPU
+                      batch) plus r rows at mm_flops_p, fitted to mm_flops_g at 32 rows
+                      (cost_terms.matmul_seconds)
 
 The model (terms in cost_terms.py): a layer's time in a task is max(compute path, load path)
 with overlap, their sum without (FlexGen's per-layer max). A task is the sum over the rank's

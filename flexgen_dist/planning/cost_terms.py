@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .hardware import Speeds
+from .hardware import DECODE_MATMUL_ROWS, Speeds
 from .layout import Unit, UnitKind
 from .placement import CachePlace, Placement, Tier, WeightPlace, dtype_bytes
 
@@ -191,26 +191,30 @@ def _is_lookup(unit: Unit, name: str) -> bool:
     return unit.kind is UnitKind.EMBED and name.startswith("embed_")
 
 
-def device_read_bw(p: Placement, speeds: Speeds) -> float:
-    """Bytes/s the compute device streams from its memory. Not measured on its own: decode
-    attention is such a stream, and Speeds documents it as decode_attention_flops * itemsize / 2
-    bytes of KV read per second."""
-    return speeds.decode_attention_flops * dtype_bytes(p.dtypes.compute) / 2
-
-
 def matmul_work(p: Placement, speeds: Speeds, unit: Unit, token_idx: float) -> Work:
-    """The unit's linear layers for every GPU batch: 2 flop per row per weight element, and
-    never faster than reading the weights once per batch (the roofline: a decode matmul of a
-    few rows is bound by memory, which is why small GPU batches do not pay). The head computes
-    the last position only (every position when scoring a prompt)."""
+    """The unit's linear layers for every GPU batch (`matmul_seconds`: reading the weights once
+    per batch, then each row; why small GPU batches do not pay). The head computes the last
+    position only (every position when scoring a prompt)."""
     numel = sum(ws.numel for ws in unit.weights if len(ws.shape) >= 2 and not _is_lookup(unit, ws.name))
     prefill = token_idx == 0
     width = p.workload.prompt_len if prefill and (unit.kind is not UnitKind.HEAD or p.buffers.scoring) else 1
     rows = p.policy.gpu_batch_size * width
-    rate = speeds.matmul_flops if width > 1 else speeds.decode_matmul_flops
-    one_batch = max(2 * rows * numel / rate, numel * dtype_bytes(p.dtypes.compute) / device_read_bw(p, speeds))
+    one_batch = matmul_seconds(speeds, rows, numel)
     passes = rows * _elementwise_per_row(p, unit) * dtype_bytes(p.dtypes.compute) / speeds.elementwise_bw
     return Work(matmul=p.policy.num_gpu_batches * one_batch, elementwise=p.policy.num_gpu_batches * passes)
+
+
+def matmul_seconds(speeds: Speeds, rows: int, numel: float) -> float:
+    """A GEMM of `rows` rows over `numel` weights: a fixed time (the weights streamed once) plus
+    each row at the peak rate, fitted to the profile's two rates (decode_matmul_flops at
+    DECODE_MATMUL_ROWS rows, matmul_flops at many). One decode rate for every GPU batch priced a
+    64-row step as a 32-row one: on the 2-core development CPU (bf16) a 64-row GEMM runs 1.3x the
+    rate of a 32-row one, a 256-row one 1.7x. (The fixed part was a roofline at decode
+    attention's read rate before, which on that CPU is 3.5 GB/s where a GEMM streams its
+    weights at 20-28: it priced OPT-1.3B's 64-row step at 0.74 s of matmuls, measured 0.3.)"""
+    peak = max(speeds.matmul_flops, speeds.decode_matmul_flops)
+    fixed = max(0.0, 2 * DECODE_MATMUL_ROWS / speeds.decode_matmul_flops - 2 * DECODE_MATMUL_ROWS / peak)
+    return numel * (fixed + 2 * rows / peak)
 
 
 def _elementwise_per_row(p: Placement, unit: Unit) -> int:

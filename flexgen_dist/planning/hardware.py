@@ -70,6 +70,9 @@ class Capacities:
                 raise FieldError(name, f"must be a whole number of bytes >= 0, got {value!r}")
 
 
+DECODE_MATMUL_ROWS = 32  # the rows at which the profile measures decode_matmul_flops
+
+
 @dataclass(frozen=True)
 class Speeds:
     """How fast this machine moves and computes, measured by `python -m flexgen_dist.profile`."""
@@ -90,8 +93,10 @@ class Speeds:
     """GEMM throughput on the compute device in compute_dtype with many rows (prefill: rows =
     batch * prompt tokens), flop/s."""
     decode_matmul_flops: float
-    """GEMM throughput with few rows (decode: rows = one GPU batch), flop/s. Lower than
-    matmul_flops: the weights are read once for few rows, so it is bound by memory bandwidth."""
+    """GEMM throughput with DECODE_MATMUL_ROWS rows (decode: rows = one GPU batch), flop/s. Lower
+    than matmul_flops: the weights are read once for few rows, so it is bound by memory
+    bandwidth. With the two rates a GEMM of r rows takes a fixed time (reading the weights) plus
+    r rows at the peak rate (cost_terms.matmul_seconds)."""
     attention_flops: float
     """Causal prefill attention on the compute device in compute_dtype, flop/s (counted dense)."""
     decode_attention_flops: float
