@@ -26,11 +26,14 @@ def _fp16_spec():
 
 
 def test_a_16_bit_checkpoint_on_the_cpu_may_compute_in_float32_or_its_own_dtype():
-    assert Runtime().dtype_choices(_fp16_spec(), CPU) == [FP32, FP16, Dtypes("bfloat16", "float16")]
+    # a float16 checkpoint computed in bfloat16 is stored rounded to bfloat16: nothing converted per step
+    assert Runtime().dtype_choices(_fp16_spec(), CPU) == [FP32, FP16, Dtypes("bfloat16", "bfloat16")]
     bf16 = dataclasses.replace(llama_spec(), dtype="bfloat16")
     assert Runtime().dtype_choices(bf16, CPU) == [Dtypes("float32", "bfloat16"), Dtypes("bfloat16", "bfloat16")]
     assert Runtime().dtype_choices(dataclasses.replace(llama_spec(), dtype="float32"), CPU) == [Dtypes("float32", "float32")]
-    assert Runtime(compute_dtype="bfloat16").dtype_choices(_fp16_spec(), CPU) == [Dtypes("bfloat16", "float16")]
+    assert Runtime(compute_dtype="bfloat16").dtype_choices(_fp16_spec(), CPU) == [Dtypes("bfloat16", "bfloat16")]
+    kept = Runtime(compute_dtype="bfloat16", storage_dtype="float16")  # storage given: kept
+    assert kept.dtype_choices(_fp16_spec(), CPU) == [Dtypes("bfloat16", "float16")]
 
 
 def _machine_where(fp16_speedup: float, bf16_speedup: float):
@@ -63,7 +66,7 @@ def test_the_planner_computes_in_the_dtype_its_profile_predicts_faster(monkeypat
     choice = plan_for(_fp16_spec(), runtime=Runtime(device="cpu"), policy=None, capacity=Capacity(),
                       options=SearchOptions(), offload_dir=None)
     assert sorted(asked) == ["bfloat16", "float16", "float32"]
-    assert choice.placement.dtypes == Dtypes(chosen, "float16")
+    assert choice.placement.dtypes == Dtypes(chosen, "bfloat16" if chosen == "bfloat16" else "float16")
     assert f"compute {chosen}" in choice.log_line()
     others = [name for name in machines if name != chosen]
     assert all(f"{name} " in choice.log_line().split("against", 1)[1] for name in others)

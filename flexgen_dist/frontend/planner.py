@@ -32,6 +32,7 @@ from ..planning.policy import Policy
 from ..planning.search import SearchOptions, search
 from ..planning.sizes import format_size
 from ..planning.spec import ModelSpec
+from ..planning.tiers import DTYPE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +171,13 @@ def plan_for(spec: ModelSpec, *, runtime, policy: Policy | None, capacity: Capac
                          rank=active.rank if active else 0, stage_layers=pipeline.stage_layers if pipeline else None,
                          base=base)
 
-    choice = choose_dtype(choices, plan_in, pipeline=active)
+    choice = choose_dtype(choices, plan_in, pipeline=active, checkpoint_dtype=spec.dtype)
     import psutil
 
     return dataclasses.replace(choice, process_rss=psutil.Process().memory_info().rss)
 
 
-def choose_dtype(choices: list[Dtypes], plan_in, pipeline=None) -> PlanChoice:
+def choose_dtype(choices: list[Dtypes], plan_in, pipeline=None, checkpoint_dtype: str | None = None) -> PlanChoice:
     """The plan of the compute dtype with the highest predicted throughput (each planned with
     this machine's profile in that dtype: matmuls, attention and elementwise passes in 16 bits
     may be several times faster or slower than in fp32, and fp32 slots take twice the bytes).
@@ -203,8 +204,9 @@ def choose_dtype(choices: list[Dtypes], plan_in, pipeline=None) -> PlanChoice:
     refused = [d.compute for d in choices if d.compute not in plans]
     rounds = plans[best].placement.dtypes
     note = f" (chosen by the profile: {best} {predicted[best]:.4g} tok/s predicted"
-    if rounds.compute != "float32" and rounds.compute != rounds.storage:
-        note = f" (rounds the {rounds.storage} weights; " + note.removeprefix(" (")
+    checkpoint = checkpoint_dtype if checkpoint_dtype in DTYPE_BYTES else rounds.storage
+    if rounds.compute != "float32" and rounds.compute != checkpoint:
+        note = f" (rounds the {checkpoint} weights; " + note.removeprefix(" (")
     note += f" against {others}" if others else ""
     note += f"; {', '.join(refused)} does not fit" if refused else ""
     log.info("compute dtype %s%s", best, note + ")")

@@ -80,17 +80,27 @@ class Runtime:
         widens exactly; bfloat16 for a float16 checkpoint rounds each weight to 8 significant bits
         (fp16 has 11; every fp16 value is in bf16's range): CPUs with bf16 units but slow fp16
         ones (AVX-512 BF16 without AVX-512 FP16) run it 4-5x faster than fp32. A bfloat16
-        checkpoint is never computed in float16 (its range may not fit)."""
+        checkpoint is never computed in float16 (its range may not fit).
+
+        A float16 checkpoint computed in bfloat16 on a CPU is stored in bfloat16 too (rounded once,
+        when its tiers are written, as the compute would round it anyway): converting float16 to
+        bfloat16 runs at 4 GB/s of output on the development CPU (float16 to float32: 25), so
+        weights on the host tier or on disk cost a conversion pass every step otherwise."""
         storage = self.storage_dtype or (spec.dtype if spec.dtype in DTYPE_BYTES else "float32")
+
+        def stored(compute: str) -> Dtypes:
+            same = compute == "bfloat16" and storage == "float16" and device.type == "cpu" and not self.storage_dtype
+            return Dtypes(compute=compute, storage=compute if same else storage)
+
         if self.compute_dtype is not None:
-            return [Dtypes(compute=self.compute_dtype, storage=storage)]
+            return [stored(self.compute_dtype)]
         if device.type == "cpu":
             computes = {"float32": ["float32"], "float16": ["float32", "float16", "bfloat16"]}.get(storage, ["float32", storage])
         elif storage == "bfloat16" and _native_bf16(device):
             computes = ["bfloat16"]
         else:
             computes = ["float16"]
-        return [Dtypes(compute=compute, storage=storage) for compute in computes]
+        return [stored(compute) for compute in computes]
 
     def workload_for(self, spec: ModelSpec) -> Workload:
         """The workload to plan for: the runtime's, else prompts of up to half the model's
