@@ -36,7 +36,7 @@ def model_fingerprint(source: ModelSource, *, dtypes: Dtypes, policy: Policy) ->
     """A hex digest; equal for runs whose outputs are the same."""
     about = {
         "weights": source.weights.fingerprint(),
-        "files": _model_files(Path(source.name)),
+        "files": model_file_hashes(Path(source.name)),
         "dtypes": {"compute": dtypes.compute, "storage": dtypes.storage},
         "compression": {
             "compress_weight": policy.compress_weight,
@@ -51,7 +51,7 @@ def model_fingerprint(source: ModelSource, *, dtypes: Dtypes, policy: Policy) ->
     return hashlib.sha256(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _model_files(folder: Path) -> dict[str, str]:
+def model_file_hashes(folder: Path) -> dict[str, str]:
     """The sha256 of each file of the folder that defines the model (MODEL_FILES)."""
     if not folder.is_dir():
         return {}

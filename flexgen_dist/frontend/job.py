@@ -19,6 +19,7 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -30,6 +31,7 @@ from ..parallel.group import Pipeline
 from ..planning.generation_config import NAME as GENERATION_CONFIG, GenerationDefaults
 from ..planning.placement import Tier, Workload
 from ..planning.sizes import format_size
+from .agreement import SCHEDULE_FLAGS, agree, run_record
 from .api import LLM
 from .cli import llm_kwargs_from_args
 from .fingerprint import model_fingerprint
@@ -43,7 +45,7 @@ from .output_rows import Completion, output_row
 from .planner import plan_for
 from .resume import ResumeLog, RunIdentity, StdoutLog, open_for_resume, progress_paths
 from .progress import Progress
-from .shards import parse_shard, shard_output_path
+from .shards import Shard, parse_shard, shard_output_path
 from .side_files import check_side_files, stats_record, trace_path, write_json_file
 from .signals import Interrupted, StopSignals
 from .streams import stdout_closed_at_start
@@ -113,7 +115,25 @@ class PrintSink:
         return f"interrupted by {name}; results were not saved (give --output FILE to make a run resumable)"
 
 
-def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, signals: StopSignals) -> int:
+@dataclass(frozen=True)
+class JobStart:
+    """A job checked whole before anything loads: its model, settings, requests and output."""
+
+    shard: Shard
+    source: ModelSource
+    settings: RunSettings
+    job: JobFile
+    target: str | None
+    prepared: list[PromptTokens]
+
+    def record(self, args: argparse.Namespace) -> dict[str, str]:
+        """What the ranks of a pipeline compare before they compute (agreement.py)."""
+        return run_record(source=self.source, settings={**self.settings.record(), "output_format": self.job.format},
+                          input_sha256=self.job.sha256, shard=str(self.shard),
+                          flags={name: getattr(args, name, None) for name in SCHEDULE_FLAGS})
+
+
+def start_job(args: argparse.Namespace, ctx: DistContext) -> JobStart:
     check_generation_flags(args)
     shard = parse_shard(args.shard, os.environ)
     source = ModelSource.from_dir(args.model)
@@ -127,6 +147,13 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
     check_side_files(args, output=target, world_size=ctx.world_size)
     prepared = tokenize_job(job, tokenizer=source.tokenizer, spec=source.spec, max_new_tokens=settings.max_new_tokens,
                             truncate=args.truncate, stop=settings.stop)
+    return JobStart(shard, source, settings, job, target, prepared)
+
+
+def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, signals: StopSignals) -> int:
+    start = agree(pipeline, lambda: start_job(args, ctx), lambda begun: begun.record(args))
+    shard, source, settings, job, target, prepared = (start.shard, start.source, start.settings, start.job,
+                                                       start.target, start.prepared)
     workload = None
     if prepared:  # plan for these prompts (a shard may have none)
         workload = Workload(max(len(p.prompt_ids) for p in prepared), max(p.max_new_tokens for p in prepared))
@@ -150,8 +177,8 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
         sinks.append(open_sink(args, target, identity, job, prepared))
         if isinstance(sinks[0], LogSink) and isinstance(sinks[0].log, ResumeLog):
             sinks[0].log.check_ids(job.keys, args.input)  # saved results of ids the input lacks: refused now
-            if shard.count > 1:
-                sinks[0].log.keep_provenance(identity)  # merge checks that one run made every shard
+            # merge checks that one run made every shard; the same command run again finds it complete
+            sinks[0].log.keep_provenance(identity)
         return [i for i, p in enumerate(prepared) if p.request.key not in sinks[0].finished]
 
     try:
@@ -160,8 +187,7 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
             if sinks:
                 with signals.deferred():
                     sinks[0].finish()
-                print(f"nothing to generate: the {len(prepared)} results were finished by an earlier run; "
-                      f"output: {sinks[0].where()}", file=info)
+                print(f"already complete: {len(prepared)} results in {sinks[0].where()}", file=info)
             return 0
         tracer = Tracer(pid=ctx.rank) if args.trace else None
         llm = LLM(source, plan=plan, runtime=runtime, offload_dir=kwargs["offload_dir"], pipeline=pipeline, tracer=tracer)

@@ -20,6 +20,7 @@ from .safetensors_header import TensorEntry
 from .validate import check_finite, match_units, resolve_key, scan_checkpoint
 
 # The floating-point safetensors dtypes validate.py lets through, as torch dtypes.
+SAMPLE_BYTES = 4096  # read of each tensor, three times, to tell checkpoints apart (content_digest)
 TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -28,6 +29,9 @@ class WeightSource(Protocol):
 
     def fingerprint(self) -> str:
         """Changes whenever the weights change (names the offload folder's files)."""
+
+    def content_digest(self) -> str:
+        """Equal for equal weights on any machine (the ranks of a pipeline compare it)."""
 
     def get(self, ws: WeightSpec) -> torch.Tensor:
         """The tensor of `ws`, on the CPU, in the source's dtype."""
@@ -66,6 +70,27 @@ class CheckpointSource:
                 raise file_error(exc, path, "stat") from None
             h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
+
+    def content_digest(self) -> str:
+        """The same for the same weights wherever the files lie (another node's copy, another
+        modification time): each tensor's name, dtype and shape and a sample of its bytes (its
+        first, middle and last SAMPLE_BYTES), so a checkpoint fine-tuned from the same base differs."""
+        h = hashlib.sha256()
+        for name in sorted(self._tensors):
+            entry = self._tensors[name]
+            h.update(f"{name}:{entry.dtype}:{entry.shape}\n".encode())
+            for at in sorted({0, max(0, entry.nbytes // 2 - SAMPLE_BYTES // 2), max(0, entry.nbytes - SAMPLE_BYTES)}):
+                h.update(self._read_bytes(entry, at, min(SAMPLE_BYTES, entry.nbytes - at)))
+        return h.hexdigest()
+
+    def _read_bytes(self, entry: TensorEntry, at: int, count: int) -> bytes:
+        try:
+            f = self._files.get(entry.path)
+            if f is None:
+                f = self._files[entry.path] = open(entry.path, "rb", buffering=0)
+            return os.pread(f.fileno(), count, entry.offset + at)
+        except OSError as exc:
+            raise file_error(exc, entry.path, "read") from None
 
     def close(self) -> None:
         """Close the weight files (after placement, they are not read again)."""
@@ -123,6 +148,9 @@ class RandomSource:
 
     def fingerprint(self) -> str:
         return f"random-seed{self.seed}-std{self.std}"
+
+    def content_digest(self) -> str:
+        return self.fingerprint()
 
     def close(self) -> None:
         pass

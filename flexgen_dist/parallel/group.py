@@ -70,7 +70,7 @@ class Pipeline:
             self.comm.set_wait(self.wait)
         log.info("rank %d waits up to %g s for a peer (%s)", self.rank, self.wait.seconds, self.wait.source)
 
-    def gather(self, obj) -> list:
+    def gather(self, obj, what: str = "plans") -> list:
         """Every rank's `obj`, in rank order (every rank must call it); one line naming the
         failure when a peer dies meanwhile."""
         if self.world_size == 1:
@@ -88,7 +88,7 @@ class Pipeline:
             who = f"rank {others[0]}" if len(others) == 1 else "one of ranks " + ", ".join(map(str, others))
             wait = self.wait or CommWait.floor(self.timeout_s)
             waited = process_group_timeout(wait.seconds, self.ctx.backend)  # a collective waits out its group's timeout
-            raise PeerError(f"rank {self.rank}: exchanging the ranks' plans (all_gather_object) failed after waiting at "
+            raise PeerError(f"rank {self.rank}: exchanging the ranks' {what} (all_gather_object) failed after waiting at "
                             f"most {waited:g} s ({wait.source}) ({first_line(exc)}); {who} died or hung") from None
         return every
 
