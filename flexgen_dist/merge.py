@@ -15,7 +15,6 @@ hand, or by an older version) are merged on their ids alone, but never mixed wit
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
@@ -38,39 +37,61 @@ def merge_shards(input_path: str | Path, output_path: str | Path, shard_paths: l
                  overwrite: bool = False) -> int:
     """Write `output_path` from the shard outputs in the order of `input_path`; return the number
     of lines. Raises UserError (one line, naming file and line) on a missing, repeated or foreign id."""
+    return merge(input_path, output_path, shard_paths, overwrite=overwrite)[0]
+
+
+def merge(input_path: str | Path, output_path: str | Path, shard_paths: list[str | Path], *,
+          overwrite: bool = False) -> tuple[int, bool]:
+    """`merge_shards`, and whether the output was there already: an existing output that holds
+    exactly this merge (the same command run again) is left as it is; any other existing file
+    is refused without `overwrite`."""
     output = os.fspath(output_path)
     if output == "-":
         raise UserError("merge writes a file; give an output path, not -")
     check_output_path(output, input_path=input_path, flag="the merge output")
-    if os.path.exists(output) and not overwrite:
-        raise UserError(f"{output!r} already exists; pass --overwrite to replace it")
     if not shard_paths:
         raise UserError("no shard outputs to merge")
+    exists = os.path.exists(output)
     for shard in shard_paths:
-        if os.path.exists(output) and os.path.samefile(shard, output):
+        if exists and os.path.samefile(shard, output):
             raise UserError(f"{str(shard)!r} is both a shard and the merge output; choose another output")
     check_provenance(input_path, [Path(p) for p in shard_paths])
     index, files = _index_shards([Path(p) for p in shard_paths])
     try:
+        if exists and not overwrite:
+            digest, count = hashlib.sha256(), 0
+            for line in _merged_lines(input_path, index, files):
+                digest.update(line)
+                count += 1
+            if digest.hexdigest() != _sha256(output):
+                raise UserError(f"{output!r} already exists and is not the merge of these shards; pass --overwrite "
+                                f"to replace it")
+            return count, True
         count = 0
         with atomic_output(output) as out:
-            for request in JobFileScanner(input_path):
-                where = index.pop(request.key, None)
-                if where is None:
-                    raise UserError(f"{request.where}: id {request.key} has no result in the shard outputs; "
-                                    f"is a shard unfinished? Rerun it (same command) and merge again")
-                file_idx, offset, length = where
-                out.write(os.pread(files[file_idx][1], length, offset))
+            for line in _merged_lines(input_path, index, files):
+                out.write(line)
                 count += 1
-            if index:
-                key, (file_idx, offset, _) = min(index.items(), key=lambda item: item[1])
-                line_no = _line_at(files[file_idx][1], offset)
-                raise UserError(f"{files[file_idx][0]}:{line_no}: id {key} is not in {os.fspath(input_path)!r}; the "
-                                f"shards were made from another input file ({len(index)} such ids)")
-        return count
+        return count, False
     finally:
         for _, fd in files:
             os.close(fd)
+
+
+def _merged_lines(input_path, index: dict[str, tuple[int, int, int]], files: list[tuple[str, int]]):
+    """The shards' lines in input order; every id of the input answered once, none other."""
+    for request in JobFileScanner(input_path):
+        where = index.pop(request.key, None)
+        if where is None:
+            raise UserError(f"{request.where}: id {request.key} has no result in the shard outputs; "
+                            f"is a shard unfinished? Rerun it (same command) and merge again")
+        file_idx, offset, length = where
+        yield os.pread(files[file_idx][1], length, offset)
+    if index:
+        key, (file_idx, offset, _) = min(index.items(), key=lambda item: item[1])
+        line_no = _line_at(files[file_idx][1], offset)
+        raise UserError(f"{files[file_idx][0]}:{line_no}: id {key} is not in {os.fspath(input_path)!r}; the "
+                        f"shards were made from another input file ({len(index)} such ids)")
 
 
 def check_provenance(input_path: str | Path, shards: list[Path]) -> None:
@@ -187,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         try:
             shards = _expand(args.shards) if args.shards else [str(p) for p in find_shard_outputs(args.output)]
-            count = merge_shards(args.input, args.output, shards, overwrite=args.overwrite)
+            count, already = merge(args.input, args.output, shards, overwrite=args.overwrite)
         except OSError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(f"merged {count} results from {len(shards)} shard outputs into {args.output}")
+        if already:
+            print(f"already complete: {count} results in {args.output}")
+        else:
+            print(f"merged {count} results from {len(shards)} shard outputs into {args.output}")
         return 0
 
     return run_command(body)  # one-line errors; standard output guarded (closed, broken, full)

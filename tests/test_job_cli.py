@@ -159,7 +159,32 @@ def test_resuming_another_run_is_refused_and_overwrite_starts_over(cli, llama_di
     assert out.read_bytes() == reference.read_bytes()
     stdout = run_ids_job(cli, llama_dir, src, out, "--overwrite")
     assert "resumed" not in stdout and out.read_bytes() == reference.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "other.jsonl", "out.jsonl", "reference.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "other.jsonl", "out.jsonl", "out.jsonl.made-by.json",
+                                                          "reference.jsonl", "reference.jsonl.made-by.json"]
+
+
+def test_a_finished_job_run_again_is_a_no_op_and_other_settings_are_refused(cli, llama_dir, tmp_path):
+    """A SLURM requeue or a resubmitted array runs the same command once more: one line, exit 0,
+    the output byte for byte (and its modification time) as it was. Other settings, or an output
+    changed since, are still refused without --overwrite."""
+    from tiny_models import random_prompts
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "input_ids": p}
+                                               for i, p in enumerate(random_prompts([3, 9, 5], seed=4))])
+    out = tmp_path / "out.jsonl"
+    run_ids_job(cli, llama_dir, src, out)
+    before, stat = out.read_bytes(), out.stat()
+    code, stdout, err = cli("--model", llama_dir, "--input", src, "--output", out, "--max-new-tokens", 6, *FAST)
+    assert code == 0, err
+    assert "already complete: 3 results in" in stdout and str(out) in stdout
+    assert out.read_bytes() == before and out.stat().st_mtime_ns == stat.st_mtime_ns
+    assert not any(p.exists() for p in progress_paths(out))
+    code, _, err = cli("--model", llama_dir, "--input", src, "--output", out, "--max-new-tokens", 7, *FAST)
+    one_error_line(code, err, "was made by another run: generation settings differ (max_new_tokens: 6 -> 7)")
+    out.write_bytes(before.replace(b"}", b" }", 1))  # edited by hand since
+    code, _, err = cli("--model", llama_dir, "--input", src, "--output", out, "--max-new-tokens", 6, *FAST)
+    one_error_line(code, err, "changed since the run that made it finished")
+    assert not any(p.exists() for p in progress_paths(out))
 
 
 def test_a_disk_error_while_saving_is_exit_1_in_one_line(cli, llama_dir, tmp_path, monkeypatch):
@@ -223,7 +248,7 @@ def test_trace_and_stats_are_written_whole_and_a_full_disk_is_exit_1(cli, llama_
     run_ids_job(cli, llama_dir, src, out, "--stats-json", stats, "--trace", trace)
     assert json.loads(stats.read_text())["generated_tokens"] == 6
     assert any(e["ph"] == "X" for e in json.loads(trace.read_text())["traceEvents"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "stats.json", "trace.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.jsonl.made-by.json", "stats.json", "trace.json"]
 
     real = side_files.atomic_output
 
@@ -243,7 +268,7 @@ def test_trace_and_stats_are_written_whole_and_a_full_disk_is_exit_1(cli, llama_
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot write --stats-json" in lines[0] and "No space left on device" in lines[0]
     assert json.loads(stats.read_text())["generated_tokens"] == 6  # the old file stays whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "stats.json", "trace.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.jsonl.made-by.json", "stats.json", "trace.json"]
 
 
 def test_openai_batch_round_trip_and_native_agree(cli, tmp_path):

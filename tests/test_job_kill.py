@@ -169,9 +169,9 @@ def test_sigkill_at_six_points_then_resume_loses_and_repeats_nothing(job, refere
             assert all(row == expected[key] for key, row in found.items()), point  # nothing changed
     assert not partial.exists() and out.read_bytes() == reference
     stdout = run_in_process(job_args(model, src, out), capsys)  # the last rerun tidies up
-    assert "nothing to generate" in stdout
+    assert "already complete: " in stdout
     assert out.read_bytes() == reference
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.made-by.json"]
 
 
 def test_sigkill_from_outside_once_results_appear(job, reference, tmp_path, capsys):

@@ -107,6 +107,22 @@ def test_merge_of_three_shards_equals_the_unsharded_output(tmp_path):
     assert (tmp_path / "results.jsonl").read_bytes() == whole.read_bytes()
 
 
+def test_merge_run_again_is_a_no_op_and_another_file_is_refused(tmp_path, capsys):
+    src = make_input(tmp_path)
+    out = tmp_path / "results.jsonl"
+    [run_shard(src, out, Shard(index=i, count=3)) for i in range(3)]
+    assert merge_main(["--input", str(src), str(out)]) == 0
+    before, mtime = out.read_bytes(), out.stat().st_mtime_ns
+    capsys.readouterr()
+    assert merge_main(["--input", str(src), str(out)]) == 0  # a requeued job merges again
+    assert capsys.readouterr().out.strip() == f"already complete: 10 results in {out}"
+    assert out.read_bytes() == before and out.stat().st_mtime_ns == mtime
+    out.write_bytes(before[:-1] + b" \n")  # someone else's file now
+    assert merge_main(["--input", str(src), str(out)]) == 2
+    assert "already exists and is not the merge of these shards; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before[:-1] + b" \n"
+
+
 def merged_error(src, out, shards):
     with pytest.raises(UserError) as info:
         merge_shards(src, out, shards)

@@ -9,18 +9,24 @@ Files, for `--output OUT`:
   output format) and start time. A rerun with another identity is refused; `--overwrite` starts over.
 - `OUT` itself appears only at the end, whole (`finish`: input order, each id once, temp file +
   fsync + rename), then the two progress files are removed (the progress file first).
-- `OUT.made-by.json`, for a shard (`--shard I/N`, N > 1) only (`keep_provenance`): the run record,
-  written just before `OUT` and kept, so that `merge` can refuse shards that other runs made.
+- `OUT.made-by.json` (`keep_provenance`): the run record and the sha256 of `OUT`'s bytes, written
+  once `OUT`'s temporary file is whole, just before it takes its name, and kept: `merge` refuses
+  shards that other runs made, and the same command run again once `OUT` is finished (a SLURM
+  requeue) finds it complete and changes nothing.
 
 States found at open (without --overwrite): nothing -> a fresh run; record + progress -> resume;
 record without progress while OUT exists -> the earlier run was killed after its rename: OUT is
-complete, the record is removed, every id counts as finished and `finish` only checks the ids; OUT without a record -> a file this run did not make:
-refused; progress with results but no record -> refused (which run made them?).
+complete, the record is removed, every id counts as finished and `finish` only checks the ids;
+OUT without a record, made by this same run (its provenance names this identity and OUT's bytes
+still hash as recorded) -> complete, nothing written; OUT without a record otherwise -> a file
+this run did not make, or made with other settings: refused; progress with results but no
+record -> refused (which run made them?).
 A lock (flock) on the progress file refuses a second process writing the same output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -53,7 +59,7 @@ def progress_paths(output: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def provenance_path(output: str | os.PathLike) -> Path:
-    """Which run made a finished shard output (its run record, kept for `merge`)."""
+    """Which run made a finished output (its run record and the output's sha256), kept."""
     return Path(os.fspath(output) + ".made-by.json")
 
 
@@ -117,8 +123,8 @@ class ResumeLog:
         return self._complete_order is not None
 
     def keep_provenance(self, identity: RunIdentity) -> None:
-        """Write the run record beside the output (`provenance_path`) when the run finishes, just
-        before the output, and keep it: a shard's, so that `merge` can tell which run made it."""
+        """Write the run record beside the output (`provenance_path`) when the run finishes, with
+        the output's sha256, just before the output takes its name, and keep it."""
         self._made_by = {**identity.record(), "started_at": self.started_at}
 
     def check_ids(self, keys: Iterable[str], input_path: str | os.PathLike | None) -> None:
@@ -180,8 +186,6 @@ class ResumeLog:
                                 f"pass --overwrite to start over")
         else:
             try:
-                if self._made_by is not None:  # before the output: a finished shard always says who made it
-                    write_atomic(provenance_path(self.output), (json.dumps(self._made_by, indent=1) + "\n").encode())
                 self._write_output(order)
             except EnvironmentFailure as exc:
                 raise EnvironmentFailure(f"{exc}; finished results are kept: fix this and {self.rerun} to resume") from None
@@ -193,6 +197,7 @@ class ResumeLog:
 
     def _write_output(self, order: Iterable[str]) -> None:
         seen: set[str] = set()
+        digest = hashlib.sha256()
         with atomic_output(self.output) as f:
             for key in order:
                 if key in seen:
@@ -202,11 +207,16 @@ class ResumeLog:
                 if where is None:
                     raise ValueError(f"cannot finish {self.output}: id {key} has no result yet")
                 offset, length = where
-                f.write(os.pread(self._fd, length, offset))
+                line = os.pread(self._fd, length, offset)
+                digest.update(line)
+                f.write(line)
             extra = [key for key in self._index if key not in seen]
             if extra:
                 raise ValueError(f"cannot finish {self.output}: {len(extra)} results are for ids not in "
                                  f"the order given (first: {extra[0]})")
+            if self._made_by is not None:  # the output is whole in its temporary file: who made it, first
+                made_by = {**self._made_by, "output_sha256": digest.hexdigest(), "results": len(seen)}
+                write_atomic(provenance_path(self.output), (json.dumps(made_by, indent=1) + "\n").encode())
 
     def close(self) -> None:
         """Release the lock; the progress files stay for a later resume."""
@@ -287,8 +297,11 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
         recorded = None if overwrite else _read_record(record_path)
         if recorded is None:
             if not overwrite and out.exists():
-                raise UserError(f"--output {output!r} already exists and no unfinished run of it is recorded; "
-                                f"pass --overwrite to replace it, or choose another file")
+                keys = _made_by_this_run(out, identity)  # else refused, saying why
+                if created:
+                    partial.unlink()
+                log.info("%s is complete (%d results) and was made by this same run", output, len(keys))
+                return ResumeLog(out, fd, dict.fromkeys(keys, (0, 0)), 0, 0, keys, rerun)
             if not overwrite and os.fstat(fd).st_size > 0:
                 raise UserError(f"{str(partial)!r} holds results but {str(record_path)!r} (which run made them) is "
                                 f"missing; pass --overwrite to start over")
@@ -320,6 +333,28 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
         if created:
             partial.unlink(missing_ok=True)
         raise
+
+
+def _made_by_this_run(out: Path, identity: RunIdentity) -> list[str]:
+    """The id keys of a finished output that this same run made (its provenance names this
+    identity and the output's bytes hash as recorded); else a UserError saying what differs."""
+    output = str(out)
+    replace = "pass --overwrite to replace it, or choose another file"
+    made_by = read_run_record(provenance_path(out), fix=replace)
+    if made_by is None:
+        raise UserError(f"--output {output!r} already exists and no run of it is recorded; {replace}")
+    differences = identity.differences(made_by)
+    if differences:
+        raise UserError(f"--output {output!r} was made by another run: {'; '.join(differences)} (recorded in "
+                        f"{str(provenance_path(out))!r}); {replace}")
+    digest = hashlib.sha256()
+    with open(out, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if made_by.get("output_sha256") != digest.hexdigest():
+        raise UserError(f"--output {output!r} changed since the run that made it finished (its content no longer "
+                        f"matches {str(provenance_path(out))!r}); {replace}")
+    return _keys_of_output(out)
 
 
 def _lock(fd: int, output: str, partial: Path) -> None:
