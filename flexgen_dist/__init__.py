@@ -20,13 +20,13 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = str(Path(__file__).parent / "models" / "default")
 
 _LAZY = {
-    "LLM": ".frontend.api",
-    "GenerationResult": ".frontend.results",
-    "Output": ".frontend.results",
-    "Stats": ".frontend.results",
-    "ModelSource": ".frontend.model_source",
-    "Runtime": ".frontend.runtime",
-    "Capacity": ".frontend.planner",
+    "LLM": ".api.llm",
+    "GenerationResult": ".api.results",
+    "Output": ".api.results",
+    "Stats": ".api.results",
+    "ModelSource": ".api.model_source",
+    "Runtime": ".api.runtime",
+    "Capacity": ".api.planner",
     "SearchOptions": ".planning.search",
     "ModelSpec": ".planning.spec",
     "Policy": ".planning.policy",

@@ -2,7 +2,7 @@
 
 import sys
 
-from .frontend.signals import HeldSignals
+from .cli.signals import HeldSignals
 
 if __name__ == "__main__":  # before the imports of .run, which take seconds (see run.py)
     HeldSignals.install()

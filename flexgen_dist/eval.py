@@ -18,19 +18,19 @@ import math
 import sys
 from pathlib import Path
 
-from .frontend.startup import refuse_too_little_memory
+from .cli.startup import refuse_too_little_memory
 
 refuse_too_little_memory()  # before torch is imported (below)
 
 from . import DEFAULT_MODEL
 from .errors import UserError
 from .files import describe_kind
-from .frontend.api import LLM
-from .frontend.model_source import ModelSource
-from .frontend.planner import plan_for
+from .api.llm import LLM
+from .api.model_source import ModelSource
+from .api.planner import plan_for
 from .planning.placement import Workload
-from .frontend.cli import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser
-from .frontend.shell import run_command
+from .cli.flags import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser
+from .cli.shell import run_command
 
 DEFAULT_TEXT = str(Path(__file__).parent / "data" / "heldout.txt")
 MIN_TOKENS = 2  # a window's first token is context only: two tokens score one

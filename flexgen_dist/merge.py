@@ -22,15 +22,15 @@ import os
 import sys
 from pathlib import Path
 
-from .frontend.oneline import OneLineParser
+from .cli.oneline import OneLineParser
 from .errors import UserError
-from .frontend.jobfiles import JobFileScanner
+from .jobs.jobfiles import JobFileScanner
 from .files import atomic_output
-from .frontend.outpath import check_output_path
-from .frontend.output_rows import row_key
-from .frontend.resume import provenance_path, read_run_record
-from .frontend.shards import find_shard_outputs
-from .frontend.shell import run_command
+from .jobs.outpath import check_output_path
+from .jobs.output_rows import row_key
+from .jobs.resume import provenance_path, read_run_record
+from .jobs.shards import find_shard_outputs
+from .cli.shell import run_command
 
 
 def merge_shards(input_path: str | Path, output_path: str | Path, shard_paths: list[str | Path], *,

@@ -29,13 +29,13 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from .frontend.oneline import OneLineParser
-from .frontend.outpath import check_output_path
+from .cli.oneline import OneLineParser
+from .jobs.outpath import check_output_path
 from .errors import EnvironmentFailure, UserError
 from .files import check_offload_folder
-from .planning.detect import detect_capacities
-from .planning.hardware import Hardware
-from .planning.presets import hardware_from_arg
+from .machine.detect import detect_capacities
+from .machine.hardware import Hardware
+from .machine.presets import hardware_from_arg
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def profile_machine(device: str, offload_dir: str | Path, *, compute_dtype: str 
     """Capacities detected now and speeds measured now (`microbench.measure_speeds`)."""
     import torch
 
-    from .microbench import measure_speeds
+    from .machine.microbench import measure_speeds
 
     device_type = device.partition(":")[0]
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON here instead of the per-machine cache")
     parser.add_argument("--quick", action="store_true", help="small sizes: seconds, less accurate")
     args = parser.parse_args(argv)
-    from .frontend.shell import run_command
+    from .cli.shell import run_command
 
     def body() -> int:
         # the paths first: a typo fails in a second, with one line and before any log line

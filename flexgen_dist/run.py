@@ -10,8 +10,8 @@ loads, results saved as blocks finish, resumed by running the same command again
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: hold a SIGINT / SIGTERM sent while the imports below take seconds
-    from .frontend.signals import HeldSignals
-    from .frontend.streams import hold_standard_descriptors
+    from .cli.signals import HeldSignals
+    from .cli.streams import hold_standard_descriptors
 
     HeldSignals.install()
     hold_standard_descriptors()  # a closed descriptor 1 must not become the next file opened
@@ -19,15 +19,15 @@ if __name__ == "__main__":  # first: hold a SIGINT / SIGTERM sent while the impo
 import argparse
 import sys
 
-from .frontend.startup import refuse_too_little_memory
+from .cli.startup import refuse_too_little_memory
 
 refuse_too_little_memory()  # before torch is imported (below)
 
 from . import DEFAULT_MODEL, __version__
-from .frontend.cli import add_model_args, dist_from_args, group, new_parser, start_pipeline
-from .frontend.shell import run_command
-from .frontend.job import run_job
-from .frontend.signals import StopSignals
+from .cli.flags import add_model_args, dist_from_args, group, new_parser, start_pipeline
+from .cli.shell import run_command
+from .jobs.run import run_job
+from .cli.signals import StopSignals
 
 DESCRIPTION = """\
 Batch generation with a model whose weights and KV cache may not fit in GPU memory.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flexgen_dist.planning.hardware import Capacities, Hardware, Speeds
+from flexgen_dist.machine.hardware import Capacities, Hardware, Speeds
 from flexgen_dist.planning.layout import model_units
 from flexgen_dist.planning.place import plan_placement
 from flexgen_dist.planning.placement import Buffers, Dtypes, Workload

@@ -139,7 +139,7 @@ GiB = 2**30
 
 def _hardware_file(path):
     """A CPU machine with known speeds: every bound the bench prints can be computed here."""
-    from flexgen_dist.planning.hardware import Capacities, Hardware, Speeds
+    from flexgen_dist.machine.hardware import Capacities, Hardware, Speeds
 
     speeds = Speeds(compute_dtype="float32", h2d_bw=10e9, d2h_bw=10e9, disk_read_bw=2e8, disk_write_bw=1e8,
                     matmul_flops=1e11, decode_matmul_flops=1e10, attention_flops=1e11, decode_attention_flops=1e10,

@@ -16,7 +16,7 @@ from flexgen_dist.bench.sweep import (CSV_COLUMNS, PLACEMENTS, frontier_by_syste
                                       parse_placements, planner_points, write_csv)
 from flexgen_dist.errors import NotSupportedYet, UserError
 from flexgen_dist.planning.compression import CompressionConfig
-from flexgen_dist.planning.hardware import Capacities, Hardware, Speeds
+from flexgen_dist.machine.hardware import Capacities, Hardware, Speeds
 from flexgen_dist.planning.placement import Tier
 from flexgen_dist.planning.policy import Policy
 
@@ -70,7 +70,7 @@ def test_in_memory_bound_is_compute_and_above_the_offloaded_one(bound_model):
 
 def test_the_bound_uses_the_childs_dtypes(bound_model, llama_dir):
     model = bound_model(disk_read_bw=1e8)
-    assert model.dtypes.compute == "float32"  # the CPU rule of frontend/runtime.py
+    assert model.dtypes.compute == "float32"  # the CPU rule of api/runtime.py
     assert model.workload.prompt_len == 8 and model.workload.gen_len == 4
 
 

@@ -57,7 +57,7 @@ class RecordingSampler(Sampler):
 
 def step_logits(model, policy: Policy, prompts, tmp_path, monkeypatch, steps=2) -> list[torch.Tensor]:
     samplers = []
-    monkeypatch.setattr("flexgen_dist.frontend.generation.Sampler",
+    monkeypatch.setattr("flexgen_dist.api.generation.Sampler",
                         lambda *args, **kwargs: samplers.append(RecordingSampler(*args, **kwargs)) or samplers[-1])
     with LLM(model, policy=policy, offload_dir=tmp_path, runtime=CPU) as llm:
         llm.generate(prompts, max_new_tokens=steps)

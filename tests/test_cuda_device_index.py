@@ -30,7 +30,7 @@ def test_the_device_is_set_when_the_model_is_built(llama_dir, monkeypatch):
         cuda.record("plan")
         raise Planned  # nothing further can be built without a GPU
 
-    monkeypatch.setattr("flexgen_dist.frontend.api.plan_for", plan_for)
+    monkeypatch.setattr("flexgen_dist.api.llm.plan_for", plan_for)
     with pytest.raises(Planned):
         LLM(llama_dir, runtime=Runtime(device="cuda:1"))
     assert cuda.calls("set_device") == [("set_device", 1)]

@@ -11,8 +11,8 @@ import torch
 
 from flexgen_dist import Runtime
 from flexgen_dist.errors import UserError
-from flexgen_dist.frontend import planner
-from flexgen_dist.frontend.planner import Capacity, choose_dtype, plan_for
+from flexgen_dist.api import planner
+from flexgen_dist.api.planner import Capacity, choose_dtype, plan_for
 from flexgen_dist.planning.placement import Dtypes
 from flexgen_dist.planning.search import SearchOptions
 from planner_cases import cpu_machine, llama_spec

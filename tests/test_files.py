@@ -242,8 +242,8 @@ def test_an_exception_in_the_block_removes_the_temporary_file(tmp_path):
 def _writers():
     """Every writer of the package that replaces a file, as (name, write(folder) -> target name)."""
     from flexgen_dist.bench.sweep import write_csv
-    from flexgen_dist.frontend.side_files import write_json_file
-    from flexgen_dist.planning.presets import FLEXGEN_T4
+    from flexgen_dist.jobs.side_files import write_json_file
+    from flexgen_dist.machine.presets import FLEXGEN_T4
 
     def offload(folder):
         from flexgen_dist.storage.offload_dir import write_file
@@ -281,14 +281,14 @@ def test_every_writer_uses_the_one_scheme(tmp_path, monkeypatch, writer):
 # Files that write other than through flexgen_dist.files, and why that is right for them.
 WRITES_OF_THEIR_OWN = {
     "files.py": "the module itself",
-    "frontend/resume.py": "the progress file is appended in place (O_APPEND, fsync per block); a torn line is cut",
+    "jobs/resume.py": "the progress file is appended in place (O_APPEND, fsync per block); a torn line is cut",
     "storage/tiers.py": "a block's tensor file, created O_EXCL in a private folder, written in place (pwrite_all)",
-    "microbench.py": "the measured scratch file (named by temp_name, created O_EXCL) and its raw write speed",
+    "machine/microbench.py": "the measured scratch file (named by temp_name, created O_EXCL) and its raw write speed",
     "bench/cgroups.py": "cgroup control files of the kernel, which cannot be replaced",
     "bench/memlimit.py": "a cgroup's procs file of the kernel, which cannot be replaced",
     "bench/checkpoints.py": "a whole folder (named by temp_name) renamed into place",
     "planning/lp.py": "os.devnull",
-    "frontend/streams.py": "os.devnull on a closed standard descriptor (0, 1, 2)",
+    "cli/streams.py": "os.devnull on a closed standard descriptor (0, 1, 2)",
     "parallel/rendezvous.py": "os.devnull over descriptor 2 while c10d's C++ client logs its retries",
 }
 _WRITE = re.compile(r"os\.replace\(|os\.rename\(|\.rename\(|\.replace\(tmp|write_text\(|write_bytes\(|"

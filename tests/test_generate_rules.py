@@ -7,11 +7,11 @@ import json
 import pytest
 
 from flexgen_dist import DEFAULT_MODEL, LLM, Policy, Runtime
-from flexgen_dist.frontend.generation import RunSettings
-from flexgen_dist.frontend.job_inputs import tokenize_job
-from flexgen_dist.frontend.jobfiles import read_job_file
-from flexgen_dist.frontend.shards import Shard
-from flexgen_dist.frontend.stop_strings import IncrementalText, StopStringMatcher, trim_at_stop
+from flexgen_dist.api.generation import RunSettings
+from flexgen_dist.jobs.inputs import tokenize_job
+from flexgen_dist.jobs.jobfiles import read_job_file
+from flexgen_dist.jobs.shards import Shard
+from flexgen_dist.api.stop_strings import IncrementalText, StopStringMatcher, trim_at_stop
 
 PROMPTS = ["The list data type has some more methods.", "Return the number of", "This module provides",
            "If the optional argument", "Compound statements contain", "A class definition is"]

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from flexgen_dist.errors import EnvironmentFailure, UserError
-from flexgen_dist.planning import detect
-from flexgen_dist.planning.hardware import (
+from flexgen_dist.machine import detect
+from flexgen_dist.machine.hardware import (
     SCHEMA_VERSION,
     Capacities,
     Hardware,
@@ -28,7 +28,7 @@ from flexgen_dist.planning.hardware import (
     apply_overrides,
     rank_share,
 )
-from flexgen_dist.planning.presets import FLEXGEN_T4, hardware_from_arg
+from flexgen_dist.machine.presets import FLEXGEN_T4, hardware_from_arg
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1 << 30
@@ -315,19 +315,23 @@ def test_detect_cuda_with_fake_nvml(fake_nvml, tmp_path):
 
 
 def test_planning_modules_import_without_torch():
-    """planning/ must not need torch; flexgen_dist/__init__ imports torch, so bypass it."""
+    """planning/ and machine/'s detection and profiles must not need torch; flexgen_dist/__init__
+    imports torch, so bypass it."""
+    planning = sorted(p.stem for p in (REPO / "flexgen_dist/planning").glob("*.py") if p.stem != "__init__")
     code = f"""
 import sys, types
 sys.modules["torch"] = None  # any import of torch now fails
-for name, folder in (("flexgen_dist", {str(REPO / "flexgen_dist")!r}), ("flexgen_dist.planning", {str(REPO / "flexgen_dist/planning")!r})):
+for name in ("flexgen_dist", "flexgen_dist.planning", "flexgen_dist.machine"):
     package = types.ModuleType(name)
-    package.__path__ = [folder]
+    package.__path__ = [{str(REPO)!r} + "/" + name.replace(".", "/")]
     sys.modules[name] = package
 import importlib
-for module in ("hardware", "presets", "detect"):
+for module in ("hardware", "presets", "detect", "cgroups", "gpu_overhead"):
+    importlib.import_module("flexgen_dist.machine." + module)
+for module in {planning!r}:
     importlib.import_module("flexgen_dist.planning." + module)
-assert sys.modules["flexgen_dist.planning.presets"].FLEXGEN_T4.capacities.has_gpu
-sys.modules["flexgen_dist.planning.detect"].detect_capacities("cpu", ".")
+assert sys.modules["flexgen_dist.machine.presets"].FLEXGEN_T4.capacities.has_gpu
+sys.modules["flexgen_dist.machine.detect"].detect_capacities("cpu", ".")
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -464,7 +468,7 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
 
 
 def test_disk_falls_back_when_o_direct_is_refused(tmp_path, monkeypatch):
-    from flexgen_dist import microbench
+    from flexgen_dist.machine import microbench
 
     real_open = os.open
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from flexgen_dist import __version__
-from flexgen_dist.frontend import job as job_module
-from flexgen_dist.frontend.progress import Progress
-from flexgen_dist.frontend.resume import ResumeLog, progress_paths
-from flexgen_dist.frontend.signals import Interrupted
+from flexgen_dist.jobs import run as job_module
+from flexgen_dist.cli.progress import Progress
+from flexgen_dist.jobs.resume import ResumeLog, progress_paths
+from flexgen_dist.cli.signals import Interrupted
 from flexgen_dist.run import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,7 +240,7 @@ def test_trace_and_stats_json_must_differ(cli, llama_dir, tmp_path):
 
 
 def test_trace_and_stats_are_written_whole_and_a_full_disk_is_exit_1(cli, llama_dir, tmp_path, monkeypatch):
-    from flexgen_dist.frontend import side_files
+    from flexgen_dist.jobs import side_files
 
     src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
     out, stats, trace = tmp_path / "out.jsonl", tmp_path / "stats.json", tmp_path / "trace.json"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from flexgen_dist.frontend import job as job_module
-from flexgen_dist.frontend.jobfiles import read_job_file
-from flexgen_dist.frontend.resume import progress_paths
-from flexgen_dist.frontend.signals import Interrupted
+from flexgen_dist.jobs import run as job_module
+from flexgen_dist.jobs.jobfiles import read_job_file
+from flexgen_dist.jobs.resume import progress_paths
+from flexgen_dist.cli.signals import Interrupted
 
 FAST = ["--no-warmup", "--quiet", "--gpu-batch-size", "2", "--device", "cpu"]
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16], [17, 18, 19, 20], [21, 22]]
@@ -188,7 +188,7 @@ def test_a_changed_generation_config_is_another_model(cli, llama_dir, tmp_path, 
 def test_another_users_output_in_a_sticky_folder_is_refused_before_the_run(tmp_path, monkeypatch):
     """Like /tmp: the final rename over another user's file fails (EPERM) after all the work."""
     from flexgen_dist.errors import UserError
-    from flexgen_dist.frontend import outpath
+    from flexgen_dist.jobs import outpath
 
     folder = tmp_path / "shared"
     folder.mkdir()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from flexgen_dist.frontend.resume import progress_paths
-from flexgen_dist.frontend.signals import HeldSignals, Interrupted, StopSignals
+from flexgen_dist.jobs.resume import progress_paths
+from flexgen_dist.cli.signals import HeldSignals, Interrupted, StopSignals
 from flexgen_dist.run import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ CHILD = r"""
 import json, os, pathlib, signal, sys
 from flexgen_dist import run
 from flexgen_dist.engine import blocks
-from flexgen_dist.frontend import job, progress, resume
+from flexgen_dist.jobs import run as job; from flexgen_dist.cli import progress; from flexgen_dist.jobs import resume
 
 point, argv = sys.argv[1], json.loads(sys.argv[2])
 
@@ -270,7 +270,7 @@ def test_a_signal_held_during_the_start_is_raised_by_the_first_stop_signals():
 # here the child installs it, signals itself at once, then runs the command.
 EARLY_CHILD = r"""
 import json, os, signal, sys
-from flexgen_dist.frontend.signals import HeldSignals
+from flexgen_dist.cli.signals import HeldSignals
 HeldSignals.install()
 signum, count = int(sys.argv[1]), int(sys.argv[2])
 for _ in range(count):

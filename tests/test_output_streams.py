@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flexgen_dist.frontend.resume import StdoutLog
+from flexgen_dist.jobs.resume import StdoutLog
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -22,7 +22,7 @@ PROMPTS = ["--prompt", "héllo wörld", "--prompt", "naïve café"]
 HELD = r"""
 import json, sys
 from flexgen_dist import run
-from flexgen_dist.frontend import job
+from flexgen_dist.jobs import run as job
 generate = job._generate
 def held(*args, **kwargs):
     sys.stdin.readline()

@@ -69,8 +69,8 @@ def test_a_failed_register_unpins_the_slots_pinned_before_it(monkeypatch):
 
 
 def test_a_weight_store_failing_after_pinning_unpins_its_arena(llama_dir, monkeypatch):
-    from flexgen_dist.frontend.model_source import ModelSource
-    from flexgen_dist.frontend.planner import Capacity, plan_for
+    from flexgen_dist.api.model_source import ModelSource
+    from flexgen_dist.api.planner import Capacity, plan_for
     from flexgen_dist.planning.search import SearchOptions
     from flexgen_dist.storage.weights import WeightStore
 

@@ -228,7 +228,7 @@ def test_a_score_runs_planned_bytes_cover_its_logits(tiny_models_cache, monkeypa
 
 def test_a_call_is_sized_once_in_the_front_end_and_the_engine_never_plans(llama_dir, monkeypatch):
     from flexgen_dist.engine.engine import Engine
-    from flexgen_dist.frontend import api
+    from flexgen_dist.api import llm as api
     from flexgen_dist.planning import fit, place
 
     running, sized = [], []

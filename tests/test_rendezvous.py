@@ -27,7 +27,7 @@ JOINING = "joining process group"  # logged by each rank just before it looks fo
 RANK_SCRIPT = textwrap.dedent(
     """
     import sys
-    from flexgen_dist.frontend.shell import run_command
+    from flexgen_dist.cli.shell import run_command
     from flexgen_dist.parallel.context import DistContext, setup_logging
 
     ctx = DistContext.from_env(cuda_device_count=0)

@@ -16,8 +16,8 @@ import pytest
 
 from flexgen_dist.errors import UserError
 from flexgen_dist.files import TEMP_TAG
-from flexgen_dist.frontend.outpath import check_output_path
-from flexgen_dist.frontend.resume import RunIdentity, StdoutLog, open_for_resume, progress_paths
+from flexgen_dist.jobs.outpath import check_output_path
+from flexgen_dist.jobs.resume import RunIdentity, StdoutLog, open_for_resume, progress_paths
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = RunIdentity(model="model-a", input_sha256="0" * 64, settings={"max_new_tokens": 4, "temperature": 0.0})
@@ -221,7 +221,7 @@ import json, os, pathlib, signal, sys, types
 package = types.ModuleType("flexgen_dist")
 package.__path__ = [os.path.join(sys.argv[4], "flexgen_dist")]
 sys.modules["flexgen_dist"] = package
-from flexgen_dist.frontend import resume
+from flexgen_dist.jobs import resume
 
 out, point, block_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ids = [f"r{i}" for i in range(12)] + [12, 13]

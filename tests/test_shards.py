@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from flexgen_dist.errors import UserError
-from flexgen_dist.frontend.jobfiles import read_job_file
-from flexgen_dist.frontend.resume import RunIdentity, open_for_resume
-from flexgen_dist.frontend.output_rows import Completion, output_row
-from flexgen_dist.frontend.shards import Shard, find_shard_outputs, parse_shard, shard_output_path
+from flexgen_dist.jobs.jobfiles import read_job_file
+from flexgen_dist.jobs.resume import RunIdentity, open_for_resume
+from flexgen_dist.jobs.output_rows import Completion, output_row
+from flexgen_dist.jobs.shards import Shard, find_shard_outputs, parse_shard, shard_output_path
 from flexgen_dist.merge import main as merge_main
 from flexgen_dist.merge import merge_shards
 

@@ -21,14 +21,15 @@ from torch.utils._pytree import tree_flatten
 from flexgen_dist.engine import kv_views
 from flexgen_dist.engine.kv_views import DenseKV, StoredKV
 from flexgen_dist.model.layers import sparse_attention
-from flexgen_dist.planning import detect, gpu_overhead, working
+from flexgen_dist.machine import detect, gpu_overhead
+from flexgen_dist.planning import working
 from flexgen_dist.planning.compression import CompressionConfig
-from flexgen_dist.planning.hardware import Capacities
+from flexgen_dist.machine.hardware import Capacities
 from flexgen_dist.planning.layout import model_units
 from flexgen_dist.planning.place import plan_placement
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, Workload
 from flexgen_dist.planning.policy import Policy
-from flexgen_dist.planning.presets import FLEXGEN_T4
+from flexgen_dist.machine.presets import FLEXGEN_T4
 from flexgen_dist.planning.spec import ModelSpec
 from flexgen_dist.storage import quantize as quantize_module
 from flexgen_dist.storage.compressed import compressed_in_memory
@@ -256,7 +257,7 @@ class FakePipeline:
 
 def _rank_gpu_mem(monkeypatch, *, gpus=1, free=80 * GiB, pipeline=None, context_created=False, hardware=None):
     from flexgen_dist import profile
-    from flexgen_dist.frontend import planner
+    from flexgen_dist.api import planner
 
     machine = FLEXGEN_T4.with_capacities(Capacities(has_gpu=True, gpu_mem=free, cpu_mem=200 * GiB, host_mem=200 * GiB,
                                                     disk_mem=1000 * GiB))

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 from flexgen_dist import DEFAULT_MODEL, LLM, Policy, Runtime
-from flexgen_dist.frontend.generation import RunSettings
-from flexgen_dist.frontend.job_inputs import bundled_prompts, text_job, tokenize_job
-from flexgen_dist.frontend.output_rows import output_row
-from flexgen_dist.frontend.resume import RunIdentity, open_for_resume
-from flexgen_dist.frontend.shards import Shard
+from flexgen_dist.api.generation import RunSettings
+from flexgen_dist.jobs.inputs import bundled_prompts, text_job, tokenize_job
+from flexgen_dist.jobs.output_rows import output_row
+from flexgen_dist.jobs.resume import RunIdentity, open_for_resume
+from flexgen_dist.jobs.shards import Shard
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -604,7 +604,7 @@ def unfinished_job(change=None):
     in out.jsonl.partial and the run record; then change(c) edits them."""
 
     def setup(c: CaseDir) -> None:
-        code = ("import sys; from flexgen_dist.frontend import resume; "
+        code = ("import sys; from flexgen_dist.jobs import resume; "
                 "resume.ResumeLog.finish = lambda self, order: self.close(); "
                 "from flexgen_dist.run import main; sys.exit(main(sys.argv[1:]))")
         proc = subprocess.run([PY, "-c", code, *good_job(c)[3:]], cwd=c.d, env=c.data["env"], capture_output=True,

@@ -1,7 +1,7 @@
 """FlexGen's paper setting, planned and predicted by our planner (no torch, nothing downloaded).
 
 The machine is the paper's GCP T4 (16 GB GPU, 208 GB RAM, 1.5 TB SSD) with the constants its cost
-model was fitted to (planning/presets.py FLEXGEN_T4); the workload is prompt 512, 32 new tokens.
+model was fitted to (machine/presets.py FLEXGEN_T4); the workload is prompt 512, 32 new tokens.
 For OPT-30B and OPT-175B (their published configs) it prints:
 - the policy our search chooses (block shape, --percent, switches) and its predicted throughput;
 - the policy FlexGen's paper ran (benchmark/flexgen/bench_suite.py in FMInference/FlexLLMGen),
@@ -29,7 +29,7 @@ from flexgen_dist.planning.fit import policy_flags, shortfalls, limit_label  # n
 from flexgen_dist.planning.layout import model_units  # noqa: E402
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, Workload, plan_placement  # noqa: E402
 from flexgen_dist.planning.policy import Policy  # noqa: E402
-from flexgen_dist.planning.presets import FLEXGEN_T4  # noqa: E402
+from flexgen_dist.machine.presets import FLEXGEN_T4  # noqa: E402
 from flexgen_dist.planning.search import SearchOptions, search  # noqa: E402
 from flexgen_dist.planning.sizes import format_size  # noqa: E402
 from flexgen_dist.planning.spec import ModelSpec  # noqa: E402

@@ -26,11 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..frontend.oneline import OneLineParser
+from ..cli.oneline import OneLineParser
 from .. import DEFAULT_MODEL
 from ..errors import UserError
-from ..frontend.shell import run_command
-from ..frontend.side_files import write_json_file
+from ..cli.shell import run_command
+from ..jobs.side_files import write_json_file
 from . import checks
 from .checks import check_args
 from ..planning.sizes import format_size

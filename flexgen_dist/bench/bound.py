@@ -26,7 +26,7 @@ from typing import Callable
 
 from ..planning.compression import CompressionConfig
 from ..planning.cost_model import TaskTime, estimate
-from ..planning.hardware import Hardware
+from ..machine.hardware import Hardware
 from ..planning.layout import Unit, model_units
 from ..planning.place import plan_placement
 from ..planning.placement import Buffers, Dtypes, Placement, Workload
@@ -138,8 +138,8 @@ def build_bound_model(model_dir: str | Path, *, prompt_len: int, gen_len: int, o
     `--hardware` file or preset when given, else the cached profile of this host, device, compute
     dtype and offload file system, measured now (a quick profile, seconds) when there is none.
     `compute_dtype`: what the child computed in (None: the engine's default rule)."""
-    from ..frontend.runtime import Runtime  # torch: the device and dtype rules the child follows
-    from ..planning.presets import hardware_from_arg
+    from ..api.runtime import Runtime  # torch: the device and dtype rules the child follows
+    from ..machine.presets import hardware_from_arg
     from ..profile import cache_path, load_or_profile
 
     spec = ModelSpec.from_dir(model_dir)

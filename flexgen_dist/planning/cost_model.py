@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .cost_terms import Work, act_work, cache_work, matmul_work, send_seconds, weight_work
-from .hardware import Hardware
+from ..machine.hardware import Hardware
 from .layout import UnitKind
 from .placement import Placement, Tier
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .hardware import DECODE_MATMUL_ROWS, Speeds
+from ..machine.hardware import DECODE_MATMUL_ROWS, Speeds
 from .layout import Unit, UnitKind
 from .placement import CachePlace, Placement, Tier, WeightPlace, dtype_bytes
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 from .cost_model import DEFAULT_LINK_BW, StageTimes, mean_decode_task, stage_times, task_time
 from .folding import FoldedRank
-from .hardware import Hardware, MemoryLimit
+from ..machine.hardware import Hardware, MemoryLimit
 from .placement import Buffers, Dtypes, Placement, Tier, Workload
 from .policy import Policy
 from .sizes import format_size

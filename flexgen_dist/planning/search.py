@@ -23,7 +23,7 @@ from ..errors import UserError
 from .cost_model import DEFAULT_LINK_BW, Estimate, combine, estimate_pipeline
 from .fit import RankProblem, fit_down, lattices, limit_label, policy_flags, polish, shortfalls, to_policy
 from .folding import FoldedRank
-from .hardware import Hardware
+from ..machine.hardware import Hardware
 from .layout import Unit
 from .lp import LPResult, solve_rank
 from .placement import Buffers, Dtypes, Placement, Workload

@@ -32,23 +32,23 @@ from ..planning.generation_config import NAME as GENERATION_CONFIG, GenerationDe
 from ..planning.placement import Tier, Workload
 from ..planning.sizes import format_size
 from .agreement import SCHEDULE_FLAGS, agree, run_record
-from .api import LLM
-from .cli import llm_kwargs_from_args
+from ..api.llm import LLM
+from ..cli.flags import llm_kwargs_from_args
 from .fingerprint import model_fingerprint
-from .generation import RunSettings
-from .job_inputs import job_from_args, print_continuations, shown_without_output, tokenize_job
+from ..api.generation import RunSettings
+from .inputs import job_from_args, print_continuations, shown_without_output, tokenize_job
 from .jobfiles import JobFile
-from .jobs import check_text
-from .model_source import ModelSource
+from .requests import check_text
+from ..api.model_source import ModelSource
 from .outpath import STDOUT
 from .output_rows import Completion, output_row
-from .planner import plan_for
+from ..api.planner import plan_for
 from .resume import ResumeLog, RunIdentity, StdoutLog, open_for_resume, progress_paths
-from .progress import Progress
+from ..cli.progress import Progress
 from .shards import Shard, parse_shard, shard_output_path
 from .side_files import check_side_files, stats_record, trace_path, write_json_file
-from .signals import Interrupted, StopSignals
-from .streams import stdout_closed_at_start
+from ..cli.signals import Interrupted, StopSignals
+from ..cli.streams import stdout_closed_at_start
 from .tokencheck import PromptTokens
 
 T = TypeVar("T")

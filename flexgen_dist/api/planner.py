@@ -20,11 +20,11 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..parallel.partition import partition_layers
-from ..planning import detect
+from ..machine import detect
 from ..planning.cost_model import Estimate, estimate, estimate_pipeline, partition_costs
 from ..planning.fit import check_policy, policy_flags
-from ..planning.gpu_overhead import gpu_reserve, ranks_per_gpu
-from ..planning.hardware import Hardware, apply_overrides, rank_share
+from ..machine.gpu_overhead import gpu_reserve, ranks_per_gpu
+from ..machine.hardware import Hardware, apply_overrides, rank_share
 from ..planning.layout import Unit, model_units
 from ..planning.place import plan_placement
 from ..planning.placement import Buffers, Dtypes, Placement, Tier, Workload
@@ -214,7 +214,7 @@ def choose_dtype(choices: list[Dtypes], plan_in, pipeline=None, checkpoint_dtype
 
 
 def _described_dtype(hardware: str | Path) -> str:
-    from ..planning.presets import hardware_from_arg
+    from ..machine.presets import hardware_from_arg
 
     return hardware_from_arg(hardware).speeds.compute_dtype
 

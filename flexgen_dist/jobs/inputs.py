@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..planning.policy import check_block
 from ..planning.spec import ModelSpec
 from .jobfiles import JobFile, read_job_file
-from .jobs import Request, check_text
+from .requests import Request, check_text
 from .shards import Shard
 from .tokencheck import PromptTokens, check_tokens
 

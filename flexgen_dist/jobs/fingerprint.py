@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..planning.placement import Dtypes
 from ..planning.policy import Policy
-from .model_source import ModelSource
+from ..api.model_source import ModelSource
 
 # What transformers reads from a model folder to build the model, its generation defaults and
 # its tokenizer (fast or sentencepiece, with a chat template in a file of its own or not).

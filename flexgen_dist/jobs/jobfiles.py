@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
-from .jobs import Format, GenSettings, Request, check_id, check_strings, parse_settings, token_ids
+from .requests import Format, GenSettings, Request, check_id, check_strings, parse_settings, token_ids
 from .openai_batch import is_openai_line, parse_openai_line
 from .shards import Shard
 

@@ -1,5 +1,5 @@
 """The micro-benchmarks behind `python -m flexgen_dist.profile`: copies, disk, GEMMs, attention,
-4-bit (de)quantization. Each returns a rate; flops are counted as `planning/hardware.py` says.
+4-bit (de)quantization. Each returns a rate; flops are counted as `machine/hardware.py` says.
 
 Times are medians of a few repeats after a warm-up call, with CUDA events on a GPU (the host
 does not wait on each kernel) and perf_counter on the CPU.
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .files import remove_stale_temps, temp_name
-from .planning.hardware import DECODE_MATMUL_ROWS, Speeds
-from .planning.sizes import format_size
+from ..errors import UserError
+from ..files import remove_stale_temps, temp_name
+from .hardware import DECODE_MATMUL_ROWS, Speeds
+from ..planning.sizes import format_size
 
 DISK_CHUNK = 8 << 20  # bytes per read/write call; the engine's DiskIO reads 8 MiB chunks too
 PROBE_NAME = "disk-probe"  # the scratch file measured: temp_name(PROBE_NAME) in the measured folder
@@ -242,8 +242,8 @@ QUANT_KERNEL = "storage/quantize.py (4-bit, groups of 64, into a pooled buffer a
 def quant_bandwidths(device: torch.device, dtype: torch.dtype, side: int, repeats: int) -> tuple[float, float]:
     """(quantize, dequantize) bytes/s of the compute_dtype tensor (side, side), with the engine's
     own kernels: dequantization into an existing buffer (the weight slot, the KV scratch)."""
-    from .planning.compression import CompressionConfig
-    from .storage.quantize import dequantize, quantize
+    from ..planning.compression import CompressionConfig
+    from ..storage.quantize import dequantize, quantize
 
     config = CompressionConfig(bits=4, group_size=64)
     x = torch.randn(side, side, device=device, dtype=dtype)

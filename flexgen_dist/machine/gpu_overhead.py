@@ -1,6 +1,6 @@
 """GPU memory a rank uses outside torch's allocator or outside the plan (pure Python).
 
-`detect.gpu_memory` reads what is free on a GPU; the planner (frontend/planner.py) takes from it
+`detect.gpu_memory` reads what is free on a GPU; the planner (api/planner.py) takes from it
 the rank's share when local ranks share a GPU (`ranks_per_gpu`) and then this reserve
 (`gpu_reserve`): the CUDA context, kernels loaded on first use, cuBLAS workspaces, NCCL
 communicators.

@@ -15,7 +15,7 @@ loading the model, and on a node with several ranks detect on all of them before
 GPU: free memory (other processes on the GPU count), from NVML, else torch.cuda.mem_get_info.
 What the process will take outside the plan (its CUDA context, unless one exists already, the
 kernels loaded on first use, cuBLAS workspaces, NCCL communicators) is gpu_overhead.py's
-`gpu_reserve`, which the planner subtracts from a detected capacity (frontend/planner.py), after
+`gpu_reserve`, which the planner subtracts from a detected capacity (api/planner.py), after
 dividing a GPU that several local ranks share (`ranks_per_gpu`). The CUDA index is mapped to
 NVML's through CUDA_VISIBLE_DEVICES (indices or UUIDs); with it unset, NVML's order is taken as
 CUDA's, which holds unless CUDA_DEVICE_ORDER=FASTEST_FIRST reorders a node of mixed GPUs (set
@@ -38,7 +38,7 @@ import psutil
 from ..errors import UserError
 from .cgroups import CgroupMemory, cgroup_memory
 from .hardware import Capacities
-from .sizes import format_size
+from ..planning.sizes import format_size
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .jobs import Request, id_key
+from .requests import Request, id_key
 from .openai_batch import openai_output_row
 
 FINISH_REASONS = ("stop", "length")

@@ -1,6 +1,6 @@
 """What a rank has to plan with: memory capacities per tier and the speeds of moving and computing.
 
-Pure Python (no torch): `planning/detect.py` fills in the capacities of this process,
+Pure Python (no torch): `machine/detect.py` fills in the capacities of this process,
 `flexgen_dist.profile` measures the speeds, and a JSON file (`--hardware FILE.json`) or a preset
 describes a machine you do not have. The cost model and the policy search read a `Hardware`.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import write_atomic
-from .sizes import format_size, parse_size
+from ..planning.sizes import format_size, parse_size
 
 logger = logging.getLogger(__name__)
 

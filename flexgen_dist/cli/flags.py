@@ -18,8 +18,8 @@ from ..planning.search import SearchOptions
 from ..planning.sizes import parse_size
 from ..storage.tiers import DiskIO
 from .oneline import OneLineParser
-from .planner import Capacity
-from .runtime import Runtime
+from ..api.planner import Capacity
+from ..api.runtime import Runtime
 
 
 MAX_THREADS = 64  # --io-threads and --prefetch-depth (one loading thread per layer ahead)

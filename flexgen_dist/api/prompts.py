@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..planning.spec import ModelSpec
-from .jobs import check_text
+from ..jobs.requests import check_text
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import hashlib
 import json
 
 from ..errors import UserError
-from .jobs import CHAT_URL, COMPLETIONS_URL, Request, check_id, parse_settings, token_ids
+from .requests import CHAT_URL, COMPLETIONS_URL, Request, check_id, parse_settings, token_ids
 
 TOP_KEYS = ("custom_id", "method", "url", "body")
 SETTINGS = {  # body field -> GenSettings field; top_k and stop_token_ids are vLLM's extensions

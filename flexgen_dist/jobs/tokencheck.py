@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, Sequence
 
 from ..errors import UserError, first_line
-from .jobs import Request
+from .requests import Request
 
 Tokenize = Callable[[str], Sequence[int]]
 ChatTemplate = Callable[[list[dict]], Sequence[int]]

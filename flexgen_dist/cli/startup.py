@@ -32,7 +32,7 @@ def _address_space_problem() -> str | None:
 
 
 def _cgroup_problem() -> str | None:
-    from ..planning.detect import cgroup_memory
+    from ..machine.detect import cgroup_memory
 
     try:
         group = cgroup_memory()

@@ -32,12 +32,12 @@ from ..storage.tiers import DiskReader
 from ..storage.weights import WeightStore
 from .generation import RunSettings, SeqResult, SeqSpec, SpecMaker, run_sequences
 from .model_source import ModelSource
-from .output_rows import Completion
+from ..jobs.output_rows import Completion
 from .planner import Capacity, PlanChoice, block_for, plan_for
 from .prompts import make_blocks, prepare_prompts
 from .results import GenerationResult, Output, Stats
 from .runtime import Runtime
-from .tokencheck import PromptTokens
+from ..jobs.tokencheck import PromptTokens
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from typing import Iterable, Mapping, Sequence, TextIO
 from ..errors import EnvironmentFailure, UserError
 from ..files import atomic_output, fsync_file, fsync_folder, open_nofollow, remove_stale_temps, write_all, write_atomic
 from .outpath import STDOUT, check_output_path
-from .streams import can_encode
+from ..cli.streams import can_encode
 from .output_rows import row_key
 
 try:
