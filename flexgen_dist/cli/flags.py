@@ -19,7 +19,10 @@ from ..planning.sizes import parse_size
 from ..storage.tiers import DiskIO
 from .oneline import OneLineParser
 from ..api.planner import Capacity
+from ..api.generation import RunSettings
 from ..api.runtime import Runtime
+from ..jobs.requests import check_text
+from ..planning.generation_config import NAME as GENERATION_CONFIG, GenerationDefaults
 
 
 MAX_THREADS = 64  # --io-threads and --prefetch-depth (one loading thread per layer ahead)
@@ -228,3 +231,36 @@ def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: W
     )
     return {"policy": policy, "base": base, "search": search, "offload_dir": args.offload_dir, "runtime": runtime,
             "capacity": capacity}
+
+
+def check_generation_flags(args: argparse.Namespace) -> None:
+    """The generation flags the user gave, with flag names in the messages (before any file is read)."""
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UserError(f"--temperature must be a finite number > 0, got {args.temperature:g}; "
+                        f"give --no-do-sample for greedy decoding")
+    if args.top_k is not None and args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 turns it off), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (1 turns it off), got {args.top_p:g}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
+    for text in args.stop or ():
+        if not text:
+            raise UserError("--stop '' would stop at once; give a non-empty string")
+        check_text(text, "--stop")
+
+
+def settings_from_args(args: argparse.Namespace, generation: GenerationDefaults | None = None) -> RunSettings:
+    """The run's generation settings: the flags given, else the model's generation_config.json."""
+    check_generation_flags(args)
+    sampling = (generation or GenerationDefaults(())).sampling(
+        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if sampling["do_sample"] and sampling["temperature"] == 0:
+        raise UserError(f"sampling with the temperature 0 of {GENERATION_CONFIG}: give --temperature T > 0, "
+                        f"or --no-do-sample")
+    return RunSettings(max_new_tokens=args.max_new_tokens, do_sample=sampling["do_sample"],
+                       temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
+                       seed=args.seed, stop=tuple(args.stop or ()), stop_token_ids=tuple(args.stop_token_ids or ()),
+                       ignore_eos=args.ignore_eos, from_model=sampling["from_file"])

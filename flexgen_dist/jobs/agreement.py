@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from ..errors import EnvironmentFailure, UserError, first_line
-from .fingerprint import model_file_hashes
+from .identity import model_file_hashes
 
 T = TypeVar("T")
 

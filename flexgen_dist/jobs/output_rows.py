@@ -11,8 +11,12 @@ the prompt after any chat template and truncation. OpenAI batch input gives Open
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence, TextIO
+
+from ..cli.streams import can_encode
 
 from .requests import Request, id_key
 from .openai_batch import openai_output_row
@@ -64,3 +68,39 @@ def row_key(row: dict) -> str:
     if "custom_id" in row:
         return id_key(row["custom_id"])
     return id_key(row["id"])
+
+
+class StdoutLog:
+    """`--output -`: the same calls, lines kept in memory and printed in input order at the end.
+    Nothing survives a crash, so there is nothing to resume."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: dict[str, str] = {}
+        self.started_at = int(time.time())
+        self.complete = False
+
+    @property
+    def finished(self):
+        return self._lines.keys()
+
+    def append(self, rows: Sequence[dict]) -> None:
+        for row in rows:
+            key = row_key(row)
+            if key in self._lines:
+                raise ValueError(f"id {key} already has a result; each id is written once")
+            line = json.dumps(row, ensure_ascii=False) + "\n"
+            if not can_encode(self._stream, line):  # an ASCII-only terminal: the same JSON, escaped
+                line = json.dumps(row) + "\n"
+            self._lines[key] = line
+
+    def finish(self, order: Iterable[str]) -> None:
+        order = list(order)
+        if sorted(order) != sorted(self._lines):
+            raise ValueError("finish(): the order does not name every result exactly once")
+        for key in order:
+            self._stream.write(self._lines[key])
+        self._stream.flush()
+
+    def close(self) -> None:
+        pass

@@ -32,15 +32,15 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, TextIO
+from typing import Iterable, Sequence, TextIO
 
 from ..errors import EnvironmentFailure, UserError
 from ..files import atomic_output, fsync_file, fsync_folder, open_nofollow, remove_stale_temps, write_all, write_atomic
+from .identity import (RunIdentity, made_by_this_run, output_keys, progress_paths, provenance_path,
+                       read_run_record)
 from .outpath import STDOUT, check_output_path
-from ..cli.streams import can_encode
-from .output_rows import row_key
+from .output_rows import StdoutLog, row_key
 
 try:
     import fcntl
@@ -48,55 +48,6 @@ except ImportError:  # not POSIX: no lock, the rest works
     fcntl = None
 
 log = logging.getLogger(__name__)
-
-RECORD_VERSION = 1
-
-
-def progress_paths(output: str | os.PathLike) -> tuple[Path, Path]:
-    """(progress file, run record) of an output file."""
-    output = os.fspath(output)
-    return Path(output + ".partial"), Path(output + ".run.json")
-
-
-def provenance_path(output: str | os.PathLike) -> Path:
-    """Which run made a finished output (its run record and the output's sha256), kept."""
-    return Path(os.fspath(output) + ".made-by.json")
-
-
-@dataclass(frozen=True)
-class RunIdentity:
-    """What must be the same for a rerun to continue a run instead of mixing two runs' results."""
-
-    model: str  # the caller's fingerprint of the model and anything that changes its outputs
-    input_sha256: str  # JobFile.sha256
-    settings: Mapping[str, object]  # run-level generation settings, JSON-able
-    shard: str = "0/1"
-    output_format: str = "native"
-
-    def record(self) -> dict:
-        return {"version": RECORD_VERSION, "model": self.model, "input_sha256": self.input_sha256,
-                "settings": json.loads(json.dumps(dict(self.settings), sort_keys=True)),
-                "shard": self.shard, "output_format": self.output_format}
-
-    def differences(self, recorded: dict) -> list[str]:
-        """What differs from a recorded identity, in words, with the values where they are short."""
-        now = self.record()
-        found = []
-        if recorded.get("model") != now["model"]:
-            found.append("the model differs")
-        if recorded.get("input_sha256") != now["input_sha256"]:
-            found.append("the input file's content differs")
-        old_settings = recorded.get("settings") or {}
-        changed = [f"{name}: {json.dumps(old_settings.get(name))} -> {json.dumps(now['settings'].get(name))}"
-                   for name in sorted(set(old_settings) | set(now["settings"]))
-                   if old_settings.get(name) != now["settings"].get(name)]
-        if changed:
-            found.append(f"generation settings differ ({', '.join(changed)})")
-        for name, words in (("shard", "the shard"), ("output_format", "the output format")):
-            if recorded.get(name) != now[name]:
-                found.append(f"{words} differs ({recorded.get(name)} -> {now[name]})")
-        return found
-
 
 class ResumeLog:
     """The progress of one output file. Build with `open_for_resume`."""
@@ -235,42 +186,6 @@ class ResumeLog:
         self.close()
 
 
-class StdoutLog:
-    """`--output -`: the same calls, lines kept in memory and printed in input order at the end.
-    Nothing survives a crash, so there is nothing to resume."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._lines: dict[str, str] = {}
-        self.started_at = int(time.time())
-        self.complete = False
-
-    @property
-    def finished(self):
-        return self._lines.keys()
-
-    def append(self, rows: Sequence[dict]) -> None:
-        for row in rows:
-            key = row_key(row)
-            if key in self._lines:
-                raise ValueError(f"id {key} already has a result; each id is written once")
-            line = json.dumps(row, ensure_ascii=False) + "\n"
-            if not can_encode(self._stream, line):  # an ASCII-only terminal: the same JSON, escaped
-                line = json.dumps(row) + "\n"
-            self._lines[key] = line
-
-    def finish(self, order: Iterable[str]) -> None:
-        order = list(order)
-        if sorted(order) != sorted(self._lines):
-            raise ValueError("finish(): the order does not name every result exactly once")
-        for key in order:
-            self._stream.write(self._lines[key])
-        self._stream.flush()
-
-    def close(self) -> None:
-        pass
-
-
 def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, overwrite: bool = False,
                     input_path: str | os.PathLike | None = None, stream: TextIO | None = None) -> ResumeLog | StdoutLog:
     """Open the output of a run: check the path, take the lock, and find what is finished.
@@ -297,7 +212,7 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
         recorded = None if overwrite else _read_record(record_path)
         if recorded is None:
             if not overwrite and out.exists():
-                keys = _made_by_this_run(out, identity)  # else refused, saying why
+                keys = made_by_this_run(out, identity)  # else refused, saying why
                 if created:
                     partial.unlink()
                 log.info("%s is complete (%d results) and was made by this same run", output, len(keys))
@@ -319,7 +234,7 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
         if created and out.exists():
             # Killed between finish()'s removals: OUT is whole. Tidy up now, so that the state is
             # that of any finished run whether or not this one gets to call finish().
-            keys = _keys_of_output(out)
+            keys = output_keys(out)
             partial.unlink()
             record_path.unlink()
             fsync_folder(out.absolute().parent)
@@ -333,28 +248,6 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
         if created:
             partial.unlink(missing_ok=True)
         raise
-
-
-def _made_by_this_run(out: Path, identity: RunIdentity) -> list[str]:
-    """The id keys of a finished output that this same run made (its provenance names this
-    identity and the output's bytes hash as recorded); else a UserError saying what differs."""
-    output = str(out)
-    replace = "pass --overwrite to replace it, or choose another file"
-    made_by = read_run_record(provenance_path(out), fix=replace)
-    if made_by is None:
-        raise UserError(f"--output {output!r} already exists and no run of it is recorded; {replace}")
-    differences = identity.differences(made_by)
-    if differences:
-        raise UserError(f"--output {output!r} was made by another run: {'; '.join(differences)} (recorded in "
-                        f"{str(provenance_path(out))!r}); {replace}")
-    digest = hashlib.sha256()
-    with open(out, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if made_by.get("output_sha256") != digest.hexdigest():
-        raise UserError(f"--output {output!r} changed since the run that made it finished (its content no longer "
-                        f"matches {str(provenance_path(out))!r}); {replace}")
-    return _keys_of_output(out)
 
 
 def _lock(fd: int, output: str, partial: Path) -> None:
@@ -373,47 +266,6 @@ def _read_record(path: Path) -> dict | None:
     fix = (f"restore it to resume, or pass --overwrite to start over (move "
            f"{path.name.removesuffix('.run.json')}.partial aside first to keep its saved results)")
     return read_run_record(path, fix=fix)
-
-
-def read_run_record(path: Path, *, fix: str) -> dict | None:
-    """A run record (the progress record, or a finished shard's provenance), its fields checked
-    by type; None if there is none. A record that cannot be read is one line naming the file
-    (and the field's line), ending with `fix`."""
-    try:
-        fd = open_nofollow(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        data = f.read()
-    try:
-        record = json.loads(data)
-    except ValueError:
-        record = None
-    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
-        raise UserError(f"{str(path)!r} is not a run record this version can read; {fix}")
-    for name, kind in RECORD_FIELDS.items():
-        value = record.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            line = _line_of_key(data, name)
-            raise UserError(f"{path}:{line}: the run record's {name!r} is {_json_kind(value)}, not {_json_kind(kind())}; "
-                            f"the file was edited or damaged: {fix}")
-    return record
-
-
-RECORD_FIELDS = {"model": str, "input_sha256": str, "settings": dict, "shard": str, "output_format": str,
-                 "started_at": int}
-
-
-def _json_kind(value) -> str:
-    if value is None:
-        return "missing (or null)"
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a whole number",
-            float: "a number"}.get(type(value), type(value).__name__)
-
-
-def _line_of_key(data: bytes, name: str) -> int:
-    at = data.find(f'"{name}"'.encode())
-    return data.count(b"\n", 0, at) + 1 if at >= 0 else 1
 
 
 def _repair(fd: int, partial: Path) -> tuple[dict[str, tuple[int, int]], int]:
@@ -466,12 +318,3 @@ def _line_at(fd: int, offset: int) -> int:
     return os.pread(fd, offset, 0).count(b"\n") + 1
 
 
-def _keys_of_output(out: Path) -> list[str]:
-    keys = []
-    with open(out, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                keys.append(row_key(json.loads(raw)))
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{out}:{line_no}: not a result line of this program; pass --overwrite to start over") from None
-    return keys

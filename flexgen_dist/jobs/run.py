@@ -16,7 +16,6 @@ and one line says how to resume.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -33,12 +32,11 @@ from ..planning.placement import Tier, Workload
 from ..planning.sizes import format_size
 from .agreement import SCHEDULE_FLAGS, agree, run_record
 from ..api.llm import LLM
-from ..cli.flags import llm_kwargs_from_args
-from .fingerprint import model_fingerprint
+from ..cli.flags import llm_kwargs_from_args, settings_from_args
+from .identity import model_fingerprint
 from ..api.generation import RunSettings
 from .inputs import job_from_args, print_continuations, shown_without_output, tokenize_job
 from .jobfiles import JobFile
-from .requests import check_text
 from ..api.model_source import ModelSource
 from .outpath import STDOUT
 from .output_rows import Completion, output_row
@@ -134,7 +132,6 @@ class JobStart:
 
 
 def start_job(args: argparse.Namespace, ctx: DistContext) -> JobStart:
-    check_generation_flags(args)
     shard = parse_shard(args.shard, os.environ)
     source = ModelSource.from_dir(args.model)
     settings = settings_from_args(args, source.generation)
@@ -240,39 +237,6 @@ def _generate(args, llm: LLM, todo: list[PromptTokens], settings: RunSettings, s
         return llm.generate_requests(todo, settings, on_results)
     finally:
         progress.close()
-
-
-def check_generation_flags(args: argparse.Namespace) -> None:
-    """The generation flags the user gave, with flag names in the messages (before any file is read)."""
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise UserError(f"--temperature must be a finite number > 0, got {args.temperature:g}; "
-                        f"give --no-do-sample for greedy decoding")
-    if args.top_k is not None and args.top_k < 0:
-        raise UserError(f"--top-k must be >= 0 (0 turns it off), got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1] (1 turns it off), got {args.top_p:g}")
-    if not 0 <= args.seed < 2**63:
-        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
-    for text in args.stop or ():
-        if not text:
-            raise UserError("--stop '' would stop at once; give a non-empty string")
-        check_text(text, "--stop")
-
-
-def settings_from_args(args: argparse.Namespace, generation: GenerationDefaults | None = None) -> RunSettings:
-    """The run's generation settings: the flags given, else the model's generation_config.json."""
-    check_generation_flags(args)
-    sampling = (generation or GenerationDefaults(())).sampling(
-        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if sampling["do_sample"] and sampling["temperature"] == 0:
-        raise UserError(f"sampling with the temperature 0 of {GENERATION_CONFIG}: give --temperature T > 0, "
-                        f"or --no-do-sample")
-    return RunSettings(max_new_tokens=args.max_new_tokens, do_sample=sampling["do_sample"],
-                       temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
-                       seed=args.seed, stop=tuple(args.stop or ()), stop_token_ids=tuple(args.stop_token_ids or ()),
-                       ignore_eos=args.ignore_eos, from_model=sampling["from_file"])
 
 
 def settings_line(settings: RunSettings, eos_ids, eos_source: str) -> str:
