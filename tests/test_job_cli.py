@@ -405,3 +405,19 @@ def test_a_pipeline_applies_each_requests_rules_as_one_process(cli, tmp_path):
     one = (tmp_path / "one.jsonl").read_text()
     assert (tmp_path / "two.jsonl").read_text() == one
     assert {json.loads(line)["finish_reason"] for line in one.splitlines()} == {"stop", "length"}
+
+
+def test_row_utilization_counts_the_steps_rows_sit_idle(cli, llama_dir, tmp_path):
+    """A block runs until its longest row ends: rows whose own limit is shorter sit idle. Limits
+    6, 6, 2, 1 on prompts of one length make blocks {6, 6} and {2, 1} (2 rows, 1 batch): 15
+    tokens in 2 x 6 + 2 x 2 = 16 row-steps."""
+    rows = [{"id": f"r{i}", "input_ids": [5, 6, 7], "max_new_tokens": limit} for i, limit in enumerate((6, 1, 6, 2))]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    stats = tmp_path / "stats.json"
+    code, stdout, err = cli("--model", llama_dir, "--input", src, "--output", tmp_path / "out.jsonl", "--ignore-eos",
+                            "--num-gpu-batches", 1, "--stats-json", stats, *FAST)
+    assert code == 0, err
+    record = json.loads(stats.read_text())
+    assert (record["generated_tokens"], record["row_steps"]) == (15, 16)
+    assert record["row_utilization"] == pytest.approx(15 / 16)
+    assert "rows busy 94% of their steps" in stdout

@@ -119,6 +119,7 @@ class RunTotals:
     decode_s: float = 0.0
     prompt_tokens: int = 0
     prompt_slots: int = 0  # block rows x block width: prompt tokens plus padding
+    row_steps: int = 0  # block rows x the steps each block ran
     generated_tokens: int = 0
     num_blocks: int = 0
     num_sequences: int = 0
@@ -126,7 +127,7 @@ class RunTotals:
     def stats(self) -> Stats:
         return Stats(prefill_s=self.prefill_s, decode_s=self.decode_s, prompt_tokens=self.prompt_tokens,
                      generated_tokens=self.generated_tokens, num_blocks=self.num_blocks,
-                     num_sequences=self.num_sequences, prompt_slots=self.prompt_slots)
+                     num_sequences=self.num_sequences, prompt_slots=self.prompt_slots, row_steps=self.row_steps)
 
 
 def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, placement: Placement, pad_id: int,
@@ -150,6 +151,8 @@ def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, placement: Placem
             if holds_results:
                 found = _results(blocks[block_idx], result, specs, decode)
                 totals.generated_tokens += sum(len(r.output_ids) for r in found)
+                # every row (padding too) computes each step the block runs: its longest row's count
+                totals.row_steps += len(result.tokens) * max((len(ids) for ids in result.tokens), default=0)
                 on_results(found)
 
         run = engine.run(blocks, sampler, on_block_done=block_done, placement=placement)

@@ -22,6 +22,7 @@ class Stats:
     num_blocks: int
     num_sequences: int
     prompt_slots: int = 0  # block rows x block width over all blocks: prompt tokens plus padding
+    row_steps: int = 0  # block rows x token steps each block ran, over all blocks (padding rows too)
 
     @property
     def total_s(self) -> float:
@@ -46,8 +47,16 @@ class Stats:
         """Share of the blocks' prompt slots that hold real tokens (1.0: no padding); nan if unknown."""
         return self.prompt_tokens / self.prompt_slots if self.prompt_slots else float("nan")
 
+    @property
+    def row_utilization(self) -> float:
+        """Generated tokens over the row-steps computed (1.0: no row idle; a block runs until its
+        longest row ends, and a row that stopped early keeps its slot); nan if unknown."""
+        return self.generated_tokens / self.row_steps if self.row_steps else float("nan")
+
     def summary(self) -> str:
         padding = f"; {self.padding_efficiency:.0%} of prompt slots are real tokens" if self.prompt_slots else ""
+        if self.row_steps:
+            padding += f"; rows busy {self.row_utilization:.0%} of their steps"
         return (
             f"prefill {self.prefill_tokens_per_s:.1f} tok/s, decode {self.decode_tokens_per_s:.1f} tok/s, "
             f"total {self.tokens_per_s:.1f} tok/s ({self.generated_tokens} new tokens in {self.total_s:.2f} s, "

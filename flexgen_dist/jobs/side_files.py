@@ -95,6 +95,8 @@ def stats_record(stats, policy, world_size: int, plan=None) -> dict:
         "decode_tokens_per_s": stats.decode_tokens_per_s,
         "tokens_per_s": stats.tokens_per_s,
         "padding_efficiency": stats.padding_efficiency if stats.prompt_slots else None,
+        "row_steps": stats.row_steps,
+        "row_utilization": stats.row_utilization if stats.row_steps else None,
         "policy": dataclasses.asdict(policy),
     }
     if plan is not None:
