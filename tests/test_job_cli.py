@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -421,3 +422,23 @@ def test_row_utilization_counts_the_steps_rows_sit_idle(cli, llama_dir, tmp_path
     assert (record["generated_tokens"], record["row_steps"]) == (15, 16)
     assert record["row_utilization"] == pytest.approx(15 / 16)
     assert "rows busy 94% of their steps" in stdout
+
+
+def test_offload_folders_of_a_deleted_checkpoint_are_listed_then_pruned_on_request(cli, tmp_path):
+    from tiny_models import make_tiny_model
+
+    a, b = (make_tiny_model("llama", tmp_path / name, seed=seed) for seed, name in enumerate(("a", "b")))
+    off = tmp_path / "off"
+    on_disk = ("--percent", 0, 0, 100, 0, 100, 0, "--offload-dir", off, "--num-prompts", 2, "--prompt-len", 3,
+               "--max-new-tokens", 2, *FAST)
+    assert cli("--model", a, *on_disk)[0] == 0
+    (folder_a,) = list(off.glob("weights-*"))
+    shutil.rmtree(a)
+    code, _, err = cli("--model", b, *on_disk)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if str(folder_a) in line]
+    assert len(warned) == 1 and "no longer exists" in warned[0] and "--prune-offload" in warned[0], err
+    assert folder_a.is_dir()  # listed, not deleted
+    code, _, err = cli("--model", b, *on_disk, "--prune-offload")
+    assert code == 0, err
+    assert not folder_a.exists() and len(list(off.glob("weights-*"))) == 1

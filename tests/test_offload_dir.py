@@ -398,3 +398,33 @@ def test_a_data_file_whose_entry_failed_is_removed(tmp_path, monkeypatch):
         with pytest.raises(EnvironmentFailure):
             folder.write(key, t)
         assert {p.name for p in folder.path.iterdir()} == {"identity.json"}
+
+
+def test_weight_folders_of_vanished_or_changed_checkpoints_are_found_and_only_they(tmp_path):
+    """A folder's identity note names its checkpoint's files: a folder whose checkpoint was
+    deleted, or saved over since, is stale; the live one, the one being used and folders this
+    tool did not note are not, and removing a stale one leaves the others whole."""
+    off = tmp_path / "off"
+    made = {}
+    for name in ("gone", "changed", "live", "used"):
+        path = tmp_path / name / "model.safetensors"
+        path.parent.mkdir()
+        save_file({"w": torch.ones(4, 4)}, path)
+        identity = checkpoint_identity([path], storage_dtype=torch.float16)
+        with OffloadFolder(off, identity, weight_files=[path]) as folder:
+            folder.write("w", torch.ones(4, 4, dtype=torch.float16))
+        made[name] = (path, folder.path)
+    with OffloadFolder(off, OffloadIdentity.of("random-seed0", storage_dtype="float16")) as unnoted:
+        unnoted.write("w", torch.ones(2, dtype=torch.float16))
+    made["gone"][0].unlink()
+    save_file({"w": torch.zeros(8, 2)}, made["changed"][0])  # saved over: another header
+    stale = offload_dir.stale_folders(off, keep=made["used"][1].name)
+    assert {s.path for s in stale} == {made["gone"][1], made["changed"][1]}
+    why = {s.path: s.why for s in stale}
+    assert why[made["gone"][1]] == f"its checkpoint file {made['gone'][0]} no longer exists"
+    assert why[made["changed"][1]].endswith("has changed since")
+    assert all(s.nbytes > 32 for s in stale)  # the tensor and its entry, at least
+    for s in stale:
+        offload_dir.remove_folder(s)
+    assert sorted(p.name for p in off.iterdir()) == sorted([made["live"][1].name, made["used"][1].name, unnoted.path.name])
+    assert offload_dir.stale_folders(off, keep="") == []

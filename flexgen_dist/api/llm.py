@@ -103,7 +103,8 @@ class LLM:
             reader = DiskReader(self.runtime.disk_io, buf.nbytes_each, pin=self.device.type == "cuda")
         self.reader = reader
         self.weights = WeightStore(placement=self.placement, units=units, source=source.weights, device=self.device,
-                                   offload_dir=self.offload_dir, reader=reader, verify=self.runtime.verify_offload)
+                                   offload_dir=self.offload_dir, reader=reader, verify=self.runtime.verify_offload,
+                                   prune=self.runtime.prune_offload)
         source.weights.close()
         config = EngineConfig(units=tuple(units), placement=self.placement, device=self.device,
                               offload_dir=self.offload_dir, prefetch_depth=self.runtime.prefetch_depth)

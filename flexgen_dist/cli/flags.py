@@ -144,6 +144,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
                          help="read disk-tier weights with O_DIRECT (bypasses the page cache)")
     offload.add_argument("--drop-page-cache", action="store_true",
                          help="evict disk-tier weight pages after each read, so reads measure the disk, not RAM")
+    offload.add_argument("--prune-offload", action="store_true",
+                         help="remove the weight folders in --offload-dir whose checkpoint no longer exists or has "
+                              "changed (default: list them as a warning)")
     offload.add_argument("--verify-offload", action="store_true",
                          help="re-check the checksum of every reused offload-folder file before the run")
     dist = groups["distributed"]
@@ -226,6 +229,7 @@ def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: W
         prefetch_depth=args.prefetch_depth,
         disk_io=DiskIO(direct=args.direct_io, drop_page_cache=args.drop_page_cache, threads=args.io_threads),
         verify_offload=args.verify_offload,
+        prune_offload=args.prune_offload,
         workload=workload,
         num_prompts=num_prompts,
     )

@@ -102,8 +102,10 @@ class OffloadFolder:
     the temporary files of dead writers. Then, per tensor: `trusted(key, nbytes)` gives the path
     of a complete file, or None when it must be (re)written with `write(key, data)`."""
 
-    def __init__(self, offload_dir: str | Path, identity: OffloadIdentity, *, verify: bool = False):
+    def __init__(self, offload_dir: str | Path, identity: OffloadIdentity, *, verify: bool = False,
+                 weight_files: Iterable[str | Path] = ()):
         self.identity = identity
+        self.weight_files = sorted(str(Path(p).absolute()) for p in weight_files)  # noted, for `stale_folders`
         self.verify = verify
         self.path = Path(offload_dir) / identity.folder_name
         self._dir_fd = _open_private_folder(self.path)
@@ -205,7 +207,8 @@ class OffloadFolder:
 
     def _note_identity(self) -> None:
         """Write identity.json once (a reused folder's files keep their mtimes)."""
-        note = _json_bytes({"format": FORMAT, "digest": self.identity.digest, **dataclasses.asdict(self.identity)})
+        note = _json_bytes({"format": FORMAT, "digest": self.identity.digest, **dataclasses.asdict(self.identity),
+                            **({"weight_files": self.weight_files} if self.weight_files else {})})
         try:
             fd = os.open(IDENTITY_NOTE, _READ_FLAGS, dir_fd=self._dir_fd)
             with os.fdopen(fd, "rb") as f:
@@ -214,6 +217,68 @@ class OffloadFolder:
         except OSError:
             pass
         write_file(self._dir_fd, IDENTITY_NOTE, note, self.path)
+
+
+@dataclass(frozen=True)
+class StaleFolder:
+    path: Path
+    nbytes: int
+    why: str  # e.g. "its checkpoint file /models/x/model.safetensors no longer exists"
+
+
+def stale_folders(offload_dir: str | Path, *, keep: str) -> list[StaleFolder]:
+    """The weight folders in `offload_dir` (other than `keep`) whose checkpoint is gone: a weight
+    file their identity note names no longer exists, or it has changed since (its headers, size or
+    mtime give another identity). Only private folders of ours with a note of this format are
+    considered; a generated source's, or one noted before the files were recorded, is left alone."""
+    found = []
+    try:
+        names = sorted(os.listdir(offload_dir))
+    except OSError:
+        return found
+    for name in names:
+        path = Path(offload_dir) / name
+        if not name.startswith(FOLDER_PREFIX) or name == keep or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            st = path.stat()
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                continue
+            fd = os.open(path / IDENTITY_NOTE, _READ_FLAGS)
+            with os.fdopen(fd, "rb") as f:
+                note = json.loads(f.read(1 << 20))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        files = note.get("weight_files") if isinstance(note, dict) else None
+        if note.get("format") != FORMAT or not isinstance(files, list) or not files \
+                or not all(isinstance(p, str) for p in files):
+            continue
+        missing = [p for p in files if not os.path.isfile(p)]
+        if missing:
+            why = f"its checkpoint file {missing[0]} no longer exists"
+        else:
+            try:
+                now = checkpoint_identity(files, storage_dtype=note.get("storage_dtype", ""),
+                                          compression=note.get("compression"))
+            except (UserError, ValueError):
+                continue
+            if now.digest == note.get("digest"):
+                continue
+            why = f"its checkpoint ({os.path.dirname(files[0])}) has changed since"
+        nbytes = sum(p.stat().st_size for p in path.iterdir() if p.is_file() and not p.is_symlink())
+        found.append(StaleFolder(path, nbytes, why))
+    return found
+
+
+def remove_folder(stale: StaleFolder) -> None:
+    """Remove a stale weight folder: its plain files, then the folder (nothing else is in one)."""
+    dir_fd = _open_private_folder(stale.path)
+    try:
+        for name in os.listdir(dir_fd):
+            unlink_quietly(dir_fd, name)
+    finally:
+        os.close(dir_fd)
+    os.rmdir(stale.path)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ from ..errors import UserError
 from ..files import check_offload_space
 from ..planning.layout import Unit
 from ..planning.placement import Placement, Tier, WeightPlace
+from ..planning.sizes import format_size
 from .compressed import CompressedTensor, compressed_in_memory
-from .offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity
+from .offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity, remove_folder, stale_folders
 from .quantize import QuantizedTensor, empty_quantized, quantize
 from .rows import RowTable, StreamedRows
 from .slots import Slot, SlotPool
@@ -61,7 +62,8 @@ def offload_identity(source, placement: Placement) -> OffloadIdentity:
 
 class WeightStore:
     def __init__(self, *, placement: Placement, units: list[Unit], source, device: torch.device,
-                 offload_dir: str | Path | None, reader: DiskReader | None, verify: bool = False):
+                 offload_dir: str | Path | None, reader: DiskReader | None, verify: bool = False,
+                 prune: bool = False):
         self.device = device
         self.compute_dtype = torch_dtype(placement.dtypes.compute)
         self.storage_dtype = torch_dtype(placement.dtypes.storage)
@@ -70,13 +72,13 @@ class WeightStore:
         self.arenas: dict[Tier, SlotPool] = {}  # one slot each: every weight of a memory tier
         self.slots: SlotPool | None = None
         try:
-            self._build(placement, units, source, offload_dir, reader, verify, pin)
+            self._build(placement, units, source, offload_dir, reader, verify, pin, prune)
         except BaseException:
             self.close()  # unpin what was pinned now, not whenever the store is collected
             raise
 
     def _build(self, placement: Placement, units: list[Unit], source, offload_dir, reader, verify: bool,
-               pin: torch.device | None) -> None:
+               pin: torch.device | None, prune: bool) -> None:
         device = self.device
         self._views: dict[str, torch.Tensor] = {}  # "{layer}.{name}" or "...{name}.{part}" -> its arena view
         for tier, where in ((Tier.GPU, device), (Tier.CPU, torch.device("cpu"))):
@@ -95,7 +97,10 @@ class WeightStore:
             if offload_dir is None or reader is None:
                 raise UserError("the policy puts weights on disk but no offload folder was given; pass --offload-dir DIR")
             check_offload_space(offload_dir, 0)  # a folder we can write, before looking inside it
-            self._folder = OffloadFolder(offload_dir, offload_identity(source, placement), verify=verify)
+            files = getattr(source, "weight_files", None)
+            self._folder = OffloadFolder(offload_dir, offload_identity(source, placement), verify=verify,
+                                         weight_files=files() if files is not None else ())
+            _report_stale(offload_dir, keep=self._folder.path.name, prune=prune)
             # Before writing anything: room for the files still missing and the run's cache and activations.
             sizes = {}
             for _, ws, place in disk:
@@ -209,3 +214,19 @@ class WeightStore:
     @property
     def compressed(self) -> bool:
         return any(isinstance(t, CompressedTensor) for placed in self.tensors.values() for t in placed.values())
+
+
+def _report_stale(offload_dir, *, keep: str, prune: bool) -> None:
+    """The offload folder's weight folders of checkpoints that are gone: a warning each, or removed
+    with `prune` (--prune-offload). Never silently kept, never silently deleted."""
+    for stale in stale_folders(offload_dir, keep=keep):
+        if not prune:
+            log.warning("%s (%s) holds the weights of a checkpoint that is gone: %s; remove it, or pass "
+                        "--prune-offload", stale.path, format_size(stale.nbytes), stale.why)
+            continue
+        try:
+            remove_folder(stale)
+        except (OSError, UserError) as exc:
+            log.warning("cannot remove %s (%s)", stale.path, exc)
+            continue
+        log.info("removed %s (%s): %s", stale.path, format_size(stale.nbytes), stale.why)
