@@ -263,3 +263,30 @@ def test_cuda_quantization_matches_the_cpu_bit_for_bit():
     dequantize(on_gpu, out=out)
     assert torch.equal(out.cpu(), dequantize(on_cpu).half())
     assert on_gpu.nbytes == compressed_nbytes(tuple(x.shape), config)
+
+
+def test_fitted_weights_never_lose_to_min_max_and_win_on_heavy_tails():
+    """Each group's fitted minimum and scale (clipped ranges, a least-squares step) err no more
+    than min-max's, group by group; on heavy-tailed weights the squared error falls clearly.
+    NaN and constant groups come back as min-max gives them."""
+    torch.manual_seed(0)
+    config = CompressionConfig(bits=4, group_size=64)
+    w = torch.distributions.StudentT(3.0).sample((64, 256))
+    w[3, :64] = 0.25  # a constant group
+    w[5, 70] = float("nan")
+    plain, fitted = quantize(w, config), quantize(w, config, fitted=True)
+    err = lambda q: ((dequantize(q) - w) ** 2).view(64, 4, 64).sum(-1)  # noqa: E731 (per group)
+    e_plain, e_fitted = err(plain), err(fitted)
+    finite = e_plain.isfinite()
+    assert bool((e_fitted[finite] <= e_plain[finite] * (1 + 1e-6)).all())
+    assert e_fitted[finite].sum() < 0.9 * e_plain[finite].sum()
+    assert torch.equal(dequantize(fitted)[3, :64], torch.full((64,), 0.25))
+    assert dequantize(fitted)[5, 64:128].isnan().all()
+    assert torch.equal(dequantize(fitted)[:, :64][:2], dequantize(quantize(w[:2], config, fitted=True))[:, :64])
+
+
+def test_the_weight_method_is_part_of_the_settings_and_checked():
+    assert CompressionConfig().weight_method == "fitted"
+    assert CompressionConfig(weight_method="minmax") != CompressionConfig()
+    with pytest.raises(UserError, match="weight_method='best' is not one of fitted, minmax"):
+        CompressionConfig(weight_method="best")

@@ -31,12 +31,20 @@ SUPPORTED_BITS = (4, 8)
 STAT_BYTES = 2  # scale and minimum are stored as float16
 
 
+WEIGHT_METHODS = ("fitted", "minmax")
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     bits: int = 4
     """Bits per value: 4 (two values a byte) or 8 (one value a byte)."""
     group_size: int = 64
     """Values that share one scale and one minimum; the last group of a dimension is padded."""
+    weight_method: str = "fitted"
+    """How weights (quantized once, when written to their tier) choose each group's minimum and
+    scale: "fitted" (the lowest squared error over clipped ranges and a least-squares step:
+    storage/quantize.py `_fit_groups`) or "minmax" (round-to-nearest over the whole range, the
+    paper's method, 10-20x faster to write). The KV cache, quantized every step, is always min-max."""
     group_dim: int = -1
     """Dimension the groups run along (weights (out, in): the input dim, -1; KV cache
     (seq, batch, kv_heads, head_dim): the head dim, -1). Never the leading dimension (0): tier
@@ -58,6 +66,9 @@ class CompressionConfig:
                 f"CompressionConfig.group_size={self.group_size} must be even with bits=4: two "
                 "values share a byte and a byte never straddles two groups; use e.g. 64"
             )
+        if self.weight_method not in WEIGHT_METHODS:
+            raise UserError(f"CompressionConfig.weight_method={self.weight_method!r} is not one of "
+                            f"{', '.join(WEIGHT_METHODS)}")
         if not _is_int(self.group_dim):
             raise UserError(f"CompressionConfig.group_dim={self.group_dim!r} must be an integer dimension index")
         if self.group_dim == 0:

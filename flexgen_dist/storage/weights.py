@@ -68,6 +68,7 @@ class WeightStore:
         self.compute_dtype = torch_dtype(placement.dtypes.compute)
         self.storage_dtype = torch_dtype(placement.dtypes.storage)
         self.config = placement.policy.compression
+        self.fitted = self.config.weight_method == "fitted"  # weights quantized once: fit each group
         pin = device if placement.policy.pin_weight and device.type == "cuda" else None
         self.arenas: dict[Tier, SlotPool] = {}  # one slot each: every weight of a memory tier
         self.slots: SlotPool | None = None
@@ -141,7 +142,7 @@ class WeightStore:
         if place.compressed:
             parts = tuple(self._views[f"{name}.{part}"] for part in _PARTS)
             held = QuantizedTensor(*parts, shape=ws.shape, dtype=self.compute_dtype, config=self.config)
-            q = quantize(source.get(ws).to(parts[0].device), self.config)  # on the device: fast there
+            q = quantize(source.get(ws).to(parts[0].device), self.config, fitted=self.fitted)  # on the device: fast there
             held.copy_(q)
             return compressed_in_memory(parts, ws.shape, self.config, place.tier), 0
         view = self._views[name]
@@ -162,7 +163,7 @@ class WeightStore:
         paths = {part: folder.trusted(f"{ws.key}.{part}", sizes[part]) for part in _PARTS}
         wrote = 0
         if any(path is None for path in paths.values()):
-            q = quantize(source.get(ws).to(torch.float32), self.config)
+            q = quantize(source.get(ws).to(torch.float32), self.config, fitted=self.fitted)
             paths = {part: folder.write(f"{ws.key}.{part}", getattr(q, part).contiguous()) for part in _PARTS}
             wrote = len(_PARTS)
         parts = [DiskTensor(paths[part], (ws.shape[0], *getattr(like, part).shape[1:]), getattr(like, part).dtype,
