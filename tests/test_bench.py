@@ -352,3 +352,20 @@ def test_the_auto_run_is_planned_under_the_cap_as_a_user_runs_it(tmp_path, monke
     assert best.label == "4x1"
     _, attempts = compare.best_ours(w, [(2, 1)])
     assert [a.label for a in attempts] == ["2x1"]  # no auto run when the user gave a budget
+
+
+def test_the_in_memory_run_keeps_its_own_placement_over_the_users_percent(tmp_path):
+    """--ours-flags is given to every run of ours; a --percent there came after the in-memory run's
+    own --percent 100 0 100 0 100 0 and replaced it, so 'in memory' ran the offloaded placement
+    and the offload ratio compared a run with itself."""
+    from flexgen_dist.bench import compare
+
+    w = compare.Workload(model_dir=tmp_path, prompt_len=8, gen_len=2, mem_limit=None, budget=None, offload_dir=tmp_path,
+                         ours_args=("--percent", "0", "0", "0", "100", "100", "0", "--compress-cache"))
+    run, _ = compare.in_memory_run(w, (2, 1), bounds=None)
+    cmd = compare.ours_command(w, run, tmp_path / "stats.json")
+    assert cmd.count("--percent") == 1
+    at = cmd.index("--percent")
+    assert cmd[at + 1:at + 7] == list(compare.IN_MEMORY_PERCENT) and "--compress-cache" in cmd
+    offloaded = compare.ours_command(w, compare.OursRun(block=(2, 1)), tmp_path / "stats.json")
+    assert offloaded[offloaded.index("--percent") + 1:][:6] == ["0", "0", "0", "100", "100", "0"]

@@ -93,7 +93,22 @@ def ours_command(w: Workload, run: OursRun, stats_path: Path) -> list[str]:
         # the page cache (planning to the cgroup's own limit, 3.7 of 4 GiB, left the kernel
         # reclaiming the page cache on every disk read: decode 5x slower).
         cmd += ["--gpu-mem", str(w.budget // 2), "--cpu-mem", str(w.budget // 2)]
-    return cmd + list(w.ours_args) + list(run.extra_args)
+    extra = _without_percent(w.ours_args) if run.percent is not None else w.ours_args
+    return cmd + list(extra) + list(run.extra_args)
+
+
+def _without_percent(flags: tuple[str, ...]) -> tuple[str, ...]:
+    """--ours-flags less a --percent: a run with a placement of the bench's own (everything in
+    memory) keeps it; given after it, the user's placement silently replaced it."""
+    out, skip = [], 0
+    for flag in flags:
+        if skip:
+            skip -= 1
+        elif flag == "--percent":
+            skip = 6
+        elif not flag.startswith("--percent="):
+            out.append(flag)
+    return tuple(out)
 
 
 def run_ours(w: Workload, run: OursRun, bounds: BoundModels | None = None) -> Attempt:
