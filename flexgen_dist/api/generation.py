@@ -132,10 +132,11 @@ class RunTotals:
 
 def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, placement: Placement, pad_id: int,
                   decode: Decode | None, num_ranks: int, holds_results: bool,
-                  on_results: Callable[[list[SeqResult]], None]) -> Stats:
+                  on_results: Callable[[list[SeqResult]], None], refill: bool = True) -> Stats:
     """Generate every spec with `placement` (sized by the caller for these specs: their longest
     prompt and limit, their block); `on_results` hears each block's results as it closes (on the
-    rank that holds them: `holds_results`). Every rank must call this with the same specs."""
+    rank that holds them: `holds_results`). Every rank must call this with the same specs.
+    refill: a row whose sequence ends takes the next prompt of its chunk (engine/refill.py)."""
     if any(spec.stop for spec in specs) and decode is None:
         raise UserError("stop strings need a tokenizer to decode the output; this model has none: use stop token ids")
     gpu_batch_size, num_gpu_batches = placement.policy.gpu_batch_size, placement.policy.num_gpu_batches
@@ -151,11 +152,11 @@ def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, placement: Placem
             if holds_results:
                 found = _results(blocks[block_idx], result, specs, decode)
                 totals.generated_tokens += sum(len(r.output_ids) for r in found)
-                # every row (padding too) computes each step the block runs: its longest row's count
-                totals.row_steps += len(result.tokens) * max((len(ids) for ids in result.tokens), default=0)
                 on_results(found)
 
-        run = engine.run(blocks, sampler, on_block_done=block_done, placement=placement)
+        run = engine.run(blocks, sampler, on_block_done=block_done, placement=placement, refill=refill)
+        if holds_results:  # every row (padding too) computes each step its block runs
+            totals.row_steps += run.row_steps
         totals.prefill_s += run.prefill_s
         totals.decode_s += run.decode_s
         totals.num_blocks += len(blocks)

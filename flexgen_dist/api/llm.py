@@ -177,7 +177,7 @@ class LLM:
         return run_sequences(self.engine, specs, placement=placement, pad_id=self._pad_id,
                              decode=self.decode if self.tokenizer is not None else None,
                              num_ranks=self.pipeline.world_size if self.pipeline else 1,
-                             holds_results=self._holds_results, on_results=on_results)
+                             holds_results=self._holds_results, on_results=on_results, refill=self.runtime.refill)
 
     def _placement_for(self, num_prompts: int, needed: Workload, scoring: bool = False) -> Placement:
         """The placement a call runs with, sized here, before the engine runs (the engine never

@@ -31,8 +31,11 @@ class Runtime:
     disk_io: DiskIO = field(default_factory=DiskIO)
     """How disk-tier tensors are read (threads, O_DIRECT, page-cache eviction)."""
     verify_offload: bool = False
-    prune_offload: bool = False  # remove the offload folder's weight folders of vanished checkpoints
     """Re-check the checksum of every reused offload-folder file before the run."""
+    prune_offload: bool = False
+    """Remove the offload folder's weight folders of vanished or changed checkpoints."""
+    refill: bool = True
+    """A row whose sequence finished takes the next waiting prompt inside its block (one rank)."""
     num_prompts: int | None = None
     """How many prompts the plan is for (the planner's throughput counts the last block's
     padding); None: many."""

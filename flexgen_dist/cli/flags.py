@@ -134,6 +134,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     policy.add_argument("--attn-sparsity", type=float, default=1.0, metavar="F",
                         help="in decoding, use only the values of the top F of each head's attention positions "
                              "(1 = dense, 0.1 = the paper's sparse setting)")
+    policy.add_argument("--no-refill", action="store_true",
+                        help="run each block until its longest row ends, instead of giving a finished row the next "
+                             "waiting prompt (same tokens; for comparison)")
     policy.add_argument("--no-overlap", action="store_true",
                         help="load serially instead of prefetching the next layer and batch (same tokens; for debugging)")
     offload = groups["offloading I/O"]
@@ -235,6 +238,7 @@ def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: W
         disk_io=DiskIO(direct=args.direct_io, drop_page_cache=args.drop_page_cache, threads=args.io_threads),
         verify_offload=args.verify_offload,
         prune_offload=args.prune_offload,
+        refill=not args.no_refill,
         workload=workload,
         num_prompts=num_prompts,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -78,9 +79,11 @@ class BlockIO:
         return self.cache_pools[tier]
 
     # --- a block's life --------------------------------------------------------------------------
-    def open(self, block: Block) -> BlockState:
+    def open(self, block: Block, start: Callable[[Block, int], BlockState] = BlockState.start) -> BlockState:
+        """The block's state (`start(block, gpu_batch_size)`: engine/refill.py's for a block whose
+        rows take new prompts), with its KV caches and activation homes on their tiers."""
         p = self.placement
-        state = BlockState.start(block, p.policy.gpu_batch_size)
+        state = start(block, p.policy.gpu_batch_size)
         if self.placement.has_disk() and self.offload_dir is not None:
             try:
                 state.scratch_dir = self._scratch_folder()
@@ -158,7 +161,7 @@ class BlockIO:
         cache = state.caches[(layer_idx, batch_idx)]
         if cache.place.in_place:
             return self._in_place(cache)
-        past = slice(0, state.query_slots(token_idx).start)
+        past = state.past_slots(token_idx)
         lease, staging = self._take_scratch(state.block, cache)
         self.order.wait_released(cache.written)  # the last store's copy has landed
         copy(lease.k, past, cache.k, past, staging.get("k"))
@@ -180,10 +183,10 @@ class BlockIO:
         if lease.scratch is None:
             return  # the layer wrote into the cache itself
         cache = state.caches[(layer_idx, batch_idx)]
-        rows = state.query_slots(token_idx)
         try:
-            copy(cache.k, rows, lease.k, rows)  # converted or quantized on the way
-            copy(cache.v, rows, lease.v, rows)
+            for rows in state.written_slots(token_idx, batch_idx):
+                copy(cache.k, rows, lease.k, rows)  # converted or quantized on the way
+                copy(cache.v, rows, lease.v, rows)
             cache.written = self.order.mark_released()  # the next load of this cache waits for these copies
         finally:
             self._give(lease)

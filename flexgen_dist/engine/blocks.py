@@ -111,6 +111,8 @@ class BlockState:
     lengths: list[int] = field(default_factory=list)  # row -> tokens it generated before it stopped
     finish: list[str | None] = field(default_factory=list)  # row -> why it stopped (None: running)
     matchers: list[StopMatcher | None] = field(default_factory=list)  # row -> its stop-string matcher
+    steps_run: int = 0  # token steps whose tokens were recorded: every row computed in each
+    refill_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> new prompts' hidden state (refill.py)
 
     @classmethod
     def start(cls, block: Block, gpu_batch_size: int) -> "BlockState":
@@ -141,6 +143,18 @@ class BlockState:
     def query_slots(self, token_idx: int) -> slice:
         P = self.block.prompt_len
         return slice(0, P) if token_idx == 0 else slice(P + token_idx - 1, P + token_idx)
+
+    def refill_rows(self, token_idx: int, batch_idx: int):
+        """Rows of the batch whose new prompts run their prefill at this step (refill.py); none here."""
+        return None
+
+    def past_slots(self, token_idx: int) -> slice:
+        """The cache slots a decode step reads besides its own (what a load brings into scratch)."""
+        return slice(0, self.query_slots(token_idx).start)
+
+    def written_slots(self, token_idx: int, batch_idx: int) -> list[slice]:
+        """The cache slots a step of one GPU batch writes (what a store takes from scratch)."""
+        return [self.query_slots(token_idx)]
 
     def step(self, token_idx: int, batch_idx: int, device: torch.device, sliding_window: int | None) -> Step:
         """Positions and attention mask of one GPU batch at one token step (built once)."""
@@ -174,6 +188,7 @@ class BlockState:
         """Sampled ids (B,) of a batch; a stopped row keeps emitting 0, which the result drops.
         Each running row then stops at a stop id, a stop string or its own limit."""
         rows = self.rows(batch_idx)
+        self.steps_run = max(self.steps_run, token_idx + 1)
         done = self.done[rows]
         ids = ids.to(done.device)
         ids = torch.where(done, torch.zeros_like(ids), ids)

@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-from ..model import LayerMath, decoder_layer
+from ..model import LayerMath, decoder_layer, prefill_rows_layer
 from ..parallel.comm import Comm, SendHandle
 from ..planning.layout import Unit, UnitKind
 from ..planning.placement import Placement
 from ..schedule import block as ops
-from ..schedule.pipeline import lane_tasks, remaining_tasks
+from ..schedule.pipeline import LaneTask, lane_tasks, remaining_tasks
 from ..storage.tiers import DiskReader, torch_dtype
 from ..storage.weights import LoadedWeights, WeightStore
 from .block_io import BlockIO
@@ -28,6 +28,7 @@ from .finite import FiniteWatch, TaskKey
 from .homes import KVLease
 from .loader import Loader, Ready
 from .messages import Messages
+from .refill import Lender, RefillState
 from .sampling import Sampler
 from .trace import NoTracer, Tracing
 
@@ -44,7 +45,8 @@ class EngineConfig:
 class RunResult:
     blocks: list[BlockResult]  # meaningful on the first stage only
     prefill_s: float  # wall time in prefill tasks (token 0), waits included
-    decode_s: float
+    decode_s: float  # the rest: decode steps (with the prefills of prompts that took a row)
+    row_steps: int = 0  # block rows x the steps each block ran (on the rank that records tokens)
 
 
 @dataclass
@@ -64,6 +66,8 @@ class _Walk:
     sends: list[SendHandle] = field(default_factory=list)  # not yet completed
     dead_from: dict[int, int] = field(default_factory=dict)  # block -> its first task with every row stopped
     phase_s: list[float] = field(default_factory=lambda: [0.0, 0.0])  # prefill, decode
+    lender: Lender | None = None  # with refill: the prompts waiting for a row of the one open block
+    row_steps: int = 0
 
     def is_dead(self, block_idx: int, token_idx: int) -> bool:
         """Every row of the block stopped before this task (pipelines: its ops load and compute nothing)."""
@@ -104,13 +108,16 @@ class Engine:
 
     def run(self, blocks: list[Block], sampler: Sampler,
             on_block_done: Callable[[int, BlockResult], None] | None = None,
-            placement: Placement | None = None) -> RunResult:
+            placement: Placement | None = None, refill: bool = False) -> RunResult:
         """Run every block through this rank's layers; blocks must be the same on every rank.
         `on_block_done(block_idx, result)` is called as each block closes on this rank (its
         results are meaningful on the first stage, which holds every sampled token).
         placement: this run's, sized by the front end for its blocks (their widest prompt, their
         limit, their shape); default: the engine's own. The engine only checks that the blocks
-        fit it: it never plans."""
+        fit it: it never plans.
+        refill: a row whose sequence finished takes the next waiting prompt (refill.py): the first
+        block stays open while the others lend it their prompts. One rank only for now (a
+        pipeline runs its blocks as given)."""
         placement = placement or self.placement
         policy = placement.policy
         self._check_fit(blocks, placement)
@@ -128,8 +135,11 @@ class Engine:
         tasks = lane_tasks([block.max_new_tokens for block in blocks], self.num_ranks)
         finite = FiniteWatch(stage.layers, self.device, self._describe, self.placement.dtypes.compute)
         walk = _Walk(blocks, tasks, stage, sampler, finite, on_block_done)
+        if refill and self.num_ranks == 1 and len(blocks) > 1 and not any(block.score for block in blocks):
+            walk.lender = Lender(blocks, on_block_done)
+            walk.blocks = [walk.lender.first_block()]
         try:
-            plan = ops.rank_schedule(tasks, stage, self.config.prefetch_depth)
+            plan = self._refill_plan(walk, 0) if walk.lender else ops.rank_schedule(tasks, stage, self.config.prefetch_depth)
             while plan:
                 plan = self._walk(plan, walk)
             for handle in walk.sends:
@@ -139,7 +149,17 @@ class Engine:
             self._tear_down(walk, failed=True)
             raise
         self._tear_down(walk, failed=False)
-        return RunResult([walk.results.get(b, BlockResult([])) for b in range(len(blocks))], *walk.phase_s)
+        results = walk.lender.results if walk.lender else walk.results
+        return RunResult([results.get(b, BlockResult([])) for b in range(len(blocks))], *walk.phase_s, walk.row_steps)
+
+    def _refill_plan(self, walk: _Walk, first_token: int) -> list:
+        """The next steps of the one block of a refill run: as many as its longest limit (the ops of
+        an open-ended block are made a stretch at a time; it closes once every row is idle)."""
+        steps = max(walk.blocks[0].max_new_tokens, 16)
+        tasks = [LaneTask(0, token_idx) for token_idx in range(first_token, first_token + steps)]
+        plan = ops.rank_schedule(tasks, walk.stage, self.config.prefetch_depth)
+        return [op for op in plan if not isinstance(op, ops.CloseBlock)
+                and not (first_token > 0 and isinstance(op, ops.OpenBlock))]
 
     @staticmethod
     def _check_fit(blocks: list[Block], placement: Placement) -> None:
@@ -165,6 +185,8 @@ class Engine:
                     # Every row stopped: drop the rest of this block and re-plan what remains.
                     self._drop_loads(walk)
                     self._close_block(walk, op.block_idx)
+                    if walk.lender:
+                        return []
                     remaining = remaining_tasks(walk.tasks, {op.block_idx}, current)
                     return ops.rank_schedule(remaining, walk.stage, self.config.prefetch_depth)
             self._execute(op, walk)
@@ -173,6 +195,11 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             walk.phase_s[current[1] > 0] += time.perf_counter() - started
+        if walk.lender and walk.states:  # the refill block's stretch of steps ran out before its rows did
+            if bool(walk.states[0].done.all()):
+                self._close_block(walk, 0)
+                return []
+            return self._refill_plan(walk, current[1] + 1)
         return []
 
     def _tear_down(self, walk: _Walk, failed: bool) -> None:
@@ -206,7 +233,12 @@ class Engine:
 
     def _close_block(self, walk: _Walk, block_idx: int) -> None:
         walk.finite.read_block(block_idx)  # no result leaves with an unread NaN behind it
-        result = walk.results[block_idx] = self.block_io.close(walk.states.pop(block_idx))
+        state = walk.states.pop(block_idx)
+        walk.row_steps += state.valid.shape[0] * state.steps_run
+        result = self.block_io.close(state)
+        if walk.lender:
+            return  # each block's results went out through the lender as its last sequence ended
+        walk.results[block_idx] = result
         if walk.on_block_done is not None:
             walk.on_block_done(block_idx, result)
 
@@ -223,7 +255,8 @@ class Engine:
             if loaded is not None:
                 self.weights.release(loaded)
         elif isinstance(op, ops.OpenBlock):
-            walk.states[op.block_idx] = self.block_io.open(walk.blocks[op.block_idx])
+            start = RefillState.open(walk.lender) if walk.lender else BlockState.start
+            walk.states[op.block_idx] = self.block_io.open(walk.blocks[op.block_idx], start)
         elif isinstance(op, ops.CloseBlock):
             self._close_block(walk, op.block_idx)
         elif self.messages is None or not self.messages.handle(op, walk, walk.states[op.block_idx]):
@@ -274,14 +307,23 @@ class Engine:
         unit = self.units[op.layer_idx]
         task = TaskKey(op.block_idx, token_idx, batch_idx)
         step = state.step(token_idx, batch_idx, self.device, self.spec.sliding_window)
+        refill = state.refill_rows(token_idx, batch_idx)  # new prompts in some rows: their prefill, same weights
         if unit.kind is UnitKind.EMBED:
             ids = state.input_ids(token_idx, batch_idx).to(self.device)
             state.hidden[batch_idx] = out = self.math.embed(weights, ids, step)
+            if refill is not None:
+                state.refill_hidden[batch_idx] = self.math.embed(weights, refill.ids.to(self.device), refill.step)
         elif unit.kind is UnitKind.BLOCK:
             kv = self.block_io.lease_for_compute(state, op.layer_idx, batch_idx, past)
             state.hidden[batch_idx] = out = decoder_layer(self.math, weights, state.hidden.pop(batch_idx), step, kv)
+            if refill is not None:  # after the decode step: it overwrites what that wrote in these rows
+                state.refill_hidden[batch_idx] = prefill_rows_layer(
+                    self.math, weights, state.refill_hidden.pop(batch_idx), refill.step, kv, refill.rows, refill.slots)
         else:  # the head, always a stage's last layer
             logits = self.math.head(weights, state.hidden.pop(batch_idx), step)  # (B, T, V)
+            if refill is not None:
+                started = self.math.head(weights, state.refill_hidden.pop(batch_idx), refill.step)  # (R, 1, V)
+                logits[refill.rows.to(logits.device), -1] = started[:, -1]
             # sampling waits for the logits anyway: read the flags now, before NaN is sampled
             walk.finite.note(task, op.layer_idx, logits)
             walk.finite.task_done(task, read_now=True)

@@ -80,6 +80,18 @@ def _in_memory(source) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
+def slot_runs(slots: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Slots (T,) in order, consecutive except where they wrap round the cache -> runs of
+    (start, stop, offset in slots)."""
+    values = slots.tolist()
+    runs, begin = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            runs.append((values[begin], values[i - 1] + 1, begin))
+            begin = i
+    return runs
+
+
 class DenseKV:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, attend_on: torch.device, sparsity: float = 1.0, values=None):
         self.k, self.v = k, v  # (S, B, nkv, hd)
@@ -93,6 +105,12 @@ class DenseKV:
         self.k[slots] = k_new.permute(2, 0, 1, 3)  # (T, B, nkv, hd): only the new rows move
         self.v[slots] = v_new.permute(2, 0, 1, 3)
         self._v_new = v_new
+
+    def write_rows(self, rows: torch.Tensor, slots: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Keys and values (R, nkv, T, hd) of batch rows `rows` into cache slots `slots` (T,)."""
+        at = (slots.to(self.k.device)[:, None], rows.to(self.k.device)[None, :])
+        self.k[at] = k_new.permute(2, 0, 1, 3).to(self.k.dtype)  # (T, R, nkv, hd)
+        self.v[at] = v_new.permute(2, 0, 1, 3).to(self.v.dtype)
 
     def attend(self, q: torch.Tensor, mask: torch.Tensor, scale: float, slots: slice) -> torch.Tensor:
         """Decode attention of q (B, nh, T, hd) over positions [0, slots.stop) -> (B, T, nh * hd)."""
@@ -120,6 +138,17 @@ class StoredKV:
         copy(self.k, slots, k_new.permute(2, 0, 1, 3))  # converted or quantized on the way in
         copy(self.v, slots, v_new.permute(2, 0, 1, 3))
         self._slots, self._k_new, self._v_new = slots, k_new, v_new
+
+    def write_rows(self, rows: torch.Tensor, slots: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Keys and values (R, nkv, T, hd) of batch rows `rows` into cache slots `slots` (T,): each
+        run of slots is read, its rows replaced and written back (converted or quantized again:
+        exact for a 16-bit cache, within the quantization's own error for a compressed one)."""
+        for tensor, new in ((self.k, k_new), (self.v, v_new)):
+            new = new.permute(2, 0, 1, 3)  # (T, R, nkv, hd)
+            for start, stop, offset in slot_runs(slots):
+                part = to_compute(tensor, slice(start, stop), new.device, torch.float32).clone()  # (n, B, nkv, hd)
+                part[:, rows.to(part.device)] = new[offset:offset + stop - start].float()
+                copy(tensor, slice(start, stop), part)
 
     def _rows(self, tensor, start: int, stop: int) -> torch.Tensor:
         """Positions [start, stop) in fp32, (B, nkv, n, hd); this step's own rows as computed (as

@@ -25,10 +25,18 @@ class Step:
     mask: torch.Tensor  # (B, 1, T, S) bool: query slot may attend key slot
     slots: slice  # cache slots of this step's queries: [0, P) in the prefill, [P + t - 1, P + t) after
     last_only: bool = True  # the head computes logits for the last slot only
+    # A decode step whose keys lie anywhere in [0, decode_stop), not only before its slot: a block
+    # whose rows take new prompts (engine/refill.py) writes its cache round a ring of slots.
+    decode_stop: int | None = None
 
     @property
     def is_prefill(self) -> bool:
-        return self.slots.start == 0
+        return self.slots.start == 0 and self.decode_stop is None
+
+    @property
+    def reads(self) -> slice:
+        """The cache slots a decode step attends over (the mask says which of them it may)."""
+        return slice(self.slots.start, self.decode_stop or self.slots.stop)
 
 
 class KVView(Protocol):
@@ -39,6 +47,10 @@ class KVView(Protocol):
 
     def attend(self, q: torch.Tensor, mask: torch.Tensor, scale: float, slots: slice) -> torch.Tensor:
         """Decode attention of q (B, nh, T, hd) over slots [0, slots.stop) -> (B, T, nh * hd)."""
+
+    def write_rows(self, rows: torch.Tensor, slots: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Keys and values (R, nkv, T, hd) of some rows of the batch (`rows`, R of them) into the
+        cache slots `slots` (T of them, anywhere): a prompt taking the row of a finished one."""
 
 
 class LayerMath(Protocol):
@@ -66,5 +78,15 @@ def decoder_layer(math: LayerMath, w: dict[str, torch.Tensor], x: torch.Tensor, 
     if step.is_prefill:  # no past: attend over this step's own keys, as computed
         a = attention(q, k_new, v_new, step.mask, math.scale)  # (B, T, nh * hd)
     else:
-        a = kv.attend(q, step.mask, math.scale, step.slots).to(x.device, x.dtype)
+        a = kv.attend(q, step.mask, math.scale, step.reads).to(x.device, x.dtype)
     return math.finish(w, x, a)
+
+
+def prefill_rows_layer(math: LayerMath, w: dict[str, torch.Tensor], x: torch.Tensor, step: Step, kv: KVView,
+                       rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The prefill of prompts that took some rows of a decoding batch, in the same layer pass with
+    the same weights: x (R, T, C) -> x; their keys and values go to `slots` of those `rows` (run
+    after the batch's decode step, whose own write to those rows it overwrites)."""
+    q, k_new, v_new = math.qkv(w, x, step)
+    kv.write_rows(rows, slots, k_new, v_new)
+    return math.finish(w, x, attention(q, k_new, v_new, step.mask, math.scale))

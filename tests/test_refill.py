@@ -1,0 +1,160 @@
+"""Continuous refill (engine/refill.py): a row whose sequence finished takes the next waiting
+prompt inside its block, its prefill in the same layer pass as the other rows' decode step.
+
+Every sequence must come out as it would alone: transformers' greedy tokens (fp32, CPU) cut at its
+own limit or stop id, whichever row and step served it, with the cache in memory, on the host or
+on disk, and with a sliding window; and the same with `refill=False`, which runs each block until
+its longest row ends. Refill computes fewer row-steps for the same tokens (the point of it).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flexgen_dist import LLM, Policy, Runtime
+from flexgen_dist.api.generation import RunSettings
+from flexgen_dist.jobs.inputs import tokenize_job
+from flexgen_dist.jobs.jobfiles import read_job_file
+
+_ON_DEVICE = dict(w_gpu_percent=100, w_cpu_percent=0, cache_gpu_percent=100, cache_cpu_percent=0,
+                  act_gpu_percent=100, act_cpu_percent=0)
+POLICIES = {
+    "in-memory": dict(_ON_DEVICE, gpu_batch_size=2, num_gpu_batches=2),
+    # a cache loaded into scratch and stored back: the slots a refill writes go to the tier too
+    "cache-on-disk": dict(_ON_DEVICE, gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=50,
+                          cache_gpu_percent=0, cache_cpu_percent=30, act_gpu_percent=0, act_cpu_percent=100),
+    "one-batch-of-3": dict(_ON_DEVICE, gpu_batch_size=3, num_gpu_batches=1),
+}
+LENGTHS = (3, 17, 8, 12, 5, 20, 9, 6, 14, 4)
+LIMITS = (1, 12, 3, 7, 12, 2, 9, 5, 11, 4)  # the 20-token prompt stops at 2: its slots are reused
+MAX_NEW = 12
+
+
+def _job(tmp_path, prompts, stop_ids):
+    """A job of token-id prompts, each with its own limit (and the fourth with a stop id)."""
+    path = tmp_path / "job.jsonl"
+    lines = [dict(id=i, input_ids=p, max_new_tokens=n) for i, (p, n) in enumerate(zip(prompts, LIMITS))]
+    lines[3]["stop_token_ids"] = stop_ids
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _run(model_dir, path, policy, offload_dir, refill, **settings):
+    with LLM(str(model_dir), policy=Policy(**policy), offload_dir=str(offload_dir),
+             runtime=Runtime(device="cpu", refill=refill)) as llm:
+        prepared = tokenize_job(read_job_file(path, None), tokenizer=None, spec=llm.spec,
+                                max_new_tokens=MAX_NEW, truncate="none", stop=())
+        found = {}
+        stats = llm.generate_requests(prepared, RunSettings(max_new_tokens=MAX_NEW, **settings),
+                                      lambda items: found.update((p.request.id, c) for p, c in items))
+    return found, stats
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "opt"])
+@pytest.mark.parametrize("setup", sorted(POLICIES))
+def test_every_sequence_gets_transformers_tokens_whichever_row_served_it(
+        arch, setup, request, tmp_path, hf_greedy, unambiguous_prompts):
+    model_dir = request.getfixturevalue(f"{arch}_dir")
+    prompts = unambiguous_prompts(model_dir, LENGTHS, MAX_NEW)
+    refs = [hf_greedy(model_dir, p, MAX_NEW) for p in prompts]
+    stop_id = refs[3][2]  # the fourth stops at its third token (or earlier where that id came first)
+    expected = [ref[:limit] for ref, limit in zip(refs, LIMITS)]
+    expected[3] = expected[3][:expected[3].index(stop_id) + 1]
+    path = _job(tmp_path, prompts, [stop_id])
+    got, stats = _run(model_dir, path, POLICIES[setup], tmp_path / "off", refill=True)
+    assert [list(got[i].output_ids) for i in range(len(prompts))] == expected
+    assert got[3].finish_reason == "stop" and got[1].finish_reason == "length"
+    plain, plain_stats = _run(model_dir, path, POLICIES[setup], tmp_path / "off", refill=False)
+    assert [list(plain[i].output_ids) for i in range(len(prompts))] == expected
+    assert stats.generated_tokens == plain_stats.generated_tokens == sum(map(len, expected))
+    assert stats.row_steps < plain_stats.row_steps  # finished rows took new prompts instead of idling
+
+
+def test_the_cache_ring_wraps_many_times(llama_dir, tmp_path, hf_greedy, unambiguous_prompts):
+    """Two rows, 14 prompts of limits up to 6 on prompts of up to 9: the block's 15 slots per row
+    go round several times, new prompts taking slots that wrap past the end."""
+    lengths = (9, 2, 7, 4, 9, 3, 8, 5, 6, 9, 2, 7, 3, 8)
+    limits = (6, 1, 4, 6, 2, 5, 3, 6, 1, 4, 6, 2, 5, 3)
+    prompts = unambiguous_prompts(llama_dir, lengths, 6)
+    path = tmp_path / "job.jsonl"
+    path.write_text("".join(json.dumps(dict(id=i, input_ids=p, max_new_tokens=n)) + "\n"
+                            for i, (p, n) in enumerate(zip(prompts, limits))))
+    policy = dict(_ON_DEVICE, gpu_batch_size=2, num_gpu_batches=1)
+    with LLM(str(llama_dir), policy=Policy(**policy), runtime=Runtime(device="cpu")) as llm:
+        prepared = tokenize_job(read_job_file(path, None), tokenizer=None, spec=llm.spec, max_new_tokens=6,
+                                truncate="none", stop=())
+        found = {}
+        stats = llm.generate_requests(prepared, RunSettings(max_new_tokens=6),
+                                      lambda items: found.update((p.request.id, c) for p, c in items))
+    assert [list(found[i].output_ids) for i in range(len(prompts))] == \
+        [hf_greedy(llama_dir, p, 6)[:n] for p, n in zip(prompts, limits)]
+    steps = stats.row_steps // 2
+    assert steps > 15 + 6  # the ring (9 + 6 slots) went round more than once
+    assert stats.generated_tokens == sum(limits)
+
+
+def test_sampled_sequences_do_not_depend_on_refill(llama_dir, tmp_path, unambiguous_prompts):
+    """Each sequence draws from its own generator, seeded by its index: the row and step that
+    served it change nothing."""
+    prompts = unambiguous_prompts(llama_dir, LENGTHS, MAX_NEW)
+    path = _job(tmp_path, prompts, [])
+    policy = POLICIES["in-memory"]
+    sampled = dict(do_sample=True, temperature=1.3, top_k=20, seed=7)
+    got, _ = _run(llama_dir, path, policy, tmp_path / "off", refill=True, **sampled)
+    plain, _ = _run(llama_dir, path, policy, tmp_path / "off", refill=False, **sampled)
+    assert {i: list(c.output_ids) for i, c in got.items()} == {i: list(c.output_ids) for i, c in plain.items()}
+    greedy, _ = _run(llama_dir, path, policy, tmp_path / "off", refill=True)
+    assert {i: list(c.output_ids) for i, c in got.items()} != {i: list(c.output_ids) for i, c in greedy.items()}
+
+
+def test_compressed_cache_refills_within_its_tolerance(llama_dir, tmp_path, unambiguous_prompts):
+    """A 4-bit cache in memory is written by runs of slots read, replaced in the new rows and
+    quantized again: each sequence keeps its own limit and count, and agrees with the run
+    without refill on most tokens (both are 4-bit approximations)."""
+    prompts = unambiguous_prompts(llama_dir, LENGTHS, MAX_NEW)
+    path = _job(tmp_path, prompts, [])
+    policy = dict(POLICIES["in-memory"], compress_cache=True)
+    got, stats = _run(llama_dir, path, policy, tmp_path / "off", refill=True, ignore_eos=True)
+    plain, plain_stats = _run(llama_dir, path, policy, tmp_path / "off", refill=False, ignore_eos=True)
+    assert [len(got[i].output_ids) for i in range(len(prompts))] == list(LIMITS)
+    same = sum(a == b for i in got for a, b in zip(got[i].output_ids, plain[i].output_ids))
+    assert same >= 0.8 * sum(LIMITS)
+    assert stats.row_steps < plain_stats.row_steps
+
+
+def test_no_refill_on_the_command_line(cli, llama_dir, tmp_path):
+    """--no-refill runs each block to its longest row: more row-steps for the same tokens."""
+    job = tmp_path / "job.jsonl"
+    job.write_text("".join(json.dumps(dict(id=i, input_ids=[5 + i] * (3 + i), max_new_tokens=1 + (i * 5) % 9)) + "\n"
+                           for i in range(9)))
+    steps = {}
+    for flag in ((), ("--no-refill",)):
+        stats = tmp_path / f"stats{len(flag)}.json"
+        code, _, err = cli("--model", str(llama_dir), "--input", str(job), "--output", str(tmp_path / f"out{len(flag)}.jsonl"),
+                           "--device", "cpu", "--gpu-batch-size", "2", "--num-gpu-batches", "1", "--ignore-eos",
+                           "--stats-json", str(stats), *flag)
+        assert code == 0, err
+        steps[flag] = json.loads(stats.read_text())
+    assert (tmp_path / "out0.jsonl").read_bytes() == (tmp_path / "out1.jsonl").read_bytes()
+    refill, plain = steps[()], steps[("--no-refill",)]
+    assert refill["generated_tokens"] == plain["generated_tokens"]
+    assert refill["row_utilization"] > plain["row_utilization"]
+
+
+def test_a_sliding_window_counts_positions_round_the_ring(tmp_path, unambiguous_prompts):
+    """A window of 5 tokens, shorter than the sequences: which keys a query sees is counted in
+    positions, not in slots (the ring puts a row's tokens in any slot order)."""
+    import tiny_models
+
+    model_dir = tiny_models.make_tiny_model("mistral", tmp_path / "mistral-w5", sliding_window=5)
+    prompts = unambiguous_prompts(model_dir, LENGTHS, MAX_NEW)
+    path = _job(tmp_path, prompts, [])
+    got, stats = _run(model_dir, path, POLICIES["in-memory"], tmp_path / "off", refill=True, ignore_eos=True)
+    plain, plain_stats = _run(model_dir, path, POLICIES["in-memory"], tmp_path / "off", refill=False, ignore_eos=True)
+    assert {i: list(c.output_ids) for i, c in got.items()} == {i: list(c.output_ids) for i, c in plain.items()}
+    assert stats.row_steps < plain_stats.row_steps
+    wide = tiny_models.make_tiny_model("mistral", tmp_path / "mistral-w96")  # the window matters here
+    other, _ = _run(wide, path, POLICIES["in-memory"], tmp_path / "off", refill=True, ignore_eos=True)
+    assert {i: list(c.output_ids) for i, c in got.items()} != {i: list(c.output_ids) for i, c in other.items()}
