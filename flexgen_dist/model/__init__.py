@@ -5,14 +5,19 @@ from __future__ import annotations
 import torch
 
 from ..planning.spec import ModelSpec
-from . import llama, opt
-from .decoder import KVView, LayerMath, Step, decoder_layer, prefill_rows_layer
+from . import llama, opt, phi3, qwen3
+from .decoder import KVView, LayerMath, Step, decoder_layer
 
-_FAMILIES = {"llama": llama.LlamaMath, "opt": opt.OptMath}
+_FAMILIES = {
+    "llama": llama.LlamaMath,
+    "qwen3": qwen3.Qwen3Math,
+    "phi3": phi3.Phi3Math,
+    "opt": opt.OptMath,
+}
 
 
 def make_math(spec: ModelSpec, device: torch.device) -> LayerMath:
     return _FAMILIES[spec.family](spec, device)
 
 
-__all__ = ["KVView", "LayerMath", "Step", "decoder_layer", "make_math", "prefill_rows_layer"]
+__all__ = ["KVView", "LayerMath", "Step", "decoder_layer", "make_math"]

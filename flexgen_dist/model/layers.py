@@ -28,8 +28,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
-    """Inverse frequencies (head_dim / 2,) in fp32, with linear or llama3 scaling applied."""
-    dim = spec.head_dim
+    """Inverse frequencies (rotary_dim / 2,) in fp32, with linear or llama3 scaling applied."""
+    dim = spec.rotary_dim
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = spec.rope_scaling
     if scaling is None:
@@ -52,13 +52,18 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T)."""
-    freqs = positions.float()[:, :, None] * inv_freq.to(positions.device)[None, None, :]  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T)."""
+    freqs = positions.float()[:, :, None] * inv_freq.to(positions.device)[None, None, :]  # (B, T, rd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rd)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., hd) rotated by cos, sin (..., rotary_dim): a partial rotary embedding (Phi-3's
+    partial_rotary_factor) rotates the first rotary_dim dims and passes the rest through."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

@@ -3,7 +3,8 @@
 A model is a list of units, each loaded and computed as one: the input embedding (schedule layer
 0), one unit per decoder layer (1..L) and the head (final norm + output projection, L + 1). The
 names inside a unit mirror the checkpoint's module names, so loading is a copy; the model math
-(model/llama.py, model/opt.py) reads them by those names.
+(model/llama.py, qwen3.py, phi3.py, opt.py) reads them by those names (Phi-3's fused qkv_proj and
+gate_up_proj too: they are split after the matmul, not in the checkpoint).
 """
 
 from __future__ import annotations
@@ -66,12 +67,18 @@ def model_units(spec: ModelSpec) -> list[Unit]:
 def _llama_units(spec: ModelSpec) -> list[Unit]:
     C, hd, I, V = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.vocab_size
     q_dim, kv_dim = spec.num_heads * hd, spec.kv_dim
+    if spec.family == "phi3":  # fused, as Phi-3 checkpoints store them (model/phi3.py splits the outputs)
+        attention = (("qkv", q_dim + 2 * kv_dim),)
+        mlp = (("gate_up", (2 * I, C)), ("down", (C, I)))
+    else:
+        attention = (("q", q_dim), ("k", kv_dim), ("v", kv_dim))
+        mlp = (("gate", (I, C)), ("up", (I, C)), ("down", (C, I)))
     embed = Unit(UnitKind.EMBED, 0, (WeightSpec("embed_tokens.weight", "model.embed_tokens.weight", (V, C)),))
     blocks = []
     for layer in range(spec.num_layers):
         prefix = f"model.layers.{layer}."
         w = [WeightSpec("input_layernorm.weight", prefix + "input_layernorm.weight", (C,), "ones")]
-        for proj, out_dim in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+        for proj, out_dim in attention:
             name = f"self_attn.{proj}_proj"
             w.append(WeightSpec(name + ".weight", prefix + name + ".weight", (out_dim, C)))
             if spec.attention_bias:
@@ -79,8 +86,11 @@ def _llama_units(spec: ModelSpec) -> list[Unit]:
         w.append(WeightSpec("self_attn.o_proj.weight", prefix + "self_attn.o_proj.weight", (C, q_dim)))
         if spec.o_bias:
             w.append(WeightSpec("self_attn.o_proj.bias", prefix + "self_attn.o_proj.bias", (C,), "zeros"))
+        if spec.family == "qwen3":  # RMSNorm weights of one head, shared by every query (key) head
+            for norm in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+                w.append(WeightSpec(norm, prefix + norm, (hd,), "ones"))
         w.append(WeightSpec("post_attention_layernorm.weight", prefix + "post_attention_layernorm.weight", (C,), "ones"))
-        for proj, shape in (("gate", (I, C)), ("up", (I, C)), ("down", (C, I))):
+        for proj, shape in mlp:
             name = f"mlp.{proj}_proj"
             w.append(WeightSpec(name + ".weight", prefix + name + ".weight", shape))
             if spec.mlp_bias:

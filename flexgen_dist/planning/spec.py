@@ -17,14 +17,25 @@ SUPPORTED = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
     "opt": "opt",
+}
+
+# transformers' defaults where a model type's config class differs from the Llama-like reads below
+# (a config.json that leaves the field out gets the value transformers would give it).
+_DEFAULTS = {
+    "qwen3": dict(head_dim=128, max_position_embeddings=32768),
+    "phi3": dict(rms_norm_eps=1e-5, max_position_embeddings=4096),
 }
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str  # as in config.json: llama, mistral, qwen2, opt
-    family: str  # "llama" (RMSNorm, RoPE, SwiGLU) or "opt" (LayerNorm, learned positions, ReLU)
+    model_type: str  # as in config.json: llama, mistral, qwen2, qwen3, phi3, opt
+    # "llama" (RMSNorm, RoPE, SwiGLU), "qwen3" (llama + per-head q/k norms), "phi3" (llama with
+    # fused qkv and gate_up projections) or "opt" (LayerNorm, learned positions, ReLU)
+    family: str
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -43,7 +54,7 @@ class ModelSpec:
     bos_token_id: int | None
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
-    partial_rotary_factor: float = 1.0
+    partial_rotary_factor: float = 1.0  # Phi-3: RoPE rotates the first rotary_dim dims of a head
     sliding_window: int | None = None
     # OPT only
     word_embed_proj_dim: int = 0
@@ -86,6 +97,11 @@ class ModelSpec:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of a head that RoPE rotates (transformers: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
 
 def _common(f: ConfigFields) -> dict:
     """Fields every family reads the same way."""
@@ -93,7 +109,8 @@ def _common(f: ConfigFields) -> dict:
         model_type=f.model_type,
         num_layers=f.integer("num_hidden_layers", required=True),
         vocab_size=f.integer("vocab_size", required=True),
-        max_positions=f.integer("max_position_embeddings", 2048),
+        max_positions=f.integer("max_position_embeddings", _DEFAULTS.get(f.model_type, {}).get(
+            "max_position_embeddings", 2048)),
         eos_token_ids=f.token_ids("eos_token_id"),
         pad_token_id=f.token_id("pad_token_id"),
         bos_token_id=f.token_id("bos_token_id"),
@@ -132,15 +149,18 @@ def _rope_parameters(f: ConfigFields) -> tuple[float, dict | None]:
     # transformers 5 lets a `rope_scaling` replace `rope_parameters` whole (its rope_theta too), so a
     # config holding both, different, is ambiguous: refused rather than guessed.
     given = {key: value for key in ("rope_parameters", "rope_scaling") if (value := f.object(key))}
+    # transformers' Phi-3 takes the default rope or longrope (su, yarn), which is not implemented
+    supported = ("default",) if f.model_type == "phi3" else ROPE_TYPES
+    phi3 = " for phi3 (the 4k-context Phi-3 checkpoints have no rope scaling)" if f.model_type == "phi3" else ""
     for key, value in given.items():
         rope_type = _rope_type(value)
         if not isinstance(rope_type, str):
             raise UserError(f"{f.where}: {key!r} has rope_type {describe(rope_type)}, expected a string such as "
                             f"\"linear\"; correct it in config.json or restore the checkpoint's config.json")
-        if rope_type not in ROPE_TYPES:
+        if rope_type not in supported:
             raise UserError(
                 f"{f.where}: {key!r} has rope scaling type {rope_type!r}, which is not implemented here "
-                f"(positions would be encoded wrongly); supported: {', '.join(ROPE_TYPES)}: use a checkpoint "
+                f"(positions would be encoded wrongly); supported: {', '.join(supported)}{phi3}: use a checkpoint "
                 "with one of these"
             )
     if len(given) == 2:
@@ -168,11 +188,13 @@ def _rope_parameters(f: ConfigFields) -> tuple[float, dict | None]:
 
 
 def _llama_spec(f: ConfigFields) -> ModelSpec:
+    """Llama, Mistral, Qwen2, Qwen3 and Phi-3: the RMSNorm / RoPE / SwiGLU layer."""
     model_type = f.model_type
+    defaults = _DEFAULTS.get(model_type, {})
     hidden = f.integer("hidden_size", required=True)
     heads = f.integer("num_attention_heads", required=True)
     kv_heads = f.integer("num_key_value_heads", heads)
-    head_dim = f.integer("head_dim", None)
+    head_dim = f.integer("head_dim", defaults.get("head_dim"))
     if head_dim is None:
         f.require(hidden % heads == 0, f"num_attention_heads {heads} does not divide hidden_size {hidden} "
                   "(and there is no head_dim)")
@@ -180,31 +202,84 @@ def _llama_spec(f: ConfigFields) -> ModelSpec:
     f.require(heads % kv_heads == 0, f"num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}")
     f.require(head_dim % 2 == 0, f"the head dimension {head_dim} is odd; rotary embeddings need an even one")
     theta, scaling = _rope_parameters(f)
+    partial = _partial_rotary_factor(f, head_dim) if model_type == "phi3" else 1.0
     act = f.text("hidden_act", "silu")
     if act != "silu":
         raise UserError(f"{f.where}: hidden_act {act!r} is not supported for {model_type}; supported: silu")
     attention_bias = f.flag("attention_bias", False)
-    sliding = f.integer("sliding_window", None) if model_type in ("mistral", "qwen2") else None
-    if model_type == "qwen2" and not f.flag("use_sliding_window", False):
-        sliding = None
+    if model_type == "qwen2":  # q/k/v biases always, o_proj none
+        attention_bias, o_bias = True, False
+    elif model_type == "phi3":  # transformers' Phi-3 has no biases, whatever the config says
+        attention_bias = o_bias = False
+    else:
+        o_bias = attention_bias
     return ModelSpec(
         **_common(f),
-        family="llama",
+        family=SUPPORTED[model_type],
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         intermediate_size=f.integer("intermediate_size", required=True),
-        norm_eps=f.number("rms_norm_eps", 1e-6),
+        norm_eps=f.number("rms_norm_eps", defaults.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=f.flag("tie_word_embeddings", False),
-        attention_bias=model_type == "qwen2" or attention_bias,  # Qwen2 always has q/k/v biases
-        o_bias=attention_bias and model_type != "qwen2",
-        mlp_bias=f.flag("mlp_bias", False),
+        attention_bias=attention_bias,
+        o_bias=o_bias,
+        mlp_bias=f.flag("mlp_bias", False) if model_type in ("llama", "mistral", "qwen2") else False,
         rope_theta=theta,
         rope_scaling=scaling,
-        sliding_window=sliding,
+        partial_rotary_factor=partial,
+        sliding_window=_sliding_window(f),
         activation="silu",
     )
+
+
+def _sliding_window(f: ConfigFields) -> int | None:
+    """The attention window of every layer, or None. The engine masks all layers alike, so a
+    Qwen3 config whose layer_types mix sliding and full layers is refused."""
+    model_type = f.model_type
+    if model_type in ("mistral", "phi3"):  # one window for every layer when set
+        return f.integer("sliding_window", None)
+    if model_type not in ("qwen2", "qwen3"):
+        return None
+    window = f.integer("sliding_window", None)
+    if not f.flag("use_sliding_window", False) or window is None:
+        return None
+    if model_type == "qwen2":
+        return window
+    # Qwen3, as its transformers config: layer_types, else layers from max_window_layers on slide.
+    num_layers = f.integer("num_hidden_layers", required=True)
+    kinds = f.config.get("layer_types")
+    if kinds is None:
+        first = f.integer("max_window_layers", 28, minimum=0)
+        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    allowed = ("full_attention", "sliding_attention")
+    if not isinstance(kinds, list) or len(kinds) != num_layers or any(k not in allowed for k in kinds):
+        raise f.bad("layer_types", kinds, f"a list of {num_layers} entries (num_hidden_layers), each "
+                                           f"{' or '.join(repr(k) for k in allowed)}")
+    if len(set(kinds)) > 1:
+        raise UserError(
+            f"{f.where}: use_sliding_window with layers of both kinds (layer_types / max_window_layers: "
+            f"{kinds.count('sliding_attention')} sliding, {kinds.count('full_attention')} full) is not "
+            "supported (every layer here attends alike); set use_sliding_window to false if every prompt "
+            "with its output fits in sliding_window tokens, where the two kinds attend alike"
+        )
+    return window if kinds[0] == "sliding_attention" else None
+
+
+def _partial_rotary_factor(f: ConfigFields, head_dim: int) -> float:
+    """Phi-3's share of each head that RoPE rotates: in the rope settings (transformers 5, where
+    they win; a rope_scaling replaces rope_parameters) or at the top level (4.x)."""
+    rope = f.object("rope_scaling") or f.object("rope_parameters") or {}
+    factor = rope.get("partial_rotary_factor", f.config.get("partial_rotary_factor"))
+    if factor is None:
+        return 1.0
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise f.bad("partial_rotary_factor", factor, "a number in (0, 1]")
+    rotary = int(head_dim * factor)
+    f.require(rotary >= 2 and rotary % 2 == 0, f"partial_rotary_factor {factor} rotates {rotary} of the head's "
+              f"{head_dim} dims; rotary embeddings need an even number, at least 2")
+    return float(factor)
 
 
 def _opt_spec(f: ConfigFields) -> ModelSpec:

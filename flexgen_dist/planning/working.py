@@ -132,7 +132,7 @@ def _workspace_bytes(p: Placement, dims: Dims, compute: int) -> int:
     the gathered rows of the step's tokens (fp32 when dequantized), the hidden state they become,
     and OPT's positions and their sum. Checked against the resident set of one layer's prefill."""
     gbs, prompt, seq = p.policy.gpu_batch_size, p.workload.prompt_len, p.workload.seq_len
-    rope = 2 * dims.q_dim if p.spec.family == "llama" else 0  # OPT's positions are added to the embedding
+    rope = 2 * dims.q_dim if p.spec.family != "opt" else 0  # OPT's positions are added to the embedding
     attention = gbs * prompt * (2 * dims.hidden + 3 * dims.q_dim + rope + 3 * dims.kv_dim) * compute
     attention += gbs * max(dims.num_heads, 1) * min(prompt, ATTENTION_QUERY_CHUNK) * seq * 4
     mlp = gbs * prompt * (2 * dims.hidden + dims.q_dim + 4 * dims.intermediate) * compute
