@@ -6,7 +6,7 @@ import torch
 
 from ..planning.spec import ModelSpec
 from . import llama, opt, phi3, qwen3
-from .decoder import KVView, LayerMath, Step, decoder_layer
+from .decoder import KVView, LayerMath, Step, decoder_layer, prefill_rows_layer
 
 _FAMILIES = {
     "llama": llama.LlamaMath,
@@ -20,4 +20,4 @@ def make_math(spec: ModelSpec, device: torch.device) -> LayerMath:
     return _FAMILIES[spec.family](spec, device)
 
 
-__all__ = ["KVView", "LayerMath", "Step", "decoder_layer", "make_math"]
+__all__ = ["KVView", "LayerMath", "Step", "decoder_layer", "make_math", "prefill_rows_layer"]
