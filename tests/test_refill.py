@@ -26,6 +26,8 @@ POLICIES = {
     "cache-on-disk": dict(_ON_DEVICE, gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=50,
                           cache_gpu_percent=0, cache_cpu_percent=30, act_gpu_percent=0, act_cpu_percent=100),
     "one-batch-of-3": dict(_ON_DEVICE, gpu_batch_size=3, num_gpu_batches=1),
+    # the new prompts' hidden state waits between layers in a file beside the batch's
+    "activations-on-disk": dict(_ON_DEVICE, gpu_batch_size=2, num_gpu_batches=2, act_gpu_percent=0),
 }
 LENGTHS = (3, 17, 8, 12, 5, 20, 9, 6, 14, 4)
 LIMITS = (1, 12, 3, 7, 12, 2, 9, 5, 11, 4)  # the 20-token prompt stops at 2: its slots are reused

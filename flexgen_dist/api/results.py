@@ -49,8 +49,9 @@ class Stats:
 
     @property
     def row_utilization(self) -> float:
-        """Generated tokens over the row-steps computed (1.0: no row idle; a block runs until its
-        longest row ends, and a row that stopped early keeps its slot); nan if unknown."""
+        """Generated tokens over the row-steps computed (1.0: no row idle; a row whose sequence
+        ended idles unless a waiting prompt takes it, and under --no-refill until its block's
+        longest row ends); nan if unknown."""
         return self.generated_tokens / self.row_steps if self.row_steps else float("nan")
 
     def summary(self) -> str:

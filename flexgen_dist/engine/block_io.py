@@ -105,12 +105,18 @@ class BlockIO:
             pair = [self._cache_tensor(state, place, which, tier, shape) for which, tier in (("k", place.k_tier), ("v", place.v_tier))]
             state.caches[key] = KVCache(pair[0], pair[1], place)
         for act in p.acts:
-            file = None
-            if act.tier is Tier.DISK:
-                path = state.scratch_dir / f"act_batch{act.batch_idx}.bin"
-                file = DiskTensor(path, (block.prompt_len, p.policy.gpu_batch_size, self.spec.hidden_size), self.dtype, self.reader)
-            state.acts[act.batch_idx] = ActivationHome(act.tier, self.device, self.dtype, file)
+            state.acts[act.batch_idx] = self._act_home(state, act.batch_idx)
         return state
+
+    def _act_home(self, state: BlockState, batch_idx: int, prefix: str = "") -> ActivationHome:
+        """Where a GPU batch's hidden state waits between layers, on the placement's tier for it."""
+        act = next(a for a in self.placement.acts if a.batch_idx == batch_idx)
+        file = None
+        if act.tier is Tier.DISK:
+            path = state.scratch_dir / f"{prefix}act_batch{batch_idx}.bin"
+            shape = (state.block.prompt_len, self.placement.policy.gpu_batch_size, self.spec.hidden_size)
+            file = DiskTensor(path, shape, self.dtype, self.reader)
+        return ActivationHome(act.tier, self.device, self.dtype, file)
 
     def _scratch_folder(self) -> Path:
         """A block's folder for its disk KV cache and activations: private (0o700), named as a
@@ -231,7 +237,22 @@ class BlockIO:
 
     # --- activations -----------------------------------------------------------------------------
     def store_act(self, state: BlockState, batch_idx: int) -> None:
+        """A batch's hidden state to its home between two layers; in a step where new prompts took
+        some of its rows (refill.py) theirs too, to a home on the same tier: the two together are
+        at most the prefill's (the planned size) and one token per row."""
         state.acts[batch_idx].store(state.hidden.pop(batch_idx))
+        if batch_idx in state.refill_hidden:
+            if batch_idx not in state.refill_acts:
+                state.refill_acts[batch_idx] = self._act_home(state, batch_idx, "refill_")
+            x = state.refill_hidden.pop(batch_idx)  # (R, L, C); a file holds (L, gpu batch, C)
+            home, rows = state.refill_acts[batch_idx], x.shape[0]
+            if home.file is not None:
+                x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.placement.policy.gpu_batch_size - rows))
+            home.store(x)
+            state.refill_waiting[batch_idx] = rows
 
     def load_act(self, state: BlockState, batch_idx: int) -> None:
         state.hidden[batch_idx] = state.acts[batch_idx].load()
+        if batch_idx in state.refill_waiting:
+            rows = state.refill_waiting.pop(batch_idx)
+            state.refill_hidden[batch_idx] = state.refill_acts[batch_idx].load()[:rows]

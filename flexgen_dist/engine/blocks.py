@@ -113,6 +113,8 @@ class BlockState:
     matchers: list[StopMatcher | None] = field(default_factory=list)  # row -> its stop-string matcher
     steps_run: int = 0  # token steps whose tokens were recorded: every row computed in each
     refill_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> new prompts' hidden state (refill.py)
+    refill_acts: dict[int, ActivationHome] = field(default_factory=dict)  # batch -> where that waits between layers
+    refill_waiting: dict[int, int] = field(default_factory=dict)  # batch -> rows of new prompts whose hidden state is in its home
 
     @classmethod
     def start(cls, block: Block, gpu_batch_size: int) -> "BlockState":
