@@ -27,7 +27,7 @@ NEW_TOKENS = 6
 CHILD = r"""
 import json, os, pathlib, signal, sys
 from flexgen_dist import run
-from flexgen_dist.engine import blocks
+from flexgen_dist.engine import blocks, refill
 from flexgen_dist.jobs import run as job; from flexgen_dist.cli import progress; from flexgen_dist.jobs import resume
 
 point, argv = sys.argv[1], json.loads(sys.argv[2])
@@ -36,12 +36,12 @@ def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 if point == "first_block":  # the third token of this run's first block: nothing saved by it
-    record = blocks.BlockState.record_tokens
-    def record_then_die(self, token_idx, batch_idx, ids):
-        record(self, token_idx, batch_idx, ids)
-        if token_idx == 2:
-            die()
-    blocks.BlockState.record_tokens = record_then_die
+    for state in (blocks.BlockState, refill.RefillState):  # a block with rows refilled, or not
+        def record_then_die(self, token_idx, batch_idx, ids, record=state.record_tokens):
+            record(self, token_idx, batch_idx, ids)
+            if token_idx == 2:
+                die()
+        state.record_tokens = record_then_die
 elif point == "after_block":  # the first block's lines are written and fsynced
     append = resume.ResumeLog.append
     def append_then_die(self, rows):

@@ -114,6 +114,7 @@ class BlockState:
     steps_run: int = 0  # token steps whose tokens were recorded: every row computed in each
     refill_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> new prompts' hidden state (refill.py)
     refill_acts: dict[int, ActivationHome] = field(default_factory=dict)  # batch -> where that waits between layers
+    refill_incoming: dict[int, Incoming] = field(default_factory=dict)  # batch -> new prompts' input from the previous stage
     refill_waiting: dict[int, int] = field(default_factory=dict)  # batch -> rows of new prompts whose hidden state is in its home
 
     @classmethod
@@ -149,6 +150,14 @@ class BlockState:
     def refill_rows(self, token_idx: int, batch_idx: int):
         """Rows of the batch whose new prompts run their prefill at this step (refill.py); none here."""
         return None
+
+    def may_run(self, token_idx: int) -> bool:
+        """Whether the block has a step `token_idx` (a refilled block runs while prompts wait)."""
+        return token_idx < self.block.max_new_tokens
+
+    def sampled(self, token_idx: int, batch_idx: int) -> torch.Tensor:
+        """The ids one GPU batch sampled at a step (the last rank sends them to the first)."""
+        return self.tokens[self.rows(batch_idx), token_idx].clone()
 
     def past_slots(self, token_idx: int) -> slice:
         """The cache slots a decode step reads besides its own (what a load brings into scratch)."""
@@ -190,8 +199,9 @@ class BlockState:
         """Sampled ids (B,) of a batch; a stopped row keeps emitting 0, which the result drops.
         Each running row then stops at a stop id, a stop string or its own limit."""
         rows = self.rows(batch_idx)
-        self.steps_run = max(self.steps_run, token_idx + 1)
         done = self.done[rows]
+        if not bool(done.all()):  # a dead task's (empty) tokens are not a step the block ran
+            self.steps_run = max(self.steps_run, token_idx + 1)
         ids = ids.to(done.device)
         ids = torch.where(done, torch.zeros_like(ids), ids)
         self.tokens[rows, token_idx] = ids

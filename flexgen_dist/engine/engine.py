@@ -66,7 +66,8 @@ class _Walk:
     sends: list[SendHandle] = field(default_factory=list)  # not yet completed
     dead_from: dict[int, int] = field(default_factory=dict)  # block -> its first task with every row stopped
     phase_s: list[float] = field(default_factory=lambda: [0.0, 0.0])  # prefill, decode
-    lender: Lender | None = None  # with refill: the prompts waiting for a row of the one open block
+    lender: Lender | None = None  # with refill: the prompts waiting for a row of the open blocks
+    lanes: list[int] = field(default_factory=list)  # with refill: the open blocks (one per lane) still running
     row_steps: int = 0
 
     def is_dead(self, block_idx: int, token_idx: int) -> bool:
@@ -116,8 +117,7 @@ class Engine:
         limit, their shape); default: the engine's own. The engine only checks that the blocks
         fit it: it never plans.
         refill: a row whose sequence finished takes the next waiting prompt (refill.py): the first
-        block stays open while the others lend it their prompts. One rank only for now (a
-        pipeline runs its blocks as given)."""
+        block of each pipeline lane stays open while the others lend them their prompts."""
         placement = placement or self.placement
         policy = placement.policy
         self._check_fit(blocks, placement)
@@ -135,9 +135,11 @@ class Engine:
         tasks = lane_tasks([block.max_new_tokens for block in blocks], self.num_ranks)
         finite = FiniteWatch(stage.layers, self.device, self._describe, self.placement.dtypes.compute)
         walk = _Walk(blocks, tasks, stage, sampler, finite, on_block_done)
-        if refill and self.num_ranks == 1 and len(blocks) > 1 and not any(block.score for block in blocks):
-            walk.lender = Lender(blocks, on_block_done)
-            walk.blocks = [walk.lender.first_block()]
+        lanes = min(self.num_ranks, len(blocks))
+        if refill and len(blocks) > lanes and not any(block.score for block in blocks):
+            walk.lender = Lender(blocks, lanes, on_block_done)
+            walk.blocks = [walk.lender.open_block(lane) for lane in range(lanes)]
+            walk.lanes = list(range(lanes))
         try:
             plan = self._refill_plan(walk, 0) if walk.lender else ops.rank_schedule(tasks, stage, self.config.prefetch_depth)
             while plan:
@@ -153,10 +155,15 @@ class Engine:
         return RunResult([results.get(b, BlockResult([])) for b in range(len(blocks))], *walk.phase_s, walk.row_steps)
 
     def _refill_plan(self, walk: _Walk, first_token: int) -> list:
-        """The next steps of the one block of a refill run: as many as its longest limit (the ops of
-        an open-ended block are made a stretch at a time; it closes once every row is idle)."""
-        steps = max(walk.blocks[0].max_new_tokens, 16)
-        tasks = [LaneTask(0, token_idx) for token_idx in range(first_token, first_token + steps)]
+        """The next steps of the open blocks of a refill run, one per lane, the lanes taking turns:
+        as many steps as the longest limit (the ops of open-ended blocks are made a stretch at a
+        time; a block closes once every row is idle). Every rank makes the same stretch: a block
+        leaves once some task of the last stretch ran dead, which every rank knows by its end."""
+        # One rank closes a block as soon as its rows are idle; a pipeline only at a stretch's end
+        # (it runs the rest of the stretch dead: messages, no compute), so its stretches are short.
+        steps = max(max(walk.blocks[b].max_new_tokens for b in walk.lanes), 16) if self.num_ranks == 1 else 16
+        tasks = [LaneTask(b, token_idx, lane) for token_idx in range(first_token, first_token + steps)
+                 for lane, b in enumerate(walk.lanes)]
         plan = ops.rank_schedule(tasks, walk.stage, self.config.prefetch_depth)
         return [op for op in plan if not isinstance(op, ops.CloseBlock)
                 and not (first_token > 0 and isinstance(op, ops.OpenBlock))]
@@ -186,6 +193,7 @@ class Engine:
                     self._drop_loads(walk)
                     self._close_block(walk, op.block_idx)
                     if walk.lender:
+                        walk.lanes.remove(op.block_idx)
                         return []
                     remaining = remaining_tasks(walk.tasks, {op.block_idx}, current)
                     return ops.rank_schedule(remaining, walk.stage, self.config.prefetch_depth)
@@ -195,11 +203,13 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             walk.phase_s[current[1] > 0] += time.perf_counter() - started
-        if walk.lender and walk.states:  # the refill block's stretch of steps ran out before its rows did
-            if bool(walk.states[0].done.all()):
-                self._close_block(walk, 0)
-                return []
-            return self._refill_plan(walk, current[1] + 1)
+        if walk.lender and walk.lanes:  # the open blocks' stretch of steps ran out before their rows did
+            for b in list(walk.lanes):
+                ended = walk.is_dead(b, current[1]) if self.num_ranks > 1 else bool(walk.states[b].done.all())
+                if ended:
+                    self._close_block(walk, b)
+                    walk.lanes.remove(b)
+            return self._refill_plan(walk, current[1] + 1) if walk.lanes else []
         return []
 
     def _tear_down(self, walk: _Walk, failed: bool) -> None:
@@ -255,7 +265,7 @@ class Engine:
             if loaded is not None:
                 self.weights.release(loaded)
         elif isinstance(op, ops.OpenBlock):
-            start = RefillState.open(walk.lender) if walk.lender else BlockState.start
+            start = RefillState.open(walk.lender, op.block_idx) if walk.lender else BlockState.start
             walk.states[op.block_idx] = self.block_io.open(walk.blocks[op.block_idx], start)
         elif isinstance(op, ops.CloseBlock):
             self._close_block(walk, op.block_idx)
@@ -295,6 +305,8 @@ class Engine:
         if batch_idx in state.incoming:  # this stage's input, from the previous stage
             with span(f"recv activation wait {label}", "recv"):
                 state.hidden[batch_idx] = state.incoming.pop(batch_idx).result()  # on the device (messages.py)
+                if batch_idx in state.refill_incoming:  # and that of prompts starting in some rows
+                    state.refill_hidden[batch_idx] = state.refill_incoming.pop(batch_idx).result()
         with span(f"wait load {label}", "wait"):
             loaded: LoadedWeights = walk.weight_loads[ops.LoadWeight(op.block_idx, op.token_idx, op.layer_idx)].result()
             past = walk.cache_loads.pop(ops.LoadCache(op.block_idx, op.token_idx, op.layer_idx, batch_idx), None)

@@ -7,6 +7,10 @@ activations (`SendControl`), which passes it on. The remaining tasks of a dead b
 and receive their (empty) messages, so no rank ever waits for one that will not come, but they
 load and compute nothing.
 
+With refill (engine/refill.py) the control message also names the rows that start a new prompt
+at the task (the ranks between the first and the last learn it only so), and a batch whose rows
+start prompts sends their hidden state as a second message after its own.
+
 Every tensor that arrives from a peer crosses to where the engine uses it here, in `_Arriving`,
 and nowhere else: hidden states to the compute device in the compute dtype, token ids and
 control flags to the host, where the block's token state lives. Under NCCL they arrive on the
@@ -54,21 +58,34 @@ class Messages:
                 hidden = torch.zeros(self._activation_shape(state, op.token_idx), dtype=self.dtype)
             with span(f"send activation batch {op.batch_idx} {label} to rank {op.dst}", "send"):
                 walk.sends.append(self.comm.send(hidden, op.dst, ACTIVATIONS))
+                started = state.refill_hidden.pop(op.batch_idx, None)
+                if started is not None:
+                    walk.sends.append(self.comm.send(started, op.dst, ACTIVATIONS))
         elif isinstance(op, ops.RecvActivation):
             with span(f"recv activation batch {op.batch_idx} {label} from rank {op.src}", "recv"):
                 shape = self._activation_shape(state, op.token_idx)
                 state.incoming[op.batch_idx] = self._recv(shape, self.dtype, op.src, ACTIVATIONS, self.device)
+                started = state.refill_shape(op.token_idx, op.batch_idx, self.hidden_size) \
+                    if walk.lender and not walk.is_dead(op.block_idx, op.token_idx) else None
+                if started is not None:
+                    state.refill_incoming[op.batch_idx] = self._recv(started, self.dtype, op.src, ACTIVATIONS, self.device)
         elif isinstance(op, ops.SendControl):
-            live = torch.tensor([0 if walk.is_dead(op.block_idx, op.token_idx) else 1], dtype=torch.long)
+            live = [0 if walk.is_dead(op.block_idx, op.token_idx) else 1]
+            if walk.lender:  # and which rows start a new prompt now
+                starts = set(state.starts_at(op.token_idx))
+                live += [int(row in starts) for row in range(state.valid.shape[0])]
             with span(f"send control {label} to rank {op.dst}", "send"):
-                walk.sends.append(self.comm.send(live, op.dst, CONTROL))
+                walk.sends.append(self.comm.send(torch.tensor(live, dtype=torch.long), op.dst, CONTROL))
         elif isinstance(op, ops.RecvControl):
+            size = 1 + (state.valid.shape[0] if walk.lender else 0)
             with span(f"recv control {label} from rank {op.src}", "recv"):
-                live = int(self._recv((1,), torch.long, op.src, CONTROL, HOST).result()[0])
-            if not live:
+                control = self._recv((size,), torch.long, op.src, CONTROL, HOST).result().tolist()
+            if not control[0]:
                 walk.mark_dead(op.block_idx, op.token_idx)
+            elif walk.lender and not walk.stage.is_last:  # the last rank decided the same itself
+                state.start_rows(op.token_idx, [row for row, flag in enumerate(control[1:]) if flag])
         elif isinstance(op, ops.SendTokens):
-            ids = state.tokens[state.rows(op.batch_idx), op.token_idx].clone()
+            ids = state.sampled(op.token_idx, op.batch_idx)
             with span(f"send tokens batch {op.batch_idx} {label} to rank {op.dst}", "send"):
                 walk.sends.append(self.comm.send(ids, op.dst, TOKENS))
         elif isinstance(op, ops.RecvTokens):
@@ -76,7 +93,7 @@ class Messages:
                 ids = self._recv((self.gpu_batch_size,), torch.long, op.src, TOKENS, HOST).result()
             state.record_tokens(op.token_idx, op.batch_idx, ids)
             last_batch = op.batch_idx == walk.stage.num_batches - 1
-            if last_batch and op.token_idx + 1 < state.block.max_new_tokens and bool(state.done.all()):
+            if last_batch and state.may_run(op.token_idx + 1) and bool(state.done.all()):
                 walk.mark_dead(op.block_idx, op.token_idx + 1)  # every row stopped: the rest of the block ends
         else:
             return False

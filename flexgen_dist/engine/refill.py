@@ -56,24 +56,26 @@ class RefillRows:
 
 
 class Lender:
-    """The prompts of the blocks after the first, waiting for a row, and the results of every
-    block, delivered (`on_block_done(block_idx, result)`) when its last sequence finishes."""
+    """The prompts of the blocks after the first `lanes` (the blocks that stay open: one per
+    pipeline lane), waiting for a row, and the results of every block, delivered
+    (`on_block_done(block_idx, result)`) when its last sequence finishes."""
 
-    def __init__(self, blocks: list[Block], on_block_done: Callable[[int, BlockResult], None] | None):
+    def __init__(self, blocks: list[Block], lanes: int, on_block_done: Callable[[int, BlockResult], None] | None):
         self.blocks = blocks
+        self.lanes = lanes
         self.on_block_done = on_block_done
         self.waiting: deque[Waiting] = deque(
             Waiting((b, row), seq_id, block.input_ids[row][block.prompt_mask[row]], block.rules[row])
-            for b, block in enumerate(blocks) if b > 0
+            for b, block in enumerate(blocks) if b >= lanes
             for row, seq_id in enumerate(block.seq_ids) if seq_id >= 0)
         self.tokens = [[[] for _ in block.seq_ids] for block in blocks]
         self.finish = [[FINISH_LENGTH] * len(block.seq_ids) for block in blocks]
         self.left = [sum(seq_id >= 0 for seq_id in block.seq_ids) for block in blocks]
         self.results: dict[int, BlockResult] = {}
 
-    def first_block(self) -> Block:
-        """The first block, as wide as the widest prompt and as long as the longest limit."""
-        first = self.blocks[0]
+    def open_block(self, lane: int) -> Block:
+        """Block `lane`, as wide as the widest prompt and as long as the longest limit."""
+        first = self.blocks[lane]
         width = max(block.prompt_len for block in self.blocks)
         steps = max(block.max_new_tokens for block in self.blocks)
         pad = width - first.prompt_len
@@ -93,7 +95,12 @@ class Lender:
 
 @dataclass
 class RefillState(BlockState):
-    """A block's state whose rows take new prompts (`Lender.first_block` is its block)."""
+    """A block's state whose rows take new prompts (`Lender.open_block` made its block).
+
+    In a pipeline the first rank (which records every sampled token) and the last (which samples
+    them) decide alike which rows end and which waiting prompt each takes; the ranks between learn
+    which rows start a prompt from the control message before each task (`start_rows`), and take
+    the same prompts from their own copy of the queue."""
 
     lender: Lender | None = None
     origin: list[tuple[int, int] | None] = field(default_factory=list)  # row -> (block, row) of its sequence
@@ -105,15 +112,15 @@ class RefillState(BlockState):
     refills: dict[tuple[int, int], RefillRows] = field(default_factory=dict)  # (step, batch) -> its new prompts
 
     @classmethod
-    def open(cls, lender: Lender) -> Callable[[Block, int], "RefillState"]:
-        """A `start(block, gpu_batch_size)` for BlockIO.open."""
+    def open(cls, lender: Lender, lane: int) -> Callable[[Block, int], "RefillState"]:
+        """A `start(block, gpu_batch_size)` for BlockIO.open of lane `lane`'s block."""
         def start(block: Block, gpu_batch_size: int) -> RefillState:
             base = BlockState.start(block, gpu_batch_size)
             rows, width = block.input_ids.shape
             base.valid[:, width:] = False  # a slot is valid once a token of the row's sequence is in it
             fields = {name: getattr(base, name) for name in BlockState.__dataclass_fields__}
             return cls(**fields, lender=lender,
-                       origin=[(0, row) if seq_id >= 0 else None for row, seq_id in enumerate(block.seq_ids)],
+                       origin=[(lane, row) if seq_id >= 0 else None for row, seq_id in enumerate(block.seq_ids)],
                        rules_now=list(block.rules), generated=[[] for _ in range(rows)],
                        last=torch.zeros(rows, dtype=torch.long), next_pos=block.prompt_mask.sum(dim=1))
         return start
@@ -175,7 +182,7 @@ class RefillState(BlockState):
                        sliding_window: int | None) -> None:
         """The prefill inputs of the prompts that take `rows` (block rows) at this step: their
         slots are the L ending at this step's, L their longest prompt."""
-        prompts = [self.starting.pop(row)[1] for row in rows.tolist()]
+        prompts = [self.starting[row][1] for row in rows.tolist()]
         length = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), length, dtype=torch.long)
         real = torch.zeros(len(prompts), length, dtype=torch.bool)
@@ -196,6 +203,27 @@ class RefillState(BlockState):
         step = Step(positions=positions.to(device), mask=mask.to(device), slots=slice(0, length))
         self.refills[key] = RefillRows(rows=rows - key[1] * self.gpu_batch_size, slots=slots, ids=ids, step=step)
 
+    def starts_at(self, token_idx: int) -> list[int]:
+        """Rows that start a new prompt at this step."""
+        return [row for row, (at, _) in sorted(self.starting.items()) if at == token_idx]
+
+    def start_rows(self, token_idx: int, rows: list[int]) -> None:
+        """A rank that does not record tokens: these rows start the next waiting prompts now."""
+        for row in rows:
+            self._take(row, token_idx)
+
+    def refill_shape(self, token_idx: int, batch_idx: int, hidden_size: int) -> tuple[int, int, int] | None:
+        """(R, L, C) of the new prompts' hidden state of one GPU batch at this step, if any."""
+        batch = self.rows(batch_idx)
+        lengths = [len(self.starting[row][1]) for row in self.starts_at(token_idx) if batch.start <= row < batch.stop]
+        return (len(lengths), max(lengths), hidden_size) if lengths else None
+
+    def may_run(self, token_idx: int) -> bool:
+        return True  # as long as prompts wait or rows run
+
+    def sampled(self, token_idx: int, batch_idx: int) -> torch.Tensor:
+        return self.last[self.rows(batch_idx)].clone()
+
     def forget_step(self, token_idx: int, batch_idx: int) -> None:
         super().forget_step(token_idx, batch_idx)
         self.refills.pop((token_idx, batch_idx), None)
@@ -209,7 +237,8 @@ class RefillState(BlockState):
         """Each running row's token; a row whose sequence ends hands its result to the lender and
         takes the next waiting prompt, whose prefill runs at the next step."""
         rows = self.rows(batch_idx)
-        self.steps_run = max(self.steps_run, token_idx + 1)
+        if not bool(self.done[rows].all()):  # a dead task's (empty) tokens are not a step the block ran
+            self.steps_run = max(self.steps_run, token_idx + 1)
         for row, token in zip(range(rows.start, rows.stop), ids.tolist()):
             if self.done[row]:
                 continue
