@@ -61,7 +61,7 @@ def test_missing_model_folder(tmp_path):
 
 def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    assert_user_error(run_cli("--model", tmp_path), "supported: llama, mistral, opt, qwen2")
+    assert_user_error(run_cli("--model", tmp_path), "supported: llama, mistral, opt, phi3, qwen2, qwen3")
 
 
 @pytest.mark.parametrize("percent, fragment", [
