@@ -73,6 +73,13 @@ ARCHS_2026 = (
     "phi3-partial-window",
 )
 
+# Mixtures of experts (tests/test_moe.py), built the same way, kept out of the matrices above too.
+ARCHS_MOE = (
+    "mixtral",
+    "qwen3-moe",
+    "qwen3-moe-dense-unnormed",
+)
+
 # Scales applied after `from_config` (see the module docstring). Found by trying: these give
 # varied continuations that depend on the context (not only on the last token).
 INIT_STD = 0.2
@@ -154,6 +161,20 @@ def tiny_config(arch: str, **config_overrides):
         # RoPE on half of each head (as Phi-4-mini: 0.75), and a window shorter than the test
         # sequences (Phi-3-mini's is 2047).
         model_type, kwargs = "phi3", dict(_LLAMA_LIKE, partial_rotary_factor=0.5, sliding_window=8)
+    elif arch == "mixtral":
+        # 8 experts of width 128 (intermediate_size), each token routed to 2 (Mixtral-8x7B's).
+        model_type, kwargs = "mixtral", dict(_LLAMA_LIKE, num_local_experts=8, num_experts_per_tok=2)
+    elif arch == "qwen3-moe":
+        # 8 experts of width 32, 3 per token, their weights renormalised (Qwen3-30B-A3B's
+        # norm_topk_prob); head_dim 32 of its own, as Qwen3's.
+        model_type, kwargs = "qwen3_moe", dict(_LLAMA_LIKE, head_dim=32, num_experts=8, num_experts_per_tok=3,
+                                               moe_intermediate_size=32, norm_topk_prob=True)
+    elif arch == "qwen3-moe-dense-unnormed":
+        # Three layers, the first a dense MLP of width 128 (mlp_only_layers), the top-2 weights
+        # of 4 experts not renormalised (norm_topk_prob false, transformers' default).
+        model_type, kwargs = "qwen3_moe", dict(_LLAMA_LIKE, num_hidden_layers=3, head_dim=16, num_experts=4,
+                                               num_experts_per_tok=2, moe_intermediate_size=48,
+                                               norm_topk_prob=False, mlp_only_layers=[0])
     elif arch == "opt":
         model_type, kwargs = "opt", dict(_OPT)
     elif arch == "opt350m":
@@ -161,7 +182,7 @@ def tiny_config(arch: str, **config_overrides):
         model_type, kwargs = "opt", dict(_OPT, do_layer_norm_before=False, word_embed_proj_dim=32,
                                   init_std=OPT350M_INIT_STD)
     else:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ARCHS + ARCHS_2026}")
+        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ARCHS + ARCHS_2026 + ARCHS_MOE}")
     kwargs.update(config_overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -243,7 +264,7 @@ def make_tiny_model(arch: str, path, *, seed: int = 0, make_sharded: bool = Fals
     path = pathlib.Path(path)
     config = tiny_config(arch, **config_overrides)
     # Each arch draws its own weights: llama and mistral would otherwise be the same model.
-    arch_seed = seed * 1000 + (ARCHS + ARCHS_2026).index(arch)
+    arch_seed = seed * 1000 + (ARCHS + ARCHS_2026 + ARCHS_MOE).index(arch)
     torch.manual_seed(arch_seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _sharpen(model, config, arch_seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..planning.spec import ModelSpec
-from . import llama, opt, phi3, qwen3
+from . import llama, moe, opt, phi3, qwen3
 from .decoder import KVView, LayerMath, Step, decoder_layer, prefill_rows_layer
 
 _FAMILIES = {
@@ -13,6 +13,8 @@ _FAMILIES = {
     "qwen3": qwen3.Qwen3Math,
     "phi3": phi3.Phi3Math,
     "opt": opt.OptMath,
+    "mixtral": moe.MixtralMath,
+    "qwen3_moe": moe.Qwen3MoeMath,
 }
 
 

@@ -1,7 +1,8 @@
 """Llama, Mistral and Qwen2: RMSNorm, RoPE (default, linear, llama3), SwiGLU, grouped-query attention.
 
 Qwen3 (model/qwen3.py) and Phi-3 (model/phi3.py) are this layer with other projections or
-norms: they override `project_qkv`, `norm_qk` or `gate_up`."""
+norms: they override `project_qkv`, `norm_qk` or `gate_up`; the mixtures of experts
+(model/moe.py: Mixtral, Qwen3-MoE) override `mlp`."""
 
 from __future__ import annotations
 
@@ -52,8 +53,13 @@ class LlamaMath:
         s = self.spec
         x = x + linear(a, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
         h = rms_norm(x, w["post_attention_layernorm.weight"], s.norm_eps)
+        return x + self.mlp(w, h)
+
+    def mlp(self, w, h: torch.Tensor) -> torch.Tensor:
+        """The normed input (B, T, C) -> the MLP's output (B, T, C): SwiGLU (model/moe.py routes
+        each token to experts instead)."""
         gate, up = self.gate_up(w, h)  # (B, T, I) each
-        return x + linear(F.silu(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
+        return linear(F.silu(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
 
     def gate_up(self, w, h: torch.Tensor):
         """The normed input (B, T, C) -> the MLP's gate and up projections, (B, T, I) each."""

@@ -5,6 +5,12 @@ A model is a list of units, each loaded and computed as one: the input embedding
 names inside a unit mirror the checkpoint's module names, so loading is a copy; the model math
 (model/llama.py, qwen3.py, phi3.py, opt.py) reads them by those names (Phi-3's fused qkv_proj and
 gate_up_proj too: they are split after the matmul, not in the checkpoint).
+
+A mixture of experts (model/moe.py) has one name for its router and experts in both families,
+transformers' module names (`mlp.gate.weight`, `mlp.experts.{e}.gate_proj.weight`, `up_proj`,
+`down_proj`), read from the checkpoint's own keys (Mixtral's `block_sparse_moe.gate`,
+`block_sparse_moe.experts.{e}.w1` / `w3` / `w2`). Each expert tensor says which expert it is
+(`WeightSpec.expert`); for now a layer's experts are ordinary weights of its unit, loaded with it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class WeightSpec:
     key: str  # the checkpoint key
     shape: tuple[int, ...]
     init: str = "normal"  # for random weights: "normal", "ones" or "zeros"
+    expert: int | None = None  # the expert of a mixture of experts this tensor belongs to (None: shared)
 
     @property
     def numel(self) -> int:
@@ -86,10 +93,14 @@ def _llama_units(spec: ModelSpec) -> list[Unit]:
         w.append(WeightSpec("self_attn.o_proj.weight", prefix + "self_attn.o_proj.weight", (C, q_dim)))
         if spec.o_bias:
             w.append(WeightSpec("self_attn.o_proj.bias", prefix + "self_attn.o_proj.bias", (C,), "zeros"))
-        if spec.family == "qwen3":  # RMSNorm weights of one head, shared by every query (key) head
+        if spec.family in ("qwen3", "qwen3_moe"):  # RMSNorm weights of one head, shared by every query (key) head
             for norm in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
                 w.append(WeightSpec(norm, prefix + norm, (hd,), "ones"))
         w.append(WeightSpec("post_attention_layernorm.weight", prefix + "post_attention_layernorm.weight", (C,), "ones"))
+        if layer in spec.sparse_layers:
+            w.extend(_expert_weights(spec, prefix))
+            blocks.append(Unit(UnitKind.BLOCK, layer + 1, tuple(w)))
+            continue
         for proj, shape in mlp:
             name = f"mlp.{proj}_proj"
             w.append(WeightSpec(name + ".weight", prefix + name + ".weight", shape))
@@ -102,6 +113,27 @@ def _llama_units(spec: ModelSpec) -> list[Unit]:
         WeightSpec(HEAD_PROJECTION, head_key, (V, C)),
     )
     return [embed, *blocks, Unit(UnitKind.HEAD, spec.num_layers + 1, head)]
+
+
+# Checkpoint names of an expert's projections, as the published checkpoints and transformers'
+# save_pretrained write them: (gate, up, down).
+_EXPERT_KEYS = {
+    "mixtral": ("block_sparse_moe.", ("w1", "w3", "w2")),
+    "qwen3_moe": ("mlp.", ("gate_proj", "up_proj", "down_proj")),
+}
+
+
+def _expert_weights(spec: ModelSpec, prefix: str) -> list[WeightSpec]:
+    """A sparse layer's router (num_experts x C) and each expert's SwiGLU projections, expert by
+    expert (model/moe.py reads them by these names)."""
+    C, I, E = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
+    module, keys = _EXPERT_KEYS[spec.family]
+    w = [WeightSpec("mlp.gate.weight", prefix + module + "gate.weight", (E, C))]
+    for e in range(E):
+        for proj, key, shape in zip(("gate_proj", "up_proj", "down_proj"), keys, ((I, C), (I, C), (C, I))):
+            w.append(WeightSpec(f"mlp.experts.{e}.{proj}.weight", f"{prefix}{module}experts.{e}.{key}.weight",
+                                shape, expert=e))
+    return w
 
 
 def opt_has_projection(spec: ModelSpec) -> bool:

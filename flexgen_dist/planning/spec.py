@@ -20,21 +20,30 @@ SUPPORTED = {
     "qwen3": "qwen3",
     "phi3": "phi3",
     "opt": "opt",
+    # mixtures of experts: the Llama (Mixtral) or Qwen3 (Qwen3-MoE) layer with routed SwiGLU experts
+    "mixtral": "mixtral",
+    "qwen3_moe": "qwen3_moe",
 }
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 # transformers' defaults where a model type's config class differs from the Llama-like reads below
 # (a config.json that leaves the field out gets the value transformers would give it).
 _DEFAULTS = {
     "qwen3": dict(head_dim=128, max_position_embeddings=32768),
     "phi3": dict(rms_norm_eps=1e-5, max_position_embeddings=4096),
+    "mixtral": dict(rms_norm_eps=1e-5, max_position_embeddings=4096 * 32, rope_theta=1e6, num_experts=8,
+                    num_experts_per_tok=2),
+    "qwen3_moe": dict(max_position_embeddings=32768, num_experts=128, num_experts_per_tok=8,
+                      moe_intermediate_size=768, intermediate_size=6144, sliding_window=4096),
 }
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str  # as in config.json: llama, mistral, qwen2, qwen3, phi3, opt
+    model_type: str  # as in config.json: llama, mistral, qwen2, qwen3, phi3, opt, mixtral, qwen3_moe
     # "llama" (RMSNorm, RoPE, SwiGLU), "qwen3" (llama + per-head q/k norms), "phi3" (llama with
-    # fused qkv and gate_up projections) or "opt" (LayerNorm, learned positions, ReLU)
+    # fused qkv and gate_up projections), "opt" (LayerNorm, learned positions, ReLU), "mixtral"
+    # (llama with routed experts) or "qwen3_moe" (qwen3 with routed experts)
     family: str
     num_layers: int
     hidden_size: int
@@ -61,6 +70,15 @@ class ModelSpec:
     do_layer_norm_before: bool = True
     position_offset: int = 0
     activation: str = "silu"
+    # Mixtures of experts (mixtral, qwen3_moe; 0 experts: dense). A sparse layer's MLP is a router
+    # (a linear layer to num_experts logits) and num_experts SwiGLU MLPs of width
+    # moe_intermediate_size, of which each token uses the num_experts_per_tok best; the other
+    # layers have the dense MLP of width intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # the top-k routing weights renormalised to sum to 1
+    sparse_layers: tuple[int, ...] = ()  # decoder layers (0-based) whose MLP is the experts
     dtype: str = "float32"  # the checkpoint's dtype
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -82,7 +100,10 @@ class ModelSpec:
         model_type = config.get("model_type")
         if not isinstance(model_type, str) or model_type not in SUPPORTED:
             found = "no 'model_type'" if model_type is None else f"model_type {describe(model_type)}"
-            raise UserError(f"{where} has {found}, which is not supported; supported: {', '.join(sorted(SUPPORTED))}")
+            dense = sorted(t for t in SUPPORTED if SUPPORTED[t] not in MOE_FAMILIES)
+            moe = sorted(t for t in SUPPORTED if SUPPORTED[t] in MOE_FAMILIES)
+            raise UserError(f"{where} has {found}, which is not supported; supported: {', '.join(dense)} and the "
+                            f"mixtures of experts {', '.join(moe)}")
         quantization = config.get("quantization_config")
         if quantization is not None:
             method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
@@ -96,6 +117,16 @@ class ModelSpec:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.sparse_layers)
+
+    @property
+    def mlp_width(self) -> int:
+        """The widest MLP a layer computes on a token: the dense one's, or an expert's."""
+        dense = self.intermediate_size if len(self.sparse_layers) < self.num_layers else 0
+        return max(dense, self.moe_intermediate_size if self.is_moe else 0)
 
     @property
     def rotary_dim(self) -> int:
@@ -174,7 +205,7 @@ def _rope_parameters(f: ConfigFields) -> tuple[float, dict | None]:
             )
     rope = ConfigFields({k: v for d in given.values() for k, v in d.items()},
                         f"{f.where} ({' / '.join(given) or 'rope_parameters'})", f.model_type)
-    theta = rope.number("rope_theta") or f.number("rope_theta", 10000.0)
+    theta = rope.number("rope_theta") or f.number("rope_theta", _DEFAULTS.get(f.model_type, {}).get("rope_theta", 10000.0))
     rope_type = _rope_type(rope.config)
     if rope_type == "default":
         return theta, None
@@ -188,7 +219,7 @@ def _rope_parameters(f: ConfigFields) -> tuple[float, dict | None]:
 
 
 def _llama_spec(f: ConfigFields) -> ModelSpec:
-    """Llama, Mistral, Qwen2, Qwen3 and Phi-3: the RMSNorm / RoPE / SwiGLU layer."""
+    """Llama, Mistral, Qwen2, Qwen3, Phi-3, Mixtral and Qwen3-MoE: the RMSNorm / RoPE / SwiGLU layer."""
     model_type = f.model_type
     defaults = _DEFAULTS.get(model_type, {})
     hidden = f.integer("hidden_size", required=True)
@@ -209,7 +240,7 @@ def _llama_spec(f: ConfigFields) -> ModelSpec:
     attention_bias = f.flag("attention_bias", False)
     if model_type == "qwen2":  # q/k/v biases always, o_proj none
         attention_bias, o_bias = True, False
-    elif model_type == "phi3":  # transformers' Phi-3 has no biases, whatever the config says
+    elif model_type in ("phi3", "mixtral"):  # transformers' have no biases, whatever the config says
         attention_bias = o_bias = False
     else:
         o_bias = attention_bias
@@ -220,7 +251,8 @@ def _llama_spec(f: ConfigFields) -> ModelSpec:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        intermediate_size=f.integer("intermediate_size", required=True),
+        intermediate_size=f.integer("intermediate_size", defaults.get("intermediate_size"),
+                                    required="intermediate_size" not in defaults),
         norm_eps=f.number("rms_norm_eps", defaults.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=f.flag("tie_word_embeddings", False),
         attention_bias=attention_bias,
@@ -231,15 +263,84 @@ def _llama_spec(f: ConfigFields) -> ModelSpec:
         partial_rotary_factor=partial,
         sliding_window=_sliding_window(f),
         activation="silu",
+        **(_moe_fields(f) if model_type in MOE_FAMILIES else {}),
     )
+
+
+# Settings of other mixtures of experts that the transformers classes of mixtral and qwen3_moe do
+# not have: a config.json holding one (other than the value meaning "none") describes a model these
+# layers would compute otherwise than it was trained. key -> (values that mean none, what it is)
+_MOE_UNSUPPORTED = {
+    "shared_expert_intermediate_size": ((0,), "a shared expert (as Qwen2-MoE's)"),
+    "n_shared_experts": ((0,), "shared experts (as DeepSeek's)"),
+    "num_shared_experts": ((0,), "shared experts"),
+    "scoring_func": (("softmax",), "a router scoring function"),
+    "topk_method": (("greedy",), "a top-k routing method"),
+    "routed_scaling_factor": ((1, 1.0), "a scale on the routing weights"),
+    "n_group": ((1,), "grouped routing"),
+    "topk_group": ((1,), "grouped routing"),
+    "moe_layer_freq": ((1,), "a sparse-layer frequency (decoder_sparse_step here)"),
+}
+
+
+def _moe_fields(f: ConfigFields) -> dict:
+    """The experts of Mixtral (every layer sparse, the top-k weights always renormalised) and
+    Qwen3-MoE (layers in mlp_only_layers, or whose index + 1 decoder_sparse_step does not divide,
+    are dense; renormalised when norm_topk_prob), as transformers reads them."""
+    model_type, defaults = f.model_type, _DEFAULTS[f.model_type]
+    for key, (none, what) in _MOE_UNSUPPORTED.items():
+        value = f.config.get(key)
+        if value is not None and value not in none:
+            raise UserError(
+                f"{f.where}: {key!r} is {describe(value)}: {what} is not implemented for {model_type} (nor by "
+                f"transformers' {model_type} model, which would ignore it); use a checkpoint of a supported "
+                "model type, or delete the key if the checkpoint was not trained with it"
+            )
+    num_layers = f.integer("num_hidden_layers", required=True)
+    experts = _expert_count(f, minimum=0 if model_type == "qwen3_moe" else 1)
+    top_k = f.integer("num_experts_per_tok", defaults["num_experts_per_tok"])
+    if model_type == "mixtral":
+        width = f.integer("intermediate_size", required=True)
+        sparse, norm = tuple(range(num_layers)), True
+    else:
+        width = f.integer("moe_intermediate_size", defaults["moe_intermediate_size"])
+        norm = f.flag("norm_topk_prob", False)
+        step = f.integer("decoder_sparse_step", 1)
+        dense = f.config.get("mlp_only_layers")
+        if dense is None:
+            dense = []
+        if not isinstance(dense, list) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in dense):
+            raise f.bad("mlp_only_layers", dense, "a list of decoder layer indices (integers >= 0)")
+        sparse = tuple(i for i in range(num_layers) if experts and i not in dense and (i + 1) % step == 0)
+    if sparse:
+        f.require(top_k <= experts, f"num_experts_per_tok {top_k} is more than the {experts} experts")
+    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=width,
+                norm_topk_prob=norm, sparse_layers=sparse)
+
+
+def _expert_count(f: ConfigFields, minimum: int) -> int:
+    """num_local_experts (Mixtral's name; transformers 5 saves Qwen3-MoE's under it too) or
+    num_experts (Qwen3-MoE's published configs): transformers takes either."""
+    given = {key: f.integer(key, None, minimum=minimum) for key in ("num_local_experts", "num_experts")
+             if f.config.get(key) is not None}
+    if len(set(given.values())) > 1:
+        raise UserError(
+            f"{f.where} has both 'num_local_experts' {given['num_local_experts']} and 'num_experts' "
+            f"{given['num_experts']}, which differ (transformers reads them as one setting); keep the checkpoint's "
+            "number of experts in one of them and delete the other"
+        )
+    return next(iter(given.values()), _DEFAULTS[f.model_type]["num_experts"])
 
 
 def _sliding_window(f: ConfigFields) -> int | None:
     """The attention window of every layer, or None. The engine masks all layers alike, so a
     Qwen3 config whose layer_types mix sliding and full layers is refused."""
     model_type = f.model_type
-    if model_type in ("mistral", "phi3"):  # one window for every layer when set
+    if model_type in ("mistral", "phi3", "mixtral"):  # one window for every layer when set
         return f.integer("sliding_window", None)
+    if model_type == "qwen3_moe":  # every layer slides when use_sliding_window is set
+        window = f.integer("sliding_window", _DEFAULTS[model_type]["sliding_window"])
+        return window if f.flag("use_sliding_window", False) else None
     if model_type not in ("qwen2", "qwen3"):
         return None
     window = f.integer("sliding_window", None)
