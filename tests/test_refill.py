@@ -181,8 +181,10 @@ def test_a_pipeline_refills_its_lanes_with_the_same_tokens(ranks, tiny_models_ca
     path = tmp_path / "job.jsonl"
     path.write_text("".join(json.dumps(dict(id=i, input_ids=p, max_new_tokens=n)) + "\n"
                             for i, (p, n) in enumerate(zip(prompts, limits))))
+    # a quarter of the cache on disk: the first stage ends on a layer whose new prompts' slots are
+    # stored to their tier after the step's inputs are forgotten
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=50, w_cpu_percent=50,
-                    cache_gpu_percent=50, cache_cpu_percent=50)
+                    cache_gpu_percent=50, cache_cpu_percent=25)
     wire, barrier, shared = Wire(), threading.Barrier(ranks), [None] * ranks
     found, stats, errors = {}, {}, []
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..api.generation import RunSettings
 from ..api.llm import LLM
 from ..api.runtime import Runtime
+from ..files import write_atomic
 from ..jobs.inputs import tokenize_job
 from ..jobs.jobfiles import read_job_file
 from ..planning.policy import Policy
@@ -45,8 +46,8 @@ def limits_with_mean(count: int, mean: int, seed: int) -> list[int]:
 
 def run(llm: LLM, prompts: list[list[int]], limits: list[int], folder: Path) -> dict:
     path = folder / f"job-{len(list(folder.iterdir()))}.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "input_ids": p, "max_new_tokens": n}) + "\n"
-                            for i, (p, n) in enumerate(zip(prompts, limits))))
+    write_atomic(path, "".join(json.dumps({"id": i, "input_ids": p, "max_new_tokens": n}) + "\n"
+                               for i, (p, n) in enumerate(zip(prompts, limits))).encode())
     prepared = tokenize_job(read_job_file(path, None), tokenizer=None, spec=llm.spec, max_new_tokens=max(limits),
                             truncate="none", stop=())
     stats = llm.generate_requests(prepared, RunSettings(max_new_tokens=max(limits), ignore_eos=True), lambda items: None)

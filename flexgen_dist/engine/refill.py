@@ -225,8 +225,11 @@ class RefillState(BlockState):
         return self.last[self.rows(batch_idx)].clone()
 
     def forget_step(self, token_idx: int, batch_idx: int) -> None:
+        """The step's inputs are used up; its new prompts' slots are kept one step longer: the
+        store of the stage's last layer, after its compute, still writes them (a pipeline's first
+        stage ends on a layer with a cache)."""
         super().forget_step(token_idx, batch_idx)
-        self.refills.pop((token_idx, batch_idx), None)
+        self.refills.pop((token_idx - 1, batch_idx), None)
 
     def input_ids(self, token_idx: int, batch_idx: int) -> torch.Tensor:
         if token_idx == 0:
