@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> None:
         PLACEMENTS[args.placement])))
     offload = args.offload_dir or tempfile.mkdtemp(prefix="bench-refill-")
     limits = limits_with_mean(args.prompts, args.mean_new, args.seed)
-    rows = []
+    rows, prompts = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for refill in (True, False):
             runtime = Runtime(device="cpu", compute_dtype=args.compute_dtype, refill=refill)
             with LLM(args.model, policy=policy, runtime=runtime, offload_dir=offload) as llm:
-                vocab = llm.spec.vocab_size
-                prompts = [[rng.randrange(10, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(args.prompts)] \
-                    if not rows else prompts
+                if prompts is None:  # the same prompts for every run
+                    vocab = llm.spec.vocab_size
+                    prompts = [[rng.randrange(10, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(args.prompts)]
                 run(llm, prompts[:gbs * ngb], [4] * (gbs * ngb), Path(tmp))  # warm-up
                 if refill:
                     rows.append(("uniform", run(llm, prompts, [args.mean_new] * args.prompts, Path(tmp))))
