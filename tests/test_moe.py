@@ -27,7 +27,7 @@ from flexgen_dist.planning.layout import UnitKind, model_units
 from flexgen_dist.planning.place import plan_placement
 from flexgen_dist.planning.search import SearchOptions, search
 from flexgen_dist.planning.spec import ModelSpec
-from planner_cases import GiB, cpu_machine, gpu_machine, settings
+from planner_cases import GiB, cpu_machine, gpu_machine, place, policy, settings
 from test_placement import EVERY_TIER
 from test_placement import test_planned_bytes_equal_allocated_bytes as planned_bytes_equal_allocated_bytes
 
@@ -178,6 +178,29 @@ def test_planned_bytes_equal_allocated_bytes(request, tiny_models_cache, tmp_pat
     """tests/test_placement.py's check (every weight, cache, activation file and working buffer
     measured on the real tensors and files of a run) on the routers' and experts' tensors."""
     planned_bytes_equal_allocated_bytes(request, tiny_models_cache, tmp_path, monkeypatch, arch, policy)
+
+
+def test_cost_model_prices_the_experts_the_tokens_use():
+    """A sparse layer's matmuls by hand: the dense ones (attention, router) as any GEMM; each
+    expert streams its weights once if some token chose it (in expectation) and takes the rows
+    routed to it, rows x top_k in all, not every row through every expert."""
+    from flexgen_dist.planning.cost_terms import matmul_work
+
+    spec = ModelSpec.from_config(dict(_MINIMAL, model_type="mixtral", num_local_experts=8, num_experts_per_tok=2))
+    hw = gpu_machine()
+    sp = hw.speeds
+    block = next(u for u in model_units(spec) if u.kind is UnitKind.BLOCK)
+    dense = sum(ws.numel for ws in block.weights if len(ws.shape) == 2 and ws.expert is None)
+    per_expert = 3 * 128 * 64
+    assert dense == 2 * 64 * 64 + 2 * 32 * 64 + 8 * 64
+    peak = max(sp.matmul_flops, sp.decode_matmul_flops)
+    fixed = 2 * 32 / sp.decode_matmul_flops - 2 * 32 / peak
+    for gbs, token_idx, rows in ((3, 2, 3), (3, 0, 3 * 16)):  # a decode step, a prefill of 16
+        p = place(spec, policy(gbs=gbs, num_batches=1), hw)
+        chosen = 8 * (1 - (1 - 2 / 8) ** rows)
+        by_hand = dense * (fixed + 2 * rows / peak) + per_expert * (chosen * fixed + 2 * rows * 2 / peak)
+        assert matmul_work(p, sp, block, token_idx).matmul == pytest.approx(by_hand, rel=1e-12)
+        assert chosen < 8
 
 
 # --- published configs --------------------------------------------------------------------------

@@ -195,11 +195,14 @@ def matmul_work(p: Placement, speeds: Speeds, unit: Unit, token_idx: float) -> W
     """The unit's linear layers for every GPU batch (`matmul_seconds`: reading the weights once
     per batch, then each row; why small GPU batches do not pay). The head computes the last
     position only (every position when scoring a prompt)."""
-    numel = sum(ws.numel for ws in unit.weights if len(ws.shape) >= 2 and not _is_lookup(unit, ws.name))
+    matrices = [ws for ws in unit.weights if len(ws.shape) >= 2 and not _is_lookup(unit, ws.name)]
     prefill = token_idx == 0
     width = p.workload.prompt_len if prefill and (unit.kind is not UnitKind.HEAD or p.buffers.scoring) else 1
     rows = p.policy.gpu_batch_size * width
-    one_batch = matmul_seconds(speeds, rows, numel)
+    one_batch = matmul_seconds(speeds, rows, sum(ws.numel for ws in matrices if ws.expert is None))
+    experts = sum(ws.numel for ws in matrices if ws.expert is not None)
+    if experts:
+        one_batch += expert_matmul_seconds(speeds, rows, experts, p.spec.num_experts, p.spec.num_experts_per_tok)
     passes = rows * _elementwise_per_row(p, unit) * dtype_bytes(p.dtypes.compute) / speeds.elementwise_bw
     return Work(matmul=p.policy.num_gpu_batches * one_batch, elementwise=p.policy.num_gpu_batches * passes)
 
@@ -212,9 +215,26 @@ def matmul_seconds(speeds: Speeds, rows: int, numel: float) -> float:
     rate of a 32-row one, a 256-row one 1.7x. (The fixed part was a roofline at decode
     attention's read rate before, which on that CPU is 3.5 GB/s where a GEMM streams its
     weights at 20-28: it priced OPT-1.3B's 64-row step at 0.74 s of matmuls, measured 0.3.)"""
+    fixed, per_row = _matmul_rates(speeds)
+    return numel * (fixed + rows * per_row)
+
+
+def _matmul_rates(speeds: Speeds) -> tuple[float, float]:
+    """Seconds per weight of a GEMM: once (streaming it), and per row."""
     peak = max(speeds.matmul_flops, speeds.decode_matmul_flops)
     fixed = max(0.0, 2 * DECODE_MATMUL_ROWS / speeds.decode_matmul_flops - 2 * DECODE_MATMUL_ROWS / peak)
-    return numel * (fixed + 2 * rows / peak)
+    return fixed, 2 / peak
+
+
+def expert_matmul_seconds(speeds: Speeds, rows: int, numel: float, num_experts: int, top_k: int) -> float:
+    """The experts of a sparse layer (`numel` weights in all) on `rows` tokens, each routed to
+    top_k of num_experts (model/moe.py): each expert's GEMM streams its weights once when some
+    token chose it (the expected number of experts chosen, for independent uniform choices) and
+    takes the rows routed to it, rows * top_k in all."""
+    fixed, per_row = _matmul_rates(speeds)
+    per_expert = numel / num_experts
+    chosen = num_experts * (1 - (1 - top_k / num_experts) ** rows)
+    return per_expert * (chosen * fixed + rows * top_k * per_row)
 
 
 def _elementwise_per_row(p: Placement, unit: Unit) -> int:
@@ -222,9 +242,15 @@ def _elementwise_per_row(p: Placement, unit: Unit) -> int:
     math (model/llama.py, model/opt.py): per decoder layer two norms (7 passes over the hidden
     size each), RoPE on q and k (10 passes each), the attention output's transposes (2 over q),
     two residual adds (3 each), the activation and gating (5 over the intermediate size) and the
-    cache's new rows (2 over k and v each)."""
+    cache's new rows (2 over k and v each). A sparse layer (model/moe.py) gates each of a token's
+    top_k experts (5 over its width), gathers the token's row for it and adds its weighted output
+    back (4 over the hidden size), and routes (a softmax over the experts' logits: 5 over them)."""
     spec = p.spec
     hidden, q_dim, kv_dim = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    if unit.kind is UnitKind.BLOCK and unit.layer_idx - 1 in spec.sparse_layers:
+        k = spec.num_experts_per_tok
+        mlp = k * (5 * spec.moe_intermediate_size + 4 * hidden) + 5 * spec.num_experts
+        return 20 * hidden + 12 * q_dim + 14 * kv_dim + mlp
     if unit.kind is UnitKind.BLOCK:
         return 20 * hidden + 12 * q_dim + 14 * kv_dim + 5 * spec.intermediate_size
     if unit.kind is UnitKind.HEAD:  # the final norm, logits to fp32 and the argmax over them

@@ -45,7 +45,7 @@ class Dims:
 
     @classmethod
     def of(cls, spec: ModelSpec) -> "Dims":
-        return cls(spec.hidden_size, spec.kv_dim, spec.num_heads * spec.head_dim, spec.intermediate_size,
+        return cls(spec.hidden_size, spec.kv_dim, spec.num_heads * spec.head_dim, spec.mlp_width,
                    spec.num_heads, spec.vocab_size)
 
 
@@ -130,12 +130,21 @@ def _workspace_bytes(p: Placement, dims: Dims, compute: int) -> int:
     the product. Head: fp32 logits and the logits of one chunk of the vocabulary in the compute
     dtype (all of it when the projection is loaded whole: converted to fp32 after). Embedding:
     the gathered rows of the step's tokens (fp32 when dequantized), the hidden state they become,
-    and OPT's positions and their sum. Checked against the resident set of one layer's prefill."""
+    and OPT's positions and their sum. Checked against the resident set of one layer's prefill.
+    Experts (model/moe.py), with an expert's width as the intermediate size (every row may choose
+    one expert): besides, the router's logits, their fp32 copy and softmax, the top-k weights
+    (and renormalised) and indices, the grouping's int64 indices, the output being summed, an
+    expert's gathered rows, its output and that weighted in fp32 (Mixtral's weights are fp32)."""
     gbs, prompt, seq = p.policy.gpu_batch_size, p.workload.prompt_len, p.workload.seq_len
     rope = 2 * dims.q_dim if p.spec.family != "opt" else 0  # OPT's positions are added to the embedding
     attention = gbs * prompt * (2 * dims.hidden + 3 * dims.q_dim + rope + 3 * dims.kv_dim) * compute
     attention += gbs * max(dims.num_heads, 1) * min(prompt, ATTENTION_QUERY_CHUNK) * seq * 4
     mlp = gbs * prompt * (2 * dims.hidden + dims.q_dim + 4 * dims.intermediate) * compute
+    spec = p.spec
+    if spec.is_moe:
+        E, k = spec.num_experts, spec.num_experts_per_tok
+        routing = E * (compute + 2 * 4) + k * (2 * 4 + 8) + 4 * k * 8
+        mlp += gbs * prompt * (routing + 3 * dims.hidden * compute + dims.hidden * 4)
     chunk = dims.vocab if compute < 4 else 0  # linear(...).float(): both alive at once
     for places in p.weights.values():
         for w in places:
