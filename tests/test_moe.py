@@ -144,6 +144,48 @@ def test_routing_settings_are_exercised(arch, key, value, tiny_models_cache, tmp
     assert changed >= 2, f"only {changed} of 3 references depend on {key}"
 
 
+def _stacked_copy(src, dst) -> str:
+    """The checkpoint `src` saved with its experts stacked, as transformers 5 holds them in memory
+    (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, Mixtral's router as `mlp.gate`)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    state = {key: t.contiguous() for key, t in model.state_dict().items()}
+    assert any(key.endswith("mlp.experts.gate_up_proj") for key in state)
+    dst.mkdir()
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(src / name, dst / name)
+    return str(dst)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3-moe-dense-unnormed"])
+def test_experts_stored_stacked_load_too(arch, tiny_models_cache, tmp_path):
+    """A checkpoint holding each layer's experts stacked (the format transformers 5 computes with,
+    and loads) gives the same greedy tokens, its experts read from within the stacked tensors."""
+    model_dir = tiny_models_cache[arch]
+    stacked = _stacked_copy(model_dir, tmp_path / "stacked")
+    setup = SETUPS["partly-on-disk"]
+    prompts = unambiguous_prompts(model_dir, setup.lengths, setup.max_new_tokens, seed=4)
+    result = _generate(stacked, prompts, setup.policy, setup.max_new_tokens, tmp_path / "offload")
+    assert [list(out.output_ids) for out in result.outputs] == [
+        hf_greedy(model_dir, p, setup.max_new_tokens) for p in prompts]
+    assert [hf_trace(stacked, p, 6)[0] for p in prompts] == [hf_trace(model_dir, p, 6)[0] for p in prompts]
+
+
+def test_stacked_experts_of_another_shape_are_refused(tiny_models_cache, tmp_path):
+    model_dir = tiny_models_cache["qwen3-moe-dense-unnormed"]
+    _stacked_copy(model_dir, tmp_path / "stacked")
+    other = _edited_copy(tmp_path / "stacked", tmp_path / "other",
+                         lambda config: config.update(num_local_experts=6))  # as transformers 5 saves it
+    with pytest.raises(UserError) as err:
+        _generate(other, [[5, 6, 7]], SETUPS["in-memory"].policy, 2, tmp_path / "offload")
+    message = str(err.value)
+    assert "\n" not in message and "mlp.experts.gate_up_proj' in" in message
+    assert "has shape (4, 96, 64), config.json implies shape (6, 96, 64) (6 experts stacked)" in message
+
+
 def test_experts_are_marked_in_the_layout(tiny_models_cache):
     """Each expert tensor names its expert (a later step places and loads experts one by one);
     the router, attention and norms, and a dense layer's MLP, belong to no expert."""

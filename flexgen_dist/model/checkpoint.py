@@ -17,7 +17,7 @@ from ..io_errors import file_error
 from ..planning.layout import Unit, WeightSpec, model_units
 from ..planning.spec import ModelSpec
 from .safetensors_header import TensorEntry
-from .validate import check_finite, match_units, resolve_key, scan_checkpoint
+from .validate import check_finite, match_units, resolve_key, scan_checkpoint, unstack_experts
 
 # The floating-point safetensors dtypes validate.py lets through, as torch dtypes.
 SAMPLE_BYTES = 4096  # read of each tensor, three times, to tell checkpoints apart (content_digest)
@@ -53,9 +53,9 @@ class CheckpointSource:
 
     def __init__(self, model_dir: str | Path, units: Sequence[Unit] | None = None):
         self.model_dir = Path(model_dir)
-        tensors = scan_checkpoint(self.model_dir)
         if units is None:
             units = model_units(ModelSpec.from_dir(self.model_dir))
+        tensors = unstack_experts(scan_checkpoint(self.model_dir), units, self.model_dir)
         match_units(tensors, units, self.model_dir)
         self._tensors = tensors
         self._files: dict[Path, BinaryIO] = {}

@@ -12,6 +12,12 @@ Tensors allowed beyond the expected ones (they are read by nobody, as in transfo
 - `lm_head.weight` when the head is tied to the input embedding (tie_word_embeddings): transformers
   ties it and ignores the stored copy, so do we.
 
+A mixture of experts' checkpoint may hold each layer's experts per expert (the published ones and
+transformers' save_pretrained) or stacked, as transformers 5 holds them in memory and loads them
+(`mlp.experts.gate_up_proj` (E, 2I, C), `mlp.experts.down_proj` (E, C, I), Mixtral's router as
+`mlp.gate`): `unstack_experts` names each expert's projection in a stacked tensor by its
+per-expert key, a run of the stacked tensor's bytes read in place.
+
 `check_finite` is the one check that needs the data: it runs on each tensor as it is read.
 """
 
@@ -41,7 +47,51 @@ def validate_checkpoint(model_dir: str | Path, units: Sequence[Unit]) -> None:
     """Refuse (one-line UserError) a checkpoint whose files are damaged or whose tensors do not
     match `units`, the whole model's units (`model_units(spec)`, not one pipeline stage's).
     Reads only the files' headers."""
-    match_units(scan_checkpoint(model_dir), units, Path(model_dir))
+    match_units(unstack_experts(scan_checkpoint(model_dir), units, Path(model_dir)), units, Path(model_dir))
+
+
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+# An expert's projection -> (the stacked tensor holding it, which half of gate_up_proj; None: all)
+_STACKED_PART = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+_EXPERT_NAME = re.compile(r"mlp\.experts\.\d+\.(\w+)\.weight")
+
+
+def unstack_experts(tensors: dict[str, TensorEntry], units: Sequence[Unit], model_dir: Path) -> dict[str, TensorEntry]:
+    """`tensors` with the experts of a checkpoint that holds them stacked (see the module
+    docstring) under the per-expert keys of `units`, each a slice of its stacked tensor's bytes,
+    and Mixtral's router under its key; unchanged for a checkpoint that holds them per expert."""
+    out = dict(tensors)
+    for unit in units:
+        experts = [ws for ws in unit.weights if ws.expert is not None]
+        if not experts or resolve_key(experts[0].key, tensors) is not None:
+            continue
+        count = 1 + max(ws.expert for ws in experts)
+        layer = experts[0].key[: experts[0].key.index("layers.")] + f"layers.{unit.layer_idx - 1}.mlp."
+        router = next(ws for ws in unit.weights if ws.name == "mlp.gate.weight")
+        stacked = {}
+        for part in ("gate_up_proj", "down_proj"):
+            name = resolve_key(layer + "experts." + part, tensors)
+            if name is None:
+                return out  # neither layout: match_units names the missing per-expert tensor
+            stacked[part] = out.pop(name)
+        if resolve_key(router.key, tensors) is None and (name := resolve_key(layer + "gate.weight", tensors)):
+            out[router.key] = out.pop(name)  # Mixtral's block_sparse_moe.gate, as transformers 5 names it
+        for ws in experts:
+            part, half = _STACKED_PART[_EXPERT_NAME.fullmatch(ws.name).group(1)]
+            entry = stacked[part]
+            rows, cols = ws.shape
+            want = (count, rows * (2 if half is not None else 1), cols)
+            if entry.shape != want or entry.dtype not in _ITEMSIZE:
+                expected = f"shape {want}" if entry.shape != want else f"one of {', '.join(_ITEMSIZE)}"
+                found = f"shape {entry.shape}" if entry.shape != want else entry.dtype
+                raise UserError(
+                    f"tensor {entry.name!r} in {str(entry.path)!r} has {found}, config.json implies {expected} "
+                    f"({count} experts stacked): the config and the weights do not belong together"
+                )
+            size = rows * cols * _ITEMSIZE[entry.dtype]
+            at = entry.offset + size * (ws.expert * (2 if half is not None else 1) + (half or 0))
+            out[ws.key] = TensorEntry(entry.name, entry.path, entry.dtype, ws.shape, at, size)
+    return out
 
 
 def scan_checkpoint(model_dir: str | Path) -> dict[str, TensorEntry]:
