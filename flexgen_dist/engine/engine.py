@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..model import LayerMath, decoder_layer, prefill_rows_layer
+from ..model import LayerMath, decoder_layer, mixed_decoder_layer
 from ..parallel.comm import Comm, SendHandle
 from ..planning.layout import Unit, UnitKind
 from ..planning.placement import Placement
@@ -327,14 +327,20 @@ class Engine:
                 state.refill_hidden[batch_idx] = self.math.embed(weights, refill.ids.to(self.device), refill.step)
         elif unit.kind is UnitKind.BLOCK:
             kv = self.block_io.lease_for_compute(state, op.layer_idx, batch_idx, past)
-            state.hidden[batch_idx] = out = decoder_layer(self.math, weights, state.hidden.pop(batch_idx), step, kv)
-            if refill is not None:  # after the decode step: it overwrites what that wrote in these rows
-                state.refill_hidden[batch_idx] = prefill_rows_layer(
-                    self.math, weights, state.refill_hidden.pop(batch_idx), refill.step, kv, refill.rows, refill.slots)
+            if refill is None:
+                state.hidden[batch_idx] = out = decoder_layer(self.math, weights, state.hidden.pop(batch_idx), step, kv)
+            else:  # the batch's decode step and the new prompts' prefill in one pass over the weights
+                out, state.refill_hidden[batch_idx] = mixed_decoder_layer(
+                    self.math, weights, state.hidden.pop(batch_idx), step, kv, state.refill_hidden.pop(batch_idx),
+                    refill.step, refill.rows, refill.slots)
+                state.hidden[batch_idx] = out
         else:  # the head, always a stage's last layer
-            logits = self.math.head(weights, state.hidden.pop(batch_idx), step)  # (B, T, V)
+            x = state.hidden.pop(batch_idx)
+            if refill is not None:  # the new prompts' last positions beside the batch's rows: one matmul
+                x = torch.cat([x, state.refill_hidden.pop(batch_idx)[:, -1:]])
+            logits = self.math.head(weights, x, step)  # (B [+ R], T, V)
             if refill is not None:
-                started = self.math.head(weights, state.refill_hidden.pop(batch_idx), refill.step)  # (R, 1, V)
+                logits, started = logits[:-len(refill.rows)], logits[-len(refill.rows):]
                 logits[refill.rows.to(logits.device), -1] = started[:, -1]
             # sampling waits for the logits anyway: read the flags now, before NaN is sampled
             walk.finite.note(task, op.layer_idx, logits)

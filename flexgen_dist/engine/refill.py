@@ -4,9 +4,9 @@ FlexGen's block runs until its longest row ends: rows that stopped early keep th
 compute nothing of use, while every step still loads each layer for the whole block. Here, when
 a row finishes (a stop id, a stop string, its own limit), the next waiting prompt (the rows of
 the blocks after the first, in order) takes that row at the next step. Its prefill runs in the
-same layer pass as the other rows' decode step, with the same loaded weights (engine.py:
-`prefill_rows_layer` after `decoder_layer`), and its keys and values go where the finished
-sequence's were: one block stays open, its cache is reused, and each step still loads each
+same layer pass as the other rows' decode step, its tokens beside theirs in every matmul
+(model/decoder.py `mixed_decoder_layer`: on a CPU a small matmul costs mostly its pass over the
+weights, paid once so), and its keys and values go where the finished sequence's were: one block stays open, its cache is reused, and each step still loads each
 layer once for every row.
 
 A block of width W (its widest prompt) and limit M has S = W + M cache slots per row. Step t >= 1

@@ -6,7 +6,7 @@ import torch
 
 from ..planning.spec import ModelSpec
 from . import llama, moe, opt, phi3, qwen3
-from .decoder import KVView, LayerMath, Step, decoder_layer, prefill_rows_layer
+from .decoder import KVView, LayerMath, Step, decoder_layer, mixed_decoder_layer
 
 _FAMILIES = {
     "llama": llama.LlamaMath,
@@ -22,4 +22,4 @@ def make_math(spec: ModelSpec, device: torch.device) -> LayerMath:
     return _FAMILIES[spec.family](spec, device)
 
 
-__all__ = ["KVView", "LayerMath", "Step", "decoder_layer", "make_math", "prefill_rows_layer"]
+__all__ = ["KVView", "LayerMath", "Step", "decoder_layer", "make_math", "mixed_decoder_layer"]

@@ -82,11 +82,30 @@ def decoder_layer(math: LayerMath, w: dict[str, torch.Tensor], x: torch.Tensor, 
     return math.finish(w, x, a)
 
 
-def prefill_rows_layer(math: LayerMath, w: dict[str, torch.Tensor], x: torch.Tensor, step: Step, kv: KVView,
-                       rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The prefill of prompts that took some rows of a decoding batch, in the same layer pass with
-    the same weights: x (R, T, C) -> x; their keys and values go to `slots` of those `rows` (run
-    after the batch's decode step, whose own write to those rows it overwrites)."""
-    q, k_new, v_new = math.qkv(w, x, step)
+def mixed_decoder_layer(math: LayerMath, w: dict[str, torch.Tensor], x: torch.Tensor, step: Step, kv: KVView,
+                        started: torch.Tensor, started_step: Step, rows: torch.Tensor,
+                        slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's decode step, x (B, 1, C), and the prefill of the prompts that started in some of
+    its rows, started (R, L, C), as one pass: their tokens side by side, (1, B + R * L, C), through
+    every matmul (a CPU's small matmuls cost mostly the pass over the weights, paid once here), and
+    apart in attention: the batch's decode over its cache, the prompts' over their own keys, which
+    go to `slots` of `rows` after the decode step's write to those rows. -> (x, started)."""
+    B, R, L = x.shape[0], started.shape[0], started.shape[1]
+    both = torch.cat([x.reshape(1, B, -1), started.reshape(1, R * L, -1)], dim=1)
+    positions = torch.cat([step.positions.reshape(1, B), started_step.positions.reshape(1, R * L)], dim=1)
+    q, k, v = math.qkv(w, both, Step(positions=positions, mask=step.mask, slots=step.slots))  # (1, heads, N, hd)
+
+    def own(t: torch.Tensor) -> torch.Tensor:  # (1, heads, N, hd) -> (B, heads, 1, hd)
+        return t[:, :, :B].permute(2, 1, 0, 3)
+
+    def theirs(t: torch.Tensor) -> torch.Tensor:  # (1, heads, N, hd) -> (R, heads, L, hd)
+        return t[0, :, B:].reshape(t.shape[1], R, L, -1).transpose(0, 1)
+
+    kv.write(step.slots, own(k), own(v))
+    a_own = kv.attend(own(q), step.mask, math.scale, step.reads).to(x.device, x.dtype)  # (B, 1, nh * hd)
+    k_new, v_new = theirs(k), theirs(v)
     kv.write_rows(rows, slots, k_new, v_new)
-    return math.finish(w, x, attention(q, k_new, v_new, step.mask, math.scale))
+    a_theirs = attention(theirs(q), k_new, v_new, started_step.mask, math.scale)  # (R, L, nh * hd)
+    a = torch.cat([a_own.reshape(1, B, -1), a_theirs.reshape(1, R * L, -1)], dim=1)
+    out = math.finish(w, both, a)
+    return out[:, :B].reshape(B, 1, -1), out[:, B:].reshape(R, L, -1)
