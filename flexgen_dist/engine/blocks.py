@@ -167,23 +167,31 @@ class BlockState:
         """The cache slots a step of one GPU batch writes (what a store takes from scratch)."""
         return [self.query_slots(token_idx)]
 
-    def step(self, token_idx: int, batch_idx: int, device: torch.device, sliding_window: int | None) -> Step:
-        """Positions and attention mask of one GPU batch at one token step (built once)."""
+    def step(self, token_idx: int, batch_idx: int, device: torch.device, sliding_window: int | None,
+             local_window: int | None = None) -> Step:
+        """Positions and attention masks of one GPU batch at one token step (built once): the
+        mask of every layer (sliding_window: a window for all of them), and with local_window
+        the mask of the layers that look back that far only (Gemma 3's local layers)."""
         key = (token_idx, batch_idx)
         if key not in self.steps:
             rows, q = self.rows(batch_idx), self.query_slots(token_idx)
             q_idx = torch.arange(q.start, q.stop)[:, None]  # (T, 1)
             k_idx = torch.arange(0, q.stop)[None, :]  # (1, S)
-            allowed = k_idx <= q_idx
-            if sliding_window:
-                allowed &= (q_idx - k_idx) < sliding_window
-            mask = self.valid[rows, None, None, : q.stop] & allowed  # (B, 1, T, S)
-            mask |= k_idx == q_idx  # a padding slot attends to itself: no fully masked row, no NaN
+
+            def mask_of(window: int | None) -> torch.Tensor:
+                allowed = k_idx <= q_idx
+                if window:
+                    allowed &= (q_idx - k_idx) < window
+                mask = self.valid[rows, None, None, : q.stop] & allowed  # (B, 1, T, S)
+                mask |= k_idx == q_idx  # a padding slot attends to itself: no fully masked row, no NaN
+                return mask.to(device)
+
             self.steps[key] = Step(
                 positions=self.positions[rows, q].to(device),
-                mask=mask.to(device),
+                mask=mask_of(sliding_window),
                 slots=q,
                 last_only=not (self.block.score and token_idx == 0),
+                local_mask=mask_of(local_window) if local_window else None,
             )
         return self.steps[key]
 

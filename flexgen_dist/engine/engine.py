@@ -318,7 +318,7 @@ class Engine:
         token_idx, batch_idx = op.token_idx, op.batch_idx
         unit = self.units[op.layer_idx]
         task = TaskKey(op.block_idx, token_idx, batch_idx)
-        step = state.step(token_idx, batch_idx, self.device, self.spec.sliding_window)
+        step = state.step(token_idx, batch_idx, self.device, self.spec.sliding_window, self.spec.local_window)
         refill = state.refill_rows(token_idx, batch_idx)  # new prompts in some rows: their prefill, same weights
         if unit.kind is UnitKind.EMBED:
             ids = state.input_ids(token_idx, batch_idx).to(self.device)
@@ -327,11 +327,12 @@ class Engine:
                 state.refill_hidden[batch_idx] = self.math.embed(weights, refill.ids.to(self.device), refill.step)
         elif unit.kind is UnitKind.BLOCK:
             kv = self.block_io.lease_for_compute(state, op.layer_idx, batch_idx, past)
+            math = self.math.at(op.layer_idx - 1)  # decoder layer op.layer_idx - 1 (the embedding is unit 0)
             if refill is None:
-                state.hidden[batch_idx] = out = decoder_layer(self.math, weights, state.hidden.pop(batch_idx), step, kv)
+                state.hidden[batch_idx] = out = decoder_layer(math, weights, state.hidden.pop(batch_idx), step, kv)
             else:  # the batch's decode step and the new prompts' prefill in one pass over the weights
                 out, state.refill_hidden[batch_idx] = mixed_decoder_layer(
-                    self.math, weights, state.hidden.pop(batch_idx), step, kv, state.refill_hidden.pop(batch_idx),
+                    math, weights, state.hidden.pop(batch_idx), step, kv, state.refill_hidden.pop(batch_idx),
                     refill.step, refill.rows, refill.slots)
                 state.hidden[batch_idx] = out
         else:  # the head, always a stage's last layer

@@ -155,10 +155,11 @@ class RefillState(BlockState):
     def refill_rows(self, token_idx: int, batch_idx: int) -> RefillRows | None:
         return self.refills.get((token_idx, batch_idx))
 
-    def step(self, token_idx: int, batch_idx: int, device: torch.device, sliding_window: int | None) -> Step:
+    def step(self, token_idx: int, batch_idx: int, device: torch.device, sliding_window: int | None,
+             local_window: int | None = None) -> Step:
         key = (token_idx, batch_idx)
         if token_idx == 0 or key in self.steps:
-            return super().step(token_idx, batch_idx, device, sliding_window)
+            return super().step(token_idx, batch_idx, device, sliding_window, local_window)
         rows, slot = self.rows(batch_idx), self._slot(token_idx)
         stop = min(self.num_slots, self.width + token_idx)
         row_ids = list(range(rows.start, rows.stop))
@@ -170,16 +171,20 @@ class RefillState(BlockState):
         self.next_pos[rows] += decoding.long()
         mask = self.valid[rows, None, None, :stop].clone()  # (B, 1, 1, stop)
         mask[..., slot] = True  # a row not decoding (stopped, or starting a prompt) attends to itself: no NaN
-        if sliding_window:
-            mask &= (pos[:, None, None, None] - self.positions[rows, None, None, :stop]) < sliding_window
-        self.steps[key] = Step(positions=pos[:, None].to(device), mask=mask.to(device), slots=slice(slot, slot + 1),
-                               decode_stop=stop)
+        back = pos[:, None, None, None] - self.positions[rows, None, None, :stop]  # how far back each slot is
+
+        def mask_of(window: int | None) -> torch.Tensor:
+            return (mask & (back < window) if window else mask).to(device)
+
+        self.steps[key] = Step(positions=pos[:, None].to(device), mask=mask_of(sliding_window),
+                               slots=slice(slot, slot + 1), decode_stop=stop,
+                               local_mask=mask_of(local_window) if local_window else None)
         if bool(starting.any()):
-            self._start_prompts(key, torch.tensor(row_ids)[starting], slot, device, sliding_window)
+            self._start_prompts(key, torch.tensor(row_ids)[starting], slot, device, sliding_window, local_window)
         return self.steps[key]
 
     def _start_prompts(self, key: tuple[int, int], rows: torch.Tensor, slot: int, device: torch.device,
-                       sliding_window: int | None) -> None:
+                       sliding_window: int | None, local_window: int | None) -> None:
         """The prefill inputs of the prompts that take `rows` (block rows) at this step: their
         slots are the L ending at this step's, L their longest prompt."""
         prompts = [self.starting[row][1] for row in rows.tolist()]
@@ -196,11 +201,15 @@ class RefillState(BlockState):
         self.positions[rows[:, None], slots[None, :]] = positions
         self.next_pos[rows] = real.sum(dim=1)
         q = torch.arange(length)
-        allowed = q[None, :] <= q[:, None]  # (L, L): query i may attend key j
-        if sliding_window:
-            allowed &= (q[:, None] - q[None, :]) < sliding_window
-        mask = (real[:, None, None, :] & allowed) | torch.eye(length, dtype=torch.bool)  # padding attends to itself
-        step = Step(positions=positions.to(device), mask=mask.to(device), slots=slice(0, length))
+
+        def mask_of(window: int | None) -> torch.Tensor:
+            allowed = q[None, :] <= q[:, None]  # (L, L): query i may attend key j
+            if window:
+                allowed &= (q[:, None] - q[None, :]) < window
+            return ((real[:, None, None, :] & allowed) | torch.eye(length, dtype=torch.bool)).to(device)  # padding: itself
+
+        step = Step(positions=positions.to(device), mask=mask_of(sliding_window), slots=slice(0, length),
+                    local_mask=mask_of(local_window) if local_window else None)
         self.refills[key] = RefillRows(rows=rows - key[1] * self.gpu_batch_size, slots=slots, ids=ids, step=step)
 
     def starts_at(self, token_idx: int) -> list[int]:

@@ -28,10 +28,15 @@ class Step:
     # A decode step whose keys lie anywhere in [0, decode_stop), not only before its slot: a block
     # whose rows take new prompts (engine/refill.py) writes its cache round a ring of slots.
     decode_stop: int | None = None
+    local_mask: torch.Tensor | None = None  # the mask of layers with a window of their own (LayerMath.local)
 
     @property
     def is_prefill(self) -> bool:
         return self.slots.start == 0 and self.decode_stop is None
+
+    def mask_for(self, math: "LayerMath") -> torch.Tensor:
+        """The mask of the layer `math` computes: a local layer's window, or every layer's mask."""
+        return self.local_mask if math.local else self.mask
 
     @property
     def reads(self) -> slice:
@@ -57,6 +62,11 @@ class LayerMath(Protocol):
     """The per-family math (model/llama.py, model/opt.py): plain functions of loaded weights."""
 
     scale: float  # attention's softmax scale
+    local: bool  # this layer attends within Step.local_mask's window (Gemma 3's local layers)
+
+    def at(self, layer: int) -> "LayerMath":
+        """The math of decoder layer `layer` (0-based): itself, or one bound to that layer's
+        attention (Gemma 3: its own rope base and window on local layers)."""
 
     def embed(self, w: dict[str, torch.Tensor], input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) hidden states."""
@@ -76,9 +86,9 @@ def decoder_layer(math: LayerMath, w: dict[str, torch.Tensor], x: torch.Tensor, 
     q, k_new, v_new = math.qkv(w, x, step)  # (B, nh, T, hd), (B, nkv, T, hd)
     kv.write(step.slots, k_new, v_new)
     if step.is_prefill:  # no past: attend over this step's own keys, as computed
-        a = attention(q, k_new, v_new, step.mask, math.scale)  # (B, T, nh * hd)
+        a = attention(q, k_new, v_new, step.mask_for(math), math.scale)  # (B, T, nh * hd)
     else:
-        a = kv.attend(q, step.mask, math.scale, step.reads).to(x.device, x.dtype)
+        a = kv.attend(q, step.mask_for(math), math.scale, step.reads).to(x.device, x.dtype)
     return math.finish(w, x, a)
 
 
@@ -102,10 +112,10 @@ def mixed_decoder_layer(math: LayerMath, w: dict[str, torch.Tensor], x: torch.Te
         return t[0, :, B:].reshape(t.shape[1], R, L, -1).transpose(0, 1)
 
     kv.write(step.slots, own(k), own(v))
-    a_own = kv.attend(own(q), step.mask, math.scale, step.reads).to(x.device, x.dtype)  # (B, 1, nh * hd)
+    a_own = kv.attend(own(q), step.mask_for(math), math.scale, step.reads).to(x.device, x.dtype)  # (B, 1, nh * hd)
     k_new, v_new = theirs(k), theirs(v)
     kv.write_rows(rows, slots, k_new, v_new)
-    a_theirs = attention(theirs(q), k_new, v_new, started_step.mask, math.scale)  # (R, L, nh * hd)
+    a_theirs = attention(theirs(q), k_new, v_new, started_step.mask_for(math), math.scale)  # (R, L, nh * hd)
     a = torch.cat([a_own.reshape(1, B, -1), a_theirs.reshape(1, R * L, -1)], dim=1)
     out = math.finish(w, both, a)
     return out[:, :B].reshape(B, 1, -1), out[:, B:].reshape(R, L, -1)

@@ -15,10 +15,15 @@ from .decoder import Step
 
 
 class LlamaMath:
+    local = False  # every layer attends over Step.mask
+
     def __init__(self, spec: ModelSpec, device: torch.device):
         self.spec = spec
         self.inv_freq = rope_inv_freq(spec).to(device)
         self.scale = spec.head_dim**-0.5
+
+    def at(self, layer: int):
+        return self  # every layer computes alike
 
     def embed(self, w: dict[str, torch.Tensor], input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         return embedding(input_ids, w["embed_tokens.weight"])  # (B, T, C)

@@ -11,9 +11,14 @@ from .decoder import Step
 
 
 class OptMath:
+    local = False  # every layer attends over Step.mask
+
     def __init__(self, spec: ModelSpec, device: torch.device):
         self.spec = spec
         self.scale = spec.head_dim**-0.5
+
+    def at(self, layer: int):
+        return self  # every layer computes alike
 
     def embed(self, w, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         x = embedding(input_ids, w["embed_tokens.weight"])  # (B, T, E)

@@ -64,7 +64,11 @@ class ModelSpec:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     partial_rotary_factor: float = 1.0  # Phi-3: RoPE rotates the first rotary_dim dims of a head
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # every layer attends this many positions back at most
+    # Layers with a window of their own (Gemma 3's local layers: decoder layers local_layers,
+    # 0-based), the others global
+    local_window: int | None = None
+    local_layers: tuple[int, ...] = ()
     # OPT only
     word_embed_proj_dim: int = 0
     do_layer_norm_before: bool = True
