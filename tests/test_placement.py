@@ -173,7 +173,8 @@ def test_placement_counts_each_block_in_flight_and_every_batch():
     per_block = spec.num_layers * 2 * 2 * 16 * 3 * spec.kv_dim * 4  # layers x batches x (k, v) x seq x batch x kv_dim x fp32
     assert one.cache_bytes()[Tier.GPU] == per_block
     assert two.cache_bytes()[Tier.GPU] == 2 * per_block
-    assert two.buffer("send/recv").nbytes == 2 * 2 * 3 * 10 * spec.hidden_size * 4
+    # receives and sends of every batch: a prompt of 10, or a refill step's rows and new prompts (11)
+    assert two.buffer("send/recv").nbytes == 2 * 2 * 3 * 11 * spec.hidden_size * 4
     weights = sum(u.numel for u in units) * 4
     assert one.weight_bytes() == {Tier.GPU: weights, Tier.CPU: 0, Tier.DISK: 0}
 

@@ -64,7 +64,7 @@ def working_buffers(p: Placement, dims: Dims, compute: int) -> tuple[BufferPlace
     if b.num_ranks > 1:
         # Receives of a task's input (every GPU batch) and the sends not yet completed.
         wire = Tier.GPU  # gloo's host buffers without a GPU, NCCL's device buffers with one
-        each = policy.gpu_batch_size * w.prompt_len * dims.hidden * compute
+        each = policy.gpu_batch_size * (w.prompt_len + 1) * dims.hidden * compute  # a refill step: rows and prompts
         out.append(BufferPlace("send/recv", wire, 2 * policy.num_gpu_batches, each))
     scratch = _dequantize_scratch(p)
     if scratch:
@@ -135,7 +135,10 @@ def _workspace_bytes(p: Placement, dims: Dims, compute: int) -> int:
     one expert): besides, the router's logits, their fp32 copy and softmax, the top-k weights
     (and renormalised) and indices, the grouping's int64 indices, the output being summed, an
     expert's gathered rows, its output and that weighted in fp32 (Mixtral's weights are fp32)."""
-    gbs, prompt, seq = p.policy.gpu_batch_size, p.workload.prompt_len, p.workload.seq_len
+    gbs, seq = p.policy.gpu_batch_size, p.workload.seq_len
+    # the tokens a step computes: a prefill's prompts, or (refill, engine/refill.py) a decode step's
+    # rows beside the prompts that started in some of them, at most one token more per row
+    prompt = p.workload.prompt_len + 1
     rope = 2 * dims.q_dim if p.spec.family != "opt" else 0  # OPT's positions are added to the embedding
     attention = gbs * prompt * (2 * dims.hidden + 3 * dims.q_dim + rope + 3 * dims.kv_dim) * compute
     attention += gbs * max(dims.num_heads, 1) * min(prompt, ATTENTION_QUERY_CHUNK) * seq * 4
@@ -150,7 +153,7 @@ def _workspace_bytes(p: Placement, dims: Dims, compute: int) -> int:
         for w in places:
             if w.chunk_rows is not None:
                 chunk = w.chunk_rows
-    head = gbs * (prompt if p.buffers.scoring else 1) * (dims.vocab * 4 + chunk * compute)
+    head = gbs * (prompt if p.buffers.scoring else 2) * (dims.vocab * 4 + chunk * compute)  # rows and new prompts
     embed = gbs * prompt * (2 * dims.hidden * 4 + 3 * dims.hidden * compute)
     return max(attention, mlp, head, embed)
 
