@@ -80,6 +80,13 @@ ARCHS_MOE = (
     "qwen3-moe-dense-unnormed",
 )
 
+# Gemma 3 (tests/test_gemma3.py), built the same way, kept out of the matrices above too.
+ARCHS_GEMMA3 = (
+    "gemma3",
+    "gemma3-linear-softcap",
+)
+ALL_ARCHS = ARCHS + ARCHS_2026 + ARCHS_MOE + ARCHS_GEMMA3
+
 # Scales applied after `from_config` (see the module docstring). Found by trying: these give
 # varied continuations that depend on the context (not only on the last token).
 INIT_STD = 0.2
@@ -121,6 +128,23 @@ _OPT = dict(
     pad_token_id=1,  # as in the real OPT checkpoints
     bos_token_id=EOS_ID,
     eos_token_id=EOS_ID,
+    tie_word_embeddings=True,
+)
+
+
+# Six layers, local (a window of 6, shorter than the test sequences, and a rope base of 100) and
+# global (rope base 10000) interleaved; a softmax scale of query_pre_attn_scalar 8 ** -0.5 (not
+# head_dim 16's); the head tied to the embedding, as Gemma 3's.
+_GEMMA3 = dict(
+    _LLAMA_LIKE,
+    num_hidden_layers=6,
+    head_dim=16,
+    sliding_window=6,
+    query_pre_attn_scalar=8,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention",
+                 "sliding_attention"],
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                     "full_attention": {"rope_type": "default", "rope_theta": 10000.0}},
     tie_word_embeddings=True,
 )
 
@@ -175,6 +199,16 @@ def tiny_config(arch: str, **config_overrides):
         model_type, kwargs = "qwen3_moe", dict(_LLAMA_LIKE, num_hidden_layers=3, head_dim=16, num_experts=4,
                                                num_experts_per_tok=2, moe_intermediate_size=48,
                                                norm_topk_prob=False, mlp_only_layers=[0])
+    elif arch == "gemma3":
+        model_type, kwargs = "gemma3_text", dict(_GEMMA3)
+    elif arch == "gemma3-linear-softcap":
+        # Linear rope scaling on the global layers (Gemma 3 4B's, factor 8 there), the final logits
+        # softcapped at 20 (Gemma 2's was 30), an untied head.
+        model_type, kwargs = "gemma3_text", dict(_GEMMA3, final_logit_softcapping=20.0, tie_word_embeddings=False,
+                                                 rope_parameters={
+                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                                     "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                        "rope_theta": 10000.0}})
     elif arch == "opt":
         model_type, kwargs = "opt", dict(_OPT)
     elif arch == "opt350m":
@@ -182,7 +216,7 @@ def tiny_config(arch: str, **config_overrides):
         model_type, kwargs = "opt", dict(_OPT, do_layer_norm_before=False, word_embed_proj_dim=32,
                                   init_std=OPT350M_INIT_STD)
     else:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ARCHS + ARCHS_2026 + ARCHS_MOE}")
+        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ALL_ARCHS}")
     kwargs.update(config_overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -219,8 +253,12 @@ def _sharpen(model, config, seed: int) -> None:
         # Logits are linear in the head (untied) or in the last op before it (tied): scale that
         # op so the logits have std LOGIT_STD on a probe prompt.
         std = model(probe).logits.std().item()
-        for param in _last_linear_op(model, config):
-            param.mul_(LOGIT_STD / std)
+        if config.model_type == "gemma3_text" and config.tie_word_embeddings:
+            norm = model.model.norm.weight  # Gemma's norm scales by 1 + weight: the logits are linear in that
+            norm.copy_((1 + norm) * (LOGIT_STD / std) - 1)
+        else:
+            for param in _last_linear_op(model, config):
+                param.mul_(LOGIT_STD / std)
 
 
 def _center_relu_mlps(model, probe) -> None:
@@ -264,7 +302,7 @@ def make_tiny_model(arch: str, path, *, seed: int = 0, make_sharded: bool = Fals
     path = pathlib.Path(path)
     config = tiny_config(arch, **config_overrides)
     # Each arch draws its own weights: llama and mistral would otherwise be the same model.
-    arch_seed = seed * 1000 + (ARCHS + ARCHS_2026 + ARCHS_MOE).index(arch)
+    arch_seed = seed * 1000 + ALL_ARCHS.index(arch)
     torch.manual_seed(arch_seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _sharpen(model, config, arch_seed)

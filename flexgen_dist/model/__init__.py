@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..planning.spec import ModelSpec
-from . import llama, moe, opt, phi3, qwen3
+from . import gemma3, llama, moe, opt, phi3, qwen3
 from .decoder import KVView, LayerMath, Step, decoder_layer, mixed_decoder_layer
 
 _FAMILIES = {
@@ -15,6 +15,7 @@ _FAMILIES = {
     "opt": opt.OptMath,
     "mixtral": moe.MixtralMath,
     "qwen3_moe": moe.Qwen3MoeMath,
+    "gemma3": gemma3.Gemma3Math,
 }
 
 

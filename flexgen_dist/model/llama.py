@@ -2,7 +2,7 @@
 
 Qwen3 (model/qwen3.py) and Phi-3 (model/phi3.py) are this layer with other projections or
 norms: they override `project_qkv`, `norm_qk` or `gate_up`; the mixtures of experts
-(model/moe.py: Mixtral, Qwen3-MoE) override `mlp`."""
+(model/moe.py: Mixtral, Qwen3-MoE) override `mlp`; Gemma 3 (model/gemma3.py) `norm` and more."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class LlamaMath:
         s = self.spec
         B, T, C = x.shape
         nh, nkv, hd = s.num_heads, s.num_kv_heads, s.head_dim
-        h = rms_norm(x, w["input_layernorm.weight"], s.norm_eps)
+        h = self.norm(x, w["input_layernorm.weight"])
         q, k, v = self.project_qkv(w, h)  # (B, T, nh * hd), (B, T, nkv * hd) twice
         q, k = self.norm_qk(w, q.reshape(B, T, nh, hd), k.reshape(B, T, nkv, hd))  # (B, T, heads, hd)
         q = q.transpose(1, 2)  # (B, nh, T, hd)
@@ -49,15 +49,18 @@ class LlamaMath:
         v = linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
         return q, k, v
 
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of x (..., C) with weight (C,), as transformers' LlamaRMSNorm."""
+        return rms_norm(x, weight, self.spec.norm_eps)
+
     def norm_qk(self, w, q: torch.Tensor, k: torch.Tensor):
         """Per-head queries and keys (B, T, heads, hd) before RoPE: as they are (Qwen3 norms them)."""
         return q, k
 
     def finish(self, w, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The rest of the layer after attention: x (B, T, C), a (B, T, nh * hd) -> x."""
-        s = self.spec
         x = x + linear(a, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
-        h = rms_norm(x, w["post_attention_layernorm.weight"], s.norm_eps)
+        h = self.norm(x, w["post_attention_layernorm.weight"])
         return x + self.mlp(w, h)
 
     def mlp(self, w, h: torch.Tensor) -> torch.Tensor:
@@ -75,5 +78,5 @@ class LlamaMath:
     def head(self, w, x: torch.Tensor, step: Step) -> torch.Tensor:
         if step.last_only:
             x = x[:, -1:]
-        x = rms_norm(x, w["norm.weight"], self.spec.norm_eps)
+        x = self.norm(x, w["norm.weight"])
         return logits(x, w["lm_head.weight"])  # (B, T, V)

@@ -3,8 +3,8 @@
 A model is a list of units, each loaded and computed as one: the input embedding (schedule layer
 0), one unit per decoder layer (1..L) and the head (final norm + output projection, L + 1). The
 names inside a unit mirror the checkpoint's module names, so loading is a copy; the model math
-(model/llama.py, qwen3.py, phi3.py, opt.py) reads them by those names (Phi-3's fused qkv_proj and
-gate_up_proj too: they are split after the matmul, not in the checkpoint).
+(model/llama.py, qwen3.py, phi3.py, gemma3.py, opt.py) reads them by those names (Phi-3's fused
+qkv_proj and gate_up_proj too: they are split after the matmul, not in the checkpoint).
 
 A mixture of experts (model/moe.py) has one name for its router and experts in both families,
 transformers' module names (`mlp.gate.weight`, `mlp.experts.{e}.gate_proj.weight`, `up_proj`,
@@ -80,11 +80,12 @@ def _llama_units(spec: ModelSpec) -> list[Unit]:
     else:
         attention = (("q", q_dim), ("k", kv_dim), ("v", kv_dim))
         mlp = (("gate", (I, C)), ("up", (I, C)), ("down", (C, I)))
+    norm_init = "zeros" if spec.family == "gemma3" else "ones"  # Gemma's norms scale by 1 + weight
     embed = Unit(UnitKind.EMBED, 0, (WeightSpec("embed_tokens.weight", "model.embed_tokens.weight", (V, C)),))
     blocks = []
     for layer in range(spec.num_layers):
         prefix = f"model.layers.{layer}."
-        w = [WeightSpec("input_layernorm.weight", prefix + "input_layernorm.weight", (C,), "ones")]
+        w = [WeightSpec("input_layernorm.weight", prefix + "input_layernorm.weight", (C,), norm_init)]
         for proj, out_dim in attention:
             name = f"self_attn.{proj}_proj"
             w.append(WeightSpec(name + ".weight", prefix + name + ".weight", (out_dim, C)))
@@ -93,10 +94,14 @@ def _llama_units(spec: ModelSpec) -> list[Unit]:
         w.append(WeightSpec("self_attn.o_proj.weight", prefix + "self_attn.o_proj.weight", (C, q_dim)))
         if spec.o_bias:
             w.append(WeightSpec("self_attn.o_proj.bias", prefix + "self_attn.o_proj.bias", (C,), "zeros"))
-        if spec.family in ("qwen3", "qwen3_moe"):  # RMSNorm weights of one head, shared by every query (key) head
+        if spec.family in ("qwen3", "qwen3_moe", "gemma3"):  # RMSNorms of one head, shared by every query (key) head
             for norm in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
-                w.append(WeightSpec(norm, prefix + norm, (hd,), "ones"))
-        w.append(WeightSpec("post_attention_layernorm.weight", prefix + "post_attention_layernorm.weight", (C,), "ones"))
+                w.append(WeightSpec(norm, prefix + norm, (hd,), norm_init))
+        w.append(WeightSpec("post_attention_layernorm.weight", prefix + "post_attention_layernorm.weight", (C,),
+                            norm_init))
+        if spec.family == "gemma3":  # the MLP between norms of its own (model/gemma3.py)
+            for norm in ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"):
+                w.append(WeightSpec(norm, prefix + norm, (C,), norm_init))
         if layer in spec.sparse_layers:
             w.extend(_expert_weights(spec, prefix))
             blocks.append(Unit(UnitKind.BLOCK, layer + 1, tuple(w)))
@@ -109,7 +114,7 @@ def _llama_units(spec: ModelSpec) -> list[Unit]:
         blocks.append(Unit(UnitKind.BLOCK, layer + 1, tuple(w)))
     head_key = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
     head = (
-        WeightSpec("norm.weight", "model.norm.weight", (C,), "ones"),
+        WeightSpec("norm.weight", "model.norm.weight", (C,), norm_init),
         WeightSpec(HEAD_PROJECTION, head_key, (V, C)),
     )
     return [embed, *blocks, Unit(UnitKind.HEAD, spec.num_layers + 1, head)]

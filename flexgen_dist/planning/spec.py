@@ -23,6 +23,9 @@ SUPPORTED = {
     # mixtures of experts: the Llama (Mixtral) or Qwen3 (Qwen3-MoE) layer with routed SwiGLU experts
     "mixtral": "mixtral",
     "qwen3_moe": "qwen3_moe",
+    # the Llama layer with Gemma's norms (1 + weight, four per layer, per head on q and k), GELU,
+    # scaled embeddings, and local layers of a window and rope base of their own between global ones
+    "gemma3_text": "gemma3",
 }
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
@@ -35,15 +38,21 @@ _DEFAULTS = {
                     num_experts_per_tok=2),
     "qwen3_moe": dict(max_position_embeddings=32768, num_experts=128, num_experts_per_tok=8,
                       moe_intermediate_size=768, intermediate_size=6144, sliding_window=4096),
+    # Gemma3TextConfig gives every shape a default (Gemma 3 4B's text_config leaves the heads and
+    # the vocabulary out); rope thetas in _gemma3_rope
+    "gemma3_text": dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+                        tie_word_embeddings=True, sliding_window=4096, query_pre_attn_scalar=256),
 }
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str  # as in config.json: llama, mistral, qwen2, qwen3, phi3, opt, mixtral, qwen3_moe
+    model_type: str  # as in config.json: llama, mistral, qwen2, qwen3, phi3, opt, mixtral, qwen3_moe, gemma3_text
     # "llama" (RMSNorm, RoPE, SwiGLU), "qwen3" (llama + per-head q/k norms), "phi3" (llama with
     # fused qkv and gate_up projections), "opt" (LayerNorm, learned positions, ReLU), "mixtral"
-    # (llama with routed experts) or "qwen3_moe" (qwen3 with routed experts)
+    # (llama with routed experts), "qwen3_moe" (qwen3 with routed experts) or "gemma3" (qwen3 with
+    # Gemma's norms, GELU, scaled embeddings, local and global layers: model/gemma3.py)
     family: str
     num_layers: int
     hidden_size: int
@@ -69,6 +78,12 @@ class ModelSpec:
     # 0-based), the others global
     local_window: int | None = None
     local_layers: tuple[int, ...] = ()
+    # The local layers' rope (Gemma 3: rope_parameters["sliding_attention"]); rope_theta and
+    # rope_scaling above are the global layers'
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict[str, Any] | None = None
+    attention_scale: float | None = None  # attention's softmax scale if not head_dim ** -0.5 (Gemma 3's)
+    final_logit_softcapping: float | None = None  # logits = tanh(logits / cap) * cap (Gemma 3)
     # OPT only
     word_embed_proj_dim: int = 0
     do_layer_norm_before: bool = True
@@ -102,12 +117,18 @@ class ModelSpec:
         if not isinstance(config, dict):
             config = config.to_dict()
         model_type = config.get("model_type")
+        if model_type == "gemma3":
+            raise UserError(
+                f"{where} has model_type \"gemma3\" (Gemma3ForConditionalGeneration, text and images), which is "
+                "not supported; use a text-only checkpoint (model_type \"gemma3_text\", Gemma3ForCausalLM, as "
+                "google/gemma-3-1b-it), or save the language model of this one as a Gemma3ForCausalLM"
+            )
         if not isinstance(model_type, str) or model_type not in SUPPORTED:
             found = "no 'model_type'" if model_type is None else f"model_type {describe(model_type)}"
-            dense = sorted(t for t in SUPPORTED if SUPPORTED[t] not in MOE_FAMILIES)
+            dense = sorted(t for t in SUPPORTED if SUPPORTED[t] not in (*MOE_FAMILIES, "gemma3"))
             moe = sorted(t for t in SUPPORTED if SUPPORTED[t] in MOE_FAMILIES)
             raise UserError(f"{where} has {found}, which is not supported; supported: {', '.join(dense)} and the "
-                            f"mixtures of experts {', '.join(moe)}")
+                            f"mixtures of experts {', '.join(moe)}, and Gemma 3's text model gemma3_text")
         quantization = config.get("quantization_config")
         if quantization is not None:
             method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
@@ -140,10 +161,12 @@ class ModelSpec:
 
 def _common(f: ConfigFields) -> dict:
     """Fields every family reads the same way."""
+    defaults = _DEFAULTS.get(f.model_type, {})
     return dict(
         model_type=f.model_type,
-        num_layers=f.integer("num_hidden_layers", required=True),
-        vocab_size=f.integer("vocab_size", required=True),
+        num_layers=f.integer("num_hidden_layers", defaults.get("num_hidden_layers"),
+                             required="num_hidden_layers" not in defaults),
+        vocab_size=f.integer("vocab_size", defaults.get("vocab_size"), required="vocab_size" not in defaults),
         max_positions=f.integer("max_position_embeddings", _DEFAULTS.get(f.model_type, {}).get(
             "max_position_embeddings", 2048)),
         eos_token_ids=f.token_ids("eos_token_id"),
@@ -223,12 +246,14 @@ def _rope_parameters(f: ConfigFields) -> tuple[float, dict | None]:
 
 
 def _llama_spec(f: ConfigFields) -> ModelSpec:
-    """Llama, Mistral, Qwen2, Qwen3, Phi-3, Mixtral and Qwen3-MoE: the RMSNorm / RoPE / SwiGLU layer."""
+    """Llama, Mistral, Qwen2, Qwen3, Phi-3, Mixtral, Qwen3-MoE and Gemma 3: the RMSNorm / RoPE /
+    gated MLP layer."""
     model_type = f.model_type
     defaults = _DEFAULTS.get(model_type, {})
-    hidden = f.integer("hidden_size", required=True)
-    heads = f.integer("num_attention_heads", required=True)
-    kv_heads = f.integer("num_key_value_heads", heads)
+    hidden = f.integer("hidden_size", defaults.get("hidden_size"), required="hidden_size" not in defaults)
+    heads = f.integer("num_attention_heads", defaults.get("num_attention_heads"),
+                      required="num_attention_heads" not in defaults)
+    kv_heads = f.integer("num_key_value_heads", defaults.get("num_key_value_heads", heads))
     head_dim = f.integer("head_dim", defaults.get("head_dim"))
     if head_dim is None:
         f.require(hidden % heads == 0, f"num_attention_heads {heads} does not divide hidden_size {hidden} "
@@ -236,11 +261,13 @@ def _llama_spec(f: ConfigFields) -> ModelSpec:
         head_dim = hidden // heads
     f.require(heads % kv_heads == 0, f"num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}")
     f.require(head_dim % 2 == 0, f"the head dimension {head_dim} is odd; rotary embeddings need an even one")
-    theta, scaling = _rope_parameters(f)
+    gemma3 = _gemma3_fields(f) if model_type == "gemma3_text" else {}
+    theta, scaling = (gemma3.pop("rope_theta"), gemma3.pop("rope_scaling")) if gemma3 else _rope_parameters(f)
     partial = _partial_rotary_factor(f, head_dim) if model_type == "phi3" else 1.0
-    act = f.text("hidden_act", "silu")
-    if act != "silu":
-        raise UserError(f"{f.where}: hidden_act {act!r} is not supported for {model_type}; supported: silu")
+    if not gemma3:
+        act = f.text("hidden_act", "silu")
+        if act != "silu":
+            raise UserError(f"{f.where}: hidden_act {act!r} is not supported for {model_type}; supported: silu")
     attention_bias = f.flag("attention_bias", False)
     if model_type == "qwen2":  # q/k/v biases always, o_proj none
         attention_bias, o_bias = True, False
@@ -258,7 +285,7 @@ def _llama_spec(f: ConfigFields) -> ModelSpec:
         intermediate_size=f.integer("intermediate_size", defaults.get("intermediate_size"),
                                     required="intermediate_size" not in defaults),
         norm_eps=f.number("rms_norm_eps", defaults.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=f.flag("tie_word_embeddings", False),
+        tie_word_embeddings=f.flag("tie_word_embeddings", defaults.get("tie_word_embeddings", False)),
         attention_bias=attention_bias,
         o_bias=o_bias,
         mlp_bias=f.flag("mlp_bias", False) if model_type in ("llama", "mistral", "qwen2") else False,
@@ -266,9 +293,91 @@ def _llama_spec(f: ConfigFields) -> ModelSpec:
         rope_scaling=scaling,
         partial_rotary_factor=partial,
         sliding_window=_sliding_window(f),
-        activation="silu",
+        activation="gelu_pytorch_tanh" if gemma3 else "silu",
         **(_moe_fields(f) if model_type in MOE_FAMILIES else {}),
+        **gemma3,
     )
+
+
+_LAYER_KINDS = ("sliding_attention", "full_attention")  # Gemma 3's local and global layers
+GEMMA3_ROPE_TYPES = ("default", "linear")
+
+
+def _gemma3_fields(f: ConfigFields) -> dict:
+    """Gemma 3's settings, as transformers 5.24's Gemma3TextConfig reads them: which layers are
+    local (layer_types, else every sliding_window_pattern-th layer is global), their window,
+    each kind's rope (_gemma3_rope), the softmax scale query_pre_attn_scalar ** -0.5 and the
+    final logits' softcap. What its Gemma3ForCausalLM computes otherwise is refused."""
+    defaults = _DEFAULTS["gemma3_text"]
+    act = f.text("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise f.bad("hidden_activation", act, '"gelu_pytorch_tanh" (the only activation implemented for gemma3_text, '
+                                              "and every Gemma 3 checkpoint's)")
+    if f.config.get("attn_logit_softcapping") is not None:
+        raise UserError(f"{f.where}: 'attn_logit_softcapping' is {describe(f.config['attn_logit_softcapping'])}: "
+                        "softcapped attention scores are not implemented (Gemma 3 checkpoints have null); "
+                        "use a checkpoint without it")
+    if f.flag("use_bidirectional_attention", False):
+        raise UserError(f"{f.where}: 'use_bidirectional_attention' is true: bidirectional attention (an "
+                        "embedding model's) is not supported for generation; use a causal Gemma 3 checkpoint")
+    num_layers = f.integer("num_hidden_layers", defaults["num_hidden_layers"])
+    kinds = f.config.get("layer_types")
+    if kinds is None:
+        pattern = f.integer("sliding_window_pattern", 6)
+        kinds = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+    if not isinstance(kinds, list) or len(kinds) != num_layers or any(k not in _LAYER_KINDS for k in kinds):
+        raise f.bad("layer_types", kinds, f"a list of {num_layers} entries (num_hidden_layers), each "
+                                           f"{' or '.join(repr(k) for k in _LAYER_KINDS)}")
+    local = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    if local and "sliding_window" in f.config and f.config["sliding_window"] is None:
+        raise f.bad("sliding_window", None, f"the window of the {len(local)} sliding_attention layers (a positive "
+                                            "integer)")
+    window = f.integer("sliding_window", defaults["sliding_window"]) if local else None
+    theta, scaling, local_theta, local_scaling = _gemma3_rope(f)
+    return dict(
+        rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta, local_rope_scaling=local_scaling,
+        local_window=window, local_layers=local,
+        attention_scale=f.number("query_pre_attn_scalar", defaults["query_pre_attn_scalar"]) ** -0.5,
+        final_logit_softcapping=f.number("final_logit_softcapping", None),
+    )
+
+
+def _gemma3_rope(f: ConfigFields) -> tuple[float, dict | None, float, dict | None]:
+    """(theta, scaling) of the global layers, then of the local ones, as Gemma3TextConfig's
+    convert_rope_params_to_dict makes them: rope_parameters {"sliding_attention": {...},
+    "full_attention": {...}} (transformers 5), a rope_scaling merged into the full layers' (4.x,
+    Gemma 3 4B: linear, factor 8), thetas missing there from rope_theta (global, default 1e6) and
+    rope_local_base_freq (local, default 1e4)."""
+    params = f.object("rope_parameters")
+    if params is not None and (set(params) - set(_LAYER_KINDS)
+                               or any(v is not None and not isinstance(v, dict) for v in params.values())):
+        raise f.bad("rope_parameters", params, "an object of the two layer kinds' rope settings, "
+                                               '{"sliding_attention": {...}, "full_attention": {...}}')
+    given = {kind: dict((params or {}).get(kind) or {"rope_type": "default"}) for kind in _LAYER_KINDS}
+    scaling = f.object("rope_scaling")
+    if scaling is not None:
+        given["full_attention"].update(scaling)
+    out = []
+    for kind, key, default in (("full_attention", "rope_theta", 1e6),
+                               ("sliding_attention", "rope_local_base_freq", 1e4)):
+        merged = " with rope_scaling" if scaling is not None and kind == "full_attention" else ""
+        rope = ConfigFields(given[kind], f"{f.where} (rope_parameters[{kind!r}]{merged})", f.model_type, f.fix)
+        named = {k: rope.config[k] for k in ("rope_type", "type") if k in rope.config}
+        if len(set(map(str, named.values()))) > 1:
+            raise UserError(
+                f"{rope.where}: \"type\" is {describe(named['type'])} but \"rope_type\" is "
+                f"{describe(named['rope_type'])}, and transformers' Gemma 3 computes the latter (the default rope when "
+                "a rope_scaling gives only \"type\", ignoring its scaling); write the scaling the checkpoint was "
+                "trained with as \"rope_type\" in config.json"
+            )
+        rope_type = _rope_type(rope.config)
+        if rope_type not in GEMMA3_ROPE_TYPES:
+            raise UserError(f"{rope.where}: rope scaling type {describe(rope_type)} is not implemented for gemma3_text "
+                            f"(positions would be encoded wrongly); supported: {', '.join(GEMMA3_ROPE_TYPES)}")
+        theta = rope.number("rope_theta") or f.number(key, default)
+        out += [theta, {"rope_type": "linear", "factor": rope.number("factor", required=True)}
+                if rope_type == "linear" else None]
+    return tuple(out)
 
 
 # Settings of other mixtures of experts that the transformers classes of mixtral and qwen3_moe do
