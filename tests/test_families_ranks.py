@@ -1,0 +1,39 @@
+"""The families added in 2026 (Qwen3, Phi-3, the mixtures of experts) beyond one process in
+memory: through a pipeline of two ranks, greedy tokens equal transformers'; compressed, the
+logits stay within the tolerances every older family keeps (tests/test_compression.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+import tiny_models
+from flexgen_dist import Policy
+from test_compression import CASES, relative_error, step_logits
+from test_engine_pipeline import run_pipeline
+
+NEW_ARCHS = tiny_models.ARCHS_2026 + tiny_models.ARCHS_MOE
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_two_ranks_give_transformers_tokens(arch, tiny_models_cache, tmp_path, hf_greedy, unambiguous_prompts):
+    """Each rank holds half the layers (experts and norms with them); 7 prompts in blocks of 4,
+    so the second block's prompts refill the first's rows in one lane and open the other."""
+    model = tiny_models_cache[arch]
+    prompts = unambiguous_prompts(model, (3, 11, 6, 9, 4, 8, 5), 6)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=50, w_cpu_percent=50,
+                    cache_gpu_percent=50, cache_cpu_percent=25)
+    got, _ = run_pipeline(model, policy, prompts, 6, 2, tmp_path)
+    assert [o.output_ids for o in got.outputs] == [hf_greedy(model, p, 6) for p in prompts]
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("case", ["weights-4bit", "weights-8bit", "cache-4bit", "cache-8bit"])
+def test_compressed_logits_within_tolerance(arch, case, tiny_models_cache, tmp_path, monkeypatch):
+    changes, step, tolerance = CASES[case]
+    model = tiny_models_cache[arch]
+    prompts = tiny_models.random_prompts([5, 12, 9, 16], seed=1)
+    base = Policy(gpu_batch_size=4)
+    want = step_logits(model, base, prompts, tmp_path / "plain", monkeypatch)[step]
+    got = step_logits(model, base.replace(**changes), prompts, tmp_path / "compressed", monkeypatch)[step]
+    error = relative_error(got, want)
+    assert 0 < error < tolerance, f"{case} on {arch}: relative logit error {error:.4f} (tolerance {tolerance})"
