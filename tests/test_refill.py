@@ -213,3 +213,18 @@ def test_a_pipeline_refills_its_lanes_with_the_same_tokens(ranks, tiny_models_ca
     # computed fewer row-steps than the blocks run to their longest rows (4 blocks x 4 rows x 12)
     assert stats[0].generated_tokens == sum(limits)
     assert stats[0].row_steps < 4 * 4 * MAX_NEW
+
+
+def test_prefill_and_decode_rates_count_where_prompts_ran(llama_dir, tmp_path, unambiguous_prompts):
+    """With refill most prompts start in a row of an open block, their prefill inside a decode
+    step: the prefill rate counts only the prompts of the prefill phase (the lanes' blocks), and
+    the decode rate every token but those prompts' first ones."""
+    prompts = unambiguous_prompts(llama_dir, LENGTHS, MAX_NEW)
+    path = _job(tmp_path, prompts, [])
+    _, stats = _run(llama_dir, path, POLICIES["in-memory"], tmp_path / "off", refill=True)
+    first_block = sorted(LENGTHS, reverse=True)[:4]  # blocks are filled longest prompt first
+    assert stats.prefill_prompt_tokens == sum(first_block) and stats.prefill_sequences == 4
+    assert stats.prefill_tokens_per_s == pytest.approx(sum(first_block) / stats.prefill_s)
+    assert stats.decode_tokens_per_s == pytest.approx((stats.generated_tokens - 4) / stats.decode_s)
+    _, plain = _run(llama_dir, path, POLICIES["in-memory"], tmp_path / "off", refill=False)
+    assert plain.prefill_prompt_tokens == sum(LENGTHS) and plain.prefill_sequences == len(LENGTHS)

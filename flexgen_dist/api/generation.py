@@ -123,11 +123,14 @@ class RunTotals:
     generated_tokens: int = 0
     num_blocks: int = 0
     num_sequences: int = 0
+    prefill_prompt_tokens: int = 0  # of the prompts prefilled in the prefill phase (not in a refilled row)
+    prefill_sequences: int = 0
 
     def stats(self) -> Stats:
         return Stats(prefill_s=self.prefill_s, decode_s=self.decode_s, prompt_tokens=self.prompt_tokens,
                      generated_tokens=self.generated_tokens, num_blocks=self.num_blocks,
-                     num_sequences=self.num_sequences, prompt_slots=self.prompt_slots, row_steps=self.row_steps)
+                     num_sequences=self.num_sequences, prompt_slots=self.prompt_slots, row_steps=self.row_steps,
+                     prefill_prompt_tokens=self.prefill_prompt_tokens, prefill_sequences=self.prefill_sequences)
 
 
 def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, placement: Placement, pad_id: int,
@@ -159,6 +162,8 @@ def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, placement: Placem
             totals.row_steps += run.row_steps
         totals.prefill_s += run.prefill_s
         totals.decode_s += run.decode_s
+        totals.prefill_prompt_tokens += run.prefill_prompt_tokens
+        totals.prefill_sequences += run.prefill_sequences
         totals.num_blocks += len(blocks)
         totals.num_sequences += len(chunk)
         totals.prompt_tokens += sum(len(specs[i].prompt_ids) for i in chunk)

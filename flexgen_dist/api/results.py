@@ -23,6 +23,10 @@ class Stats:
     num_sequences: int
     prompt_slots: int = 0  # block rows x block width over all blocks: prompt tokens plus padding
     row_steps: int = 0  # block rows x token steps each block ran, over all blocks (padding rows too)
+    # The prompts whose prefill ran in the prefill phase (None: all of them). With refill most
+    # prompts start in a row of an open block, their prefill inside a decode step (decode_s).
+    prefill_prompt_tokens: int | None = None
+    prefill_sequences: int | None = None
 
     @property
     def total_s(self) -> float:
@@ -30,12 +34,14 @@ class Stats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        tokens = self.prompt_tokens if self.prefill_prompt_tokens is None else self.prefill_prompt_tokens
+        return tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
-        # The first new token of each sequence comes out of the prefill.
-        return max(self.generated_tokens - self.num_sequences, 0) / self.decode_s if self.decode_s > 0 else 0.0
+        # The first new token of a sequence prefilled in the prefill phase comes out of it.
+        first = self.num_sequences if self.prefill_sequences is None else self.prefill_sequences
+        return max(self.generated_tokens - first, 0) / self.decode_s if self.decode_s > 0 else 0.0
 
     @property
     def tokens_per_s(self) -> float:

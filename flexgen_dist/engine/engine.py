@@ -47,6 +47,8 @@ class RunResult:
     prefill_s: float  # wall time in prefill tasks (token 0), waits included
     decode_s: float  # the rest: decode steps (with the prefills of prompts that took a row)
     row_steps: int = 0  # block rows x the steps each block ran (on the rank that records tokens)
+    prefill_prompt_tokens: int = 0  # real prompt tokens of the blocks prefilled in prefill tasks (token 0)
+    prefill_sequences: int = 0  # and their sequences (the others started in a refilled row)
 
 
 @dataclass
@@ -140,6 +142,10 @@ class Engine:
             walk.lender = Lender(blocks, lanes, on_block_done)
             walk.blocks = [walk.lender.open_block(lane) for lane in range(lanes)]
             walk.lanes = list(range(lanes))
+        # what prefill tasks compute: with refill only the lanes' blocks (the others' prompts start
+        # in their rows, inside decode steps)
+        real = [(b, row) for b in walk.blocks for row, seq_id in enumerate(b.seq_ids) if seq_id >= 0]
+        prefilled = (sum(int(b.prompt_mask[row].sum()) for b, row in real), len(real))
         try:
             plan = self._refill_plan(walk, 0) if walk.lender else ops.rank_schedule(tasks, stage, self.config.prefetch_depth)
             while plan:
@@ -152,7 +158,8 @@ class Engine:
             raise
         self._tear_down(walk, failed=False)
         results = walk.lender.results if walk.lender else walk.results
-        return RunResult([results.get(b, BlockResult([])) for b in range(len(blocks))], *walk.phase_s, walk.row_steps)
+        return RunResult([results.get(b, BlockResult([])) for b in range(len(blocks))], *walk.phase_s, walk.row_steps,
+                         *prefilled)
 
     def _refill_plan(self, walk: _Walk, first_token: int) -> list:
         """The next steps of the open blocks of a refill run, one per lane, the lanes taking turns:
