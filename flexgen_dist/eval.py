@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from pathlib import Path
 
 from .cli.startup import refuse_too_little_memory
@@ -30,7 +29,7 @@ from .api.model_source import ModelSource
 from .api.planner import plan_for
 from .planning.placement import Workload
 from .cli.flags import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser
-from .cli.shell import run_command
+from .cli.shell import exit_process, run_command
 
 DEFAULT_TEXT = str(Path(__file__).parent / "data" / "heldout.txt")
 MIN_TOKENS = 2  # a window's first token is context only: two tokens score one
@@ -136,4 +135,4 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

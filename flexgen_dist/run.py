@@ -17,7 +17,6 @@ if __name__ == "__main__":  # first: hold a SIGINT / SIGTERM sent while the impo
     hold_standard_descriptors()  # a closed descriptor 1 must not become the next file opened
 
 import argparse
-import sys
 
 from .cli.startup import refuse_too_little_memory
 
@@ -25,7 +24,7 @@ refuse_too_little_memory()  # before torch is imported (below)
 
 from . import DEFAULT_MODEL, __version__
 from .cli.flags import add_model_args, dist_from_args, group, new_parser, start_pipeline
-from .cli.shell import run_command
+from .cli.shell import exit_process, run_command
 from .jobs.run import run_job
 from .cli.signals import StopSignals
 
@@ -127,5 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(body, rank_of=lambda: contexts[0].rank if contexts else 0)
 
 
+def cli() -> None:
+    """The `flexgen-dist` command (pyproject's script): main's exit code, the process ended as
+    exit_process ends it."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -220,3 +220,56 @@ def test_a_signal_ends_a_rank_waiting_for_another_service(signum):
             rank1.kill()
     assert code == 128 + signum, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+class LateGarbageService(OtherService):
+    """Answers a greeting with garbage `delay_s` after it came: after the rank gave up waiting, while
+    its process ends (c10d's thread then returns into an interpreter that is finalizing)."""
+
+    def __init__(self, delay_s: float):
+        super().__init__(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+        self.delay_s = delay_s
+
+    def _talk(self, connection: socket.socket) -> None:
+        try:
+            if connection.recv(4096):
+                self.greeted.set()
+                threading.Event().wait(self.delay_s)  # the behaviour under test: a slow wrong answer
+                connection.sendall(self.reply)
+                while connection.recv(4096):
+                    connection.sendall(self.reply)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("delay_s", [1.1, 1.3, 1.6])
+def test_a_wrong_answer_after_giving_up_does_not_abort_the_process(delay_s):
+    """The rank gives up after --comm-timeout 1 and prints its line; c10d's connect thread, left
+    in C++, got the garbage later and returned while the interpreter finalized: CPython unwound
+    its C++ frames and the process aborted (exit -6, 'terminate called without an active
+    exception') after the line. A process with such a thread now ends without finalizing."""
+    with LateGarbageService(delay_s) as service:
+        rank1 = start_rank(1, 2, service.port, rendezvous_timeout_s=600,
+                           argv=["-m", "flexgen_dist.run", "--comm-timeout", "1"])
+        try:
+            code, stderr = rank1.finish(timeout_s=120)
+        finally:
+            rank1.kill()
+    assert code == 1, stderr[-3000:]
+    assert "terminate called" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert "check MASTER_ADDR / MASTER_PORT" in the_error(stderr)
+
+
+def test_exit_process_skips_finalizing_only_after_a_thread_was_left_in_c10d(tmp_path):
+    script = ("import atexit, sys\n"
+              "from flexgen_dist.cli.shell import exit_process\n"
+              "from flexgen_dist.parallel import rendezvous\n"
+              "atexit.register(lambda: print('finalized', flush=True))\n"
+              "if sys.argv[1] == 'left': rendezvous.LEFT_BEHIND.set()\n"
+              "print('line', flush=True)\n"
+              "exit_process(3)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    for mode, finalized in (("left", False), ("none", True)):
+        proc = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 3 and proc.stdout.startswith("line")
+        assert ("finalized" in proc.stdout) == finalized, (mode, proc.stdout)

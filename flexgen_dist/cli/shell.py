@@ -4,6 +4,7 @@ environment, a signal each end as one line on stderr and an exit code, never a t
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -11,6 +12,23 @@ from ..errors import EnvironmentFailure, UserError
 from ..parallel.comm import PeerError
 from .signals import Interrupted
 from .streams import SIGPIPE_EXIT, OutputClosed, guarded_stdout
+
+
+def exit_process(code: int) -> None:
+    """End a command's process with `code`. Where a rendezvous left a thread inside c10d's C++
+    (parallel/rendezvous.py LEFT_BEHIND), without finalizing the interpreter: finalizing would
+    abort the process when that thread returns, after the one-line error, with exit -6."""
+    from ..parallel.rendezvous import LEFT_BEHIND
+
+    if LEFT_BEHIND.is_set():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0) -> int:

@@ -118,6 +118,13 @@ def _open_store(rank: int, addr: str, port: int, where: str, timeout_s: float, r
     return store
 
 
+# Set when a connect thread was left inside c10d's C++ constructor: if it comes out while the
+# interpreter finalizes (c10d gave up retrying), CPython stops it by unwinding C++ frames that
+# cannot unwind, and the process aborts ("terminate called without an active exception", exit -6)
+# after the one-line error. The command's process then ends without finalizing (cli/shell.py).
+LEFT_BEHIND = threading.Event()
+
+
 def _connect_client(rank: int, addr: str, port: int, where: str, answer_s: float):
     """c10d's client store at addr:port, once it answered; `RendezvousError` when it does not
     answer as a store within answer_s seconds.
@@ -145,6 +152,7 @@ def _connect_client(rank: int, addr: str, port: int, where: str, answer_s: float
         threading.Thread(target=connect, name=f"rendezvous-connect-{where}", daemon=True).start()
         while not done.wait(max(0.0, min(_SIGNAL_SLICE_S, give_up - time.monotonic()))):
             if time.monotonic() >= give_up:
+                LEFT_BEHIND.set()
                 raise RendezvousError(
                     f"rank {rank}: {where} accepted the connection but is not rank 0's rendezvous store (no "
                     f"store's answer in {answer_s:.3g} s): check MASTER_ADDR / MASTER_PORT"
