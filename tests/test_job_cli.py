@@ -347,11 +347,16 @@ def test_version_and_the_package_alias(capsys):
     assert proc.returncode == 0 and proc.stdout.strip() == f"flexgen_dist {__version__}"
 
 
-def test_the_console_script_is_the_run_command():
+def test_the_console_script_is_the_run_command(monkeypatch, capsys):
+    """flexgen-dist is run's main, its exit code ending the process (cli: exit_process)."""
     tomllib = pytest.importorskip("tomllib")
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, name = scripts["flexgen-dist"].split(":")
-    assert getattr(__import__(module, fromlist=[name]), name) is main
+    script = getattr(__import__(module, fromlist=[name]), name)
+    monkeypatch.setattr(sys, "argv", ["flexgen-dist", "--version"])
+    with pytest.raises(SystemExit) as ended:
+        script()
+    assert ended.value.code == 0 and capsys.readouterr().out.strip() == f"flexgen_dist {__version__}"
 
 
 class Clock:
