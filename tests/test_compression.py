@@ -68,16 +68,21 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).pow(2).mean().sqrt() / (want - want.mean(-1, keepdim=True)).pow(2).mean().sqrt())
 
 
-@pytest.mark.parametrize("arch", tiny_models.ARCHS)
-@pytest.mark.parametrize("case", list(CASES))
-def test_compressed_logits_within_tolerance(arch, case, tiny_models_cache, tmp_path, monkeypatch):
-    changes, step, tolerance = CASES[case]
-    model = tiny_models_cache[arch]
+def compressed_logit_error(model, case: str, tmp_path, monkeypatch) -> float:
+    """The relative logit error of compression `case` (CASES) on `model`, at the first step that sees it."""
+    changes, step, _ = CASES[case]
     prompts = tiny_models.random_prompts([5, 12, 9, 16], seed=1)
     base = Policy(gpu_batch_size=4)
     want = step_logits(model, base, prompts, tmp_path / "plain", monkeypatch)[step]
     got = step_logits(model, base.replace(**changes), prompts, tmp_path / "compressed", monkeypatch)[step]
-    error = relative_error(got, want)
+    return relative_error(got, want)
+
+
+@pytest.mark.parametrize("arch", tiny_models.ARCHS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_compressed_logits_within_tolerance(arch, case, tiny_models_cache, tmp_path, monkeypatch):
+    tolerance = CASES[case][2]
+    error = compressed_logit_error(tiny_models_cache[arch], case, tmp_path, monkeypatch)
     assert 0 < error < tolerance, f"{case} on {arch}: relative logit error {error:.4f} (tolerance {tolerance})"
 
 

@@ -87,7 +87,8 @@ class LoopbackComm:
         return _Recv(self.wire.channel(src, self.rank, tag), self.wire.arrive)
 
 
-def run_pipeline(model, policy, prompts, max_new_tokens, ranks, tmp_path, wire=None, **generate):
+def run_ranks(model, policy, ranks, tmp_path, body, wire=None) -> tuple[dict, "Wire"]:
+    """`body(llm)` on every rank of an in-process pipeline (threads over `wire`): {rank: its result}."""
     wire = wire or Wire()
     barrier, shared = threading.Barrier(ranks), [None] * ranks
     results, errors = {}, []
@@ -98,7 +99,7 @@ def run_pipeline(model, policy, prompts, max_new_tokens, ranks, tmp_path, wire=N
                               master_port=29500, backend="gloo", device="cpu", launcher="torchrun")
             pipeline = LoopbackPipeline(ctx, wire, barrier, shared)
             with LLM(model, policy=policy, offload_dir=tmp_path / f"rank{rank}", runtime=CPU, pipeline=pipeline) as llm:
-                results[rank] = llm.generate(prompts, max_new_tokens=max_new_tokens, **generate)
+                results[rank] = body(llm)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
@@ -108,6 +109,12 @@ def run_pipeline(model, policy, prompts, max_new_tokens, ranks, tmp_path, wire=N
     for t in threads:
         t.join(120)
     assert not errors, errors
+    return results, wire
+
+
+def run_pipeline(model, policy, prompts, max_new_tokens, ranks, tmp_path, wire=None, **generate):
+    results, wire = run_ranks(model, policy, ranks, tmp_path,
+                              lambda llm: llm.generate(prompts, max_new_tokens=max_new_tokens, **generate), wire)
     return results[0], wire
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import tiny_models
 from flexgen_dist import Policy
-from test_compression import CASES, relative_error, step_logits
+from test_compression import CASES, compressed_logit_error
 from test_engine_pipeline import run_pipeline
 
 NEW_ARCHS = tiny_models.ARCHS_2026 + tiny_models.ARCHS_MOE + tiny_models.ARCHS_GEMMA3
@@ -37,12 +37,6 @@ SENSITIVE = {"gemma3": 4.0, "gemma3-linear-softcap": 4.0}
 @pytest.mark.parametrize("arch", NEW_ARCHS)
 @pytest.mark.parametrize("case", ["weights-4bit", "weights-8bit", "cache-4bit", "cache-8bit"])
 def test_compressed_logits_within_tolerance(arch, case, tiny_models_cache, tmp_path, monkeypatch):
-    changes, step, tolerance = CASES[case]
-    tolerance *= SENSITIVE.get(arch, 1.0)
-    model = tiny_models_cache[arch]
-    prompts = tiny_models.random_prompts([5, 12, 9, 16], seed=1)
-    base = Policy(gpu_batch_size=4)
-    want = step_logits(model, base, prompts, tmp_path / "plain", monkeypatch)[step]
-    got = step_logits(model, base.replace(**changes), prompts, tmp_path / "compressed", monkeypatch)[step]
-    error = relative_error(got, want)
+    tolerance = CASES[case][2] * SENSITIVE.get(arch, 1.0)
+    error = compressed_logit_error(tiny_models_cache[arch], case, tmp_path, monkeypatch)
     assert 0 < error < tolerance, f"{case} on {arch}: relative logit error {error:.4f} (tolerance {tolerance})"

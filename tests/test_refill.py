@@ -167,11 +167,10 @@ def test_a_pipeline_refills_its_lanes_with_the_same_tokens(ranks, tiny_models_ca
                                                            unambiguous_prompts):
     """Every lane of a pipeline keeps one block open; the first rank (which records the tokens)
     and the last (which samples them) decide alike which rows end and which prompt each takes,
-    and the ranks between learn it from the control message before each task."""
-    import threading
-
-    from flexgen_dist.parallel.context import DistContext
-    from test_engine_pipeline import LoopbackPipeline, Wire
+    and the ranks between learn it from the control message before each task. Every tensor a
+    rank receives (the control message naming the starting rows, the new prompts' hidden states)
+    arrives as on another device (NCCL's GPU) and must be moved at the comm boundary first."""
+    from test_engine_pipeline import OnAnotherDevice, Wire, run_ranks
 
     model_dir = tiny_models_cache.get("llama", num_hidden_layers=4)
     lengths = LENGTHS + (7, 15, 3, 11, 6, 9)
@@ -185,29 +184,18 @@ def test_a_pipeline_refills_its_lanes_with_the_same_tokens(ranks, tiny_models_ca
     # stored to their tier after the step's inputs are forgotten
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=50, w_cpu_percent=50,
                     cache_gpu_percent=50, cache_cpu_percent=25)
-    wire, barrier, shared = Wire(), threading.Barrier(ranks), [None] * ranks
-    found, stats, errors = {}, {}, []
+    found = {}
 
-    def rank_main(rank: int) -> None:
-        try:
-            ctx = DistContext(rank=rank, world_size=ranks, local_rank=rank, master_addr="127.0.0.1",
-                              master_port=29500, backend="gloo", device="cpu", launcher="torchrun")
-            pipeline = LoopbackPipeline(ctx, wire, barrier, shared)
-            with LLM(str(model_dir), policy=policy, offload_dir=tmp_path / f"rank{rank}", runtime=Runtime(device="cpu"),
-                     pipeline=pipeline) as llm:
-                prepared = tokenize_job(read_job_file(path, None), tokenizer=None, spec=llm.spec,
-                                        max_new_tokens=MAX_NEW, truncate="none", stop=())
-                stats[rank] = llm.generate_requests(prepared, RunSettings(max_new_tokens=MAX_NEW),
-                                                    lambda items: found.update((p.request.id, c) for p, c in items))
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+    def body(llm):
+        prepared = tokenize_job(read_job_file(path, None), tokenizer=None, spec=llm.spec,
+                                max_new_tokens=MAX_NEW, truncate="none", stop=())
+        return llm.generate_requests(prepared, RunSettings(max_new_tokens=MAX_NEW),
+                                     lambda items: found.update((p.request.id, c) for p, c in items))
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    OnAnotherDevice.misuses.clear()
+    stats, _ = run_ranks(model_dir, policy, ranks, tmp_path, body,
+                         Wire(arrive=lambda tensor: tensor.as_subclass(OnAnotherDevice)))
+    assert not OnAnotherDevice.misuses
     assert [list(found[i].output_ids) for i in range(len(prompts))] == expected
     # 16 prompts in blocks of 4: each lane's block took prompts of the blocks no lane opened, and
     # computed fewer row-steps than the blocks run to their longest rows (4 blocks x 4 rows x 12)
