@@ -63,3 +63,28 @@ def policy(percent=(100, 0, 100, 0, 100, 0), gbs=2, num_batches=2, **switches) -
 def place(spec: ModelSpec, pol: Policy, hardware: Hardware, units=None, **overrides):
     kwargs = {**settings(hardware), **overrides}
     return plan_placement(spec, units if units is not None else model_units(spec), pol, **kwargs)
+
+
+def assert_plans_on_a_gpu_box_and_a_cpu_box(spec: ModelSpec, numel: int, *, gpu_mem: int, cpu_mem: int,
+                                            host_mem: int) -> None:
+    """A published model (`numel` weights in fp16) plans on a GPU machine and on a CPU one: the
+    search finds a policy, its placement is the one plan_placement gives, every tensor is placed
+    once (a tied head too), 2 bytes each with a GPU; on the CPU box those on the gpu tier (host
+    memory) may be held in the fp32 compute dtype."""
+    from flexgen_dist.planning.layout import UnitKind
+    from flexgen_dist.planning.search import SearchOptions, search
+
+    units = model_units(spec)
+    assert sum(u.kind is UnitKind.BLOCK for u in units) == spec.num_layers
+    for machine in (gpu_machine(gpu_mem=gpu_mem, cpu_mem=cpu_mem), cpu_machine(host_mem=host_mem)):
+        st = settings(machine, prompt_len=256, gen_len=32)
+        plan = search(spec, [units], machine, **st, num_prompts=64,
+                      options=SearchOptions(gpu_batch_sizes=(4, 16), num_gpu_batches=(1, 4)))
+        assert plan.estimate.throughput > 0
+        placement = plan_placement(spec, units, plan.policy, **st)
+        assert placement.weight_bytes() == plan.placement.weight_bytes()
+        stored = sum(placement.weight_bytes().values())
+        if machine.capacities.has_gpu:
+            assert stored == 2 * numel
+        else:
+            assert 2 * numel <= stored <= 4 * numel

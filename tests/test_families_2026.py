@@ -20,11 +20,9 @@ import tiny_models
 from conftest import hf_greedy, hf_trace, unambiguous_prompts
 from flexgen_dist import LLM, Policy, Runtime
 from flexgen_dist.errors import UserError
-from flexgen_dist.planning.layout import UnitKind, model_units
-from flexgen_dist.planning.place import plan_placement
-from flexgen_dist.planning.search import SearchOptions, search
+from flexgen_dist.planning.layout import model_units
 from flexgen_dist.planning.spec import ModelSpec
-from planner_cases import GiB, cpu_machine, gpu_machine, settings
+from planner_cases import GiB, assert_plans_on_a_gpu_box_and_a_cpu_box
 from test_placement import EVERY_TIER
 from test_placement import test_planned_bytes_equal_allocated_bytes as planned_bytes_equal_allocated_bytes
 
@@ -52,7 +50,9 @@ SETUPS = {
                                 cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0),
                          (4, 16, 9), 10),
 }
-MATRIX = [(arch, name) for arch in ARCHS for name in SETUPS]
+# every family added in 2026 (the mixtures of experts: tests/test_moe.py, Gemma 3: tests/test_gemma3.py)
+GREEDY_ARCHS = ARCHS + tiny_models.ARCHS_MOE + tiny_models.ARCHS_GEMMA3
+MATRIX = [(arch, name) for arch in GREEDY_ARCHS for name in SETUPS]
 
 
 def _generate(model_dir, prompts, policy: Policy, max_new_tokens: int, offload_dir):
@@ -201,25 +201,9 @@ def test_published_config_lays_out_transformers_tensors(name):
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_config_plans_on_a_gpu_box_and_a_cpu_box(name):
-    config, _ = PUBLISHED[name]
-    spec = ModelSpec.from_config(config)
-    units = model_units(spec)
-    assert sum(u.kind is UnitKind.BLOCK for u in units) == spec.num_layers
-    for machine in (gpu_machine(gpu_mem=16 * GiB, cpu_mem=32 * GiB), cpu_machine(host_mem=8 * GiB)):
-        st = settings(machine, prompt_len=256, gen_len=32)
-        plan = search(spec, [units], machine, **st, num_prompts=64,
-                      options=SearchOptions(gpu_batch_sizes=(4, 16), num_gpu_batches=(1, 4)))
-        assert plan.estimate.throughput > 0
-        # every tensor placed once (a tied head too): 2 bytes each in fp16; on the CPU box those
-        # on the gpu tier (host memory) are held in the fp32 compute dtype
-        placement = plan_placement(spec, units, plan.policy, **st)
-        assert placement.weight_bytes() == plan.placement.weight_bytes()
-        stored = sum(placement.weight_bytes().values())
-        numel = sum(torch.Size(shape).numel() for shape in _tensors(spec).values())
-        if machine.capacities.has_gpu:
-            assert stored == 2 * numel
-        else:
-            assert 2 * numel <= stored <= 4 * numel
+    spec = ModelSpec.from_config(PUBLISHED[name][0])
+    numel = sum(torch.Size(shape).numel() for shape in _tensors(spec).values())
+    assert_plans_on_a_gpu_box_and_a_cpu_box(spec, numel, gpu_mem=16 * GiB, cpu_mem=32 * GiB, host_mem=8 * GiB)
 
 
 def test_published_shapes_read_from_the_configs():

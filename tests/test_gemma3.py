@@ -1,5 +1,6 @@
 """Gemma 3 (gemma3_text, transformers' Gemma3ForCausalLM): greedy tokens and log-probabilities
-equal transformers', in memory, partly and wholly on disk and through continuous refill; the
+equal transformers' (greedy in memory, partly and wholly on disk: tests/test_families_2026.py;
+through continuous refill: tests/test_refill.py); the
 planned bytes equal the allocated ones; the published configs of Gemma 3 1B and 4B (its text
 model) lay out transformers' tensors and plan; fields left out take transformers' defaults and
 what is not implemented is refused in one line.
@@ -12,7 +13,6 @@ global layers, its final logits softcapped and its head untied.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -22,15 +22,11 @@ import torch
 import tiny_models
 from conftest import hf_greedy, hf_model, hf_trace, unambiguous_prompts
 from flexgen_dist import LLM, Policy, Runtime
-from flexgen_dist.api.generation import RunSettings
 from flexgen_dist.errors import UserError
-from flexgen_dist.jobs.inputs import tokenize_job
-from flexgen_dist.jobs.jobfiles import read_job_file
-from flexgen_dist.planning.layout import UnitKind, model_units
-from flexgen_dist.planning.place import plan_placement
-from flexgen_dist.planning.search import SearchOptions, search
+from flexgen_dist.planning.layout import model_units
 from flexgen_dist.planning.spec import ModelSpec
-from planner_cases import GiB, cpu_machine, gpu_machine, settings
+from planner_cases import GiB, assert_plans_on_a_gpu_box_and_a_cpu_box
+from test_families_2026 import _ON_DEVICE
 from test_placement import EVERY_TIER
 from test_placement import test_planned_bytes_equal_allocated_bytes as planned_bytes_equal_allocated_bytes
 
@@ -40,85 +36,6 @@ ARCHS = tiny_models.ARCHS_GEMMA3
 @pytest.fixture(scope="session")
 def gemma3_dir(tiny_models_cache):
     return tiny_models_cache["gemma3"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    policy: Policy
-    lengths: tuple[int, ...]
-    max_new_tokens: int
-
-
-_ON_DEVICE = dict(w_gpu_percent=100, w_cpu_percent=0, cache_gpu_percent=100, cache_cpu_percent=0,
-                  act_gpu_percent=100, act_cpu_percent=0)
-SETUPS = {
-    # Everything in memory, one GPU batch of prompts of lengths 3..20 (left padding).
-    "in-memory": Setup(Policy(**_ON_DEVICE, gpu_batch_size=4, num_gpu_batches=1), (3, 20, 8, 12), 12),
-    # Weights on all three tiers (30 / 30 / disk 40), the KV cache half on the host, half on disk.
-    "partly-on-disk": Setup(Policy(**dict(_ON_DEVICE, w_gpu_percent=30, w_cpu_percent=30, cache_gpu_percent=0,
-                                          cache_cpu_percent=50), gpu_batch_size=2, num_gpu_batches=2),
-                            (6, 11, 4, 15), 12),
-    # Weights, KV cache and activations all on disk; the last block not full.
-    "all-on-disk": Setup(Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=0,
-                                cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0),
-                         (4, 16, 9), 10),
-}
-MATRIX = [(arch, name) for arch in ARCHS for name in SETUPS]
-
-
-@pytest.mark.parametrize(("arch", "setup_name"), MATRIX, ids=[f"{a}-{s}" for a, s in MATRIX])
-def test_greedy_matches_transformers(arch, setup_name, tiny_models_cache, tmp_path):
-    setup = SETUPS[setup_name]
-    model_dir = tiny_models_cache[arch]
-    prompts = unambiguous_prompts(model_dir, setup.lengths, setup.max_new_tokens, seed=len(setup.lengths))
-    with LLM(str(model_dir), policy=setup.policy, offload_dir=str(tmp_path), runtime=Runtime(device="cpu")) as llm:
-        result = llm.generate(prompts, max_new_tokens=setup.max_new_tokens, do_sample=False)
-    mismatches = [f"prompt {i} (length {len(p)}): engine {list(out.output_ids)} != transformers {want}"
-                  for i, (p, out) in enumerate(zip(prompts, result.outputs))
-                  if list(out.output_ids) != (want := hf_greedy(model_dir, p, setup.max_new_tokens))]
-    assert not mismatches, "\n".join(mismatches)
-
-
-# --- continuous refill: more prompts than a block's rows, each with its own limit ------------------
-
-REFILL_POLICIES = {
-    "in-memory": dict(_ON_DEVICE, gpu_batch_size=2, num_gpu_batches=2),
-    # a cache loaded into scratch and stored back, activations on the host
-    "cache-on-disk": dict(_ON_DEVICE, gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=50, cache_gpu_percent=0,
-                          cache_cpu_percent=30, act_gpu_percent=0, act_cpu_percent=100),
-}
-LENGTHS = (3, 17, 8, 12, 5, 20, 9, 6, 14, 4)
-LIMITS = (1, 12, 3, 7, 12, 2, 9, 5, 11, 4)  # the 20-token prompt stops at 2: its slots are reused
-MAX_NEW = 12
-
-
-def _run_job(model_dir, path, policy, offload_dir, refill):
-    with LLM(str(model_dir), policy=Policy(**policy), offload_dir=str(offload_dir),
-             runtime=Runtime(device="cpu", refill=refill)) as llm:
-        prepared = tokenize_job(read_job_file(path, None), tokenizer=None, spec=llm.spec,
-                                max_new_tokens=MAX_NEW, truncate="none", stop=())
-        found = {}
-        stats = llm.generate_requests(prepared, RunSettings(max_new_tokens=MAX_NEW),
-                                      lambda items: found.update((p.request.id, c) for p, c in items))
-    return [list(found[i].output_ids) for i in range(len(found))], stats
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("setup", sorted(REFILL_POLICIES))
-def test_refilled_rows_get_transformers_tokens(arch, setup, tiny_models_cache, tmp_path):
-    """Ten prompts through a block of four rows: finished rows take waiting prompts, whose
-    prefill runs beside the other rows' decode step (local and global layers, each with its mask)."""
-    model_dir = tiny_models_cache[arch]
-    prompts = unambiguous_prompts(model_dir, LENGTHS, MAX_NEW)
-    expected = [hf_greedy(model_dir, p, MAX_NEW)[:limit] for p, limit in zip(prompts, LIMITS)]
-    path = tmp_path / "job.jsonl"
-    path.write_text("".join(json.dumps(dict(id=i, input_ids=p, max_new_tokens=n)) + "\n"
-                            for i, (p, n) in enumerate(zip(prompts, LIMITS))))
-    got, stats = _run_job(model_dir, path, REFILL_POLICIES[setup], tmp_path / "off", refill=True)
-    assert got == expected
-    plain, plain_stats = _run_job(model_dir, path, REFILL_POLICIES[setup], tmp_path / "off", refill=False)
-    assert plain == expected
-    assert stats.row_steps < plain_stats.row_steps  # rows were refilled
 
 
 # --- log-probabilities: the softcap and every position's logits -------------------------------------
@@ -256,23 +173,9 @@ def test_published_config_lays_out_transformers_tensors(name):
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_config_plans_on_a_gpu_box_and_a_cpu_box(name):
-    config, _ = PUBLISHED[name]
-    spec = ModelSpec.from_config(config)
-    units = model_units(spec)
-    assert sum(u.kind is UnitKind.BLOCK for u in units) == spec.num_layers
-    for machine in (gpu_machine(gpu_mem=16 * GiB, cpu_mem=32 * GiB), cpu_machine(host_mem=16 * GiB)):
-        st = settings(machine, prompt_len=256, gen_len=32)
-        plan = search(spec, [units], machine, **st, num_prompts=64,
-                      options=SearchOptions(gpu_batch_sizes=(4, 16), num_gpu_batches=(1, 4)))
-        assert plan.estimate.throughput > 0
-        placement = plan_placement(spec, units, plan.policy, **st)
-        assert placement.weight_bytes() == plan.placement.weight_bytes()
-        stored = sum(placement.weight_bytes().values())
-        numel = sum(torch.Size(shape).numel() for shape in _tensors(spec).values())
-        if machine.capacities.has_gpu:
-            assert stored == 2 * numel
-        else:
-            assert 2 * numel <= stored <= 4 * numel
+    spec = ModelSpec.from_config(PUBLISHED[name][0])
+    numel = sum(torch.Size(shape).numel() for shape in _tensors(spec).values())
+    assert_plans_on_a_gpu_box_and_a_cpu_box(spec, numel, gpu_mem=16 * GiB, cpu_mem=32 * GiB, host_mem=16 * GiB)
 
 
 def test_published_shapes_read_from_the_configs():

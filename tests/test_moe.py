@@ -11,7 +11,6 @@ experts, 2 per token, not renormalised.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -21,59 +20,15 @@ import torch
 
 import tiny_models
 from conftest import hf_greedy, hf_trace, unambiguous_prompts
-from flexgen_dist import LLM, Policy, Runtime
 from flexgen_dist.errors import UserError
 from flexgen_dist.planning.layout import UnitKind, model_units
-from flexgen_dist.planning.place import plan_placement
-from flexgen_dist.planning.search import SearchOptions, search
 from flexgen_dist.planning.spec import ModelSpec
-from planner_cases import GiB, cpu_machine, gpu_machine, place, policy, settings
+from planner_cases import GiB, assert_plans_on_a_gpu_box_and_a_cpu_box, gpu_machine, place, policy
+from test_families_2026 import SETUPS, _generate
 from test_placement import EVERY_TIER
 from test_placement import test_planned_bytes_equal_allocated_bytes as planned_bytes_equal_allocated_bytes
 
 ARCHS = tiny_models.ARCHS_MOE
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    policy: Policy
-    lengths: tuple[int, ...]
-    max_new_tokens: int
-
-
-_ON_DEVICE = dict(w_gpu_percent=100, w_cpu_percent=0, cache_gpu_percent=100, cache_cpu_percent=0,
-                  act_gpu_percent=100, act_cpu_percent=0)
-SETUPS = {
-    # Everything in memory, one GPU batch of prompts of lengths 3..20 (left padding).
-    "in-memory": Setup(Policy(**_ON_DEVICE, gpu_batch_size=4, num_gpu_batches=1), (3, 20, 8, 12), 12),
-    # Weights on all three tiers (30 / 30 / disk 40: experts of one layer on different tiers), the
-    # KV cache half on the host, half on disk.
-    "partly-on-disk": Setup(Policy(**dict(_ON_DEVICE, w_gpu_percent=30, w_cpu_percent=30, cache_gpu_percent=0,
-                                          cache_cpu_percent=50), gpu_batch_size=2, num_gpu_batches=2),
-                            (6, 11, 4, 15), 12),
-    # Weights, KV cache and activations all on disk; the last block not full.
-    "all-on-disk": Setup(Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=0,
-                                cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0),
-                         (4, 16, 9), 10),
-}
-MATRIX = [(arch, name) for arch in ARCHS for name in SETUPS]
-
-
-def _generate(model_dir, prompts, policy: Policy, max_new_tokens: int, offload_dir):
-    with LLM(str(model_dir), policy=policy, offload_dir=str(offload_dir), runtime=Runtime(device="cpu")) as llm:
-        return llm.generate(prompts, max_new_tokens=max_new_tokens, do_sample=False)
-
-
-@pytest.mark.parametrize(("arch", "setup_name"), MATRIX, ids=[f"{a}-{s}" for a, s in MATRIX])
-def test_greedy_matches_transformers(arch, setup_name, tiny_models_cache, tmp_path):
-    setup = SETUPS[setup_name]
-    model_dir = tiny_models_cache[arch]
-    prompts = unambiguous_prompts(model_dir, setup.lengths, setup.max_new_tokens, seed=len(setup.lengths))
-    result = _generate(model_dir, prompts, setup.policy, setup.max_new_tokens, tmp_path)
-    mismatches = [f"prompt {i} (length {len(p)}): engine {list(out.output_ids)} != transformers {want}"
-                  for i, (p, out) in enumerate(zip(prompts, result.outputs))
-                  if list(out.output_ids) != (want := hf_greedy(model_dir, p, setup.max_new_tokens))]
-    assert not mismatches, "\n".join(mismatches)
 
 
 def _routed_experts(model_dir, prompts) -> list[torch.Tensor]:
@@ -323,23 +278,9 @@ def test_published_config_lays_out_transformers_tensors(name):
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_config_plans_on_a_gpu_box_and_a_cpu_box(name):
-    config, _ = PUBLISHED[name]
-    spec = ModelSpec.from_config(config)
-    units = model_units(spec)
-    assert sum(u.kind is UnitKind.BLOCK for u in units) == spec.num_layers
-    for machine in (gpu_machine(gpu_mem=24 * GiB, cpu_mem=64 * GiB), cpu_machine(host_mem=32 * GiB)):
-        st = settings(machine, prompt_len=256, gen_len=32)
-        plan = search(spec, [units], machine, **st, num_prompts=64,
-                      options=SearchOptions(gpu_batch_sizes=(4, 16), num_gpu_batches=(1, 4)))
-        assert plan.estimate.throughput > 0
-        placement = plan_placement(spec, units, plan.policy, **st)
-        assert placement.weight_bytes() == plan.placement.weight_bytes()
-        stored = sum(placement.weight_bytes().values())
-        numel = sum(torch.Size(shape).numel() for shape in _tensors(spec).values())
-        if machine.capacities.has_gpu:
-            assert stored == 2 * numel
-        else:
-            assert 2 * numel <= stored <= 4 * numel
+    spec = ModelSpec.from_config(PUBLISHED[name][0])
+    numel = sum(torch.Size(shape).numel() for shape in _tensors(spec).values())
+    assert_plans_on_a_gpu_box_and_a_cpu_box(spec, numel, gpu_mem=24 * GiB, cpu_mem=64 * GiB, host_mem=32 * GiB)
 
 
 def test_published_shapes_read_from_the_configs():

@@ -54,11 +54,12 @@ def _run(model_dir, path, policy, offload_dir, refill, **settings):
     return found, stats
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "opt"])
+# Gemma 3: local and global layers, each with its own mask, in the mixed step too
+@pytest.mark.parametrize("arch", ["llama", "mistral", "opt", "gemma3", "gemma3-linear-softcap"])
 @pytest.mark.parametrize("setup", sorted(POLICIES))
 def test_every_sequence_gets_transformers_tokens_whichever_row_served_it(
-        arch, setup, request, tmp_path, hf_greedy, unambiguous_prompts):
-    model_dir = request.getfixturevalue(f"{arch}_dir")
+        arch, setup, tiny_models_cache, tmp_path, hf_greedy, unambiguous_prompts):
+    model_dir = tiny_models_cache[arch]
     prompts = unambiguous_prompts(model_dir, LENGTHS, MAX_NEW)
     refs = [hf_greedy(model_dir, p, MAX_NEW) for p in prompts]
     stop_id = refs[3][2]  # the fourth stops at its third token (or earlier where that id came first)
