@@ -104,3 +104,18 @@ def test_attention_reads_a_heads_major_cache_with_the_same_tokens(arch, tier, ti
         assert (stride[1], stride[2], stride[0], stride[3]) == expected
     for prompt, out in zip(prompts, result.outputs):
         assert list(out.output_ids) == hf_greedy(model, prompt, NEW_TOKENS)
+
+
+def test_refilled_rows_do_not_depend_on_the_kernels_memory_layout(tiny_models_cache, tmp_path, request):
+    """Refill's mixed step: the new prompts' tokens beside the batch's rows in every matmul, split
+    and reshaped back, and their own attention; with kernels returning other layouts (as CUDA's)."""
+    model_dir = tiny_models_cache.get("llama", num_attention_heads=8, num_key_value_heads=2)
+    prompts = unambiguous_prompts(model_dir, LENGTHS + (7, 4, 10, 6), NEW_TOKENS, seed=3)
+    want = [hf_greedy(model_dir, p, NEW_TOKENS) for p in prompts]  # before the kernels are wrapped
+    calls = request.getfixturevalue("odd_kernel_layouts")
+    policy = Policy(**_ALL_ON_DEVICE, gpu_batch_size=2, num_gpu_batches=1)  # 4 blocks: 3 lend their prompts
+    with LLM(str(model_dir), policy=policy, offload_dir=str(tmp_path), runtime=Runtime(device="cpu")) as llm:
+        result = llm.generate(prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert calls["sdpa"] > 0 and calls["linear"] > 0, "the wrapped kernels were not used"
+    assert result.stats.prefill_sequences == 2  # the others started in refilled rows
+    assert [list(out.output_ids) for out in result.outputs] == want
