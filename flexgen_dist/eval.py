@@ -13,7 +13,6 @@ line printed is `perplexity: X`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from pathlib import Path
 
@@ -26,9 +25,8 @@ from .errors import UserError
 from .files import describe_kind
 from .api.llm import LLM
 from .api.model_source import ModelSource
-from .api.planner import plan_for
 from .planning.placement import Workload
-from .cli.flags import add_model_args, dist_from_args, group, llm_kwargs_from_args, new_parser
+from .cli.flags import add_model_args, dist_from_args, group, new_parser, setup_from_args
 from .cli.shell import exit_process, run_command
 
 DEFAULT_TEXT = str(Path(__file__).parent / "data" / "heldout.txt")
@@ -114,15 +112,12 @@ def _eval(args: argparse.Namespace) -> int:
     # tokens); or, through the cache, each a one-token prompt followed by the rest fed step by step
     longest = max(len(c) for c in chunks)
     workload = Workload(1, longest - 1) if args.through_cache else Workload(longest, 1)
-    kwargs = llm_kwargs_from_args(args, ctx, workload, num_prompts=len(chunks))
-    if not args.through_cache:  # the head's logits of every window position: the plan counts them
-        kwargs["runtime"] = dataclasses.replace(kwargs["runtime"], scoring=True)
+    # scored whole, the head's logits of every window position count in the plan
+    setup = setup_from_args(args, ctx).for_workload(workload, num_prompts=len(chunks), scoring=not args.through_cache)
     if args.print_policy:
-        plan = plan_for(source.spec, runtime=kwargs["runtime"], policy=kwargs["policy"], capacity=kwargs["capacity"],
-                        options=kwargs["search"], offload_dir=kwargs["offload_dir"], base=kwargs["base"])
-        print(plan.summary())
+        print(setup.plan(source.spec).summary())
         return 0
-    llm = LLM(source, **kwargs)
+    llm = LLM(source, **setup.llm_kwargs())
     try:
         scores = llm.score(chunks, through_cache=args.through_cache)
     finally:

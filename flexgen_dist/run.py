@@ -23,7 +23,7 @@ from .cli.startup import refuse_too_little_memory
 refuse_too_little_memory()  # before torch is imported (below)
 
 from . import DEFAULT_MODEL, __version__
-from .cli.flags import add_model_args, dist_from_args, group, new_parser, start_pipeline
+from .cli.flags import add_model_args, dist_from_args, group, job_config, new_parser, start_pipeline
 from .cli.shell import exit_process, run_command
 from .jobs.run import run_job
 from .cli.signals import StopSignals
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         with StopSignals() as signals:
             contexts.append(dist_from_args(args))
             with start_pipeline(args, contexts[0]) as pipeline:
-                return run_job(args, contexts[0], pipeline, signals)
+                return run_job(lambda: job_config(args, contexts[0]), contexts[0], pipeline, signals)
 
     return run_command(body, rank_of=lambda: contexts[0].rank if contexts else 0)
 

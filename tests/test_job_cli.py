@@ -241,7 +241,7 @@ def test_trace_and_stats_json_must_differ(cli, llama_dir, tmp_path):
 
 
 def test_trace_and_stats_are_written_whole_and_a_full_disk_is_exit_1(cli, llama_dir, tmp_path, monkeypatch):
-    from flexgen_dist.jobs import side_files
+    from flexgen_dist.jobs import outpath
 
     src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
     out, stats, trace = tmp_path / "out.jsonl", tmp_path / "stats.json", tmp_path / "trace.json"
@@ -251,7 +251,7 @@ def test_trace_and_stats_are_written_whole_and_a_full_disk_is_exit_1(cli, llama_
     assert any(e["ph"] == "X" for e in json.loads(trace.read_text())["traceEvents"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.jsonl.made-by.json", "stats.json", "trace.json"]
 
-    real = side_files.atomic_output
+    real = outpath.atomic_output
 
     @contextlib.contextmanager
     def full_disk(path):
@@ -262,7 +262,7 @@ def test_trace_and_stats_are_written_whole_and_a_full_disk_is_exit_1(cli, llama_
                     raise OSError(errno.ENOSPC, "No space left on device")
             yield Half()
 
-    monkeypatch.setattr(side_files, "atomic_output", full_disk)
+    monkeypatch.setattr(outpath, "atomic_output", full_disk)
     code, _, err = cli("--model", llama_dir, "--input", src, "--output", out, "--overwrite", "--stats-json", stats,
                        *FAST)
     assert code == 1 and "Traceback" not in err, err

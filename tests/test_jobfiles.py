@@ -10,7 +10,7 @@ from flexgen_dist.errors import UserError
 from flexgen_dist.jobs.jobfiles import JobFileScanner, read_job_file
 from flexgen_dist.jobs.requests import CHAT_URL, COMPLETIONS_URL
 from flexgen_dist.jobs.output_rows import Completion, output_row, row_key
-from flexgen_dist.jobs.tokencheck import check_tokens
+from flexgen_dist.jobs.requests import check_tokens
 
 GOOD = {"id": "ok", "prompt": "fine"}
 

@@ -21,7 +21,7 @@ from ..planning.placement import Placement
 from .prompts import make_blocks
 from .results import Stats
 from .stop_strings import Decode, StopStrings, trim_at_stop
-from ..jobs.tokencheck import PromptTokens
+from ..jobs.requests import PromptTokens
 
 CHUNK_BLOCKS = 64  # blocks handed to the engine at once (a multiple of the ranks)
 

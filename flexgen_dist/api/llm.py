@@ -37,7 +37,7 @@ from .planner import Capacity, PlanChoice, block_for, plan_for
 from .prompts import make_blocks, prepare_prompts
 from .results import GenerationResult, Output, Stats
 from .runtime import Runtime
-from ..jobs.tokencheck import PromptTokens
+from ..jobs.requests import PromptTokens
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class LLM:
 
     def generate_requests(self, prompts: Sequence[PromptTokens], settings: RunSettings,
                           on_results: Callable[[list[tuple[PromptTokens, Completion]]], None]) -> Stats:
-        """Generate checked job requests (`tokencheck.check_tokens`), each with its own settings
+        """Generate checked job requests (`requests.check_tokens`), each with its own settings
         over `settings`. `on_results` gets each block's finished requests as the block closes, on
         rank 0 (which holds the results of a pipeline); every rank must call this with the same
         prompts. A request's sampling is seeded from its index in the job file (or its own seed),

@@ -58,6 +58,39 @@ class Capacity:
 
 
 @dataclass(frozen=True)
+class ModelSetup:
+    """How a model is placed and run: everything `LLM` takes besides the model, the plan and the
+    pipeline (its keywords, by the same names). Built once from the flags (cli/flags.py) or by a
+    caller of the API; `for_workload` sizes it for the prompts of a run."""
+
+    runtime: object = None
+    """A `Runtime` (api/runtime.py: device, dtypes, prefetch, disk reads, the workload)."""
+    policy: Policy | None = None
+    """A fixed policy, checked against memory; None: the planner chooses."""
+    base: Policy | None = None
+    """With policy None, the settings the planner keeps."""
+    search: SearchOptions = SearchOptions()
+    capacity: Capacity = Capacity()
+    offload_dir: str | Path | None = None
+
+    def for_workload(self, workload: Workload | None, num_prompts: int | None = None,
+                     scoring: bool = False) -> "ModelSetup":
+        """This setup planned for prompts of `workload`'s size (`num_prompts` of them)."""
+        runtime = dataclasses.replace(self.runtime, workload=workload, num_prompts=num_prompts,
+                                      scoring=scoring or self.runtime.scoring)
+        return dataclasses.replace(self, runtime=runtime)
+
+    def llm_kwargs(self) -> dict:
+        """`LLM`'s keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def plan(self, spec: ModelSpec, pipeline=None) -> "PlanChoice":
+        """The plan `LLM` would make (for --print-policy, or to hand to `LLM(plan=...)`)."""
+        return plan_for(spec, runtime=self.runtime, policy=self.policy, capacity=self.capacity, options=self.search,
+                        offload_dir=self.offload_dir, pipeline=pipeline, base=self.base)
+
+
+@dataclass(frozen=True)
 class PlanChoice:
     """The rank's placement, every rank's units and the prediction, for the log and --print-policy."""
 

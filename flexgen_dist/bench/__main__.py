@@ -30,7 +30,7 @@ from ..cli.oneline import OneLineParser
 from .. import DEFAULT_MODEL
 from ..errors import UserError
 from ..cli.shell import run_command
-from ..jobs.side_files import write_json_file
+from ..jobs.outpath import write_json_file
 from . import checks
 from .checks import check_args
 from ..planning.sizes import format_size

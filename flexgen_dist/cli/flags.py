@@ -12,17 +12,16 @@ from ..parallel.context import DistContext
 from ..parallel.context import setup_logging as dist_setup_logging
 from ..parallel.group import Pipeline
 from ..parallel.partition import parse_stage_layers
-from ..planning.placement import Workload
 from ..planning.policy import Policy
 from ..planning.search import SearchOptions
 from ..planning.sizes import parse_size
 from ..storage.tiers import DiskIO
 from .oneline import OneLineParser
-from ..api.planner import Capacity
-from ..api.generation import RunSettings
+from ..api.planner import Capacity, ModelSetup
 from ..api.runtime import Runtime
+from ..jobs.identity import SCHEDULE_FLAGS
+from ..jobs.config import GenerationFlags, JobConfig
 from ..jobs.requests import check_text
-from ..planning.generation_config import NAME as GENERATION_CONFIG, GenerationDefaults
 
 
 MAX_THREADS = 64  # --io-threads and --prefetch-depth (one loading thread per layer ahead)
@@ -220,9 +219,9 @@ def start_pipeline(args: argparse.Namespace, ctx: DistContext) -> Pipeline:
     return Pipeline.start(ctx, timeout_s=args.comm_timeout, stage_layers=stage_layers)
 
 
-def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: Workload | None = None,
-                         num_prompts: int | None = None) -> dict:
-    """Keyword arguments of `LLM` from the shared flags (policy, offload folder, runtime, capacity)."""
+def setup_from_args(args: argparse.Namespace, ctx: DistContext) -> ModelSetup:
+    """How the model is placed and run, from the shared flags (policy, offload folder, runtime,
+    capacity); `for_workload` sizes it for a run's prompts."""
     if not 1 <= args.io_threads <= MAX_THREADS:
         raise UserError(f"--io-threads must be between 1 and {MAX_THREADS}, got {args.io_threads}")
     if not 1 <= args.prefetch_depth <= MAX_THREADS:
@@ -239,11 +238,9 @@ def llm_kwargs_from_args(args: argparse.Namespace, ctx: DistContext, workload: W
         verify_offload=args.verify_offload,
         prune_offload=args.prune_offload,
         refill=not args.no_refill,
-        workload=workload,
-        num_prompts=num_prompts,
     )
-    return {"policy": policy, "base": base, "search": search, "offload_dir": args.offload_dir, "runtime": runtime,
-            "capacity": capacity}
+    return ModelSetup(runtime=runtime, policy=policy, base=base, search=search, capacity=capacity,
+                      offload_dir=args.offload_dir)
 
 
 def check_generation_flags(args: argparse.Namespace) -> None:
@@ -265,15 +262,26 @@ def check_generation_flags(args: argparse.Namespace) -> None:
         check_text(text, "--stop")
 
 
-def settings_from_args(args: argparse.Namespace, generation: GenerationDefaults | None = None) -> RunSettings:
-    """The run's generation settings: the flags given, else the model's generation_config.json."""
+def generation_from_args(args: argparse.Namespace) -> GenerationFlags:
+    """The generation flags, checked (the model's generation_config.json fills what is not given)."""
     check_generation_flags(args)
-    sampling = (generation or GenerationDefaults(())).sampling(
-        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if sampling["do_sample"] and sampling["temperature"] == 0:
-        raise UserError(f"sampling with the temperature 0 of {GENERATION_CONFIG}: give --temperature T > 0, "
-                        f"or --no-do-sample")
-    return RunSettings(max_new_tokens=args.max_new_tokens, do_sample=sampling["do_sample"],
-                       temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
-                       seed=args.seed, stop=tuple(args.stop or ()), stop_token_ids=tuple(args.stop_token_ids or ()),
-                       ignore_eos=args.ignore_eos, from_model=sampling["from_file"])
+    return GenerationFlags(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           stop=tuple(args.stop or ()), stop_token_ids=tuple(args.stop_token_ids or ()),
+                           ignore_eos=args.ignore_eos)
+
+
+def job_config(args: argparse.Namespace, ctx: DistContext) -> JobConfig:
+    """The `run` command's configuration: every flag checked here, in one place."""
+    return JobConfig(
+        model=args.model, setup=setup_from_args(args, ctx), generation=generation_from_args(args),
+        input=args.input, prompts=tuple(args.prompt or ()), output=args.output, overwrite=args.overwrite,
+        truncate=args.truncate, shard=args.shard, num_prompts=args.num_prompts, prompt_len=args.prompt_len,
+        block=(args.gpu_batch_size, args.num_gpu_batches), trace=args.trace, stats_json=args.stats_json,
+        print_policy=args.print_policy, quiet=args.quiet, warmup=not args.no_warmup,
+        schedule=tuple((name, _frozen(getattr(args, name, None))) for name in SCHEDULE_FLAGS))
+
+
+def _frozen(value):
+    return tuple(value) if isinstance(value, list) else value
+

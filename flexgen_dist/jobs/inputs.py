@@ -6,7 +6,6 @@ log and output rows; and `tokenize_job` checks every prompt against the model be
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -17,10 +16,11 @@ from pathlib import Path
 from ..errors import UserError
 from ..planning.policy import check_block
 from ..planning.spec import ModelSpec
+from .config import JobConfig
 from .jobfiles import JobFile, read_job_file
 from .requests import Request, check_text
 from .shards import Shard
-from .tokencheck import PromptTokens, check_tokens
+from .requests import PromptTokens, check_tokens
 
 BUNDLED_TEXT = Path(__file__).resolve().parents[1] / "data" / "heldout.txt"
 DEFAULT_NUM_PROMPTS = 256  # the default run: enough work for its throughput line to mean something
@@ -38,38 +38,37 @@ def shown_without_output(job: JobFile) -> int | None:
     return {PROMPT_FLAG: None, RANDOM: 0}.get(job.path, SHOWN)
 
 
-def job_from_args(args: argparse.Namespace, spec: ModelSpec, has_tokenizer: bool, shard: Shard) -> JobFile:
+def job_from_config(config: JobConfig, spec: ModelSpec, has_tokenizer: bool, shard: Shard) -> JobFile:
     """The run's requests (this shard's), validated; UserError names the file and line."""
-    if args.input is not None and args.prompt:
+    if config.input is not None and config.prompts:
         raise UserError("give prompts with --input FILE or with --prompt TEXT, not both")
-    if args.input is not None:
-        if args.num_prompts is not None or args.prompt_len is not None:
+    if config.input is not None:
+        if config.num_prompts is not None or config.prompt_len is not None:
             raise UserError("--num-prompts and --prompt-len make prompts when there is no --input; drop them")
-        return read_job_file(args.input, shard)
-    if args.prompt:
-        if args.num_prompts is not None or args.prompt_len is not None:
+        return read_job_file(config.input, shard)
+    if config.prompts:
+        if config.num_prompts is not None or config.prompt_len is not None:
             raise UserError("--num-prompts and --prompt-len make prompts when there is no --prompt; drop them")
-        for number, text in enumerate(args.prompt, start=1):
-            check_text(text, PROMPT_FLAG if len(args.prompt) == 1 else f"{PROMPT_FLAG} (the {_ordinal(number)})")
-        return text_job(list(args.prompt), PROMPT_FLAG, shard)
-    if args.num_prompts is not None and args.num_prompts < 1:
-        raise UserError(f"--num-prompts must be >= 1, got {args.num_prompts}")
-    if args.prompt_len is not None or not has_tokenizer:
-        length = args.prompt_len if args.prompt_len is not None else 32
+        for number, text in enumerate(config.prompts, start=1):
+            check_text(text, PROMPT_FLAG if len(config.prompts) == 1 else f"{PROMPT_FLAG} (the {_ordinal(number)})")
+        return text_job(list(config.prompts), PROMPT_FLAG, shard)
+    if config.num_prompts is not None and config.num_prompts < 1:
+        raise UserError(f"--num-prompts must be >= 1, got {config.num_prompts}")
+    if config.prompt_len is not None or not has_tokenizer:
+        length = config.prompt_len if config.prompt_len is not None else 32
         if length < 1:
             raise UserError(f"--prompt-len must be >= 1, got {length}")
         # one block of the given shape; for the planner, as many as the bundled prompts
-        block = (args.gpu_batch_size or 16, args.num_gpu_batches or 1)
+        block = (config.block[0] or 16, config.block[1] or 1)
         check_block(*block)
-        count = args.num_prompts or (block[0] * block[1] if args.gpu_batch_size or args.num_gpu_batches
-                                     else DEFAULT_NUM_PROMPTS)
+        count = config.num_prompts or (block[0] * block[1] if any(config.block) else DEFAULT_NUM_PROMPTS)
         if count * length > MAX_RANDOM_TOKENS:
             raise UserError(f"--num-prompts {count} x --prompt-len {length} random tokens is past the {MAX_RANDOM_TOKENS} "
                             f"this makes up; give fewer, or a job file with --input")
-        rng = random.Random(args.seed)
+        rng = random.Random(config.generation.seed)
         prompts = [[rng.randrange(spec.vocab_size) for _ in range(length)] for _ in range(count)]
         return ids_job(prompts, RANDOM, shard)
-    return text_job(bundled_prompts(args.num_prompts or DEFAULT_NUM_PROMPTS), BUNDLED, shard)
+    return text_job(bundled_prompts(config.num_prompts or DEFAULT_NUM_PROMPTS), BUNDLED, shard)
 
 
 def _ordinal(number: int) -> str:

@@ -15,7 +15,6 @@ and one line says how to resume.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -30,24 +29,23 @@ from ..parallel.group import Pipeline
 from ..planning.generation_config import NAME as GENERATION_CONFIG, GenerationDefaults
 from ..planning.placement import Tier, Workload
 from ..planning.sizes import format_size
-from .agreement import SCHEDULE_FLAGS, agree, run_record
+from .identity import agree, run_record
+from .config import JobConfig
 from ..api.llm import LLM
-from ..cli.flags import llm_kwargs_from_args, settings_from_args
 from .identity import model_fingerprint
 from ..api.generation import RunSettings
-from .inputs import job_from_args, print_continuations, shown_without_output, tokenize_job
+from .inputs import job_from_config, print_continuations, shown_without_output, tokenize_job
 from .jobfiles import JobFile
 from ..api.model_source import ModelSource
 from .outpath import STDOUT
 from .output_rows import Completion, output_row
-from ..api.planner import plan_for
 from .resume import ResumeLog, RunIdentity, StdoutLog, open_for_resume, progress_paths
 from ..cli.progress import Progress
 from .shards import Shard, parse_shard, shard_output_path
-from .side_files import check_side_files, stats_record, trace_path, write_json_file
+from .outpath import check_side_files, stats_record, trace_path, write_json_file
 from ..cli.signals import Interrupted, StopSignals
 from ..cli.streams import stdout_closed_at_start
-from .tokencheck import PromptTokens
+from .requests import PromptTokens
 
 T = TypeVar("T")
 Items = list[tuple[PromptTokens, Completion]]
@@ -124,42 +122,43 @@ class JobStart:
     target: str | None
     prepared: list[PromptTokens]
 
-    def record(self, args: argparse.Namespace) -> dict[str, str]:
-        """What the ranks of a pipeline compare before they compute (agreement.py)."""
+    config: JobConfig
+
+    def record(self) -> dict[str, str]:
+        """What the ranks of a pipeline compare before they compute (identity.py `agree`)."""
         return run_record(source=self.source, settings={**self.settings.record(), "output_format": self.job.format},
-                          input_sha256=self.job.sha256, shard=str(self.shard),
-                          flags={name: getattr(args, name, None) for name in SCHEDULE_FLAGS})
+                          input_sha256=self.job.sha256, shard=str(self.shard), flags=dict(self.config.schedule))
 
 
-def start_job(args: argparse.Namespace, ctx: DistContext) -> JobStart:
-    shard = parse_shard(args.shard, os.environ)
-    source = ModelSource.from_dir(args.model)
-    settings = settings_from_args(args, source.generation)
+def start_job(config: JobConfig, ctx: DistContext) -> JobStart:
+    shard = parse_shard(config.shard, os.environ)
+    source = ModelSource.from_dir(config.model)
+    settings = config.generation.settings(source.generation)
     outside = [i for i in settings.stop_token_ids if not 0 <= i < source.spec.vocab_size]
     if outside:
         raise UserError(f"--stop-token-ids: {outside[0]} is outside the model's vocabulary (ids 0 to "
                         f"{source.spec.vocab_size - 1})")
-    job = job_from_args(args, source.spec, source.tokenizer is not None, shard)
-    target = output_target(args, shard)
-    check_side_files(args, output=target, world_size=ctx.world_size)
+    job = job_from_config(config, source.spec, source.tokenizer is not None, shard)
+    target = output_target(config, shard)
+    check_side_files(config, output=target, world_size=ctx.world_size)
     prepared = tokenize_job(job, tokenizer=source.tokenizer, spec=source.spec, max_new_tokens=settings.max_new_tokens,
-                            truncate=args.truncate, stop=settings.stop)
-    return JobStart(shard, source, settings, job, target, prepared)
+                            truncate=config.truncate, stop=settings.stop)
+    return JobStart(shard, source, settings, job, target, prepared, config)
 
 
-def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, signals: StopSignals) -> int:
-    start = agree(pipeline, lambda: start_job(args, ctx), lambda begun: begun.record(args))
-    shard, source, settings, job, target, prepared = (start.shard, start.source, start.settings, start.job,
-                                                       start.target, start.prepared)
+def run_job(make_config: Callable[[], JobConfig], ctx: DistContext, pipeline: Pipeline, signals: StopSignals) -> int:
+    """The run. `make_config` builds (and checks) the configuration inside the ranks' agreement,
+    so a rank's bad flag stops every rank with its one line."""
+    start = agree(pipeline, lambda: start_job(make_config(), ctx), JobStart.record)
+    shard, source, settings, job, target, prepared, config = (
+        start.shard, start.source, start.settings, start.job, start.target, start.prepared, start.config)
     workload = None
     if prepared:  # plan for these prompts (a shard may have none)
         workload = Workload(max(len(p.prompt_ids) for p in prepared), max(p.max_new_tokens for p in prepared))
-    kwargs = llm_kwargs_from_args(args, ctx, workload, num_prompts=len(prepared) or None)
+    setup = config.setup.for_workload(workload, num_prompts=len(prepared) or None)
     info = sys.stderr if target == "-" else sys.stdout  # standard output may carry the results
-    runtime = kwargs["runtime"]
-    plan = plan_for(source.spec, runtime=runtime, policy=kwargs["policy"], capacity=kwargs["capacity"],
-                    options=kwargs["search"], offload_dir=kwargs["offload_dir"], pipeline=pipeline, base=kwargs["base"])
-    if args.print_policy:
+    plan = setup.plan(source.spec, pipeline)
+    if config.print_policy:
         if ctx.rank == 0:
             print(plan.summary(), file=info)
         return 0
@@ -169,11 +168,11 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
         identity = RunIdentity(
             model=model_fingerprint(source, dtypes=plan.placement.dtypes,
                                     policy=plan.placement.policy),
-            input_sha256=job.sha256, settings={**settings.record(), "truncate": args.truncate},
+            input_sha256=job.sha256, settings={**settings.record(), "truncate": config.truncate},
             shard=str(shard), output_format=job.format)
-        sinks.append(open_sink(args, target, identity, job, prepared))
+        sinks.append(open_sink(config, target, identity, job, prepared))
         if isinstance(sinks[0], LogSink) and isinstance(sinks[0].log, ResumeLog):
-            sinks[0].log.check_ids(job.keys, args.input)  # saved results of ids the input lacks: refused now
+            sinks[0].log.check_ids(job.keys, config.input)  # saved results of ids the input lacks: refused now
             # merge checks that one run made every shard; the same command run again finds it complete
             sinks[0].log.keep_provenance(identity)
         return [i for i, p in enumerate(prepared) if p.request.key not in sinks[0].finished]
@@ -186,26 +185,27 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
                     sinks[0].finish()
                 print(f"already complete: {len(prepared)} results in {sinks[0].where()}", file=info)
             return 0
-        tracer = Tracer(pid=ctx.rank) if args.trace else None
-        llm = LLM(source, plan=plan, runtime=runtime, offload_dir=kwargs["offload_dir"], pipeline=pipeline, tracer=tracer)
+        tracer = Tracer(pid=ctx.rank) if config.trace else None
+        llm = LLM(source, plan=plan, runtime=setup.runtime, offload_dir=setup.offload_dir, pipeline=pipeline,
+                  tracer=tracer)
         try:
             if sinks:
                 generation = source.generation or GenerationDefaults(source.spec.eos_token_ids)
-                print(f"{start_line(llm, ctx.world_size, args.offload_dir)}; "
+                print(f"{start_line(llm, ctx.world_size, setup.offload_dir)}; "
                       f"{settings_line(settings, source.spec.eos_token_ids, generation.source)}", file=info, flush=True)
-            stats = _generate(args, llm, [prepared[i] for i in pending], settings, sinks, signals,
+            stats = _generate(config, llm, [prepared[i] for i in pending], settings, sinks, signals,
                               finished=len(prepared) - len(pending), total=len(prepared), tracer=tracer)
         finally:
             llm.close()
         if tracer is not None:
-            write_json_file(trace_path(args.trace, ctx.rank), tracer.document(), flag="--trace",
+            write_json_file(trace_path(config.trace, ctx.rank), tracer.document(), flag="--trace",
                             indent=None)
         if not sinks:
             return 0  # rank 0 alone writes results and prints the summary
         with signals.deferred():
             sinks[0].finish()
-        if args.stats_json:
-            write_json_file(args.stats_json, stats_record(stats, llm.policy, ctx.world_size, plan=llm.plan),
+        if config.stats_json:
+            write_json_file(config.stats_json, stats_record(stats, llm.policy, ctx.world_size, plan=llm.plan),
                             flag="--stats-json")
         if len(pending) < len(prepared):
             print(f"resumed: {len(prepared) - len(pending)} of {len(prepared)} results came from an earlier run", file=info)
@@ -220,13 +220,13 @@ def run_job(args: argparse.Namespace, ctx: DistContext, pipeline: Pipeline, sign
             sink.close()
 
 
-def _generate(args, llm: LLM, todo: list[PromptTokens], settings: RunSettings, sinks: list, signals: StopSignals, *,
+def _generate(config: JobConfig, llm: LLM, todo: list[PromptTokens], settings: RunSettings, sinks: list, signals: StopSignals, *,
               finished: int, total: int, tracer: Tracer | None):
-    if not args.no_warmup:  # first calls pay torch's lazy initialisation; keep it out of the timing
+    if config.warmup:  # first calls pay torch's lazy initialisation; keep it out of the timing
         llm.generate([list(todo[0].prompt_ids)], max_new_tokens=min(2, settings.max_new_tokens))
         if tracer is not None:
             tracer.reset()
-    progress = Progress(total=total, initial=finished, stream=sys.stderr, enabled=bool(sinks) and not args.quiet)
+    progress = Progress(total=total, initial=finished, stream=sys.stderr, enabled=bool(sinks) and not config.quiet)
 
     def on_results(items: Items) -> None:  # a block closed (rank 0)
         with signals.deferred():  # a signal waits until the block's lines are on disk
@@ -253,19 +253,19 @@ def settings_line(settings: RunSettings, eos_ids, eos_source: str) -> str:
     return f"generation: {how}; EOS ids {eos}; at most {settings.max_new_tokens} new tokens{given}"
 
 
-def output_target(args: argparse.Namespace, shard) -> str | None:
+def output_target(config: JobConfig, shard) -> str | None:
     """This shard's output path; None: print continuations (a run without --input)."""
-    if args.output is None:
-        if args.input is not None:
+    if config.output is None:
+        if config.input is not None:
             raise UserError("--input needs --output FILE (results are saved as blocks finish, and the same command "
                             "resumes after a crash) or --output - (standard output, at the end)")
-        if args.overwrite:
+        if config.overwrite:
             raise UserError("--overwrite replaces an --output file; give --output FILE")
         return None
-    return shard_output_path(args.output, shard)
+    return shard_output_path(config.output, shard)
 
 
-def open_sink(args, target: str | None, identity: RunIdentity, job: JobFile, prepared: list[PromptTokens]):
+def open_sink(config: JobConfig, target: str | None, identity: RunIdentity, job: JobFile, prepared: list[PromptTokens]):
     if target in (None, STDOUT) and stdout_closed_at_start():
         flag = "--output -" if target == STDOUT else "a run without --output (it prints the continuations)"
         raise UserError(f"standard output is closed (>&-), so {flag} has nowhere to put the results; give "
@@ -273,10 +273,10 @@ def open_sink(args, target: str | None, identity: RunIdentity, job: JobFile, pre
     if target is None:
         return PrintSink(prepared, sys.stdout, shown_without_output(job))
     try:
-        log = open_for_resume(target, identity, overwrite=args.overwrite, input_path=args.input, stream=sys.stdout)
+        log = open_for_resume(target, identity, overwrite=config.overwrite, input_path=config.input, stream=sys.stdout)
     except OSError as exc:
         raise EnvironmentFailure(f"cannot open --output {target!r}: {exc.strerror or exc}") from None
-    return LogSink(log, job, model_name=Path(args.model).name)
+    return LogSink(log, job, model_name=Path(config.model).name)
 
 
 def share_from_rank0(pipeline: Pipeline, compute: Callable[[], T]) -> T:
