@@ -9,7 +9,8 @@ import pytest
 from flexgen_dist.errors import UserError
 from flexgen_dist.jobs.jobfiles import JobFileScanner, read_job_file
 from flexgen_dist.jobs.requests import CHAT_URL, COMPLETIONS_URL
-from flexgen_dist.jobs.output_rows import Completion, output_row, row_key
+from flexgen_dist.api.results import Output
+from flexgen_dist.jobs.output_rows import output_row, row_key
 from flexgen_dist.jobs.requests import check_tokens
 
 GOOD = {"id": "ok", "prompt": "fine"}
@@ -203,7 +204,7 @@ def test_scanner_streams_every_request_in_order(tmp_path):
 
 
 def fake_completion(request, text):
-    return Completion(output_ids=[7, 8, 9], text=text, finish_reason="length", prompt_tokens=4)
+    return Output(prompt_ids=[0] * 4, output_ids=[7, 8, 9], text=text, finish_reason="length")
 
 
 def test_openai_batch_round_trip(tmp_path):
@@ -235,12 +236,12 @@ def test_openai_batch_round_trip(tmp_path):
 
 def test_native_output_row(tmp_path):
     request = read_job_file(write_lines(tmp_path, [{"id": "a", "input_ids": [1, 2, 3, 4]}])).requests[0]
-    row = output_row(request, Completion(output_ids=[5, 2], text=None, finish_reason="stop", prompt_tokens=4),
+    row = output_row(request, Output(prompt_ids=[0] * 4, output_ids=[5, 2], text=None, finish_reason="stop"),
                      model_name="m", created=0)
     assert row == {"id": "a", "output_ids": [5, 2], "finish_reason": "stop",
                    "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}}
     with pytest.raises(ValueError, match="finish_reason"):
-        Completion(output_ids=[1], text="", finish_reason="eos", prompt_tokens=1)
+        Output(prompt_ids=[0] * 1, output_ids=[1], text="", finish_reason="eos")
 
 
 def byte_tokenize(text):

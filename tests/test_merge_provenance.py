@@ -10,7 +10,8 @@ import pytest
 
 from flexgen_dist.errors import UserError
 from flexgen_dist.jobs.jobfiles import read_job_file
-from flexgen_dist.jobs.output_rows import Completion, output_row
+from flexgen_dist.api.results import Output
+from flexgen_dist.jobs.output_rows import output_row
 from flexgen_dist.jobs.resume import RunIdentity, open_for_resume, provenance_path
 from flexgen_dist.jobs.shards import Shard, shard_output_path
 from flexgen_dist.merge import main as merge_main
@@ -32,7 +33,7 @@ def run_shard(input_path, output, shard, *, model="m", settings=None):
     if shard.count > 1:  # as the run command does
         log.keep_provenance(identity)
     for request in job.requests:
-        log.append([output_row(request, Completion(output_ids=[1], text=None, finish_reason="length", prompt_tokens=2),
+        log.append([output_row(request, Output(prompt_ids=[0] * 2, output_ids=[1], text=None, finish_reason="length"),
                                model_name="m", created=0)])
     log.finish(job.keys)
     return Path(out)

@@ -12,7 +12,8 @@ import pytest
 from flexgen_dist.errors import UserError
 from flexgen_dist.jobs.jobfiles import read_job_file
 from flexgen_dist.jobs.resume import RunIdentity, open_for_resume
-from flexgen_dist.jobs.output_rows import Completion, output_row
+from flexgen_dist.api.results import Output
+from flexgen_dist.jobs.output_rows import output_row
 from flexgen_dist.jobs.shards import Shard, find_shard_outputs, parse_shard, shard_output_path
 from flexgen_dist.merge import main as merge_main
 from flexgen_dist.merge import merge_shards
@@ -90,7 +91,7 @@ def run_shard(input_path, output, shard):
     log = open_for_resume(out, RunIdentity(model="m", input_sha256=job.sha256, settings={}, shard=str(shard),
                                            output_format=job.format))
     for request in reversed(job.requests):  # finishing order differs from input order
-        completion = Completion(output_ids=[1, 2], text=f"answer {request.id}", finish_reason="stop", prompt_tokens=2)
+        completion = Output(prompt_ids=[0] * 2, output_ids=[1, 2], text=f"answer {request.id}", finish_reason="stop")
         log.append([output_row(request, completion, model_name="m", created=0)])
     log.finish(job.keys)
     return Path(out)

@@ -19,7 +19,7 @@ from ..engine.sampling import RowSampling, Sampler, SamplingParams
 from ..errors import UserError
 from ..planning.placement import Placement
 from .prompts import make_blocks
-from .results import Stats
+from .results import Output, Stats
 from .stop_strings import Decode, StopStrings, trim_at_stop
 from ..jobs.requests import PromptTokens
 
@@ -64,14 +64,6 @@ class SeqSpec:
     sampling: RowSampling
     stop_ids: frozenset[int]
     stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class SeqResult:
-    seq_idx: int  # position in the list of SeqSpecs
-    output_ids: list[int]  # new tokens, up to and including the one that stopped the sequence
-    text: str | None  # decoded (special tokens skipped), cut before a stop string; None without a tokenizer
-    finish_reason: str  # "stop" (EOS, stop id or stop string) or "length"
 
 
 class SpecMaker:
@@ -135,7 +127,7 @@ class RunTotals:
 
 def run_sequences(engine: Engine, specs: Sequence[SeqSpec], *, placement: Placement, pad_id: int,
                   decode: Decode | None, num_ranks: int, holds_results: bool,
-                  on_results: Callable[[list[SeqResult]], None], refill: bool = True) -> Stats:
+                  on_results: Callable[[list[Output]], None], refill: bool = True) -> Stats:
     """Generate every spec with `placement` (sized by the caller for these specs: their longest
     prompt and limit, their block); `on_results` hears each block's results as it closes (on the
     rank that holds them: `holds_results`). Every rank must call this with the same specs.
@@ -195,7 +187,9 @@ def _rule(spec: SeqSpec, decode: Decode | None) -> RowRule:
     return RowRule(spec.max_new_tokens, spec.stop_ids, matcher)
 
 
-def _results(block: Block, result: BlockResult, specs: Sequence[SeqSpec], decode: Decode | None) -> list[SeqResult]:
+def _results(block: Block, result: BlockResult, specs: Sequence[SeqSpec], decode: Decode | None) -> list[Output]:
+    """The block's sequences as outputs (`index`: the sequence's position among `specs`); text
+    decoded with special tokens skipped and cut before a stop string."""
     found = []
     for seq_id, ids, finish in zip(block.seq_ids, result.tokens, result.finish):
         if seq_id < 0:
@@ -203,6 +197,7 @@ def _results(block: Block, result: BlockResult, specs: Sequence[SeqSpec], decode
         text = decode(ids) if decode is not None else None
         if finish == FINISH_STOP_STRING and text is not None:
             text = trim_at_stop(text, specs[seq_id].stop)
-        found.append(SeqResult(seq_id, ids, text, FINISH_LENGTH if finish == FINISH_LENGTH else "stop"))
+        found.append(Output(specs[seq_id].prompt_ids, ids, text, FINISH_LENGTH if finish == FINISH_LENGTH else "stop",
+                            index=seq_id))
     return found
 

@@ -30,9 +30,8 @@ from ..planning.search import SearchOptions
 from ..planning.sizes import format_size
 from ..storage.tiers import DiskReader
 from ..storage.weights import WeightStore
-from .generation import RunSettings, SeqResult, SeqSpec, SpecMaker, run_sequences
+from .generation import RunSettings, SeqSpec, SpecMaker, run_sequences
 from .model_source import ModelSource
-from ..jobs.output_rows import Completion
 from .planner import Capacity, PlanChoice, block_for, plan_for
 from .prompts import make_blocks, prepare_prompts
 from .results import GenerationResult, Output, Stats
@@ -146,16 +145,14 @@ class LLM:
         prepared = prepare_prompts(prompts, self.tokenizer, self.spec, max_new_tokens)
         maker = SpecMaker(settings, self.spec.eos_token_ids)
         specs = [maker.for_prompt(ids, stream=index) for index, ids in enumerate(prepared.ids)]
-        found: dict[int, SeqResult] = {}
-        stats = self._run(specs, lambda results: found.update((r.seq_idx, r) for r in results))
+        found: dict[int, Output] = {}
+        stats = self._run(specs, lambda results: found.update((r.index, r) for r in results))
         if not self._holds_results:
             return GenerationResult(outputs=[], stats=stats)  # results live on rank 0
-        outputs = [Output(prompt_ids=list(ids), output_ids=found[i].output_ids, text=found[i].text,
-                          finish_reason=found[i].finish_reason) for i, ids in enumerate(prepared.ids)]
-        return GenerationResult(outputs=outputs, stats=stats)
+        return GenerationResult(outputs=[found[i] for i in range(len(specs))], stats=stats)
 
     def generate_requests(self, prompts: Sequence[PromptTokens], settings: RunSettings,
-                          on_results: Callable[[list[tuple[PromptTokens, Completion]]], None]) -> Stats:
+                          on_results: Callable[[list[tuple[PromptTokens, Output]]], None]) -> Stats:
         """Generate checked job requests (`requests.check_tokens`), each with its own settings
         over `settings`. `on_results` gets each block's finished requests as the block closes, on
         rank 0 (which holds the results of a pipeline); every rank must call this with the same
@@ -164,14 +161,9 @@ class LLM:
         maker = SpecMaker(settings, self.spec.eos_token_ids)
         specs = [maker.for_request(p) for p in prompts]
 
-        def deliver(results: list[SeqResult]) -> None:
-            on_results([(prompts[r.seq_idx], Completion(output_ids=r.output_ids, text=r.text, finish_reason=r.finish_reason,
-                                                        prompt_tokens=len(prompts[r.seq_idx].prompt_ids)))
-                        for r in results])
+        return self._run(specs, lambda results: on_results([(prompts[r.index], r) for r in results]))
 
-        return self._run(specs, deliver)
-
-    def _run(self, specs: list[SeqSpec], on_results: Callable[[list[SeqResult]], None]) -> Stats:
+    def _run(self, specs: list[SeqSpec], on_results: Callable[[list[Output]], None]) -> Stats:
         needed = Workload(max(len(s.prompt_ids) for s in specs), max(s.max_new_tokens for s in specs))
         placement = self._placement_for(len(specs), needed)
         return run_sequences(self.engine, specs, placement=placement, pad_id=self._pad_id,

@@ -1,16 +1,33 @@
-"""What `LLM.generate` returns: per-prompt outputs and the run's statistics."""
+"""What generation returns: one `Output` per prompt (the one result type from the engine's
+blocks to `LLM.generate`'s caller and a job's output line) and the run's statistics."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+FINISH_REASONS = ("stop", "length")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class Output:
-    prompt_ids: list[int]
-    output_ids: list[int]  # the new tokens only
+    """One prompt's result."""
+
+    prompt_ids: Sequence[int]  # the prompt as generated from (after a chat template and any truncation)
+    output_ids: list[int]  # the new tokens only, up to and including the one that stopped the sequence
     text: str | None  # decoded new text, when the model has a tokenizer (cut before a stop string)
-    finish_reason: str | None = None  # "stop" (EOS, a stop id or string) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (EOS, a stop id or string) or "length" (max_new_tokens)
+    index: int = 0  # the prompt's position among those of the call
+
+    def __post_init__(self) -> None:
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+        if len(self.prompt_ids) < 1:
+            raise ValueError("an output's prompt has at least one token")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 @dataclass(frozen=True)

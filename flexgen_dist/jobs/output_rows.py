@@ -13,34 +13,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Iterable, Sequence, TextIO
 
+from ..api.results import Output
 from ..cli.streams import can_encode
-
-from .requests import Request, id_key
 from .openai_batch import openai_output_row
-
-FINISH_REASONS = ("stop", "length")
-
-
-@dataclass(frozen=True)
-class Completion:
-    """What the engine produced for one request (after stop strings were applied)."""
-
-    output_ids: Sequence[int]  # new tokens only
-    text: str | None  # decoded new text (None without a tokenizer), stop string removed
-    finish_reason: str  # "stop" or "length"
-    prompt_tokens: int  # the prompt's length as generated from
-
-    def __post_init__(self) -> None:
-        if self.finish_reason not in FINISH_REASONS:
-            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
-        if self.prompt_tokens < 1:
-            raise ValueError(f"prompt_tokens must be >= 1, got {self.prompt_tokens}")
+from .requests import Request, id_key
 
 
-def output_row(request: Request, completion: Completion, *, model_name: str, created: int) -> dict:
+def output_row(request: Request, completion: Output, *, model_name: str, created: int) -> dict:
     """The output line for `request`. `model_name` fills OpenAI's `model` when the request did
     not name one; `created` is OpenAI's Unix time (use ResumeLog.started_at: the same across a
     resumed run, so an interrupted run's lines match an uninterrupted one's up to that stamp)."""

@@ -38,7 +38,8 @@ from .inputs import job_from_config, print_continuations, shown_without_output, 
 from .jobfiles import JobFile
 from ..api.model_source import ModelSource
 from .outpath import STDOUT
-from .output_rows import Completion, output_row
+from ..api.results import Output
+from .output_rows import output_row
 from .resume import ResumeLog, RunIdentity, StdoutLog, open_for_resume, progress_paths
 from ..cli.progress import Progress
 from .shards import Shard, parse_shard, shard_output_path
@@ -48,7 +49,7 @@ from ..cli.streams import stdout_closed_at_start
 from .requests import PromptTokens
 
 T = TypeVar("T")
-Items = list[tuple[PromptTokens, Completion]]
+Items = list[tuple[PromptTokens, Output]]
 
 
 class LogSink:
