@@ -9,6 +9,11 @@ class UserError(ValueError):
     """Bad input: the message says what is wrong, where, and how to fix it (one line)."""
 
 
+class SharedError(UserError):
+    """A mistake every rank of a pipeline raises alike (one rank's, told to all, or all ranks'):
+    rank 0 alone prints it. Any other error is printed by the rank that raised it."""
+
+
 class NotSupportedYet(UserError):
     """A documented option whose implementation has not landed yet."""
 

@@ -75,20 +75,46 @@ def test_ranks_that_differ_refuse_together_naming_the_rank_and_what(models, tmp_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("fault", ["missing model", "bad flag"])
+@pytest.mark.parametrize("fault", ["missing model", "bad flag", "own folder"])
 def test_a_rank_that_cannot_start_has_its_error_shown_by_rank_0(models, tmp_path, fault):
-    """A flag that only one rank got wrong (--io-threads is not compared: it may differ per node)
-    is checked with the configuration, inside the agreement: before, rank 1 failed after it and
-    rank 0 waited for rank 1 until --comm-timeout."""
+    """A flag that only one rank got wrong (--io-threads, --offload-dir: not compared, they may
+    differ per node) stops every rank with that rank's line. Before, --io-threads was checked
+    after the agreement and the offload folder while planning: rank 1 stopped without a word (its
+    errors went unprinted on ranks but 0) and rank 0 said only that rank 1 died or hung."""
     out = tmp_path / "out.jsonl"
     missing = tmp_path / "no-such-model"
+    (tmp_path / "a-file").write_text("")
+    on_disk = ("--percent", "50", "50", "100", "0", "100", "0", "--offload-dir")
+    first = _argv(models[0], out, *on_disk, str(tmp_path / "offload")) if fault == "own folder" else _argv(models[0], out)
     second, said = {"missing model": (_argv(missing, out), "no-such-model"),
-                    "bad flag": (_argv(models[0], out, "--io-threads", "0"), "--io-threads must be between")}[fault]
-    (code0, err0), (code1, err1) = _run_ranks([_argv(models[0], out), second])
+                    "bad flag": (_argv(models[0], out, "--io-threads", "0"), "--io-threads must be between"),
+                    "own folder": (_argv(models[0], out, *on_disk, str(tmp_path / "a-file" / "offload")),
+                                   "a-file/offload cannot be created")}[fault]
+    (code0, err0), (code1, err1) = _run_ranks([first, second])
     assert (code0, code1) == (2, 2), err0[-3000:] + err1[-3000:]
     lines = _error_lines(err0)
     assert len(lines) == 1 and lines[0].startswith("error: rank 1: ") and said in lines[0], err0[-3000:]
+    assert _error_lines(err1) == []  # shown once, by rank 0
     assert "Traceback" not in err0 + err1
+
+
+def test_a_rank_prints_its_own_mistake_and_rank_0_alone_a_shared_one(capsys):
+    """A mistake raised on rank 1 alone (after the ranks parted ways) is printed by rank 1, naming
+    itself: rank 0 can only see that it left. One raised alike on every rank is printed once."""
+    from flexgen_dist.cli.shell import run_command
+    from flexgen_dist.errors import SharedError, UserError
+
+    def fails(exc):
+        def body():
+            raise exc
+        return body
+
+    for rank, exc, shown in [(1, UserError("its folder is gone"), "error: rank 1: its folder is gone\n"),
+                             (1, SharedError("rank 1: told to all"), ""),
+                             (0, SharedError("rank 1: told to all"), "error: rank 1: told to all\n"),
+                             (0, UserError("rank 0's own"), "error: rank 0's own\n")]:
+        assert run_command(fails(exc), rank_of=lambda: rank) == 2
+        assert capsys.readouterr().err == shown
 
 
 def test_ranks_that_agree_run(models, tmp_path):

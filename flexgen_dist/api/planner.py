@@ -144,15 +144,21 @@ def rank_hardware(capacity: Capacity, *, device: str, offload_dir: str | Path | 
     `gpu_overhead.gpu_reserve`) comes off its share. A `--hardware` description is planned as written."""
     from .. import profile  # torch: only when planning for this machine
 
-    hw = profile.machine_hardware(device, offload_dir, hardware=capacity.hardware, compute_dtype=compute_dtype)
-    if capacity.hardware is None:
-        hw = _detected_share(hw, local_world_size, pipeline)
-    hw = apply_overrides(hw, gpu_mem=capacity.gpu_mem, cpu_mem=capacity.cpu_mem, disk_mem=capacity.disk_mem)
-    if offload_dir is None:  # no offload folder: no disk tier
-        hw = hw.with_capacities(dataclasses.replace(hw.capacities, disk_mem=0))
-    if pipeline is not None and pipeline.world_size > 1:
-        hw = _smallest_over_ranks(hw, pipeline)
-    return hw
+    def this_rank() -> Hardware:
+        hw = profile.machine_hardware(device, offload_dir, hardware=capacity.hardware, compute_dtype=compute_dtype)
+        if capacity.hardware is None:
+            hw = _detected_share(hw, local_world_size, pipeline)
+        hw = apply_overrides(hw, gpu_mem=capacity.gpu_mem, cpu_mem=capacity.cpu_mem, disk_mem=capacity.disk_mem)
+        if offload_dir is None:  # no offload folder: no disk tier
+            hw = hw.with_capacities(dataclasses.replace(hw.capacities, disk_mem=0))
+        return hw
+
+    if pipeline is None or pipeline.world_size == 1:
+        return this_rank()
+    # a rank whose folder or sizes are wrong stops every rank with its line
+    hw, every = pipeline.together(this_rank, what="capacities", share=lambda hw: hw.capacities)
+    smallest = {name: min(getattr(c, name) for c in every) for name in ("gpu_mem", "cpu_mem", "host_mem", "disk_mem")}
+    return hw.with_capacities(dataclasses.replace(hw.capacities, **smallest))
 
 
 def _detected_share(hw: Hardware, local_world_size: int, pipeline) -> Hardware:
@@ -168,12 +174,6 @@ def _detected_share(hw: Hardware, local_world_size: int, pipeline) -> Hardware:
              ", NCCL" if ctx and ctx.backend == "nccl" else "", format_size(reserve), format_size(c.gpu_mem),
              f" (this rank's 1/{sharing} of the GPU)" if sharing > 1 else "")
     return hw.with_capacities(dataclasses.replace(c, gpu_mem=max(0, c.gpu_mem - reserve)))
-
-
-def _smallest_over_ranks(hw: Hardware, pipeline) -> Hardware:
-    every = pipeline.gather(hw.capacities)
-    smallest = {name: min(getattr(c, name) for c in every) for name in ("gpu_mem", "cpu_mem", "host_mem", "disk_mem")}
-    return hw.with_capacities(dataclasses.replace(hw.capacities, **smallest))
 
 
 def plan_for(spec: ModelSpec, *, runtime, policy: Policy | None, capacity: Capacity, options: SearchOptions,

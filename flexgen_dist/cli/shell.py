@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable
 
-from ..errors import EnvironmentFailure, UserError
+from ..errors import EnvironmentFailure, SharedError, UserError
 from ..parallel.comm import PeerError
 from .signals import Interrupted
 from .streams import SIGPIPE_EXIT, OutputClosed, guarded_stdout
@@ -32,8 +32,9 @@ def exit_process(code: int) -> None:
 
 
 def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0) -> int:
-    """Run a command's body: a user's mistake becomes one line on stderr and exit code 2 (printed
-    by rank 0 only: every rank sees the same input); a failure of the environment (a dead or hung
+    """Run a command's body: a user's mistake becomes one line on stderr and exit code 2 (one
+    that every rank raises alike, a `SharedError`, printed by rank 0 only; another by its rank,
+    which names itself); a failure of the environment (a dead or hung
     peer, a full disk), one line and exit code 1; SIGINT / SIGTERM (see signals.py), one line
     from rank 0 and 128 + the signal number. Standard output is guarded while it runs
     (streams.py): closed, it is /dev/null; a broken pipe ends the command quietly with 141; a
@@ -44,8 +45,11 @@ def run_command(main: Callable[[], int], rank_of: Callable[[], int] = lambda: 0)
     except OutputClosed:
         return SIGPIPE_EXIT
     except UserError as exc:
-        if rank_of() == 0:
+        rank = rank_of()
+        if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
+        elif not isinstance(exc, SharedError):  # this rank's own: the others know only that it left
+            print(f"error: rank {rank}: {exc}", file=sys.stderr)
         return 2
     except (PeerError, EnvironmentFailure) as exc:
         logging.getLogger("flexgen_dist").error("%s", exc)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, TYPE_CHECKING, TypeVar
 
-from ..errors import EnvironmentFailure, UserError, first_line
+from ..errors import SharedError, UserError
 from ..files import open_nofollow
 from ..planning.placement import Dtypes
 from ..planning.policy import Policy
@@ -224,10 +224,6 @@ SCHEDULE_FLAGS = ("policy", "percent", "gpu_batch_size", "num_gpu_batches", "max
                   "num_prompts", "prompt_len", "truncate")
 
 
-class SharedError(UserError):
-    """Another rank's mistake (or all ranks'), raised on every rank; rank 0 prints it."""
-
-
 def _digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -252,24 +248,9 @@ def agree(pipeline, start: Callable[[], T], record: Callable[[T], dict[str, str]
     differs from rank 0; else `start`'s result. With one process, `start()` alone."""
     if pipeline is None or pipeline.world_size == 1:
         return start()
-    error: BaseException | None = None
-    result = None
-    try:
-        result = start()
-        mine: tuple = ("ok", record(result))
-    except (UserError, EnvironmentFailure) as exc:
-        error = exc
-        mine = ("user" if isinstance(exc, UserError) else "failed", str(exc))
-    every = pipeline.gather(mine, what="starting states")
-    for rank, (kind, value) in enumerate(every):
-        if kind == "ok":
-            continue
-        if rank == pipeline.rank and rank == 0:
-            raise error
-        told = f"rank {rank}: {first_line(value)}"
-        raise SharedError(told) if kind == "user" else EnvironmentFailure(told)
-    first = every[0][1]
-    for rank, (_, theirs) in enumerate(every[1:], start=1):
+    result, every = pipeline.together(start, what="starting states", share=record)
+    first = every[0]
+    for rank, theirs in enumerate(every[1:], start=1):
         for field, value in first.items():
             if theirs.get(field) != value:
                 raise SharedError(

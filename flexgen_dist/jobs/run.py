@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from ..engine.trace import Tracer
-from ..errors import EnvironmentFailure, UserError, first_line
+from ..errors import EnvironmentFailure, SharedError, UserError, first_line
 from ..parallel.comm import PeerError
 from ..parallel.context import DistContext
 from ..parallel.group import Pipeline
@@ -308,7 +308,7 @@ def share_from_rank0(pipeline: Pipeline, compute: Callable[[], T]) -> T:
         raise error
     kind, value = box[0]
     if kind == "user":
-        raise UserError(value)  # printed by rank 0 alone
+        raise SharedError(value)  # printed by rank 0 alone
     if kind == "failed":
         raise EnvironmentFailure(f"rank 0 could not start the run: {value}")
     return value

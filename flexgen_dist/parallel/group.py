@@ -10,9 +10,13 @@ With one process (world size 1) nothing is created and `pipeline.comm` is None: 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
+from ..errors import EnvironmentFailure, SharedError, UserError, first_line
 from .context import DistContext
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,6 @@ class Pipeline:
             return [obj]
         import torch.distributed as dist
 
-        from ..errors import first_line
         from .comm import CommWait, PeerError, process_group_timeout
 
         every: list = [None] * self.world_size
@@ -91,6 +94,34 @@ class Pipeline:
             raise PeerError(f"rank {self.rank}: exchanging the ranks' {what} (all_gather_object) failed after waiting at "
                             f"most {waited:g} s ({wait.source}) ({first_line(exc)}); {who} died or hung") from None
         return every
+
+    def together(self, compute: Callable[[], T], what: str, share: Callable[[T], object] = lambda value: value
+                 ) -> tuple[T, list]:
+        """Every rank runs `compute` (every rank must call this): its result, and every rank's
+        `share` of its own result in rank order. When a rank fails (a mistake, or its
+        environment), every rank raises that rank's error together, at the first rank that failed:
+        a `SharedError` naming the rank (printed once, by rank 0) or an `EnvironmentFailure`,
+        instead of the others waiting for it until the timeout and saying only that it left."""
+        if self.world_size == 1:
+            value = compute()
+            return value, [share(value)]
+        error: BaseException | None = None
+        value = None
+        try:
+            value = compute()
+            mine: tuple = ("ok", share(value))
+        except (UserError, EnvironmentFailure) as exc:
+            error = exc
+            mine = ("user" if isinstance(exc, UserError) else "failed", str(exc))
+        every = self.gather(mine, what=what)
+        for rank, (kind, told) in enumerate(every):
+            if kind == "ok":
+                continue
+            if rank == self.rank == 0:
+                raise error
+            told = f"rank {rank}: {first_line(told)}"
+            raise SharedError(told) if kind == "user" else EnvironmentFailure(told)
+        return value, [shared for _, shared in every]
 
     def close(self) -> None:
         """Leave the process group. Safe to call twice."""
