@@ -34,7 +34,7 @@ RANK_SCRIPT = textwrap.dedent(
     setup_logging(ctx, verbose=True)
 
     def body():
-        ctx.init_process_group(60, rendezvous_timeout_s=float(sys.argv[1]))
+        ctx.init_process_group(float(sys.argv[2]) if len(sys.argv) > 2 else 60, rendezvous_timeout_s=float(sys.argv[1]))
         ctx.destroy()
         return 0
 
@@ -44,7 +44,7 @@ RANK_SCRIPT = textwrap.dedent(
 
 
 def start_rank(rank: int, world_size: int, port: int, rendezvous_timeout_s: float, addr="127.0.0.1",
-               argv: list[str] | None = None) -> RankProcess:
+               argv: list[str] | None = None, comm_timeout_s: float = 60) -> RankProcess:
     """A rank running RANK_SCRIPT, or `python argv...` (the CLI) when argv is given."""
     env = {
         name: value for name, value in os.environ.items()
@@ -54,7 +54,8 @@ def start_rank(rank: int, world_size: int, port: int, rendezvous_timeout_s: floa
                MASTER_ADDR=addr, MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return RankProcess([sys.executable, *(argv or ["-c", RANK_SCRIPT, str(rendezvous_timeout_s)])], env)
+    return RankProcess([sys.executable, *(argv or ["-c", RANK_SCRIPT, str(rendezvous_timeout_s), str(comm_timeout_s)])],
+                       env)
 
 
 class OtherService:
@@ -138,6 +139,45 @@ def test_a_rank_that_never_joins_is_named_by_every_rank_that_did():
         assert "rank 2 did not join (2 of 3 joined)" in line
 
 
+# Rank 0's store, which checks rank 0 in, waits until rank 1 has checked in and begun connecting
+# the process group (gloo's keys appear beside the two of the roll call), then stops: a frozen
+# rank 0 (SIGSTOP, a stalled node) in the middle of the rendezvous.
+FROZEN_RANK_0 = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from datetime import timedelta
+    import torch.distributed as dist
+    from flexgen_dist.parallel.rendezvous import ROLL_CALL_PREFIX
+
+    store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), None, True, timedelta(seconds=300), wait_for_workers=False)
+    store.add(f"{ROLL_CALL_PREFIX}/0", 1)
+    store.wait([f"{ROLL_CALL_PREFIX}/1"])
+    while store.num_keys() <= 2:  # the event itself: rank 1's first key of the process group
+        time.sleep(0.01)
+    print("stopping", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    """
+)
+
+
+def test_a_rank_0_that_stops_mid_rendezvous_ends_the_others_within_comm_timeout():
+    """gloo connects the process group in C++, deaf to signals and without an end while rank 0's
+    store is stopped: rank 1 waited forever. Now --comm-timeout bounds it, in one line."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    frozen = RankProcess([sys.executable, "-c", FROZEN_RANK_0, str(port)], env)
+    try:
+        rank1 = start_rank(1, 2, port, rendezvous_timeout_s=300, comm_timeout_s=3)
+        frozen.wait_for_line("stopping", timeout_s=300)
+        [(code, stderr)] = finish_all([rank1], timeout_s=300)  # a bound for a hung test, not a measurement
+    finally:
+        frozen.kill()
+    assert code == 1, stderr[-3000:]
+    line = the_error(stderr)
+    assert f"rank 1: all 2 ranks met at 127.0.0.1:{port} but connecting the gloo process group did not finish " \
+           f"in 3 s (--comm-timeout)" in line, line
+
+
 def test_two_processes_given_one_rank_are_reported():
     port = free_port()
     first, second = (start_rank(1, 3, port, rendezvous_timeout_s=300) for _ in range(2))
@@ -202,7 +242,7 @@ def test_another_service_at_master_port_ends_the_rank(reply):
     line = the_error(stderr)
     assert f"rank 1: 127.0.0.1:{service.port} " in line and "check MASTER_ADDR / MASTER_PORT" in line
     if reply is None:
-        assert "accepted the connection but is not rank 0's rendezvous store (no store's answer in 2 s)" in line
+        assert "accepted the connection but no rendezvous store answered in 2 s: it is not rank 0's store" in line
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -87,15 +87,24 @@ def join_process_group(
         rank, master_addr, master_port, where, timeout_s, rendezvous_timeout_s, deadline, store_served_by_launcher
     )
     _roll_call(store, rank, world_size, where, rendezvous_timeout_s, deadline)
+    # gloo connects every pair in C++, deaf to signals, and waits on for a rank that stopped
+    # (SIGSTOP, a frozen node) after the roll call: in a thread, bounded by --comm-timeout. c10d
+    # logs a C++ warning each time its own wait (the group's timeout) passes: that is made longer
+    # than ours while connecting, so a rank that gives up is gone before c10d speaks, then set.
+    failed = f"rank {rank}: all {world_size} ranks met at {where} but connecting the {backend} process group"
     try:
-        dist.init_process_group(
-            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
-        )
+        with _c10d_logs_quieted():
+            _in_thread(lambda: dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                                       timeout=timedelta(seconds=2 * timeout_s + 60)),
+                       give_up=time.monotonic() + timeout_s, name="rendezvous-process-group")
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=timeout_s), None)
+    except TimeoutError:
+        raise RendezvousError(f"{failed} did not finish in {timeout_s:g} s (--comm-timeout): a rank stopped or "
+                              f"hung while connecting") from None
     except Exception as exc:  # gloo raises when a rank dies between the roll call and connecting
-        raise RendezvousError(
-            f"rank {rank}: all {world_size} ranks met at {where} but connecting the {backend} process group "
-            f"failed ({first_line(exc)}); a rank died while connecting"
-        ) from None
+        raise RendezvousError(f"{failed} failed ({first_line(exc)}); a rank died while connecting") from None
 
 
 def _open_store(rank: int, addr: str, port: int, where: str, timeout_s: float, rendezvous_timeout_s: float,
@@ -136,33 +145,45 @@ def _connect_client(rank: int, addr: str, port: int, where: str, answer_s: float
     answer (garbage) until its own timeout, half of ours, so that its reason usually arrives
     before we give up; it logs each retry on stderr: quieted while it runs, the error says what
     went wrong."""
+    try:
+        with _c10d_logs_quieted():
+            return _in_thread(lambda: dist.TCPStore(addr, port, None, False, timedelta(seconds=answer_s / 2)),
+                              give_up=time.monotonic() + answer_s, name=f"rendezvous-connect-{where}")
+    except TimeoutError:
+        raise RendezvousError(
+            f"rank {rank}: {where} accepted the connection but no rendezvous store answered in {answer_s:.3g} s: "
+            f"it is not rank 0's store (check MASTER_ADDR / MASTER_PORT), or rank 0 is stopped"
+        ) from None
+    except Exception as exc:
+        raise RendezvousError(
+            f"rank {rank}: {where} answered but is not rank 0's rendezvous store "
+            f"({first_line(exc)}): check MASTER_ADDR / MASTER_PORT"
+        ) from None
+
+
+def _in_thread(call, *, give_up: float, name: str):
+    """`call()` in a daemon thread, its result or its exception here; `TimeoutError` once the
+    monotonic clock passes `give_up`, leaving the thread behind (LEFT_BEHIND). This thread waits in
+    slices, so SIGINT / SIGTERM raise here while c10d's C++ waits there."""
     outcome: dict = {}
     done = threading.Event()
 
-    def connect() -> None:
+    def run() -> None:
         try:
-            outcome["store"] = dist.TCPStore(addr, port, None, False, timedelta(seconds=answer_s / 2))
-        except BaseException as exc:  # reported by the waiting thread
+            outcome["value"] = call()
+        except BaseException as exc:  # raised by the waiting thread
             outcome["error"] = exc
         finally:
             done.set()
 
-    give_up = time.monotonic() + answer_s
-    with _c10d_logs_quieted():
-        threading.Thread(target=connect, name=f"rendezvous-connect-{where}", daemon=True).start()
-        while not done.wait(max(0.0, min(_SIGNAL_SLICE_S, give_up - time.monotonic()))):
-            if time.monotonic() >= give_up:
-                LEFT_BEHIND.set()
-                raise RendezvousError(
-                    f"rank {rank}: {where} accepted the connection but is not rank 0's rendezvous store (no "
-                    f"store's answer in {answer_s:.3g} s): check MASTER_ADDR / MASTER_PORT"
-                )
+    threading.Thread(target=run, name=name, daemon=True).start()
+    while not done.wait(max(0.0, min(_SIGNAL_SLICE_S, give_up - time.monotonic()))):
+        if time.monotonic() >= give_up:
+            LEFT_BEHIND.set()
+            raise TimeoutError(name)
     if "error" in outcome:
-        raise RendezvousError(
-            f"rank {rank}: {where} answered but is not rank 0's rendezvous store "
-            f"({first_line(outcome['error'])}): check MASTER_ADDR / MASTER_PORT"
-        ) from None
-    return outcome["store"]
+        raise outcome["error"]
+    return outcome["value"]
 
 
 @contextlib.contextmanager
