@@ -15,14 +15,14 @@ from ..parallel.partition import parse_stage_layers
 from ..planning.placement import Workload
 from ..planning.policy import Policy
 from ..planning.search import SearchOptions
-from ..planning.sizes import parse_size
+from ..sizes import parse_size
 from ..storage.tiers import DiskIO
 from .oneline import OneLineParser
 from ..api.planner import Capacity
 from ..api.generation import RunSettings
 from ..api.runtime import Runtime
 from ..jobs.requests import check_text
-from ..planning.generation_config import NAME as GENERATION_CONFIG, GenerationDefaults
+from ..spec.generation import NAME as GENERATION_CONFIG, GenerationDefaults
 
 
 MAX_THREADS = 64  # --io-threads and --prefetch-depth (one loading thread per layer ahead)

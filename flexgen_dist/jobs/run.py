@@ -27,9 +27,9 @@ from ..errors import EnvironmentFailure, UserError, first_line
 from ..parallel.comm import PeerError
 from ..parallel.context import DistContext
 from ..parallel.group import Pipeline
-from ..planning.generation_config import NAME as GENERATION_CONFIG, GenerationDefaults
+from ..spec.generation import NAME as GENERATION_CONFIG, GenerationDefaults
 from ..planning.placement import Tier, Workload
-from ..planning.sizes import format_size
+from ..sizes import format_size
 from .agreement import SCHEDULE_FLAGS, agree, run_record
 from ..api.llm import LLM
 from ..cli.flags import llm_kwargs_from_args, settings_from_args
