@@ -4,8 +4,8 @@
     llm = LLM("path/to/hf_dir", policy=Policy(gpu_batch_size=4, num_gpu_batches=2), offload_dir="offload")
     result = llm.generate(["Hello"], max_new_tokens=32)
 
-The names below are imported on first use, so `import flexgen_dist.planning` and
-`import flexgen_dist.schedule` work without torch.
+The names below are imported on first use, so `import flexgen_dist.spec`, `flexgen_dist.planning`
+and `flexgen_dist.schedule` work without torch.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _LAZY = {
     "Runtime": ".api.runtime",
     "Capacity": ".api.planner",
     "SearchOptions": ".planning.search",
-    "ModelSpec": ".planning.spec",
+    "ModelSpec": ".spec.model",
     "Policy": ".planning.policy",
     "Workload": ".planning.placement",
     "Pipeline": ".parallel.group",

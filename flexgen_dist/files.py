@@ -7,9 +7,9 @@ link, and with every failure of the disk reported.
   fsynced so the rename survives a crash. A failure on the way removes the temporary file and
   leaves the old file as it was. `atomic_output` (a path) and `replacing` (a name in a folder
   open as a descriptor) are the two doors to this; `write_atomic` writes bytes at a path.
-- Temporary names are `.<name>.flexgen-tmp.<host>.<pid>.<16 hex>`: hidden, unpredictable, tied
-  to the file they will become (a name over NAME_PART_BYTES is cut and given a hash of the
-  whole), and they say which process holds them.
+- Temporary names (temp_names.py) are `.<name>.flexgen-tmp.<host>.<pid>.<16 hex>`: hidden,
+  unpredictable, tied to the file they will become (a name over NAME_PART_BYTES is cut and given
+  a hash of the whole), and they say which process holds them.
 - `remove_stale_temps` deletes only names that fully match that pattern (for one target name,
   regex-escaped, or for any name in a private folder) and whose owner is provably gone: its pid
   is not running on this host, or runs a process that started after the file was last written
@@ -26,67 +26,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
-import re
-import secrets
 import shutil
-import socket
 import stat
 import time
 from pathlib import Path
 from typing import Iterator
 
-import psutil
-
 from .errors import EnvironmentFailure, UserError
-from .planning.sizes import format_size
+from .sizes import format_size
+from .temp_names import host_tag, owner_alive, temp_name, temp_pattern
 
-TEMP_TAG = "flexgen-tmp"
 FILE_MODE = 0o666  # outputs: the umask takes away what the user does not want
 PRIVATE_MODE = 0o600  # files of our private folders
-NAME_PART_BYTES = 120  # of the target's name inside a temporary name: the whole stays under 255
-# Files of another host's processes cannot be checked for a live writer; a write that has not
-# touched its file for a day is dead.
-FOREIGN_STALE_S = 24 * 3600.0
-# A process's start time is known to about a second (psutil derives it from the boot time), so a
-# temporary file last written before its pid's start by more than this is a leftover.
-_START_SLACK_S = 2.0
-_RANDOM_BYTES = 8
 _NAME_TRIES = 8  # fresh random names tried before giving up (only a planted name can collide)
 _BUFFER_BYTES = 1 << 20  # what `atomic_output`'s file keeps before it writes
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _CREATE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | O_NOFOLLOW | O_CLOEXEC
-_OWNER = rf"\.{re.escape(TEMP_TAG)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[0-9]+)\.[0-9a-f]{{{2 * _RANDOM_BYTES}}}"
-
-
-# --- names --------------------------------------------------------------------------------------
-
-
-def host_tag() -> str:
-    """This host's name as it appears in temporary names (letters, digits and dashes)."""
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
-
-
-def _name_part(name: str) -> str:
-    raw = os.fsencode(name)
-    if len(raw) <= NAME_PART_BYTES:
-        return name
-    digest = hashlib.sha256(raw).hexdigest()[:16]
-    return os.fsdecode(raw[: NAME_PART_BYTES - 17]) + "~" + digest  # a cut character stays its bytes
-
-
-def temp_name(name: str) -> str:
-    """A fresh temporary name for a file that will become `name` (a name, not a path)."""
-    return f".{_name_part(name)}.{TEMP_TAG}.{host_tag()}.{os.getpid()}.{secrets.token_hex(_RANDOM_BYTES)}"
-
-
-def temp_pattern(name: str | None = None) -> re.Pattern:
-    """What `temp_name(name)` gives, as a pattern for `fullmatch`; with no name, the temporary
-    names of any file (only for a private folder, where every file is ours)."""
-    head = r"\..+" if name is None else r"\." + re.escape(_name_part(name))
-    return re.compile(head + _OWNER, re.DOTALL)
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -302,7 +259,7 @@ def remove_stale_temps(folder: str | os.PathLike | int, name: str | None = None,
                 st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue  # its writer renamed it meanwhile
-            if _owner_alive(match["host"], int(match["pid"]), st.st_mtime, host, now):
+            if owner_alive(match["host"], int(match["pid"]), st.st_mtime, host, now):
                 continue
             try:
                 if stat.S_ISDIR(st.st_mode):
@@ -317,18 +274,6 @@ def remove_stale_temps(folder: str | os.PathLike | int, name: str | None = None,
     finally:
         if own:
             os.close(dir_fd)
-
-
-def _owner_alive(owner_host: str, pid: int, last_write: float, host: str, now: float) -> bool:
-    if owner_host != host:
-        return now - last_write <= FOREIGN_STALE_S
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= last_write + _START_SLACK_S
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True  # cannot tell: keep the file
 
 
 def unlink_quietly(dir_fd: int | None, name: str) -> bool:

@@ -167,7 +167,7 @@ def machine_hardware(device: str, offload_dir: str | Path | None, *, hardware: s
 
 def format_table(hardware: Hardware) -> str:
     """A short table of capacities and speeds, for people."""
-    from .planning.sizes import format_size
+    from .sizes import format_size
 
     c, s = hardware.capacities, hardware.speeds
 

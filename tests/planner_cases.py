@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from flexgen_dist.machine.hardware import Capacities, Hardware, Speeds
-from flexgen_dist.planning.layout import model_units
+from flexgen_dist.spec.layout import model_units
 from flexgen_dist.planning.place import plan_placement
 from flexgen_dist.planning.placement import Buffers, Dtypes, Workload
 from flexgen_dist.planning.policy import Policy
-from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.spec.model import ModelSpec
 
 MiB, GiB = 2**20, 2**30
 
@@ -71,7 +71,7 @@ def assert_plans_on_a_gpu_box_and_a_cpu_box(spec: ModelSpec, numel: int, *, gpu_
     search finds a policy, its placement is the one plan_placement gives, every tensor is placed
     once (a tied head too), 2 bytes each with a GPU; on the CPU box those on the gpu tier (host
     memory) may be held in the fp32 compute dtype."""
-    from flexgen_dist.planning.layout import UnitKind
+    from flexgen_dist.spec.layout import UnitKind
     from flexgen_dist.planning.search import SearchOptions, search
 
     units = model_units(spec)

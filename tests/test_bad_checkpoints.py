@@ -28,8 +28,8 @@ from flexgen_dist.model import checkpoint as checkpoint_module
 from flexgen_dist.model import safetensors_header
 from flexgen_dist.model.checkpoint import CheckpointSource
 from flexgen_dist.model.validate import check_finite, validate_checkpoint
-from flexgen_dist.planning.layout import model_units
-from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.spec.layout import model_units
+from flexgen_dist.spec.model import ModelSpec
 from flexgen_dist.run import main as run_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -221,7 +221,7 @@ def test_the_bound_model_of_a_dtype_computes_in_it_and_is_built_once(bound_model
 
 
 def _shapes():
-    from flexgen_dist.bench.dtypes import bench_shapes
+    from flexgen_dist.bench.bound import bench_shapes
 
     return bench_shapes(2048, 64)
 
@@ -237,7 +237,7 @@ def _shapes():
     ("split", {"float32": (100e9, 10e9), "bfloat16": (10e9, 30e9)}, ("float32",)),
 ])
 def test_dtypes_run_are_those_at_least_half_the_fastest_at_every_shape(machine, rates, run):
-    from flexgen_dist.bench.dtypes import choose_dtypes
+    from flexgen_dist.bench.bound import choose_dtypes
 
     choice = choose_dtypes(rates, _shapes())
     assert choice.run == run, machine
@@ -245,17 +245,17 @@ def test_dtypes_run_are_those_at_least_half_the_fastest_at_every_shape(machine, 
 
 
 def test_a_left_out_dtype_says_its_share_of_the_fastest_and_where():
-    from flexgen_dist.bench.dtypes import choose_dtypes, describe
+    from flexgen_dist.bench.bound import choose_dtypes, describe_dtypes
 
     shapes = _shapes()
     choice = choose_dtypes({"float32": (58e9, 142e9), "bfloat16": (265e9, 415e9)}, shapes)
     assert choice.left_out == {"float32": f"0.22 of bfloat16 at {shapes[0]}"}
-    line = describe({"float32": (58e9, 142e9), "bfloat16": (265e9, 415e9)}, shapes, choice, "cpu")
+    line = describe_dtypes({"float32": (58e9, 142e9), "bfloat16": (265e9, 415e9)}, shapes, choice, "cpu")
     assert "float32 58.0/142.0; bfloat16 265.0/415.0; running bfloat16 (left out: float32 0.22 of bfloat16" in line
 
 
 def test_bench_shapes_are_a_decode_step_and_a_capped_prefill():
-    from flexgen_dist.bench.dtypes import DECODE_ROWS, PREFILL_ROWS, bench_shapes
+    from flexgen_dist.bench.bound import DECODE_ROWS, PREFILL_ROWS, bench_shapes
 
     decode, prefill = bench_shapes(2048, 64)
     assert (decode.rows, decode.dim, prefill.rows, prefill.dim) == (DECODE_ROWS, 2048, PREFILL_ROWS, 2048)
@@ -267,7 +267,7 @@ def test_measure_times_each_dtype_at_each_shape(monkeypatch):
     import torch
     import torch.nn.functional as F
 
-    from flexgen_dist.bench.dtypes import MatmulShape, measure_matmul_rates
+    from flexgen_dist.bench.bound import MatmulShape, measure_matmul_rates
 
     seen = []
     real = F.linear
@@ -290,14 +290,14 @@ def test_measure_times_each_dtype_at_each_shape(monkeypatch):
     ("auto", ("auto", "float32"), ["auto"]),
 ])
 def test_dtype_flags(text, allowed, expected):
-    from flexgen_dist.bench.dtypes import parse_dtypes
+    from flexgen_dist.bench.bound import parse_dtypes
 
     assert parse_dtypes(text, "--x", allowed) == expected
 
 
 @pytest.mark.parametrize("text", ["", "fp32", "measured,float32", "auto"])
 def test_bad_dtype_flags_are_one_line_user_errors(text):
-    from flexgen_dist.bench.dtypes import DTYPES, parse_dtypes
+    from flexgen_dist.bench.bound import DTYPES, parse_dtypes
 
     with pytest.raises(UserError, match="--baseline-dtypes"):
         parse_dtypes(text, "--baseline-dtypes", DTYPES)

@@ -135,7 +135,7 @@ def test_the_plans_longest_task_is_the_longest_of_any_rank():
     from planner_cases import gpu_machine, opt_spec, place, policy
 
     from flexgen_dist.planning.cost_model import estimate_pipeline, task_time
-    from flexgen_dist.planning.layout import model_units
+    from flexgen_dist.spec.layout import model_units
     from flexgen_dist.planning.placement import Buffers
 
     spec, hw = opt_spec(layers=6), gpu_machine()

@@ -19,7 +19,7 @@ from flexgen_dist.planning.cost_model import (
     stage_times,
     task_time,
 )
-from flexgen_dist.planning.layout import model_units
+from flexgen_dist.spec.layout import model_units
 from flexgen_dist.planning.placement import Buffers, Workload
 
 SPEC = opt_spec()

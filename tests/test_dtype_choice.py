@@ -84,7 +84,7 @@ def _fake_plan(throughputs: dict, refused=()):
 
 
 def _placement():
-    from flexgen_dist.planning.layout import model_units
+    from flexgen_dist.spec.layout import model_units
     from flexgen_dist.planning.place import plan_placement
     from flexgen_dist.planning.placement import Buffers, Workload
     from flexgen_dist.planning.policy import Policy

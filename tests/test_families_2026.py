@@ -20,8 +20,8 @@ import tiny_models
 from conftest import hf_greedy, hf_trace, unambiguous_prompts
 from flexgen_dist import LLM, Policy, Runtime
 from flexgen_dist.errors import UserError
-from flexgen_dist.planning.layout import model_units
-from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.spec.layout import model_units
+from flexgen_dist.spec.model import ModelSpec
 from planner_cases import GiB, assert_plans_on_a_gpu_box_and_a_cpu_box
 from test_placement import EVERY_TIER
 from test_placement import test_planned_bytes_equal_allocated_bytes as planned_bytes_equal_allocated_bytes

@@ -16,10 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flexgen_dist import files
+from flexgen_dist import files, temp_names
 from flexgen_dist.errors import EnvironmentFailure
-from flexgen_dist.files import (TEMP_TAG, atomic_output, host_tag, remove_stale_temps, temp_name, temp_pattern,
-                                write_all, write_atomic)
+from flexgen_dist.files import atomic_output, remove_stale_temps, write_all, write_atomic
+from flexgen_dist.temp_names import TEMP_TAG, host_tag, temp_name, temp_pattern
 
 REPO = Path(__file__).resolve().parents[1]
 # Output names whose characters mean something to glob(): the old sweep's pattern was built from them.
@@ -88,7 +88,7 @@ def test_reused_pids_and_other_hosts(tmp_path):
     for entry in names.values():
         (tmp_path / entry).write_bytes(b"x")
     os.utime(tmp_path / names["reused"], (before_me, before_me))
-    stale = time.time() - files.FOREIGN_STALE_S - 3600
+    stale = time.time() - temp_names.FOREIGN_STALE_S - 3600
     os.utime(tmp_path / names["foreign_stale"], (stale, stale))
     assert sorted(remove_stale_temps(tmp_path, "out.jsonl")) == sorted([names["reused"], names["foreign_stale"]])
     assert _listing(tmp_path) == {names["foreign_recent"]}

@@ -23,8 +23,8 @@ import tiny_models
 from conftest import hf_greedy, hf_model, hf_trace, unambiguous_prompts
 from flexgen_dist import LLM, Policy, Runtime
 from flexgen_dist.errors import UserError
-from flexgen_dist.planning.layout import model_units
-from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.spec.layout import model_units
+from flexgen_dist.spec.model import ModelSpec
 from planner_cases import GiB, assert_plans_on_a_gpu_box_and_a_cpu_box
 from test_families_2026 import _ON_DEVICE
 from test_placement import EVERY_TIER

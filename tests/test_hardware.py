@@ -315,21 +315,22 @@ def test_detect_cuda_with_fake_nvml(fake_nvml, tmp_path):
 
 
 def test_planning_modules_import_without_torch():
-    """planning/ and machine/'s detection and profiles must not need torch; flexgen_dist/__init__
-    imports torch, so bypass it."""
-    planning = sorted(p.stem for p in (REPO / "flexgen_dist/planning").glob("*.py") if p.stem != "__init__")
+    """planning/, spec/ and machine/'s detection and profiles must not need torch;
+    flexgen_dist/__init__ imports torch, so bypass it."""
+    modules = sorted(f"flexgen_dist.{package}.{p.stem}" for package in ("planning", "spec")
+                     for p in (REPO / "flexgen_dist" / package).glob("*.py") if p.stem != "__init__")
     code = f"""
 import sys, types
 sys.modules["torch"] = None  # any import of torch now fails
-for name in ("flexgen_dist", "flexgen_dist.planning", "flexgen_dist.machine"):
+for name in ("flexgen_dist", "flexgen_dist.planning", "flexgen_dist.spec", "flexgen_dist.machine"):
     package = types.ModuleType(name)
     package.__path__ = [{str(REPO)!r} + "/" + name.replace(".", "/")]
     sys.modules[name] = package
 import importlib
 for module in ("hardware", "presets", "detect", "cgroups", "gpu_overhead"):
     importlib.import_module("flexgen_dist.machine." + module)
-for module in {planning!r}:
-    importlib.import_module("flexgen_dist.planning." + module)
+for module in {modules!r}:
+    importlib.import_module(module)
 assert sys.modules["flexgen_dist.machine.presets"].FLEXGEN_T4.capacities.has_gpu
 sys.modules["flexgen_dist.machine.detect"].detect_capacities("cpu", ".")
 print("ok")

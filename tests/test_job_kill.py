@@ -218,7 +218,7 @@ def test_sigint_and_sigterm_keep_finished_results_and_remove_scratch(job, refere
 
 
 def test_the_scratch_folder_of_a_sigkilled_run_is_removed_by_the_next_run(job, reference, tmp_path, capsys):
-    from flexgen_dist.files import temp_name
+    from flexgen_dist.temp_names import temp_name
 
     model, src, _ = job
     out, offload = tmp_path / "out.jsonl", tmp_path / "offload"

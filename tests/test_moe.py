@@ -21,8 +21,8 @@ import torch
 import tiny_models
 from conftest import hf_greedy, hf_trace, unambiguous_prompts
 from flexgen_dist.errors import UserError
-from flexgen_dist.planning.layout import UnitKind, model_units
-from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.spec.layout import UnitKind, model_units
+from flexgen_dist.spec.model import ModelSpec
 from planner_cases import GiB, assert_plans_on_a_gpu_box_and_a_cpu_box, gpu_machine, place, policy
 from test_families_2026 import SETUPS, _generate
 from test_placement import EVERY_TIER

@@ -17,11 +17,13 @@ import torch
 from safetensors.torch import save_file
 
 from flexgen_dist.errors import EnvironmentFailure, UserError
-from flexgen_dist import files
-from flexgen_dist.files import TEMP_TAG, check_offload_space, host_tag
+from flexgen_dist import files, temp_names
+from flexgen_dist.files import check_offload_space
 from flexgen_dist.storage import offload_dir, piece_hash
-from flexgen_dist.storage.offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity
+from flexgen_dist.storage.offload_dir import OffloadFolder
+from flexgen_dist.storage.offload_identity import OffloadIdentity, checkpoint_identity
 from flexgen_dist.storage.tiers import DiskIO, DiskReader, DiskTensor
+from flexgen_dist.temp_names import TEMP_TAG, host_tag
 
 IDENTITY = OffloadIdentity.of("test-source", storage_dtype=torch.float16)
 
@@ -237,7 +239,7 @@ def test_leftovers_of_dead_writers_are_removed(tmp_path):
     for name in names.values():
         (path / name).write_bytes(b"x" * 1000)
     os.utime(path / names["reused_pid"], (old, old))
-    stale = time.time() - files.FOREIGN_STALE_S - 3600
+    stale = time.time() - temp_names.FOREIGN_STALE_S - 3600
     os.utime(path / names["foreign_stale"], (stale, stale))
     link_target = tmp_path / "target"
     link_target.write_bytes(b"keep")

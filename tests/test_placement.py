@@ -10,10 +10,10 @@ import torch
 
 from flexgen_dist import LLM, Policy, Runtime, Workload
 from flexgen_dist.engine.block_io import BlockIO
-from flexgen_dist.planning.layout import model_units
+from flexgen_dist.spec.layout import model_units
 from flexgen_dist.planning.place import plan_placement
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier
-from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.spec.model import ModelSpec
 from flexgen_dist.storage.compressed import CompressedTensor
 from flexgen_dist.storage.tiers import DiskIO, DiskTensor, MemoryTensor
 

@@ -10,7 +10,7 @@ from flexgen_dist import profile
 from flexgen_dist.planning import cost_terms
 from flexgen_dist.machine.hardware import Hardware
 from planner_cases import cpu_machine, llama_spec, policy, settings
-from flexgen_dist.planning.layout import model_units
+from flexgen_dist.spec.layout import model_units
 from flexgen_dist.planning.place import plan_placement
 
 MiB = 1 << 20

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flexgen_dist.errors import UserError
-from flexgen_dist.files import TEMP_TAG
+from flexgen_dist.temp_names import TEMP_TAG
 from flexgen_dist.jobs.outpath import check_output_path
 from flexgen_dist.jobs.resume import RunIdentity, StdoutLog, open_for_resume, progress_paths
 

@@ -6,7 +6,7 @@ import torch
 from flexgen_dist import Pipeline, Runtime, UserError
 from flexgen_dist.parallel.comm import process_group_timeout
 from flexgen_dist.parallel.context import DistContext
-from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.spec.model import ModelSpec
 
 
 def test_cpu_device_and_fp32_compute_on_the_cpu():

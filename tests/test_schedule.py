@@ -136,7 +136,7 @@ def test_ops_carry_global_layer_indices():
 def test_planning_and_schedule_import_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import flexgen_dist.planning.placement, flexgen_dist.planning.search, flexgen_dist.planning.layout\n"
+        "import flexgen_dist.planning.placement, flexgen_dist.planning.search, flexgen_dist.spec.layout\n"
         "import flexgen_dist.schedule.block, flexgen_dist.schedule.pipeline, flexgen_dist.parallel.partition\n"
         "import flexgen_dist.planning, flexgen_dist.schedule\n"
         "from flexgen_dist import Policy, ModelSpec\n"

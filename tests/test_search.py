@@ -22,10 +22,10 @@ from flexgen_dist.planning.fit import (
     to_policy,
 )
 from flexgen_dist.planning.folding import FoldedRank
-from flexgen_dist.planning.layout import model_units
+from flexgen_dist.spec.layout import model_units
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier
 from flexgen_dist.planning.search import SearchOptions, search, switch_sets
-from flexgen_dist.planning.sizes import format_size
+from flexgen_dist.sizes import format_size
 
 SMALL = opt_spec(layers=8, hidden=128, heads=2, ffn=512)
 MIXED = [policy((30, 30, 34, 33, 50, 50), gbs=3, num_batches=3),

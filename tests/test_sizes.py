@@ -3,7 +3,7 @@
 import pytest
 
 from flexgen_dist import UserError
-from flexgen_dist.planning.sizes import format_size, parse_size
+from flexgen_dist.sizes import format_size, parse_size
 
 MiB = 2**20
 

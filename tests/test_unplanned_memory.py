@@ -25,12 +25,12 @@ from flexgen_dist.machine import detect, gpu_overhead
 from flexgen_dist.planning import working
 from flexgen_dist.planning.compression import CompressionConfig
 from flexgen_dist.machine.hardware import Capacities
-from flexgen_dist.planning.layout import model_units
+from flexgen_dist.spec.layout import model_units
 from flexgen_dist.planning.place import plan_placement
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, Workload
 from flexgen_dist.planning.policy import Policy
 from flexgen_dist.machine.presets import FLEXGEN_T4
-from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.spec.model import ModelSpec
 from flexgen_dist.storage import quantize as quantize_module
 from flexgen_dist.storage.compressed import compressed_in_memory
 from flexgen_dist.storage.quantize import dequantize, empty_quantized, quantize, quantize_into

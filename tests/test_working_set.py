@@ -19,10 +19,10 @@ from planner_cases import llama_spec
 from flexgen_dist import LLM, Policy, Runtime
 from flexgen_dist.model.layers import embedding, logits
 from flexgen_dist.planning.compression import CompressionConfig
-from flexgen_dist.planning.layout import HEAD_PROJECTION, UnitKind, model_units
+from flexgen_dist.spec.layout import HEAD_PROJECTION, UnitKind, model_units
 from flexgen_dist.planning.place import plan_placement
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, Workload
-from flexgen_dist.planning.spec import ModelSpec
+from flexgen_dist.spec.model import ModelSpec
 from flexgen_dist.planning.tiers import slot_bytes
 from flexgen_dist.storage import tiers as storage_tiers
 from flexgen_dist.storage.compressed import compressed_in_memory, compressed_on_disk

@@ -656,7 +656,7 @@ def dead_pid() -> int:
 def stale_kv_scratch(c: CaseDir) -> None:
     """The KV-cache scratch folder a SIGKILLed run left in the offload folder: named for its dead
     pid, as block_io names it."""
-    from flexgen_dist.files import host_tag
+    from flexgen_dist.temp_names import host_tag
 
     folder = c.d / "off" / f".kv-cache.flexgen-tmp.{host_tag()}.{dead_pid()}.0123456789abcdef"
     folder.mkdir(parents=True, mode=0o700)

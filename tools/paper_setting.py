@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flexgen_dist.planning.compression import CompressionConfig  # noqa: E402
 from flexgen_dist.planning.cost_model import estimate  # noqa: E402
 from flexgen_dist.planning.fit import policy_flags, shortfalls, limit_label  # noqa: E402
-from flexgen_dist.planning.layout import model_units  # noqa: E402
+from flexgen_dist.spec.layout import model_units  # noqa: E402
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, Workload, plan_placement  # noqa: E402
 from flexgen_dist.planning.policy import Policy  # noqa: E402
 from flexgen_dist.machine.presets import FLEXGEN_T4  # noqa: E402
 from flexgen_dist.planning.search import SearchOptions, search  # noqa: E402
-from flexgen_dist.planning.sizes import format_size  # noqa: E402
-from flexgen_dist.planning.spec import ModelSpec  # noqa: E402
+from flexgen_dist.sizes import format_size  # noqa: E402
+from flexgen_dist.spec.model import ModelSpec  # noqa: E402
 
 # facebook/opt-30b and facebook/opt-175b config.json shapes
 OPT = {

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from flexgen_dist.bench.compare import child_env
 from flexgen_dist.bench.memlimit import evict_from_page_cache, run_limited
-from flexgen_dist.planning.sizes import format_size, parse_size
+from flexgen_dist.sizes import format_size, parse_size
 
 
 def run_one(args, flags: list[str], mem_limit: int) -> dict:

@@ -22,12 +22,12 @@ from ..errors import NotSupportedYet, UserError
 from ..model import make_math
 from ..parallel.group import Pipeline
 from ..planning.fit import PolicyDoesNotFit, check_policy
-from ..planning.generation_config import GenerationDefaults
+from ..spec.generation import GenerationDefaults
 from ..planning.place import plan_placement
 from ..planning.placement import Placement, Tier, Workload
 from ..planning.policy import Policy
 from ..planning.search import SearchOptions
-from ..planning.sizes import format_size
+from ..sizes import format_size
 from ..storage.tiers import DiskReader
 from ..storage.weights import WeightStore
 from .generation import RunSettings, SeqSpec, SpecMaker, run_sequences

@@ -13,9 +13,9 @@ from ..errors import UserError
 from ..io_errors import file_error
 from ..model.checkpoint import CheckpointSource, RandomSource, WeightSource
 from ..model.validate import scan_checkpoint
-from ..planning.generation_config import GenerationDefaults, read_generation_config
-from ..planning.layout import model_units
-from ..planning.spec import ModelSpec
+from ..spec.generation import GenerationDefaults, read_generation_config
+from ..spec.layout import model_units
+from ..spec.model import ModelSpec
 
 log = logging.getLogger(__name__)
 

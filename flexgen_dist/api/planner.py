@@ -25,13 +25,13 @@ from ..planning.cost_model import Estimate, estimate, estimate_pipeline, partiti
 from ..planning.fit import check_policy, policy_flags
 from ..machine.gpu_overhead import gpu_reserve, ranks_per_gpu
 from ..machine.hardware import Hardware, apply_overrides, rank_share
-from ..planning.layout import Unit, model_units
+from ..spec.layout import Unit, model_units
 from ..planning.place import plan_placement
 from ..planning.placement import Buffers, Dtypes, Placement, Tier, Workload
 from ..planning.policy import Policy
 from ..planning.search import SearchOptions, search
-from ..planning.sizes import format_size
-from ..planning.spec import ModelSpec
+from ..sizes import format_size
+from ..spec.model import ModelSpec
 from ..planning.tiers import DTYPE_BYTES
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UserError
-from ..planning.spec import ModelSpec
+from ..spec.model import ModelSpec
 from ..jobs.requests import check_text
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..planning.placement import DTYPE_BYTES, Dtypes, Workload
-from ..planning.spec import ModelSpec
+from ..spec.model import ModelSpec
 from ..storage.tiers import DiskIO
 
 

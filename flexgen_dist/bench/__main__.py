@@ -33,7 +33,7 @@ from ..cli.shell import run_command
 from ..jobs.outpath import write_json_file
 from . import checks
 from .checks import check_args
-from ..planning.sizes import format_size
+from ..sizes import format_size
 
 COMPARE_BLOCKS = "8x1,16x1,32x1,32x2,32x4,32x8"
 SWEEP_BLOCKS = "8x1,32x1,32x4"
@@ -157,9 +157,9 @@ def _bounds(args: argparse.Namespace, w):
 
 def _dtypes(args: argparse.Namespace, w, systems: list[str]) -> dict[str, list]:
     """The compute dtypes each of `systems` runs in: as --baseline-dtypes / --ours-dtypes list them,
-    else those this machine computes well, measured now on the compute device (dtypes.py)."""
-    from .dtypes import DTYPES, bench_shapes, choose_dtypes, describe, measure_matmul_rates
-    from ..planning.spec import ModelSpec
+    else those this machine computes well, measured now on the compute device (bound.py)."""
+    from .bound import DTYPES, bench_shapes, choose_dtypes, describe_dtypes, measure_matmul_rates
+    from ..spec.model import ModelSpec
 
     baseline, ours = checks.dtype_lists(args)
     need = (baseline is None and any(s != "ours" for s in systems)) or (ours is None and "ours" in systems)
@@ -170,7 +170,7 @@ def _dtypes(args: argparse.Namespace, w, systems: list[str]) -> dict[str, list]:
         shapes = bench_shapes(ModelSpec.from_dir(w.model_dir).hidden_size, w.prompt_len)
         rates = measure_matmul_rates(DTYPES, shapes, device=device)
         choice = choose_dtypes(rates, shapes)
-        _say(describe(rates, shapes, choice, device))
+        _say(describe_dtypes(rates, shapes, choice, device))
         measured = list(choice.run)
         baseline, ours = baseline or measured, ours or measured
     return {system: (ours if system == "ours" else baseline) for system in systems}
@@ -247,9 +247,9 @@ def _compare(args: argparse.Namespace, offload: Path) -> int:
 
 
 def _sweep(args: argparse.Namespace, offload: Path) -> int:
-    from .plot import MISSING, plot_sweep, require_matplotlib
     from .report import format_attempt, format_sweep_table
-    from .sweep import frontier_by_system, grid_runs, parse_placements, planner_points, run_flags, run_sweep, write_csv
+    from .sweep import (MISSING, frontier_by_system, grid_runs, parse_placements, planner_points, plot_sweep,
+                        require_matplotlib, run_flags, run_sweep, write_csv)
 
     png = args.sweep_png
     if not png:  # given: check_args found matplotlib
@@ -294,7 +294,8 @@ def _sweep(args: argparse.Namespace, offload: Path) -> int:
 
 
 def _scaling(args: argparse.Namespace, offload: Path) -> int:
-    from .scaling import format_table, run_ranks
+    from .report import format_scaling_table
+    from .runs import run_ranks
 
     ranks = checks.int_list(args.ranks, "--ranks")
     block = args.gpu_batch_size * args.num_gpu_batches
@@ -319,7 +320,7 @@ def _scaling(args: argparse.Namespace, offload: Path) -> int:
     print(f"model {args.shape or model}, prompt {args.prompt_len}, gen {args.gen_len}, block {block} "
           f"({args.gpu_batch_size}x{args.num_gpu_batches}), per-rank gpu-mem {args.gpu_mem}, cpu-mem {args.cpu_mem}, "
           f"{args.cores} cores shared, page cache {'dropped' if args.drop_page_cache else 'kept'}")
-    print(format_table(runs))
+    print(format_scaling_table(runs))
     if args.json:
         write_json_file(args.json, [r.__dict__ for r in runs], flag="--json")
     return 0

@@ -10,7 +10,7 @@ Methodology (the same for both systems, and as FlexGen's `benchmark/hf_ds/hf_opt
   no special ids), greedy (`do_sample=False`), `min_new_tokens = max_new_tokens = --gen-len`, so
   every sequence generates exactly gen-len tokens whatever its EOS.
 - Compute in `--dtype` (the checkpoint is loaded converted to it): the bench runs every dtype
-  that this machine computes well (dtypes.py measures which) and keeps the best. Without
+  that this machine computes well (bound.py measures which) and keeps the best. Without
   `--dtype`: fp32 on the CPU, fp16 on a GPU.
 - Untimed warm-up: `generate` of 1 token for batch 1. Under Accelerate disk offload this is a
   whole pass over the weights read from the disk, kept anyway (the first call also pays torch's
@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 from flexgen_dist.cli.oneline import OneLineParser
-from flexgen_dist.bench.dtypes import DTYPES
+from flexgen_dist.bench.bound import DTYPES
 from flexgen_dist.bench.memlimit import evict_from_page_cache, format_size, parse_size
 from flexgen_dist.errors import UserError
 

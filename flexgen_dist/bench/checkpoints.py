@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 from flexgen_dist.errors import UserError
-from flexgen_dist.files import fsync_folder, remove_stale_temps, temp_name, write_atomic
+from flexgen_dist.files import fsync_folder, remove_stale_temps, write_atomic
+from flexgen_dist.temp_names import temp_name
 
 # OPT shapes with the real sizes (Zhang et al. 2022, table 1); ffn = 4 * hidden, vocab 50272,
 # 2048 positions, pre-LN. "tiny-opt" is for tests.

@@ -9,7 +9,7 @@ import argparse
 from ..errors import UserError
 from ..files import check_offload_folder
 from ..jobs.outpath import check_output_path
-from ..planning.sizes import parse_size
+from ..sizes import parse_size
 
 PROCESS_RESERVE = int(1.5 * 2**30)  # what a run's own process takes besides the weights and cache it is given
 WORKLOADS = {  # --workload: (prompt tokens, new tokens)
@@ -104,7 +104,7 @@ def ours_dtype_choices() -> tuple[str, ...]:
 
 def dtype_lists(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
     """(--baseline-dtypes, --ours-dtypes): each the dtypes listed, or None to measure."""
-    from .dtypes import DTYPES, parse_dtypes
+    from .bound import DTYPES, parse_dtypes
 
     return (parse_dtypes(args.baseline_dtypes, "--baseline-dtypes", DTYPES),
             parse_dtypes(args.ours_dtypes, "--ours-dtypes", ours_dtype_choices()))
@@ -140,8 +140,7 @@ def check_args(args: argparse.Namespace) -> None:
         memory(args)
     outputs = [("--json", args.json)]
     if args.sweep:
-        from .plot import require_matplotlib
-        from .sweep import parse_placements
+        from .sweep import parse_placements, require_matplotlib
 
         parse_placements(args.placements)
         if args.sweep_png:

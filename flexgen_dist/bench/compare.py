@@ -4,7 +4,7 @@ Every system runs as its own child process (ours: `python -m flexgen_dist.run`; 
 `python -m flexgen_dist.bench.baselines`), under the same cgroup memory cap when one is given,
 with the checkpoint and offload files evicted from the page cache first, so disk offloading is
 measured against the disk and not against RAM. Each system runs in every compute dtype the bench
-chose (dtypes.py: those this machine computes well), in each at increasing batches until one no
+chose (bound.py: those this machine computes well), in each at increasing batches until one no
 longer fits; its best dtype and batch are reported. Each of our runs is held against the cost model's
 bound for the policy it used (bound.py), and our best block is run once more with everything in
 memory, so the cost of offloading is one ratio.
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..planning.policy import Policy
-from ..planning.sizes import format_size
+from ..sizes import format_size
 from .bound import BoundModel, BoundModels, policy_from_stats
 from .memlimit import evict_from_page_cache, run_limited
 from .report import policy_text_from_stats

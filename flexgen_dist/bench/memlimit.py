@@ -36,7 +36,7 @@ from pathlib import Path
 
 from flexgen_dist.bench.cgroups import cgroup_support, make_cgroup_v1, make_cgroup_v2  # noqa: F401 (cgroup_support re-exported)
 from flexgen_dist.errors import UserError
-from flexgen_dist.planning.sizes import format_size, parse_size
+from flexgen_dist.sizes import format_size, parse_size
 
 __all__ = ["LimitedRun", "parse_size", "format_size", "evict_from_page_cache", "run_limited", "cgroup_support"]
 

@@ -1,9 +1,10 @@
-"""What the bench prints: a line per attempt as it finishes, and the tables at the end."""
+"""What the bench prints: a line per attempt as it finishes, and the tables at the end (the
+pipeline scaling's too)."""
 
 from __future__ import annotations
 
-from ..planning.sizes import format_size
-from .runs import Attempt, best_of
+from ..sizes import format_size
+from .runs import Attempt, ScalingRun, best_of
 
 
 ABOVE_BOUND = 1.05  # a measured rate this far over its bound says the bound is off, not the run
@@ -163,5 +164,23 @@ def format_sweep_table(rows: list[Attempt], frontier: set[int]) -> str:
             f"{mark} {a.system:<13} {a.dtype or '?':<9} {a.label:<16} {a.block_latency_s:>9.3f} {a.tokens_per_s:>11.2f} "
             f"{a.result['decode_tokens_per_s']:>12.2f} {_num(decode_bound, 12)} {_num(a.fraction_of_bound, 8, '.3g')} "
             f"{format_size(a.peak_bytes) if a.peak_bytes else '?':>10}  {policy_text(a)}"
+        )
+    return "\n".join(lines)
+
+
+def format_scaling_table(runs: list[ScalingRun]) -> str:
+    """The pipeline scaling runs, one line per rank count, against the first."""
+    base = runs[0]
+    lines = [
+        f"{'ranks':>5}  {'weights gpu/cpu/disk %':>22}  {'decode tok/s':>12}  {'total tok/s':>11}  {'decode vs ' + str(base.ranks) + ' rank':>16}  {'per rank':>8}",
+    ]
+    for r in runs:
+        p = r.policy
+        disk = max(0.0, 100 - p["w_gpu_percent"] - p["w_cpu_percent"])
+        tiers = f"{p['w_gpu_percent']:.0f}/{p['w_cpu_percent']:.0f}/{disk:.0f}"
+        ratio = r.decode_tokens_per_s / base.decode_tokens_per_s if base.decode_tokens_per_s else float("nan")
+        per_rank = ratio * base.ranks / r.ranks
+        lines.append(
+            f"{r.ranks:>5}  {tiers:>22}  {r.decode_tokens_per_s:>12.2f}  {r.tokens_per_s:>11.2f}  {ratio:>15.2f}x  {per_rank:>7.2f}x"
         )
     return "\n".join(lines)

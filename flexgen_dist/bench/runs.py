@@ -1,13 +1,24 @@
-"""The parent side of the baselines: run one child (optionally under a memory cap) and parse
-its JSON line (`run_baseline`), and try batches while they fit (`best_batch`)."""
+"""The bench's children, as the parent sees them: a baseline's run (one child, optionally under a
+memory cap, its JSON line parsed: `run_baseline`) and its batches tried while they fit
+(`best_batch`); and ours under 1, 2, ... pipeline ranks (`run_ranks`).
+
+Pipeline scaling, decode throughput per rank count: each rank count runs as its own launch
+(`python -m flexgen_dist.run` for one rank, `torchrun --standalone` for more) with the same
+prompts, the same per-rank memory capacities and the same total thread budget (cores / ranks
+threads each), so what changes is how many layers each rank holds and therefore how much of them
+fits in fast memory.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 from flexgen_dist.bench.baselines import SYSTEMS
@@ -181,3 +192,39 @@ def best_of(attempts: list[Attempt], key: str = "total_tokens_per_s") -> Attempt
     """The successful attempt with the highest `key` of its result (None: none succeeded)."""
     done = [a for a in attempts if a.ok and a.result]
     return max(done, key=lambda a: float(a.result[key])) if done else None
+
+
+# --- pipeline scaling -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScalingRun:
+    ranks: int
+    decode_tokens_per_s: float
+    tokens_per_s: float
+    policy: dict  # rank 0's (fitted) policy
+    seconds: float
+
+
+def run_ranks(ranks: int, run_args: list[str], *, cores: int, timeout_s: float | None = None) -> ScalingRun:
+    threads = max(1, cores // ranks)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        stats_path = Path(tmp) / "stats.json"
+        job = ["-m", "flexgen_dist.run", *run_args, "--stats-json", str(stats_path)]
+        if ranks == 1:
+            cmd = [sys.executable, *job]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *job]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+            raise UserError(f"the {ranks}-rank run failed (exit {proc.returncode}): {tail}")
+        stats = json.loads(stats_path.read_text())
+    return ScalingRun(
+        ranks=ranks,
+        decode_tokens_per_s=stats["decode_tokens_per_s"],
+        tokens_per_s=stats["tokens_per_s"],
+        policy=stats["policy"],
+        seconds=stats["total_s"],
+    )

@@ -14,7 +14,7 @@ from ..parallel.group import Pipeline
 from ..parallel.partition import parse_stage_layers
 from ..planning.policy import Policy
 from ..planning.search import SearchOptions
-from ..planning.sizes import parse_size
+from ..sizes import parse_size
 from ..storage.tiers import DiskIO
 from .oneline import OneLineParser
 from ..api.planner import Capacity, ModelSetup

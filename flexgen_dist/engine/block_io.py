@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..files import remove_stale_temps, temp_name
+from ..files import remove_stale_temps
 from ..io_errors import file_error
 from ..model import KVView
 from ..planning.placement import CachePlace, Placement, Tier
@@ -27,6 +27,7 @@ from ..storage.compressed import compressed_in_memory, compressed_on_disk
 from ..storage.quantize import QuantizedTensor
 from ..storage.slots import SlotPool, StreamOrder
 from ..storage.tiers import DiskReader, DiskTensor, MemoryTensor, TierTensor, copy, torch_dtype
+from ..temp_names import temp_name
 from .blocks import Block, BlockResult, BlockState
 from .homes import ActivationHome, KVCache, KVLease
 from .kv_views import DenseKV, StoredKV
@@ -120,7 +121,7 @@ class BlockIO:
 
     def _scratch_folder(self) -> Path:
         """A block's folder for its disk KV cache and activations: private (0o700), named as a
-        temporary of this process (files.temp_name: host, pid, random), so that a run killed with
+        temporary of this process (temp_names.temp_name: host, pid, random), so that a run killed with
         SIGKILL leaves a folder the next run in this offload folder can prove dead and remove."""
         folder = Path(self.offload_dir)
         folder.mkdir(parents=True, exist_ok=True)

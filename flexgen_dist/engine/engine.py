@@ -1,25 +1,26 @@
 """The engine: walks this rank's schedule (schedule/block.py), one handler per op type.
 
-Where things are: block state in blocks.py, KV caches and activations on their tiers in
-block_io.py, loaded weights in storage/weights.py, one decoder layer in model/decoder.py, where
-loads run (thread pool, CUDA streams) in loader.py, messages between ranks in parallel/comm.py.
+Where things are: what a run tracks (and a refill run's stretches of steps) in walk.py, block
+state in blocks.py, KV caches and activations on their tiers in block_io.py, loaded weights in
+storage/weights.py, one decoder layer in model/decoder.py, where loads run (thread pool, CUDA
+streams) in loader.py, messages between ranks in parallel/comm.py.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..model import LayerMath, decoder_layer, mixed_decoder_layer
-from ..parallel.comm import Comm, SendHandle
-from ..planning.layout import Unit, UnitKind
+from ..parallel.comm import Comm
+from ..spec.layout import Unit, UnitKind
 from ..planning.placement import Placement
 from ..schedule import block as ops
-from ..schedule.pipeline import LaneTask, lane_tasks, remaining_tasks
+from ..schedule.pipeline import lane_tasks, remaining_tasks
 from ..storage.tiers import DiskReader, torch_dtype
 from ..storage.weights import LoadedWeights, WeightStore
 from .block_io import BlockIO
@@ -31,6 +32,7 @@ from .messages import Messages
 from .refill import Lender, RefillState
 from .sampling import Sampler
 from .trace import NoTracer, Tracing
+from .walk import RunResult, Walk
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -39,45 +41,6 @@ class EngineConfig:
     device: torch.device  # the compute device
     offload_dir: Path | None  # disk-tier KV cache and activations of open blocks
     prefetch_depth: int = 1  # layers of weights loaded ahead of the computing one
-
-
-@dataclass
-class RunResult:
-    blocks: list[BlockResult]  # meaningful on the first stage only
-    prefill_s: float  # wall time in prefill tasks (token 0), waits included
-    decode_s: float  # the rest: decode steps (with the prefills of prompts that took a row)
-    row_steps: int = 0  # block rows x the steps each block ran (on the rank that records tokens)
-    prefill_prompt_tokens: int = 0  # real prompt tokens of the blocks prefilled in prefill tasks (token 0)
-    prefill_sequences: int = 0  # and their sequences (the others started in a refilled row)
-
-
-@dataclass
-class _Walk:
-    """Everything one `Engine.run` call tracks while it walks the plan."""
-
-    blocks: list[Block]
-    tasks: list[ops.LaneTask]
-    stage: ops.StageShape
-    sampler: Sampler
-    finite: FiniteWatch  # inf / NaN in layer outputs, read one task late
-    on_block_done: Callable[[int, BlockResult], None] | None = None  # (block_idx, its result)
-    states: dict[int, BlockState] = field(default_factory=dict)  # open blocks
-    results: dict[int, BlockResult] = field(default_factory=dict)  # closed blocks
-    weight_loads: dict[ops.LoadWeight, object] = field(default_factory=dict)  # -> future of LoadedWeights
-    cache_loads: dict[ops.LoadCache, object] = field(default_factory=dict)  # -> future of KVLease
-    sends: list[SendHandle] = field(default_factory=list)  # not yet completed
-    dead_from: dict[int, int] = field(default_factory=dict)  # block -> its first task with every row stopped
-    phase_s: list[float] = field(default_factory=lambda: [0.0, 0.0])  # prefill, decode
-    lender: Lender | None = None  # with refill: the prompts waiting for a row of the open blocks
-    lanes: list[int] = field(default_factory=list)  # with refill: the open blocks (one per lane) still running
-    row_steps: int = 0
-
-    def is_dead(self, block_idx: int, token_idx: int) -> bool:
-        """Every row of the block stopped before this task (pipelines: its ops load and compute nothing)."""
-        return token_idx >= self.dead_from.get(block_idx, token_idx + 1)
-
-    def mark_dead(self, block_idx: int, token_idx: int) -> None:
-        self.dead_from[block_idx] = min(token_idx, self.dead_from.get(block_idx, token_idx))
 
 
 class Engine:
@@ -136,7 +99,7 @@ class Engine:
         )
         tasks = lane_tasks([block.max_new_tokens for block in blocks], self.num_ranks)
         finite = FiniteWatch(stage.layers, self.device, self._describe, self.placement.dtypes.compute)
-        walk = _Walk(blocks, tasks, stage, sampler, finite, on_block_done)
+        walk = Walk(blocks, tasks, stage, sampler, finite, on_block_done)
         lanes = min(self.num_ranks, len(blocks))
         if refill and len(blocks) > lanes and not any(block.score for block in blocks):
             walk.lender = Lender(blocks, lanes, on_block_done)
@@ -147,7 +110,10 @@ class Engine:
         real = [(b, row) for b in walk.blocks for row, seq_id in enumerate(b.seq_ids) if seq_id >= 0]
         prefilled = (sum(int(b.prompt_mask[row].sum()) for b, row in real), len(real))
         try:
-            plan = self._refill_plan(walk, 0) if walk.lender else ops.rank_schedule(tasks, stage, self.config.prefetch_depth)
+            if walk.lender:
+                plan = walk.refill_plan(0, num_ranks=self.num_ranks, prefetch_depth=self.config.prefetch_depth)
+            else:
+                plan = ops.rank_schedule(tasks, stage, self.config.prefetch_depth)
             while plan:
                 plan = self._walk(plan, walk)
             for handle in walk.sends:
@@ -161,20 +127,6 @@ class Engine:
         return RunResult([results.get(b, BlockResult([])) for b in range(len(blocks))], *walk.phase_s, walk.row_steps,
                          *prefilled)
 
-    def _refill_plan(self, walk: _Walk, first_token: int) -> list:
-        """The next steps of the open blocks of a refill run, one per lane, the lanes taking turns:
-        as many steps as the longest limit (the ops of open-ended blocks are made a stretch at a
-        time; a block closes once every row is idle). Every rank makes the same stretch: a block
-        leaves once some task of the last stretch ran dead, which every rank knows by its end."""
-        # One rank closes a block as soon as its rows are idle; a pipeline only at a stretch's end
-        # (it runs the rest of the stretch dead: messages, no compute), so its stretches are short.
-        steps = max(max(walk.blocks[b].max_new_tokens for b in walk.lanes), 16) if self.num_ranks == 1 else 16
-        tasks = [LaneTask(b, token_idx, lane) for token_idx in range(first_token, first_token + steps)
-                 for lane, b in enumerate(walk.lanes)]
-        plan = ops.rank_schedule(tasks, walk.stage, self.config.prefetch_depth)
-        return [op for op in plan if not isinstance(op, ops.CloseBlock)
-                and not (first_token > 0 and isinstance(op, ops.OpenBlock))]
-
     @staticmethod
     def _check_fit(blocks: list[Block], placement: Placement) -> None:
         """Blocks wider, longer or of another shape than their placement would overrun its buffers."""
@@ -186,7 +138,7 @@ class Engine:
                                  f"{block.max_new_tokens} new) does not fit its placement ({rows} rows, prompt "
                                  f"{w.prompt_len} + {w.gen_len}): size the placement for the blocks first")
 
-    def _walk(self, plan: list, walk: _Walk) -> list:
+    def _walk(self, plan: list, walk: Walk) -> list:
         """Execute ops in order; returns a new plan when a block finished early (one rank), else []."""
         current, started = None, time.perf_counter()
         for op in plan:
@@ -216,10 +168,12 @@ class Engine:
                 if ended:
                     self._close_block(walk, b)
                     walk.lanes.remove(b)
-            return self._refill_plan(walk, current[1] + 1) if walk.lanes else []
+            if not walk.lanes:
+                return []
+            return walk.refill_plan(current[1] + 1, num_ranks=self.num_ranks, prefetch_depth=self.config.prefetch_depth)
         return []
 
-    def _tear_down(self, walk: _Walk, failed: bool) -> None:
+    def _tear_down(self, walk: Walk, failed: bool) -> None:
         """Loads finished and given back, open blocks closed (their files removed), KV memory freed."""
         self._drop_loads(walk)
         if self.device.type == "cuda":  # copies into host memory (KV stores) may still run: let them land first
@@ -233,7 +187,7 @@ class Engine:
         walk.states.clear()
         self.block_io.close_pools(check=not failed)
 
-    def _drop_loads(self, walk: _Walk) -> None:
+    def _drop_loads(self, walk: Walk) -> None:
         """Wait for loads in flight and give their buffers back (their compute will not come)."""
         for fut in walk.weight_loads.values():
             try:
@@ -248,7 +202,7 @@ class Engine:
         walk.weight_loads.clear()
         walk.cache_loads.clear()
 
-    def _close_block(self, walk: _Walk, block_idx: int) -> None:
+    def _close_block(self, walk: Walk, block_idx: int) -> None:
         walk.finite.read_block(block_idx)  # no result leaves with an unread NaN behind it
         state = walk.states.pop(block_idx)
         walk.row_steps += state.valid.shape[0] * state.steps_run
@@ -260,7 +214,7 @@ class Engine:
             walk.on_block_done(block_idx, result)
 
     # --- one handler per op ----------------------------------------------------------------------
-    def _execute(self, op, walk: _Walk) -> None:
+    def _execute(self, op, walk: Walk) -> None:
         if isinstance(op, ops.LoadWeight):
             if walk.is_dead(op.block_idx, op.token_idx):
                 walk.weight_loads[op] = Ready(None)  # a dead task computes nothing
@@ -279,7 +233,7 @@ class Engine:
         elif self.messages is None or not self.messages.handle(op, walk, walk.states[op.block_idx]):
             self._execute_in_block(op, walk, walk.states[op.block_idx])
 
-    def _execute_in_block(self, op, walk: _Walk, state: BlockState) -> None:
+    def _execute_in_block(self, op, walk: Walk, state: BlockState) -> None:
         label = f"L{op.layer_idx} batch {op.batch_idx} (block {op.block_idx}, token {op.token_idx})"
         span, io = self.tracer.span, self.block_io
         if walk.is_dead(op.block_idx, op.token_idx):  # every row stopped: only the messages still flow
@@ -307,7 +261,7 @@ class Engine:
         else:
             raise TypeError(f"unknown op {op!r}")
 
-    def _compute(self, op: ops.Compute, walk: _Walk, state: BlockState, label: str) -> None:
+    def _compute(self, op: ops.Compute, walk: Walk, state: BlockState, label: str) -> None:
         span, batch_idx = self.tracer.span, op.batch_idx
         if batch_idx in state.incoming:  # this stage's input, from the previous stage
             with span(f"recv activation wait {label}", "recv"):
@@ -321,7 +275,7 @@ class Engine:
         with span(f"compute {label}", "compute"):
             self._run_unit(op, walk, state, loaded.tensors, past)
 
-    def _run_unit(self, op: ops.Compute, walk: _Walk, state: BlockState, weights, past: KVLease | None) -> None:
+    def _run_unit(self, op: ops.Compute, walk: Walk, state: BlockState, weights, past: KVLease | None) -> None:
         token_idx, batch_idx = op.token_idx, op.batch_idx
         unit = self.units[op.layer_idx]
         task = TaskKey(op.block_idx, token_idx, batch_idx)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ..api.generation import RunSettings
 from ..api.planner import ModelSetup
 from ..errors import UserError
-from ..planning.generation_config import NAME as GENERATION_CONFIG, GenerationDefaults
+from ..spec.generation import NAME as GENERATION_CONFIG, GenerationDefaults
 
 
 @dataclass(frozen=True)

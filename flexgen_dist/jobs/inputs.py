@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..planning.policy import check_block
-from ..planning.spec import ModelSpec
+from ..spec.model import ModelSpec
 from .config import JobConfig
 from .jobfiles import JobFile, read_job_file
 from .requests import Request, check_text

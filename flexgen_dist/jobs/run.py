@@ -26,9 +26,9 @@ from ..errors import EnvironmentFailure, SharedError, UserError, first_line
 from ..parallel.comm import PeerError
 from ..parallel.context import DistContext
 from ..parallel.group import Pipeline
-from ..planning.generation_config import NAME as GENERATION_CONFIG, GenerationDefaults
+from ..spec.generation import NAME as GENERATION_CONFIG, GenerationDefaults
 from ..planning.placement import Tier, Workload
-from ..planning.sizes import format_size
+from ..sizes import format_size
 from .identity import agree, run_record
 from .config import JobConfig
 from ..api.llm import LLM

@@ -38,7 +38,7 @@ import psutil
 from ..errors import UserError
 from .cgroups import CgroupMemory, cgroup_memory
 from .hardware import Capacities
-from ..planning.sizes import format_size
+from ..sizes import format_size
 
 logger = logging.getLogger(__name__)
 

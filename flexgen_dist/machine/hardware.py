@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import write_atomic
-from ..planning.sizes import format_size, parse_size
+from ..sizes import format_size, parse_size
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..files import remove_stale_temps, temp_name
+from ..files import remove_stale_temps
 from .hardware import DECODE_MATMUL_ROWS, Speeds
-from ..planning.sizes import format_size
+from ..sizes import format_size
+from ..temp_names import temp_name
 
 DISK_CHUNK = 8 << 20  # bytes per read/write call; the engine's DiskIO reads 8 MiB chunks too
 PROBE_NAME = "disk-probe"  # the scratch file measured: temp_name(PROBE_NAME) in the measured folder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..planning.spec import ModelSpec
+from ..spec.model import ModelSpec
 from . import gemma3, llama, moe, opt, phi3, qwen3
 from .decoder import KVView, LayerMath, Step, decoder_layer, mixed_decoder_layer
 

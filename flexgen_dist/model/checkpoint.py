@@ -14,8 +14,8 @@ import torch
 
 from ..errors import UserError
 from ..io_errors import file_error
-from ..planning.layout import Unit, WeightSpec, model_units
-from ..planning.spec import ModelSpec
+from ..spec.layout import Unit, WeightSpec, model_units
+from ..spec.model import ModelSpec
 from .safetensors_header import TensorEntry
 from .validate import check_finite, match_units, resolve_key, scan_checkpoint, unstack_experts
 

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..planning.spec import ModelSpec
+from ..spec.model import ModelSpec
 from .decoder import Step
 from .layers import embedding, gemma_rms_norm, linear, rope_inv_freq
 from .llama import LlamaMath

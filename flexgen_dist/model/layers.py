@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..planning.placement import ATTENTION_QUERY_CHUNK
-from ..planning.spec import ModelSpec
+from ..spec.model import ModelSpec
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

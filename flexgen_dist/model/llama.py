@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..planning.spec import ModelSpec
+from ..spec.model import ModelSpec
 from .layers import apply_rope, embedding, linear, logits, rms_norm, rope_cos_sin, rope_inv_freq
 from .decoder import Step
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..planning.spec import ModelSpec
+from ..spec.model import ModelSpec
 from .layers import linear
 from .llama import LlamaMath
 from .qwen3 import Qwen3Math

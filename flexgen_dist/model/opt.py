@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..planning.spec import ModelSpec
+from ..spec.model import ModelSpec
 from .layers import embedding, layer_norm, linear, logits
 from .decoder import Step
 

@@ -3,7 +3,7 @@
 `scan_checkpoint` finds every tensor of a folder (one model.safetensors, or the shards of
 model.safetensors.index.json) and checks each file's header (safetensors_header.py) and that the
 index and the shards agree. `match_units` then holds the tensors to what the config implies
-(`planning.layout.model_units`): every expected tensor present, of a floating-point dtype, with
+(`spec.layout.model_units`): every expected tensor present, of a floating-point dtype, with
 the expected shape, and nothing else. A config with fewer layers than the weights would
 otherwise run with the extra layers silently ignored.
 
@@ -32,7 +32,7 @@ import torch
 
 from ..errors import UserError
 from ..io_errors import file_error
-from ..planning.layout import Unit, UnitKind
+from ..spec.layout import Unit, UnitKind
 from .safetensors_header import TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -43,7 +43,7 @@ class CompressionConfig:
     weight_method: str = "fitted"
     """How weights (quantized once, when written to their tier) choose each group's minimum and
     scale: "fitted" (the lowest squared error over clipped ranges and a least-squares step:
-    storage/quantize.py `_fit_groups`) or "minmax" (round-to-nearest over the whole range, the
+    storage/quantize_groups.py `fit_groups`) or "minmax" (round-to-nearest over the whole range, the
     paper's method, 10-20x faster to write). The KV cache, quantized every step, is always min-max."""
     group_dim: int = -1
     """Dimension the groups run along (weights (out, in): the input dim, -1; KV cache

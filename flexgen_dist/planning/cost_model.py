@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from .cost_terms import Work, act_work, cache_work, matmul_work, send_seconds, weight_work
 from ..machine.hardware import Hardware
-from .layout import UnitKind
+from ..spec.layout import UnitKind
 from .placement import Placement, Tier
 
 DEFAULT_LINK_BW = 1.25e9  # bytes/s between ranks: 10 Gbit/s Ethernet (assumed, see the docstring)

@@ -39,7 +39,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..machine.hardware import DECODE_MATMUL_ROWS, Speeds
-from .layout import Unit, UnitKind
+from ..spec.layout import Unit, UnitKind
 from .placement import CachePlace, Placement, Tier, WeightPlace, dtype_bytes
 
 TOKEN_ID_BYTES = 8  # int64 token ids the last rank sends to the first

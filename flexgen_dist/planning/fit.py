@@ -19,7 +19,7 @@ from .folding import FoldedRank
 from ..machine.hardware import Hardware, MemoryLimit
 from .placement import Buffers, Dtypes, Placement, Tier, Workload
 from .policy import Policy
-from .sizes import format_size
+from ..sizes import format_size
 
 KINDS = ("w", "cache", "act")
 TIDY_STEPS = (100, 50, 25, 20, 10, 5, 2, 1, 0.5, 0.1, 0.05, 0.01, 0.001)

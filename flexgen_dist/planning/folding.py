@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .layout import Unit
+from ..spec.layout import Unit
 from .place import plan_placement
 from .placement import Buffers, Dtypes, Placement, Tier, Workload
 from .policy import Policy
-from .spec import ModelSpec
+from ..spec.model import ModelSpec
 
 
 def _shape_key(unit: Unit) -> tuple:

@@ -35,7 +35,7 @@ from .cost_terms import Work, act_work, cache_work, matmul_work, send_seconds, w
 from .fit import Lattice, Point, lattices, weight_mids
 from .folding import FoldedRank
 from ..machine.hardware import Hardware
-from .layout import Unit, UnitKind
+from ..spec.layout import Unit, UnitKind
 from .placement import Buffers, Dtypes, Placement, Tier, Workload
 from .tiers import piece_bytes
 from .policy import Policy

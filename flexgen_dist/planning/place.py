@@ -22,10 +22,10 @@ from __future__ import annotations
 import dataclasses
 
 from .compression import CompressionConfig, compressed_nbytes
-from .layout import HEAD_PROJECTION, UnitKind, is_lookup
+from ..spec.layout import HEAD_PROJECTION, UnitKind, is_lookup
 from .placement import ActPlace, Buffers, CachePlace, Dtypes, Placement, WeightPlace, Workload, staged
 from .policy import Policy
-from .spec import ModelSpec
+from ..spec.model import ModelSpec
 from .tiers import SlotPiece, Tier, choose_tiers, compressed_parts, dtype_bytes, pack, slot_bytes
 from .working import Dims, working_buffers
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .layout import Unit
+from ..spec.layout import Unit
 from .policy import Policy
-from .spec import ModelSpec
+from ..spec.model import ModelSpec
 from .tiers import (
     ATTENTION_QUERY_CHUNK, DTYPE_BYTES, READ_ALIGN, SLOT_ALIGN, SlotPiece, Tier, choose_tiers, compressed_parts,
     dtype_bytes, pack, slot_bytes,

@@ -24,12 +24,12 @@ from .cost_model import DEFAULT_LINK_BW, Estimate, combine, estimate_pipeline
 from .fit import RankProblem, fit_down, lattices, limit_label, policy_flags, polish, shortfalls, to_policy
 from .folding import FoldedRank
 from ..machine.hardware import Hardware
-from .layout import Unit
+from ..spec.layout import Unit
 from .lp import LPResult, solve_rank
 from .placement import Buffers, Dtypes, Placement, Workload
 from .policy import Policy
-from .sizes import format_size
-from .spec import ModelSpec
+from ..sizes import format_size
+from ..spec.model import ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .compression import compressed_row_bytes, compressed_shapes
 from .placement import BufferPlace, Placement
-from .spec import ModelSpec
+from ..spec.model import ModelSpec
 from .tiers import ATTENTION_QUERY_CHUNK, READ_ALIGN, Tier, dtype_bytes, slot_bytes
 
 

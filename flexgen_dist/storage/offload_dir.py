@@ -1,9 +1,10 @@
 """The offload folder of disk-tier weights: verified, never trusted by name.
 
-One folder per `OffloadIdentity` (the checkpoint's safetensors headers hashed with each file's
-size and mtime, the storage dtype, the compression settings), named by its digest, inside the
-user's `--offload-dir` (which may be a shared place such as /tmp). The folder is private: created
-0o700, and an existing one that is a link, is not ours, or that others can write is refused.
+One folder per `OffloadIdentity` (offload_identity.py: the checkpoint's safetensors headers
+hashed with each file's size and mtime, the storage dtype, the compression settings), named by
+its digest, inside the user's `--offload-dir` (which may be a shared place such as /tmp). The
+folder is private: created 0o700, and an existing one that is a link, is not ours, or that others
+can write is refused.
 
 The manifest is one entry per tensor: `<key>.bin` holds the bytes, `<key>.entry.json` records
 the identity digest, the size, the checksum computed while writing, and the mtime of the data
@@ -21,7 +22,6 @@ Reading stays with `DiskTensor`, by the path `trusted` or `write` returns.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -36,63 +36,18 @@ import torch
 
 from ..errors import EnvironmentFailure, UserError
 from ..files import remove_stale_temps, replacing, unlink_quietly, write_all
+from .offload_identity import FOLDER_PREFIX, OffloadIdentity, checkpoint_identity
 from .piece_hash import PieceHasher, hash_file, hashing_pool, pieces, scheme
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # of the entries; bump when their meaning changes (old entries are then not trusted)
-FOLDER_PREFIX = "weights-"
 DATA_SUFFIX = ".bin"
 ENTRY_SUFFIX = ".entry.json"
 IDENTITY_NOTE = "identity.json"  # for people looking into the folder; not what trust rests on
-_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 # Small files we read are opened without following a link, and without blocking on a planted FIFO.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")  # checkpoint keys; never a path
-
-
-@dataclass(frozen=True)
-class OffloadIdentity:
-    """What an offload folder's files were made from. Build with `checkpoint_identity` or `of`."""
-
-    source: str  # hex digest of the checkpoint files (headers, sizes, mtimes), or a generated source's description
-    storage_dtype: str  # dtype of the stored bytes, e.g. "float16"
-    compression: str  # canonical JSON of the compression settings; "none" when stored uncompressed
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            if not isinstance(getattr(self, field.name), str) or not getattr(self, field.name):
-                raise ValueError(f"OffloadIdentity.{field.name} must be a non-empty string")
-
-    @classmethod
-    def of(cls, source: str, *, storage_dtype: torch.dtype | str, compression: object = None) -> "OffloadIdentity":
-        """An identity with the dtype and compression settings in canonical form. `compression`
-        is opaque here: None (uncompressed), a string, a mapping or a dataclass of settings."""
-        return cls(source=source, storage_dtype=str(storage_dtype).removeprefix("torch."), compression=_canonical(compression))
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
-
-    @property
-    def folder_name(self) -> str:
-        return f"{FOLDER_PREFIX}{self.digest[:32]}"
-
-
-def checkpoint_identity(
-    weight_files: Iterable[str | Path], *, storage_dtype: torch.dtype | str, compression: object = None
-) -> OffloadIdentity:
-    """The identity of a safetensors checkpoint: per file, its name, size, mtime_ns and the hash
-    of its JSON header (every tensor's name, dtype, shape and offsets). Reading the headers costs
-    kilobytes, not the checkpoint: a checkpoint with other tensors gets another folder even at the
-    same names, sizes and mtimes. (Other values under an identical header, size and mtime_ns
-    are not seen: that takes a deliberate forgery.)"""
-    h = hashlib.sha256()
-    for path in sorted({Path(p) for p in weight_files}, key=lambda p: p.name):
-        header, st = _safetensors_header(path)
-        about = {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header": hashlib.sha256(header).hexdigest()}
-        h.update(json.dumps(about, sort_keys=True).encode() + b"\n")
-    return OffloadIdentity.of(h.hexdigest(), storage_dtype=storage_dtype, compression=compression)
 
 
 class OffloadFolder:
@@ -350,33 +305,6 @@ def _open_private_folder(path: Path) -> int:
     if created:
         os.fchmod(fd, 0o700)  # whatever the umask
     return fd
-
-
-def _safetensors_header(path: Path) -> tuple[bytes, os.stat_result]:
-    """The JSON header of a safetensors file (after its 8-byte little-endian length) and the
-    file's stat, both from one open file."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            length = int.from_bytes(f.read(8), "little")
-            if not 0 < length <= min(_MAX_HEADER_BYTES, st.st_size - 8):
-                raise UserError(f"{path} is not a safetensors file (header length {length}); re-save the checkpoint")
-            header = f.read(length)
-    except OSError as exc:
-        raise UserError(f"cannot read the checkpoint file {path} ({exc.strerror}); check it exists and is readable") from None
-    return header, st
-
-
-def _canonical(compression: object) -> str:
-    if compression is None:
-        return "none"
-    if isinstance(compression, str):
-        return compression
-    if dataclasses.is_dataclass(compression) and not isinstance(compression, type):
-        compression = dataclasses.asdict(compression)
-    if isinstance(compression, Mapping):
-        return json.dumps(dict(compression), sort_keys=True, separators=(",", ":"), default=str)
-    raise TypeError(f"compression settings must be None, a string, a mapping or a dataclass, not {type(compression).__name__}")
 
 
 def _checked(key: str) -> str:

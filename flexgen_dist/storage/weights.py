@@ -25,11 +25,12 @@ import torch
 
 from ..errors import UserError
 from ..files import check_offload_space
-from ..planning.layout import Unit
+from ..spec.layout import Unit
 from ..planning.placement import Placement, Tier, WeightPlace
-from ..planning.sizes import format_size
+from ..sizes import format_size
 from .compressed import CompressedTensor, compressed_in_memory
-from .offload_dir import OffloadFolder, OffloadIdentity, checkpoint_identity, remove_folder, stale_folders
+from .offload_dir import OffloadFolder, remove_folder, stale_folders
+from .offload_identity import OffloadIdentity, checkpoint_identity
 from .quantize import QuantizedTensor, empty_quantized, quantize
 from .rows import RowTable, StreamedRows
 from .slots import Slot, SlotPool

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .config_check import ConfigFields, describe, read_config_file
+from .checks import ConfigFields, describe, read_config_file
 
 NAME = "generation_config.json"
 _RESTORE = f"restore the checkpoint's {NAME} (or delete it to use config.json's eos_token_id)"

@@ -19,7 +19,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from .spec import ModelSpec
+from .model import ModelSpec
 
 
 # The head's output projection (tied or not): streamed through the weight slot a chunk of

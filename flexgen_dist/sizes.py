@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import UserError
+from .errors import UserError
 
 # Bare K/M/G/T mean powers of 1024, as `docker -m 4G` and cgroup files read them; KB/MB/GB/TB
 # mean powers of 1000, as Accelerate's `max_memory` reads them.
