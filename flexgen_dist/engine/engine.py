@@ -41,6 +41,7 @@ class EngineConfig:
     device: torch.device  # the compute device
     offload_dir: Path | None  # disk-tier KV cache and activations of open blocks
     prefetch_depth: int = 1  # layers of weights loaded ahead of the computing one
+    experts_on_demand: bool = True  # a decode step loads the experts its rows chose, not all (storage/weights.py)
 
 
 class Engine:
@@ -220,7 +221,9 @@ class Engine:
                 walk.weight_loads[op] = Ready(None)  # a dead task computes nothing
                 return
             name = f"load weight L{op.layer_idx} (block {op.block_idx}, token {op.token_idx})"
-            walk.weight_loads[op] = self.loader.submit(self._traced, name, "load", self.weights.load, op.layer_idx)
+            on_demand = self.config.experts_on_demand and op.token_idx > 0
+            walk.weight_loads[op] = self.loader.submit(self._traced, name, "load", self.weights.load, op.layer_idx,
+                                                       on_demand)
         elif isinstance(op, ops.FreeWeight):
             loaded = walk.weight_loads.pop(ops.LoadWeight(op.block_idx, op.token_idx, op.layer_idx)).result()
             if loaded is not None:

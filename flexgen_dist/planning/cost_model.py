@@ -141,7 +141,7 @@ def task_time(p: Placement, hardware: Hardware, token_idx: float, *, repeats: Ma
     for unit in units:
         key = _signature(p, unit)
         if key not in weights_cache:
-            work = weight_work(p, speeds, unit.layer_idx) + matmul_work(p, speeds, unit, token_idx)
+            work = weight_work(p, speeds, unit.layer_idx, token_idx) + matmul_work(p, speeds, unit, token_idx)
             if unit.has_cache:
                 work = work + cache_work(p, speeds, unit.layer_idx, token_idx)
             weights_cache[key] = work

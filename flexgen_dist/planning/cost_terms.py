@@ -61,6 +61,7 @@ class Work:
     cache_store: float = 0.0  # new KV rows to the cache's tier
     act_io: float = 0.0  # hidden states to their tier after a layer and back before the next
     streamed: float = 0.0  # chunks of a head streamed through its slot while computing: read, copied, decoded
+    on_demand: float = 0.0  # experts a decode step's rows chose, loaded once the router chose them: read, copied, decoded
 
     def values(self) -> tuple[float, ...]:
         return tuple(getattr(self, name) for name in _WORK_FIELDS)
@@ -74,7 +75,7 @@ class Work:
     def compute_path(self, separate_gpu: bool) -> float:
         """Seconds on the compute path; without a GPU the host copies are on it too."""
         serial = (self.matmul + self.elementwise + self.attention + self.cpu_attention + self.codec + self.cache_store
-                  + self.act_io + self.streamed)
+                  + self.act_io + self.streamed + self.on_demand)
         return serial if separate_gpu else serial + self.weight_link + self.cache_link
 
     def load_path(self, separate_gpu: bool) -> float:
@@ -152,22 +153,28 @@ def convert_seconds(p: Placement, speeds: Speeds, numel: float) -> float:
 # --- the terms -----------------------------------------------------------------------------------
 
 
-def weight_work(p: Placement, speeds: Speeds, layer_idx: int) -> Work:
+def weight_work(p: Placement, speeds: Speeds, layer_idx: int, token_idx: float = 0.0) -> Work:
     """Loading one layer's non-resident weights, once per task."""
     work = Work()
     for w in p.weights[layer_idx]:
-        work = work + weight_place_work(p, speeds, w)
+        work = work + weight_place_work(p, speeds, w, token_idx)
     return work
 
 
-def weight_place_work(p: Placement, speeds: Speeds, w: WeightPlace) -> Work:
+def weight_place_work(p: Placement, speeds: Speeds, w: WeightPlace, token_idx: float = 0.0) -> Work:
     """Loading one weight tensor. Compressed weights move their compressed bytes (staged in
     device memory) and are dequantized on the device, whatever their tier. A head larger than a
     slot streams through it: the loader brings its first chunk, then each GPU batch reads the
     other chunks while it computes (the batches zig-zag, so each starts with the chunk the one
-    before left), on the compute path."""
+    before left), on the compute path. An expert in a decode step is loaded on the compute path
+    once the router chose it for some row of the block (`chosen_share` of the experts), not
+    ahead with its layer; in the prefill every expert loads with its layer."""
     if w.resident or w.gathered:  # an embedding table is never loaded: a step reads its rows
         return Work()
+    if w.expert and token_idx > 0:
+        whole = weight_place_work(p, speeds, dataclasses.replace(w, expert=False))
+        share = chosen_share(p.spec.num_experts, p.spec.num_experts_per_tok, p.policy.block_size)
+        return Work(on_demand=share * (whole.codec + whole.weight_link + whole.weight_disk))
     if w.chunk_rows is not None and w.chunk_rows < w.shape[0]:
         chunks = -(-w.shape[0] // w.chunk_rows)
         first = weight_place_work(p, speeds, dataclasses.replace(
@@ -226,14 +233,20 @@ def _matmul_rates(speeds: Speeds) -> tuple[float, float]:
     return fixed, 2 / peak
 
 
+def chosen_share(num_experts: int, top_k: int, tokens: float) -> float:
+    """The expected share of a layer's experts that some of `tokens` tokens is routed to, each
+    choosing top_k of num_experts independently and uniformly: 1 - (1 - k / E) ** tokens. (A
+    trained router is not uniform: the bench measures the share on the run.)"""
+    return 1 - (1 - top_k / num_experts) ** tokens if num_experts else 1.0
+
+
 def expert_matmul_seconds(speeds: Speeds, rows: int, numel: float, num_experts: int, top_k: int) -> float:
     """The experts of a sparse layer (`numel` weights in all) on `rows` tokens, each routed to
     top_k of num_experts (model/moe.py): each expert's GEMM streams its weights once when some
-    token chose it (the expected number of experts chosen, for independent uniform choices) and
-    takes the rows routed to it, rows * top_k in all."""
+    token chose it (`chosen_share`) and takes the rows routed to it, rows * top_k in all."""
     fixed, per_row = _matmul_rates(speeds)
     per_expert = numel / num_experts
-    chosen = num_experts * (1 - (1 - top_k / num_experts) ** rows)
+    chosen = num_experts * chosen_share(num_experts, top_k, rows)
     return per_expert * (chosen * fixed + rows * top_k * per_row)
 
 

@@ -191,9 +191,9 @@ class _WeightTerms:
                 out.coefs[self.u[j]] = out.coefs.get(self.u[j], 0.0) + q[Tier.GPU] - q[Tier.CPU]
         return out
 
-    def path(self, layer_idx: int, compute: bool) -> _Linear:
+    def path(self, layer_idx: int, compute: bool, token_idx: float) -> _Linear:
         def seconds(p: Placement, w) -> float:
-            work = weight_place_work(p, self.speeds, w)
+            work = weight_place_work(p, self.speeds, w, token_idx)
             return work.compute_path(self.sep) if compute else work.load_path(self.sep)
         return self.expr(layer_idx, seconds)
 
@@ -239,8 +239,8 @@ def _time_rows(prog: _Program, rank: FoldedRank, pure: dict[Tier, Placement], ha
     n = workload.gen_len
     phases = [(0, 1.0)] + ([(n / 2, float(n - 1))] if n > 1 else [])  # (token_idx, tasks per block)
     last_stage = rank.units[-1].kind is UnitKind.HEAD
-    weight_paths = {(unit.layer_idx, compute): weights.path(unit.layer_idx, compute)
-                    for unit in rank.representatives for compute in (True, False)}
+    weight_paths = {(unit.layer_idx, compute, token_idx): weights.path(unit.layer_idx, compute, token_idx)
+                    for unit in rank.representatives for compute in (True, False) for token_idx, _ in phases}
     objective, constant_s = {}, 0.0
     for phase_idx, (token_idx, tasks) in enumerate(phases):
         constant_s += tasks * send_seconds(pure[Tier.GPU], token_idx, link_bw, last_stage=last_stage)
@@ -252,7 +252,7 @@ def _time_rows(prog: _Program, rank: FoldedRank, pure: dict[Tier, Placement], ha
             paths = []
             for compute in (True, False):
                 expr = _Linear(fixed.compute_path(sep) if compute else fixed.load_path(sep))
-                expr.add(weight_paths[(unit.layer_idx, compute)])
+                expr.add(weight_paths[(unit.layer_idx, compute, token_idx)])
                 per_tensor: list[tuple[str, Tier, Work]] = []
                 for tier in TIERS:
                     if unit.has_cache:

@@ -54,7 +54,7 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
             else:
                 nbytes = ws.numel * (compute if tier is Tier.GPU else storage)
             places.append(WeightPlace(unit.layer_idx, ws.name, ws.shape, tier, nbytes, compressed,
-                                      gathered=is_lookup(unit.kind, ws.name)))
+                                      gathered=is_lookup(unit.kind, ws.name), expert=ws.expert is not None))
             held.setdefault(ws.key, places[-1])
         weights[unit.layer_idx] = tuple(places)
     layouts = _weight_slot_layouts(units, weights, dtypes, config, buffers)

@@ -76,6 +76,7 @@ class WeightPlace:
     gathered: bool = False  # an embedding table: a step reads the rows of its tokens, never the table
     chunk_rows: int | None = None  # streamed through the slot this many rows at a time (None: loaded whole)
     shared: bool = False  # the tensor of an earlier weight of the rank (a tied head): held once, by that one
+    expert: bool = False  # one expert's: a decode step loads it only when a row chose it (storage/weights.py)
 
     @property
     def numel(self) -> int:

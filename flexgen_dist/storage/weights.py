@@ -12,14 +12,19 @@ out): compressed bytes that are not yet in device memory are copied into the slo
 first, then every non-resident weight is dequantized or converted into the compute dtype. This
 happens once per layer per token of a block, never per GPU batch. Two weights are not copied
 whole (storage/rows.py): embedding tables, whose rows each step gathers from their tier, and a
-head projection larger than the slot, streamed through it a chunk of rows at a time.
+head projection larger than the slot, streamed through it a chunk of rows at a time. In a decode
+step the experts of a mixture of experts are not copied with their layer: each is copied into
+its place in the slot when the router first chooses it for some row of the block
+(`OnDemand`), so a step moves the experts its rows use, not all of them.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -50,6 +55,46 @@ class LoadedWeights:
     slot: Slot | None
 
 
+class OnDemand(dict):
+    """A layer's loaded weights, some of which (a decode step's experts) are copied into their
+    place in the slot when first read: `w[name]` copies, later reads find it there."""
+
+    def __init__(self, loaded: dict, pending: dict[str, Callable[[], torch.Tensor]]):
+        super().__init__(loaded)
+        self._pending = pending
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        fetch = self._pending.pop(name, None)
+        if fetch is None:
+            raise KeyError(name)
+        value = self[name] = fetch()
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or name in self._pending
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self else default
+
+
+@dataclass
+class LoadCounts:
+    """What the store's loads moved from the weights' tiers (their stored bytes), since it was
+    made: all of it, and of it the experts loaded on demand, of how many a decode step offered."""
+
+    loads: int = 0  # layer loads
+    nbytes: int = 0  # every copied weight's bytes on its tier
+    expert_nbytes: int = 0
+    experts_offered: int = 0  # expert tensors that decode-step loads left to be chosen
+    experts_loaded: int = 0  # of them, those a row chose (so copied)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+
 def offload_identity(source, placement: Placement) -> OffloadIdentity:
     """What the offload folder's files are made from: the checkpoint (its headers, sizes and
     mtimes) or a generated source, the storage dtype and the compression settings."""
@@ -73,6 +118,7 @@ class WeightStore:
         pin = device if placement.policy.pin_weight and device.type == "cuda" else None
         self.arenas: dict[Tier, SlotPool] = {}  # one slot each: every weight of a memory tier
         self.slots: SlotPool | None = None
+        self.counts = LoadCounts()
         try:
             self._build(placement, units, source, offload_dir, reader, verify, pin, prune)
         except BaseException:
@@ -132,6 +178,8 @@ class WeightStore:
         self.disk_dir = self._folder.path if self._folder is not None else None
         self._layouts = placement.slot_layouts  # layer -> where each loaded tensor goes in a slot
         self._gathered = {layer_idx: [w.name for w in places if w.gathered] for layer_idx, places in placement.weights.items()}
+        self._stored = {layer_idx: {w.name: w.nbytes for w in places} for layer_idx, places in placement.weights.items()}
+        self._experts = {layer_idx: {w.name for w in places if w.expert} for layer_idx, places in placement.weights.items()}
         slots = [b for b in placement.working if b.name == "weight slots"]
         self.slots = SlotPool(slots[0].count, slots[0].nbytes_each, device) if slots else None
 
@@ -176,11 +224,12 @@ class WeightStore:
         for pool in (*self.arenas.values(), *([self.slots] if self.slots else [])):
             pool.close()
 
-    def load(self, layer_idx: int) -> LoadedWeights:
+    def load(self, layer_idx: int, experts_on_demand: bool = False) -> LoadedWeights:
         """One unit's weights on the compute device in the compute dtype. Give them back with
         `release` once the layer is computed. An embedding table that is not resident comes as a
         `RowTable` (the step gathers its rows), a head projection larger than the slot as
-        `StreamedRows` holding its first chunk."""
+        `StreamedRows` holding its first chunk. With `experts_on_demand` (a decode step) the
+        experts that are not resident are copied only when the step reads them (`OnDemand`)."""
         placed = self.tensors[layer_idx]
         out = {name: t.data for name, t in placed.items() if isinstance(t, MemoryTensor) and t.tier is Tier.GPU}
         for name in self._gathered[layer_idx]:
@@ -191,6 +240,10 @@ class WeightStore:
             return LoadedWeights(out, None)
         slot = self.slots.take()
         staging: dict[str, dict[str, torch.Tensor]] = {}
+        pending: dict[str, Callable[[], torch.Tensor]] = {}
+        stored = self._stored[layer_idx]
+        on_demand = self._experts[layer_idx] if experts_on_demand else set()
+        copied = 0
         for piece in layout:
             if piece.part != "value":
                 staging.setdefault(piece.name, {})[piece.part] = slot.view(piece)
@@ -204,10 +257,23 @@ class WeightStore:
             if view.shape[0] < src.shape[0]:  # a chunk of rows at a time (planning: WeightPlace.chunk_rows)
                 out[piece.name] = StreamedRows(src, view, stage)
                 out[piece.name].fill(0)
+                copied += stored[piece.name]
+                continue
+            if piece.name in on_demand:
+                pending[piece.name] = self._fetcher(view, src, stage, stored[piece.name])
                 continue
             copy(view, _ALL, src, _ALL, stage)
             out[piece.name] = view
-        return LoadedWeights(out, slot)
+            copied += stored[piece.name]
+        self.counts.add(loads=1, nbytes=copied, experts_offered=len(pending))
+        return LoadedWeights(OnDemand(out, pending) if pending else out, slot)
+
+    def _fetcher(self, view: torch.Tensor, src, stage, nbytes: int) -> Callable[[], torch.Tensor]:
+        def fetch() -> torch.Tensor:
+            copy(view, _ALL, src, _ALL, stage)
+            self.counts.add(nbytes=nbytes, expert_nbytes=nbytes, experts_loaded=1)
+            return view
+        return fetch
 
     def release(self, loaded: LoadedWeights) -> None:
         if loaded.slot is not None:
