@@ -16,7 +16,7 @@ from flexgen_dist import LLM, Policy, Runtime
 from flexgen_dist.planning.cost_terms import chosen_share, weight_work
 from flexgen_dist.spec.layout import UnitKind, model_units
 from flexgen_dist.spec.model import ModelSpec
-from planner_cases import gpu_machine, place, policy
+from planner_cases import cpu_machine, gpu_machine, place, policy
 
 _MEMORY = dict(cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0)
 ON_HOST = Policy(w_gpu_percent=0, w_cpu_percent=100, gpu_batch_size=1, num_gpu_batches=1, **_MEMORY)
@@ -25,8 +25,8 @@ TOP_K = {"mixtral": 2, "qwen3-moe": 3}
 
 
 def _run(model_dir, prompts, policy: Policy, new: int, offload_dir, on_demand: bool = True):
-    runtime = Runtime(device="cpu", experts_on_demand=on_demand, refill=False)
-    with LLM(str(model_dir), policy=policy, offload_dir=str(offload_dir), runtime=runtime) as llm:
+    policy = policy.replace(experts_on_demand=on_demand)
+    with LLM(str(model_dir), policy=policy, offload_dir=str(offload_dir), runtime=Runtime(device="cpu", refill=False)) as llm:
         result = llm.generate(prompts, max_new_tokens=new, do_sample=False, ignore_eos=True)
         return [list(out.output_ids) for out in result.outputs], llm.weights.counts
 
@@ -83,3 +83,34 @@ def test_cost_model_prices_a_decode_steps_experts_at_the_chosen_share():
         assert decode.on_demand == pytest.approx(share * experts)
         assert decode.load_path(True) == pytest.approx(decode.weight_link + decode.weight_disk)
         assert decode.compute_path(True) == pytest.approx(decode.codec + decode.on_demand)
+
+
+def test_the_planner_weighs_loading_the_chosen_experts_against_loading_all_ahead():
+    """On demand moves fewer bytes but on the compute path; ahead moves them all, overlapped. With
+    experts on disk of a CPU box (compute and reads of one order), a one-row block's decode task
+    is faster on demand (a quarter of the experts) and a 128-row block's ahead (every expert is
+    chosen anyway: its reads hide behind the compute): the cost model says so, and the search
+    tries both ways for a mixture of experts (only there)."""
+    from flexgen_dist.planning.cost_model import task_time
+    from flexgen_dist.planning.placement import Dtypes
+    from flexgen_dist.planning.search import SearchOptions, switch_sets
+
+    spec = ModelSpec.from_config(dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=256,
+                                      max_position_embeddings=128, model_type="mixtral", num_local_experts=8,
+                                      num_experts_per_tok=2))
+    hw = cpu_machine()
+    faster = {}
+    for rows in (1, 128):
+        seconds = {}
+        for on_demand in (True, False):
+            pol = policy((0, 0, 100, 0, 100, 0), gbs=rows, num_batches=1, experts_on_demand=on_demand)
+            seconds[on_demand] = task_time(place(spec, pol, hw), hw, 5).seconds
+        faster[rows] = min(seconds, key=seconds.get)
+    assert faster == {1: True, 128: False}
+    fp16 = Dtypes("float16", "float16")
+    base = Policy()
+    assert {p.experts_on_demand for p in switch_sets(base, SearchOptions(), hw, fp16, experts=True)} == {True, False}
+    assert {p.experts_on_demand for p in switch_sets(base, SearchOptions(), hw, fp16)} == {True}
+    assert {p.experts_on_demand for p in switch_sets(base.replace(experts_on_demand=False), SearchOptions(), hw, fp16,
+                                                     experts=True)} == {False}  # --experts-ahead: as given

@@ -106,8 +106,7 @@ class LLM:
                                    prune=self.runtime.prune_offload)
         source.weights.close()
         config = EngineConfig(units=tuple(units), placement=self.placement, device=self.device,
-                              offload_dir=self.offload_dir, prefetch_depth=self.runtime.prefetch_depth,
-                              experts_on_demand=self.runtime.experts_on_demand)
+                              offload_dir=self.offload_dir, prefetch_depth=self.runtime.prefetch_depth)
         self.engine = Engine(config=config, weights=self.weights, math=make_math(self.spec, self.device),
                              reader=reader, comm=self.pipeline.comm if self.pipeline else None, tracer=tracer)
         log.info("%s: layers %d..%d of %d on %s (%s compute); planned bytes per tier: %s",

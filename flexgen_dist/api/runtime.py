@@ -35,9 +35,6 @@ class Runtime:
     prune_offload: bool = False
     """Remove the offload folder's weight folders of vanished or changed checkpoints."""
     refill: bool = True
-    experts_on_demand: bool = True
-    """A mixture of experts whose experts are not on the compute device: a decode step loads only
-    the experts its rows chose (False: every expert of a layer loads with it, as in the prefill)."""
     """A row whose sequence finished takes the next waiting prompt inside its block (one rank)."""
     num_prompts: int | None = None
     """How many prompts the plan is for (the planner's throughput counts the last block's

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m flexgen_dist.bench", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", default=None, help="Hugging Face model folder (default: --shape, else the bundled model)")
-    parser.add_argument("--shape", default=None, help="a random-weight OPT checkpoint of this shape: opt-125m, opt-1.3b, opt-6.7b, ...")
+    parser.add_argument("--shape", default=None, help="a random-weight checkpoint of this shape: opt-125m, opt-1.3b, opt-6.7b, ... or the mixture of experts mixtral-360m")
     parser.add_argument("--checkpoint-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                         help="dtype of the --shape checkpoint's weights (default: float16, as OPT's are)")
     parser.add_argument("--workload", default="short",

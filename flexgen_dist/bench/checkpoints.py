@@ -12,7 +12,7 @@ from flexgen_dist.files import fsync_folder, remove_stale_temps, write_atomic
 from flexgen_dist.temp_names import temp_name
 
 # OPT shapes with the real sizes (Zhang et al. 2022, table 1); ffn = 4 * hidden, vocab 50272,
-# 2048 positions, pre-LN. "tiny-opt" is for tests.
+# 2048 positions, pre-LN. "tiny-opt" is for tests. Then one mixture of experts.
 _OPT_COMMON = dict(
     model_type="opt",
     vocab_size=50272,
@@ -38,6 +38,12 @@ SHAPES: dict[str, dict] = {
 for _shape in SHAPES.values():
     _shape.setdefault("ffn_dim", 4 * _shape["hidden_size"])
     _shape.setdefault("word_embed_proj_dim", _shape["hidden_size"])
+# A small mixture of experts shaped like Mixtral (8 experts, 2 per token, grouped-query
+# attention), 360M parameters of which 280M in experts: the expert-loading benchmark's model.
+SHAPES["mixtral-360m"] = dict(model_type="mixtral", hidden_size=1024, intermediate_size=1408, num_hidden_layers=8,
+                              num_attention_heads=16, num_key_value_heads=4, num_local_experts=8,
+                              num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=2048,
+                              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 _MARKER = ".flexgen_random_checkpoint.json"
 _INIT_STD = 0.02  # OPT's initializer_range
@@ -91,7 +97,7 @@ def make_random_checkpoint(shape: str, path, dtype: str = "float16", seed: int =
         for name, param in model.named_parameters():  # tied parameters come once
             if name.endswith(".bias"):
                 param.zero_()
-            elif "layer_norm" in name:
+            elif "norm" in name:  # OPT's layer_norm, Mixtral's RMSNorms
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, _INIT_STD, generator=generator)

@@ -133,6 +133,10 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     policy.add_argument("--attn-sparsity", type=float, default=1.0, metavar="F",
                         help="in decoding, use only the values of the top F of each head's attention positions "
                              "(1 = dense, 0.1 = the paper's sparse setting)")
+    policy.add_argument("--experts-ahead", action="store_true",
+                        help="a mixture of experts' decode steps load every expert with its layer, ahead of the "
+                             "compute, instead of each expert a row chose once the router chose it (default: the "
+                             "planner decides; a given policy loads the chosen ones)")
     policy.add_argument("--no-refill", action="store_true",
                         help="run each block until its longest row ends, instead of giving a finished row the next "
                              "waiting prompt (same tokens; for comparison)")
@@ -177,6 +181,7 @@ def policy_from_args(args: argparse.Namespace) -> tuple[Policy | None, Policy, S
     compression = CompressionConfig(bits=args.compress_bits, group_size=args.compress_group_size,
                                     weight_method=args.compress_weight_method)
     switches = dict(overlap=not args.no_overlap, cpu_cache_compute=args.cpu_cache_compute,
+                    experts_on_demand=not args.experts_ahead,
                     compress_weight=args.compress_weight, compress_cache=args.compress_cache, compression=compression,
                     cache_dtype=args.cache_dtype, attn_sparsity=args.attn_sparsity)
     manual = args.policy == "manual" or args.percent is not None

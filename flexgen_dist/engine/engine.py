@@ -41,7 +41,6 @@ class EngineConfig:
     device: torch.device  # the compute device
     offload_dir: Path | None  # disk-tier KV cache and activations of open blocks
     prefetch_depth: int = 1  # layers of weights loaded ahead of the computing one
-    experts_on_demand: bool = True  # a decode step loads the experts its rows chose, not all (storage/weights.py)
 
 
 class Engine:
@@ -221,7 +220,7 @@ class Engine:
                 walk.weight_loads[op] = Ready(None)  # a dead task computes nothing
                 return
             name = f"load weight L{op.layer_idx} (block {op.block_idx}, token {op.token_idx})"
-            on_demand = self.config.experts_on_demand and op.token_idx > 0
+            on_demand = self.policy.experts_on_demand and op.token_idx > 0
             walk.weight_loads[op] = self.loader.submit(self._traced, name, "load", self.weights.load, op.layer_idx,
                                                        on_demand)
         elif isinstance(op, ops.FreeWeight):

@@ -166,12 +166,13 @@ def weight_place_work(p: Placement, speeds: Speeds, w: WeightPlace, token_idx: f
     device memory) and are dequantized on the device, whatever their tier. A head larger than a
     slot streams through it: the loader brings its first chunk, then each GPU batch reads the
     other chunks while it computes (the batches zig-zag, so each starts with the chunk the one
-    before left), on the compute path. An expert in a decode step is loaded on the compute path
-    once the router chose it for some row of the block (`chosen_share` of the experts), not
-    ahead with its layer; in the prefill every expert loads with its layer."""
+    before left), on the compute path. With `experts_on_demand` an expert in a decode step is
+    loaded on the compute path once the router chose it for some row of the block
+    (`chosen_share` of the experts), not ahead with its layer; in the prefill every expert loads
+    with its layer."""
     if w.resident or w.gathered:  # an embedding table is never loaded: a step reads its rows
         return Work()
-    if w.expert and token_idx > 0:
+    if w.expert and token_idx > 0 and p.policy.experts_on_demand:
         whole = weight_place_work(p, speeds, dataclasses.replace(w, expert=False))
         share = chosen_share(p.spec.num_experts, p.spec.num_experts_per_tok, p.policy.block_size)
         return Work(on_demand=share * (whole.codec + whole.weight_link + whole.weight_disk))

@@ -299,4 +299,6 @@ def policy_flags(policy: Policy) -> str:
         flags.append(f"--attn-sparsity {policy.attn_sparsity:g}")
     if not policy.overlap:
         flags.append("--no-overlap")
+    if not policy.experts_on_demand:
+        flags.append("--experts-ahead")
     return " ".join(flags)

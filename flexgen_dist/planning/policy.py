@@ -54,6 +54,11 @@ class Policy:
     """Pin host-memory weights (pays off only with a CUDA device)."""
     cpu_cache_compute: bool = False
     """Run decode attention on the CPU over the host-memory part of the KV cache, in place."""
+    experts_on_demand: bool = True
+    """A mixture of experts' decode steps load each expert that is not on the compute device when
+    the router first chooses it for a row of the block, on the compute path; else every expert
+    loads ahead with its layer, overlapped (as in the prefill). Fewer bytes against no overlap:
+    the planner chooses (the share chosen grows with the block's rows)."""
     attn_sparsity: float = 1.0
     """Fraction of each head's attention positions whose values are loaded and used in decoding
     (1.0 = dense; 0.1 = the top 10 %, the paper's 4-bit-S setting)."""

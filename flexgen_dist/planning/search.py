@@ -171,8 +171,10 @@ def _choose(settled: list[tuple[Estimate, list[Policy], float]], options: Search
     return max(near, key=lambda item: (item[1][0].gpu_batch_size, item[1][0].block_size, item[0].throughput))
 
 
-def switch_sets(base: Policy, options: SearchOptions, hardware: Hardware, dtypes: Dtypes) -> list[Policy]:
-    """The base policy with every allowed combination of switches."""
+def switch_sets(base: Policy, options: SearchOptions, hardware: Hardware, dtypes: Dtypes,
+                experts: bool = False) -> list[Policy]:
+    """The base policy with every allowed combination of switches (and, for a mixture of
+    `experts`, its decode steps' experts loaded on demand or ahead)."""
     cpu_attention = [base.cpu_cache_compute]
     if options.allow_cpu_attention and hardware.capacities.has_gpu:
         cpu_attention = [False, True]
@@ -188,8 +190,9 @@ def switch_sets(base: Policy, options: SearchOptions, hardware: Hardware, dtypes
             if ccc and cache:
                 continue  # CPU attention reads an uncompressed host cache (as in FlexGen)
             for cache_dtype in (cache_dtypes if not cache else [None]):
-                out.append(base.replace(cpu_cache_compute=ccc, compress_weight=weight, compress_cache=cache,
-                                        cache_dtype=cache_dtype))
+                for on_demand in ([True, False] if experts and base.experts_on_demand else [base.experts_on_demand]):
+                    out.append(base.replace(cpu_cache_compute=ccc, compress_weight=weight, compress_cache=cache,
+                                            cache_dtype=cache_dtype, experts_on_demand=on_demand))
     return list(dict.fromkeys(out))
 
 
@@ -197,7 +200,7 @@ def _solve_grid(problems: list[RankProblem], hardware: Hardware, options: Search
                 num_prompts: int | None) -> tuple[list[tuple[float, list[LPResult]]], int]:
     first = problems[0]
     results, tried = [], 0
-    for switches in switch_sets(base, options, hardware, first.dtypes):
+    for switches in switch_sets(base, options, hardware, first.dtypes, experts=first.rank.spec.num_experts > 0):
         for batch in options.gpu_batch_sizes:
             fitted_any = False
             for num_batches in options.num_gpu_batches:
