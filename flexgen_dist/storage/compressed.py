@@ -15,9 +15,8 @@ import torch
 from ..planning.compression import CompressionConfig
 from ..planning.placement import Tier
 from .quantize import QuantizedTensor, dequantize, empty_quantized, quantize, quantize_into
-from .tiers import DiskTensor, MemoryTensor, _rows
+from .tiers import ALL, DiskTensor, MemoryTensor, _rows
 
-_ALL = slice(None)
 
 
 class CompressedTensor:
@@ -40,7 +39,7 @@ class CompressedTensor:
 
     def write(self, index: slice, value: torch.Tensor) -> None:
         """Quantize `value` into rows `index`."""
-        held = self._memory(_ALL)
+        held = self._memory(ALL)
         if held is not None:
             quantize_into(held, index, value.to(held.device))
             return
@@ -49,7 +48,7 @@ class CompressedTensor:
         for part, src in zip(self.parts, (q.data, q.scale, q.mins)):
             part.write(slice(start, stop), src)
 
-    def read_into(self, out: torch.Tensor, index: slice = _ALL, staging: QuantizedTensor | None = None) -> torch.Tensor:
+    def read_into(self, out: torch.Tensor, index: slice = ALL, staging: QuantizedTensor | None = None) -> torch.Tensor:
         """Dequantize rows `index` into out[:rows] (out's device and dtype)."""
         start, stop = _rows(index, self.shape[0])
         rows = stop - start

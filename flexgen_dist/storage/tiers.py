@@ -30,7 +30,7 @@ from ..files import pwrite_all
 from ..io_errors import file_error
 from ..planning.placement import READ_ALIGN, Tier
 
-_ALL = slice(None)
+ALL = slice(None)  # every row of a tier tensor
 
 
 def _rows(index: slice, length: int) -> tuple[int, int]:
@@ -62,7 +62,7 @@ class MemoryTensor:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
-    def read(self, index: slice = _ALL) -> torch.Tensor:
+    def read(self, index: slice = ALL) -> torch.Tensor:
         return self.data[index]  # a view: no copy
 
     def write(self, index: slice, value: torch.Tensor) -> None:
@@ -172,7 +172,7 @@ class DiskTensor:
     def nbytes(self) -> int:
         return self.shape[0] * self.row_bytes
 
-    def read_into(self, out: torch.Tensor, index: slice = _ALL, staging=None) -> torch.Tensor:
+    def read_into(self, out: torch.Tensor, index: slice = ALL, staging=None) -> torch.Tensor:
         """Rows `index` into out[:rows] (any device / dtype), in chunks on the reader's threads.
         (`staging` is for compressed tensors' reads; a plain file needs none.)"""
         start, stop = _rows(index, self.shape[0])
@@ -229,7 +229,7 @@ def _pread_all(path: Path, buf: torch.Tensor, offset: int, io: DiskIO) -> int:
 TierTensor = MemoryTensor | DiskTensor  # or a storage.compressed.CompressedTensor, of three of them
 
 
-def copy(dst, dst_index: slice, src, src_index: slice = _ALL, staging=None) -> None:
+def copy(dst, dst_index: slice, src, src_index: slice = ALL, staging=None) -> None:
     """The one copy primitive: equivalent to `dst[dst_index] = src[src_index]`.
 
     `dst` and `src` are each a tier tensor (`MemoryTensor`, `DiskTensor`, `CompressedTensor`) or a
@@ -280,7 +280,7 @@ def to_compute(src, index: slice, device: torch.device, dtype: torch.dtype) -> t
             return value
     start, stop = _rows(index, src.shape[0])
     out = torch.empty((stop - start, *src.shape[1:]), dtype=dtype, device=device)
-    copy(out, _ALL, src, index)
+    copy(out, ALL, src, index)
     return out
 
 

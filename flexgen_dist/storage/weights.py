@@ -39,11 +39,10 @@ from .offload_identity import OffloadIdentity, checkpoint_identity
 from .quantize import QuantizedTensor, empty_quantized, quantize
 from .rows import RowTable, StreamedRows
 from .slots import Slot, SlotPool
-from .tiers import DiskReader, DiskTensor, MemoryTensor, copy, torch_dtype
+from .tiers import ALL, DiskReader, DiskTensor, MemoryTensor, copy, torch_dtype
 
 log = logging.getLogger(__name__)
 
-_ALL = slice(None)
 _PARTS = ("data", "scale", "mins")
 
 
@@ -262,7 +261,7 @@ class WeightStore:
             if piece.name in on_demand:
                 pending[piece.name] = self._fetcher(view, src, stage, stored[piece.name])
                 continue
-            copy(view, _ALL, src, _ALL, stage)
+            copy(view, ALL, src, ALL, stage)
             out[piece.name] = view
             copied += stored[piece.name]
         self.counts.add(loads=1, nbytes=copied, experts_offered=len(pending))
@@ -270,7 +269,7 @@ class WeightStore:
 
     def _fetcher(self, view: torch.Tensor, src, stage, nbytes: int) -> Callable[[], torch.Tensor]:
         def fetch() -> torch.Tensor:
-            copy(view, _ALL, src, _ALL, stage)
+            copy(view, ALL, src, ALL, stage)
             self.counts.add(nbytes=nbytes, expert_nbytes=nbytes, experts_loaded=1)
             return view
         return fetch
