@@ -114,3 +114,16 @@ def test_the_planner_weighs_loading_the_chosen_experts_against_loading_all_ahead
     assert {p.experts_on_demand for p in switch_sets(base, SearchOptions(), hw, fp16)} == {True}
     assert {p.experts_on_demand for p in switch_sets(base.replace(experts_on_demand=False), SearchOptions(), hw, fp16,
                                                      experts=True)} == {False}  # --experts-ahead: as given
+
+
+def test_weight_compression_keeps_the_router_exact(tiny_models_cache, tmp_path):
+    """Under --compress-weight the experts are quantized and the router is not (a rounded router
+    score can send a token to another expert). Planned bytes equal allocated ones with it
+    (tests/test_moe.py), and the tokens stay within the compression tolerances
+    (tests/test_families_ranks.py)."""
+    spec = ModelSpec.from_dir(tiny_models_cache["mixtral"])
+    p = place(spec, policy((100, 0, 100, 0, 100, 0), gbs=1, num_batches=1, compress_weight=True), cpu_machine())
+    layer = next(u for u in model_units(spec) if u.kind is UnitKind.BLOCK).layer_idx
+    compressed = {w.name: w.compressed for w in p.weights[layer]}
+    assert compressed["mlp.gate.weight"] is False
+    assert all(compressed[f"mlp.experts.{e}.{proj}.weight"] for e in range(8) for proj in ("gate_proj", "down_proj"))

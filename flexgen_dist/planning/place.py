@@ -48,7 +48,8 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
                 # nearer of the two, keeps bytes falling as the percents fall (the fitting steps).
                 places.append(dataclasses.replace(first, layer_idx=unit.layer_idx, name=ws.name, gathered=False, shared=True))
                 continue
-            compressed = policy.compress_weight and len(ws.shape) >= 2  # biases and norms stay as they are
+            # biases, norms and routers stay as they are
+            compressed = policy.compress_weight and len(ws.shape) >= 2 and not ws.exact
             if compressed:
                 nbytes = compressed_nbytes(ws.shape, config)
             else:

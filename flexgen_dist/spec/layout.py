@@ -40,6 +40,7 @@ class WeightSpec:
     shape: tuple[int, ...]
     init: str = "normal"  # for random weights: "normal", "ones" or "zeros"
     expert: int | None = None  # the expert of a mixture of experts this tensor belongs to (None: shared)
+    exact: bool = False  # kept as it is under weight compression: a router (a rounded score may change the expert)
 
     @property
     def numel(self) -> int:
@@ -133,7 +134,7 @@ def _expert_weights(spec: ModelSpec, prefix: str) -> list[WeightSpec]:
     expert (model/moe.py reads them by these names)."""
     C, I, E = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
     module, keys = _EXPERT_KEYS[spec.family]
-    w = [WeightSpec("mlp.gate.weight", prefix + module + "gate.weight", (E, C))]
+    w = [WeightSpec("mlp.gate.weight", prefix + module + "gate.weight", (E, C), exact=True)]
     for e in range(E):
         for proj, key, shape in zip(("gate_proj", "up_proj", "down_proj"), keys, ((I, C), (I, C), (C, I))):
             w.append(WeightSpec(f"mlp.experts.{e}.{proj}.weight", f"{prefix}{module}experts.{e}.{key}.weight",
