@@ -27,7 +27,7 @@ from hostile_setups import (
     group_writable, stale_temp, weights_folder_is_symlink, free_port, signal_job_setup, signal_job,
     interrupted_check, sigterm_then_resume, resumed_check, merge_setup, message_has,
     in_model_folder_setup, in_model_folder_job, in_model_folder_check, generation_config, eos_from_reference,
-    stops_at_generation_eos, tied_with_own_head, immutable, overwrite_then_interrupted, other_service,
+    stops_at_generation_eos, tied_with_own_head, immutable, overwrite_then_interrupted, other_service, frozen_rank0,
 )
 from hostile_setups import (
     stdout_closed, stdout_to, stdout_head_1, quiet_stderr, complete_output, unfinished_job,
@@ -538,6 +538,9 @@ def dist_cases() -> list[Case]:
              argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
         Case("dist-master-port-garbage-service", "dist", "env", setup=other_service(b"HTTP/1.0 400 Bad Request\r\n\r\n"),
              env=at_other_service, argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
+        # rank 0 stops (SIGSTOP) after the roll call: gloo's connect waited forever in C++, deaf to SIGTERM
+        Case("dist-rank0-frozen-mid-rendezvous", "dist", "env", setup=frozen_rank0, env=at_other_service,
+             argv=lambda c: tiny(c, "--comm-timeout", 3), timeout=90),
         Case("dist-ompi-rank-without-size", "dist", "user", env={"OMPI_COMM_WORLD_RANK": "0"}, argv=lambda c: tiny(c)),
         # a plain `sbatch job.sh` without --ntasks: slurmstepd sets SLURM_PROCID=0 and no SLURM_NTASKS
         Case("dist-slurm-procid-without-ntasks", "dist", "ok", env={"SLURM_PROCID": "0", "SLURM_JOB_ID": "7"},

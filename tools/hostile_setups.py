@@ -402,6 +402,37 @@ def other_service(reply: bytes | None):
     return setup
 
 
+# Rank 0's store that checks rank 0 in, waits until rank 1 has checked in and begun connecting the
+# process group (a key beyond the roll call's two), then stops itself: a rank 0 frozen mid-rendezvous.
+_FROZEN_RANK_0 = '''
+import os, signal, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), None, True, timedelta(seconds=300), wait_for_workers=False)
+store.add("flexgen_dist/rendezvous/rank/0", 1)
+store.wait(["flexgen_dist/rendezvous/rank/1"])
+while store.num_keys() <= 2:
+    time.sleep(0.01)
+os.kill(os.getpid(), signal.SIGSTOP)
+'''
+
+
+def frozen_rank0(c: CaseDir) -> None:
+    """Setup: a fake rank 0 at c.data["port"] that stops (SIGSTOP) once rank 1 starts connecting the
+    process group; killed after the case."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        c.data["port"] = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", _FROZEN_RANK_0, str(c.data["port"])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop() -> None:
+        proc.kill()  # SIGKILL ends a stopped process too
+        proc.wait()
+
+    c.cleanups.append(stop)
+
+
 def signal_job_setup(c: CaseDir) -> None:
     """A job of the bundled model long enough to be interrupted: 400 text prompts, small blocks."""
     c.write("in.jsonl", lines({"id": i, "prompt": f"Line {i}: the function returns"} for i in range(400)))
