@@ -32,16 +32,21 @@ def _run(model_dir, prompts, policy: Policy, new: int, offload_dir, on_demand: b
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3-moe"])
-def test_a_one_row_decode_step_loads_the_top_k_experts_of_each_layer(arch, tiny_models_cache, tmp_path):
+def test_a_one_row_decode_step_loads_the_top_k_experts_of_each_layer(arch, tiny_models_cache, tmp_path, caplog):
     """One row: each decode step's router picks exactly top_k of the 8 experts in every sparse
-    layer, so exactly top_k / 8 of the expert tensors offered are copied; the tokens are
-    transformers', and those of loading every expert; less is read than with every expert."""
+    layer, so exactly top_k / 8 of the expert tensors offered are copied (and the log says so,
+    beside the cost model's share); the tokens are transformers', and those of loading every
+    expert; less is read than with every expert."""
     model_dir = tiny_models_cache[arch]
     prompts = unambiguous_prompts(model_dir, [7], 6, seed=3)
-    tokens, counts = _run(model_dir, prompts, ON_HOST, 6, tmp_path / "a")
+    with caplog.at_level("INFO", logger="flexgen_dist.api.llm"):
+        tokens, counts = _run(model_dir, prompts, ON_HOST, 6, tmp_path / "a")
     assert tokens == [hf_greedy(model_dir, prompts[0], 6)]
     assert counts.experts_offered > 0
     assert counts.experts_loaded * 8 == counts.experts_offered * TOP_K[arch]
+    share = f"{100 * TOP_K[arch] / 8:.0f}%"
+    assert f"decode steps loaded {share} of the experts they could (the plan assumed {share} for blocks of 1)" \
+        in caplog.text
     every, all_counts = _run(model_dir, prompts, ON_HOST, 6, tmp_path / "b", on_demand=False)
     assert every == tokens
     assert all_counts.experts_offered == 0 and all_counts.expert_nbytes == 0

@@ -24,6 +24,7 @@ from ..parallel.group import Pipeline
 from ..planning.fit import PolicyDoesNotFit, check_policy
 from ..spec.generation import GenerationDefaults
 from ..planning.place import plan_placement
+from ..planning.cost_terms import chosen_share
 from ..planning.placement import Placement, Tier, Workload
 from ..planning.policy import Policy
 from ..planning.search import SearchOptions
@@ -166,10 +167,18 @@ class LLM:
     def _run(self, specs: list[SeqSpec], on_results: Callable[[list[Output]], None]) -> Stats:
         needed = Workload(max(len(s.prompt_ids) for s in specs), max(s.max_new_tokens for s in specs))
         placement = self._placement_for(len(specs), needed)
-        return run_sequences(self.engine, specs, placement=placement, pad_id=self._pad_id,
-                             decode=self.decode if self.tokenizer is not None else None,
-                             num_ranks=self.pipeline.world_size if self.pipeline else 1,
-                             holds_results=self._holds_results, on_results=on_results, refill=self.runtime.refill)
+        counts = self.weights.counts
+        offered, loaded = counts.experts_offered, counts.experts_loaded
+        stats = run_sequences(self.engine, specs, placement=placement, pad_id=self._pad_id,
+                              decode=self.decode if self.tokenizer is not None else None,
+                              num_ranks=self.pipeline.world_size if self.pipeline else 1,
+                              holds_results=self._holds_results, on_results=on_results, refill=self.runtime.refill)
+        if counts.experts_offered > offered:  # what the cost model assumed of the router, measured
+            s, policy = self.spec, placement.policy
+            log.info("decode steps loaded %.0f%% of the experts they could (the plan assumed %.0f%% for blocks of %d)",
+                     100 * (counts.experts_loaded - loaded) / (counts.experts_offered - offered),
+                     100 * chosen_share(s.num_experts, s.num_experts_per_tok, policy.block_size), policy.block_size)
+        return stats
 
     def _placement_for(self, num_prompts: int, needed: Workload, scoring: bool = False) -> Placement:
         """The placement a call runs with, sized here, before the engine runs (the engine never
