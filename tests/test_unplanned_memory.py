@@ -25,6 +25,7 @@ from flexgen_dist.machine import detect, gpu_overhead
 from flexgen_dist.planning import working
 from flexgen_dist.planning.compression import CompressionConfig
 from flexgen_dist.machine.hardware import Capacities
+from flexgen_dist.parallel.group import Pipeline
 from flexgen_dist.spec.layout import model_units
 from flexgen_dist.planning.place import plan_placement
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, Workload
@@ -251,8 +252,10 @@ class FakePipeline:
         self.ctx = dataclasses.make_dataclass("Ctx", ["rank", "world_size", "local_rank", "local_world_size", "backend"])(
             rank, world_size, rank % local_world_size, local_world_size, backend)
 
-    def gather(self, obj):
+    def gather(self, obj, what: str = "plans"):
         return [obj] * self.world_size
+
+    together = Pipeline.together  # every rank's step over this gather
 
 
 def _rank_gpu_mem(monkeypatch, *, gpus=1, free=80 * GiB, pipeline=None, context_created=False, hardware=None):
