@@ -272,3 +272,17 @@ def test_hf_folders_run_without_the_gguf_package(llama_dir, tmp_path, monkeypatc
     path.write_bytes(b"GGUF" + bytes(40))
     with pytest.raises(UserError, match="needs the gguf package; pip install gguf"):
         ModelSource.from_path(path)
+
+
+@pytest.mark.parametrize(("ggml_type", "scale", "fragment"), [(8, float("nan"), "NaN or Inf"),
+                                                              (8, 600.0, "scales beyond 511.75"),
+                                                              (2, 9000.0, "scales beyond 8188")])
+def test_corrupt_block_scales_are_refused(ggml_type, scale, fragment):
+    """A block scale that is NaN, or whose minimum (-128 d, -8 d) overflows float16, is one line."""
+    from flexgen_dist.storage.gguf_blocks import KEPT, to_groups
+
+    _, bits, block_bytes, _ = KEPT[ggml_type]
+    raw = torch.zeros(2, block_bytes, dtype=torch.uint8)  # 2 rows of one block
+    raw[1, :2] = torch.tensor([scale], dtype=torch.float16).view(torch.uint8)
+    with pytest.raises(UserError, match=fragment):
+        to_groups(raw, ggml_type, (2, 32), CompressionConfig(bits=bits, group_size=32), "tensor 'x'")

@@ -49,15 +49,21 @@ def to_groups(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], config:
     scale = _half(blocks, 0)  # (rows, groups) float16
     qs = blocks[..., start:]  # (rows, groups, 32 or 16)
     if bits == 8:
-        codes = (qs.view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
-        mins = _scaled(scale, -128.0, name, where)
+        codes = qs ^ 0x80  # the int8 q's byte with its top bit flipped is the uint8 q + 128
     else:
         codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # (rows, groups, 32): values j, then j + 16
-        mins = _half(blocks, 2) if ggml_type == 3 else _scaled(scale, -8.0, name, where)
-    for part, what in ((scale, "scales"), (mins, "minimums")):
-        if not bool(torch.isfinite(part).all()):
-            raise UserError(f"{where} ({name}) has block {what} that are NaN or Inf: the file is corrupt; "
-                            "download it again")
+    scale32 = scale.float()  # (fp16 arithmetic is slow on CPUs)
+    if not bool(torch.isfinite(scale32).all()):
+        raise UserError(f"{where} ({name}) has block scales that are NaN or Inf: the file is corrupt; download it "
+                        "again")
+    if ggml_type == 3:
+        mins = _half(blocks, 2)
+        what = "minimums that are NaN or Inf: the file is corrupt"
+    else:  # -128 d or -8 d: exact in float16 (a power of two), unless it overflows
+        mins = (scale32 * (-128.0 if bits == 8 else -8.0)).to(torch.float16)
+        what = f"scales beyond {65504 / (128 if bits == 8 else 8):g}, which this runtime cannot keep as groups"
+    if not bool(torch.isfinite(mins.float()).all()):
+        raise UserError(f"{where} ({name}) has block {what}; download the file again")
     data = pack(codes.reshape(rows, cols), bits)  # our layout: one vector per row, no padding
     return QuantizedTensor(data.contiguous(), scale.contiguous(), mins.contiguous(), shape, torch.float32, config)
 
@@ -82,12 +88,3 @@ def to_values(raw: torch.Tensor, ggml_type: int, type_name: str, shape: tuple[in
 def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
     """The float16 at byte `at` of every block: (rows, groups)."""
     return blocks[..., at:at + 2].contiguous().view(torch.float16).squeeze(-1)
-
-
-def _scaled(scale: torch.Tensor, factor: float, name: str, where: str) -> torch.Tensor:
-    """factor * scale in float16: exact (a power of two), unless it overflows."""
-    out = (scale.float() * factor).to(torch.float16)
-    if not bool(torch.isfinite(out[torch.isfinite(scale)]).all()):
-        raise UserError(f"{where} ({name}) has a block scale beyond {65504 / abs(factor):g}, which this runtime "
-                        "cannot keep as groups; the file is likely corrupt (download it again)")
-    return out
