@@ -97,7 +97,7 @@ def _eval(args: argparse.Namespace) -> int:
                         f"got {args.max_tokens}; leave it out to score the whole text")
     text_path = Path(args.text or DEFAULT_TEXT)
     text = read_text(text_path)
-    source = ModelSource.from_dir(args.model)
+    source = ModelSource.from_path(args.model)
     if source.tokenizer is None:
         raise UserError(f"model {args.model!r} has no tokenizer, so it cannot score text")
     window = min(args.window, source.spec.max_positions)

@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 class LLM:
     """A model placed across gpu / cpu / disk by a policy, ready to generate.
 
-    model: a local Hugging Face folder (config.json, safetensors weights, tokenizer files), or a
-        `ModelSource` (e.g. `ModelSource.random(config, seed)` for benchmarks).
+    model: a local Hugging Face folder (config.json, safetensors weights, tokenizer files), a GGUF
+        file (or a folder holding one and no config.json), or a `ModelSource` (e.g.
+        `ModelSource.random(config, seed)` for benchmarks).
     policy: where tensors live and how blocks are cut. None (the default): chosen by the planner
         (cost model and search) for this machine and the runtime's workload. A given policy is
         checked against the memory there is and refused, naming the tier, if it does not fit.
@@ -77,7 +78,7 @@ class LLM:
         pipeline: Pipeline | None = None,
         tracer: Tracing | None = None,
     ):
-        source = model if isinstance(model, ModelSource) else ModelSource.from_dir(model)
+        source = model if isinstance(model, ModelSource) else ModelSource.from_path(model)
         self.runtime = runtime or Runtime()
         self.spec, self.tokenizer = source.spec, source.tokenizer
         self.generation = source.generation or GenerationDefaults(source.spec.eos_token_ids)

@@ -181,6 +181,8 @@ def plan_for(spec: ModelSpec, *, runtime, policy: Policy | None, capacity: Capac
     """This rank's plan for `runtime`'s device, dtypes and workload: the planner's choice when
     `policy` is None (`base` fixes what it may not change), else `policy` checked."""
     device = runtime.resolve_device()
+    if spec.stored_groups is not None:
+        policy, base = (None if p is None else with_stored_groups(spec, p) for p in (policy, base or Policy()))
     if policy is not None:
         on_disk = [kind for kind, pct in (("weights", policy.percents("w")), ("KV cache", policy.percents("cache")),
                                           ("activations", policy.percents("act"))) if pct[2] > 0]
@@ -208,6 +210,19 @@ def plan_for(spec: ModelSpec, *, runtime, policy: Policy | None, capacity: Capac
     import psutil
 
     return dataclasses.replace(choice, process_rss=psutil.Process().memory_info().rss)
+
+
+def with_stored_groups(spec: ModelSpec, policy: Policy) -> Policy:
+    """`policy` with the compression of the groups the checkpoint holds (a GGUF's Q4_0 / Q4_1 /
+    Q8_0 tensors): their bits and group size, so they are placed and loaded as they are, never
+    quantized again. A compressed KV cache or other compressed weights take the same settings."""
+    groups, config = spec.stored_groups, policy.compression
+    if (config.bits, config.group_size) == (groups.bits, groups.group_size):
+        return policy
+    if policy.compress_weight or policy.compress_cache:
+        log.info("the checkpoint holds %d-bit groups of %d: compression uses them (not %d-bit groups of %d)",
+                 groups.bits, groups.group_size, config.bits, config.group_size)
+    return policy.replace(compression=dataclasses.replace(config, bits=groups.bits, group_size=groups.group_size))
 
 
 def choose_dtype(choices: list[Dtypes], plan_in, pipeline=None, checkpoint_dtype: str | None = None) -> PlanChoice:

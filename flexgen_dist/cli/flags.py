@@ -64,8 +64,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     and --verbose. Grouped when the parser comes from `new_parser`."""
     groups = getattr(parser, "_flexgen_groups", None) or {title: parser for title in GROUPS}
     model = groups["model"]
-    model.add_argument("--model", default=default_model, metavar="DIR",
-                       help="local Hugging Face model folder: config.json, safetensors weights, tokenizer files "
+    model.add_argument("--model", default=default_model, metavar="DIR|FILE.gguf",
+                       help="local Hugging Face model folder (config.json, safetensors weights, tokenizer files), "
+                            "or a GGUF file (llama, qwen2, qwen3; Q4_0/Q4_1/Q8_0 weights stay compressed) "
                             "(default: the bundled model)")
     model.add_argument("--device", default=None,
                        help="compute device: cpu, cuda or cuda:N (default: this rank's GPU when there is one, else cpu)")

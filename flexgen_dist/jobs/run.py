@@ -133,7 +133,7 @@ class JobStart:
 
 def start_job(config: JobConfig, ctx: DistContext) -> JobStart:
     shard = parse_shard(config.shard, os.environ)
-    source = ModelSource.from_dir(config.model)
+    source = ModelSource.from_path(config.model)
     settings = config.generation.settings(source.generation)
     outside = [i for i in settings.stop_token_ids if not 0 <= i < source.spec.vocab_size]
     if outside:

@@ -6,7 +6,8 @@ makes the `Placement` (placement.py):
 - weights: within a unit, split by cumulative size (FlexGen's rule: a tensor goes where the
   midpoint of its cumulative size falls). A head tied to the input embedding (one checkpoint
   tensor) uses the table's, on the table's tier: no second copy, and no load where the table is
-  resident;
+  resident. A matrix is compressed (at its compressed bytes) when the policy compresses weights
+  or when the checkpoint holds it as groups already (`ModelSpec.stored_groups`: a GGUF's);
 - KV caches: the 2 x num_gpu_batches tensors of a layer are split by count;
 - activations: per GPU batch;
 - then the working buffers those need (working.py).
@@ -37,6 +38,7 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
     config = policy.compression
     weights: dict[int, tuple[WeightPlace, ...]] = {}
     held: dict[str, WeightPlace] = {}  # checkpoint key -> the first weight holding it
+    stored = spec.stored_groups.keys if spec.stored_groups is not None else frozenset()
     for unit in units:
         tiers = choose_tiers([ws.numel for ws in unit.weights], policy.percents("w"))
         places = []
@@ -48,8 +50,8 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
                 # nearer of the two, keeps bytes falling as the percents fall (the fitting steps).
                 places.append(dataclasses.replace(first, layer_idx=unit.layer_idx, name=ws.name, gathered=False, shared=True))
                 continue
-            # biases, norms and routers stay as they are
-            compressed = policy.compress_weight and len(ws.shape) >= 2 and not ws.exact
+            # biases, norms and routers stay as they are; weights the checkpoint holds as groups stay groups
+            compressed = len(ws.shape) >= 2 and ((policy.compress_weight and not ws.exact) or ws.key in stored)
             if compressed:
                 nbytes = compressed_nbytes(ws.shape, config)
             else:

@@ -33,6 +33,17 @@ MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
 @dataclass(frozen=True)
+class StoredGroups:
+    """Weights a checkpoint already holds as this runtime's quantized groups (a GGUF's Q4_0, Q4_1
+    and Q8_0 tensors: storage/gguf_blocks.py): they are placed compressed whatever the policy
+    says, and kept as they are, never quantized a second time."""
+
+    bits: int  # of every kept tensor's codes: 4 or 8
+    group_size: int  # values sharing one scale and minimum along a row (GGUF's blocks: 32)
+    keys: frozenset[str]  # checkpoint keys of the kept tensors
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     model_type: str  # as in config.json: llama, mistral, qwen2, qwen3, phi3, opt, mixtral, qwen3_moe, gemma3_text
     # "llama" (RMSNorm, RoPE, SwiGLU), "qwen3" (llama + per-head q/k norms), "phi3" (llama with
@@ -85,6 +96,7 @@ class ModelSpec:
     norm_topk_prob: bool = False  # the top-k routing weights renormalised to sum to 1
     sparse_layers: tuple[int, ...] = ()  # decoder layers (0-based) whose MLP is the experts
     dtype: str = "float32"  # the checkpoint's dtype
+    stored_groups: StoredGroups | None = None  # weights held as quantized groups already (a GGUF's)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

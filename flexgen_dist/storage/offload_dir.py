@@ -215,7 +215,7 @@ def stale_folders(offload_dir: str | Path, *, keep: str) -> list[StaleFolder]:
             try:
                 now = checkpoint_identity(files, storage_dtype=note.get("storage_dtype", ""),
                                           compression=note.get("compression"))
-            except (UserError, ValueError):
+            except (UserError, EnvironmentFailure, ValueError, ImportError):  # unreadable now, or no gguf package
                 continue
             if now.digest == note.get("digest"):
                 continue

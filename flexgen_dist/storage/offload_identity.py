@@ -1,8 +1,9 @@
 """What an offload folder's weight files were made from (`OffloadIdentity`), and so its name.
 
-The identity of a checkpoint is its safetensors headers hashed with each file's size and mtime
-(`checkpoint_identity`), with the storage dtype and the compression settings; the folder of
-offload_dir.py is named by its digest, so a checkpoint with other tensors gets another folder.
+The identity of a checkpoint is its safetensors headers (a GGUF file's metadata and tensor table)
+hashed with each file's size and mtime (`checkpoint_identity`), with the storage dtype and the
+compression settings; the folder of offload_dir.py is named by its digest, so a checkpoint with
+other tensors gets another folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..spec.gguf import is_gguf, read_gguf_header
 
 FOLDER_PREFIX = "weights-"
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
@@ -61,10 +63,21 @@ def checkpoint_identity(
     are not seen: that takes a deliberate forgery.)"""
     h = hashlib.sha256()
     for path in sorted({Path(p) for p in weight_files}, key=lambda p: p.name):
-        header, st = _safetensors_header(path)
-        about = {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header": hashlib.sha256(header).hexdigest()}
+        if is_gguf(path):  # a GGUF file: its metadata and tensor table stand for its header
+            st, digest = _stat(path), read_gguf_header(path).digest
+        else:
+            header, st = _safetensors_header(path)
+            digest = hashlib.sha256(header).hexdigest()
+        about = {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header": digest}
         h.update(json.dumps(about, sort_keys=True).encode() + b"\n")
     return OffloadIdentity.of(h.hexdigest(), storage_dtype=storage_dtype, compression=compression)
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as exc:
+        raise UserError(f"cannot read the checkpoint file {path} ({exc.strerror}); check it exists and is readable") from None
 
 
 def _safetensors_header(path: Path) -> tuple[bytes, os.stat_result]:

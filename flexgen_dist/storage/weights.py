@@ -5,7 +5,8 @@ in one host arena (pinned at its exact size beside a GPU) in the storage dtype; 
 are files in a verified offload folder (storage/offload_dir.py), written once from the checkpoint
 and reused while the checkpoint, the dtype and the compression settings are unchanged. With
 weight compression every 2-D weight is quantized once, when it is written to its tier, and stays
-compressed there.
+compressed there; weights the checkpoint holds as groups already (a GGUF's Q4_0 / Q4_1 / Q8_0) are
+compressed whatever the policy says, and written as the file holds them, never quantized again.
 
 Loading a layer fills a slot (a flat buffer on the compute device, planning/place.py lays it
 out): compressed bytes that are not yet in device memory are copied into the slot's staging
@@ -190,8 +191,7 @@ class WeightStore:
         if place.compressed:
             parts = tuple(self._views[f"{name}.{part}"] for part in _PARTS)
             held = QuantizedTensor(*parts, shape=ws.shape, dtype=self.compute_dtype, config=self.config)
-            q = quantize(source.get(ws).to(parts[0].device), self.config, fitted=self.fitted)  # on the device: fast there
-            held.copy_(q)
+            held.copy_(self._quantized(ws, source, parts[0].device))
             return compressed_in_memory(parts, ws.shape, self.config, place.tier), 0
         view = self._views[name]
         view.copy_(source.get(ws))  # converted to the tier's dtype (and device)
@@ -211,12 +211,21 @@ class WeightStore:
         paths = {part: folder.trusted(f"{ws.key}.{part}", sizes[part]) for part in _PARTS}
         wrote = 0
         if any(path is None for path in paths.values()):
-            q = quantize(source.get(ws).to(torch.float32), self.config, fitted=self.fitted)
+            q = self._quantized(ws, source, torch.device("cpu"))
             paths = {part: folder.write(f"{ws.key}.{part}", getattr(q, part).contiguous()) for part in _PARTS}
             wrote = len(_PARTS)
         parts = [DiskTensor(paths[part], (ws.shape[0], *getattr(like, part).shape[1:]), getattr(like, part).dtype,
                             self._reader, create=False) for part in _PARTS]
         return CompressedTensor(*parts, shape=ws.shape, config=self.config, tier=Tier.DISK), wrote
+
+    def _quantized(self, ws, source, device: torch.device) -> QuantizedTensor:
+        """The weight as groups: as the checkpoint holds them (a GGUF's Q4_0 / Q4_1 / Q8_0 blocks,
+        exactly), else quantized now (on `device`: fast on a GPU)."""
+        grouped = getattr(source, "grouped", None)
+        held = grouped(ws, self.config) if grouped is not None else None
+        if held is not None:
+            return held
+        return quantize(source.get(ws).to(device), self.config, fitted=self.fitted)  # in fp32 whatever its dtype
 
     def close(self) -> None:
         """Unpin the host arena (a store dropped without this unpins when it is collected)."""
