@@ -128,11 +128,13 @@ def test_pipeline_equals_one_process_and_keeps_few_sends(tiny_models_cache, tmp_
         want = [o.output_ids for o in llm.generate(prompts, max_new_tokens=6).outputs]
     got, wire = run_pipeline(llama_dir, policy, prompts, 6, ranks, tmp_path)
     assert [o.output_ids for o in got.outputs] == want
-    # A rank keeps the handles of sends not yet received, never the whole run's: at most the
-    # messages of the tasks in flight (the ring lets a rank run `ranks` tasks ahead): per task, one
-    # per GPU batch and the control message saying whether the block is live.
+    # A rank keeps the handles of sends not yet received, never the whole run's (3 blocks x 6
+    # tokens of them): at most the messages of the tasks in flight (the ring lets a rank run
+    # `ranks` tasks ahead): per task, per GPU batch its hidden states and, when some of its rows
+    # start a waiting prompt (refill), theirs; and the control message saying whether the block is
+    # live. (Under load more of them are in flight at once: 8 of 2 ranks' 10 were seen.)
     for rank, peak in wire.peak_live_sends.items():
-        assert 1 <= peak <= ranks * (policy.num_gpu_batches + 1), (rank, peak)
+        assert 1 <= peak <= ranks * (2 * policy.num_gpu_batches + 1), (rank, peak)
 
 
 def test_a_block_whose_rows_all_stopped_ends_on_every_rank(tiny_models_cache, tmp_path, monkeypatch):
