@@ -26,11 +26,16 @@ from flexgen_dist.storage.compressed import compressed_on_disk
 from flexgen_dist.storage.tiers import DiskIO, DiskReader, DiskTensor, MemoryTensor
 
 CPU = Runtime(device="cpu")
-EIGHT = CompressionConfig(bits=8)
+EIGHT = CompressionConfig(bits=8, cache_method="minmax")
+MINMAX = CompressionConfig(cache_method="minmax")  # FlexGen's 4-bit cache: every slot along the head dim
+KIVI_4 = CompressionConfig(group_size=4)
 CASES = {  # name: (policy changes, step whose logits see the change, tolerance)
     "weights-4bit": (dict(compress_weight=True), 0, 1.0),
     "weights-8bit": (dict(compress_weight=True, compression=EIGHT), 0, 0.07),
-    "cache-4bit": (dict(compress_cache=True), 1, 0.42),
+    "cache-4bit": (dict(compress_cache=True, compression=MINMAX), 1, 0.42),
+    # KIVI in groups of 4 slots (and 4 values along the head dim): the prompts' groups are
+    # quantized, the slots of the group being filled are not
+    "cache-4bit-kivi": (dict(compress_cache=True, compression=KIVI_4), 1, 0.42),
     "cache-8bit": (dict(compress_cache=True, compression=EIGHT), 1, 0.021),
     "cache-fp16": (dict(cache_dtype="float16"), 1, 0.0015),
     "sparse-half": (dict(attn_sparsity=0.5), 1, 0.15),
@@ -86,7 +91,7 @@ def test_compressed_logits_within_tolerance(arch, case, tiny_models_cache, tmp_p
     assert 0 < error < tolerance, f"{case} on {arch}: relative logit error {error:.4f} (tolerance {tolerance})"
 
 
-@pytest.mark.parametrize("case", ["weights-4bit", "cache-4bit", "cache-fp16", "sparse-half"])
+@pytest.mark.parametrize("case", ["weights-4bit", "cache-4bit", "cache-4bit-kivi", "cache-fp16", "sparse-half"])
 def test_every_tier_gives_the_same_compressed_result(case, llama_dir, tmp_path, monkeypatch):
     """The same quantized bytes on every tier: in place (gpu, cpu) or through scratch (disk) the
     logits agree to float rounding, and exactly for weights (dequantized the same way)."""
