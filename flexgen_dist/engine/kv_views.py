@@ -30,10 +30,12 @@ from ..storage.quantize import QuantizedTensor, dequantize
 from ..storage.tiers import MemoryTensor, copy, read_rows, to_compute
 
 
-def _chunk(q: torch.Tensor, kv_dim: int, device: torch.device) -> int:
-    """Positions per chunk for queries q (B, nh, T, hd) over keys of kv_dim on `device`."""
+def _chunk(q: torch.Tensor, kv_dim: int, device: torch.device, align: int = 1) -> int:
+    """Positions per chunk for queries q (B, nh, T, hd) over keys of kv_dim on `device`, a
+    multiple of `align`."""
     B, nh, T, _ = q.shape
-    return attention_chunk_positions(batch=B, kv_dim=kv_dim, num_heads=nh, queries=T, on_gpu=device.type == "cuda")
+    return attention_chunk_positions(batch=B, kv_dim=kv_dim, num_heads=nh, queries=T, on_gpu=device.type == "cuda",
+                                     align=align)
 
 
 def _scores_in_chunks(qg: torch.Tensor, read_keys, stop: int, chunk: int) -> torch.Tensor:
@@ -169,9 +171,8 @@ class StoredKV:
         stop = slots.stop
         q = q.to(self.attend_on)
         _, num_kv_heads, _, head_dim = self._k_new.shape
-        chunk = _chunk(q, num_kv_heads * head_dim, self.attend_on)
-        if isinstance(self.k, KiviTensor) and chunk >= self.k.group_slots:  # whole groups of keys a chunk
-            chunk -= chunk % self.k.group_slots
+        align = self.k.group_slots if isinstance(self.k, KiviTensor) else 1  # whole groups of KIVI's keys a chunk
+        chunk = _chunk(q, num_kv_heads * head_dim, self.attend_on, align)
         if self.sparsity < 1:
             read_keys = lambda a, b: self._rows(self.k, a, b)  # noqa: E731
             scores_of = lambda qg: _scores_in_chunks(qg, read_keys, stop, chunk)  # noqa: E731

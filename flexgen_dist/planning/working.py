@@ -199,10 +199,14 @@ def attention_position_bytes(batch: int, kv_dim: int, num_heads: int, queries: i
     return batch * (2 * kv_dim + 3 * num_heads * queries) * 4
 
 
-def attention_chunk_positions(*, batch: int, kv_dim: int, num_heads: int, on_gpu: bool, queries: int = 1) -> int:
-    """Positions per chunk of attention over a stored cache (see ATTENTION_CHUNK_BYTES)."""
+def attention_chunk_positions(*, batch: int, kv_dim: int, num_heads: int, on_gpu: bool, queries: int = 1,
+                              align: int = 1) -> int:
+    """Positions per chunk of attention over a stored cache (see ATTENTION_CHUNK_BYTES), a
+    multiple of `align` (KIVI's groups of key slots: a chunk that cut a group would dequantize
+    it twice), at least one."""
     fit = ATTENTION_CHUNK_BYTES[on_gpu] // attention_position_bytes(batch, kv_dim, num_heads, queries)
-    return max(ATTENTION_CHUNK_MIN_POSITIONS, min(ATTENTION_CHUNK_MAX_POSITIONS[on_gpu], fit))
+    positions = max(ATTENTION_CHUNK_MIN_POSITIONS, min(ATTENTION_CHUNK_MAX_POSITIONS[on_gpu], fit))
+    return max(align, positions - positions % align)
 
 
 def _attention_chunks(p: Placement, dims: Dims) -> list[BufferPlace]:
@@ -219,11 +223,13 @@ def _attention_chunks(p: Placement, dims: Dims) -> list[BufferPlace]:
             on_host = b.separate_gpu and c.in_place and c.k_tier is Tier.CPU  # CPU attention
             tiers.add(Tier.CPU if on_host else Tier.GPU)
     gbs, out = policy.gpu_batch_size, []
+    kivi = policy.compress_cache and policy.compression.cache_method == "kivi"
+    align = policy.compression.group_size if kivi else 1
     for tier, name in ((Tier.GPU, "attention chunk"), (Tier.CPU, "attention chunk on host")):
         if tier in tiers:
             on_gpu = b.separate_gpu and tier is Tier.GPU
             positions = min(p.workload.seq_len, attention_chunk_positions(
-                batch=gbs, kv_dim=dims.kv_dim, num_heads=dims.num_heads, on_gpu=on_gpu))
+                batch=gbs, kv_dim=dims.kv_dim, num_heads=dims.num_heads, on_gpu=on_gpu, align=align))
             out.append(BufferPlace(name, tier, 1, positions * attention_position_bytes(gbs, dims.kv_dim, dims.num_heads),
                                    estimate=True))
     return out
