@@ -149,7 +149,7 @@ def test_gathered_values_come_from_the_window_where_it_holds_them():
     from flexgen_dist.engine.kv_views import _gather_values
 
     torch.manual_seed(4)
-    S, B, nkv, hd, nh = 12, 2, 2, 8, 4
+    S, B, nkv, hd = 12, 2, 2, 8
     v = torch.randn(S, B, nkv, hd)
     t = make_kivi("v", v.shape, CompressionConfig(group_size=8), "memory", None)
     t.write(slice(0, 11), v[:11])  # [0, 8) quantized, [8, 11) in the window
