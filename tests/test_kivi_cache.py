@@ -179,3 +179,28 @@ def test_a_cache_shorter_than_a_group_gives_the_uncompressed_tokens(llama_dir, t
         assert all(relative_error(a, b) < 1e-5 for a, b in zip(got, plain)), name
         with LLM(llama_dir, policy=policy, offload_dir=tmp_path / name, runtime=Runtime(device="cpu")) as llm:
             assert [list(o.output_ids) for o in llm.generate(prompts, max_new_tokens=8).outputs] == want, name
+
+
+@pytest.mark.parametrize("refill", [False, True])
+def test_two_ranks_give_the_one_process_tokens(refill, tiny_models_cache, tmp_path, monkeypatch):
+    """Groups of 4 slots on every tier (gpu, cpu and disk caches), three blocks of many widths,
+    through a pipeline of two ranks: each rank's caches complete and quantize their groups as
+    one process's do. With refill a pipeline keeps a block per rank open (one lane each), so the
+    later prompts take other rows at other steps than in one process: their positions fall
+    otherwise in the ring's groups of slots, and the tokens agree within the 4 bits' tolerance."""
+    import test_engine_pipeline
+
+    runtime = Runtime(device="cpu", refill=refill)
+    monkeypatch.setattr(test_engine_pipeline, "CPU", runtime)
+    model = tiny_models_cache.get("llama", num_hidden_layers=4)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=40, w_cpu_percent=30, cache_gpu_percent=50,
+                    cache_cpu_percent=25, compress_cache=True, compression=CompressionConfig(group_size=4))
+    prompts = [[5 + i % 7] * n for i, n in enumerate((3, 11, 6, 9, 4, 8, 5, 12, 7, 10, 2))]
+    with LLM(model, policy=policy, offload_dir=tmp_path / "one", runtime=runtime) as llm:
+        want = [o.output_ids for o in llm.generate(prompts, max_new_tokens=6).outputs]
+    got, _ = test_engine_pipeline.run_pipeline(model, policy, prompts, 6, 2, tmp_path)
+    got = [o.output_ids for o in got.outputs]
+    if not refill:
+        assert got == want
+    assert [len(o) for o in got] == [len(o) for o in want]
+    assert sum(a == b for g, w in zip(got, want) for a, b in zip(g, w)) >= 0.8 * sum(map(len, want))

@@ -60,6 +60,7 @@ class KiviTensor:
         self._filled = 0  # the window holds its first `_filled` slots
         self._last: int | None = None  # the newest slot written in order
         self._complete: torch.device | None = None  # the window's group is complete: quantize it on this device
+        self._complete_valid: torch.Tensor | None = None  # its slots' `valid` when it was completed
 
     @property
     def parts(self) -> tuple:
@@ -115,8 +116,9 @@ class KiviTensor:
             self._group, self._filled = group, 0
         self.window.write(slice(lo - start, hi - start), part)
         self._filled = hi - start
-        if hi == end:
-            self._complete = part.device  # quantized by `seal`, once this step's attention has read it
+        if hi == end:  # quantized by `seal`, once this step's attention has read it, as the step saw it
+            self._complete = part.device
+            self._complete_valid = None if self.valid is None else self.valid[:, start:end].clone()
 
     def seal(self) -> None:
         """Quantize the window's group if it is complete. The engine calls this when it stores a
@@ -124,7 +126,7 @@ class KiviTensor:
         in place and over a copy loaded before the step's write then read the same values."""
         if self._complete is not None:
             start, end = self._bounds(self._group)
-            self._quantize(self._group, self._window_rows(end - start, self._complete))
+            self._quantize(self._group, self._window_rows(end - start, self._complete), self._complete_valid)
             self._group, self._filled, self._complete = None, 0, None
 
     def _rewrite(self, group: int, lo: int, hi: int, start: int, part: torch.Tensor) -> None:
@@ -142,15 +144,18 @@ class KiviTensor:
         slots[lo - start : hi - start] = part
         self._quantize(group, slots)
 
-    def _quantize(self, group: int, slots: torch.Tensor) -> None:
-        """Slots (n, B, nkv, hd) of a whole group, quantized into its rows."""
+    def _quantize(self, group: int, slots: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Slots (n, B, nkv, hd) of a whole group, quantized into its rows; `valid` (B, n): which
+        hold a token (default: the block's mask now)."""
         start, end = self._bounds(group)
         if self.which == "v":
             self.quantized.write(slice(start, end), slots)
             return
         x = slots.float()
-        if self.valid is not None:
-            keep = self.valid[:, start:end].to(x.device).t()[:, :, None, None]  # (n, B, 1, 1)
+        if valid is None and self.valid is not None:
+            valid = self.valid[:, start:end]
+        if valid is not None:
+            keep = valid.to(x.device).t()[:, :, None, None]  # (n, B, 1, 1)
             count = keep.sum(0)  # (B, 1, 1)
             mean = (x * keep).sum(0) / count.clamp(min=1)  # (B, nkv, hd)
             x = torch.where(keep, x, mean)
