@@ -4,9 +4,9 @@ Tolerances are relative RMS errors of the logits (RMS of the difference over the
 uncompressed logits about their mean), on the tiny test models: they are built to make greedy
 choices sharp (large weights, logits of std 10), which makes quantisation error as visible as it
 gets. Measured on every architecture (4 prompts, first step that sees the compressed tensors):
-4-bit weights 0.42..0.64, 8-bit weights 0.033..0.046, 4-bit cache 0.11..0.28, 8-bit cache
-0.007..0.014, fp16 cache 0.0004..0.001, sparse attention keeping half 0.002..0.095. Each
-tolerance below is about 1.5x the worst measured. (On the bundled trained model, 4-bit weights
+4-bit weights 0.42..0.64, 8-bit weights 0.033..0.046, 4-bit cache (min-max) 0.11..0.28, 4-bit
+cache (KIVI, groups of 4 slots) 0.042..0.106, 8-bit cache 0.007..0.014, fp16 cache 0.0004..0.001,
+sparse attention keeping half 0.002..0.095. Each tolerance below is about 1.5x the worst measured. (On the bundled trained model, 4-bit weights
 cost 1.2 % perplexity: see the README's table.)
 """
 
@@ -26,11 +26,16 @@ from flexgen_dist.storage.compressed import compressed_on_disk
 from flexgen_dist.storage.tiers import DiskIO, DiskReader, DiskTensor, MemoryTensor
 
 CPU = Runtime(device="cpu")
-EIGHT = CompressionConfig(bits=8)
+EIGHT = CompressionConfig(bits=8, cache_method="minmax")
+MINMAX = CompressionConfig(cache_method="minmax")  # FlexGen's 4-bit cache: every slot along the head dim
+KIVI_4 = CompressionConfig(group_size=4)
 CASES = {  # name: (policy changes, step whose logits see the change, tolerance)
     "weights-4bit": (dict(compress_weight=True), 0, 1.0),
     "weights-8bit": (dict(compress_weight=True, compression=EIGHT), 0, 0.07),
-    "cache-4bit": (dict(compress_cache=True), 1, 0.42),
+    "cache-4bit": (dict(compress_cache=True, compression=MINMAX), 1, 0.42),
+    # KIVI in groups of 4 slots (and 4 values along the head dim): the prompts' groups are
+    # quantized, the slots of the group being filled are not
+    "cache-4bit-kivi": (dict(compress_cache=True, compression=KIVI_4), 1, 0.16),
     "cache-8bit": (dict(compress_cache=True, compression=EIGHT), 1, 0.021),
     "cache-fp16": (dict(cache_dtype="float16"), 1, 0.0015),
     "sparse-half": (dict(attn_sparsity=0.5), 1, 0.15),
@@ -86,14 +91,15 @@ def test_compressed_logits_within_tolerance(arch, case, tiny_models_cache, tmp_p
     assert 0 < error < tolerance, f"{case} on {arch}: relative logit error {error:.4f} (tolerance {tolerance})"
 
 
-@pytest.mark.parametrize("case", ["weights-4bit", "cache-4bit", "cache-fp16", "sparse-half"])
+@pytest.mark.parametrize("case", ["weights-4bit", "cache-4bit", "cache-4bit-kivi", "cache-fp16", "sparse-half"])
 def test_every_tier_gives_the_same_compressed_result(case, llama_dir, tmp_path, monkeypatch):
     """The same quantized bytes on every tier: in place (gpu, cpu) or through scratch (disk) the
     logits agree to float rounding, and exactly for weights (dequantized the same way)."""
     changes, step, _ = CASES[case]
     prompts = tiny_models.random_prompts([5, 12, 9, 16], seed=2)
+    steps = 6 if "kivi" in case else 4  # KIVI: a group of 4 slots completed in decoding, then another begun
     results = {name: step_logits(llama_dir, Policy(gpu_batch_size=2, num_gpu_batches=2, **tiers, **changes),
-                                 prompts, tmp_path / name, monkeypatch, steps=4)
+                                 prompts, tmp_path / name, monkeypatch, steps=steps)
                for name, tiers in TIERS.items()}
     for name, steps in results.items():
         for got, want in zip(steps, results["gpu"]):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from flexgen_dist.planning.compression import CompressionConfig
 from planner_cases import cpu_machine, gpu_machine, llama_spec, opt_spec, place, policy
 
 from flexgen_dist.parallel.partition import partition_layers
@@ -120,12 +122,16 @@ def test_compression_moves_fewer_bytes_and_pays_dequantization(machine):
     spec = opt_spec(hidden=128, heads=2)  # head_dim 64: one group of 64 per cache vector
     base = policy((0, 50, 0, 50, 100, 0))
     plain = task_time(place(spec, base, machine), machine, 4)
+    minmax = CompressionConfig(cache_method="minmax")
     for switch in ("compress_weight", "compress_cache"):
-        packed = task_time(place(spec, base.replace(**{switch: True}), machine), machine, 4)
+        packed = task_time(place(spec, base.replace(**{switch: True}, compression=minmax), machine), machine, 4)
         field = "weight" if switch == "compress_weight" else "cache"
         moved = lambda w: getattr(w, f"{field}_link") + getattr(w, f"{field}_disk")  # noqa: E731
         assert moved(packed.work) < moved(plain.work) / 2  # 4 bits (plus scales) instead of 16
         assert packed.work.codec > plain.work.codec == 0
+    # KIVI's window (a group of slots of keys and of values in full precision) moves too
+    kivi = task_time(place(spec, base.replace(compress_cache=True), machine), machine, 4)
+    assert moved(kivi.work) > moved(packed.work) and kivi.work.cache_store > packed.work.cache_store
 
 
 def test_cpu_attention_removes_the_cache_transfer():

@@ -32,11 +32,15 @@ def test_two_ranks_give_transformers_tokens(arch, tiny_models_cache, tmp_path, h
 # compression 2-4x as much (measured: weights 4-bit 0.88 / 0.92, 8-bit 0.10 / 0.14; cache 4-bit
 # 0.37 / 0.51, 8-bit 0.022 / 0.061; Llama 0.45, 0.041, 0.25, 0.014): their tolerances are 4x.
 SENSITIVE = {"gemma3": 4.0, "gemma3-linear-softcap": 4.0}
+# KIVI's 4-bit cache (groups of 4 slots) moves these logits 0.033..0.081 but tiny Mixtral's 0.40
+# (min-max's: 0.33): one token routed to another expert there moves the logits more than the
+# cache itself, which is what its tolerance is set for (Gemma 3: 0.13 / 0.41, within its 4x above).
+KIVI_SENSITIVE = {**SENSITIVE, "mixtral": 4.0}
 
 
 @pytest.mark.parametrize("arch", NEW_ARCHS)
-@pytest.mark.parametrize("case", ["weights-4bit", "weights-8bit", "cache-4bit", "cache-8bit"])
+@pytest.mark.parametrize("case", ["weights-4bit", "weights-8bit", "cache-4bit", "cache-4bit-kivi", "cache-8bit"])
 def test_compressed_logits_within_tolerance(arch, case, tiny_models_cache, tmp_path, monkeypatch):
-    tolerance = CASES[case][2] * SENSITIVE.get(arch, 1.0)
+    tolerance = CASES[case][2] * (KIVI_SENSITIVE if "kivi" in case else SENSITIVE).get(arch, 1.0)
     error = compressed_logit_error(tiny_models_cache[arch], case, tmp_path, monkeypatch)
     assert 0 < error < tolerance, f"{case} on {arch}: relative logit error {error:.4f} (tolerance {tolerance})"

@@ -14,7 +14,9 @@ from flexgen_dist.spec.layout import model_units
 from flexgen_dist.planning.place import plan_placement
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier
 from flexgen_dist.spec.model import ModelSpec
+from flexgen_dist.planning.compression import CompressionConfig
 from flexgen_dist.storage.compressed import CompressedTensor
+from flexgen_dist.storage.kivi import KiviTensor
 from flexgen_dist.storage.tiers import DiskIO, DiskTensor, MemoryTensor
 
 # Weights, KV cache and activations on every tier, several GPU batches.
@@ -25,7 +27,7 @@ EVERY_TIER = Policy(gpu_batch_size=2, num_gpu_batches=3, w_gpu_percent=30, w_cpu
 def tensor_bytes(t) -> tuple[Tier, int]:
     """(tier, bytes it really takes): a memory tensor's storage, a disk tensor's file, the sum
     of a compressed tensor's parts."""
-    if isinstance(t, CompressedTensor):
+    if isinstance(t, (CompressedTensor, KiviTensor)):  # KIVI's: the quantized parts and the window
         return t.tier, sum(tensor_bytes(part)[1] for part in t.parts)
     if isinstance(t, DiskTensor):
         return Tier.DISK, os.stat(t.path).st_size
@@ -43,8 +45,13 @@ def by_tier(pairs) -> dict[Tier, int]:
 @pytest.mark.parametrize("arch", ["llama", "opt", "opt-wide-vocab"])  # the last streams its head in chunks
 @pytest.mark.parametrize("policy", [EVERY_TIER, EVERY_TIER.replace(cpu_cache_compute=True, num_gpu_batches=2),
                                     EVERY_TIER.replace(compress_weight=True, compress_cache=True),
+                                    # KIVI: keys in groups of 4 slots (the last one shorter), windows of 4
+                                    EVERY_TIER.replace(compress_cache=True, compression=CompressionConfig(group_size=4)),
+                                    EVERY_TIER.replace(compress_weight=True, compress_cache=True,
+                                                       compression=CompressionConfig(cache_method="minmax")),
                                     EVERY_TIER.replace(cache_dtype="float16", attn_sparsity=0.5)],
-                         ids=["every-tier", "cpu-attention", "compressed", "fp16-cache-sparse"])
+                         ids=["every-tier", "cpu-attention", "compressed", "kivi-groups-of-4", "compressed-minmax",
+                              "fp16-cache-sparse"])
 def test_planned_bytes_equal_allocated_bytes(request, tiny_models_cache, tmp_path, monkeypatch, arch, policy):
     wide = arch == "opt-wide-vocab"
     model = tiny_models_cache.get("opt", vocab_size=2048) if wide else request.getfixturevalue(f"{arch}_dir")
@@ -61,8 +68,9 @@ def test_planned_bytes_equal_allocated_bytes(request, tiny_models_cache, tmp_pat
             for t in (kv.k, kv.v):
                 if t.tier is not Tier.DISK:  # views into its tier's slot, not tensors of their own
                     slot = state.cache_slots[t.tier].data
-                    views = [p.data for p in t.parts] if isinstance(t, CompressedTensor) else [t.data]
+                    views = [p.data for p in t.parts] if isinstance(t, (CompressedTensor, KiviTensor)) else [t.data]
                     assert all(slot.data_ptr() <= v.data_ptr() < slot.data_ptr() + slot.numel() for v in views)
+                    assert isinstance(t, KiviTensor) == (kv.place.compressed and policy.compression.cache_method == "kivi")
         acts = sum(os.stat(home.file.path).st_size for home in state.acts.values() if home.file is not None)
         opened.append((caches, acts))
         return state

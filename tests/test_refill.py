@@ -17,6 +17,7 @@ from flexgen_dist import LLM, Policy, Runtime
 from flexgen_dist.api.generation import RunSettings
 from flexgen_dist.jobs.inputs import tokenize_job
 from flexgen_dist.jobs.jobfiles import read_job_file
+from flexgen_dist.planning.compression import CompressionConfig
 
 _ON_DEVICE = dict(w_gpu_percent=100, w_cpu_percent=0, cache_gpu_percent=100, cache_cpu_percent=0,
                   act_gpu_percent=100, act_cpu_percent=0)
@@ -112,13 +113,18 @@ def test_sampled_sequences_do_not_depend_on_refill(llama_dir, tmp_path, unambigu
     assert {i: list(c.output_ids) for i, c in got.items()} != {i: list(c.output_ids) for i, c in greedy.items()}
 
 
-def test_compressed_cache_refills_within_its_tolerance(llama_dir, tmp_path, unambiguous_prompts):
-    """A 4-bit cache in memory is written by runs of slots read, replaced in the new rows and
-    quantized again: each sequence keeps its own limit and count, and agrees with the run
-    without refill on most tokens (both are 4-bit approximations)."""
+@pytest.mark.parametrize("method", ["minmax", "kivi"])
+@pytest.mark.parametrize("setup", ["in-memory", "cache-on-disk"])
+def test_compressed_cache_refills_within_its_tolerance(method, setup, llama_dir, tmp_path, unambiguous_prompts):
+    """A 4-bit cache is written by runs of slots read, replaced in the new rows and quantized
+    again (KIVI's keys: their groups of slots quantized again; groups of 4 slots here, so the
+    ring's 32 slots make 8 groups, each completed and requantized many times as the ring turns):
+    each sequence keeps its own limit and count, and agrees with the run without refill on most
+    tokens (both are 4-bit approximations)."""
     prompts = unambiguous_prompts(llama_dir, LENGTHS, MAX_NEW)
     path = _job(tmp_path, prompts, [])
-    policy = dict(POLICIES["in-memory"], compress_cache=True)
+    group = 4 if method == "kivi" else 64
+    policy = dict(POLICIES[setup], compress_cache=True, compression=CompressionConfig(group_size=group, cache_method=method))
     got, stats = _run(llama_dir, path, policy, tmp_path / "off", refill=True, ignore_eos=True)
     plain, plain_stats = _run(llama_dir, path, policy, tmp_path / "off", refill=False, ignore_eos=True)
     assert [len(got[i].output_ids) for i in range(len(prompts))] == list(LIMITS)

@@ -212,7 +212,7 @@ def test_a_nan_is_not_hidden_by_quantization():
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, :64]).all()  # the others are untouched
 
 
-@pytest.mark.parametrize("kind", ["dense-sparse", "stored-sparse", "stored-dense"])
+@pytest.mark.parametrize("kind", ["dense-sparse", "stored-sparse", "stored-dense", "kivi-sparse", "kivi-dense"])
 def test_an_attention_step_makes_no_host_sync(kind, host_reads):
     torch.manual_seed(4)
     S, B, nkv, nh, hd = 40, 2, 2, 4, 64
@@ -220,12 +220,23 @@ def test_an_attention_step_makes_no_host_sync(kind, host_reads):
     k_new, v_new = torch.randn(B, nkv, 1, hd), torch.randn(B, nkv, 1, hd)
     if kind == "dense-sparse":
         view = DenseKV(torch.randn(S, B, nkv, hd), torch.randn(S, B, nkv, hd), torch.device("cpu"), sparsity=0.5)
+    elif kind.startswith("kivi"):  # groups of 8 slots: this step's write completes [32, 40), sealed after
+        from test_kivi_cache import make_kivi
+
+        valid = torch.ones(B, S, dtype=torch.bool)
+        k, v = (make_kivi(which, (S, B, nkv, hd), CompressionConfig(group_size=8), "memory", None, valid)
+                for which in ("k", "v"))
+        for t in (k, v):
+            t.write(slice(0, S - 1), torch.randn(S - 1, B, nkv, hd))
+        view = StoredKV(k, v, torch.device("cpu"), sparsity=0.5 if kind == "kivi-sparse" else 1.0)
     else:
         k, v = _compressed_cache(S, B, nkv, hd)
         view = StoredKV(k, v, torch.device("cpu"), sparsity=0.5 if kind == "stored-sparse" else 1.0)
     host_reads.clear()
     view.write(slice(S - 1, S), k_new, v_new)
     out = view.attend(q, mask, 0.125, slice(S - 1, S))
+    if kind.startswith("kivi"):
+        k.seal(), v.seal()
     assert host_reads == [], f"host reads in one attention step: {host_reads}"
     assert out.shape == (B, 1, nh * hd)
 

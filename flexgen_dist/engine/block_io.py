@@ -22,8 +22,11 @@ import torch
 from ..files import remove_stale_temps
 from ..io_errors import file_error
 from ..model import KVView
+from ..planning.compression import cache_quantized_shape
 from ..planning.placement import CachePlace, Placement, Tier
+from ..planning.tiers import cache_part_rows
 from ..storage.compressed import compressed_in_memory, compressed_on_disk
+from ..storage.kivi import KiviTensor, kivi_in_memory, kivi_on_disk
 from ..storage.quantize import QuantizedTensor
 from ..storage.slots import SlotPool, StreamOrder
 from ..storage.tiers import DiskReader, DiskTensor, MemoryTensor, TierTensor, copy, torch_dtype
@@ -92,6 +95,7 @@ class BlockIO:
                 raise file_error(exc, self.offload_dir, "create a folder in") from None
         rows = block.prompt_len + block.max_new_tokens
         shape = p.cache_shape(rows)  # (seq, batch, kv heads, head dim)
+        config = p.policy.compression
         for tier in (Tier.GPU, Tier.CPU):
             pieces, nbytes = p.cache_layout(tier)
             if nbytes:
@@ -101,7 +105,8 @@ class BlockIO:
                     # Where attention reads a cache in place (the compute device's memory; host
                     # memory too on a machine without a GPU) it is laid out heads-major.
                     heads_major = piece.part == "value" and (tier is Tier.GPU or self.device.type == "cpu")
-                    state.cache_views[key] = slot.heads_major_view(piece, rows) if heads_major else slot.view(piece, rows)
+                    piece_rows = rows if piece.part == "value" else cache_part_rows(piece.part, piece.name[-1], rows, config)
+                    state.cache_views[key] = slot.heads_major_view(piece, rows) if heads_major else slot.view(piece, piece_rows)
         for key, place in p.caches.items():
             pair = [self._cache_tensor(state, place, which, tier, shape) for which, tier in (("k", place.k_tier), ("v", place.v_tier))]
             state.caches[key] = KVCache(pair[0], pair[1], place)
@@ -139,12 +144,19 @@ class BlockIO:
 
     def _cache_tensor(self, state: BlockState, place: CachePlace, which: str, tier: Tier, shape) -> TierTensor:
         config = self.placement.policy.compression
+        kivi = place.compressed and config.cache_method == "kivi"
+        valid = state.valid[state.rows(place.batch_idx)]  # (B, S), a view: the block updates it in place
         if tier is Tier.DISK:
             path = state.scratch_dir / f"layer{place.layer_idx}_batch{place.batch_idx}_{which}"
+            if kivi:
+                return kivi_on_disk(which, path, shape, config, self.cache_dtype, self.reader, valid)
             if place.compressed:
                 return compressed_on_disk(path, shape, config, self.reader)
             return DiskTensor(f"{path}.bin", shape, self.cache_dtype, self.reader)
         name = f"L{place.layer_idx}b{place.batch_idx}{which}"
+        if kivi:
+            views = {part: state.cache_views[f"{name}.{part}"] for part in ("data", "scale", "mins", "window")}
+            return kivi_in_memory(which, views, shape, config, tier, valid)
         if place.compressed:
             parts = tuple(state.cache_views[f"{name}.{part}"] for part in ("data", "scale", "mins"))
             return compressed_in_memory(parts, shape, config, tier)
@@ -187,13 +199,15 @@ class BlockIO:
     def store_cache(self, state: BlockState, token_idx: int, layer_idx: int, batch_idx: int) -> None:
         """The step's new rows to the cache's tier, when the layer wrote them into scratch."""
         lease = state.leases.pop((layer_idx, batch_idx))
-        if lease.scratch is None:
-            return  # the layer wrote into the cache itself
         cache = state.caches[(layer_idx, batch_idx)]
+        if lease.scratch is None:
+            _seal(cache)
+            return  # the layer wrote into the cache itself
         try:
             for rows in state.written_slots(token_idx, batch_idx):
                 copy(cache.k, rows, lease.k, rows)  # converted or quantized on the way
                 copy(cache.v, rows, lease.v, rows)
+            _seal(cache)
             cache.written = self.order.mark_released()  # the next load of this cache waits for these copies
         finally:
             self._give(lease)
@@ -222,9 +236,11 @@ class BlockIO:
         k, v = (slot.heads_major_view(pieces[(which, "value")], rows) for which in ("k", "v"))
         staging = {}
         if ("k", "data") in pieces:
+            config = p.policy.compression
             for which in ("k", "v"):
-                parts = [slot.view(pieces[(which, part)], rows) for part in ("data", "scale", "mins")]
-                staging[which] = QuantizedTensor(*parts, shape=tuple(k.shape), dtype=self.dtype, config=p.policy.compression)
+                shape = cache_quantized_shape(which, tuple(k.shape), config)  # KIVI's keys: a group of slots a row
+                parts = [slot.view(pieces[(which, part)], shape[0]) for part in ("data", "scale", "mins")]
+                staging[which] = QuantizedTensor(*parts, shape=shape, dtype=self.dtype, config=config)
         values = cache.v if self.sparsity < 1 else None  # sparse attention reads values on their tier
         return KVLease(DenseKV(k, v, self.device, self.sparsity, values), slot, k, v), staging
 
@@ -257,3 +273,10 @@ class BlockIO:
         if batch_idx in state.refill_waiting:
             rows = state.refill_waiting.pop(batch_idx)
             state.refill_hidden[batch_idx] = state.refill_acts[batch_idx].load()[:rows]
+
+
+def _seal(cache: KVCache) -> None:
+    """A KIVI cache quantizes a group of slots the step completed, now that attention has read it."""
+    for tensor in (cache.k, cache.v):
+        if isinstance(tensor, KiviTensor):
+            tensor.seal()

@@ -4,8 +4,9 @@
 - `DenseKV`: keys and values as (S, B, nkv, hd) tensors in the compute dtype where attention runs:
   the cache itself, or a scratch copy the engine loaded. Attention reads them in place (SDPA).
 - `StoredKV`: the cache itself, read in place but stored otherwise: 16-bit on a CPU that computes
-  in fp32, or quantized. It is converted piece by piece as attention reads it (a running
-  softmax over chunks), never copied whole.
+  in fp32, or quantized (min-max, or KIVI's layout: storage/kivi.py, read a whole group of
+  key slots a chunk where the chunk allows). It is converted piece by piece as attention reads
+  it (a running softmax over chunks), never copied whole.
 
 With `sparsity` < 1 (FlexGen's sparse attention), decoding reads every key but only the values of
 the top `sparsity` fraction of past positions per head, from the tier where the value cache
@@ -24,14 +25,17 @@ import torch
 from ..model.layers import attention, chunked_attention, sparse_attention
 from ..planning.working import attention_chunk_positions
 from ..storage.compressed import CompressedTensor
+from ..storage.kivi import KiviTensor
 from ..storage.quantize import QuantizedTensor, dequantize
 from ..storage.tiers import MemoryTensor, copy, read_rows, to_compute
 
 
-def _chunk(q: torch.Tensor, kv_dim: int, device: torch.device) -> int:
-    """Positions per chunk for queries q (B, nh, T, hd) over keys of kv_dim on `device`."""
+def _chunk(q: torch.Tensor, kv_dim: int, device: torch.device, align: int = 1) -> int:
+    """Positions per chunk for queries q (B, nh, T, hd) over keys of kv_dim on `device`, a
+    multiple of `align`."""
     B, nh, T, _ = q.shape
-    return attention_chunk_positions(batch=B, kv_dim=kv_dim, num_heads=nh, queries=T, on_gpu=device.type == "cuda")
+    return attention_chunk_positions(batch=B, kv_dim=kv_dim, num_heads=nh, queries=T, on_gpu=device.type == "cuda",
+                                     align=align)
 
 
 def _scores_in_chunks(qg: torch.Tensor, read_keys, stop: int, chunk: int) -> torch.Tensor:
@@ -49,6 +53,9 @@ def _gather_values(source, positions: torch.Tensor, num_kv_heads: int, device: t
     Elsewhere (host memory beside a GPU, a file) the host reads the distinct positions only: one
     sync, and only the rows used cross the link."""
     B, nh, k = positions.shape
+    if isinstance(source, KiviTensor):  # the quantized slots, then those still in the window
+        values = _gather_values(source.quantized, positions, num_kv_heads, positions.device)
+        return source.overlay_window(values, positions, num_kv_heads).to(device)
     memory = _in_memory(source)
     if memory is not None and memory[0].device == positions.device:
         where = positions.device
@@ -164,7 +171,8 @@ class StoredKV:
         stop = slots.stop
         q = q.to(self.attend_on)
         _, num_kv_heads, _, head_dim = self._k_new.shape
-        chunk = _chunk(q, num_kv_heads * head_dim, self.attend_on)
+        align = self.k.group_slots if isinstance(self.k, KiviTensor) else 1  # whole groups of KIVI's keys a chunk
+        chunk = _chunk(q, num_kv_heads * head_dim, self.attend_on, align)
         if self.sparsity < 1:
             read_keys = lambda a, b: self._rows(self.k, a, b)  # noqa: E731
             scores_of = lambda qg: _scores_in_chunks(qg, read_keys, stop, chunk)  # noqa: E731

@@ -18,7 +18,10 @@ positions are kept per row: a decode step attends over its row's valid slots (ke
 in any order, their positions are in them already), the sliding window counted in positions.
 
 Each sequence samples from its own generator (engine/sampling.py), so its tokens do not depend on
-the row or step that served it. A block that lent its prompts gets its results when its last
+the row or step that served it. (A KIVI cache, storage/kivi.py, quantizes keys in groups of the
+ring's slots, which every row completes at the same step; where a sequence's positions fall in
+those groups depends on its row and step, so with it a sequence's tokens may too, within the
+4 bits' tolerance.) A block that lent its prompts gets its results when its last
 sequence finishes (`Lender.finished`).
 """
 

@@ -32,6 +32,7 @@ STAT_BYTES = 2  # scale and minimum are stored as float16
 
 
 WEIGHT_METHODS = ("fitted", "minmax")
+CACHE_METHODS = ("kivi", "minmax")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,13 @@ class CompressionConfig:
     scale: "fitted" (the lowest squared error over clipped ranges and a least-squares step:
     storage/quantize_groups.py `fit_groups`) or "minmax" (round-to-nearest over the whole range, the
     paper's method, 10-20x faster to write). The KV cache, quantized every step, is always min-max."""
+    cache_method: str = "kivi"
+    """How the KV cache is quantized: "kivi" (KIVI, Liu et al., ICML 2024; storage/kivi.py): keys
+    per channel, each channel over a group of `group_size` consecutive cache slots, values per
+    token in groups of `group_size` along the head dimension, and the slots of the group still
+    being filled kept in full precision until it is complete, then quantized once; or "minmax"
+    (FlexGen's): the keys and values of every slot in groups along the head dimension, quantized
+    as they are stored."""
     group_dim: int = -1
     """Dimension the groups run along (weights (out, in): the input dim, -1; KV cache
     (seq, batch, kv_heads, head_dim): the head dim, -1). Never the leading dimension (0): tier
@@ -69,6 +77,9 @@ class CompressionConfig:
         if self.weight_method not in WEIGHT_METHODS:
             raise UserError(f"CompressionConfig.weight_method={self.weight_method!r} is not one of "
                             f"{', '.join(WEIGHT_METHODS)}")
+        if self.cache_method not in CACHE_METHODS:
+            raise UserError(f"CompressionConfig.cache_method={self.cache_method!r} is not one of "
+                            f"{', '.join(CACHE_METHODS)}")
         if not _is_int(self.group_dim):
             raise UserError(f"CompressionConfig.group_dim={self.group_dim!r} must be an integer dimension index")
         if self.group_dim == 0:
@@ -163,6 +174,33 @@ def compressed_row_bytes(shape: tuple[int, ...], config: CompressionConfig) -> R
 def compressed_nbytes(shape: tuple[int, ...], config: CompressionConfig) -> int:
     """Total bytes of a compressed `shape`: packed codes plus float16 scales and minimums."""
     return int(shape[0]) * compressed_row_bytes(shape, config).total
+
+
+def cache_quantized_shape(which: str, shape: tuple[int, ...], config: CompressionConfig) -> tuple[int, ...]:
+    """The shape a compressed KV cache tensor (keys "k" or values "v", (S, B, nkv, hd)) is
+    quantized as: itself (groups along the head dim), except KIVI's keys: a row per group of
+    `group_size` slots, the group's slots last, (ceil(S / G), B, nkv, hd, G), quantized along
+    them (each channel of the group one group; the ring's last group, when S % G, is padded)."""
+    if config.cache_method == "minmax" or which == "v":
+        return tuple(shape)
+    seq, *rest = shape
+    return (num_groups(seq, config.group_size), *rest, config.group_size)
+
+
+def cache_window_shape(shape: tuple[int, ...], config: CompressionConfig) -> tuple[int, ...] | None:
+    """KIVI's full-precision window of a cache tensor (S, B, nkv, hd): the slots of one group,
+    (min(G, S), B, nkv, hd); None for min-max."""
+    if config.cache_method == "minmax":
+        return None
+    return (min(config.group_size, shape[0]), *shape[1:])
+
+
+def compressed_cache_nbytes(which: str, shape: tuple[int, ...], config: CompressionConfig, window_itemsize: int) -> int:
+    """Bytes of one compressed KV cache tensor as files: its quantized parts and, with KIVI, its
+    window (`window_itemsize` bytes a value: the cache dtype)."""
+    window = cache_window_shape(shape, config)
+    extra = math.prod(window) * window_itemsize if window else 0
+    return compressed_nbytes(cache_quantized_shape(which, shape, config), config) + extra
 
 
 def _is_int(value) -> bool:

@@ -169,7 +169,7 @@ def _signature(p: Placement, unit) -> tuple:
     weights = tuple((w.name, w.shape, w.tier, w.nbytes, w.compressed) for w in p.weights[unit.layer_idx])
     caches = ()
     if unit.has_cache:
-        caches = tuple((c.k_tier, c.v_tier, c.in_place, c.nbytes) for c in
+        caches = tuple((c.k_tier, c.v_tier, c.in_place, c.k_nbytes, c.v_nbytes) for c in
                        (p.caches[(unit.layer_idx, b)] for b in range(p.policy.num_gpu_batches)))
     return unit.kind, weights, caches
 

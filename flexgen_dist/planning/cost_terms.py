@@ -297,20 +297,22 @@ def cache_io_work(p: Placement, speeds: Speeds, c: CachePlace, token_idx: float)
     """One GPU batch's KV cache: loading the past into a scratch pair (unless read in place),
     decoding it (dequantize or convert), and storing the step's new rows to the cache's tier."""
     spec, b, s = p.spec, p.policy.gpu_batch_size, p.workload.prompt_len
-    row_stored = c.nbytes / p.workload.seq_len  # one position of k (or v), as stored
+    row_stored = {which: c.nbytes(which) / p.workload.seq_len for which in "kv"}  # KIVI's window spread over them
     row_numel = b * spec.kv_dim
     row_compute = row_numel * dtype_bytes(p.dtypes.compute)
     sparsity = p.policy.attn_sparsity
     new_rows = s if token_idx == 0 else 1
     codec = 2 * new_rows * row_compute / speeds.quantize_bw if c.compressed else 0.0
-    store = sum(store_seconds(p, speeds, tier, new_rows * row_stored, c.in_place) for tier in (c.k_tier, c.v_tier))
+    kivi = c.compressed and p.policy.compression.cache_method == "kivi"  # a new row to the window first
+    window_row = row_numel * dtype_bytes(p.cache_dtype) if kivi else 0
+    store = sum(store_seconds(p, speeds, c.tier(w), new_rows * (row_stored[w] + window_row), c.in_place) for w in "kv")
     link = disk = 0.0
     if token_idx > 0:
         past, keys = s + token_idx - 1, s + token_idx
         # rows attention reads, of k and of v (sparse attention reads a fraction of the values)
-        for tier, frac in ((c.k_tier, 1.0), (c.v_tier, sparsity)):
+        for which, frac in (("k", 1.0), ("v", sparsity)):
             if not c.in_place:
-                moved = load_seconds(p, speeds, tier, frac * past * row_stored, frac * past * row_compute)
+                moved = load_seconds(p, speeds, c.tier(which), frac * past * row_stored[which], frac * past * row_compute)
                 link, disk = link + moved[0], disk + moved[1]
             read = frac * keys * row_numel
             if c.compressed:
@@ -325,7 +327,7 @@ def cache_work(p: Placement, speeds: Speeds, layer_idx: int, token_idx: float) -
     alike: dict[tuple, tuple[CachePlace, int]] = {}  # batches whose caches sit alike cost the same
     for batch_idx in range(p.policy.num_gpu_batches):
         c = p.caches[(layer_idx, batch_idx)]
-        key = (c.k_tier, c.v_tier, c.in_place, c.nbytes, c.compressed)
+        key = (c.k_tier, c.v_tier, c.in_place, c.k_nbytes, c.v_nbytes, c.compressed)
         alike[key] = (c, alike[key][1] + 1 if key in alike else 1)
     work = Work()
     for c, count in alike.values():

@@ -293,6 +293,8 @@ def policy_flags(policy: Policy) -> str:
         flags.append("--compress-weight")
     if policy.compress_cache:
         flags.append("--compress-cache")
+        if policy.compression.cache_method != "kivi":
+            flags.append(f"--compress-cache-method {policy.compression.cache_method}")
     if policy.cache_dtype is not None:
         flags.append(f"--cache-dtype {policy.cache_dtype}")
     if policy.attn_sparsity < 1:

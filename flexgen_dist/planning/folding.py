@@ -71,6 +71,6 @@ class FoldedRank:
             if unit.has_cache:
                 for batch_idx in range(folded.policy.num_gpu_batches):
                     c = folded.caches[(unit.layer_idx, batch_idx)]
-                    out[c.k_tier] += extra * folded.cache_footprint(c, c.k_tier) * folded.blocks_in_flight
-                    out[c.v_tier] += extra * folded.cache_footprint(c, c.v_tier) * folded.blocks_in_flight
+                    for which in ("k", "v"):
+                        out[c.tier(which)] += extra * folded.cache_footprint(c, which) * folded.blocks_in_flight
         return out

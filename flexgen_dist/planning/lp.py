@@ -323,6 +323,6 @@ def _memory_rows(prog: _Program, rank: FoldedRank, pure: dict[Tier, Placement], 
 def _cache_bytes(rank: FoldedRank, p: Placement) -> dict[Tier, int]:
     out = dict.fromkeys(TIERS, 0)
     for (layer_idx, _), c in p.caches.items():
-        for tier in (c.k_tier, c.v_tier):
-            out[tier] += rank.repeats[layer_idx] * p.cache_footprint(c, tier) * p.blocks_in_flight
+        for which in ("k", "v"):
+            out[c.tier(which)] += rank.repeats[layer_idx] * p.cache_footprint(c, which) * p.blocks_in_flight
     return out

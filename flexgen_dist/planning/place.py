@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .compression import CompressionConfig, compressed_nbytes
+from .compression import CompressionConfig, compressed_cache_nbytes, compressed_nbytes
 from ..spec.layout import HEAD_PROJECTION, UnitKind, is_lookup
 from .placement import ActPlace, Buffers, CachePlace, Dtypes, Placement, WeightPlace, Workload, staged
 from .policy import Policy
@@ -65,10 +65,11 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
     spec_dims = Dims.of(spec)
     gbs, num_batches = policy.gpu_batch_size, policy.num_gpu_batches
     cache_shape = (workload.seq_len, gbs, spec.num_kv_heads, spec.head_dim)
+    cache_itemsize = dtype_bytes(policy.cache_dtype or dtypes.compute)
     if policy.compress_cache:
-        cache_each = compressed_nbytes(cache_shape, config)
+        k_each, v_each = (compressed_cache_nbytes(which, cache_shape, config, cache_itemsize) for which in ("k", "v"))
     else:
-        cache_each = workload.seq_len * gbs * spec_dims.kv_dim * dtype_bytes(policy.cache_dtype or dtypes.compute)
+        k_each = v_each = workload.seq_len * gbs * spec_dims.kv_dim * cache_itemsize
     cache_tiers = choose_tiers([1] * (2 * num_batches), policy.percents("cache"))
     caches = {}
     for unit in units:
@@ -77,7 +78,7 @@ def plan_placement(spec: ModelSpec, units, policy: Policy, *, dtypes: Dtypes, wo
         for batch_idx in range(num_batches):
             k_tier, v_tier = cache_tiers[2 * batch_idx], cache_tiers[2 * batch_idx + 1]
             caches[(unit.layer_idx, batch_idx)] = CachePlace(
-                unit.layer_idx, batch_idx, k_tier, v_tier, cache_each,
+                unit.layer_idx, batch_idx, k_tier, v_tier, k_each, v_each,
                 in_place=_attends_in_place(k_tier, v_tier, policy, buffers), compressed=policy.compress_cache,
             )
     act_each = gbs * workload.prompt_len * spec_dims.hidden * compute

@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 from ..spec.layout import Unit
 from .policy import Policy
 from ..spec.model import ModelSpec
+from .compression import cache_quantized_shape
 from .tiers import (
-    ATTENTION_QUERY_CHUNK, DTYPE_BYTES, READ_ALIGN, SLOT_ALIGN, SlotPiece, Tier, choose_tiers, compressed_parts,
-    dtype_bytes, pack, slot_bytes,
+    ATTENTION_QUERY_CHUNK, DTYPE_BYTES, READ_ALIGN, SLOT_ALIGN, SlotPiece, Tier, cache_parts, choose_tiers,
+    compressed_parts, dtype_bytes, pack, slot_bytes,
 )
 
 __all__ = [  # the records, and tiers.py's vocabulary that their readers use with them
     "ActPlace", "BufferPlace", "Buffers", "CachePlace", "Dtypes", "Placement", "WeightPlace", "Workload", "staged",
-    "ATTENTION_QUERY_CHUNK", "DTYPE_BYTES", "READ_ALIGN", "SLOT_ALIGN", "SlotPiece", "Tier", "choose_tiers",
+    "ATTENTION_QUERY_CHUNK", "DTYPE_BYTES", "READ_ALIGN", "SLOT_ALIGN", "SlotPiece", "Tier", "cache_parts", "choose_tiers",
     "compressed_parts", "dtype_bytes", "pack", "slot_bytes",
 ]
 
@@ -96,9 +97,17 @@ class CachePlace:
     batch_idx: int
     k_tier: Tier
     v_tier: Tier
-    nbytes: int  # of keys, and again of values
+    k_nbytes: int  # of keys as files (compressed: the quantized parts and KIVI's window)
+    v_nbytes: int  # of values
     in_place: bool  # decode attention reads it where it lives (else from a scratch pair)
-    compressed: bool = False  # quantized groups along the head dimension
+    compressed: bool = False  # quantized (planning/compression.py: min-max, or KIVI's layout)
+
+    def tier(self, which: str) -> Tier:
+        """Where keys ("k") or values ("v") live."""
+        return self.k_tier if which == "k" else self.v_tier
+
+    def nbytes(self, which: str) -> int:
+        return self.k_nbytes if which == "k" else self.v_nbytes
 
 
 @dataclass(frozen=True)
@@ -155,8 +164,9 @@ class Placement:
         pieces = [("k", "value", shape, self.dtypes.compute), ("v", "value", shape, self.dtypes.compute)]
         if self.policy.compress_cache and any(staged(c.k_tier, self.buffers) or staged(c.v_tier, self.buffers)
                                               for c in self.caches.values() if not c.in_place):
-            pieces += compressed_parts("k", shape, self.policy.compression)
-            pieces += compressed_parts("v", shape, self.policy.compression)
+            config = self.policy.compression  # the quantized parts only: a KIVI window is read as it is
+            for which in ("k", "v"):
+                pieces += compressed_parts(which, cache_quantized_shape(which, shape, config), config)
         return pack(pieces)[0]
 
     def buffer(self, name: str) -> BufferPlace:
@@ -193,15 +203,18 @@ class Placement:
             return pack(compressed_parts(w.name, w.shape, self.policy.compression))[1]
         return pack([(w.name, "value", w.shape, self.dtypes.compute if w.tier is Tier.GPU else self.dtypes.storage)])[1]
 
-    def cache_footprint(self, c: CachePlace, tier: Tier) -> int:
-        """Bytes one of `c`'s tensors (keys or values) on `tier` adds per block: its share of the
-        block's slot (pieces aligned), or its file(s)."""
-        if tier is Tier.DISK:
-            return c.nbytes
+    def cache_footprint(self, c: CachePlace, which: str) -> int:
+        """Bytes `c`'s keys ("k") or values ("v") add to their tier per block: their share of the
+        block's slot (pieces aligned), or their file(s)."""
+        if c.tier(which) is Tier.DISK:
+            return c.nbytes(which)
+        return pack(self._cache_pieces("c", which, c.compressed))[1]
+
+    def _cache_pieces(self, name: str, which: str, compressed: bool) -> list[tuple[str, str, tuple[int, ...], str]]:
         shape = self.cache_shape(self.workload.seq_len)
-        if c.compressed:
-            return pack(compressed_parts("c", shape, self.policy.compression))[1]
-        return pack([("c", "value", shape, self.cache_dtype)])[1]
+        if compressed:
+            return cache_parts(name, which, shape, self.policy.compression, self.cache_dtype)
+        return [(name, "value", shape, self.cache_dtype)]
 
     def weight_bytes(self) -> dict[Tier, int]:
         """Memory tiers: their arenas; disk: the files."""
@@ -213,16 +226,11 @@ class Placement:
         """One block's KV caches on a memory tier, packed into one slot (pieces named "L{layer}b{batch}k"
         or "...v"; a compressed cache has its data, scale and mins parts), and the slot's bytes.
         A block takes a slot of each memory tier when it opens and gives it back when it closes."""
-        shape = self.cache_shape(self.workload.seq_len)
         pieces = []
         for c in self.caches.values():
-            for which, where in (("k", c.k_tier), ("v", c.v_tier)):
-                if where is tier:
-                    name = f"L{c.layer_idx}b{c.batch_idx}{which}"
-                    if c.compressed:
-                        pieces += compressed_parts(name, shape, self.policy.compression)
-                    else:
-                        pieces.append((name, "value", shape, self.cache_dtype))
+            for which in ("k", "v"):
+                if c.tier(which) is tier:
+                    pieces += self._cache_pieces(f"L{c.layer_idx}b{c.batch_idx}{which}", which, c.compressed)
         return pack(pieces)
 
     def cache_bytes(self) -> dict[Tier, int]:
@@ -231,7 +239,7 @@ class Placement:
         for tier in (Tier.GPU, Tier.CPU):
             out[tier] = self.cache_layout(tier)[1] * self.blocks_in_flight
         for c in self.caches.values():
-            out[Tier.DISK] += c.nbytes * self.blocks_in_flight * ((c.k_tier is Tier.DISK) + (c.v_tier is Tier.DISK))
+            out[Tier.DISK] += self.blocks_in_flight * sum(c.nbytes(which) for which in ("k", "v") if c.tier(which) is Tier.DISK)
         return out
 
     def act_bytes(self) -> dict[Tier, int]:

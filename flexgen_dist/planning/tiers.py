@@ -6,7 +6,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from .compression import CompressionConfig, compressed_shapes
+from .compression import CompressionConfig, cache_quantized_shape, cache_window_shape, compressed_shapes
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1}
 READ_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to this
@@ -61,6 +61,27 @@ class SlotPiece:
 def compressed_parts(name: str, shape: tuple[int, ...], config: CompressionConfig) -> list[tuple[str, str, tuple[int, ...], str]]:
     shapes = compressed_shapes(shape, config)
     return [(name, "data", shapes.data, "uint8"), (name, "scale", shapes.stats, "float16"), (name, "mins", shapes.stats, "float16")]
+
+
+def cache_parts(name: str, which: str, shape: tuple[int, ...], config: CompressionConfig,
+                window_dtype: str) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """The pieces of one compressed KV cache tensor (keys "k" or values "v", (S, B, nkv, hd)): its
+    quantized parts (planning/compression.py `cache_quantized_shape`) and, with KIVI, its
+    full-precision window (part "window", in `window_dtype`)."""
+    pieces = compressed_parts(name, cache_quantized_shape(which, shape, config), config)
+    window = cache_window_shape(shape, config)
+    if window is not None:
+        pieces.append((name, "window", window, window_dtype))
+    return pieces
+
+
+def cache_part_rows(part: str, which: str, rows: int, config: CompressionConfig) -> int:
+    """Leading rows of a piece of a compressed cache tensor of `rows` slots (a block shorter than
+    the workload uses the first rows of each piece)."""
+    shape = (rows, 1, 1, 1)
+    if part == "window":
+        return cache_window_shape(shape, config)[0]
+    return cache_quantized_shape(which, shape, config)[0]
 
 
 def pack(pieces: list[tuple[str, str, tuple[int, ...], str]]) -> tuple[tuple[SlotPiece, ...], int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .compression import compressed_row_bytes, compressed_shapes
+from .compression import cache_quantized_shape, cache_window_shape, compressed_row_bytes, compressed_shapes
 from .placement import BufferPlace, Placement
 from ..spec.model import ModelSpec
 from .tiers import ATTENTION_QUERY_CHUNK, READ_ALIGN, Tier, dtype_bytes, slot_bytes
@@ -114,7 +114,15 @@ def _read_buffer_bytes(p: Placement, dims: Dims) -> int:
                 rows = 1 if place.gathered else place.chunk_rows or place.shape[0]
                 add((rows, *place.shape[1:]), place.compressed, storage)
     if p.cache_bytes()[Tier.DISK]:
-        add(p.cache_shape(p.workload.seq_len), p.policy.compress_cache, dtype_bytes(p.cache_dtype))
+        shape, itemsize = p.cache_shape(p.workload.seq_len), dtype_bytes(p.cache_dtype)
+        if p.policy.compress_cache:  # the quantized parts of keys and values, and KIVI's window
+            for which in ("k", "v"):
+                add(cache_quantized_shape(which, shape, config), True, itemsize)
+            window = cache_window_shape(shape, config)
+            if window is not None:
+                add(window, False, itemsize)
+        else:
+            add(shape, False, itemsize)
     if p.act_bytes()[Tier.DISK]:
         add((p.workload.prompt_len, p.policy.gpu_batch_size, dims.hidden), False, compute)
     need = max(min(total, max(row, p.buffers.chunk_bytes)) for row, total in tensors)
@@ -175,8 +183,8 @@ def _dequantize_scratch(p: Placement) -> int:
     step_rows = p.policy.gpu_batch_size * p.workload.prompt_len  # the most rows a gather dequantizes
     shapes = [(min(w.shape[0], step_rows) if w.gathered else w.chunk_rows or w.shape[0], *w.shape[1:])
               for places in p.weights.values() for w in places if w.compressed]
-    if any(c.compressed for c in p.caches.values()):
-        shapes.append(p.cache_shape(p.workload.seq_len))
+    if any(c.compressed for c in p.caches.values()):  # keys and values (KIVI's keys: a group of slots a row)
+        shapes += [cache_quantized_shape(which, p.cache_shape(p.workload.seq_len), config) for which in ("k", "v")]
     best = 0
     for shape in shapes:
         stats = compressed_shapes(shape, config).stats  # (rows, *other, groups)
@@ -191,10 +199,14 @@ def attention_position_bytes(batch: int, kv_dim: int, num_heads: int, queries: i
     return batch * (2 * kv_dim + 3 * num_heads * queries) * 4
 
 
-def attention_chunk_positions(*, batch: int, kv_dim: int, num_heads: int, on_gpu: bool, queries: int = 1) -> int:
-    """Positions per chunk of attention over a stored cache (see ATTENTION_CHUNK_BYTES)."""
+def attention_chunk_positions(*, batch: int, kv_dim: int, num_heads: int, on_gpu: bool, queries: int = 1,
+                              align: int = 1) -> int:
+    """Positions per chunk of attention over a stored cache (see ATTENTION_CHUNK_BYTES), a
+    multiple of `align` (KIVI's groups of key slots: a chunk that cut a group would dequantize
+    it twice), at least one."""
     fit = ATTENTION_CHUNK_BYTES[on_gpu] // attention_position_bytes(batch, kv_dim, num_heads, queries)
-    return max(ATTENTION_CHUNK_MIN_POSITIONS, min(ATTENTION_CHUNK_MAX_POSITIONS[on_gpu], fit))
+    positions = max(ATTENTION_CHUNK_MIN_POSITIONS, min(ATTENTION_CHUNK_MAX_POSITIONS[on_gpu], fit))
+    return max(align, positions - positions % align)
 
 
 def _attention_chunks(p: Placement, dims: Dims) -> list[BufferPlace]:
@@ -211,11 +223,13 @@ def _attention_chunks(p: Placement, dims: Dims) -> list[BufferPlace]:
             on_host = b.separate_gpu and c.in_place and c.k_tier is Tier.CPU  # CPU attention
             tiers.add(Tier.CPU if on_host else Tier.GPU)
     gbs, out = policy.gpu_batch_size, []
+    kivi = policy.compress_cache and policy.compression.cache_method == "kivi"
+    align = policy.compression.group_size if kivi else 1
     for tier, name in ((Tier.GPU, "attention chunk"), (Tier.CPU, "attention chunk on host")):
         if tier in tiers:
             on_gpu = b.separate_gpu and tier is Tier.GPU
             positions = min(p.workload.seq_len, attention_chunk_positions(
-                batch=gbs, kv_dim=dims.kv_dim, num_heads=dims.num_heads, on_gpu=on_gpu))
+                batch=gbs, kv_dim=dims.kv_dim, num_heads=dims.num_heads, on_gpu=on_gpu, align=align))
             out.append(BufferPlace(name, tier, 1, positions * attention_position_bytes(gbs, dims.kv_dim, dims.num_heads),
                                    estimate=True))
     return out
