@@ -11,26 +11,17 @@ Which path a term is on decides how it overlaps (see `Work.seconds`):
   attention, CPU attention with its transfers, (de)quantization and dtype conversion, KV-cache
   stores and activation stores and loads (the engine does those in order, between computes);
 - the load path, the loader threads (on a GPU each with its own CUDA stream): the next layer's
-  weights and the next batch's KV cache, read from disk and then copied to the device. A disk
-  read and its copy are chained (read a chunk, then copy it), so their times add up, and weights
-  and cache share the same link and disk, so those add up too (FlexGen: ctog + dtoc).
+  weights and the next batch's KV cache, read from disk, then copied to the device: the read and
+  the copy of a chunk add up, and weights and cache share link and disk (FlexGen: ctog + dtoc).
 Without a GPU the "copy to the device" is a host memory copy (converting 16-bit storage to the
-fp32 compute dtype on the way) done by the CPU cores the compute needs too: the model ADDS it
-to the compute path rather than overlapping it. Only disk reads overlap there (the disk does
-that work). The truth is in between (a copy thread takes memory bandwidth, not all the cores);
-adding is the pessimistic end.
+fp32 compute dtype on the way) done by the CPU cores the compute needs too: the model adds it to
+the compute path (the pessimistic end); only disk reads overlap there.
 
-Compute: matmuls at the profiled flop rates (many rows in a prefill, few in a decode step), but
-never faster than streaming the weights from device memory once per GPU batch (a roofline: a
-decode matmul of a few rows is memory bound, which is what makes tiny GPU batches slow);
-attention at its profiled rates, on the device or on the CPU.
+Compute: a GEMM as a fixed pass over its weights plus each row at the peak rate (`matmul_seconds`);
+attention at its profiled rates, on the device or on the CPU; elementwise ops as passes over
+memory (most of a small model's time: the bundled model's prefill, 70 %).
 
-Elementwise ops (norms, activations, RoPE, residual adds, the cache's new rows) as passes over
-memory at the profiled elementwise rate: small next to the matmuls of a large model, most of the
-time of a small one (the bundled model's prefill: 70 %).
-
-Small costs left out: device-to-device copies on a GPU, receives of hidden states from the
-previous rank, and the CPU work of issuing kernels and copies.
+Left out: device-to-device copies, receives from the previous rank, issuing kernels and copies.
 """
 
 from __future__ import annotations
@@ -39,7 +30,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..machine.hardware import DECODE_MATMUL_ROWS, Speeds
-from ..spec.layout import Unit, UnitKind
+from ..spec.layout import Unit, UnitKind, is_lookup
 from .placement import CachePlace, Placement, Tier, WeightPlace, dtype_bytes
 
 TOKEN_ID_BYTES = 8  # int64 token ids the last rank sends to the first
@@ -194,16 +185,11 @@ def weight_place_work(p: Placement, speeds: Speeds, w: WeightPlace, token_idx: f
     return Work(codec=codec, weight_link=link, weight_disk=disk)
 
 
-def _is_lookup(unit: Unit, name: str) -> bool:
-    """Embedding tables are read by row (a gather), not multiplied."""
-    return unit.kind is UnitKind.EMBED and name.startswith("embed_")
-
-
 def matmul_work(p: Placement, speeds: Speeds, unit: Unit, token_idx: float) -> Work:
     """The unit's linear layers for every GPU batch (`matmul_seconds`: reading the weights once
     per batch, then each row; why small GPU batches do not pay). The head computes the last
     position only (every position when scoring a prompt)."""
-    matrices = [ws for ws in unit.weights if len(ws.shape) >= 2 and not _is_lookup(unit, ws.name)]
+    matrices = [ws for ws in unit.weights if len(ws.shape) >= 2 and not is_lookup(unit.kind, ws.name)]
     prefill = token_idx == 0
     width = p.workload.prompt_len if prefill and (unit.kind is not UnitKind.HEAD or p.buffers.scoring) else 1
     rows = p.policy.gpu_batch_size * width
@@ -218,11 +204,8 @@ def matmul_work(p: Placement, speeds: Speeds, unit: Unit, token_idx: float) -> W
 def matmul_seconds(speeds: Speeds, rows: int, numel: float) -> float:
     """A GEMM of `rows` rows over `numel` weights: a fixed time (the weights streamed once) plus
     each row at the peak rate, fitted to the profile's two rates (decode_matmul_flops at
-    DECODE_MATMUL_ROWS rows, matmul_flops at many). One decode rate for every GPU batch priced a
-    64-row step as a 32-row one: on the 2-core development CPU (bf16) a 64-row GEMM runs 1.3x the
-    rate of a 32-row one, a 256-row one 1.7x. (The fixed part was a roofline at decode
-    attention's read rate before, which on that CPU is 3.5 GB/s where a GEMM streams its
-    weights at 20-28: it priced OPT-1.3B's 64-row step at 0.74 s of matmuls, measured 0.3.)"""
+    DECODE_MATMUL_ROWS rows, matmul_flops at many): on the 2-core development CPU (bf16) a 64-row
+    GEMM runs 1.3x the rate of a 32-row one, a 256-row one 1.7x."""
     fixed, per_row = _matmul_rates(speeds)
     return numel * (fixed + rows * per_row)
 
