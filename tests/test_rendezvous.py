@@ -27,7 +27,7 @@ JOINING = "joining process group"  # logged by each rank just before it looks fo
 RANK_SCRIPT = textwrap.dedent(
     """
     import sys
-    from flexgen_dist.cli.shell import run_command
+    from flexgen_dist.cli.shell import exit_process, run_command
     from flexgen_dist.parallel.context import DistContext, setup_logging
 
     ctx = DistContext.from_env(cuda_device_count=0)
@@ -38,7 +38,7 @@ RANK_SCRIPT = textwrap.dedent(
         ctx.destroy()
         return 0
 
-    sys.exit(run_command(body, rank_of=lambda: ctx.rank))
+    exit_process(run_command(body, rank_of=lambda: ctx.rank))  # as the commands end
     """
 )
 
@@ -243,7 +243,9 @@ def test_another_service_at_master_port_ends_the_rank(reply):
     line = the_error(stderr)
     assert f"rank 1: 127.0.0.1:{service.port} " in line and "check MASTER_ADDR / MASTER_PORT" in line
     if reply is None:
-        assert "accepted the connection but no rendezvous store answered in 2 s: it is not rank 0's store" in line
+        # at most the 2 s rendezvous deadline, less what the rank spent before the greeting (under load, 1.99)
+        assert re.search(r"accepted the connection but no rendezvous store answered in (2|1\.\d+) s: it is not "
+                         r"rank 0's store", line), line
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -188,7 +189,10 @@ def _in_thread(call, *, give_up: float, name: str):
 
 @contextlib.contextmanager
 def _c10d_logs_quieted():
-    """Standard error (descriptor 2) on /dev/null: c10d's C++ log lines have no switch in Python."""
+    """Standard error (descriptor 2) on /dev/null: c10d's C++ log lines have no switch in Python.
+    When a thread was left inside c10d meanwhile (LEFT_BEHIND), it may still log (a retry, a C++
+    stack trace) after the one-line error: descriptor 2 then stays on /dev/null and Python's
+    standard error moves to the real one (`_python_stderr_to`)."""
     try:
         sys_err = os.dup(2)
     except OSError:  # descriptor 2 closed: nothing to quiet
@@ -199,8 +203,24 @@ def _c10d_logs_quieted():
             os.dup2(null.fileno(), 2)
         yield
     finally:
-        os.dup2(sys_err, 2)
-        os.close(sys_err)
+        if LEFT_BEHIND.is_set():
+            _python_stderr_to(sys_err)
+        else:
+            os.dup2(sys_err, 2)
+            os.close(sys_err)
+
+
+def _python_stderr_to(fd: int) -> None:
+    """sys.stderr, and every logging handler that wrote to it, onto descriptor `fd` (which it owns)."""
+    old = sys.stderr
+    new = os.fdopen(fd, "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                    errors=getattr(old, "errors", None) or "backslashreplace")
+    sys.stderr = new
+    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]  # placeholders have no handlers
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(new)
 
 
 def _wait_until_listening(rank: int, addr: str, port: int, where: str, rendezvous_timeout_s: float, deadline: float):
