@@ -88,3 +88,8 @@ def assert_plans_on_a_gpu_box_and_a_cpu_box(spec: ModelSpec, numel: int, *, gpu_
             assert stored == 2 * numel
         else:
             assert 2 * numel <= stored <= 4 * numel
+
+
+def layout_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape of every tensor the layout reads (a tied head once)."""
+    return {ws.key: ws.shape for unit in model_units(spec) for ws in unit.weights}

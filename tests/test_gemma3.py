@@ -23,9 +23,8 @@ import tiny_models
 from conftest import hf_greedy, hf_model, hf_trace, unambiguous_prompts
 from flexgen_dist import LLM, Policy, Runtime
 from flexgen_dist.errors import UserError
-from flexgen_dist.spec.layout import model_units
 from flexgen_dist.spec.model import ModelSpec
-from planner_cases import GiB, assert_plans_on_a_gpu_box_and_a_cpu_box
+from planner_cases import GiB, assert_plans_on_a_gpu_box_and_a_cpu_box, layout_tensors
 from test_families_2026 import _ON_DEVICE
 from test_placement import EVERY_TIER
 from test_placement import test_planned_bytes_equal_allocated_bytes as planned_bytes_equal_allocated_bytes
@@ -146,11 +145,6 @@ PUBLISHED = {
 }
 
 
-def _tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Checkpoint key -> shape of every tensor the layout reads (a tied head once)."""
-    return {ws.key: ws.shape for unit in model_units(spec) for ws in unit.weights}
-
-
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_config_lays_out_transformers_tensors(name):
     """The units hold exactly the tensors transformers builds from the config (on the meta
@@ -159,7 +153,7 @@ def test_published_config_lays_out_transformers_tensors(name):
 
     config, params = PUBLISHED[name]
     spec = ModelSpec.from_config(config)
-    tensors = _tensors(spec)
+    tensors = layout_tensors(spec)
     assert sum(torch.Size(shape).numel() for shape in tensors.values()) == params
     hf_config = AutoConfig.for_model(**config)
     with torch.device("meta"):
@@ -174,7 +168,7 @@ def test_published_config_lays_out_transformers_tensors(name):
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_config_plans_on_a_gpu_box_and_a_cpu_box(name):
     spec = ModelSpec.from_config(PUBLISHED[name][0])
-    numel = sum(torch.Size(shape).numel() for shape in _tensors(spec).values())
+    numel = sum(torch.Size(shape).numel() for shape in layout_tensors(spec).values())
     assert_plans_on_a_gpu_box_and_a_cpu_box(spec, numel, gpu_mem=16 * GiB, cpu_mem=32 * GiB, host_mem=16 * GiB)
 
 

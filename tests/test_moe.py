@@ -23,7 +23,7 @@ from conftest import hf_greedy, hf_trace, unambiguous_prompts
 from flexgen_dist.errors import UserError
 from flexgen_dist.spec.layout import UnitKind, model_units
 from flexgen_dist.spec.model import ModelSpec
-from planner_cases import GiB, assert_plans_on_a_gpu_box_and_a_cpu_box, gpu_machine, place, policy
+from planner_cases import GiB, assert_plans_on_a_gpu_box_and_a_cpu_box, gpu_machine, layout_tensors, place, policy
 from test_families_2026 import SETUPS, _generate
 from test_placement import EVERY_TIER
 from test_placement import test_planned_bytes_equal_allocated_bytes as planned_bytes_equal_allocated_bytes
@@ -230,11 +230,6 @@ PUBLISHED = {
 }
 
 
-def _tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Checkpoint key -> shape of every tensor the layout reads (a tied head once)."""
-    return {ws.key: ws.shape for unit in model_units(spec) for ws in unit.weights}
-
-
 def _as_transformers_holds_them(tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """The checkpoint's per-expert tensors as transformers 5 holds them in memory: each layer's
     experts stacked into `mlp.experts.gate_up_proj` (E, 2I, C) and `mlp.experts.down_proj`
@@ -266,7 +261,7 @@ def test_published_config_lays_out_transformers_tensors(name):
 
     config, params = PUBLISHED[name]
     spec = ModelSpec.from_config(config)
-    tensors = _tensors(spec)
+    tensors = layout_tensors(spec)
     assert sum(torch.Size(shape).numel() for shape in tensors.values()) == params
     hf_config = AutoConfig.for_model(**config)
     with torch.device("meta"):
@@ -279,7 +274,7 @@ def test_published_config_lays_out_transformers_tensors(name):
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_config_plans_on_a_gpu_box_and_a_cpu_box(name):
     spec = ModelSpec.from_config(PUBLISHED[name][0])
-    numel = sum(torch.Size(shape).numel() for shape in _tensors(spec).values())
+    numel = sum(torch.Size(shape).numel() for shape in layout_tensors(spec).values())
     assert_plans_on_a_gpu_box_and_a_cpu_box(spec, numel, gpu_mem=24 * GiB, cpu_mem=64 * GiB, host_mem=32 * GiB)
 
 
@@ -344,7 +339,7 @@ def test_qwen3_moe_dense_and_sparse_layers_as_transformers_builds_them(settings_
     assert spec.sparse_layers == sparse
     assert spec.sliding_window == model.config.sliding_window
     hf = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    assert _as_transformers_holds_them(_tensors(spec)) == hf
+    assert _as_transformers_holds_them(layout_tensors(spec)) == hf
 
 
 def test_expert_count_under_either_name():
