@@ -161,6 +161,44 @@ def test_gathered_values_come_from_the_window_where_it_holds_them():
     assert torch.equal(got[in_window], _gather_values(v, positions, nkv, torch.device("cpu"))[in_window])
 
 
+@pytest.mark.parametrize("sparsity", [1.0, 0.5])
+def test_attention_over_the_keys_as_stored_is_attention_over_the_keys_read_back(sparsity, monkeypatch):
+    """Decode attention over a KIVI cache in place (StoredKV) multiplies the queries by whole
+    groups of keys as they are stored, (n, B, nkv, hd, G): the same attention as over the keys
+    and values read back in position order, at every step round a ring of S slots (S not a
+    multiple of G, so the last group is shorter; after the wrap the window lies between groups),
+    in chunks of two groups."""
+    from flexgen_dist.engine import kv_views
+    from flexgen_dist.engine.kv_views import DenseKV, StoredKV
+
+    torch.manual_seed(5)
+    S, B, nkv, nh, hd, G, W = 22, 2, 2, 4, 8, 4, 9
+    config = CompressionConfig(group_size=G)
+    k, v = (make_kivi(which, (S, B, nkv, hd), config, "memory", None) for which in "kv")
+    monkeypatch.setattr(kv_views, "_chunk", lambda *args, **kwargs: 2 * G)
+    grouped = []
+    monkeypatch.setattr(KiviTensor, "read_groups", lambda self, *a, _f=KiviTensor.read_groups: grouped.append(a[:2])
+                        or _f(self, *a))
+    for t, x in ((k, torch.randn(W, B, nkv, hd)), (v, torch.randn(W, B, nkv, hd))):
+        t.write(slice(0, W), x)
+    for step in range(30):
+        slot = (W + step) % S
+        filled = S if step + W >= S else slot + 1
+        q = torch.randn(B, nh, 1, hd)
+        k_new, v_new = torch.randn(B, nkv, 1, hd), torch.randn(B, nkv, 1, hd)
+        mask = torch.ones(B, 1, 1, filled, dtype=torch.bool)
+        mask[0, ..., 1] = False  # a padding slot of row 0
+        stored = StoredKV(k, v, torch.device("cpu"), sparsity)
+        stored.write(slice(slot, slot + 1), k_new, v_new)
+        got = stored.attend(q, mask, 0.3, slice(slot, slot + 1) if filled == slot + 1 else slice(filled - 1, filled))
+        dense = DenseKV(read(k, 0, filled), read(v, 0, filled), torch.device("cpu"), sparsity)
+        dense._v_new = v_new
+        want = dense.attend(q, mask, 0.3, slice(filled - 1, filled))
+        assert torch.allclose(got, want, atol=1e-5), f"step {step}"
+        k.seal(), v.seal()
+    assert len(grouped) > 30 and any(stop - first == 2 for first, stop in grouped)
+
+
 def test_a_cache_shorter_than_a_group_gives_the_uncompressed_tokens(llama_dir, tmp_path, monkeypatch, hf_greedy,
                                                                    unambiguous_prompts):
     """Groups of 64 slots and sequences of at most 24: no group is ever complete, every slot is

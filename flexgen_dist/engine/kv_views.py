@@ -38,11 +38,10 @@ def _chunk(q: torch.Tensor, kv_dim: int, device: torch.device, align: int = 1) -
                                      align=align)
 
 
-def _scores_in_chunks(qg: torch.Tensor, read_keys, stop: int, chunk: int) -> torch.Tensor:
+def _scores_in_chunks(qg: torch.Tensor, scores_of, stop: int, chunk: int) -> torch.Tensor:
     """Raw scores (B, nkv, g, stop) of grouped fp32 queries qg (B, nkv, g, hd) over keys read a
-    chunk of positions at a time: read_keys(a, b) -> (B, nkv, b - a, hd) fp32."""
-    parts = [qg @ read_keys(a, min(stop, a + chunk)).transpose(-1, -2) for a in range(0, stop, chunk)]
-    return torch.cat(parts, dim=-1)  # (B, nkv, g, stop)
+    chunk of positions at a time: scores_of(qg, a, b) -> (B, nkv, g, b - a)."""
+    return torch.cat([scores_of(qg, a, min(stop, a + chunk)) for a in range(0, stop, chunk)], dim=-1)
 
 
 def _gather_values(source, positions: torch.Tensor, num_kv_heads: int, device: torch.device) -> torch.Tensor:
@@ -126,8 +125,8 @@ class DenseKV:
         if self.sparsity < 1:
             # fp32 keys a chunk at a time: never an fp32 copy of the whole key cache
             chunk = _chunk(q, keys.shape[1] * keys.shape[3], keys.device)
-            read_keys = lambda a, b: keys[:, :, a:b].float()  # noqa: E731
-            scores_of = lambda qg: _scores_in_chunks(qg.to(keys.device), read_keys, stop, chunk)  # noqa: E731
+            in_chunk = lambda qg, a, b: qg @ keys[:, :, a:b].float().transpose(-1, -2)  # noqa: E731
+            scores_of = lambda qg: _scores_in_chunks(qg.to(keys.device), in_chunk, stop, chunk)  # noqa: E731
             values_at = lambda pos: _gather_values(self.values, pos, keys.shape[1], keys.device)  # noqa: E731
             return sparse_attention(q, scores_of, stop, mask, scale, self.sparsity, values_at, self._v_new)
         values = self.v[:stop].permute(1, 2, 0, 3)
@@ -167,6 +166,25 @@ class StoredKV:
             rows[:, :, lo - start : hi - start] = new[:, :, lo - self._slots.start : hi - self._slots.start].float()
         return rows
 
+    def _scores(self, qg: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Raw scores (B, nkv, g, b - a) of grouped fp32 queries (B, nkv, g, hd) over keys [a, b).
+        KIVI's whole groups of keys are read as stored, (n, B, nkv, hd, G), and multiplied so: a
+        (B, nkv, G, hd) view of them would cost a transposing copy of every key."""
+        dense = lambda lo, hi: qg @ self._rows(self.k, lo, hi).transpose(-1, -2)  # noqa: E731
+        if not isinstance(self.k, KiviTensor):
+            return dense(a, b)
+        first, stop = self.k.whole_groups(a, b, self._slots)
+        if first == stop:
+            return dense(a, b)
+        lo, hi = first * self.k.group_slots, stop * self.k.group_slots
+        keys = self.k.read_groups(first, stop, self.attend_on)  # (n, B, nkv, hd, G)
+        parts = [torch.matmul(qg, keys).permute(1, 2, 3, 0, 4).flatten(3)]  # (n, B, nkv, g, G) -> (B, nkv, g, n * G)
+        if a < lo:
+            parts.insert(0, dense(a, lo))
+        if hi < b:
+            parts.append(dense(hi, b))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
     def attend(self, q: torch.Tensor, mask: torch.Tensor, scale: float, slots: slice) -> torch.Tensor:
         stop = slots.stop
         q = q.to(self.attend_on)
@@ -174,9 +192,9 @@ class StoredKV:
         align = self.k.group_slots if isinstance(self.k, KiviTensor) else 1  # whole groups of KIVI's keys a chunk
         chunk = _chunk(q, num_kv_heads * head_dim, self.attend_on, align)
         if self.sparsity < 1:
-            read_keys = lambda a, b: self._rows(self.k, a, b)  # noqa: E731
-            scores_of = lambda qg: _scores_in_chunks(qg, read_keys, stop, chunk)  # noqa: E731
+            scores_of = lambda qg: _scores_in_chunks(qg, self._scores, stop, chunk)  # noqa: E731
             values_at = lambda pos: _gather_values(self.v, pos, num_kv_heads, self.attend_on)  # noqa: E731
             return sparse_attention(q, scores_of, stop, mask, scale, self.sparsity, values_at, self._v_new)
-        read_kv = lambda a, b: (self._rows(self.k, a, b), self._rows(self.v, a, b))  # noqa: E731
+        keys = lambda a, b: lambda qg: self._scores(qg, a, b)  # noqa: E731
+        read_kv = lambda a, b: (keys(a, b), self._rows(self.v, a, b))  # noqa: E731
         return chunked_attention(q, read_kv, stop, mask, scale, chunk)

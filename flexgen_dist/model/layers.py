@@ -150,8 +150,10 @@ def chunked_attention(q: torch.Tensor, read_kv, length: int, mask: torch.Tensor,
     """Attention over a cache read piece by piece (16-bit or quantized storage converted as it
     is read), merged with a running softmax, so no fp32 copy of the whole cache ever exists.
 
-    q: (B, nh, T, hd); read_kv(start, stop) -> k, v of those positions, each (B, nkv, n, hd) in
-    fp32; mask: bool (B, 1, T, length). Returns (B, T, nh * hd) in fp32."""
+    q: (B, nh, T, hd); read_kv(start, stop) -> k, v of those positions, v (B, nkv, n, hd) in
+    fp32, k the same or a function of the grouped queries (B, nkv, gT, hd) giving their raw
+    scores (B, nkv, gT, n) (keys stored in another layout: storage/kivi.py); mask: bool
+    (B, 1, T, length). Returns (B, T, nh * hd) in fp32."""
     B, nh, T, hd = q.shape
     qg = None
     best = total = acc = None
@@ -159,10 +161,10 @@ def chunked_attention(q: torch.Tensor, read_kv, length: int, mask: torch.Tensor,
         stop = min(length, start + chunk)
         k, v = read_kv(start, stop)  # (B, nkv, n, hd)
         if qg is None:
-            qg = _grouped(q.to(k.device), k.shape[1])  # (B, nkv, gT, hd)
-            g = nh // k.shape[1]
-        scores = qg @ k.transpose(-1, -2) * scale  # (B, nkv, gT, n)
-        allowed = mask[..., start:stop].to(k.device).expand(B, 1, T, stop - start).repeat(1, 1, g, 1)  # (B, 1, gT, n)
+            qg = _grouped(q.to(v.device), v.shape[1])  # (B, nkv, gT, hd)
+            g = nh // v.shape[1]
+        scores = (k(qg) if callable(k) else qg @ k.transpose(-1, -2)) * scale  # (B, nkv, gT, n)
+        allowed = mask[..., start:stop].to(v.device).expand(B, 1, T, stop - start).repeat(1, 1, g, 1)  # (B, 1, gT, n)
         scores.masked_fill_(~allowed, float("-inf"))
         peak = scores.amax(-1, keepdim=True)  # (B, nkv, gT, 1)
         new_best = peak if best is None else torch.maximum(best, peak)

@@ -31,6 +31,8 @@ are given the mean of the group's valid slots of that channel before its keys ar
 Reads of slots [a, b): the window's slots from the window, exactly as written; the others
 dequantized, keys a group at a time (straight into the destination for a whole group, through
 a group-sized buffer for one cut by [a, b): the dequantization scratch the plan counts).
+Attention reads whole groups of keys as stored (`read_groups`, engine/kv_views.py StoredKV): a
+score per slot of each group, with no transposing copy into position order.
 """
 
 from __future__ import annotations
@@ -177,6 +179,23 @@ class KiviTensor:
         if wa < wb:
             self._read_window(out[wa - a : wb - a], wa - w_start, wb - w_start)
         return out
+
+    def whole_groups(self, a: int, b: int, fresh: slice) -> tuple[int, int]:
+        """The groups [first, stop) of keys quantized whole in slots [a, b), before the window's
+        group and the slots `fresh` (a step's own, read as computed) where those lie in [a, b):
+        `read_groups` reads them as stored."""
+        G = self.group_slots
+        first, stop = -(-a // G), min(b, self.shape[0] - self.shape[0] % G) // G  # not the ring's shorter group
+        for lo, hi in (self.window_slots(), (fresh.start, fresh.stop)):
+            if lo < hi and lo < stop * G and hi > first * G:  # groups from the one holding `lo` on are not whole
+                stop = max(first, lo // G)
+        return first, max(first, stop)
+
+    def read_groups(self, first: int, stop: int, device: torch.device) -> torch.Tensor:
+        """The keys of groups [first, stop) as stored, (n, B, nkv, hd, G) fp32 on `device`: slot
+        start + j of group n at [n, ..., j] (no transposing copy; see `whole_groups`)."""
+        out = torch.empty((stop - first, *self.quantized.shape[1:]), dtype=torch.float32, device=device)
+        return self.quantized.read_into(out, slice(first, stop))
 
     def _read_quantized(self, out: torch.Tensor, a: int, b: int, staging) -> None:
         if self.which == "v":
