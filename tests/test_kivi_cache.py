@@ -41,28 +41,42 @@ def read(t: KiviTensor, a: int, b: int) -> torch.Tensor:
     return t.read_into(out, slice(a, b))
 
 
+def window_span(t: KiviTensor) -> tuple[int, int]:
+    """The slots the window holds, as one range (they are consecutive before the ring wraps)."""
+    ranges = t.window_ranges()
+    for (_, stop, _), (start, _, _) in zip(ranges, ranges[1:]):
+        assert stop == start
+    return (ranges[0][0], ranges[-1][1]) if ranges else (0, 0)
+
+
 @pytest.mark.parametrize("where", ["memory", "disk"])
-def test_the_window_is_exact_and_a_group_is_quantized_once_complete(where, tmp_path):
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_the_window_is_exact_and_a_group_is_quantized_once_the_window_is_full(where, groups, tmp_path):
+    """A window of `groups` groups holds the newest slots from the start of the group `groups` - 1
+    before the newest: exactly as written; the group before is quantized once, when the newest
+    group is complete and the step stored (its attention read the window as it was)."""
     torch.manual_seed(0)
     S, B, nkv, hd, G = 22, 2, 2, 8, 4  # the last group of slots is [20, 22): two slots
-    config = CompressionConfig(group_size=G)
+    config = CompressionConfig(group_size=G, cache_window_groups=groups)
     x = torch.randn(S, B, nkv, hd)
     k = make_kivi("k", x.shape, config, where, tmp_path)
-    k.write(slice(0, 10), x[:10])  # a prefill: groups [0, 4) and [4, 8) whole, quantized at once
-    assert k.window_slots() == (8, 10)
+    k.write(slice(0, 10), x[:10])  # a prefill: groups [0, 4) and [4, 8) whole, [8, 10) being filled
+    assert window_span(k) == (max(0, 3 - groups) * G, 10)
     for slot in range(10, S):
         k.write(slice(slot, slot + 1), x[slot : slot + 1])
-        start, stop = k.window_slots()
-        assert (start, stop) == (slot // G * G, slot + 1)  # complete, still read in full precision by this step
+        newest, complete = slot // G, slot + 1 in (S, (slot // G + 1) * G)
+        assert window_span(k) == (max(0, newest - groups + 1) * G, slot + 1)  # what this step's attention reads
+        start, stop = window_span(k)
+        assert torch.equal(read(k, 0, slot + 1)[start:], x[start : slot + 1])
+        k.seal()  # the step's store: a full window makes room
+        start, stop = window_span(k)
+        held = groups - 1 if complete else groups
+        assert (start, stop) == ((max(0, newest - held + 1) * G, slot + 1) if held else (0, 0))
         got = read(k, 0, slot + 1)
-        assert torch.equal(got[start:], x[start : slot + 1])
-        k.seal()  # the step's store: a complete group is quantized now
-        got = read(k, 0, slot + 1)
-        start, stop = k.window_slots()
-        assert stop == 0 or stop == slot + 1
         quantized = got[: start if stop else slot + 1]
-        assert not torch.equal(quantized, x[: len(quantized)])
-        assert (quantized - x[: len(quantized)]).abs().max() < 0.6  # 4 bits over a few sigma
+        if len(quantized):
+            assert not torch.equal(quantized, x[: len(quantized)])
+            assert (quantized - x[: len(quantized)]).abs().max() < 0.6  # 4 bits over a few sigma
         assert torch.equal(got[start:stop], x[start:stop])
 
 
@@ -102,7 +116,8 @@ def test_slots_without_a_token_do_not_widen_a_channel_range():
 
 @pytest.mark.parametrize("where", ["memory", "disk"])
 @pytest.mark.parametrize("which", ["k", "v"])
-def test_every_slot_reads_back_round_the_ring(where, which, tmp_path):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_every_slot_reads_back_round_the_ring(where, which, groups, tmp_path):
     """The engine's writes of a refilled block: a prefill, then one slot a step round a ring of
     S slots, and every few steps a new prompt in one row, written into the L slots ending at the
     step's, behind the newest (all rows read and written back, as StoredKV.write_rows does). Each
@@ -110,7 +125,7 @@ def test_every_slot_reads_back_round_the_ring(where, which, tmp_path):
     the quantized groups; the window holds the group of the newest slot."""
     torch.manual_seed(3)
     S, B, nkv, hd, G, W, L = 14, 3, 1, 8, 4, 6, 5
-    config = CompressionConfig(bits=8, group_size=G)
+    config = CompressionConfig(bits=8, group_size=G, cache_window_groups=groups)
     t = make_kivi(which, (S, B, nkv, hd), config, where, tmp_path)
     want = torch.randn(S, B, nkv, hd)
     t.write(slice(0, W), want[:W])
@@ -130,9 +145,10 @@ def test_every_slot_reads_back_round_the_ring(where, which, tmp_path):
         t.seal()
         got = read(t, 0, written)
         assert (got - want[:written]).abs().max() < 0.03, f"step {step}"
-        start, stop = t.window_slots()
-        assert stop == 0 or start == slot // G * G
-        assert torch.equal(got[start:stop], want[start:stop])
+        for start, stop, _ in t.window_ranges():
+            assert torch.equal(got[start:stop], want[start:stop])
+        newest = t.window_ranges()[-1] if t.window_ranges() else None
+        assert newest is None or newest[0] == slot // G * G
 
 
 def _runs(slots: list[int]) -> list[list[int]]:
@@ -151,7 +167,7 @@ def test_gathered_values_come_from_the_window_where_it_holds_them():
     torch.manual_seed(4)
     S, B, nkv, hd = 12, 2, 2, 8
     v = torch.randn(S, B, nkv, hd)
-    t = make_kivi("v", v.shape, CompressionConfig(group_size=8), "memory", None)
+    t = make_kivi("v", v.shape, CompressionConfig(group_size=8, cache_window_groups=1), "memory", None)
     t.write(slice(0, 11), v[:11])  # [0, 8) quantized, [8, 11) in the window
     positions = torch.tensor([[[3, 9, 0], [10, 2, 8], [7, 8, 9], [1, 2, 10]]] * B)  # (B, nh, k)
     got = _gather_values(t, positions, nkv, torch.device("cpu"))
@@ -162,7 +178,8 @@ def test_gathered_values_come_from_the_window_where_it_holds_them():
 
 
 @pytest.mark.parametrize("sparsity", [1.0, 0.5])
-def test_attention_over_the_keys_as_stored_is_attention_over_the_keys_read_back(sparsity, monkeypatch):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_attention_over_the_keys_as_stored_is_attention_over_the_keys_read_back(sparsity, groups, monkeypatch):
     """Decode attention over a KIVI cache in place (StoredKV) multiplies the queries by whole
     groups of keys as they are stored, (n, B, nkv, hd, G): the same attention as over the keys
     and values read back in position order, at every step round a ring of S slots (S not a
@@ -173,7 +190,7 @@ def test_attention_over_the_keys_as_stored_is_attention_over_the_keys_read_back(
 
     torch.manual_seed(5)
     S, B, nkv, nh, hd, G, W = 22, 2, 2, 4, 8, 4, 9
-    config = CompressionConfig(group_size=G)
+    config = CompressionConfig(group_size=G, cache_window_groups=groups)
     k, v = (make_kivi(which, (S, B, nkv, hd), config, "memory", None) for which in "kv")
     monkeypatch.setattr(kv_views, "_chunk", lambda *args, **kwargs: 2 * G)
     grouped = []

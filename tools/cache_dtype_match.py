@@ -2,15 +2,16 @@
 16 bits (or compressed), or the layers compute in bfloat16, on the bundled model's held-out text.
 The cache settings compute in float32, so only the cache differs from the reference.
 
-    python tools/cache_dtype_match.py [--prompts 100] [--new-tokens 32] [--prompt-tokens 32] [--only TEXT]
+    python tools/cache_dtype_match.py [--prompts 100] [--new-tokens 32] [--prompt-tokens 32] [--stream] [--only TEXT]
 
 Prompts: the first `--prompt-tokens` tokens of the first `--prompts` held-out passages (over 200
-characters), in file order. For each setting it prints the share of prompts whose whole
+characters), in file order; with --stream, `--prompts` evenly spaced cuts of the whole text. For each setting it prints the share of prompts whose whole
 continuation equals transformers', and the share of tokens generated before the first difference.
 (The fp32 engine's own greedy output equals transformers' on all of them, so this is also the
-agreement with the uncompressed engine.) A KIVI cache keeps the slots of its newest, incomplete
-group of --compress-group-size slots in full precision: with 32 + 32 tokens and groups of 64,
-none is ever quantized; groups of 32 and 16 and longer prompts show what quantization costs.
+agreement with the uncompressed engine.) A KIVI cache keeps its newest slots in full precision:
+from (window - 1) to window groups of --compress-group-size slots. A cache of 32 + 32 slots in
+a window of two groups of 64 (the default) or of 32 is never quantized; smaller groups, a window
+of one group and longer prompts show what quantization costs.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ SETTINGS = {
     "8-bit min-max": _compressed(bits=8, cache_method="minmax"),
     "8-bit KIVI": _compressed(bits=8),
     "4-bit min-max": _compressed(cache_method="minmax"),
-    "4-bit KIVI": _compressed(),  # groups of 64 slots
+    "4-bit KIVI": _compressed(),  # groups of 64 slots, a window of 2 groups
+    "4-bit KIVI, window 1": _compressed(cache_window_groups=1),
     "4-bit KIVI, groups of 32": _compressed(group_size=32),
+    "4-bit KIVI, groups of 32, window 1": _compressed(group_size=32, cache_window_groups=1),
     "4-bit KIVI, groups of 16": _compressed(group_size=16),
+    "4-bit KIVI, groups of 16, window 1": _compressed(group_size=16, cache_window_groups=1),
 }
 COMPUTE = {name: "float32" for name in SETTINGS}
 SETTINGS["bf16 compute"], COMPUTE["bf16 compute"] = Policy(gpu_batch_size=32), "bfloat16"
@@ -49,11 +53,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--only", default=None, metavar="TEXT", help="only the settings whose name holds TEXT")
+    parser.add_argument("--stream", action="store_true",
+                        help="cut the prompts from the held-out text as one stream of tokens, evenly spaced (the "
+                             "passages are short: half under 78 tokens), so every prompt has --prompt-tokens")
     args = parser.parse_args()
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     docs = [d.strip() for d in open(DEFAULT_TEXT, encoding="utf-8").read().split("\n\n") if len(d.strip()) > 200]
     prompts = [tok(d)["input_ids"][: args.prompt_tokens] for d in docs[: args.prompts]]
+    if args.stream:
+        stream = tok(open(DEFAULT_TEXT, encoding="utf-8").read())["input_ids"]
+        stride = (len(stream) - args.prompt_tokens) // args.prompts
+        prompts = [stream[i * stride : i * stride + args.prompt_tokens] for i in range(args.prompts)]
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
     reference = []
     with torch.no_grad():
@@ -62,8 +73,9 @@ def main() -> None:
             out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=args.new_tokens,
                                  pad_token_id=tok.pad_token_id or 0)
             reference.append(out[0, len(ids):].tolist())
-    print(f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy")
-    print(f"{'cache':<22} {'same output':>12} {'tokens before the first difference':>36}")
+    print(f"{len(prompts)} held-out prompts of {'' if args.stream else 'up to '}{args.prompt_tokens} tokens"
+          f"{' cut from the text as one stream' if args.stream else ''}, {args.new_tokens} new tokens, greedy")
+    print(f"{'cache':<36} {'same output':>12} {'tokens before the first difference':>36}")
     for name, policy in SETTINGS.items():
         if args.only is not None and args.only not in name:
             continue
@@ -78,7 +90,7 @@ def main() -> None:
                 if a != b:
                     break
                 agree += 1
-        print(f"{name:<22} {same:>5}/{len(prompts):<6} {100 * agree / total:>35.1f}%")
+        print(f"{name:<36} {same:>5}/{len(prompts):<6} {100 * agree / total:>35.1f}%")
 
 
 if __name__ == "__main__":

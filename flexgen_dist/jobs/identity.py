@@ -221,6 +221,7 @@ T = TypeVar("T")
 SCHEDULE_FLAGS = ("policy", "percent", "gpu_batch_size", "num_gpu_batches", "max_latency", "stage_layers",
                   "compute_dtype", "cache_dtype", "allow_compression", "compress_weight", "compress_cache",
                   "compress_bits", "compress_group_size", "compress_weight_method", "compress_cache_method",
+                  "compress_cache_window",
                   "attn_sparsity", "cpu_cache_compute", "comm_backend",
                   "num_prompts", "prompt_len", "truncate")
 

@@ -58,11 +58,12 @@ class KiviTensor:
         self.tier = tier
         self.valid = valid  # (B, S) bool, updated in place by the block; None: every slot holds a token
         self.group_slots = config.group_size
-        self._group: int | None = None  # the group of slots the window holds
-        self._filled = 0  # the window holds its first `_filled` slots
+        self.window_groups = config.cache_window_groups
+        # The groups the window holds, oldest first, each [group, its first window row, slots held
+        # (from the group's first)]; only the newest may be incomplete.
+        self._held: list[list[int]] = []
         self._last: int | None = None  # the newest slot written in order
-        self._complete: torch.device | None = None  # the window's group is complete: quantize it on this device
-        self._complete_valid: torch.Tensor | None = None  # its slots' `valid` when it was completed
+        self._complete: torch.device | None = None  # the newest group is complete: `seal` makes room, on this device
 
     @property
     def parts(self) -> tuple:
@@ -76,12 +77,9 @@ class KiviTensor:
     def dtype(self) -> torch.dtype:
         return self.window.dtype
 
-    def window_slots(self) -> tuple[int, int]:
-        """The slots [start, stop) read from the window (empty when it holds none)."""
-        if self._group is None:
-            return 0, 0
-        start = self._group * self.group_slots
-        return start, start + self._filled
+    def window_ranges(self) -> list[tuple[int, int, int]]:
+        """(start, stop, window row of start) of the slots read from the window, oldest first."""
+        return [(self._bounds(group)[0], self._bounds(group)[0] + held, row) for group, row, held in self._held if held]
 
     def _bounds(self, group: int) -> tuple[int, int]:
         start = group * self.group_slots
@@ -93,6 +91,9 @@ class KiviTensor:
             start, end = self._bounds(group)
             yield group, max(a, start), min(b, end), start, end
 
+    def _find(self, group: int) -> list[int] | None:
+        return next((h for h in self._held if h[0] == group), None)
+
     # --- writes ------------------------------------------------------------------------------------
     def write(self, index: slice, value: torch.Tensor) -> None:
         """Slots `index` = value (n, B, nkv, hd): see the module docstring."""
@@ -103,7 +104,8 @@ class KiviTensor:
         in_order = a == (0 if self._last is None else (self._last + 1) % self.shape[0])
         for group, lo, hi, start, end in self._groups(a, b):
             part = value[lo - a : hi - a]
-            if in_order and (lo == start or (self._group == group and lo == start + self._filled)):
+            newest = self._held[-1] if self._held else None
+            if in_order and (lo == start or (newest is not None and newest[0] == group and lo == start + newest[2])):
                 self._fill(group, lo, hi, start, end, part)
             else:
                 self._rewrite(group, lo, hi, start, part)
@@ -111,34 +113,46 @@ class KiviTensor:
             self._last = b - 1
 
     def _fill(self, group: int, lo: int, hi: int, start: int, end: int, part: torch.Tensor) -> None:
-        if lo == start:  # a group starts: the one before it ended at its last slot, so none is held
-            if hi == end:  # whole in this write
-                self._quantize(group, part)
-                return
-            self._group, self._filled = group, 0
-        self.window.write(slice(lo - start, hi - start), part)
-        self._filled = hi - start
-        if hi == end:  # quantized by `seal`, once this step's attention has read it, as the step saw it
-            self._complete = part.device
-            self._complete_valid = None if self.valid is None else self.valid[:, start:end].clone()
+        if lo == start:  # a group starts: the newest group of the window, in a free part of it
+            held = self._find(group)
+            if held is not None:  # the ring came round to a group the window still holds (S < window)
+                self._held.remove(held)
+            else:
+                if len(self._held) == self.window_groups:  # a whole group written at once (a prefill)
+                    self._quantize_oldest(part.device)
+                taken = {row for _, row, _ in self._held}
+                row = next(r for r in range(0, self.window_groups * self.group_slots, self.group_slots) if r not in taken)
+                held = [group, row, 0]
+            self._held.append(held)
+        held = self._held[-1]
+        self.window.write(slice(held[1] + lo - start, held[1] + hi - start), part)
+        held[2] = max(held[2], hi - start)
+        # complete: the oldest group makes room at `seal`, once this step's attention has read it
+        self._complete = part.device if hi == end else None
 
     def seal(self) -> None:
-        """Quantize the window's group if it is complete. The engine calls this when it stores a
-        step's rows (engine/block_io.py), after the step's attention: attention over the cache
-        in place and over a copy loaded before the step's write then read the same values."""
-        if self._complete is not None:
-            start, end = self._bounds(self._group)
-            self._quantize(self._group, self._window_rows(end - start, self._complete), self._complete_valid)
-            self._group, self._filled, self._complete = None, 0, None
+        """Make room for the next group once the newest is complete: the oldest group of a full
+        window is quantized. The engine calls this when it stores a step's rows
+        (engine/block_io.py), after the step's attention: attention over the cache in place and
+        over a copy loaded before the step's write then read the same values."""
+        if self._complete is not None and len(self._held) == self.window_groups:
+            self._quantize_oldest(self._complete)
+        self._complete = None
+
+    def _quantize_oldest(self, device: torch.device) -> None:
+        group, row, held = self._held.pop(0)
+        self._quantize(group, self._window_rows(row, row + held, device))
 
     def _rewrite(self, group: int, lo: int, hi: int, start: int, part: torch.Tensor) -> None:
-        if group == self._group:
-            held = start + self._filled
-            if lo < held:
-                self.window.write(slice(lo - start, min(hi, held) - start), part[: min(hi, held) - lo])
-            if hi <= held:
+        held = self._find(group)
+        if held is not None:
+            _, row, n = held
+            if lo < start + n:
+                cut = min(hi, start + n)
+                self.window.write(slice(row + lo - start, row + cut - start), part[: cut - lo])
+            if hi <= start + n:
                 return
-            part, lo = part[max(0, held - lo) :], max(lo, held)
+            part, lo = part[max(0, start + n - lo) :], max(lo, start + n)
         if self.which == "v":
             self.quantized.write(slice(lo, hi), part)
             return
@@ -146,18 +160,16 @@ class KiviTensor:
         slots[lo - start : hi - start] = part
         self._quantize(group, slots)
 
-    def _quantize(self, group: int, slots: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Slots (n, B, nkv, hd) of a whole group, quantized into its rows; `valid` (B, n): which
-        hold a token (default: the block's mask now)."""
+    def _quantize(self, group: int, slots: torch.Tensor) -> None:
+        """Slots (n, B, nkv, hd) of a whole group, quantized into its rows; slots the block's mask
+        says hold no token are kept out of a channel's range."""
         start, end = self._bounds(group)
         if self.which == "v":
             self.quantized.write(slice(start, end), slots)
             return
         x = slots.float()
-        if valid is None and self.valid is not None:
-            valid = self.valid[:, start:end]
-        if valid is not None:
-            keep = valid.to(x.device).t()[:, :, None, None]  # (n, B, 1, 1)
+        if self.valid is not None:
+            keep = self.valid[:, start:end].to(x.device).t()[:, :, None, None]  # (n, B, 1, 1)
             count = keep.sum(0)  # (B, 1, 1)
             mean = (x * keep).sum(0) / count.clamp(min=1)  # (B, nkv, hd)
             x = torch.where(keep, x, mean)
@@ -166,27 +178,38 @@ class KiviTensor:
         self.quantized.write(slice(group, group + 1), x.permute(1, 2, 3, 0).unsqueeze(0))  # (1, B, nkv, hd, G)
 
     # --- reads -------------------------------------------------------------------------------------
+    def _segments(self, a: int, b: int) -> list[tuple[int, int, int | None]]:
+        """[a, b) in order as (lo, hi, window row of lo, or None: quantized)."""
+        out, at = [], a
+        for start, stop, row in sorted(self.window_ranges()):
+            lo, hi = max(at, start), min(b, stop)
+            if lo < hi:
+                if at < lo:
+                    out.append((at, lo, None))
+                out.append((lo, hi, row + lo - start))
+                at = hi
+        if at < b:
+            out.append((at, b, None))
+        return out
+
     def read_into(self, out: torch.Tensor, index: slice = _ALL, staging=None) -> torch.Tensor:
         """Slots `index` into out[:n] (out's device and dtype). `staging`: a QuantizedTensor of the
         quantized shape on out's device, for quantized parts that are not there."""
         a, b = _rows(index, self.shape[0])
-        w_start, w_stop = self.window_slots()
-        wa, wb = max(a, w_start), min(b, w_stop)
-        quantized = [(a, b)] if wa >= wb else [(a, wa), (wb, b)]
-        for qa, qb in quantized:
-            if qa < qb:
-                self._read_quantized(out[qa - a : qb - a], qa, qb, staging)
-        if wa < wb:
-            self._read_window(out[wa - a : wb - a], wa - w_start, wb - w_start)
+        for lo, hi, row in self._segments(a, b):
+            if row is None:
+                self._read_quantized(out[lo - a : hi - a], lo, hi, staging)
+            else:
+                self._read_window(out[lo - a : hi - a], row, row + hi - lo)
         return out
 
     def whole_groups(self, a: int, b: int, fresh: slice) -> tuple[int, int]:
         """The groups [first, stop) of keys quantized whole in slots [a, b), before the window's
-        group and the slots `fresh` (a step's own, read as computed) where those lie in [a, b):
+        groups and the slots `fresh` (a step's own, read as computed) where those lie in [a, b):
         `read_groups` reads them as stored."""
         G = self.group_slots
         first, stop = -(-a // G), min(b, self.shape[0] - self.shape[0] % G) // G  # not the ring's shorter group
-        for lo, hi in (self.window_slots(), (fresh.start, fresh.stop)):
+        for lo, hi, _ in (*self.window_ranges(), (fresh.start, fresh.stop, None)):
             if lo < hi and lo < stop * G and hi > first * G:  # groups from the one holding `lo` on are not whole
                 stop = max(first, lo // G)
         return first, max(first, stop)
@@ -224,10 +247,10 @@ class KiviTensor:
         else:
             self.window.read_into(out, slice(i, j))
 
-    def _window_rows(self, n: int, device: torch.device) -> torch.Tensor:
-        """The window's first n slots on `device` (after every write queued to it)."""
-        out = torch.empty((n, *self.shape[1:]), dtype=self.window.dtype, device=device)
-        self._read_window(out, 0, n)
+    def _window_rows(self, i: int, j: int, device: torch.device) -> torch.Tensor:
+        """The window's rows [i, j) on `device` (after every write queued to it)."""
+        out = torch.empty((j - i, *self.shape[1:]), dtype=self.window.dtype, device=device)
+        self._read_window(out, i, j)
         return out
 
     def read_rows(self, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -240,26 +263,33 @@ class KiviTensor:
             lo, hi = int(rows[0]), int(rows[-1]) + 1
             span = self.read_into(torch.empty((hi - lo, *self.shape[1:]), dtype=dtype, device=device), slice(lo, hi))
             return span[(rows - lo).to(device)]
-        w_start, w_stop = self.window_slots()
-        held = (rows >= w_start) & (rows < w_stop)
+        held, at = self._window_index(rows)
         if bool((~held).any()):
             out[(~held).to(device)] = self.quantized.read_rows(rows[~held], device, dtype)
         if bool(held.any()):
-            out[held.to(device)] = self._window_rows(w_stop - w_start, device)[(rows[held] - w_start).to(device)].to(dtype)
+            out[held.to(device)] = self._window_rows(0, self.window.shape[0], device)[at[held].to(device)].to(dtype)
         return out
+
+    def _window_index(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which positions the window holds (bool) and their window rows (0 where it holds none)."""
+        held, at = torch.zeros_like(positions, dtype=torch.bool), torch.zeros_like(positions)
+        for start, stop, row in self.window_ranges():
+            inside = (positions >= start) & (positions < stop)
+            held |= inside
+            at = torch.where(inside, positions - start + row, at)
+        return held, at
 
     def overlay_window(self, values: torch.Tensor, positions: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         """Values (B, nh, k, hd) gathered from the quantized rows at positions (B, nh, k), with
         those the window holds read from it instead (no value read back to the host)."""
-        w_start, w_stop = self.window_slots()
-        if w_start == w_stop:
+        if not self.window_ranges():
             return values
         B, nh, _ = positions.shape
         where = positions.device
-        window = self._window_rows(w_stop - w_start, where)  # (n, B, nkv, hd)
-        index = ((positions - w_start).clamp(0, w_stop - w_start - 1), torch.arange(B, device=where)[:, None, None],
+        window = self._window_rows(0, self.window.shape[0], where)  # (rows, B, nkv, hd)
+        held, at = self._window_index(positions)
+        index = (at, torch.arange(B, device=where)[:, None, None],
                  (torch.arange(nh, device=where) // (nh // num_kv_heads))[None, :, None])
-        held = (positions >= w_start) & (positions < w_stop)
         return torch.where(held[..., None], window[index].to(values.dtype), values)
 
 
