@@ -57,7 +57,7 @@ def test_the_window_is_exact_and_a_group_is_quantized_once_the_window_is_full(wh
     group is complete and the step stored (its attention read the window as it was)."""
     torch.manual_seed(0)
     S, B, nkv, hd, G = 22, 2, 2, 8, 4  # the last group of slots is [20, 22): two slots
-    config = CompressionConfig(group_size=G, cache_window_groups=groups)
+    config = CompressionConfig(group_size=G, cache_window=groups * G)
     x = torch.randn(S, B, nkv, hd)
     k = make_kivi("k", x.shape, config, where, tmp_path)
     k.write(slice(0, 10), x[:10])  # a prefill: groups [0, 4) and [4, 8) whole, [8, 10) being filled
@@ -125,7 +125,7 @@ def test_every_slot_reads_back_round_the_ring(where, which, groups, tmp_path):
     the quantized groups; the window holds the group of the newest slot."""
     torch.manual_seed(3)
     S, B, nkv, hd, G, W, L = 14, 3, 1, 8, 4, 6, 5
-    config = CompressionConfig(bits=8, group_size=G, cache_window_groups=groups)
+    config = CompressionConfig(bits=8, group_size=G, cache_window=groups * G)
     t = make_kivi(which, (S, B, nkv, hd), config, where, tmp_path)
     want = torch.randn(S, B, nkv, hd)
     t.write(slice(0, W), want[:W])
@@ -167,7 +167,7 @@ def test_gathered_values_come_from_the_window_where_it_holds_them():
     torch.manual_seed(4)
     S, B, nkv, hd = 12, 2, 2, 8
     v = torch.randn(S, B, nkv, hd)
-    t = make_kivi("v", v.shape, CompressionConfig(group_size=8, cache_window_groups=1), "memory", None)
+    t = make_kivi("v", v.shape, CompressionConfig(group_size=8, cache_window=0), "memory", None)
     t.write(slice(0, 11), v[:11])  # [0, 8) quantized, [8, 11) in the window
     positions = torch.tensor([[[3, 9, 0], [10, 2, 8], [7, 8, 9], [1, 2, 10]]] * B)  # (B, nh, k)
     got = _gather_values(t, positions, nkv, torch.device("cpu"))
@@ -190,7 +190,7 @@ def test_attention_over_the_keys_as_stored_is_attention_over_the_keys_read_back(
 
     torch.manual_seed(5)
     S, B, nkv, nh, hd, G, W = 22, 2, 2, 4, 8, 4, 9
-    config = CompressionConfig(group_size=G, cache_window_groups=groups)
+    config = CompressionConfig(group_size=G, cache_window=groups * G)
     k, v = (make_kivi(which, (S, B, nkv, hd), config, "memory", None) for which in "kv")
     monkeypatch.setattr(kv_views, "_chunk", lambda *args, **kwargs: 2 * G)
     grouped = []

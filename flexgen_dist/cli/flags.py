@@ -126,10 +126,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
                              "slots, values per token, the newest slots in full precision (see "
                              "--compress-cache-window) (kivi), or every slot's keys and values along the head dimension, as "
                              "FlexGen (minmax)")
-    policy.add_argument("--compress-cache-window", type=int, default=2, metavar="GROUPS",
-                        help="kivi: groups of --compress-group-size slots kept in full precision (the newest slots; "
-                             "a group is quantized when the window is full and the newest group complete; 1: only "
-                             "the group being filled)")
+    policy.add_argument("--compress-cache-window", type=int, default=128, metavar="SLOTS",
+                        help="kivi: the newest cache slots kept in full precision, in whole groups of "
+                             "--compress-group-size (KIVI's residual; 0: only the group being filled)")
     policy.add_argument("--compress-bits", type=int, default=4, metavar="N", help="bits per compressed value: 4 or 8")
     policy.add_argument("--compress-group-size", type=int, default=64, metavar="N",
                         help="values sharing one scale and minimum")
@@ -190,7 +189,7 @@ def policy_from_args(args: argparse.Namespace) -> tuple[Policy | None, Policy, S
             raise UserError(f"{flag} must be a whole number >= 1, got {value}")
     compression = CompressionConfig(bits=args.compress_bits, group_size=args.compress_group_size,
                                     weight_method=args.compress_weight_method, cache_method=args.compress_cache_method,
-                                    cache_window_groups=args.compress_cache_window)
+                                    cache_window=args.compress_cache_window)
     switches = dict(overlap=not args.no_overlap, cpu_cache_compute=args.cpu_cache_compute,
                     experts_on_demand=not args.experts_ahead,
                     compress_weight=args.compress_weight, compress_cache=args.compress_cache, compression=compression,

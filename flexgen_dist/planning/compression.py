@@ -53,11 +53,12 @@ class CompressionConfig:
     being filled kept in full precision until it is complete, then quantized once; or "minmax"
     (FlexGen's): the keys and values of every slot in groups along the head dimension, quantized
     as they are stored."""
-    cache_window_groups: int = 2
-    """KIVI's full-precision window, in groups of `group_size` slots: the newest slots, from
-    (n - 1) groups to n groups less one, are kept in the cache dtype (KIVI's residual); a group
-    is quantized once the window holds n and the newest is complete. 1: only the group being
-    filled (none right after a group completes)."""
+    cache_window: int = 128
+    """KIVI's full-precision window (its residual), in cache slots, rounded up to whole groups of
+    `group_size` slots (`window_groups`): the newest slots, from one group less than the window
+    to the window less one, are kept in the cache dtype; a group is quantized once the window is
+    full and the newest group complete. At most one group: only the group being filled is kept
+    (none right after a group completes)."""
     group_dim: int = -1
     """Dimension the groups run along (weights (out, in): the input dim, -1; KV cache
     (seq, batch, kv_heads, head_dim): the head dim, -1). Never the leading dimension (0): tier
@@ -85,9 +86,9 @@ class CompressionConfig:
         if self.cache_method not in CACHE_METHODS:
             raise UserError(f"CompressionConfig.cache_method={self.cache_method!r} is not one of "
                             f"{', '.join(CACHE_METHODS)}")
-        if not _is_int(self.cache_window_groups) or self.cache_window_groups < 1:
-            raise UserError(f"CompressionConfig.cache_window_groups={self.cache_window_groups!r} must be a positive "
-                            "integer (groups of slots kept in full precision; KIVI keeps 2 of 64)")
+        if not _is_int(self.cache_window) or self.cache_window < 0:
+            raise UserError(f"CompressionConfig.cache_window={self.cache_window!r} must be a whole number of cache "
+                            "slots >= 0 (the newest slots kept in full precision; KIVI keeps 128)")
         if not _is_int(self.group_dim):
             raise UserError(f"CompressionConfig.group_dim={self.group_dim!r} must be an integer dimension index")
         if self.group_dim == 0:
@@ -100,6 +101,11 @@ class CompressionConfig:
     def levels(self) -> int:
         """Largest code: codes run 0..levels, scale = (max - min) / levels."""
         return (1 << self.bits) - 1
+
+    @property
+    def window_groups(self) -> int:
+        """KIVI's window in whole groups of slots (at least the group being filled)."""
+        return max(1, -(-self.cache_window // self.group_size))
 
     @property
     def group_bytes(self) -> int:
@@ -197,11 +203,11 @@ def cache_quantized_shape(which: str, shape: tuple[int, ...], config: Compressio
 
 def cache_window_shape(shape: tuple[int, ...], config: CompressionConfig) -> tuple[int, ...] | None:
     """KIVI's full-precision window of a cache tensor (S, B, nkv, hd): the slots of
-    `cache_window_groups` groups, a group's slots wherever it is held (one group of S < G slots:
+    `window_groups` groups, a group's slots wherever it is held (one group of S < G slots:
     S slots); None for min-max."""
     if config.cache_method == "minmax":
         return None
-    groups = min(config.cache_window_groups, num_groups(shape[0], config.group_size))
+    groups = min(config.window_groups, num_groups(shape[0], config.group_size))
     return (shape[0] if groups == 1 and shape[0] < config.group_size else groups * config.group_size, *shape[1:])
 
 

@@ -58,7 +58,7 @@ class KiviTensor:
         self.tier = tier
         self.valid = valid  # (B, S) bool, updated in place by the block; None: every slot holds a token
         self.group_slots = config.group_size
-        self.window_groups = config.cache_window_groups
+        self.window_groups = config.window_groups
         # The groups the window holds, oldest first, each [group, its first window row, slots held
         # (from the group's first)]; only the newest may be incomplete.
         self._held: list[list[int]] = []
