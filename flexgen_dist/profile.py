@@ -29,8 +29,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from .cli.oneline import OneLineParser
-from .jobs.outpath import check_output_path
+from .cli.shell import OneLineParser
+from .jobs.outputs import check_output_path
 from .errors import EnvironmentFailure, UserError
 from .files import check_offload_folder
 from .machine.detect import detect_capacities

@@ -16,11 +16,10 @@ from ..planning.policy import Policy
 from ..planning.search import SearchOptions
 from ..sizes import parse_size
 from ..storage.tiers import DiskIO
-from .oneline import OneLineParser
+from .shell import OneLineParser
 from ..api.planner import Capacity, ModelSetup
 from ..api.runtime import Runtime
-from ..jobs.identity import SCHEDULE_FLAGS
-from ..jobs.config import GenerationFlags, JobConfig
+from ..jobs.config import SCHEDULE_FLAGS, GenerationFlags, JobConfig
 from ..jobs.requests import check_text
 
 
