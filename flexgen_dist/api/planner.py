@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..parallel.partition import partition_layers
 from ..machine import detect
 from ..planning.cost_model import Estimate, estimate, estimate_pipeline, partition_costs
 from ..planning.fit import check_policy, policy_flags
@@ -294,6 +293,8 @@ def _stages(spec, all_units, guide: Policy, hardware, dtypes, workload, num_rank
         if stage_layers not in (None, [spec.num_layers]):
             raise UserError("--stage-layers needs one entry per rank; with one process, drop it")
         return [all_units]
+    from ..parallel.partition import partition_layers  # several ranks: a single process loads no partition
+
     whole = plan_placement(spec, all_units, guide, dtypes=dtypes, workload=workload,
                            buffers=Buffers(separate_gpu=hardware.capacities.has_gpu))
     costs = partition_costs(whole, hardware)
