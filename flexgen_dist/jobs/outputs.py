@@ -4,9 +4,9 @@ run writes, the result lines, and the records kept beside an output.
 `check_output_path` refuses, before any work, a folder, a device, a FIFO, a socket or a symbolic
 link at the output path (or at the progress files beside it), a missing or read-only folder, a
 file that cannot be replaced, and the input file itself. `-` is standard output and is always
-accepted. Side files (`--trace`, `--stats-json`) get the same checks, and each must be a path of
-its own: not the input, not the output or its progress files, not the other side file. Files are
-written by `flexgen_dist.files` (whole or not at all, never through a link).
+accepted. Side files (`--trace`, `--stats-json`) get the same checks (run.py `check_side_files`),
+and each must be a path of its own. Files are written by `flexgen_dist.files` (whole or not at
+all, never through a link).
 
 Result lines, native format (input lines with `prompt` / `input_ids`), one line per request:
     {"id": <the input's id>, "output_ids": [...], "text": "...", "finish_reason": "stop" | "length",
