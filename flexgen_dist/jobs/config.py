@@ -227,14 +227,14 @@ def tokenize_job(job: JobFile, *, tokenizer, spec: ModelSpec, max_new_tokens: in
     """Every request as token ids, checked against the model's vocabulary and positions."""
     if stop and tokenizer is None:
         raise UserError("--stop needs a tokenizer to decode the output, and this model has none; use --stop-token-ids")
-    tokenize = chat_template = None
-    if tokenizer is not None:
-        def tokenize(text: str) -> list[int]:
-            return list(tokenizer(text)["input_ids"])  # special tokens as the model expects (e.g. BOS)
+    def tokenize(text: str) -> list[int]:
+        return list(tokenizer(text)["input_ids"])  # special tokens as the model expects (e.g. BOS)
 
-        if getattr(tokenizer, "chat_template", None):
-            def chat_template(messages: list[dict]) -> list[int]:
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-    return check_tokens(job.requests, tokenize=tokenize, vocab_size=spec.vocab_size, max_positions=spec.max_positions,
-                        default_max_new_tokens=max_new_tokens, truncate=truncate, chat_template=chat_template)
+    def chat_template(messages: list[dict]) -> list[int]:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+    has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+    return check_tokens(job.requests, tokenize=tokenize if tokenizer is not None else None, vocab_size=spec.vocab_size,
+                        max_positions=spec.max_positions, default_max_new_tokens=max_new_tokens, truncate=truncate,
+                        chat_template=chat_template if has_template else None)
