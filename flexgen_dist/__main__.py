@@ -1,6 +1,6 @@
 """`python -m flexgen_dist ...`: the same command as `python -m flexgen_dist.run ...`."""
 
-from .cli.signals import HeldSignals
+from .cli.shell import HeldSignals
 
 if __name__ == "__main__":  # before the imports of .run, which take seconds (see run.py)
     HeldSignals.install()

@@ -2,6 +2,7 @@
 
 - `UserError`: the user can fix it (bad input, a folder they must chmod); exit code 2.
 - `EnvironmentFailure`: the machine let the run down (disk full, I/O error); exit code 1.
+- `PeerError`: a peer rank of a pipeline died, hung or closed its connection; exit code 1.
 """
 
 
@@ -20,6 +21,10 @@ class NotSupportedYet(UserError):
 
 class EnvironmentFailure(RuntimeError):
     """The environment failed the run (disk full, I/O error): one line saying what and where."""
+
+
+class PeerError(RuntimeError):
+    """A peer rank died, hung, or closed its connection."""
 
 
 def first_line(exc: BaseException) -> str:

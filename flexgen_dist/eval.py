@@ -16,7 +16,7 @@ import argparse
 import math
 from pathlib import Path
 
-from .cli.startup import refuse_too_little_memory
+from .cli.shell import refuse_too_little_memory
 
 refuse_too_little_memory()  # before torch is imported (below)
 

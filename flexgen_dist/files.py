@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import stat
@@ -207,6 +208,16 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, mode: int = FILE_MODE)
     """`data` as the file `path`, whole or not at all (see `atomic_output`)."""
     with atomic_output(path, mode=mode) as f:
         f.write(data)
+
+
+def write_json_file(path: str | os.PathLike, data: object, *, flag: str, indent: int | None = 1) -> None:
+    """`data` as JSON at `path`, whole or not at all; a failing disk is an `EnvironmentFailure`
+    naming `flag`, the option that gave the path."""
+    try:
+        write_atomic(path, (json.dumps(data, indent=indent, default=str) + "\n").encode())
+    except OSError as exc:
+        raise EnvironmentFailure(f"cannot write {flag} {os.fspath(path)!r}: {exc.strerror or exc}; free space "
+                                 f"or choose another {flag} path") from None
 
 
 def describe_kind(mode: int) -> str:

@@ -19,18 +19,19 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-from .cli.oneline import OneLineParser
-from .errors import UserError
-from .jobs.jobfiles import JobFileScanner
-from .files import atomic_output
-from .jobs.outpath import check_output_path
-from .jobs.output_rows import row_key
-from .jobs.resume import provenance_path, read_run_record
-from .jobs.shards import find_shard_outputs
+from .cli.shell import OneLineParser
 from .cli.shell import run_command
+from .errors import UserError
+from .files import atomic_output
+from .jobs.inputs import JobFileScanner
+from .jobs.outputs import check_output_path, progress_paths, provenance_path, read_run_record, row_key
+from .jobs.requests import Shard, shard_output_path
+
+SHARD_NAME = re.compile(r"\.shard-(?P<index>\d+)-of-(?P<count>\d+)")
 
 
 def merge_shards(input_path: str | Path, output_path: str | Path, shard_paths: list[str | Path], *,
@@ -181,6 +182,31 @@ def _index_shards(paths: list[Path]) -> tuple[dict[str, tuple[int, int, int]], l
 
 def _line_at(fd: int, offset: int) -> int:
     return os.pread(fd, offset, 0).count(b"\n") + 1
+
+
+def find_shard_outputs(output: str) -> list[Path]:
+    """The shard outputs of `--output output`, in shard order, checked to be all there and of one
+    count; a missing one is named, with a hint when it is still unfinished."""
+    path = Path(output)
+    pattern = f"{path.stem}.shard-*-of-*{path.suffix}"
+    found: dict[int, set[int]] = {}
+    for candidate in path.absolute().parent.glob(pattern):
+        match = SHARD_NAME.fullmatch(candidate.name[len(path.stem):len(candidate.name) - len(path.suffix)])
+        if match:
+            found.setdefault(int(match.group("count")), set()).add(int(match.group("index")))
+    if not found:
+        raise UserError(f"no shard outputs {pattern!r} next to {output!r}; run the shards first, or name the files")
+    if len(found) > 1:
+        counts = ", ".join(f"of-{count}" for count in sorted(found))
+        raise UserError(f"shard outputs for several shard counts ({counts}) next to {output!r}; name the files to merge")
+    (count, indices), = found.items()
+    for index in range(count):
+        if index not in indices:
+            missing = shard_output_path(output, Shard(index=index, count=count))
+            unfinished = progress_paths(missing)[0].exists()
+            raise UserError(f"shard {index}/{count} output {missing!r} is missing"
+                            f"{' (still unfinished: rerun that shard to complete it)' if unfinished else ''}")
+    return [Path(shard_output_path(output, Shard(index=index, count=count))) for index in range(count)]
 
 
 def _expand(patterns: list[str]) -> list[str]:

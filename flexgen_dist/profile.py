@@ -29,13 +29,12 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from .cli.oneline import OneLineParser
-from .jobs.outpath import check_output_path
+from .cli.shell import OneLineParser
+from .jobs.outputs import check_output_path
 from .errors import EnvironmentFailure, UserError
 from .files import check_offload_folder
 from .machine.detect import detect_capacities
 from .machine.hardware import Hardware
-from .machine.presets import hardware_from_arg
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +142,9 @@ def machine_hardware(device: str, offload_dir: str | Path | None, *, hardware: s
                      compute_dtype: str | None = None, profile_if_missing: bool = True) -> Hardware:
     """What the planner starts from, before `rank_share` and `apply_overrides`: the `--hardware`
     file or preset as written, else this machine's profiled speeds with capacities detected now."""
-    if hardware is not None:
+    if hardware is not None:  # the named machines and described files load only for --hardware
+        from .machine.presets import hardware_from_arg
+
         return hardware_from_arg(hardware)
     if offload_dir is not None:  # a folder the run cannot use is the error, not a profile of it
         check_offload_folder(offload_dir)

@@ -10,7 +10,7 @@ loads, results saved as blocks finish, resumed by running the same command again
 from __future__ import annotations
 
 if __name__ == "__main__":  # first: hold a SIGINT / SIGTERM sent while the imports below take seconds
-    from .cli.signals import HeldSignals
+    from .cli.shell import HeldSignals
     from .cli.streams import hold_standard_descriptors
 
     HeldSignals.install()
@@ -18,15 +18,14 @@ if __name__ == "__main__":  # first: hold a SIGINT / SIGTERM sent while the impo
 
 import argparse
 
-from .cli.startup import refuse_too_little_memory
+from .cli.shell import refuse_too_little_memory
 
 refuse_too_little_memory()  # before torch is imported (below)
 
 from . import DEFAULT_MODEL, __version__
 from .cli.flags import add_model_args, dist_from_args, group, job_config, new_parser, start_pipeline
-from .cli.shell import exit_process, run_command
+from .cli.shell import StopSignals, exit_process, run_command
 from .jobs.run import run_job
-from .cli.signals import StopSignals
 
 DESCRIPTION = """\
 Batch generation with a model whose weights and KV cache may not fit in GPU memory.

@@ -129,3 +129,28 @@ def test_trace_shows_loads_on_io_threads_beside_compute(llama_dir, tmp_path):
     load_threads = {e["tid"] for e in spans if e["name"].startswith("load weight")}
     assert load_threads - compute_threads, "weight loads should run on I/O threads"
     assert all(e["dur"] >= 0 for e in spans)
+
+
+def test_a_single_process_run_imports_only_what_it_uses():
+    """The bundled Llama model, one process, nothing compressed or on disk: no other family's layer
+    math, no pipeline messages or launcher readers, no GGUF or offload-folder code, no named
+    machines (each is imported, in one place, when a run needs it)."""
+    code = """
+import runpy, sys
+sys.argv = ["run", "--gen-len", "2", "--num-prompts", "2", "--no-warmup", "-q"]
+try:
+    runpy.run_module("flexgen_dist.run", run_name="__main__")
+except SystemExit as stop:
+    assert not stop.code, stop.code
+print(" ".join(sorted(m for m in sys.modules if m.startswith("flexgen_dist."))))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(proc.stdout.splitlines()[-1].split())  # the last line: the modules loaded
+    assert "flexgen_dist.model.llama" in loaded
+    unused = {f"flexgen_dist.{name}" for name in (
+        "model.gemma3", "model.moe", "model.opt", "model.phi3", "model.qwen3", "model.gguf", "spec.gguf",
+        "parallel.comm", "parallel.rendezvous", "parallel.slurm", "parallel.mpi", "parallel.hostlist",
+        "parallel.partition", "engine.messages", "storage.offload_dir", "storage.offload_identity",
+        "storage.piece_hash", "machine.presets")}
+    assert loaded.isdisjoint(unused), sorted(loaded & unused)

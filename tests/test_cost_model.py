@@ -223,7 +223,7 @@ def test_the_bound_of_a_step_is_its_larger_path():
         assert step.seconds >= max(step.compute_s, step.load_s) - 1e-15
 
 
-@pytest.mark.parametrize("module", ["cost_model", "cost_terms", "search", "lp", "fit", "folding"])
+@pytest.mark.parametrize("module", ["cost_model", "cost_terms", "search", "lp", "fit", "place"])
 def test_planner_imports_without_torch(module):
     code = f"import sys; sys.modules['torch'] = None; import flexgen_dist.planning.{module}"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

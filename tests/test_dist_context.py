@@ -19,7 +19,8 @@ import pytest
 
 from flexgen_dist.parallel.context import DistContext, choose_backend, setup_logging
 from flexgen_dist.parallel.hostlist import expand_nodelist, first_host
-from flexgen_dist.parallel.launchers import MPI_INSTALL_HINT, free_port
+from flexgen_dist.parallel.hostlist import free_port
+from flexgen_dist.parallel.mpi import MPI_INSTALL_HINT
 from flexgen_dist.parallel.slurm import SLURM_PORT_BASE, SLURM_PORT_SPAN, slurm_job_port
 from flexgen_dist.errors import UserError
 from launcher_envs import ompi_env, slurm_env, torchrun_env

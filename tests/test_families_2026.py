@@ -285,3 +285,16 @@ def test_qwen3_sliding_window_follows_layer_types(tmp_path):
     assert "1 sliding, 1 full" in message and "use_sliding_window" in message
     with pytest.raises(UserError, match="layer_types"):
         ModelSpec.from_config(dict(base, use_sliding_window=True, layer_types=["full_attention"]))
+
+
+def test_every_family_has_layer_math():
+    # model/__init__.py imports a family's module by name (spec/families.py's MATH_CLASSES) when
+    # a model of that family is built; a name left out or misspelled would show only then
+    import importlib
+
+    from flexgen_dist.spec.families import MATH_CLASSES
+    from flexgen_dist.spec.model import SUPPORTED
+
+    assert set(MATH_CLASSES) == set(SUPPORTED.values())
+    for module_name, class_name in MATH_CLASSES.values():
+        assert callable(getattr(importlib.import_module(f"flexgen_dist.model.{module_name}"), class_name))

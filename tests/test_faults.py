@@ -113,7 +113,7 @@ def test_an_address_space_too_small_for_torch_is_one_line(module):
 def test_a_memory_cgroup_too_small_to_start_is_named(monkeypatch, capsys):
     from pathlib import Path
 
-    from flexgen_dist.cli import startup
+    from flexgen_dist.cli import shell as startup  # the checks before torch
     from flexgen_dist.machine import detect
 
     group = detect.CgroupMemory(version=1, group=Path("/sys/fs/cgroup/memory/job"), limit=180 << 20, working_set=20 << 20)

@@ -242,7 +242,7 @@ def test_an_exception_in_the_block_removes_the_temporary_file(tmp_path):
 def _writers():
     """Every writer of the package that replaces a file, as (name, write(folder) -> target name)."""
     from flexgen_dist.bench.sweep import write_csv
-    from flexgen_dist.jobs.outpath import write_json_file
+    from flexgen_dist.files import write_json_file
     from flexgen_dist.machine.presets import FLEXGEN_T4
 
     def offload(folder):

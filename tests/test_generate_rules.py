@@ -8,10 +8,10 @@ import pytest
 
 from flexgen_dist import DEFAULT_MODEL, LLM, Policy, Runtime
 from flexgen_dist.api.generation import RunSettings
-from flexgen_dist.jobs.inputs import tokenize_job
-from flexgen_dist.jobs.jobfiles import read_job_file
-from flexgen_dist.jobs.shards import Shard
-from flexgen_dist.api.stop_strings import IncrementalText, StopStringMatcher, trim_at_stop
+from flexgen_dist.jobs.config import tokenize_job
+from flexgen_dist.jobs.inputs import read_job_file
+from flexgen_dist.jobs.requests import Shard
+from flexgen_dist.api.generation import IncrementalText, StopStringMatcher, trim_at_stop
 
 PROMPTS = ["The list data type has some more methods.", "Return the number of", "This module provides",
            "If the optional argument", "Compound statements contain", "A class definition is"]

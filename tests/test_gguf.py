@@ -23,7 +23,8 @@ pytest.importorskip("gguf")
 from conftest import MIN_MARGIN  # noqa: E402
 from flexgen_dist import LLM, Policy, Runtime  # noqa: E402
 from flexgen_dist.errors import UserError  # noqa: E402
-from flexgen_dist.api.model_source import ModelSource, _gguf_config  # noqa: E402
+from flexgen_dist.api.model_source import ModelSource  # noqa: E402
+from flexgen_dist.model.gguf import _gguf_config  # noqa: E402
 from flexgen_dist.planning.compression import CompressionConfig, compressed_nbytes  # noqa: E402
 from flexgen_dist.spec.gguf import read_gguf_header  # noqa: E402
 from flexgen_dist.spec.layout import model_units  # noqa: E402

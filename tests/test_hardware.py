@@ -327,7 +327,7 @@ for name in ("flexgen_dist", "flexgen_dist.planning", "flexgen_dist.spec", "flex
     package.__path__ = [{str(REPO)!r} + "/" + name.replace(".", "/")]
     sys.modules[name] = package
 import importlib
-for module in ("hardware", "presets", "detect", "cgroups", "gpu_overhead"):
+for module in ("hardware", "presets", "detect", "cgroups"):
     importlib.import_module("flexgen_dist.machine." + module)
 for module in {modules!r}:
     importlib.import_module(module)

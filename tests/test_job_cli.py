@@ -2,7 +2,6 @@
 exit code 2 before the model loads; resuming another run is refused; the OpenAI batch format
 round-trips; shards merge into the whole run; the help explains every flag; progress lines."""
 
-import contextlib
 import errno
 import io
 import os
@@ -18,8 +17,9 @@ import pytest
 from flexgen_dist import __version__
 from flexgen_dist.jobs import run as job_module
 from flexgen_dist.cli.progress import Progress
-from flexgen_dist.jobs.resume import ResumeLog, progress_paths
-from flexgen_dist.cli.signals import Interrupted
+from flexgen_dist.jobs.resume import ResumeLog
+from flexgen_dist.jobs.outputs import progress_paths
+from flexgen_dist.cli.shell import Interrupted
 from flexgen_dist.run import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def test_trace_and_stats_json_must_differ(cli, llama_dir, tmp_path):
 
 
 def test_trace_and_stats_are_written_whole_and_a_full_disk_is_exit_1(cli, llama_dir, tmp_path, monkeypatch):
-    from flexgen_dist.jobs import outpath
+    from flexgen_dist import files
 
     src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
     out, stats, trace = tmp_path / "out.jsonl", tmp_path / "stats.json", tmp_path / "trace.json"
@@ -251,18 +251,14 @@ def test_trace_and_stats_are_written_whole_and_a_full_disk_is_exit_1(cli, llama_
     assert any(e["ph"] == "X" for e in json.loads(trace.read_text())["traceEvents"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.jsonl.made-by.json", "stats.json", "trace.json"]
 
-    real = outpath.atomic_output
+    real = files.atomic_output
 
-    @contextlib.contextmanager
-    def full_disk(path):
+    def full_disk(path, data, **kwargs):  # writes part of the bytes, then the disk is full
         with real(path) as f:
-            class Half:  # writes part of the bytes, then the disk is full
-                def write(self, data):
-                    f.write(data[: len(data) // 2])
-                    raise OSError(errno.ENOSPC, "No space left on device")
-            yield Half()
+            f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(outpath, "atomic_output", full_disk)
+    monkeypatch.setattr(files, "write_atomic", full_disk)  # what write_json_file writes with
     code, _, err = cli("--model", llama_dir, "--input", src, "--output", out, "--overwrite", "--stats-json", stats,
                        *FAST)
     assert code == 1 and "Traceback" not in err, err

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from flexgen_dist.jobs import run as job_module
-from flexgen_dist.jobs.jobfiles import read_job_file
-from flexgen_dist.jobs.resume import progress_paths
-from flexgen_dist.cli.signals import Interrupted
+from flexgen_dist.jobs.inputs import read_job_file
+from flexgen_dist.jobs.outputs import progress_paths
+from flexgen_dist.cli.shell import Interrupted
 
 FAST = ["--no-warmup", "--quiet", "--gpu-batch-size", "2", "--device", "cpu"]
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16], [17, 18, 19, 20], [21, 22]]
@@ -188,14 +188,14 @@ def test_a_changed_generation_config_is_another_model(cli, llama_dir, tmp_path, 
 def test_another_users_output_in_a_sticky_folder_is_refused_before_the_run(tmp_path, monkeypatch):
     """Like /tmp: the final rename over another user's file fails (EPERM) after all the work."""
     from flexgen_dist.errors import UserError
-    from flexgen_dist.jobs import outpath
+    from flexgen_dist.jobs import outputs
 
     folder = tmp_path / "shared"
     folder.mkdir()
     os.chmod(folder, 0o1777)
     (folder / "out.jsonl").write_text("someone else's results\n")
-    outpath.check_output_path(folder / "out.jsonl")  # our own file: replaceable
-    monkeypatch.setattr(outpath.os, "geteuid", lambda: 4242)  # a user who owns neither the file nor the folder
+    outputs.check_output_path(folder / "out.jsonl")  # our own file: replaceable
+    monkeypatch.setattr(outputs.os, "geteuid", lambda: 4242)  # a user who owns neither the file nor the folder
     with pytest.raises(UserError, match="belongs to another user in a sticky folder"):
-        outpath.check_output_path(folder / "out.jsonl")
-    outpath.check_output_path(folder / "new.jsonl")  # a new file there is fine
+        outputs.check_output_path(folder / "out.jsonl")
+    outputs.check_output_path(folder / "new.jsonl")  # a new file there is fine

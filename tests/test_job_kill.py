@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from flexgen_dist.jobs.resume import progress_paths
-from flexgen_dist.cli.signals import HeldSignals, Interrupted, StopSignals
+from flexgen_dist.jobs.outputs import progress_paths
+from flexgen_dist.cli.shell import HeldSignals, Interrupted, StopSignals
 from flexgen_dist.run import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +270,7 @@ def test_a_signal_held_during_the_start_is_raised_by_the_first_stop_signals():
 # here the child installs it, signals itself at once, then runs the command.
 EARLY_CHILD = r"""
 import json, os, signal, sys
-from flexgen_dist.cli.signals import HeldSignals
+from flexgen_dist.cli.shell import HeldSignals
 HeldSignals.install()
 signum, count = int(sys.argv[1]), int(sys.argv[2])
 for _ in range(count):

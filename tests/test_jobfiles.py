@@ -7,11 +7,10 @@ import json
 import pytest
 
 from flexgen_dist.errors import UserError
-from flexgen_dist.jobs.jobfiles import JobFileScanner, read_job_file
-from flexgen_dist.jobs.requests import CHAT_URL, COMPLETIONS_URL
+from flexgen_dist.jobs.inputs import JobFileScanner, read_job_file
+from flexgen_dist.jobs.requests import CHAT_URL, COMPLETIONS_URL, check_tokens
 from flexgen_dist.api.results import Output
-from flexgen_dist.jobs.output_rows import output_row, row_key
-from flexgen_dist.jobs.requests import check_tokens
+from flexgen_dist.jobs.outputs import output_row, row_key
 
 GOOD = {"id": "ok", "prompt": "fine"}
 

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from flexgen_dist.errors import UserError
-from flexgen_dist.jobs.jobfiles import read_job_file
+from flexgen_dist.jobs.inputs import read_job_file
 from flexgen_dist.api.results import Output
-from flexgen_dist.jobs.output_rows import output_row
-from flexgen_dist.jobs.resume import RunIdentity, open_for_resume, provenance_path
-from flexgen_dist.jobs.shards import Shard, shard_output_path
-from flexgen_dist.merge import main as merge_main
-from flexgen_dist.merge import merge_shards
+from flexgen_dist.jobs.outputs import output_row, RunIdentity, provenance_path
+from flexgen_dist.jobs.resume import open_for_resume
+from flexgen_dist.jobs.requests import Shard, shard_output_path
+from flexgen_dist.merge import main as merge_main, merge_shards
 
 
 def make_input(tmp_path, count=6, name="in.jsonl"):

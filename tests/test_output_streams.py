@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flexgen_dist.jobs.resume import StdoutLog
+from flexgen_dist.jobs.outputs import StdoutLog
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from flexgen_dist.parallel.partition import parse_stage_layers, partition_layers
+from flexgen_dist.cli.flags import parse_stage_layers
+from flexgen_dist.parallel.partition import partition_layers
 from flexgen_dist.errors import UserError
 
 

@@ -9,7 +9,8 @@ import logging
 import pytest
 
 from flexgen_dist.errors import UserError
-from flexgen_dist.jobs.resume import RunIdentity, open_for_resume, progress_paths
+from flexgen_dist.jobs.outputs import RunIdentity, progress_paths
+from flexgen_dist.jobs.resume import open_for_resume
 from flexgen_dist.run import main
 
 IDENTITY = RunIdentity(model="model-a", input_sha256="0" * 64, settings={"max_new_tokens": 4})
@@ -110,7 +111,7 @@ def test_a_job_refuses_a_foreign_saved_id_before_it_computes_and_resumes_once_it
     capsys.readouterr()
     _drop_handlers()
     # the progress files of an unfinished run of this job: two results saved, then one edited in
-    from flexgen_dist.jobs import resume
+    from flexgen_dist.jobs import resume, run as job
     monkeypatch.setattr(resume.ResumeLog, "finish", lambda self, order: self.close())
     out.unlink()
     assert main(args) == 0
@@ -122,7 +123,6 @@ def test_a_job_refuses_a_foreign_saved_id_before_it_computes_and_resumes_once_it
     partial.write_text(kept[0] + json.dumps({"id": 99, "output_ids": [1]}) + "\n" + kept[1])
     before = partial.read_bytes()
 
-    from flexgen_dist.jobs import run as job
     monkeypatch.setattr(job, "LLM", lambda *a, **k: pytest.fail("the model loaded before the check"))
     code = main(args)
     err = capsys.readouterr().err

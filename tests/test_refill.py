@@ -15,8 +15,8 @@ import pytest
 
 from flexgen_dist import LLM, Policy, Runtime
 from flexgen_dist.api.generation import RunSettings
-from flexgen_dist.jobs.inputs import tokenize_job
-from flexgen_dist.jobs.jobfiles import read_job_file
+from flexgen_dist.jobs.config import tokenize_job
+from flexgen_dist.jobs.inputs import read_job_file
 from flexgen_dist.planning.compression import CompressionConfig
 
 _ON_DEVICE = dict(w_gpu_percent=100, w_cpu_percent=0, cache_gpu_percent=100, cache_cpu_percent=0,

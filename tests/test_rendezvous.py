@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flexgen_dist.parallel.launchers import free_port
+from flexgen_dist.parallel.hostlist import free_port
 from rank_processes import RankProcess
 
 pytestmark = pytest.mark.dist

@@ -16,8 +16,8 @@ import pytest
 
 from flexgen_dist.errors import UserError
 from flexgen_dist.temp_names import TEMP_TAG
-from flexgen_dist.jobs.outpath import check_output_path
-from flexgen_dist.jobs.resume import RunIdentity, StdoutLog, open_for_resume, progress_paths
+from flexgen_dist.jobs.outputs import check_output_path, RunIdentity, StdoutLog, progress_paths
+from flexgen_dist.jobs.resume import open_for_resume
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = RunIdentity(model="model-a", input_sha256="0" * 64, settings={"max_new_tokens": 4, "temperature": 0.0})

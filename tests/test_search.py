@@ -21,7 +21,7 @@ from flexgen_dist.planning.fit import (
     to_point,
     to_policy,
 )
-from flexgen_dist.planning.folding import FoldedRank
+from flexgen_dist.planning.place import FoldedRank
 from flexgen_dist.spec.layout import model_units
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier
 from flexgen_dist.planning.search import SearchOptions, search, switch_sets

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from flexgen_dist.errors import UserError
-from flexgen_dist.jobs.jobfiles import read_job_file
-from flexgen_dist.jobs.resume import RunIdentity, open_for_resume
+from flexgen_dist.jobs.inputs import read_job_file
+from flexgen_dist.jobs.outputs import RunIdentity, output_row
+from flexgen_dist.jobs.resume import open_for_resume
 from flexgen_dist.api.results import Output
-from flexgen_dist.jobs.output_rows import output_row
-from flexgen_dist.jobs.shards import Shard, find_shard_outputs, parse_shard, shard_output_path
-from flexgen_dist.merge import main as merge_main
-from flexgen_dist.merge import merge_shards
+from flexgen_dist.jobs.requests import Shard, shard_output_path
+from flexgen_dist.merge import find_shard_outputs, main as merge_main, merge_shards
+from flexgen_dist.jobs.config import parse_shard
 
 REPO = Path(__file__).resolve().parents[1]
 

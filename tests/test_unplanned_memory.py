@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 from flexgen_dist.engine import kv_views
 from flexgen_dist.engine.kv_views import DenseKV, StoredKV
 from flexgen_dist.model.layers import sparse_attention
-from flexgen_dist.machine import detect, gpu_overhead
+from flexgen_dist.machine import detect
 from flexgen_dist.planning import working
 from flexgen_dist.planning.compression import CompressionConfig
 from flexgen_dist.machine.hardware import Capacities
@@ -287,7 +287,7 @@ def _rank_gpu_mem(monkeypatch, *, gpus=1, free=80 * GiB, pipeline=None, context_
 def test_the_gpu_capacity_keeps_a_reserve_for_context_cublas_and_nccl(monkeypatch):
     alone = _rank_gpu_mem(monkeypatch)
     assert alone < 80 * GiB, "the whole free GPU memory planned: nothing left for the CUDA context"
-    assert alone == 80 * GiB - gpu_overhead.gpu_reserve(context_created=False, backend=None, world_size=1)
+    assert alone == 80 * GiB - detect.gpu_reserve(context_created=False, backend=None, world_size=1)
     assert 256 * MiB <= 80 * GiB - alone <= 2 * GiB
     with_context = _rank_gpu_mem(monkeypatch, context_created=True)  # already in what was free
     assert alone < with_context < 80 * GiB
@@ -305,10 +305,10 @@ def test_local_ranks_sharing_one_gpu_each_plan_with_their_share(monkeypatch):
     for rank in (0, 1):
         shared = _rank_gpu_mem(monkeypatch, gpus=1, pipeline=FakePipeline(rank, 2, 2, "gloo"))
         assert shared <= 40 * GiB, f"rank {rank} of 2 on one GPU plans with {shared / GiB:.1f} GiB of its 80"
-        reserve = gpu_overhead.gpu_reserve(context_created=False, backend="gloo", world_size=2)
+        reserve = detect.gpu_reserve(context_created=False, backend="gloo", world_size=2)
         assert shared == 40 * GiB - reserve  # half of the GPU, less this rank's own context
         assert shared < alone / 2
     # four ranks on two GPUs: two on each
     assert _rank_gpu_mem(monkeypatch, gpus=2, pipeline=FakePipeline(3, 4, 4, "gloo")) == shared
-    assert gpu_overhead.ranks_per_gpu(local_rank=1, local_world_size=3, gpu_count=2) == 1  # ranks 0 and 2 share GPU 0
-    assert gpu_overhead.ranks_per_gpu(local_rank=2, local_world_size=3, gpu_count=2) == 2
+    assert detect.ranks_per_gpu(local_rank=1, local_world_size=3, gpu_count=2) == 1  # ranks 0 and 2 share GPU 0
+    assert detect.ranks_per_gpu(local_rank=2, local_world_size=3, gpu_count=2) == 2

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from flexgen_dist import DEFAULT_MODEL, LLM, Policy, Runtime
 from flexgen_dist.api.generation import RunSettings
-from flexgen_dist.jobs.inputs import bundled_prompts, text_job, tokenize_job
-from flexgen_dist.jobs.output_rows import output_row
-from flexgen_dist.jobs.resume import RunIdentity, open_for_resume
-from flexgen_dist.jobs.shards import Shard
+from flexgen_dist.jobs.config import bundled_prompts, text_job, tokenize_job
+from flexgen_dist.jobs.outputs import output_row, RunIdentity
+from flexgen_dist.jobs.resume import open_for_resume
+from flexgen_dist.jobs.requests import Shard
 
 
 def main(argv: list[str] | None = None) -> int:

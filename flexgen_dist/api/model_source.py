@@ -1,24 +1,48 @@
-"""What a model is made of before it is placed: its spec, where its weights come from, its tokenizer."""
+"""What a model is made of before it is placed: its spec, where its weights come from, its tokenizer.
+
+`model_fingerprint`: everything that changes what the model outputs, the part of a job's identity
+(jobs/outputs.py `RunIdentity`) that a rerun must match to continue it. It covers the files that
+define the model, by content: config.json, generation_config.json, the weights index, and the
+tokenizer's files (MODEL_FILES); the weights (by the weight source's fingerprint: per file, its
+name, size and modification time, so a retrained checkpoint saved over the old one is seen without
+reading gigabytes); the compute and storage dtypes; and the policy fields that change results
+(weight and cache compression, cache dtype, sparse attention). Nothing else in the folder counts:
+a job may keep its input, its output and that output's progress files there (which change as it
+runs) and still resume. Placement percentages, batch sizes and the number of ranks are left out:
+they change where tensors live, not the tokens (greedy output is exact), so a run may be resumed
+with a policy that fits better.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from ..io_errors import file_error
-from ..model.checkpoint import CheckpointSource, GGUFSource, RandomSource, WeightSource
+from ..model.checkpoint import CheckpointSource, RandomSource, WeightSource
 from ..model.validate import scan_checkpoint
+from ..planning.placement import Dtypes
+from ..planning.policy import Policy
 from ..spec.generation import GenerationDefaults, read_generation_config
-from ..spec.gguf import ARCHITECTURES, GGUFArray, is_gguf, read_gguf_header
 from ..spec.layout import model_units
 from ..spec.model import ModelSpec
 
 log = logging.getLogger(__name__)
+
+# What transformers reads from a model folder to build the model, its generation defaults and
+# its tokenizer (fast or sentencepiece, with a chat template in a file of its own or not).
+MODEL_FILES = re.compile(
+    r"(config|generation_config|model\.safetensors\.index|special_tokens_map|added_tokens|preprocessor_config)\.json"
+    r"|tokenizer[\w.-]*\.(json|model)|vocab[\w.-]*\.(json|txt)|merges[\w.-]*\.txt|[\w.-]*\.model"
+    r"|chat_template\.(jinja|json)")
+JOB_FILES = re.compile(r"\.run\.json$|\.partial$|\.flexgen-tmp\.")  # a job's own, whatever its output's name
 
 
 @dataclass(frozen=True)
@@ -49,7 +73,9 @@ class ModelSource:
     @classmethod
     def from_path(cls, path: str | Path) -> "ModelSource":
         """A Hugging Face folder, a .gguf file, or a folder holding one .gguf file and no config.json."""
-        gguf = gguf_file(Path(path))
+        if Path(path).is_dir() and (Path(path) / "config.json").exists():
+            return cls.from_dir(path)
+        gguf = _gguf().gguf_file(Path(path))
         if gguf is not None:
             return cls.from_gguf(gguf)
         if Path(path).is_file():
@@ -61,17 +87,14 @@ class ModelSource:
     def from_gguf(cls, path: str | Path) -> "ModelSource":
         """A GGUF file (llama.cpp, Ollama, LM Studio): the configuration and the tokenizer from its
         metadata as transformers' GGUF loader reads them, the weights from its tensors (see
-        model/checkpoint.py GGUFSource: Q4_0, Q4_1 and Q8_0 matrices stay groups, exactly)."""
+        model/gguf.py GGUFSource: Q4_0, Q4_1 and Q8_0 matrices stay groups, exactly)."""
         path = Path(path)
-        header = read_gguf_header(path)
-        if header.architecture not in ARCHITECTURES:
-            raise UserError(f"{str(path)!r} is a GGUF model of architecture {header.architecture!r}, which is not "
-                            f"supported for GGUF files; supported: {', '.join(ARCHITECTURES)} (llama includes Mistral)")
-        config = _gguf_config(header)
+        gguf = _gguf()
+        header, config = gguf.read_config(path)
         spec = ModelSpec.from_config(_config_object(config), where=repr(str(path)))
         heads = (config.get("num_attention_heads"), config.get("num_key_value_heads"))
-        weights = GGUFSource(header, model_units(spec), spec.num_layers,
-                             heads if header.architecture == "llama" and None not in heads else None)
+        weights = gguf.GGUFSource(header, model_units(spec), spec.num_layers,
+                                  heads if header.architecture == "llama" and None not in heads else None)
         spec = dataclasses.replace(spec, dtype=weights.dtype, stored_groups=weights.stored_groups)
         if weights.stored_groups is not None:
             log.info("%s: %d weight matrices stay %d-bit groups of %d as the file holds them; the rest are %s",
@@ -89,47 +112,11 @@ class ModelSource:
         return cls(spec, RandomSource(seed, std), None, f"random {spec.model_type} (seed {seed})")
 
 
-def gguf_file(path: Path) -> Path | None:
-    """The GGUF file `path` names: itself, or the one .gguf file of a folder without config.json
-    (a folder with several is refused, naming them); None for anything else."""
-    if path.is_file():
-        return path if path.suffix.lower() == ".gguf" or is_gguf(path) else None
-    if not path.is_dir() or (path / "config.json").exists():
-        return None
-    found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
-    if len(found) > 1:
-        raise UserError(f"{str(path)!r} holds {len(found)} GGUF files ({', '.join(p.name for p in found[:4])}"
-                        f"{', ...' if len(found) > 4 else ''}); pass the one to run: --model {found[0]}")
-    return found[0] if found else None
+def _gguf():
+    """model/gguf.py, imported here and nowhere else: a run of a Hugging Face folder loads no GGUF code."""
+    from ..model import gguf
 
-
-def _gguf_config(header) -> dict:
-    """The config dict transformers' GGUF loader makes of the file's metadata (its
-    load_gguf_checkpoint, read here from the parsed header: transformers' own reader builds an
-    object per vocabulary entry, seconds on a large one). tests/test_gguf.py holds the two equal."""
-    from transformers import integrations
-
-    mapping = integrations.GGUF_CONFIG_MAPPING
-    defaults = getattr(integrations, "GGUF_CONFIG_DEFAULTS_MAPPING", {})
-    architecture, meta = header.architecture, header.metadata
-    names = [meta["general.name"]] if "general.name" in meta else []
-    updated = "mistral" if "llama" in architecture and "mistral" in names else architecture  # transformers' rule
-    config = {"tie_word_embeddings": "output.weight" not in header.tensors}
-    for key, value in defaults.get(updated, defaults.get(architecture) or {}).items():
-        config.setdefault(key, value)
-    for gguf_key, value in meta.items():
-        prefix, _, name = gguf_key.replace(architecture, updated).partition(".")
-        target = mapping.get(prefix, {}).get(name, -1)
-        if target == -1 or target is None:
-            continue
-        if isinstance(value, GGUFArray):
-            raise UserError(f"{str(header.path)!r}: metadata {gguf_key!r} is an array; this runtime reads it as one "
-                            "value (a model of another kind?)")
-        config[target] = value.replace(architecture, updated) if isinstance(value, str) else value
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if "vocab_size" not in config and isinstance(tokens, GGUFArray):
-        config["vocab_size"] = tokens.count
-    return config
+    return gguf
 
 
 def _config_object(config: dict):
@@ -222,3 +209,34 @@ def _tokenizer_class(model_dir: Path) -> str | None:
     except (OSError, ValueError):
         return "unknown"  # let AutoTokenizer read it (and report what is wrong with it)
     return config.get("tokenizer_class") if isinstance(config, dict) else "unknown"
+
+
+def model_fingerprint(source: ModelSource, *, dtypes: Dtypes, policy: Policy) -> str:
+    """A hex digest; equal for runs whose outputs are the same."""
+    about = {
+        "weights": source.weights.fingerprint(),
+        "files": model_file_hashes(Path(source.name)),
+        "dtypes": {"compute": dtypes.compute, "storage": dtypes.storage},
+        "compression": {
+            "compress_weight": policy.compress_weight,
+            "compress_cache": policy.compress_cache,
+            "compression": dataclasses.asdict(policy.compression),
+            "cache_dtype": policy.cache_dtype,
+            "attn_sparsity": policy.attn_sparsity,
+        },
+    }
+    if not about["files"]:  # not a folder (a generated source): its config stands for it
+        about["config"] = source.spec.raw
+    return hashlib.sha256(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_file_hashes(folder: Path) -> dict[str, str]:
+    """The sha256 of each file of the folder that defines the model (MODEL_FILES)."""
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if JOB_FILES.search(path.name) or not MODEL_FILES.fullmatch(path.name) or not path.is_file():
+            continue
+        found[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found

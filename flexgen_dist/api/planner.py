@@ -19,11 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..parallel.partition import partition_layers
 from ..machine import detect
 from ..planning.cost_model import Estimate, estimate, estimate_pipeline, partition_costs
 from ..planning.fit import check_policy, policy_flags
-from ..machine.gpu_overhead import gpu_reserve, ranks_per_gpu
 from ..machine.hardware import Hardware, apply_overrides, rank_share
 from ..spec.layout import Unit, model_units
 from ..planning.place import plan_placement
@@ -141,7 +139,7 @@ def rank_hardware(capacity: Capacity, *, device: str, offload_dir: str | Path | 
 
     Detected capacities are shared: host RAM and disk among the node's ranks, a GPU among the
     local ranks that run on it; then the rank's GPU reserve (CUDA context, cuBLAS, NCCL:
-    `gpu_overhead.gpu_reserve`) comes off its share. A `--hardware` description is planned as written."""
+    `detect.gpu_reserve`) comes off its share. A `--hardware` description is planned as written."""
     from .. import profile  # torch: only when planning for this machine
 
     def this_rank() -> Hardware:
@@ -165,10 +163,10 @@ def _detected_share(hw: Hardware, local_world_size: int, pipeline) -> Hardware:
     ctx = pipeline.ctx if pipeline is not None else None
     if not hw.capacities.has_gpu:
         return rank_share(hw, local_world_size=local_world_size)
-    sharing = ranks_per_gpu(ctx.local_rank if ctx else 0, local_world_size, detect.cuda_device_count())
+    sharing = detect.ranks_per_gpu(ctx.local_rank if ctx else 0, local_world_size, detect.cuda_device_count())
     hw = rank_share(hw, local_world_size=local_world_size, ranks_per_gpu=sharing)
-    reserve = gpu_reserve(context_created=detect.cuda_context_created(), backend=ctx.backend if ctx else None,
-                          world_size=ctx.world_size if ctx else 1)
+    reserve = detect.gpu_reserve(context_created=detect.cuda_context_created(), backend=ctx.backend if ctx else None,
+                                 world_size=ctx.world_size if ctx else 1)
     c = hw.capacities
     log.info("GPU memory reserved outside the plan (CUDA context, kernels, cuBLAS%s): %s of %s%s",
              ", NCCL" if ctx and ctx.backend == "nccl" else "", format_size(reserve), format_size(c.gpu_mem),
@@ -262,9 +260,9 @@ def choose_dtype(choices: list[Dtypes], plan_in, pipeline=None, checkpoint_dtype
 
 
 def _described_dtype(hardware: str | Path) -> str:
-    from ..machine.presets import hardware_from_arg
+    from .. import profile
 
-    return hardware_from_arg(hardware).speeds.compute_dtype
+    return profile.machine_hardware("cpu", None, hardware=hardware).speeds.compute_dtype
 
 
 def make_plan(spec: ModelSpec, *, policy: Policy | None, hardware: Hardware, dtypes: Dtypes, workload: Workload,
@@ -295,6 +293,8 @@ def _stages(spec, all_units, guide: Policy, hardware, dtypes, workload, num_rank
         if stage_layers not in (None, [spec.num_layers]):
             raise UserError("--stage-layers needs one entry per rank; with one process, drop it")
         return [all_units]
+    from ..parallel.partition import partition_layers  # several ranks: a single process loads no partition
+
     whole = plan_placement(spec, all_units, guide, dtypes=dtypes, workload=workload,
                            buffers=Buffers(separate_gpu=hardware.capacities.has_gpu))
     costs = partition_costs(whole, hardware)

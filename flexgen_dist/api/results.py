@@ -3,6 +3,7 @@ blocks to `LLM.generate`'s caller and a job's output line) and the run's statist
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,3 +93,41 @@ class Stats:
 class GenerationResult:
     outputs: list[Output]
     stats: Stats
+
+
+def stats_record(stats, policy, world_size: int, plan=None) -> dict:
+    """Machine-readable run statistics (what benchmarks parse), with the plan's prediction and
+    this process's memory (peak resident set, and what it held when the plan was made)."""
+    data = {
+        "world_size": world_size,
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "total_s": stats.total_s,
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "prefill_tokens_per_s": stats.prefill_tokens_per_s,
+        "decode_tokens_per_s": stats.decode_tokens_per_s,
+        "tokens_per_s": stats.tokens_per_s,
+        "padding_efficiency": stats.padding_efficiency if stats.prompt_slots else None,
+        "row_steps": stats.row_steps,
+        "row_utilization": stats.row_utilization if stats.row_steps else None,
+        "policy": dataclasses.asdict(policy),
+    }
+    if plan is not None:
+        import resource
+
+        data["planned"] = {
+            "searched": plan.searched,
+            "tokens_per_s": plan.estimate.throughput,
+            "prefill_s": plan.estimate.prefill_s,
+            "decode_s": plan.estimate.decode_s,
+            "bytes_per_tier": {str(tier): n for tier, n in plan.placement.bytes_per_tier().items()},
+            "process_rss_at_plan": plan.process_rss,
+            "peak_rss": plan.predicted_peak_rss,
+            "dtypes": dataclasses.asdict(plan.placement.dtypes),
+            "workload": dataclasses.asdict(plan.placement.workload),
+            "buffers": dataclasses.asdict(plan.placement.buffers),
+            "hardware": plan.hardware.name,
+        }
+        data["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return data

@@ -26,11 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..cli.oneline import OneLineParser
+from ..cli.shell import OneLineParser
 from .. import DEFAULT_MODEL
 from ..errors import UserError
 from ..cli.shell import run_command
-from ..jobs.outpath import write_json_file
+from ..files import write_json_file
 from . import checks
 from .checks import check_args
 from ..sizes import format_size

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from flexgen_dist.cli.oneline import OneLineParser
+from flexgen_dist.cli.shell import OneLineParser
 from flexgen_dist.bench.bound import DTYPES
 from flexgen_dist.bench.memlimit import evict_from_page_cache, format_size, parse_size
 from flexgen_dist.errors import UserError

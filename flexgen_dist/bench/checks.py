@@ -8,7 +8,7 @@ import argparse
 
 from ..errors import UserError
 from ..files import check_offload_folder
-from ..jobs.outpath import check_output_path
+from ..jobs.outputs import check_output_path
 from ..sizes import parse_size
 
 PROCESS_RESERVE = int(1.5 * 2**30)  # what a run's own process takes besides the weights and cache it is given

@@ -22,8 +22,8 @@ from ..api.generation import RunSettings
 from ..api.llm import LLM
 from ..api.runtime import Runtime
 from ..files import write_atomic
-from ..jobs.inputs import tokenize_job
-from ..jobs.jobfiles import read_job_file
+from ..jobs.config import tokenize_job
+from ..jobs.inputs import read_job_file
 from ..planning.policy import Policy
 
 PLACEMENTS = {

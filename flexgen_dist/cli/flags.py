@@ -11,16 +11,14 @@ from ..errors import UserError
 from ..parallel.context import DistContext
 from ..parallel.context import setup_logging as dist_setup_logging
 from ..parallel.group import Pipeline
-from ..parallel.partition import parse_stage_layers
 from ..planning.policy import Policy
 from ..planning.search import SearchOptions
 from ..sizes import parse_size
 from ..storage.tiers import DiskIO
-from .oneline import OneLineParser
+from .shell import OneLineParser
 from ..api.planner import Capacity, ModelSetup
 from ..api.runtime import Runtime
-from ..jobs.identity import SCHEDULE_FLAGS
-from ..jobs.config import GenerationFlags, JobConfig
+from ..jobs.config import SCHEDULE_FLAGS, GenerationFlags, JobConfig
 from ..jobs.requests import check_text
 
 
@@ -300,3 +298,19 @@ def job_config(args: argparse.Namespace, ctx: DistContext) -> JobConfig:
 def _frozen(value):
     return tuple(value) if isinstance(value, list) else value
 
+
+def parse_stage_layers(text: str) -> list[int]:
+    """Parse `--stage-layers` text such as "10,12,10" into layer counts per stage."""
+    parts = [part.strip() for part in text.split(",")]
+    if not text.strip() or any(not part for part in parts):
+        raise UserError(f"--stage-layers {text!r}: give layer counts per rank separated by commas, e.g. 10,12,10")
+    counts = []
+    for part in parts:
+        try:
+            count = int(part)
+        except ValueError:
+            raise UserError(f"--stage-layers {text!r}: {part!r} is not a whole number") from None
+        if count < 1:
+            raise UserError(f"--stage-layers {text!r}: {count} is not a positive layer count")
+        counts.append(count)
+    return counts

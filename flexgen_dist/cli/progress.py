@@ -1,4 +1,6 @@
-"""Progress of a job on rank 0: prompts done, tokens/s and ETA, as blocks finish.
+"""What a job on rank 0 tells its user: the start lines (`start_line`: the policy, the block
+shape and where the weights live; `settings_line`: how it generates), then its progress: prompts
+done, tokens/s and ETA, as blocks finish.
 
 On a terminal it is a tqdm bar on stderr. Without one (a batch job's log file) a bar would fill
 the log with carriage returns, so a line is printed every `interval_s` (30 s) instead, from a
@@ -11,6 +13,11 @@ from __future__ import annotations
 import threading
 import time
 from typing import Callable, TextIO
+
+from ..api.generation import RunSettings
+from ..planning.placement import Tier
+from ..sizes import format_size
+from ..spec.generation import NAME as GENERATION_CONFIG
 
 LOG_INTERVAL_S = 30.0
 
@@ -98,3 +105,38 @@ def _is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def settings_line(settings: RunSettings, eos_ids, eos_source: str) -> str:
+    """How the run generates, and which settings the model's generation_config.json gave."""
+    if settings.do_sample:
+        how = (f"sampling (temperature {settings.temperature:g}, top-k {settings.top_k or 'off'}, "
+               f"top-p {settings.top_p:g}, seed {settings.seed})")
+    else:
+        how = "greedy"
+    eos = "ignored (--ignore-eos)" if settings.ignore_eos else (
+        f"{', '.join(str(i) for i in eos_ids)} (from {eos_source})" if eos_ids else f"none (from {eos_source})")
+    given = (f"; from {GENERATION_CONFIG}: {', '.join(settings.from_model)} (flags override them)"
+             if settings.from_model else "")
+    return f"generation: {how}; EOS ids {eos}; at most {settings.max_new_tokens} new tokens{given}"
+
+
+def start_line(llm, world_size: int, offload_dir: str | None) -> str:
+    """The policy, the block shape and where the weights live (rank 0's share of them)."""
+    p = llm.policy
+
+    def split(kind: str) -> str:
+        return "/".join(f"{x:g}" for x in p.percents(kind))
+
+    weights = llm.placement.weight_bytes()
+    where = ", ".join(f"{tier} {format_size(n)}" for tier, n in weights.items() if n) or "none"
+    if weights.get(Tier.DISK):
+        where += f" (disk tier in {offload_dir})"
+    units = llm.units
+    stage = (f"; rank 0 of {world_size} holds schedule layers {units[0].layer_idx}..{units[-1].layer_idx}"
+             if world_size > 1 else "")
+    how = "chosen by the planner" if llm.plan.searched else "as given"
+    return (f"policy: blocks of {p.block_size} prompts ({p.gpu_batch_size} x {p.num_gpu_batches} gpu batches); "
+            f"gpu/cpu/disk %: weights {split('w')}, KV cache {split('cache')}, activations {split('act')}; "
+            f"weights: {where}; compute on {llm.device} in {llm.placement.dtypes.compute}{stage} "
+            f"({how}; predicted {llm.plan.estimate.throughput:.1f} tok/s)")

@@ -3,7 +3,8 @@
 Where things are: what a run tracks (and a refill run's stretches of steps) in walk.py, block
 state in blocks.py, KV caches and activations on their tiers in block_io.py, loaded weights in
 storage/weights.py, one decoder layer in model/decoder.py, where loads run (thread pool, CUDA
-streams) in loader.py, messages between ranks in parallel/comm.py.
+streams) in loader.py, messages between ranks in messages.py over parallel/comm.py (both imported only
+when there are ranks to talk to: a single process has no comm).
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..model import LayerMath, decoder_layer, mixed_decoder_layer
-from ..parallel.comm import Comm
 from ..spec.layout import Unit, UnitKind
 from ..planning.placement import Placement
 from ..schedule import block as ops
@@ -28,11 +28,13 @@ from .blocks import Block, BlockResult, BlockState
 from .finite import FiniteWatch, TaskKey
 from .homes import KVLease
 from .loader import Loader, Ready
-from .messages import Messages
 from .refill import Lender, RefillState
 from .sampling import Sampler
 from .trace import NoTracer, Tracing
 from .walk import RunResult, Walk
+
+if TYPE_CHECKING:  # annotations only
+    from ..parallel.comm import Comm
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -65,8 +67,13 @@ class Engine:
                                 reader=reader, rank=self.rank)
         # weight loads in flight, plus the next batch's cache
         self.loader = Loader(workers=config.prefetch_depth + 1, device=self.device, overlap=self.policy.overlap)
-        self.messages = Messages(comm=comm, gpu_batch_size=self.policy.gpu_batch_size, hidden_size=self.spec.hidden_size,
-                                 dtype=self.dtype, device=self.device, tracer=self.tracer) if comm is not None else None
+        self.messages = None
+        if comm is not None:  # a pipeline of ranks
+            from .messages import Messages
+
+            self.messages = Messages(comm=comm, gpu_batch_size=self.policy.gpu_batch_size,
+                                     hidden_size=self.spec.hidden_size, dtype=self.dtype, device=self.device,
+                                     tracer=self.tracer)
 
     def close(self) -> None:
         self.loader.close()

@@ -4,15 +4,17 @@ run plans for its open blocks (`Walk.refill_plan`), and what the run returns (`R
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..parallel.comm import SendHandle
 from ..schedule import block as ops
 from ..schedule.pipeline import LaneTask
 from .blocks import Block, BlockResult, BlockState
 from .finite import FiniteWatch
 from .refill import Lender
 from .sampling import Sampler
+
+if TYPE_CHECKING:  # annotations only: a single process has no comm
+    from ..parallel.comm import SendHandle
 
 
 @dataclass

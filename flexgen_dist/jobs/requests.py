@@ -15,6 +15,13 @@ The tokenizer comes in as callables, so this needs neither transformers nor torc
     chat_template(messages) -> token ids of the conversation with the assistant's turn opened
       (transformers: tokenizer.apply_chat_template(messages, add_generation_prompt=True));
       None when the tokenizer has none.
+
+A `Shard` selects requests by position: shard I of N takes those whose 0-based index in the file is
+I mod N (round robin). Why not contiguous ranges: round robin needs no count of the file before
+the first request is picked (one streaming pass), and it gives every shard the same mix of the
+file even when the file is sorted (by length, by topic), so shards finish at about the same time.
+It depends on nothing but the input: a rerun, another machine or another N-way launcher picks the
+same requests.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import math
 from array import array
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
 from ..errors import UserError, first_line
@@ -87,6 +95,30 @@ class Request:
         if self.input_ids is not None:
             return self.input_ids.tolist()
         return list(self.messages)
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 0-based
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"a shard needs 0 <= index < count, got {self.index}/{self.count}")
+
+    def selects(self, request_index: int) -> bool:
+        return request_index % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_output_path(output: str, shard: Shard) -> str:
+    """`results.jsonl` -> `results.shard-2-of-4.jsonl`; the whole file keeps the name as given."""
+    if shard.count == 1 or output == "-":
+        return output
+    path = Path(output)
+    return str(path.with_name(f"{path.stem}.shard-{shard.index}-of-{shard.count}{path.suffix}"))
 
 
 def lone_surrogate(text: str) -> int | None:

@@ -37,10 +37,8 @@ from typing import Iterable, Sequence, TextIO
 
 from ..errors import EnvironmentFailure, UserError
 from ..files import atomic_output, fsync_file, fsync_folder, open_nofollow, remove_stale_temps, write_all, write_atomic
-from .identity import (RunIdentity, made_by_this_run, output_keys, progress_paths, provenance_path,
-                       read_run_record)
-from .outpath import STDOUT, check_output_path
-from .output_rows import StdoutLog, row_key
+from .outputs import (STDOUT, RunIdentity, StdoutLog, check_output_path, progress_paths, provenance_path,
+                      read_run_record, row_key)
 
 try:
     import fcntl
@@ -48,6 +46,7 @@ except ImportError:  # not POSIX: no lock, the rest works
     fcntl = None
 
 log = logging.getLogger(__name__)
+
 
 class ResumeLog:
     """The progress of one output file. Build with `open_for_resume`."""
@@ -209,7 +208,9 @@ def open_for_resume(output_path: str | os.PathLike, identity: RunIdentity, *, ov
         folder = out.absolute().parent
         for name in (out.name, record_path.name):  # temporary files of a killed earlier run, by exact name
             remove_stale_temps(folder, name)
-        recorded = None if overwrite else _read_record(record_path)
+        fix = (f"restore it to resume, or pass --overwrite to start over (move {partial.name} aside first to keep "
+               "its saved results)")
+        recorded = None if overwrite else read_run_record(record_path, fix=fix)
         if recorded is None:
             if not overwrite and out.exists():
                 keys = made_by_this_run(out, identity)  # else refused, saying why
@@ -262,12 +263,6 @@ def _lock(fd: int, output: str, partial: Path) -> None:
         log.warning("cannot lock %s (%s); make sure one process alone writes %s", partial, exc.strerror, output)
 
 
-def _read_record(path: Path) -> dict | None:
-    fix = (f"restore it to resume, or pass --overwrite to start over (move "
-           f"{path.name.removesuffix('.run.json')}.partial aside first to keep its saved results)")
-    return read_run_record(path, fix=fix)
-
-
 def _repair(fd: int, partial: Path) -> tuple[dict[str, tuple[int, int]], int]:
     """Index the progress file's complete lines and truncate what follows the last good one: a
     torn last line (killed mid-write), or anything after a line that does not parse."""
@@ -305,7 +300,7 @@ def _repair(fd: int, partial: Path) -> tuple[dict[str, tuple[int, int]], int]:
 
 
 def _is_result(row: dict) -> bool:
-    """The shape of a result line (output_rows.py): native lines carry their token ids, OpenAI
+    """The shape of a result line (outputs.py): native lines carry their token ids, OpenAI
     batch lines their response body; a line edited into another shape is not copied into OUT."""
     if "custom_id" in row:
         response = row.get("response")
@@ -318,3 +313,34 @@ def _line_at(fd: int, offset: int) -> int:
     return os.pread(fd, offset, 0).count(b"\n") + 1
 
 
+def made_by_this_run(out: Path, identity: RunIdentity) -> list[str]:
+    """The id keys of a finished output that this same run made (its provenance names this
+    identity and the output's bytes hash as recorded); else a UserError saying what differs."""
+    output = str(out)
+    replace = "pass --overwrite to replace it, or choose another file"
+    made_by = read_run_record(provenance_path(out), fix=replace)
+    if made_by is None:
+        raise UserError(f"--output {output!r} already exists and no run of it is recorded; {replace}")
+    differences = identity.differences(made_by)
+    if differences:
+        raise UserError(f"--output {output!r} was made by another run: {'; '.join(differences)} (recorded in "
+                        f"{str(provenance_path(out))!r}); {replace}")
+    digest = hashlib.sha256()
+    with open(out, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if made_by.get("output_sha256") != digest.hexdigest():
+        raise UserError(f"--output {output!r} changed since the run that made it finished (its content no longer "
+                        f"matches {str(provenance_path(out))!r}); {replace}")
+    return output_keys(out)
+
+
+def output_keys(out: Path) -> list[str]:
+    keys = []
+    with open(out, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                keys.append(row_key(json.loads(raw)))
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{out}:{line_no}: not a result line of this program; pass --overwrite to start over") from None
+    return keys

@@ -9,46 +9,40 @@ Everything a user can get wrong fails before the weights load:
 5. the blocks run; each block's results are appended and fsynced as it closes, and a progress
    bar (or a line every 30 s without a terminal) shows prompts done, tokens/s and ETA;
 6. the output is written whole in input order; the last line is the summary.
-SIGINT / SIGTERM stop the run where it is (signals.py); what is finished is on disk already,
+SIGINT / SIGTERM stop the run where it is (cli/shell.py); what is finished is on disk already,
 and one line says how to resume.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable
 
+from ..api.generation import RunSettings
+from ..api.llm import LLM
+from ..api.model_source import ModelSource, model_file_hashes, model_fingerprint
+from ..api.results import Output, stats_record
+from ..cli.progress import Progress, settings_line, start_line
+from ..cli.shell import Interrupted, StopSignals
+from ..cli.streams import stdout_closed_at_start
 from ..engine.trace import Tracer
-from ..errors import EnvironmentFailure, SharedError, UserError, first_line
-from ..parallel.comm import PeerError
+from ..errors import EnvironmentFailure, UserError
+from ..files import write_json_file
 from ..parallel.context import DistContext
 from ..parallel.group import Pipeline
-from ..spec.generation import NAME as GENERATION_CONFIG, GenerationDefaults
-from ..planning.placement import Tier, Workload
-from ..sizes import format_size
-from .identity import agree, run_record
-from .config import JobConfig
-from ..api.llm import LLM
-from .identity import model_fingerprint
-from ..api.generation import RunSettings
-from .inputs import job_from_config, print_continuations, shown_without_output, tokenize_job
-from .jobfiles import JobFile
-from ..api.model_source import ModelSource
-from .outpath import STDOUT
-from ..api.results import Output
-from .output_rows import output_row
-from .resume import ResumeLog, RunIdentity, StdoutLog, open_for_resume, progress_paths
-from ..cli.progress import Progress
-from .shards import Shard, parse_shard, shard_output_path
-from .outpath import check_side_files, stats_record, trace_path, write_json_file
-from ..cli.signals import Interrupted, StopSignals
-from ..cli.streams import stdout_closed_at_start
-from .requests import PromptTokens
+from ..planning.placement import Workload
+from ..spec.generation import GenerationDefaults
+from .config import JobConfig, job_from_config, parse_shard, shown_without_output, tokenize_job
+from .inputs import JobFile
+from .outputs import STDOUT, RunIdentity, check_output_path, output_row, progress_paths
+from .requests import PromptTokens, Shard, shard_output_path
+from .resume import ResumeLog, StdoutLog, open_for_resume
 
-T = TypeVar("T")
 Items = list[tuple[PromptTokens, Output]]
 
 
@@ -126,7 +120,7 @@ class JobStart:
     config: JobConfig
 
     def record(self) -> dict[str, str]:
-        """What the ranks of a pipeline compare before they compute (identity.py `agree`)."""
+        """What the ranks of a pipeline compare before they compute (parallel/group.py `agree`)."""
         return run_record(source=self.source, settings={**self.settings.record(), "output_format": self.job.format},
                           input_sha256=self.job.sha256, shard=str(self.shard), flags=dict(self.config.schedule))
 
@@ -141,7 +135,8 @@ def start_job(config: JobConfig, ctx: DistContext) -> JobStart:
                         f"{source.spec.vocab_size - 1})")
     job = job_from_config(config, source.spec, source.tokenizer is not None, shard)
     target = output_target(config, shard)
-    check_side_files(config, output=target, world_size=ctx.world_size)
+    check_side_files(input=config.input, trace=config.trace, stats_json=config.stats_json, output=target,
+                     world_size=ctx.world_size)
     prepared = tokenize_job(job, tokenizer=source.tokenizer, spec=source.spec, max_new_tokens=settings.max_new_tokens,
                             truncate=config.truncate, stop=settings.stop)
     return JobStart(shard, source, settings, job, target, prepared, config)
@@ -150,7 +145,7 @@ def start_job(config: JobConfig, ctx: DistContext) -> JobStart:
 def run_job(make_config: Callable[[], JobConfig], ctx: DistContext, pipeline: Pipeline, signals: StopSignals) -> int:
     """The run. `make_config` builds (and checks) the configuration inside the ranks' agreement,
     so a rank's bad flag stops every rank with its one line."""
-    start = agree(pipeline, lambda: start_job(make_config(), ctx), JobStart.record)
+    start = pipeline.agree(lambda: start_job(make_config(), ctx), JobStart.record)
     shard, source, settings, job, target, prepared, config = (
         start.shard, start.source, start.settings, start.job, start.target, start.prepared, start.config)
     workload = None
@@ -179,7 +174,7 @@ def run_job(make_config: Callable[[], JobConfig], ctx: DistContext, pipeline: Pi
         return [i for i, p in enumerate(prepared) if p.request.key not in sinks[0].finished]
 
     try:
-        pending = share_from_rank0(pipeline, open_output)
+        pending = pipeline.share_from_rank0(open_output)
         if not pending:
             if sinks:
                 with signals.deferred():
@@ -240,20 +235,6 @@ def _generate(config: JobConfig, llm: LLM, todo: list[PromptTokens], settings: R
         progress.close()
 
 
-def settings_line(settings: RunSettings, eos_ids, eos_source: str) -> str:
-    """How the run generates, and which settings the model's generation_config.json gave."""
-    if settings.do_sample:
-        how = (f"sampling (temperature {settings.temperature:g}, top-k {settings.top_k or 'off'}, "
-               f"top-p {settings.top_p:g}, seed {settings.seed})")
-    else:
-        how = "greedy"
-    eos = "ignored (--ignore-eos)" if settings.ignore_eos else (
-        f"{', '.join(str(i) for i in eos_ids)} (from {eos_source})" if eos_ids else f"none (from {eos_source})")
-    given = (f"; from {GENERATION_CONFIG}: {', '.join(settings.from_model)} (flags override them)"
-             if settings.from_model else "")
-    return f"generation: {how}; EOS ids {eos}; at most {settings.max_new_tokens} new tokens{given}"
-
-
 def output_target(config: JobConfig, shard) -> str | None:
     """This shard's output path; None: print continuations (a run without --input)."""
     if config.output is None:
@@ -280,56 +261,72 @@ def open_sink(config: JobConfig, target: str | None, identity: RunIdentity, job:
     return LogSink(log, job, model_name=Path(config.model).name)
 
 
-def share_from_rank0(pipeline: Pipeline, compute: Callable[[], T]) -> T:
-    """Rank 0 computes a value and every rank returns it; rank 0's error raises on every rank
-    (so no rank waits for a run that will not start). With one process, just `compute()`."""
-    if pipeline.world_size == 1:
-        return compute()
-    import torch
-    import torch.distributed as dist
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    box: list = [None]
-    error: BaseException | None = None
-    if pipeline.rank == 0:
-        try:
-            box[0] = ("ok", compute())
-        except BaseException as exc:  # told to the others, then raised here
-            error = exc
-            box[0] = ("user" if isinstance(exc, UserError) else "failed", str(exc))
-    device = torch.device(pipeline.ctx.device) if pipeline.ctx.backend == "nccl" else None
+
+def run_record(*, source, settings: dict, input_sha256: str, shard: str, flags: dict) -> dict[str, str]:
+    """What every rank must hold alike, in the order differences are reported: short digests
+    (a rank's record crosses the wire) with enough of the value to say what differs."""
+    return {
+        "model configuration (config.json)": _digest(source.spec.raw),
+        "model files (tokenizer, generation config)": _digest(model_file_hashes(Path(source.name))),
+        "weights": source.weights.content_digest()[:16],
+        "input": input_sha256[:16],
+        "shard": shard,
+        "generation settings": json.dumps(settings, sort_keys=True),
+        **{f"--{name.replace('_', '-')}": json.dumps(value) for name, value in sorted(flags.items())},
+    }
+
+
+def trace_path(trace: str, rank: int) -> str:
+    """Rank 0 writes `--trace FILE.json` itself; rank r > 0 writes FILE.rank<r>.json beside it."""
+    if rank == 0 or not trace:
+        return trace
+    path = Path(trace)
+    return str(path.with_suffix(f".rank{rank}{path.suffix}"))
+
+
+def check_side_files(*, input: str | None, trace: str | None, stats_json: str | None, output: str | None,
+                     world_size: int) -> None:
+    """Refuse, before anything is read or written, a side file (`--trace`: one per rank,
+    `trace_path`; `--stats-json`) that cannot be written or that names a file the run reads or
+    writes for another purpose. Every rank checks every rank's files, so all ranks stop on the
+    same error (only rank 0 prints it)."""
+    taken: list[tuple[str, str]] = []
+    if input is not None:
+        taken.append(("the --input file", input))
+    if output is not None and output != STDOUT:
+        partial, record = progress_paths(output)
+        taken += [("the --output file", output), ("the output's progress file", str(partial)),
+                  ("the output's run record", str(record))]
+    side = [("--trace", trace_path(trace, rank)) for rank in range(world_size)] if trace is not None else []
+    side += [("--stats-json", stats_json)] if stats_json is not None else []
+    for flag, path in side:
+        check_output_path(path, input_path=input, flag=flag, allow_stdout=False)
+        for what, other in taken:
+            if same_file(path, other):
+                raise UserError(f"{flag} {path!r} is {what}; give {flag} a file of its own")
+        taken.append((f"the {flag} file", path))
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same path once links in folders are resolved, or
+    (both existing) the same inode, e.g. a hard link."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
     try:
-        dist.broadcast_object_list(box, src=0, device=device)
-    except Exception as exc:  # a peer died or hung: one line naming it, exit 1
-        others = ", ".join(str(r) for r in range(1, pipeline.world_size))
-        what, who = ("telling", f"rank {others}") if pipeline.rank == 0 else ("hearing from", "rank 0")
-        raise PeerError(f"rank {pipeline.rank}: {what} the other ranks which prompts are left failed "
-                        f"({first_line(exc)}); {who} died or hung") from None
-    if error is not None:
-        raise error
-    kind, value = box[0]
-    if kind == "user":
-        raise SharedError(value)  # printed by rank 0 alone
-    if kind == "failed":
-        raise EnvironmentFailure(f"rank 0 could not start the run: {value}")
-    return value
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
-def start_line(llm: LLM, world_size: int, offload_dir: str | None) -> str:
-    """The policy, the block shape and where the weights live (rank 0's share of them)."""
-    p = llm.policy
-
-    def split(kind: str) -> str:
-        return "/".join(f"{x:g}" for x in p.percents(kind))
-
-    weights = llm.placement.weight_bytes()
-    where = ", ".join(f"{tier} {format_size(n)}" for tier, n in weights.items() if n) or "none"
-    if weights.get(Tier.DISK):
-        where += f" (disk tier in {offload_dir})"
-    units = llm.units
-    stage = (f"; rank 0 of {world_size} holds schedule layers {units[0].layer_idx}..{units[-1].layer_idx}"
-             if world_size > 1 else "")
-    how = "chosen by the planner" if llm.plan.searched else "as given"
-    return (f"policy: blocks of {p.block_size} prompts ({p.gpu_batch_size} x {p.num_gpu_batches} gpu batches); "
-            f"gpu/cpu/disk %: weights {split('w')}, KV cache {split('cache')}, activations {split('act')}; "
-            f"weights: {where}; compute on {llm.device} in {llm.placement.dtypes.compute}{stage} "
-            f"({how}; predicted {llm.plan.estimate.throughput:.1f} tok/s)")
+def print_continuations(prepared: list[PromptTokens], outputs: dict[str, object], stream, limit: int | None) -> None:
+    """`prompt -> continuation` (the text, or the ids without a tokenizer) in input order, for a
+    run without --output: all of them, or the first `limit` and a count of the rest."""
+    shown = prepared if limit is None else prepared[:limit]
+    for item in shown:
+        prompt = item.request.text if item.request.text is not None else item.request.prompt
+        print(f"{prompt!r} -> {outputs[item.request.key]!r}", file=stream)
+    if len(prepared) > len(shown):
+        print(f"... and {len(prepared) - len(shown)} more (--output FILE writes every result)", file=stream)

@@ -26,13 +26,9 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from ..errors import first_line
+from ..errors import PeerError, first_line
 
 log = logging.getLogger(__name__)
-
-
-class PeerError(RuntimeError):
-    """A peer rank died, hung, or closed its connection."""
 
 
 # --- how long to wait -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Launchers it understands; the innermost launcher of this process wins (launchers
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -34,15 +35,13 @@ from flexgen_dist.errors import UserError
 from .launchers import (
     DEFAULT_MASTER_ADDR,
     DEFAULT_MASTER_PORT,
+    RANK_READERS,
     _detect_cuda_device_count,
     _detect_launcher,
-    _mpi_ranks,
     _port,
     _Ranks,
-    _torchrun_ranks,
     torchrun_agent_serves_store,
 )
-from .slurm import _slurm_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +108,9 @@ class DistContext:
         """
         env = os.environ if env is None else env
         launcher = _detect_launcher(env)
-        if launcher == "torchrun":
-            ranks = _torchrun_ranks(env)
-        elif launcher == "slurm":
-            ranks = _slurm_ranks(env)
-        elif launcher == "mpi":
-            ranks = _mpi_ranks(env)
+        if launcher in RANK_READERS:
+            module_name, reader = RANK_READERS[launcher]
+            ranks = getattr(importlib.import_module(f"{__package__}.{module_name}"), reader)(env)
         else:
             ranks = _Ranks(
                 rank=0,

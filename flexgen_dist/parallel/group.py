@@ -5,6 +5,15 @@
 
 With one process (world size 1) nothing is created and `pipeline.comm` is None: the single-GPU
 (or CPU) fallback needs no process group at all.
+
+The ranks agree before they compute (`agree`): every rank reads its own command line and files;
+activations then cross ranks as raw tensors, so two ranks started with another checkpoint of the
+same shape would compute a wrong answer and exit 0, and two of different shapes or settings would
+die in the transport ("Received data size doesn't match") or wait out --comm-timeout. Each rank
+states what must match (a job's `run_record`) and all ranks refuse together, in one line from
+rank 0 naming the first difference and the rank. A rank that could not even state it (its model
+folder is missing, its input does not parse) sends its error instead, and rank 0 shows it,
+whichever rank it was: the others would otherwise wait for it and say only that it died.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from ..errors import EnvironmentFailure, SharedError, UserError, first_line
+from ..errors import EnvironmentFailure, PeerError, SharedError, UserError, first_line
 from .context import DistContext
 
 T = TypeVar("T")
@@ -81,7 +90,7 @@ class Pipeline:
             return [obj]
         import torch.distributed as dist
 
-        from .comm import CommWait, PeerError, process_group_timeout
+        from .comm import CommWait, process_group_timeout
 
         every: list = [None] * self.world_size
         try:
@@ -123,6 +132,55 @@ class Pipeline:
             raise SharedError(told) if kind == "user" else EnvironmentFailure(told)
         return value, [shared for _, shared in every]
 
+    def agree(self, start: Callable[[], T], record: Callable[[T], dict[str, str]]) -> T:
+        """Every rank calls it: each runs `start` and states `record` of its result (or fails to),
+        then all raise together at the first rank that failed or the first field in which a rank
+        differs from rank 0; else `start`'s result. With one process, `start()` alone."""
+        if self.world_size == 1:
+            return start()
+        result, every = self.together(start, what="starting states", share=record)
+        first = every[0]
+        for rank, theirs in enumerate(every[1:], start=1):
+            for field, value in first.items():
+                if theirs.get(field) != value:
+                    raise SharedError(
+                        f"the ranks disagree on {field}: rank {rank} has {_shown(theirs.get(field))}, rank 0 "
+                        f"{_shown(value)}; start every rank with the same command, model and input files")
+        return result
+
+    def share_from_rank0(self, compute: Callable[[], T]) -> T:
+        """Rank 0 computes a value and every rank returns it; rank 0's error raises on every rank
+        (so no rank waits for a run that will not start). With one process, just `compute()`."""
+        if self.world_size == 1:
+            return compute()
+        import torch
+        import torch.distributed as dist
+
+        box: list = [None]
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                box[0] = ("ok", compute())
+            except BaseException as exc:  # told to the others, then raised here
+                error = exc
+                box[0] = ("user" if isinstance(exc, UserError) else "failed", str(exc))
+        device = torch.device(self.ctx.device) if self.ctx.backend == "nccl" else None
+        try:
+            dist.broadcast_object_list(box, src=0, device=device)
+        except Exception as exc:  # a peer died or hung: one line naming it, exit 1
+            others = ", ".join(str(r) for r in range(1, self.world_size))
+            what, who = ("telling", f"rank {others}") if self.rank == 0 else ("hearing from", "rank 0")
+            raise PeerError(f"rank {self.rank}: {what} the other ranks which prompts are left failed "
+                            f"({first_line(exc)}); {who} died or hung") from None
+        if error is not None:
+            raise error
+        kind, value = box[0]
+        if kind == "user":
+            raise SharedError(value)  # printed by rank 0 alone
+        if kind == "failed":
+            raise EnvironmentFailure(f"rank 0 could not start the run: {value}")
+        return value
+
     def close(self) -> None:
         """Leave the process group. Safe to call twice."""
         if self._started:
@@ -135,3 +193,7 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _shown(value: str | None) -> str:
+    return "none" if value is None else value if len(value) <= 60 else value[:57] + "..."

@@ -1,29 +1,30 @@
-"""Reading each launcher's environment: which launcher started this process, torchrun's and
-MPI's variables (SLURM's are read in slurm.py, its node lists in hostlist.py).
+"""Reading each launcher's environment: which launcher started this process, and torchrun's
+variables (SLURM's are read in slurm.py, its node lists in hostlist.py; MPI's in mpi.py).
 
-`DistContext.from_env` (context.py) picks the launcher and calls its reader; nothing else in
+`DistContext.from_env` (context.py) picks the launcher and calls its reader (`RANK_READERS`: the
+reader's module is imported only when its launcher started this process); nothing else in
 flexgen_dist reads these variables.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from flexgen_dist.errors import UserError
 
-from .hostlist import _reachable_address, free_port
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
 
-MPI_INSTALL_HINT = "install the mpi extra: pip install 'flexgen_dist[mpi]'"
+# launcher -> the module of flexgen_dist.parallel and its function that read this rank's place from
+# the environment, imported by DistContext.from_env when that launcher started the process: a
+# single process reads none of them (and loads neither SLURM's node lists nor mpi4py's glue).
+RANK_READERS = {"torchrun": ("launchers", "_torchrun_ranks"), "slurm": ("slurm", "_slurm_ranks"),
+                "mpi": ("mpi", "_mpi_ranks")}
 
 
 # ---- launcher detection ---------------------------------------------------------------------------
@@ -168,68 +169,6 @@ def torchrun_agent_serves_store(env: Mapping[str, str]) -> bool:
     DistContext has no field for it.
     """
     return env.get("TORCHELASTIC_USE_AGENT_STORE", "").strip() == "True"
-
-
-# ---- MPI ----------------------------------------------------------------------------------------------
-
-
-def _mpi_ranks(env: Mapping[str, str]) -> _Ranks:
-    family = _mpi_family(env)
-    assert family is not None
-    rank_var, size_var = family.rank, family.size
-    if size_var not in env:
-        raise UserError(f"{rank_var} is set but {size_var} is not: start the ranks with mpirun")
-    world_size = _env_int(env, size_var, minimum=1)
-    rank = _env_int(env, rank_var)
-    _check_rank(rank, rank_var, world_size, size_var)
-
-    local_rank_var = _first_present(env, family.local_rank)
-    local_size_var = _first_present(env, family.local_size)
-    given_addr = env.get("MASTER_ADDR") or None
-    given_port = _port(env, "MASTER_PORT") if env.get("MASTER_PORT") else None
-    needs_mpi = world_size > 1 and (given_addr is None or given_port is None or local_rank_var is None)
-    if needs_mpi:
-        found = _mpi_exchange(rank, world_size, size_var, given_addr, given_port)
-    else:  # one rank, or everything given: no mpi4py needed
-        found = _Ranks(rank, world_size, 0, world_size, given_addr or DEFAULT_MASTER_ADDR,
-                       given_port or DEFAULT_MASTER_PORT)
-
-    local_rank = _env_int(env, local_rank_var) if local_rank_var is not None else found.local_rank
-    if local_size_var is not None:
-        local_world_size = _env_int(env, local_size_var, minimum=1)
-    else:
-        local_world_size = found.local_world_size
-    _check_rank(local_rank, local_rank_var or "local rank", local_world_size, local_size_var or "local size")
-    return dataclasses.replace(found, local_rank=local_rank, local_world_size=local_world_size)
-
-
-def _mpi_exchange(rank: int, world_size: int, size_var: str, given_addr: str | None, given_port: int | None) -> _Ranks:
-    """Ask MPI for what the environment lacks: rank 0's address, a free port, the local rank."""
-    try:
-        from mpi4py import MPI
-    except ImportError as error:
-        raise UserError(f"launched by mpirun but mpi4py is missing ({error}): {MPI_INSTALL_HINT}") from None
-    comm = MPI.COMM_WORLD
-    if comm.Get_size() != world_size or comm.Get_rank() != rank:
-        raise UserError(
-            f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()} but {size_var}={world_size}: mpi4py is built "
-            "against another MPI than the mpirun that started this job; use that MPI's mpirun or rebuild mpi4py"
-        )
-    hostnames = comm.allgather(socket.gethostname())
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-    local_rank, local_world_size = node.Get_rank(), node.Get_size()
-    node.Free()
-    chosen = None
-    if rank == 0:
-        if given_addr is not None:
-            addr = given_addr
-        elif all(host == hostnames[0] for host in hostnames):
-            addr = DEFAULT_MASTER_ADDR  # one node: loopback always works
-        else:
-            addr = _reachable_address()
-        chosen = (addr, given_port if given_port is not None else free_port())
-    addr, port = comm.bcast(chosen, root=0)
-    return _Ranks(rank, world_size, local_rank, local_world_size, addr, port)
 
 
 def _detect_cuda_device_count() -> int:

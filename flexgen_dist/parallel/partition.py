@@ -64,23 +64,6 @@ def partition_layers(
     return _ranges(_most_even_split(costs, num_layers, num_stages, best_max))
 
 
-def parse_stage_layers(text: str) -> list[int]:
-    """Parse `--stage-layers` text such as "10,12,10" into layer counts per stage."""
-    parts = [part.strip() for part in text.split(",")]
-    if not text.strip() or any(not part for part in parts):
-        raise UserError(f"--stage-layers {text!r}: give layer counts per rank separated by commas, e.g. 10,12,10")
-    counts = []
-    for part in parts:
-        try:
-            count = int(part)
-        except ValueError:
-            raise UserError(f"--stage-layers {text!r}: {part!r} is not a whole number") from None
-        if count < 1:
-            raise UserError(f"--stage-layers {text!r}: {count} is not a positive layer count")
-        counts.append(count)
-    return counts
-
-
 def _check_override(override: Sequence[int], num_layers: int, num_stages: int) -> list[int]:
     counts = list(override)
     shown = ",".join(str(count) for count in counts)

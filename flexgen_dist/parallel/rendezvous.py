@@ -37,8 +37,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from ..errors import first_line
-from .comm import PeerError
+from ..errors import PeerError, first_line
 
 logger = logging.getLogger(__name__)
 

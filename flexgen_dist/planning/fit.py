@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from .cost_model import DEFAULT_LINK_BW, StageTimes, mean_decode_task, stage_times, task_time
-from .folding import FoldedRank
+from .place import FoldedRank
 from ..machine.hardware import Hardware, MemoryLimit
 from .placement import Buffers, Dtypes, Placement, Tier, Workload
 from .policy import Policy

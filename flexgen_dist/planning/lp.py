@@ -33,7 +33,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .cost_terms import Work, act_work, cache_work, matmul_work, send_seconds, weight_place_work
 from .fit import Lattice, Point, lattices, weight_mids
-from .folding import FoldedRank
+from .place import FoldedRank
 from ..machine.hardware import Hardware
 from ..spec.layout import Unit, UnitKind
 from .placement import Buffers, Dtypes, Placement, Tier, Workload

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from .cost_model import DEFAULT_LINK_BW, Estimate, combine, estimate_pipeline
 from .fit import RankProblem, fit_down, lattices, limit_label, policy_flags, polish, shortfalls, to_policy
-from .folding import FoldedRank
+from .place import FoldedRank
 from ..machine.hardware import Hardware
 from ..spec.layout import Unit
 from .lp import LPResult, solve_rank

@@ -27,6 +27,20 @@ DEFAULTS = {
 }
 
 
+# family -> the module of flexgen_dist.model and the class that compute it. model/__init__.py
+# imports a family's module only when a model of that family is built: a Llama run loads no
+# Gemma 3, OPT or mixture-of-experts code.
+MATH_CLASSES = {
+    "llama": ("llama", "LlamaMath"),
+    "qwen3": ("qwen3", "Qwen3Math"),
+    "phi3": ("phi3", "Phi3Math"),
+    "opt": ("opt", "OptMath"),
+    "mixtral": ("moe", "MixtralMath"),
+    "qwen3_moe": ("moe", "Qwen3MoeMath"),
+    "gemma3": ("gemma3", "Gemma3Math"),
+}
+
+
 ROPE_TYPES = ("default", "linear", "llama3")  # what model/layers.py rope_inv_freq computes
 
 

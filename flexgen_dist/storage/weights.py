@@ -25,7 +25,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -35,12 +35,13 @@ from ..spec.layout import Unit
 from ..planning.placement import Placement, Tier, WeightPlace
 from ..sizes import format_size
 from .compressed import CompressedTensor, compressed_in_memory
-from .offload_dir import OffloadFolder, remove_folder, stale_folders
-from .offload_identity import OffloadIdentity, checkpoint_identity
 from .quantize import QuantizedTensor, empty_quantized, quantize
 from .rows import RowTable, StreamedRows
 from .slots import Slot, SlotPool
 from .tiers import ALL, DiskReader, DiskTensor, MemoryTensor, copy, torch_dtype
+
+if TYPE_CHECKING:  # annotations only: the offload folder's modules load with weights on disk (_open_folder)
+    from .offload_dir import OffloadFolder
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +96,6 @@ class LoadCounts:
                 setattr(self, name, getattr(self, name) + n)
 
 
-def offload_identity(source, placement: Placement) -> OffloadIdentity:
-    """What the offload folder's files are made from: the checkpoint (its headers, sizes and
-    mtimes) or a generated source, the storage dtype and the compression settings."""
-    policy = placement.policy
-    compression = policy.compression if policy.compress_weight else None
-    files = getattr(source, "weight_files", None)
-    if files is not None:
-        return checkpoint_identity(files(), storage_dtype=placement.dtypes.storage, compression=compression)
-    return OffloadIdentity.of(source.fingerprint(), storage_dtype=placement.dtypes.storage, compression=compression)
-
-
 class WeightStore:
     def __init__(self, *, placement: Placement, units: list[Unit], source, device: torch.device,
                  offload_dir: str | Path | None, reader: DiskReader | None, verify: bool = False,
@@ -145,10 +135,7 @@ class WeightStore:
             if offload_dir is None or reader is None:
                 raise UserError("the policy puts weights on disk but no offload folder was given; pass --offload-dir DIR")
             check_offload_space(offload_dir, 0)  # a folder we can write, before looking inside it
-            files = getattr(source, "weight_files", None)
-            self._folder = OffloadFolder(offload_dir, offload_identity(source, placement), verify=verify,
-                                         weight_files=files() if files is not None else ())
-            _report_stale(offload_dir, keep=self._folder.path.name, prune=prune)
+            self._folder = _open_folder(offload_dir, source, placement, verify=verify, prune=prune)
             # Before writing anything: room for the files still missing and the run's cache and activations.
             sizes = {}
             for _, ws, place in disk:
@@ -292,10 +279,24 @@ class WeightStore:
         return any(isinstance(t, CompressedTensor) for placed in self.tensors.values() for t in placed.values())
 
 
-def _report_stale(offload_dir, *, keep: str, prune: bool) -> None:
-    """The offload folder's weight folders of checkpoints that are gone: a warning each, or removed
-    with `prune` (--prune-offload). Never silently kept, never silently deleted."""
-    for stale in stale_folders(offload_dir, keep=keep):
+def _open_folder(offload_dir, source, placement: Placement, *, verify: bool, prune: bool) -> OffloadFolder:
+    """The verified folder of these weights in the offload folder (the one place that imports the
+    offload folder's modules: a run with no weights on disk never loads them). It is named by what
+    its files are made from: the checkpoint (its headers, sizes and mtimes) or a generated source,
+    the storage dtype and the compression settings. The folders of checkpoints that are gone get a
+    warning each, or are removed with `prune` (--prune-offload): never silently kept, never
+    silently deleted."""
+    from .offload_dir import OffloadFolder, remove_folder, stale_folders
+    from .offload_identity import OffloadIdentity, checkpoint_identity
+
+    compression = placement.policy.compression if placement.policy.compress_weight else None
+    files = getattr(source, "weight_files", None)
+    if files is not None:
+        identity = checkpoint_identity(files(), storage_dtype=placement.dtypes.storage, compression=compression)
+    else:
+        identity = OffloadIdentity.of(source.fingerprint(), storage_dtype=placement.dtypes.storage, compression=compression)
+    folder = OffloadFolder(offload_dir, identity, verify=verify, weight_files=files() if files is not None else ())
+    for stale in stale_folders(offload_dir, keep=folder.path.name):
         if not prune:
             log.warning("%s (%s) holds the weights of a checkpoint that is gone: %s; remove it, or pass "
                         "--prune-offload", stale.path, format_size(stale.nbytes), stale.why)
@@ -306,3 +307,4 @@ def _report_stale(offload_dir, *, keep: str, prune: bool) -> None:
             log.warning("cannot remove %s (%s)", stale.path, exc)
             continue
         log.info("removed %s (%s): %s", stale.path, format_size(stale.nbytes), stale.why)
+    return folder
