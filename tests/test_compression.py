@@ -22,7 +22,7 @@ from flexgen_dist.engine.sampling import Sampler
 from flexgen_dist.model.layers import attention, sparse_attention
 from flexgen_dist.planning.compression import CompressionConfig
 from flexgen_dist.planning.placement import Tier
-from flexgen_dist.storage.compressed import compressed_on_disk
+from flexgen_dist.storage.quantize import compressed_on_disk
 from flexgen_dist.storage.tiers import DiskIO, DiskReader, DiskTensor, MemoryTensor
 
 CPU = Runtime(device="cpu")

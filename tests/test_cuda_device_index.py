@@ -10,7 +10,7 @@ import torch
 
 from fake_cuda import FakeCuda
 from flexgen_dist import LLM, Runtime
-from flexgen_dist.engine.loader import Loader
+from flexgen_dist.engine.block_io import Loader
 from flexgen_dist.spec.model import ModelSpec
 from flexgen_dist.storage.slots import StreamOrder
 

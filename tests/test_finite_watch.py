@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexgen_dist.engine.finite import FiniteWatch, TaskKey
+from flexgen_dist.engine.walk import FiniteWatch, TaskKey
 from flexgen_dist.errors import UserError
 
 LAYERS = range(3, 6)  # a middle stage: schedule layers 3..5, no head

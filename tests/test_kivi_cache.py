@@ -13,7 +13,7 @@ from flexgen_dist import LLM, Policy, Runtime
 from flexgen_dist.planning.compression import CompressionConfig
 from flexgen_dist.planning.placement import Tier
 from flexgen_dist.planning.tiers import cache_parts, pack
-from flexgen_dist.storage.compressed import compressed_in_memory
+from flexgen_dist.storage.quantize import compressed_in_memory
 from flexgen_dist.storage.kivi import KiviTensor, kivi_in_memory, kivi_on_disk
 from flexgen_dist.storage.quantize import empty_quantized
 from flexgen_dist.storage.tiers import DiskIO, DiskReader

@@ -15,7 +15,7 @@ from flexgen_dist.planning.place import plan_placement
 from flexgen_dist.planning.placement import Buffers, Dtypes, Tier
 from flexgen_dist.spec.model import ModelSpec
 from flexgen_dist.planning.compression import CompressionConfig
-from flexgen_dist.storage.compressed import CompressedTensor
+from flexgen_dist.storage.quantize import CompressedTensor
 from flexgen_dist.storage.kivi import KiviTensor
 from flexgen_dist.storage.tiers import DiskIO, DiskTensor, MemoryTensor
 

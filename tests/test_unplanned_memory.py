@@ -33,7 +33,7 @@ from flexgen_dist.planning.policy import Policy
 from flexgen_dist.machine.presets import FLEXGEN_T4
 from flexgen_dist.spec.model import ModelSpec
 from flexgen_dist.storage import quantize as quantize_module
-from flexgen_dist.storage.compressed import compressed_in_memory
+from flexgen_dist.storage.quantize import compressed_in_memory
 from flexgen_dist.storage.quantize import dequantize, empty_quantized, quantize, quantize_into
 
 GiB = 1 << 30

@@ -25,7 +25,7 @@ from flexgen_dist.planning.placement import Buffers, Dtypes, Tier, Workload
 from flexgen_dist.spec.model import ModelSpec
 from flexgen_dist.planning.tiers import slot_bytes
 from flexgen_dist.storage import tiers as storage_tiers
-from flexgen_dist.storage.compressed import compressed_in_memory, compressed_on_disk
+from flexgen_dist.storage.quantize import compressed_in_memory, compressed_on_disk
 from flexgen_dist.storage.quantize import dequantize, empty_quantized, quantize
 from flexgen_dist.storage.rows import RowTable, StreamedRows
 from flexgen_dist.storage.tiers import DiskIO, DiskReader, DiskTensor, MemoryTensor

@@ -24,7 +24,7 @@ from flexgen_dist.engine.kv_views import StoredKV
 from flexgen_dist.planning.compression import CompressionConfig
 from flexgen_dist.planning.placement import Tier
 from flexgen_dist.planning.tiers import cache_parts, pack
-from flexgen_dist.storage.compressed import compressed_in_memory
+from flexgen_dist.storage.quantize import compressed_in_memory
 from flexgen_dist.storage.kivi import kivi_in_memory
 from flexgen_dist.storage.quantize import empty_quantized
 

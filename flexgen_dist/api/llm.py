@@ -17,12 +17,12 @@ import torch
 from ..engine.blocks import Block, RowRule
 from ..engine.engine import Engine, EngineConfig
 from ..engine.sampling import Sampler, SamplingParams, TeacherForcing
-from ..engine.trace import Tracing
+from ..engine.walk import Tracing
 from ..errors import NotSupportedYet, UserError
 from ..model import make_math
 from ..parallel.group import Pipeline
 from ..planning.fit import PolicyDoesNotFit, check_policy
-from ..spec.generation import GenerationDefaults
+from ..spec.checks import GenerationDefaults
 from ..planning.place import plan_placement
 from ..planning.cost_terms import chosen_share
 from ..planning.placement import Placement, Tier, Workload

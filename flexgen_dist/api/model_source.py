@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..io_errors import file_error
+from ..errors import UserError, file_error
 from ..model.checkpoint import CheckpointSource, RandomSource, WeightSource
 from ..model.validate import scan_checkpoint
 from ..planning.placement import Dtypes
 from ..planning.policy import Policy
-from ..spec.generation import GenerationDefaults, read_generation_config
+from ..spec.checks import GenerationDefaults, read_generation_config
 from ..spec.layout import model_units
 from ..spec.model import ModelSpec
 

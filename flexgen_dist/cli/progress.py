@@ -17,7 +17,7 @@ from typing import Callable, TextIO
 from ..api.generation import RunSettings
 from ..planning.placement import Tier
 from ..sizes import format_size
-from ..spec.generation import NAME as GENERATION_CONFIG
+from ..spec.checks import NAME as GENERATION_CONFIG
 
 LOG_INTERVAL_S = 30.0
 

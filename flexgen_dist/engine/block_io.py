@@ -14,25 +14,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..errors import file_error
 from ..files import remove_stale_temps
-from ..io_errors import file_error
 from ..model import KVView
 from ..planning.compression import cache_quantized_shape
 from ..planning.placement import CachePlace, Placement, Tier
 from ..planning.tiers import cache_part_rows
-from ..storage.compressed import compressed_in_memory, compressed_on_disk
 from ..storage.kivi import KiviTensor, kivi_in_memory, kivi_on_disk
-from ..storage.quantize import QuantizedTensor
+from ..storage.quantize import QuantizedTensor, compressed_in_memory, compressed_on_disk
 from ..storage.slots import SlotPool, StreamOrder
 from ..storage.tiers import DiskReader, DiskTensor, MemoryTensor, TierTensor, copy, torch_dtype
 from ..temp_names import temp_name
-from .blocks import Block, BlockResult, BlockState
-from .homes import ActivationHome, KVCache, KVLease
+from .blocks import ActivationHome, Block, BlockResult, BlockState, KVCache, KVLease
 from .kv_views import DenseKV, StoredKV
 
 
@@ -280,3 +280,49 @@ def _seal(cache: KVCache) -> None:
     for tensor in (cache.k, cache.v):
         if isinstance(tensor, KiviTensor):
             tensor.seal()
+
+
+# --- Where loads run: a small thread pool (overlap on) or inline (overlap off).
+# 
+# With overlap, the next layer's weights and the next batch's KV cache are loaded on pool threads
+# while the current batch computes. On a GPU each pool thread copies on its own CUDA stream, so
+# host-to-device transfers run beside the compute stream; a load's result is handed over only
+# once its stream has finished, so compute never reads a half-copied buffer. Both modes give
+# identical tokens.
+
+class Ready:
+    """An already available value with a Future's `result()`."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+class Loader:
+    def __init__(self, *, workers: int, device: torch.device, overlap: bool):
+        self.device = device
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="flexgen-io") if overlap else None
+        self._streams = threading.local()
+
+    def submit(self, fn, *args) -> Future | Ready:
+        if self._pool is None:
+            return Ready(fn(*args))
+        if self.device.type == "cuda":
+            return self._pool.submit(self._on_load_stream, fn, *args)
+        return self._pool.submit(fn, *args)
+
+    def _on_load_stream(self, fn, *args):
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            out = fn(*args)
+        stream.synchronize()
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -3,7 +3,7 @@
 Where things are: what a run tracks (and a refill run's stretches of steps) in walk.py, block
 state in blocks.py, KV caches and activations on their tiers in block_io.py, loaded weights in
 storage/weights.py, one decoder layer in model/decoder.py, where loads run (thread pool, CUDA
-streams) in loader.py, messages between ranks in messages.py over parallel/comm.py (both imported only
+streams) in block_io.py, messages between ranks in messages.py over parallel/comm.py (both imported only
 when there are ranks to talk to: a single process has no comm).
 """
 
@@ -25,12 +25,12 @@ from ..storage.tiers import DiskReader, torch_dtype
 from ..storage.weights import LoadedWeights, WeightStore
 from .block_io import BlockIO
 from .blocks import Block, BlockResult, BlockState
-from .finite import FiniteWatch, TaskKey
-from .homes import KVLease
-from .loader import Loader, Ready
+from .walk import FiniteWatch, TaskKey
+from .blocks import KVLease
+from .block_io import Loader, Ready
 from .refill import Lender, RefillState
 from .sampling import Sampler
-from .trace import NoTracer, Tracing
+from .walk import NoTracer, Tracing
 from .walk import RunResult, Walk
 
 if TYPE_CHECKING:  # annotations only

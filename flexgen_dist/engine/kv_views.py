@@ -24,7 +24,7 @@ import torch
 
 from ..model.layers import attention, chunked_attention, sparse_attention
 from ..planning.working import attention_chunk_positions
-from ..storage.compressed import CompressedTensor
+from ..storage.quantize import CompressedTensor
 from ..storage.kivi import KiviTensor
 from ..storage.quantize import QuantizedTensor, dequantize
 from ..storage.tiers import MemoryTensor, copy, read_rows, to_compute

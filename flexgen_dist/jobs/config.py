@@ -31,7 +31,7 @@ from ..api.generation import RunSettings
 from ..api.planner import ModelSetup
 from ..errors import UserError
 from ..planning.policy import check_block
-from ..spec.generation import NAME as GENERATION_CONFIG, GenerationDefaults
+from ..spec.checks import NAME as GENERATION_CONFIG, GenerationDefaults
 from ..spec.model import ModelSpec
 from .inputs import JobFile, read_job_file
 from .requests import PromptTokens, Request, Shard, check_text, check_tokens

@@ -30,13 +30,13 @@ from ..api.results import Output, stats_record
 from ..cli.progress import Progress, settings_line, start_line
 from ..cli.shell import Interrupted, StopSignals
 from ..cli.streams import stdout_closed_at_start
-from ..engine.trace import Tracer
+from ..engine.walk import Tracer
 from ..errors import EnvironmentFailure, UserError
 from ..files import write_json_file
 from ..parallel.context import DistContext
 from ..parallel.group import Pipeline
 from ..planning.placement import Workload
-from ..spec.generation import GenerationDefaults
+from ..spec.checks import GenerationDefaults
 from .config import JobConfig, job_from_config, parse_shard, shown_without_output, tokenize_job
 from .inputs import JobFile
 from .outputs import STDOUT, RunIdentity, check_output_path, output_row, progress_paths

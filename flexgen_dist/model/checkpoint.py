@@ -14,8 +14,7 @@ from typing import BinaryIO, Protocol, Sequence
 
 import torch
 
-from ..errors import UserError
-from ..io_errors import file_error
+from ..errors import UserError, file_error
 from ..spec.layout import Unit, WeightSpec, model_units
 from ..spec.model import ModelSpec
 from .safetensors_header import TensorEntry

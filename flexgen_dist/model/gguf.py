@@ -14,8 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import UserError
-from ..io_errors import file_error
+from ..errors import UserError, file_error
 from ..spec.gguf import ARCHITECTURES, FLOAT_TYPES, GGUFArray, GGUFHeader, GGUFTensor, is_gguf, read_gguf_header
 from ..spec.layout import Unit, WeightSpec
 from ..spec.model import StoredGroups

@@ -16,8 +16,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from ..io_errors import file_error
+from ..errors import UserError, file_error
 
 # safetensors' own limit: a larger header length means the file is not a safetensors file.
 MAX_HEADER_BYTES = 100_000_000

@@ -30,8 +30,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import UserError
-from ..io_errors import file_error
+from ..errors import UserError, file_error
 from ..spec.layout import Unit, UnitKind
 from .safetensors_header import TensorEntry, read_header
 

@@ -21,8 +21,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from ..io_errors import file_error
+from ..errors import UserError, file_error
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 counted in 32 bits; llama.cpp has written v3 since 2023

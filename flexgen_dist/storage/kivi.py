@@ -41,7 +41,7 @@ import torch
 
 from ..planning.compression import CompressionConfig, cache_quantized_shape, cache_window_shape
 from ..planning.placement import Tier
-from .compressed import CompressedTensor, compressed_in_memory, compressed_on_disk
+from .quantize import CompressedTensor, compressed_in_memory, compressed_on_disk
 from .tiers import DiskTensor, MemoryTensor, _rows
 
 _ALL = slice(None)

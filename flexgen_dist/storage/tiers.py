@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..files import pwrite_all
-from ..io_errors import file_error
+from ..errors import file_error
 from ..planning.placement import READ_ALIGN, Tier
 
 ALL = slice(None)  # every row of a tier tensor

@@ -34,7 +34,7 @@ from ..files import check_offload_space
 from ..spec.layout import Unit
 from ..planning.placement import Placement, Tier, WeightPlace
 from ..sizes import format_size
-from .compressed import CompressedTensor, compressed_in_memory
+from .quantize import CompressedTensor, compressed_in_memory
 from .quantize import QuantizedTensor, empty_quantized, quantize
 from .rows import RowTable, StreamedRows
 from .slots import Slot, SlotPool
