@@ -259,3 +259,16 @@ def test_two_ranks_give_the_one_process_tokens(refill, tiny_models_cache, tmp_pa
         assert got == want
     assert [len(o) for o in got] == [len(o) for o in want]
     assert sum(a == b for g, w in zip(got, want) for a, b in zip(g, w)) >= 0.8 * sum(map(len, want))
+
+
+def test_the_window_is_given_in_slots_and_rounded_up_to_whole_groups():
+    from flexgen_dist.errors import UserError
+    from flexgen_dist.planning.compression import cache_window_shape
+
+    assert [CompressionConfig(group_size=64, cache_window=w).window_groups for w in (0, 1, 64, 65, 128)] == [1, 1, 1, 2, 2]
+    assert CompressionConfig(group_size=32).window_groups == 4  # the default 128 slots
+    assert cache_window_shape((1000, 2, 2, 8), CompressionConfig(group_size=32)) == (128, 2, 2, 8)
+    assert cache_window_shape((40, 2, 2, 8), CompressionConfig(group_size=32)) == (64, 2, 2, 8)  # two groups, the second short
+    assert cache_window_shape((20, 2, 2, 8), CompressionConfig(group_size=32)) == (20, 2, 2, 8)  # one short group
+    with pytest.raises(UserError, match="cache_window"):
+        CompressionConfig(cache_window=-1)
