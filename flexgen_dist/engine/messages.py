@@ -57,10 +57,10 @@ class Messages:
             if hidden is None:  # a dead task computed nothing: the receiver still expects a message
                 hidden = torch.zeros(self._activation_shape(state, op.token_idx), dtype=self.dtype)
             with span(f"send activation batch {op.batch_idx} {label} to rank {op.dst}", "send"):
-                walk.sends.append(self.comm.send(hidden, op.dst, ACTIVATIONS))
+                walk.sent(self.comm.send(hidden, op.dst, ACTIVATIONS))
                 started = state.refill_hidden.pop(op.batch_idx, None)
                 if started is not None:
-                    walk.sends.append(self.comm.send(started, op.dst, ACTIVATIONS))
+                    walk.sent(self.comm.send(started, op.dst, ACTIVATIONS))
         elif isinstance(op, ops.RecvActivation):
             with span(f"recv activation batch {op.batch_idx} {label} from rank {op.src}", "recv"):
                 shape = self._activation_shape(state, op.token_idx)
@@ -75,7 +75,7 @@ class Messages:
                 starts = set(state.starts_at(op.token_idx))
                 live += [int(row in starts) for row in range(state.valid.shape[0])]
             with span(f"send control {label} to rank {op.dst}", "send"):
-                walk.sends.append(self.comm.send(torch.tensor(live, dtype=torch.long), op.dst, CONTROL))
+                walk.sent(self.comm.send(torch.tensor(live, dtype=torch.long), op.dst, CONTROL))
         elif isinstance(op, ops.RecvControl):
             size = 1 + (state.valid.shape[0] if walk.lender else 0)
             with span(f"recv control {label} from rank {op.src}", "recv"):
@@ -87,7 +87,7 @@ class Messages:
         elif isinstance(op, ops.SendTokens):
             ids = state.sampled(op.token_idx, op.batch_idx)
             with span(f"send tokens batch {op.batch_idx} {label} to rank {op.dst}", "send"):
-                walk.sends.append(self.comm.send(ids, op.dst, TOKENS))
+                walk.sent(self.comm.send(ids, op.dst, TOKENS))
         elif isinstance(op, ops.RecvTokens):
             with span(f"recv tokens batch {op.batch_idx} {label} from rank {op.src}", "recv"):
                 ids = self._recv((self.gpu_batch_size,), torch.long, op.src, TOKENS, HOST).result()

@@ -58,6 +58,10 @@ class Walk:
         """Every row of the block stopped before this task (pipelines: its ops load and compute nothing)."""
         return token_idx >= self.dead_from.get(block_idx, token_idx + 1)
 
+    def sent(self, handle: SendHandle) -> None:
+        """A message on its way to a peer: the run waits for it before it ends."""
+        self.sends.append(handle)
+
     def mark_dead(self, block_idx: int, token_idx: int) -> None:
         self.dead_from[block_idx] = min(token_idx, self.dead_from.get(block_idx, token_idx))
 
