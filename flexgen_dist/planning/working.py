@@ -203,10 +203,11 @@ def attention_chunk_positions(*, batch: int, kv_dim: int, num_heads: int, on_gpu
                               align: int = 1) -> int:
     """Positions per chunk of attention over a stored cache (see ATTENTION_CHUNK_BYTES), a
     multiple of `align` (KIVI's groups of key slots: a chunk that cut a group would dequantize
-    it twice), at least one."""
+    it twice), rounded up to one (rounded down, 122 positions would make chunks of one group of
+    64: twice the chunks, each a fixed cost), at least one."""
     fit = ATTENTION_CHUNK_BYTES[on_gpu] // attention_position_bytes(batch, kv_dim, num_heads, queries)
     positions = max(ATTENTION_CHUNK_MIN_POSITIONS, min(ATTENTION_CHUNK_MAX_POSITIONS[on_gpu], fit))
-    return max(align, positions - positions % align)
+    return -(-positions // align) * align
 
 
 def _attention_chunks(p: Placement, dims: Dims) -> list[BufferPlace]:
