@@ -12,17 +12,24 @@ Layout, for a tensor of S slots (S, B, nkv, hd) and groups of G (planning/compre
   (ceil(S / G), B, nkv, hd, G), one group per channel. The ring's last group (S % G slots, when
   there are) is padded with its last slot.
 - values: (S, B, nkv, hd) in groups along the head dimension (min-max, as before).
-- the window: (min(G, S), B, nkv, hd) in the cache dtype: the slots of the group being filled.
+- the window: the slots of n = `window_groups` groups (planning/compression.py
+  `cache_window_shape`: G rows for each of n groups, or of as many as the cache has if fewer; S
+  rows when the cache is one group shorter than G) in the cache dtype; each
+  held group has G rows of its own, wherever the ring put it.
 
 Writes. A block writes its slots in order round a ring (engine/refill.py): the prefill [0, W),
-then one slot a step, (last + 1) mod S. Such a write fills the window; once a group's last slot
-is written and the step's attention has read it (`seal`, or the next write), the group's keys
-and values are quantized once, from the window, which is then free for the next group. (A group
-whole in one write, as in a prefill, is quantized at once.) Any other write (a new prompt taking a finished row: slots behind the newest,
-every row rewritten as read) goes to the window for the slots it holds, elsewhere to the
-quantized rows: values slot by slot, keys by dequantizing their group, replacing those slots and
-quantizing the group again. The groups follow the ring's slots, not a row's positions, so every
-row of a block completes a group at the same step.
+then one slot a step, (last + 1) mod S. Such a write goes to the window: a group that starts
+takes a free part of it. Once the newest group is complete and the step's attention has read
+it (`seal`, or the next write), a full window makes room: its oldest group's keys and values are
+quantized once, from the window. So the newest slots, from (n - 1) G to n G - 1 of them, are
+always exact (KIVI's residual; with n = 1 only the group being filled, none right after it
+completes). A prefill longer than the window quantizes its older groups as it writes them. A
+cache of fewer groups than the window holds is never quantized. Any other write (a new prompt
+taking a finished row: slots behind the newest, every row rewritten as read) goes to the window
+for the slots it holds, elsewhere to the quantized rows: values slot by slot, keys by
+dequantizing their group, replacing those slots and quantizing the group again. The groups
+follow the ring's slots, not a row's positions, so every row of a block completes a group at the
+same step.
 
 Slots without a token (left padding, what a finished sequence left in a row that took a new
 prompt; `valid`, the batch's rows of the block's (B, S) mask) do not widen a channel's range: they
