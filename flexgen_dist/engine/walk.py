@@ -140,11 +140,6 @@ class FiniteWatch:
     def read_all(self) -> None:
         self._read(lambda sent: True)
 
-    def forget(self) -> None:
-        """Drop what is pending (a failing run: the error that matters is already raised)."""
-        self._flags.clear()
-        self._sent.clear()
-
     def _read(self, due) -> None:
         keep = []
         for sent in self._sent:

@@ -86,7 +86,7 @@ class KiviTensor:
 
     def window_ranges(self) -> list[tuple[int, int, int]]:
         """(start, stop, window row of start) of the slots read from the window, oldest first."""
-        return [(self._bounds(group)[0], self._bounds(group)[0] + held, row) for group, row, held in self._held if held]
+        return [(group * self.group_slots, group * self.group_slots + held, row) for group, row, held in self._held if held]
 
     def _bounds(self, group: int) -> tuple[int, int]:
         start = group * self.group_slots
