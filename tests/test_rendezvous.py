@@ -210,14 +210,17 @@ def test_rank0_out_of_reach(addr, message):
 def test_torchrun_ranks_meet_at_its_agent_store(tmp_path):
     # torchrun's agent already serves a store at MASTER_PORT: rank 0 must join it, not listen.
     script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.replace("ctx.destroy()", "print('joined', ctx.rank, flush=True)\n    ctx.destroy()"))
+    # each rank that joined leaves a file: the ranks share one stdout pipe, unbuffered, where even one
+    # print's pieces interleave ("joinedjoined  01")
+    script.write_text(RANK_SCRIPT.replace(
+        "ctx.destroy()", "open(f'{sys.argv[3]}/joined-{ctx.rank}', 'x').close()\n    ctx.destroy()"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), "60"], env=env, capture_output=True, text=True, timeout=300)
+                           str(script), "60", "60", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # the two ranks write to one pipe: unbuffered (PYTHONUNBUFFERED), their lines may interleave
-    assert sorted(re.findall(r"joined \d", proc.stdout)) == ["joined 0", "joined 1"], proc.stdout
+    assert sorted(path.name for path in tmp_path.glob("joined-*")) == ["joined-0", "joined-1"], proc.stderr[-3000:]
     assert not re.search(r"^\[[WE]\d", proc.stderr, re.MULTILINE), proc.stderr[-3000:]  # no c10d complaint
     assert "launcher torchrun" in proc.stderr
 
