@@ -134,7 +134,8 @@ def test_trace_shows_loads_on_io_threads_beside_compute(llama_dir, tmp_path):
 def test_a_single_process_run_imports_only_what_it_uses():
     """The bundled Llama model, one process, nothing compressed or on disk: no other family's layer
     math, no pipeline messages or launcher readers, no GGUF or offload-folder code, no named
-    machines (each is imported, in one place, when a run needs it)."""
+    machines, no quantization (weights or cache), no row tables, no resume log for a run that
+    prints (each is imported, in one place, when a run needs it); 60 modules in all (issue 20)."""
     code = """
 import runpy, sys
 sys.argv = ["run", "--gen-len", "2", "--num-prompts", "2", "--no-warmup", "-q"]
@@ -142,7 +143,8 @@ try:
     runpy.run_module("flexgen_dist.run", run_name="__main__")
 except SystemExit as stop:
     assert not stop.code, stop.code
-print(" ".join(sorted(m for m in sys.modules if m.startswith("flexgen_dist."))))
+print(" ".join(sorted(name for name, m in sys.modules.items()  # modules, not packages
+                      if name.startswith("flexgen_dist.") and m is not None and not hasattr(m, "__path__"))))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -152,5 +154,7 @@ print(" ".join(sorted(m for m in sys.modules if m.startswith("flexgen_dist."))))
         "model.gemma3", "model.moe", "model.opt", "model.phi3", "model.qwen3", "model.gguf", "spec.gguf",
         "parallel.comm", "parallel.rendezvous", "parallel.slurm", "parallel.mpi", "parallel.hostlist",
         "parallel.partition", "engine.messages", "storage.offload_dir", "storage.offload_identity",
-        "storage.piece_hash", "machine.presets")}
+        "storage.piece_hash", "machine.presets", "storage.quantize", "storage.quantize_groups", "storage.kivi",
+        "storage.rows", "jobs.resume")}
     assert loaded.isdisjoint(unused), sorted(loaded & unused)
+    assert len(loaded) <= 60, sorted(loaded)

@@ -27,10 +27,8 @@ from ..model import KVView
 from ..planning.compression import cache_quantized_shape
 from ..planning.placement import CachePlace, Placement, Tier
 from ..planning.tiers import cache_part_rows
-from ..storage.kivi import KiviTensor, kivi_in_memory, kivi_on_disk
-from ..storage.quantize import QuantizedTensor, compressed_in_memory, compressed_on_disk
 from ..storage.slots import SlotPool, StreamOrder
-from ..storage.tiers import DiskReader, DiskTensor, MemoryTensor, TierTensor, copy, torch_dtype
+from ..storage.tiers import DiskReader, DiskTensor, MemoryTensor, TierTensor, copy, layout_of, torch_dtype
 from ..temp_names import temp_name
 from .blocks import ActivationHome, Block, BlockResult, BlockState, KVCache, KVLease
 from .kv_views import DenseKV, StoredKV
@@ -146,6 +144,9 @@ class BlockIO:
         config = self.placement.policy.compression
         kivi = place.compressed and config.cache_method == "kivi"
         valid = state.valid[state.rows(place.batch_idx)]  # (B, S), a view: the block updates it in place
+        if place.compressed:  # only then are the compression modules imported
+            from ..storage.kivi import kivi_in_memory, kivi_on_disk
+            from ..storage.quantize import compressed_in_memory, compressed_on_disk
         if tier is Tier.DISK:
             path = state.scratch_dir / f"layer{place.layer_idx}_batch{place.batch_idx}_{which}"
             if kivi:
@@ -223,7 +224,7 @@ class BlockIO:
             return KVLease(StoredKV(cache.k, cache.v, attend_on, self.sparsity))
         return KVLease(DenseKV(cache.k.data, cache.v.data, attend_on, self.sparsity))
 
-    def _take_scratch(self, block: Block, cache: KVCache) -> tuple[KVLease, dict[str, QuantizedTensor]]:
+    def _take_scratch(self, block: Block, cache: KVCache) -> tuple[KVLease, dict]:
         """A scratch pair in the compute dtype, and staging for compressed parts to come through."""
         p = self.placement
         if self.scratch is None:
@@ -235,7 +236,9 @@ class BlockIO:
         # heads-major, as attention reads it: the copy into scratch lays it out on the way
         k, v = (slot.heads_major_view(pieces[(which, "value")], rows) for which in ("k", "v"))
         staging = {}
-        if ("k", "data") in pieces:
+        if ("k", "data") in pieces:  # a compressed cache: each part's staging (a QuantizedTensor)
+            from ..storage.quantize import QuantizedTensor
+
             config = p.policy.compression
             for which in ("k", "v"):
                 shape = cache_quantized_shape(which, tuple(k.shape), config)  # KIVI's keys: a group of slots a row
@@ -278,7 +281,7 @@ class BlockIO:
 def _seal(cache: KVCache) -> None:
     """A KIVI cache quantizes a group of slots the step completed, now that attention has read it."""
     for tensor in (cache.k, cache.v):
-        if isinstance(tensor, KiviTensor):
+        if layout_of(tensor) == "kivi":
             tensor.seal()
 
 

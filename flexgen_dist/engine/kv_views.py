@@ -24,10 +24,7 @@ import torch
 
 from ..model.layers import attention, chunked_attention, sparse_attention
 from ..planning.working import attention_chunk_positions
-from ..storage.quantize import CompressedTensor
-from ..storage.kivi import KiviTensor
-from ..storage.quantize import QuantizedTensor, dequantize
-from ..storage.tiers import MemoryTensor, copy, read_rows, to_compute
+from ..storage.tiers import MemoryTensor, copy, layout_of, read_rows, to_compute
 
 
 def _chunk(q: torch.Tensor, kv_dim: int, device: torch.device, align: int = 1) -> int:
@@ -52,7 +49,7 @@ def _gather_values(source, positions: torch.Tensor, num_kv_heads: int, device: t
     Elsewhere (host memory beside a GPU, a file) the host reads the distinct positions only: one
     sync, and only the rows used cross the link."""
     B, nh, k = positions.shape
-    if isinstance(source, KiviTensor):  # the quantized slots, then those still in the window
+    if layout_of(source) == "kivi":  # the quantized slots, then those still in the window
         values = _gather_values(source.quantized, positions, num_kv_heads, positions.device)
         return source.overlay_window(values, positions, num_kv_heads).to(device)
     memory = _in_memory(source)
@@ -62,6 +59,8 @@ def _gather_values(source, positions: torch.Tensor, num_kv_heads: int, device: t
                  (torch.arange(nh, device=where) // (nh // num_kv_heads))[None, :, None])
         if len(memory) == 1:
             return memory[0][index].float().to(device)  # (B, nh, k, hd)
+        from ..storage.quantize import QuantizedTensor, dequantize  # a compressed cache's
+
         data, scale, mins = (part[index].reshape(B * nh * k, -1) for part in memory)  # a (position, head) a row
         gathered = QuantizedTensor(data, scale, mins, (B * nh * k, source.shape[-1]), torch.float32, source.config)
         return dequantize(gathered).reshape(B, nh, k, -1).to(device)  # (B, nh, k, hd)
@@ -80,7 +79,7 @@ def _in_memory(source) -> tuple[torch.Tensor, ...] | None:
         return (source,)
     if isinstance(source, MemoryTensor):
         return (source.data,)
-    if isinstance(source, CompressedTensor) and all(isinstance(p, MemoryTensor) for p in source.parts) \
+    if layout_of(source) == "groups" and all(isinstance(p, MemoryTensor) for p in source.parts) \
             and source.config.resolve_group_dim(len(source.shape)) == len(source.shape) - 1:
         return tuple(p.data for p in source.parts)
     return None
@@ -171,7 +170,7 @@ class StoredKV:
         KIVI's whole groups of keys are read as stored, (n, B, nkv, hd, G), and multiplied so: a
         (B, nkv, G, hd) view of them would cost a transposing copy of every key."""
         dense = lambda lo, hi: qg @ self._rows(self.k, lo, hi).transpose(-1, -2)  # noqa: E731
-        if not isinstance(self.k, KiviTensor):
+        if layout_of(self.k) != "kivi":
             return dense(a, b)
         first, stop = self.k.whole_groups(a, b, self._slots)
         if first == stop:
@@ -189,7 +188,7 @@ class StoredKV:
         stop = slots.stop
         q = q.to(self.attend_on)
         _, num_kv_heads, _, head_dim = self._k_new.shape
-        align = self.k.group_slots if isinstance(self.k, KiviTensor) else 1  # whole groups of KIVI's keys a chunk
+        align = self.k.group_slots if layout_of(self.k) == "kivi" else 1  # whole groups of KIVI's keys a chunk
         chunk = _chunk(q, num_kv_heads * head_dim, self.attend_on, align)
         if self.sparsity < 1:
             scores_of = lambda qg: _scores_in_chunks(qg, self._scores, stop, chunk)  # noqa: E731

@@ -21,7 +21,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..api.generation import RunSettings
 from ..api.llm import LLM
@@ -39,9 +39,11 @@ from ..planning.placement import Workload
 from ..spec.checks import GenerationDefaults
 from .config import JobConfig, job_from_config, parse_shard, shown_without_output, tokenize_job
 from .inputs import JobFile
-from .outputs import STDOUT, RunIdentity, check_output_path, output_row, progress_paths
+from .outputs import STDOUT, RunIdentity, StdoutLog, check_output_path, output_row, progress_paths
 from .requests import PromptTokens, Shard, shard_output_path
-from .resume import ResumeLog, StdoutLog, open_for_resume
+
+if TYPE_CHECKING:  # loaded by open_sink, only for a job that writes --output
+    from .resume import ResumeLog
 
 Items = list[tuple[PromptTokens, Output]]
 
@@ -71,10 +73,10 @@ class LogSink:
         self.log.close()
 
     def where(self) -> str:
-        return str(self.log.output) if isinstance(self.log, ResumeLog) else "standard output"
+        return "standard output" if isinstance(self.log, StdoutLog) else str(self.log.output)
 
     def interrupted(self, name: str) -> str:
-        if not isinstance(self.log, ResumeLog):
+        if isinstance(self.log, StdoutLog):
             return f"interrupted by {name}; results were not saved (give --output FILE to make a run resumable)"
         return (f"interrupted by {name}: {len(self.finished)} of {len(self.job.requests)} results are saved in "
                 f"{progress_paths(self.log.output)[0]}; {self.log.rerun} to resume")
@@ -167,7 +169,7 @@ def run_job(make_config: Callable[[], JobConfig], ctx: DistContext, pipeline: Pi
             input_sha256=job.sha256, settings={**settings.record(), "truncate": config.truncate},
             shard=str(shard), output_format=job.format)
         sinks.append(open_sink(config, target, identity, job, prepared))
-        if isinstance(sinks[0], LogSink) and isinstance(sinks[0].log, ResumeLog):
+        if isinstance(sinks[0], LogSink) and not isinstance(sinks[0].log, StdoutLog):
             sinks[0].log.check_ids(job.keys, config.input)  # saved results of ids the input lacks: refused now
             # merge checks that one run made every shard; the same command run again finds it complete
             sinks[0].log.keep_provenance(identity)
@@ -254,6 +256,8 @@ def open_sink(config: JobConfig, target: str | None, identity: RunIdentity, job:
                         f"--output FILE, or send standard output to a file or /dev/null")
     if target is None:
         return PrintSink(prepared, sys.stdout, shown_without_output(job))
+    from .resume import open_for_resume  # only a job with --output keeps a resume log
+
     try:
         log = open_for_resume(target, identity, overwrite=config.overwrite, input_path=config.input, stream=sys.stdout)
     except OSError as exc:

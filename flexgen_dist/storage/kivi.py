@@ -55,6 +55,8 @@ _ALL = slice(None)
 
 
 class KiviTensor:
+    LAYOUT = "kivi"
+
     def __init__(self, which: str, quantized: CompressedTensor, window: MemoryTensor | DiskTensor, shape,
                  config: CompressionConfig, tier: Tier, valid: torch.Tensor | None = None):
         self.which = which  # "k": per channel over groups of slots; "v": per token

@@ -248,6 +248,8 @@ def _row_range(index: slice, length: int) -> tuple[int, int]:
 # the engine's slot), so only compressed bytes cross the link.
 
 class CompressedTensor:
+    LAYOUT = "groups"
+
     def __init__(self, data, scale, mins, shape: tuple[int, ...], config: CompressionConfig, tier: Tier):
         self.parts = (data, scale, mins)  # each a MemoryTensor or a DiskTensor
         self.shape = tuple(shape)

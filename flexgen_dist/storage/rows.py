@@ -12,10 +12,14 @@ The layer math (model/layers.py `embedding`, `logits`) takes either of these or 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .quantize import QuantizedTensor
 from .tiers import MemoryTensor, copy, read_rows
+
+if TYPE_CHECKING:
+    from .quantize import QuantizedTensor
 
 
 class RowTable:

@@ -12,6 +12,10 @@ pattern of every tensor we tier (a KV cache is laid out (seq, batch, heads, dim)
 step appends one contiguous row and reads one contiguous prefix), and it keeps every disk access
 a single sequential read or write.
 
+Every tier tensor names its layout (`layout_of`): "dense" here, "groups" for a quantized one
+(storage/quantize.py `CompressedTensor`), "kivi" for KIVI's cache (storage/kivi.py), so code that
+reads any of them branches on the name and a run without compression never imports those modules.
+
 `copy(dst, dst_index, src, src_index)` is equivalent to `dst[dst_index] = src[src_index]` for any
 pair of tier tensors or plain tensors, converting dtype and device to the destination's.
 """
@@ -40,7 +44,14 @@ def _rows(index: slice, length: int) -> tuple[int, int]:
     return start, max(start, stop)
 
 
+def layout_of(tensor) -> str:
+    """"dense", "groups" or "kivi" (the module's docstring); a plain torch tensor is dense."""
+    return getattr(tensor, "LAYOUT", "dense")
+
+
 class MemoryTensor:
+    LAYOUT = "dense"
+
     def __init__(self, data: torch.Tensor, tier: Tier):
         self.data = data
         self.tier = tier
@@ -151,6 +162,7 @@ class DiskTensor:
     """A tensor stored as a raw file; the file is created (or reused) at construction."""
 
     tier = Tier.DISK
+    LAYOUT = "dense"
 
     def __init__(self, path: str | Path, shape, dtype: torch.dtype, reader: DiskReader, create: bool = True):
         self.path = Path(path)

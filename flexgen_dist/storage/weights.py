@@ -34,14 +34,15 @@ from ..files import check_offload_space
 from ..spec.layout import Unit
 from ..planning.placement import Placement, Tier, WeightPlace
 from ..sizes import format_size
-from .quantize import CompressedTensor, compressed_in_memory
-from .quantize import QuantizedTensor, empty_quantized, quantize
-from .rows import RowTable, StreamedRows
 from .slots import Slot, SlotPool
-from .tiers import ALL, DiskReader, DiskTensor, MemoryTensor, copy, torch_dtype
+from .tiers import ALL, DiskReader, DiskTensor, MemoryTensor, copy, layout_of, torch_dtype
+
+# storage/quantize.py is imported where a weight is compressed, storage/rows.py where a table is not
+# resident or a head is larger than the slot: a run that needs neither never loads them.
 
 if TYPE_CHECKING:  # annotations only: the offload folder's modules load with weights on disk (_open_folder)
     from .offload_dir import OffloadFolder
+    from .rows import RowTable, StreamedRows
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class WeightStore:
             sizes = {}
             for _, ws, place in disk:
                 if place.compressed:
+                    from .quantize import empty_quantized
+
                     like = empty_quantized((1, *ws.shape[1:]), self.config)
                     sizes.update({f"{ws.key}.{part}": getattr(like, part).nbytes * ws.shape[0] for part in _PARTS})
                 else:
@@ -176,6 +179,8 @@ class WeightStore:
         if place.tier is Tier.DISK:
             return self._on_disk(ws, place, source)
         if place.compressed:
+            from .quantize import QuantizedTensor, compressed_in_memory
+
             parts = tuple(self._views[f"{name}.{part}"] for part in _PARTS)
             held = QuantizedTensor(*parts, shape=ws.shape, dtype=self.compute_dtype, config=self.config)
             held.copy_(self._quantized(ws, source, parts[0].device))
@@ -193,6 +198,8 @@ class WeightStore:
             if wrote:
                 path = folder.write(ws.key, source.get(ws).to(self.storage_dtype).contiguous())
             return DiskTensor(path, ws.shape, self.storage_dtype, self._reader, create=False), int(wrote)
+        from .quantize import CompressedTensor, empty_quantized
+
         like = empty_quantized((1, *ws.shape[1:]), self.config)
         sizes = {part: getattr(like, part).numel() * getattr(like, part).element_size() * ws.shape[0] for part in _PARTS}
         paths = {part: folder.trusted(f"{ws.key}.{part}", sizes[part]) for part in _PARTS}
@@ -205,13 +212,15 @@ class WeightStore:
                             self._reader, create=False) for part in _PARTS]
         return CompressedTensor(*parts, shape=ws.shape, config=self.config, tier=Tier.DISK), wrote
 
-    def _quantized(self, ws, source, device: torch.device) -> QuantizedTensor:
+    def _quantized(self, ws, source, device: torch.device):
         """The weight as groups: as the checkpoint holds them (a GGUF's Q4_0 / Q4_1 / Q8_0 blocks,
         exactly), else quantized now (on `device`: fast on a GPU)."""
         grouped = getattr(source, "grouped", None)
         held = grouped(ws, self.config) if grouped is not None else None
         if held is not None:
             return held
+        from .quantize import quantize
+
         return quantize(source.get(ws).to(device), self.config, fitted=self.fitted)  # in fp32 whatever its dtype
 
     def close(self) -> None:
@@ -229,6 +238,8 @@ class WeightStore:
         out = {name: t.data for name, t in placed.items() if isinstance(t, MemoryTensor) and t.tier is Tier.GPU}
         for name in self._gathered[layer_idx]:
             if name not in out:
+                from .rows import RowTable
+
                 out[name] = RowTable(placed[name], self.device, self.compute_dtype)
         layout = self._layouts[layer_idx]
         if not layout:
@@ -246,10 +257,14 @@ class WeightStore:
             view = slot.view(piece)
             src = placed[piece.name]
             stage = None
-            if piece.name in staging:
+            if piece.name in staging:  # a compressed weight: its parts come through the slot's staging
+                from .quantize import QuantizedTensor
+
                 parts = staging[piece.name]
                 stage = QuantizedTensor(parts["data"], parts["scale"], parts["mins"], tuple(view.shape), view.dtype, self.config)
             if view.shape[0] < src.shape[0]:  # a chunk of rows at a time (planning: WeightPlace.chunk_rows)
+                from .rows import StreamedRows
+
                 out[piece.name] = StreamedRows(src, view, stage)
                 out[piece.name].fill(0)
                 copied += stored[piece.name]
@@ -276,7 +291,7 @@ class WeightStore:
 
     @property
     def compressed(self) -> bool:
-        return any(isinstance(t, CompressedTensor) for placed in self.tensors.values() for t in placed.values())
+        return any(layout_of(t) == "groups" for placed in self.tensors.values() for t in placed.values())
 
 
 def _open_folder(offload_dir, source, placement: Placement, *, verify: bool, prune: bool) -> OffloadFolder:
