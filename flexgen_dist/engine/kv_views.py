@@ -59,7 +59,7 @@ def _gather_values(source, positions: torch.Tensor, num_kv_heads: int, device: t
                  (torch.arange(nh, device=where) // (nh // num_kv_heads))[None, :, None])
         if len(memory) == 1:
             return memory[0][index].float().to(device)  # (B, nh, k, hd)
-        from ..storage.quantize import QuantizedTensor, dequantize  # a compressed cache's
+        from ..storage.quantize import QuantizedTensor, dequantize  # only a compressed cache comes here
 
         data, scale, mins = (part[index].reshape(B * nh * k, -1) for part in memory)  # a (position, head) a row
         gathered = QuantizedTensor(data, scale, mins, (B * nh * k, source.shape[-1]), torch.float32, source.config)
