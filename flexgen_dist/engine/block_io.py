@@ -280,6 +280,8 @@ class BlockIO:
 
 def _seal(cache: KVCache) -> None:
     """A KIVI cache quantizes a group of slots the step completed, now that attention has read it."""
+    if not cache.place.compressed:  # only a compressed cache can be KIVI's
+        return
     for tensor in (cache.k, cache.v):
         if layout_of(tensor) == "kivi":
             tensor.seal()
