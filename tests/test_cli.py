@@ -64,12 +64,20 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     assert_user_error(run_cli("--model", tmp_path), "supported: llama, mistral, opt, phi3, qwen2, qwen3")
 
 
-@pytest.mark.parametrize("percent, fragment", [
-    ((80, 30, 100, 0, 100, 0), "over 100"),
-    ((100, 0, -10, 0, 100, 0), "cache_gpu_percent"),
+@pytest.mark.parametrize("flags, fragment", [
+    (("--percent", 80, 30, 100, 0, 100, 0),
+     "--percent's 1st value (weights on gpu) + --percent's 2nd value (weights on cpu) = 110 is over 100"),
+    (("--percent", 100, 0, -10, 0, 100, 0), "--percent's 3rd value (KV cache on gpu) must be a number from 0 to 100"),
+    (("--compress-weight", "--compress-group-size", 3), "--compress-group-size=3 must be even with --compress-bits 4"),
+    (("--compress-cache", "--compress-cache-window", -5), "--compress-cache-window=-5 must be a whole number"),
+    (("--attn-sparsity", 0), "--attn-sparsity must be in (0, 1]"),
 ])
-def test_bad_percentages(llama_dir, percent, fragment):
-    assert_user_error(run_cli("--model", llama_dir, "--percent", *percent), fragment)
+def test_a_bad_policy_flag_is_named_as_given(llama_dir, flags, fragment):
+    """The policy's own checks name its fields (Policy.w_gpu_percent, CompressionConfig.group_size);
+    on the command line the error names the flag the user gave."""
+    proc = run_cli("--model", llama_dir, *flags)
+    assert_user_error(proc, fragment)
+    assert "CompressionConfig" not in proc.stderr and "_percent" not in proc.stderr, proc.stderr
 
 
 def test_prompt_longer_than_positions(llama_dir, tmp_path):

@@ -178,8 +178,37 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
                                        help="log placement and progress details (every rank, with its number)")
 
 
+# A policy checks itself (planning/policy.py, compression.py) and its errors name its fields, the
+# API's words; a command-line user gave flags, so the same errors name the flags instead.
+_FLAG_OF_FIELD = (
+    ("CompressionConfig.bits", "--compress-bits"),
+    (" bits=", " --compress-bits "),
+    ("CompressionConfig.group_size", "--compress-group-size"),
+    ("CompressionConfig.cache_window", "--compress-cache-window"),
+    ("attn_sparsity", "--attn-sparsity"),
+    ("w_gpu_percent", "--percent's 1st value (weights on gpu)"),
+    ("w_cpu_percent", "--percent's 2nd value (weights on cpu)"),
+    ("cache_gpu_percent", "--percent's 3rd value (KV cache on gpu)"),
+    ("cache_cpu_percent", "--percent's 4th value (KV cache on cpu)"),
+    ("act_gpu_percent", "--percent's 5th value (activations on gpu)"),
+    ("act_cpu_percent", "--percent's 6th value (activations on cpu)"),
+)
+
+
 def policy_from_args(args: argparse.Namespace) -> tuple[Policy | None, Policy, SearchOptions]:
     """(the policy, or None for the planner; what the planner keeps; what it may choose)."""
+    try:
+        return _policy_from_args(args)
+    except UserError as exc:
+        message = str(exc)
+        for field, flag in _FLAG_OF_FIELD:
+            message = message.replace(field, flag)
+        if message == str(exc):
+            raise
+        raise UserError(message) from None
+
+
+def _policy_from_args(args: argparse.Namespace) -> tuple[Policy | None, Policy, SearchOptions]:
     from ..planning.compression import CompressionConfig
 
     for flag, value in (("--gpu-batch-size", args.gpu_batch_size), ("--num-gpu-batches", args.num_gpu_batches)):
