@@ -26,10 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..cli.shell import OneLineParser
 from .. import DEFAULT_MODEL
 from ..errors import UserError
-from ..cli.shell import run_command
+from ..cli.shell import OneLineParser, run_command
 from ..files import write_json_file
 from . import checks
 from .checks import check_args
